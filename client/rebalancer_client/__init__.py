@@ -1,0 +1,1 @@
+"""Python client of the moe-rebalancer service; needs numpy and grpcio, never torch."""

@@ -1,0 +1,10 @@
+"""The placement solver library: no gRPC, no metrics, no storage.
+
+`rebalance_experts` is the drop-in for the DeepSeek EPLB function; `solve` returns a `SolveResult` with
+per-layer balancedness, moved copies and the policy each layer used.
+"""
+
+from .api import SolveResult, rebalance_experts, solve, validate
+from .policies import POLICIES
+
+__all__ = ["POLICIES", "SolveResult", "rebalance_experts", "solve", "validate"]

@@ -1,0 +1,210 @@
+"""Public entry points: `rebalance_experts` (the DeepSeek/vLLM drop-in) and `solve` (a rich result).
+
+All argument checking happens here, once, with a `ValueError` naming the argument; the policies below
+trust their inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import maps
+from .policies import POLICIES, SolveOptions, run_policy
+
+
+@dataclass
+class SolveResult:
+    """A placement plus what a controller wants to know about it. Tensors live on the solver's device.
+
+    phy2log [L, R], log2phy [L, E, X], logcnt [L, E] (int64); per-layer figures [L] on the planning loads.
+    """
+
+    phy2log: torch.Tensor
+    log2phy: torch.Tensor
+    logcnt: torch.Tensor
+    balancedness: torch.Tensor
+    balancedness_before: torch.Tensor | None
+    moved_copies: torch.Tensor
+    policy_per_layer: list[str]
+    device: str
+    solve_seconds: float
+    stats: dict = field(default_factory=dict)
+
+    def triple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.phy2log, self.log2phy, self.logcnt
+
+
+def _check_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def resolve_device(weight: torch.Tensor, device: str | torch.device | None) -> torch.device:
+    """Where to solve: the explicit `device`, else the weight's own device."""
+    if device is None or device == "auto":
+        return weight.device
+    return torch.device(device)
+
+
+def validate(
+    weight: object, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> torch.Tensor:
+    """Check every argument of the published signature; returns the weight as a tensor."""
+    if not isinstance(weight, torch.Tensor):
+        try:
+            weight = torch.as_tensor(weight)
+        except Exception as exc:
+            raise ValueError(f"weight must be a 2-D tensor of loads: {exc}") from exc
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [layers, experts], got shape {tuple(weight.shape)}")
+    if weight.dtype == torch.bool or weight.is_complex():
+        raise ValueError(f"weight must hold real numbers, got dtype {weight.dtype}")
+    num_layers, num_experts = weight.shape
+    if num_layers == 0 or num_experts == 0:
+        raise ValueError(f"weight must have at least one layer and one expert, got shape {tuple(weight.shape)}")
+    _check_int("num_replicas", num_replicas)
+    _check_int("num_groups", num_groups)
+    _check_int("num_nodes", num_nodes)
+    _check_int("num_gpus", num_gpus)
+    if weight.is_floating_point():
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError("weight must be finite: found NaN or inf loads")
+    if bool((weight < 0).any()):
+        raise ValueError("weight must be non-negative: found negative loads")
+    if num_replicas < num_experts:
+        raise ValueError(f"num_replicas ({num_replicas}) must be >= the number of experts ({num_experts})")
+    if num_replicas % num_gpus:
+        raise ValueError(f"num_replicas ({num_replicas}) must be divisible by num_gpus ({num_gpus})")
+    if num_experts % num_groups:
+        raise ValueError(f"num_groups ({num_groups}) must divide the number of experts ({num_experts})")
+    if num_gpus % num_nodes:
+        raise ValueError(f"num_nodes ({num_nodes}) must divide num_gpus ({num_gpus})")
+    return weight
+
+
+def solve(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    policy: str = "auto",
+    num_candidates: int | None = None,
+    seed: int = 0,
+    layer_seeds: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
+    prev_phy2log: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
+    max_moves_per_layer: int | None = None,
+    balance_tolerance: float = 0.002,
+    locality_tolerance: float = 0.0,
+) -> SolveResult:
+    """Plan a placement for every layer of `weight` [L, E] and describe it.
+
+    `layer_seeds` [L] fixes each layer's randomness (default `seed + layer index`), so a layer solved
+    inside a batch gets the result it gets alone. `prev_phy2log` [L, R] is the placement in force:
+    the result then moves few copies (within `balance_tolerance` of the best balancedness, and at most
+    `max_moves_per_layer` moved copies per layer when given). `history` [T, L, E] holds window sums,
+    newest last. `locality_tolerance` is the balancedness `policy="auto"` may give up per layer to keep
+    groups on their node.
+    """
+    weight = validate(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
+    if num_candidates is not None:
+        _check_int("num_candidates", num_candidates)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not (0.0 <= balance_tolerance < 1.0) or math.isnan(balance_tolerance):
+        raise ValueError(f"balance_tolerance must be in [0, 1), got {balance_tolerance!r}")
+    if not (0.0 <= locality_tolerance < 1.0) or math.isnan(locality_tolerance):
+        raise ValueError(f"locality_tolerance must be in [0, 1), got {locality_tolerance!r}")
+    if max_moves_per_layer is not None:
+        _check_int("max_moves_per_layer", max_moves_per_layer, minimum=0)
+    num_layers, num_experts = weight.shape
+    target = resolve_device(weight, device)
+    started = time.perf_counter()
+    loads = weight.to(target, torch.float64)
+    if layer_seeds is None:
+        layer_seeds = seed + torch.arange(num_layers, dtype=torch.int64)
+    else:
+        layer_seeds = torch.as_tensor(layer_seeds, dtype=torch.int64)
+        if layer_seeds.shape != (num_layers,):
+            raise ValueError(f"layer_seeds must have shape [{num_layers}], got {tuple(layer_seeds.shape)}")
+    layer_seeds = layer_seeds.to(target)
+    if prev_phy2log is not None:
+        prev_phy2log = torch.as_tensor(prev_phy2log)
+        if prev_phy2log.shape != (num_layers, num_replicas):
+            raise ValueError(
+                f"prev_phy2log must have shape [{num_layers}, {num_replicas}], got {tuple(prev_phy2log.shape)}"
+            )
+        prev_phy2log = prev_phy2log.to(target, torch.int64)
+        if bool(((prev_phy2log < 0) | (prev_phy2log >= num_experts)).any()):
+            raise ValueError(f"prev_phy2log entries must be expert ids in [0, {num_experts})")
+        if bool((maps.logcnt_from_phy2log(prev_phy2log, num_experts) == 0).any()):
+            raise ValueError("prev_phy2log must host every expert at least once per layer")
+    if history is not None:
+        history = torch.as_tensor(history)
+        if history.dim() != 3 or tuple(history.shape[1:]) != (num_layers, num_experts):
+            raise ValueError(f"history must have shape [T, {num_layers}, {num_experts}], got {tuple(history.shape)}")
+        if history.is_floating_point() and not bool(torch.isfinite(history).all()):
+            raise ValueError("history must be finite: found NaN or inf loads")
+        if bool((history < 0).any()):
+            raise ValueError("history must be non-negative: found negative loads")
+        history = history.to(target, torch.float64)
+
+    options = SolveOptions(
+        num_replicas=num_replicas,
+        num_groups=num_groups,
+        num_nodes=num_nodes,
+        num_gpus=num_gpus,
+        num_candidates=num_candidates,
+        layer_seeds=layer_seeds,
+        prev_phy2log=prev_phy2log,
+        history=history,
+        max_moves_per_layer=max_moves_per_layer,
+        balance_tolerance=balance_tolerance,
+        locality_tolerance=locality_tolerance,
+    )
+    phy2log, policy_per_layer, stats = run_policy(policy, loads, options)
+    logcnt = maps.logcnt_from_phy2log(phy2log, num_experts)
+    log2phy = maps.log2phy_from_phy2log(phy2log, logcnt)
+    if prev_phy2log is None:
+        moved = torch.zeros(num_layers, dtype=torch.int64, device=target)
+        before = None
+    else:
+        moved = maps.moved_copies(prev_phy2log, phy2log, num_experts, num_gpus)
+        before = maps.balancedness(loads, prev_phy2log, maps.logcnt_from_phy2log(prev_phy2log, num_experts), num_gpus)
+    return SolveResult(
+        phy2log=phy2log,
+        log2phy=log2phy,
+        logcnt=logcnt,
+        balancedness=maps.balancedness(loads, phy2log, logcnt, num_gpus),
+        balancedness_before=before,
+        moved_copies=moved,
+        policy_per_layer=policy_per_layer,
+        device=str(target),
+        solve_seconds=time.perf_counter() - started,
+        stats=stats,
+    )
+
+
+def rebalance_experts(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    **options: object,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Drop-in for DeepSeek/vLLM `rebalance_experts`: returns (phy2log [L, R], log2phy [L, E, X], logcnt [L, E]).
+
+    Keyword options are those of `solve` (policy, num_candidates, seed, device, prev_phy2log, history, ...).
+    """
+    return solve(weight, num_replicas, num_groups, num_nodes, num_gpus, **options).triple()

@@ -1,0 +1,70 @@
+"""Placement maps and their scoring: logcnt and log2phy from phy2log, GPU loads, balancedness, moves.
+
+Every function works on a batch of layers and stays on the tensors' device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def logcnt_from_phy2log(phy2log: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """phy2log [L, R] -> copies per expert [L, E]."""
+    counts = torch.zeros(phy2log.shape[0], num_experts, dtype=torch.int64, device=phy2log.device)
+    return counts.scatter_add_(1, phy2log, torch.ones_like(phy2log))
+
+
+def log2phy_from_phy2log(phy2log: torch.Tensor, logcnt: torch.Tensor) -> torch.Tensor:
+    """phy2log [L, R] -> log2phy [L, E, X] (X = max copies), slots in ascending order, padded with -1."""
+    num_layers, num_slots = phy2log.shape
+    num_experts = logcnt.shape[1]
+    max_copies = int(logcnt.max()) if logcnt.numel() else 1
+    slots = torch.arange(num_slots, dtype=torch.int64, device=phy2log.device)
+    # Sorting by (expert, slot) lists each expert's slots in order; a slot's rank is its offset in that run.
+    order = (phy2log * num_slots + slots).argsort(-1)
+    sorted_experts = phy2log.gather(1, order)
+    first_of_expert = torch.cumsum(logcnt, -1) - logcnt
+    rank = slots - first_of_expert.gather(1, sorted_experts)
+    log2phy = torch.full((num_layers, num_experts * max_copies), -1, dtype=torch.int64, device=phy2log.device)
+    log2phy.scatter_(1, sorted_experts * max_copies + rank, order)
+    return log2phy.view(num_layers, num_experts, max_copies)
+
+
+def slot_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor) -> torch.Tensor:
+    """Load each slot serves when an expert's tokens split evenly over its copies: [L, R] float64."""
+    per_copy = weight.double() / logcnt.clamp_min(1).double()
+    return per_copy.gather(1, phy2log)
+
+
+def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """[L, E] loads and a placement -> [L, G] GPU loads (float64)."""
+    loads = slot_loads(weight, phy2log, logcnt)
+    return loads.view(loads.shape[0], num_gpus, -1).sum(-1)
+
+
+def balancedness(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """Mean GPU load / max GPU load per layer [L]; 1.0 for an all-zero layer."""
+    loads = gpu_loads(weight, phy2log, logcnt, num_gpus)
+    peak = loads.max(-1).values
+    return torch.where(peak > 0, loads.mean(-1) / peak.clamp_min(1e-300), torch.ones_like(peak))
+
+
+def imbalance_ratio(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """Max GPU load / mean GPU load per layer [L] (the engines' imbalance figure); 1.0 when all zero."""
+    return 1.0 / balancedness(weight, phy2log, logcnt, num_gpus)
+
+
+def expert_histogram(phy2log: torch.Tensor, num_experts: int, num_gpus: int) -> torch.Tensor:
+    """Copies of each expert on each GPU: [L, G, E] int64."""
+    num_layers, num_slots = phy2log.shape
+    gpu = torch.arange(num_slots, device=phy2log.device) // (num_slots // num_gpus)
+    hist = torch.zeros(num_layers, num_gpus * num_experts, dtype=torch.int64, device=phy2log.device)
+    hist.scatter_add_(1, gpu * num_experts + phy2log, torch.ones_like(phy2log))
+    return hist.view(num_layers, num_gpus, num_experts)
+
+
+def moved_copies(prev_phy2log: torch.Tensor, phy2log: torch.Tensor, num_experts: int, num_gpus: int) -> torch.Tensor:
+    """Expert copies each layer must ship: per GPU, experts it hosts now that it did not host before. [L]."""
+    new = expert_histogram(phy2log, num_experts, num_gpus)
+    old = expert_histogram(prev_phy2log, num_experts, num_gpus)
+    return (new - old).clamp_min(0).sum((1, 2))
