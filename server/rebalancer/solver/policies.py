@@ -1,4 +1,9 @@
-"""Dispatcher from policy name to algorithm; every policy maps loads [L, E] to phy2log [L, R]."""
+"""Dispatcher from policy name to algorithm; every policy maps loads [L, E] to phy2log [L, R].
+
+`deepseek` is the published algorithm (the baseline); `global` and `hierarchical` run the
+multi-candidate solver over all GPUs or node by node; `auto` solves both and keeps, per layer, the
+hierarchical plan only when its max GPU load is within `locality_tolerance` of the global one.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,12 @@ from dataclasses import dataclass
 import torch
 
 from .deepseek import rebalance_deepseek
+from .hierarchical import plan_hierarchical
+from .planner import plan
+
+# Candidates per layer when the caller does not say: 64 on a GPU (they run in parallel), fewer on a
+# CPU where each costs time; quality on the public and unseen workloads holds at this count.
+DEFAULT_CANDIDATES = {"cuda": 64, "cpu": 4}
 
 
 @dataclass
@@ -25,8 +36,21 @@ class SolveOptions:
     balance_tolerance: float
     locality_tolerance: float
 
+    def candidates(self, device: torch.device) -> int:
+        if self.num_candidates is not None:
+            return self.num_candidates
+        return DEFAULT_CANDIDATES.get(device.type, DEFAULT_CANDIDATES["cuda"])
 
-def _deepseek(loads: torch.Tensor, opts: SolveOptions) -> tuple[torch.Tensor, list[str], dict]:
+    @property
+    def hierarchy_applies(self) -> bool:
+        """Groups can be kept on nodes only when they divide evenly over more than one node."""
+        return self.num_nodes > 1 and self.num_groups % self.num_nodes == 0
+
+
+PolicyResult = tuple[torch.Tensor, list[str], dict]
+
+
+def _deepseek(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
     # The published algorithm runs on the CPU in float32; running it there keeps it bit for bit.
     phy2log = rebalance_deepseek(
         loads.float().cpu(), opts.num_replicas, opts.num_groups, opts.num_nodes, opts.num_gpus
@@ -34,8 +58,44 @@ def _deepseek(loads: torch.Tensor, opts: SolveOptions) -> tuple[torch.Tensor, li
     return phy2log, ["deepseek"] * loads.shape[0], {}
 
 
-POLICIES = {"deepseek": _deepseek, "auto": _deepseek, "global": _deepseek, "hierarchical": _deepseek}
+def _global(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
+    phy2log, _ = plan(
+        loads, opts.num_replicas, opts.num_gpus, opts.layer_seeds, opts.candidates(loads.device)
+    )
+    return phy2log, ["global"] * loads.shape[0], {}
 
 
-def run_policy(name: str, loads: torch.Tensor, opts: SolveOptions) -> tuple[torch.Tensor, list[str], dict]:
+def _hierarchical(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
+    if not opts.hierarchy_applies:
+        return _global(loads, opts)
+    phy2log, _ = plan_hierarchical(
+        loads,
+        opts.num_replicas,
+        opts.num_groups,
+        opts.num_nodes,
+        opts.num_gpus,
+        opts.layer_seeds,
+        opts.candidates(loads.device),
+    )
+    return phy2log, ["hierarchical"] * loads.shape[0], {}
+
+
+def _auto(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
+    candidates = opts.candidates(loads.device)
+    flat, flat_peak = plan(loads, opts.num_replicas, opts.num_gpus, opts.layer_seeds, candidates)
+    if not opts.hierarchy_applies:
+        return flat, ["global"] * loads.shape[0], {}
+    local, local_peak = plan_hierarchical(
+        loads, opts.num_replicas, opts.num_groups, opts.num_nodes, opts.num_gpus, opts.layer_seeds, candidates
+    )
+    keep_local = local_peak <= flat_peak * (1.0 + opts.locality_tolerance)
+    phy2log = torch.where(keep_local.unsqueeze(1), local, flat)
+    names = ["hierarchical" if local else "global" for local in keep_local.tolist()]
+    return phy2log, names, {}
+
+
+POLICIES = {"auto": _auto, "deepseek": _deepseek, "global": _global, "hierarchical": _hierarchical}
+
+
+def run_policy(name: str, loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
     return POLICIES[name](loads, opts)

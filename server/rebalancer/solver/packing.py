@@ -1,0 +1,197 @@
+"""Capacity-respecting greedy LPT and swap refinement, batched over B independent problems.
+
+A problem puts N items (expert copies) into G packs (GPUs) of exactly K = N / G slots. Both steps run
+for every problem of the batch at once (B = layers x candidates); they never build an N x N matrix:
+refinement compares the K items of the heaviest pack with the K items of a few partner packs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# A swap must lower the heaviest pack by this relative amount; float32 noise never cycles.
+IMPROVEMENT = 1e-6
+
+
+def greedy_pack(item_loads: torch.Tensor, order: torch.Tensor, num_packs: int) -> torch.Tensor:
+    """Items in `order` each go to the lightest pack that still has a free slot.
+
+    item_loads [B, N], order [B, N] (item indices, heaviest first) -> slot_items [B, G, K]: the item in
+    slot k of pack g, slots filled in the order items arrived.
+    """
+    num_problems, num_items = item_loads.shape
+    capacity = num_items // num_packs
+    device = item_loads.device
+    sorted_loads = item_loads.gather(1, order)
+    pack_of_step = torch.empty(num_problems, num_items, dtype=torch.int64, device=device)
+    # With positive loads the first G items land one per empty pack, in order; with zero loads any
+    # assignment is as good, so the loop starts after them.
+    first = min(num_packs, num_items)
+    pack_of_step[:, :first] = torch.arange(first, device=device)
+    key = sorted_loads[:, :num_packs].clone()  # pack load, +inf once the pack is full
+    counts = torch.ones_like(key)
+    if capacity == 1:
+        key.fill_(float("inf"))
+    ones = torch.ones(num_problems, 1, dtype=key.dtype, device=device)
+    full = torch.tensor(float("inf"), dtype=key.dtype, device=device)
+    packs = []
+    for step in range(first, num_items):
+        pack = key.min(1, keepdim=True).indices  # first lightest open pack (faster than argmin on CPU)
+        packs.append(pack)
+        counts.scatter_add_(1, pack, ones)
+        # A pack that just filled up gets +inf instead of the load: it is never chosen again.
+        added = torch.where(counts.gather(1, pack) == capacity, full, sorted_loads[:, step : step + 1])
+        key.scatter_add_(1, pack, added)
+    if packs:
+        pack_of_step[:, first:] = torch.cat(packs, 1)
+    steps = torch.arange(num_items, device=device)
+    by_pack = (pack_of_step * num_items + steps).argsort(1)
+    return order.gather(1, by_pack).view(num_problems, num_packs, capacity)
+
+
+def _pair_swaps(slot_loads: torch.Tensor, num_pairs: int) -> tuple[torch.Tensor, ...]:
+    """Pair the q heaviest packs with the q lightest (heaviest with lightest, and so on) and find, per
+    pair, the item swap that lowers the larger of the two the most. The pairs are disjoint, so all
+    their swaps apply at once: a fast first phase that levels many packs per round.
+
+    slot_loads [B, G, K] -> (heaviest load [B], improves [B, q], flat slots in the heavy packs [B, q],
+    flat slots in the light packs [B, q]); pair 0 holds the heaviest pack.
+    """
+    capacity = slot_loads.shape[2]
+    pack_loads = slot_loads.sum(-1)
+    heavy_loads, heavy = pack_loads.topk(num_pairs, dim=1)
+    light_loads, light = pack_loads.topk(num_pairs, dim=1, largest=False)
+    heavy_items = slot_loads.gather(1, heavy.unsqueeze(-1).expand(-1, -1, capacity))  # [B, q, K]
+    light_items = slot_loads.gather(1, light.unsqueeze(-1).expand(-1, -1, capacity))
+    improves, heavy_rank, light_rank = _closest_swaps(heavy_loads, heavy_items, light_loads, light_items)
+    improves &= heavy != light
+    return heavy_loads[:, 0], improves, heavy * capacity + heavy_rank, light * capacity + light_rank
+
+
+def _heaviest_swaps(slot_loads: torch.Tensor, num_partners: int) -> tuple[torch.Tensor, ...]:
+    """The swap between the heaviest pack and any of its M lightest partners that lowers the larger
+    of the two the most: the thorough second phase. Same outputs as `_pair_swaps`, with q = 1.
+    """
+    num_problems, _, capacity = slot_loads.shape
+    pack_loads = slot_loads.sum(-1)
+    heavy_load, heavy = pack_loads.max(1, keepdim=True)
+    light_loads, light = pack_loads.topk(num_partners, dim=1, largest=False)
+    heavy_items = slot_loads.gather(1, heavy.unsqueeze(-1).expand(-1, -1, capacity))  # [B, 1, K]
+    light_items = slot_loads.gather(1, light.unsqueeze(-1).expand(-1, -1, capacity))  # [B, M, K]
+    # Flatten the M partners into one row of M * K items, each knowing its partner's load.
+    flat_light_items = light_items.view(num_problems, 1, -1)
+    flat_light_loads = light_loads.repeat_interleave(capacity, 1).view(num_problems, 1, -1)
+    improves, heavy_rank, flat_rank = _closest_swaps(
+        heavy_load, heavy_items, flat_light_loads, flat_light_items
+    )
+    partner = light.gather(1, flat_rank // capacity)
+    return (
+        heavy_load[:, 0],
+        improves,
+        heavy * capacity + heavy_rank,
+        partner * capacity + flat_rank % capacity,
+    )
+
+
+def _closest_swaps(
+    heavy_loads: torch.Tensor, heavy_items: torch.Tensor, light_loads: torch.Tensor, light_items: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best single swap per pair (heavy pack H, light pack P).
+
+    Moving d = a - b from H to P leaves max(H - d, P + d) = (H + P) / 2 + |d - (H - P) / 2|, so the best
+    swap is the one whose d is closest to half the gap. heavy_loads [B, q], heavy_items [B, q, K],
+    light_loads [B, q] or [B, q, J], light_items [B, q, J] -> (improves [B, q], rank in heavy [B, q],
+    rank in light [B, q]).
+    """
+    num_problems, num_pairs, capacity = heavy_items.shape
+    width = light_items.shape[2]
+    light_loads = (
+        light_loads.expand(num_problems, num_pairs, width)
+        if light_loads.dim() == 3
+        else (light_loads.unsqueeze(2).expand(num_problems, num_pairs, width))
+    )
+    half_gap = (heavy_loads.unsqueeze(2) - light_loads) / 2  # [B, q, J]
+    miss = (
+        heavy_items.unsqueeze(3) - light_items.unsqueeze(2) - half_gap.unsqueeze(2)
+    ).abs_()  # [B, q, K, J]
+    miss += ((heavy_loads.unsqueeze(2) + light_loads) / 2).unsqueeze(2)
+    best_value, best = miss.view(num_problems, num_pairs, -1).min(2)
+    improves = best_value < heavy_loads * (1.0 - IMPROVEMENT)
+    return improves, best // width, best % width
+
+
+def _apply_swaps(
+    tensors: list[torch.Tensor], improves: torch.Tensor, slot_a: torch.Tensor, slot_b: torch.Tensor
+):
+    """Exchange the contents of flat slots a and b [B, q], per problem and pair, where `improves`. In place."""
+    for tensor in tensors:
+        flat = tensor.view(tensor.shape[0], -1)
+        value_a, value_b = flat.gather(1, slot_a), flat.gather(1, slot_b)
+        flat.scatter_(1, slot_a, torch.where(improves, value_b, value_a))
+        flat.scatter_(1, slot_b, torch.where(improves, value_a, value_b))
+
+
+def _refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_swaps, width):
+    """Rounds of `find_swaps` until no problem's heaviest pack improves or every group met its target.
+
+    On the CPU finished problems leave the active set every round; on a GPU the loop runs a fixed number
+    of masked rounds so it never waits for the host. Works in place.
+    """
+    num_problems = slot_loads.shape[0]
+    if slot_loads.device.type != "cpu":
+        for _ in range(max_rounds):
+            heavy_load, improves, slot_a, slot_b = find_swaps(slot_loads, width)
+            _apply_swaps(
+                [slot_loads, slot_items], improves & (heavy_load > targets).unsqueeze(1), slot_a, slot_b
+            )
+        return
+    active = torch.arange(num_problems)
+    loads, items, goal = slot_loads, slot_items, targets
+    num_groups = num_problems // group_size
+    for _ in range(max_rounds):
+        heavy_load, improves, slot_a, slot_b = find_swaps(loads, width)
+        group = active // group_size
+        group_reached = torch.zeros(num_groups, dtype=torch.bool).index_fill_(
+            0, group[heavy_load <= goal], True
+        )
+        keep = improves[:, 0] & ~group_reached[group]
+        _apply_swaps([loads, items], improves & keep.unsqueeze(1), slot_a, slot_b)
+        if not bool(keep.all()):
+            done = ~keep
+            slot_loads[active[done]] = loads[done]
+            slot_items[active[done]] = items[done]
+            active, loads, items, goal = active[keep], loads[keep], items[keep], goal[keep]
+            if active.numel() == 0:
+                return
+    slot_loads[active] = loads
+    slot_items[active] = items
+
+
+def swap_refine(
+    slot_loads: torch.Tensor,
+    slot_items: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    group_size: int = 1,
+    num_partners: int = 8,
+    pair_rounds: int = 16,
+    heaviest_rounds: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Swap items between heavy and light packs while that lowers the heavy pack.
+
+    slot_loads [B, G, K] (float), slot_items [B, G, K], targets [B]. Phase one levels the q heaviest
+    packs against the q lightest in parallel; phase two swaps the heaviest pack with the best of its M
+    lightest partners until nothing lowers it. A problem whose heaviest pack is at or below its target
+    (a lower bound plus a hair) is finished, and so are the other problems of its group (the candidates
+    of one layer are consecutive groups of `group_size`): one candidate at the bound is enough.
+    Returns the refined (slot_loads, slot_items) as new tensors.
+    """
+    slot_loads, slot_items = slot_loads.clone(), slot_items.clone()
+    num_problems, num_packs, _ = slot_loads.shape
+    if num_packs < 2 or num_problems == 0:
+        return slot_loads, slot_items
+    pairs = max(1, min(num_partners, num_packs // 2))
+    _refine_phase(slot_loads, slot_items, targets, group_size, pair_rounds, _pair_swaps, pairs)
+    partners = min(num_partners, num_packs - 1)
+    _refine_phase(slot_loads, slot_items, targets, group_size, heaviest_rounds, _heaviest_swaps, partners)
+    return slot_loads, slot_items

@@ -1,0 +1,64 @@
+"""The multi-candidate solver for one flat problem per row: copies, noisy LPT, swaps, best candidate.
+
+Every row of `loads` is an independent problem (a layer, or a layer's node in the hierarchical policy);
+all rows and all C candidates run together as B = rows x C batched problems.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .candidates import multiplicative_noise
+from .packing import greedy_pack, swap_refine
+from .replication import replica_counts, slots_from_counts
+
+REPLICATION_STREAM, ORDER_STREAM = 1, 2
+# A candidate whose max GPU load is within this fraction of its lower bound cannot usefully improve.
+TARGET_SLACK = 5e-4
+
+
+def candidate_placements(
+    loads: torch.Tensor, num_replicas: int, num_gpus: int, seeds: torch.Tensor, num_candidates: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """C refined placements per row.
+
+    loads [P, E] -> (phy2log [P, C, R], gpu_loads [P, C, G] float64 on the true loads).
+    Candidate c replicates on loads scaled by noise of scale 0.2 c / (C - 1) and orders the copies
+    for LPT by their loads under a second such noise; candidate 0 is plain greedy + LPT.
+    """
+    num_rows, num_experts = loads.shape
+    batch = num_rows * num_candidates
+    weight = loads.to(torch.float32)
+    noisy = weight.unsqueeze(1) * multiplicative_noise(seeds, num_candidates, num_experts, REPLICATION_STREAM)
+    counts = replica_counts(noisy, num_replicas)  # [P, C, E]
+    item_expert = slots_from_counts(counts, num_replicas)  # [P, C, R]
+    per_copy = weight.unsqueeze(1) / counts
+    item_loads = per_copy.gather(-1, item_expert)
+    order_keys = item_loads * multiplicative_noise(seeds, num_candidates, num_replicas, ORDER_STREAM)
+    order = order_keys.view(batch, -1).sort(dim=-1, descending=True, stable=True).indices
+    slot_items = greedy_pack(item_loads.view(batch, -1), order, num_gpus)
+    slot_loads = item_loads.view(batch, -1).gather(1, slot_items.view(batch, -1)).view_as(slot_items)
+    bound = torch.maximum(item_loads.sum(-1) / num_gpus, item_loads.max(-1).values)  # [P, C]
+    targets = (bound * (1.0 + TARGET_SLACK)).view(batch)
+    slot_loads, slot_items = swap_refine(slot_loads, slot_items, targets, group_size=num_candidates)
+    phy2log = item_expert.view(batch, -1).gather(1, slot_items.view(batch, -1))
+    phy2log = phy2log.view(num_rows, num_candidates, num_replicas)
+    exact = (loads.double().unsqueeze(1) / counts).gather(-1, phy2log)
+    return phy2log, exact.view(num_rows, num_candidates, num_gpus, -1).sum(-1)
+
+
+def best_candidate(phy2log: torch.Tensor, gpu_loads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the candidate with the lowest max GPU load (lowest index on ties).
+
+    phy2log [P, C, R], gpu_loads [P, C, G] -> (phy2log [P, R], max load [P]).
+    """
+    peak, winner = gpu_loads.max(-1).values.min(-1)
+    chosen = phy2log.gather(1, winner.view(-1, 1, 1).expand(-1, 1, phy2log.shape[-1])).squeeze(1)
+    return chosen, peak
+
+
+def plan(
+    loads: torch.Tensor, num_replicas: int, num_gpus: int, seeds: torch.Tensor, num_candidates: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """loads [P, E] -> (phy2log [P, R], max GPU load [P]) over all GPUs of each row."""
+    return best_candidate(*candidate_placements(loads, num_replicas, num_gpus, seeds, num_candidates))
