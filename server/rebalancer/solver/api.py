@@ -51,9 +51,7 @@ def resolve_device(weight: torch.Tensor, device: str | torch.device | None) -> t
     return torch.device(device)
 
 
-def validate(
-    weight: object, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
-) -> torch.Tensor:
+def validate(weight: object, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> torch.Tensor:
     """Check every argument of the published signature; returns the weight as a tensor."""
     if not isinstance(weight, torch.Tensor):
         try:
@@ -66,16 +64,13 @@ def validate(
         raise ValueError(f"weight must hold real numbers, got dtype {weight.dtype}")
     num_layers, num_experts = weight.shape
     if num_layers == 0 or num_experts == 0:
-        raise ValueError(
-            f"weight must have at least one layer and one expert, got shape {tuple(weight.shape)}"
-        )
+        raise ValueError(f"weight must have at least one layer and one expert, got shape {tuple(weight.shape)}")
     _check_int("num_replicas", num_replicas)
     _check_int("num_groups", num_groups)
     _check_int("num_nodes", num_nodes)
     _check_int("num_gpus", num_gpus)
-    if weight.is_floating_point():
-        if not bool(torch.isfinite(weight).all()):
-            raise ValueError("weight must be finite: found NaN or inf loads")
+    if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight must be finite: found NaN or inf loads")
     if bool((weight < 0).any()):
         raise ValueError("weight must be non-negative: found negative loads")
     if num_replicas < num_experts:
@@ -154,9 +149,7 @@ def solve(
     if history is not None:
         history = torch.as_tensor(history)
         if history.dim() != 3 or tuple(history.shape[1:]) != (num_layers, num_experts):
-            raise ValueError(
-                f"history must have shape [T, {num_layers}, {num_experts}], got {tuple(history.shape)}"
-            )
+            raise ValueError(f"history must have shape [T, {num_layers}, {num_experts}], got {tuple(history.shape)}")
         if history.is_floating_point() and not bool(torch.isfinite(history).all()):
             raise ValueError("history must be finite: found NaN or inf loads")
         if bool((history < 0).any()):
@@ -184,9 +177,7 @@ def solve(
         before = None
     else:
         moved = maps.moved_copies(prev_phy2log, phy2log, num_experts, num_gpus)
-        before = maps.balancedness(
-            loads, prev_phy2log, maps.logcnt_from_phy2log(prev_phy2log, num_experts), num_gpus
-        )
+        before = maps.balancedness(loads, prev_phy2log, maps.logcnt_from_phy2log(prev_phy2log, num_experts), num_gpus)
     return SolveResult(
         phy2log=phy2log,
         log2phy=log2phy,

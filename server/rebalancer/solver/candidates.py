@@ -39,9 +39,7 @@ def noise_scales(num_candidates: int, device: torch.device) -> torch.Tensor:
     return torch.linspace(0.0, MAX_NOISE_SCALE, num_candidates, device=device)
 
 
-def multiplicative_noise(
-    layer_seeds: torch.Tensor, num_candidates: int, num_items: int, stream: int
-) -> torch.Tensor:
+def multiplicative_noise(layer_seeds: torch.Tensor, num_candidates: int, num_items: int, stream: int) -> torch.Tensor:
     """Factors 1 + scale_c * u, u uniform in [-1, 1): [L, C, N]; exactly 1 for candidate 0."""
     scales = noise_scales(num_candidates, layer_seeds.device).view(1, -1, 1)
     return 1.0 + scales * uniform(layer_seeds, num_candidates, num_items, stream)

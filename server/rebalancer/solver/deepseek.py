@@ -41,9 +41,7 @@ def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor
     return pack_index, rank_in_pack
 
 
-def replicate_experts(
-    weight: torch.Tensor, num_physical: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def replicate_experts(weight: torch.Tensor, num_physical: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each extra slot goes to the expert with the highest load per copy (first index on ties).
 
     weight [L, E] -> (phy2log [L, R], rank [L, R], logcnt [L, E]).

@@ -41,12 +41,8 @@ def plan_hierarchical(
     node_groups = groups_to_nodes(loads.view(num_layers, num_groups, group_size).sum(-1), num_nodes)
     # node_experts[l, n, j]: the j-th expert of node n, groups kept contiguous.
     offsets = torch.arange(group_size, device=loads.device)
-    node_experts = (node_groups.unsqueeze(-1) * group_size + offsets).view(
-        num_layers, num_nodes, experts_per_node
-    )
-    node_loads = loads.gather(1, node_experts.view(num_layers, -1)).view(
-        num_layers * num_nodes, experts_per_node
-    )
+    node_experts = (node_groups.unsqueeze(-1) * group_size + offsets).view(num_layers, num_nodes, experts_per_node)
+    node_loads = loads.gather(1, node_experts.view(num_layers, -1)).view(num_layers * num_nodes, experts_per_node)
     node_ids = torch.arange(num_nodes, device=loads.device, dtype=torch.int64)
     node_seeds = _mix32((seeds.view(-1, 1) & 0xFFFFFFFF) ^ (node_ids + 1)).view(-1)
     node_phy2local, node_peak = plan(

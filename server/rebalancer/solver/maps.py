@@ -36,26 +36,20 @@ def slot_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor
     return per_copy.gather(1, phy2log)
 
 
-def gpu_loads(
-    weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int
-) -> torch.Tensor:
+def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """[L, E] loads and a placement -> [L, G] GPU loads (float64)."""
     loads = slot_loads(weight, phy2log, logcnt)
     return loads.view(loads.shape[0], num_gpus, -1).sum(-1)
 
 
-def balancedness(
-    weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int
-) -> torch.Tensor:
+def balancedness(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """Mean GPU load / max GPU load per layer [L]; 1.0 for an all-zero layer."""
     loads = gpu_loads(weight, phy2log, logcnt, num_gpus)
     peak = loads.max(-1).values
     return torch.where(peak > 0, loads.mean(-1) / peak.clamp_min(1e-300), torch.ones_like(peak))
 
 
-def imbalance_ratio(
-    weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int
-) -> torch.Tensor:
+def imbalance_ratio(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """Max GPU load / mean GPU load per layer [L] (the engines' imbalance figure); 1.0 when all zero."""
     return 1.0 / balancedness(weight, phy2log, logcnt, num_gpus)
 
@@ -69,9 +63,7 @@ def expert_histogram(phy2log: torch.Tensor, num_experts: int, num_gpus: int) -> 
     return hist.view(num_layers, num_gpus, num_experts)
 
 
-def moved_copies(
-    prev_phy2log: torch.Tensor, phy2log: torch.Tensor, num_experts: int, num_gpus: int
-) -> torch.Tensor:
+def moved_copies(prev_phy2log: torch.Tensor, phy2log: torch.Tensor, num_experts: int, num_gpus: int) -> torch.Tensor:
     """Expert copies each layer must ship: per GPU, experts it hosts now that it did not host before. [L]."""
     new = expert_histogram(phy2log, num_experts, num_gpus)
     old = expert_histogram(prev_phy2log, num_experts, num_gpus)

@@ -81,9 +81,7 @@ def _heaviest_swaps(slot_loads: torch.Tensor, num_partners: int) -> tuple[torch.
     # Flatten the M partners into one row of M * K items, each knowing its partner's load.
     flat_light_items = light_items.view(num_problems, 1, -1)
     flat_light_loads = light_loads.repeat_interleave(capacity, 1).view(num_problems, 1, -1)
-    improves, heavy_rank, flat_rank = _closest_swaps(
-        heavy_load, heavy_items, flat_light_loads, flat_light_items
-    )
+    improves, heavy_rank, flat_rank = _closest_swaps(heavy_load, heavy_items, flat_light_loads, flat_light_items)
     partner = light.gather(1, flat_rank // capacity)
     return (
         heavy_load[:, 0],
@@ -111,18 +109,14 @@ def _closest_swaps(
         else (light_loads.unsqueeze(2).expand(num_problems, num_pairs, width))
     )
     half_gap = (heavy_loads.unsqueeze(2) - light_loads) / 2  # [B, q, J]
-    miss = (
-        heavy_items.unsqueeze(3) - light_items.unsqueeze(2) - half_gap.unsqueeze(2)
-    ).abs_()  # [B, q, K, J]
+    miss = (heavy_items.unsqueeze(3) - light_items.unsqueeze(2) - half_gap.unsqueeze(2)).abs_()  # [B, q, K, J]
     miss += ((heavy_loads.unsqueeze(2) + light_loads) / 2).unsqueeze(2)
     best_value, best = miss.view(num_problems, num_pairs, -1).min(2)
     improves = best_value < heavy_loads * (1.0 - IMPROVEMENT)
     return improves, best // width, best % width
 
 
-def _apply_swaps(
-    tensors: list[torch.Tensor], improves: torch.Tensor, slot_a: torch.Tensor, slot_b: torch.Tensor
-):
+def _apply_swaps(tensors: list[torch.Tensor], improves: torch.Tensor, slot_a: torch.Tensor, slot_b: torch.Tensor):
     """Exchange the contents of flat slots a and b [B, q], per problem and pair, where `improves`. In place."""
     for tensor in tensors:
         flat = tensor.view(tensor.shape[0], -1)
@@ -141,9 +135,7 @@ def _refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_
     if slot_loads.device.type != "cpu":
         for _ in range(max_rounds):
             heavy_load, improves, slot_a, slot_b = find_swaps(slot_loads, width)
-            _apply_swaps(
-                [slot_loads, slot_items], improves & (heavy_load > targets).unsqueeze(1), slot_a, slot_b
-            )
+            _apply_swaps([slot_loads, slot_items], improves & (heavy_load > targets).unsqueeze(1), slot_a, slot_b)
         return
     active = torch.arange(num_problems)
     loads, items, goal = slot_loads, slot_items, targets
@@ -151,9 +143,7 @@ def _refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_
     for _ in range(max_rounds):
         heavy_load, improves, slot_a, slot_b = find_swaps(loads, width)
         group = active // group_size
-        group_reached = torch.zeros(num_groups, dtype=torch.bool).index_fill_(
-            0, group[heavy_load <= goal], True
-        )
+        group_reached = torch.zeros(num_groups, dtype=torch.bool).index_fill_(0, group[heavy_load <= goal], True)
         keep = improves[:, 0] & ~group_reached[group]
         _apply_swaps([loads, items], improves & keep.unsqueeze(1), slot_a, slot_b)
         if not bool(keep.all()):

@@ -59,9 +59,7 @@ def _deepseek(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
 
 
 def _global(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
-    phy2log, _ = plan(
-        loads, opts.num_replicas, opts.num_gpus, opts.layer_seeds, opts.candidates(loads.device)
-    )
+    phy2log, _ = plan(loads, opts.num_replicas, opts.num_gpus, opts.layer_seeds, opts.candidates(loads.device))
     return phy2log, ["global"] * loads.shape[0], {}
 
 
