@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
+
 # A swap must lower the heaviest pack by this relative amount; float32 noise never cycles.
 IMPROVEMENT = 1e-6
 
@@ -137,6 +139,8 @@ def _refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_
             heavy_load, improves, slot_a, slot_b = find_swaps(slot_loads, width)
             _apply_swaps([slot_loads, slot_items], improves & (heavy_load > targets).unsqueeze(1), slot_a, slot_b)
         return
+    if max_rounds == 0:
+        return
     active = torch.arange(num_problems)
     loads, items, goal = slot_loads, slot_items, targets
     num_groups = num_problems // group_size
@@ -176,6 +180,16 @@ def swap_refine(
     of one layer are consecutive groups of `group_size`): one candidate at the bound is enough.
     Returns the refined (slot_loads, slot_items) as new tensors.
     """
+    if kernels.use_triton(slot_loads):
+        return kernels.swap_refine(
+            slot_loads,
+            slot_items,
+            targets,
+            group_size=group_size,
+            num_partners=num_partners,
+            pair_rounds=pair_rounds,
+            heaviest_rounds=heaviest_rounds,
+        )
     slot_loads, slot_items = slot_loads.clone(), slot_items.clone()
     num_problems, num_packs, _ = slot_loads.shape
     if num_packs < 2 or num_problems == 0:

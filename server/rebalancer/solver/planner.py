@@ -1,4 +1,5 @@
-"""The multi-candidate solver for one flat problem per row: copies, noisy LPT, swaps, best candidate.
+"""The multi-candidate solver for one flat problem per row: copies, noisy LPT, swaps, best candidate,
+then joint replication moves on the rows still above their lower bound.
 
 Every row of `loads` is an independent problem (a layer, or a layer's node in the hierarchical policy);
 all rows and all C candidates run together as B = rows x C batched problems.
@@ -9,32 +10,30 @@ from __future__ import annotations
 import torch
 
 from .candidates import multiplicative_noise
+from .joint import improve_replication
 from .packing import greedy_pack, swap_refine
 from .replication import replica_counts, slots_from_counts
 
 REPLICATION_STREAM, ORDER_STREAM = 1, 2
 # A candidate whose max GPU load is within this fraction of its lower bound cannot usefully improve.
 TARGET_SLACK = 5e-4
+MIN_EXPONENT_DROP = 0.5
 
 
-def candidate_placements(
-    loads: torch.Tensor, num_replicas: int, num_gpus: int, seeds: torch.Tensor, num_candidates: int
+def place_copies(
+    loads: torch.Tensor, counts: torch.Tensor, num_gpus: int, order_noise: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """C refined placements per row.
+    """Pack given copies onto GPUs, C variants per row.
 
-    loads [P, E] -> (phy2log [P, C, R], gpu_loads [P, C, G] float64 on the true loads).
-    Candidate c replicates on loads scaled by noise of scale 0.2 c / (C - 1) and orders the copies
-    for LPT by their loads under a second such noise; candidate 0 is plain greedy + LPT.
+    loads [P, E] float64, counts [P, C, E] (each row summing to R), order_noise [P, C, R] factors on the
+    copies' loads for the LPT order (None: plain LPT) -> (phy2log [P, C, R], gpu_loads [P, C, G] float64).
     """
-    num_rows, num_experts = loads.shape
+    num_rows, num_candidates, _ = counts.shape
+    num_replicas = int(counts[0, 0].sum()) if counts.numel() else 0
     batch = num_rows * num_candidates
-    weight = loads.to(torch.float32)
-    noisy = weight.unsqueeze(1) * multiplicative_noise(seeds, num_candidates, num_experts, REPLICATION_STREAM)
-    counts = replica_counts(noisy, num_replicas)  # [P, C, E]
     item_expert = slots_from_counts(counts, num_replicas)  # [P, C, R]
-    per_copy = weight.unsqueeze(1) / counts
-    item_loads = per_copy.gather(-1, item_expert)
-    order_keys = item_loads * multiplicative_noise(seeds, num_candidates, num_replicas, ORDER_STREAM)
+    item_loads = (loads.to(torch.float32).unsqueeze(1) / counts).gather(-1, item_expert)
+    order_keys = item_loads if order_noise is None else item_loads * order_noise
     order = order_keys.view(batch, -1).sort(dim=-1, descending=True, stable=True).indices
     slot_items = greedy_pack(item_loads.view(batch, -1), order, num_gpus)
     slot_loads = item_loads.view(batch, -1).gather(1, slot_items.view(batch, -1)).view_as(slot_items)
@@ -43,8 +42,36 @@ def candidate_placements(
     slot_loads, slot_items = swap_refine(slot_loads, slot_items, targets, group_size=num_candidates)
     phy2log = item_expert.view(batch, -1).gather(1, slot_items.view(batch, -1))
     phy2log = phy2log.view(num_rows, num_candidates, num_replicas)
-    exact = (loads.double().unsqueeze(1) / counts).gather(-1, phy2log)
+    exact = (loads.unsqueeze(1) / counts).gather(-1, phy2log)
     return phy2log, exact.view(num_rows, num_candidates, num_gpus, -1).sum(-1)
+
+
+def candidate_placements(
+    loads: torch.Tensor, num_replicas: int, num_gpus: int, seeds: torch.Tensor, num_candidates: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """C refined placements per row: loads [P, E] -> (phy2log [P, C, R], gpu_loads [P, C, G]).
+
+    Candidate c replicates on loads (raised to a power below 1 for odd c, which spreads copies to
+    lighter experts) scaled by noise of scale 0.2 c / (C - 1), and orders the copies for LPT by their
+    loads under a second such noise; candidate 0 is plain greedy replication + LPT.
+    """
+    num_experts = loads.shape[1]
+    noisy = loads.to(torch.float32).unsqueeze(1).pow(replication_exponents(num_candidates, loads.device))
+    noisy = noisy * multiplicative_noise(seeds, num_candidates, num_experts, REPLICATION_STREAM)
+    counts = replica_counts(noisy, num_replicas)  # [P, C, E]
+    order_noise = multiplicative_noise(seeds, num_candidates, num_replicas, ORDER_STREAM)
+    return place_copies(loads, counts, num_gpus, order_noise)
+
+
+def replication_exponents(num_candidates: int, device: torch.device) -> torch.Tensor:
+    """Exponent applied to the loads before replication, per candidate: [C, 1].
+
+    1 for even candidates; odd ones fall linearly towards 0.5 (copies drift from the hottest experts
+    to the mid-sized ones, which packs better when GPUs have few slots).
+    """
+    index = torch.arange(num_candidates, device=device, dtype=torch.float32)
+    spread = 1.0 - MIN_EXPONENT_DROP * index / max(num_candidates - 1, 1)
+    return torch.where(index % 2 == 1, spread, torch.ones_like(spread)).view(-1, 1)
 
 
 def best_candidate(phy2log: torch.Tensor, gpu_loads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,5 +87,10 @@ def best_candidate(phy2log: torch.Tensor, gpu_loads: torch.Tensor) -> tuple[torc
 def plan(
     loads: torch.Tensor, num_replicas: int, num_gpus: int, seeds: torch.Tensor, num_candidates: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """loads [P, E] -> (phy2log [P, R], max GPU load [P]) over all GPUs of each row."""
-    return best_candidate(*candidate_placements(loads, num_replicas, num_gpus, seeds, num_candidates))
+    """loads [P, E] float64 -> (phy2log [P, R], max GPU load [P]) over all GPUs of each row."""
+    phy2log, peak = best_candidate(*candidate_placements(loads, num_replicas, num_gpus, seeds, num_candidates))
+
+    def pack_counts(trial_loads: torch.Tensor, trial_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return best_candidate(*place_copies(trial_loads, trial_counts.unsqueeze(1), num_gpus))
+
+    return improve_replication(loads, phy2log, peak, num_gpus, pack_counts)

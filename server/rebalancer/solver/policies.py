@@ -13,6 +13,8 @@ import torch
 
 from .deepseek import rebalance_deepseek
 from .hierarchical import plan_hierarchical
+from .maps import gpu_loads, logcnt_from_phy2log
+from .migration import migrate
 from .planner import plan
 
 # Candidates per layer when the caller does not say: 64 on a GPU (they run in parallel), fewer on a
@@ -83,10 +85,11 @@ def _auto(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
     flat, flat_peak = plan(loads, opts.num_replicas, opts.num_gpus, opts.layer_seeds, candidates)
     if not opts.hierarchy_applies:
         return flat, ["global"] * loads.shape[0], {}
+    ceiling = flat_peak * (1.0 + opts.locality_tolerance)
     local, local_peak = plan_hierarchical(
-        loads, opts.num_replicas, opts.num_groups, opts.num_nodes, opts.num_gpus, opts.layer_seeds, candidates
+        loads, opts.num_replicas, opts.num_groups, opts.num_nodes, opts.num_gpus, opts.layer_seeds, candidates, ceiling
     )
-    keep_local = local_peak <= flat_peak * (1.0 + opts.locality_tolerance)
+    keep_local = local_peak <= ceiling
     phy2log = torch.where(keep_local.unsqueeze(1), local, flat)
     names = ["hierarchical" if local else "global" for local in keep_local.tolist()]
     return phy2log, names, {}
@@ -96,4 +99,13 @@ POLICIES = {"auto": _auto, "deepseek": _deepseek, "global": _global, "hierarchic
 
 
 def run_policy(name: str, loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
-    return POLICIES[name](loads, opts)
+    """Plan with the named policy; with a placement in force, trade a sliver of balance for few moves."""
+    phy2log, names, stats = POLICIES[name](loads, opts)
+    if opts.prev_phy2log is None or name == "deepseek":
+        return phy2log, names, stats
+    peak = gpu_loads(loads, phy2log, logcnt_from_phy2log(phy2log, loads.shape[1]), opts.num_gpus).max(-1).values
+    phy2log, origins = migrate(
+        loads, opts.prev_phy2log, phy2log, peak, opts.num_gpus, opts.balance_tolerance, opts.max_moves_per_layer
+    )
+    names = [f"{policy}/{origin}" for policy, origin in zip(names, origins, strict=True)]
+    return phy2log, names, stats

@@ -1,0 +1,206 @@
+"""asyncio client of `rebalancer.v1.RebalancerService`, mirroring `RebalancerClient` method for method.
+
+For controllers that already run an event loop: `async with AsyncRebalancerClient(target) as client`,
+`await client.rebalance(...)`, `async for placement in client.watch(...)`. Errors are `grpc.aio.AioRpcError`
+(a `grpc.RpcError`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .client import HEALTH_NAMES, call_metadata, channel_options
+from .messages import LoadRequests, TopologyLike, load_request, rebalance_request
+from .placement import DeploymentInfo, LoadSummary, Placement
+from .v1 import rebalancer_pb2 as pb
+from .v1 import rebalancer_pb2_grpc
+
+
+class _AsyncLoadRequests:
+    """Async counterpart of `LoadRequests`: remembers the error that ended the request stream."""
+
+    def __init__(
+        self, deployment_id: str, reports: AsyncIterable[Any], *, topology: TopologyLike | None, rank: int
+    ) -> None:
+        if not deployment_id:
+            raise ValueError("deployment_id is required")
+        self._deployment_id = deployment_id
+        self._reports = reports
+        self._topology = topology
+        self._rank = rank
+        self.error: Exception | None = None
+
+    async def __aiter__(self) -> AsyncIterator[pb.StreamLoadRequest]:
+        index = 0
+        async for report in self._reports:
+            try:
+                yield load_request(
+                    self._deployment_id, index, report, topology=self._topology, rank=self._rank
+                )
+            except Exception as exc:
+                self.error = exc
+                raise
+            index += 1
+
+
+class AsyncRebalancerClient:
+    """One grpc.aio channel to one service replica; an async context manager. Create it inside the
+    running event loop. `timeout` is the default deadline (s) of unary calls; streams have none.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        timeout: float = 10.0,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        options: Sequence[tuple[str, Any]] | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        opts = channel_options(options)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=opts)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=opts)
+        self._metadata = call_metadata(token)
+        self._stub = rebalancer_pb2_grpc.RebalancerServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def __aenter__(self) -> AsyncRebalancerClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def _deadline(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """Standard gRPC health: "SERVING", "NOT_SERVING", "UNKNOWN" or "SERVICE_UNKNOWN"."""
+        try:
+            response = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=self._deadline(timeout),
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return "SERVICE_UNKNOWN"
+            raise
+        return HEALTH_NAMES.get(response.status, "UNKNOWN")
+
+    async def rebalance(
+        self,
+        loads: Any = None,
+        *,
+        num_replicas: int | None = None,
+        num_groups: int = 1,
+        num_nodes: int = 1,
+        num_gpus: int | None = None,
+        deployment_id: str | None = None,
+        policy: str | int | None = None,
+        num_candidates: int | None = None,
+        seed: int = 0,
+        dry_run: bool = False,
+        max_moves_per_layer: int | None = None,
+        balance_tolerance: float | None = None,
+        fresh: bool = False,
+        locality_tolerance: float | None = None,
+        base_version: int | None = None,
+        prev_phy2log: Any = None,
+        timeout: float | None = None,
+    ) -> Placement:
+        """See `RebalancerClient.rebalance`."""
+        request = rebalance_request(
+            loads,
+            num_replicas=num_replicas,
+            num_groups=num_groups,
+            num_nodes=num_nodes,
+            num_gpus=num_gpus,
+            deployment_id=deployment_id,
+            policy=policy,
+            num_candidates=num_candidates,
+            seed=seed,
+            dry_run=dry_run,
+            max_moves_per_layer=max_moves_per_layer,
+            balance_tolerance=balance_tolerance,
+            fresh=fresh,
+            locality_tolerance=locality_tolerance,
+            base_version=base_version,
+            prev_phy2log=prev_phy2log,
+        )
+        response = await self._stub.Rebalance(
+            request, timeout=self._deadline(timeout), metadata=self._metadata
+        )
+        return Placement.from_proto(response.placement, committed=response.committed)
+
+    async def report_loads(
+        self,
+        deployment_id: str,
+        reports: Iterable[Any] | AsyncIterable[Any],
+        *,
+        topology: TopologyLike | None = None,
+        rank: int = 0,
+        timeout: float | None = None,
+    ) -> LoadSummary:
+        """See `RebalancerClient.report_loads`; `reports` may also be an async iterable."""
+        if isinstance(reports, AsyncIterable):
+            requests: Any = _AsyncLoadRequests(deployment_id, reports, topology=topology, rank=rank)
+        else:
+            requests = LoadRequests(deployment_id, reports, topology=topology, rank=rank)
+        try:
+            response = await self._stub.StreamLoad(requests, timeout=timeout, metadata=self._metadata)
+        except (grpc.RpcError, asyncio.CancelledError):  # grpc.aio cancels the call when the iterator fails
+            if requests.error is not None:
+                raise requests.error from None
+            raise
+        return LoadSummary.from_proto(response)
+
+    async def get_placement(self, deployment_id: str, *, timeout: float | None = None) -> Placement:
+        """The placement in force for a deployment (NOT_FOUND when it has none)."""
+        response = await self._stub.GetPlacement(
+            pb.GetPlacementRequest(deployment_id=deployment_id),
+            timeout=self._deadline(timeout),
+            metadata=self._metadata,
+        )
+        return Placement.from_proto(response.placement, committed=True)
+
+    async def watch(
+        self, deployment_id: str, after_version: int = 0, *, timeout: float | None = None
+    ) -> AsyncIterator[Placement]:
+        """Placements newer than `after_version` as they are committed; leaving the loop cancels it."""
+        call = self._stub.WatchPlacement(
+            pb.WatchPlacementRequest(deployment_id=deployment_id, after_version=after_version),
+            timeout=timeout,
+            metadata=self._metadata,
+        )
+        try:
+            async for response in call:
+                yield Placement.from_proto(response.placement, committed=True)
+        finally:
+            call.cancel()
+
+    async def list_deployments(self, *, timeout: float | None = None) -> list[DeploymentInfo]:
+        response = await self._stub.ListDeployments(
+            pb.ListDeploymentsRequest(), timeout=self._deadline(timeout), metadata=self._metadata
+        )
+        return [DeploymentInfo.from_proto(info) for info in response.deployments]
+
+    async def delete_deployment(self, deployment_id: str, *, timeout: float | None = None) -> bool:
+        """Forget a deployment; False when it did not exist."""
+        response = await self._stub.DeleteDeployment(
+            pb.DeleteDeploymentRequest(deployment_id=deployment_id),
+            timeout=self._deadline(timeout),
+            metadata=self._metadata,
+        )
+        return response.deleted

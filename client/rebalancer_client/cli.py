@@ -1,0 +1,299 @@
+"""`rebalancer` command line: plan placements, read and follow them, report loads, check health.
+
+    rebalancer rebalance loads.npy --replicas 288 --groups 8 --nodes 4 --gpus 32 --out placement.json
+    rebalancer get my-deployment --format sglang --out placement.json
+    rebalancer watch my-deployment --format sglang --out /shared/placement.json   # rewritten per version
+    rebalancer health --target 127.0.0.1:50051                                      # exit 0 iff SERVING
+
+Loads files: `.npy`, `.json` (a nested list, or an object with `loads`, `weight` or SGLang's
+`logical_count`) or `.pt` (read only when torch happens to be installed). A 3-D array [T, L, E] is T
+reports: `report` sends them one by one, `rebalance` plans on their sum. `--format` picks the JSON form
+(see `rebalancer_client.placement`): `vllm` (EplbState maps), `sglang` (the `--init-expert-location`
+file) or `raw` (everything the service returned).
+
+`--target` defaults to $REBALANCER_TARGET, else 127.0.0.1:50051; a comma-separated list or a
+`dns:///name:port` headless Service shards deployments over the replicas. Exit codes: 0 success, 1 an
+RPC failed (or health is not SERVING), 2 bad arguments or input files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pathlib
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from .client import RebalancerClient
+from .messages import POLICIES, field_violations
+from .placement import FORMATS, Placement
+from .sharding import ShardedClient, connect
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def read_loads(path: str) -> np.ndarray:
+    """Loads from a .npy, .json or .pt file: [L, E], or [T, L, E] for T reports."""
+    suffix = pathlib.Path(path).suffix.lower()
+    if suffix == ".npy":
+        data: Any = np.load(path, allow_pickle=False)
+    elif suffix == ".json":
+        data = json.loads(pathlib.Path(path).read_text())
+    elif suffix == ".pt":
+        try:
+            torch = importlib.import_module("torch")
+        except ImportError as exc:
+            raise ValueError(
+                f"{path}: reading .pt files needs torch, which is not installed; use .npy or .json"
+            ) from exc
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"{path}: loads must be a .npy, .json or .pt file")
+    if isinstance(data, dict):
+        key = next((k for k in ("loads", "weight", "logical_count") if k in data), None)
+        if key is None:
+            raise ValueError(f"{path}: expected a key loads, weight or logical_count, found {sorted(data)}")
+        data = data[key]
+    if hasattr(data, "detach"):
+        data = data.detach().cpu().double().numpy()
+    array = np.asarray(data)
+    if array.ndim not in (2, 3):
+        raise ValueError(
+            f"{path}: loads must be [layers, experts] or [reports, layers, experts], got {list(array.shape)}"
+        )
+    return array
+
+
+def write_json(document: Any, out: str | None) -> None:
+    """JSON to stdout, or atomically to `out` (readers such as engines never see a half-written file)."""
+    text = json.dumps(document, separators=(",", ":"))
+    if not out:
+        print(text)
+        return
+    target = pathlib.Path(out)
+    with tempfile.NamedTemporaryFile(
+        "w", dir=target.parent or ".", prefix=f".{target.name}.", delete=False
+    ) as tmp:
+        tmp.write(text + "\n")
+    os.replace(tmp.name, target)
+
+
+def describe(placement: Placement) -> str:
+    """One line a human reads after a rebalance."""
+    stats = placement.stats
+    state = f"version {placement.version}" + (" committed" if placement.committed else " not committed")
+    if not placement.deployment_id:
+        state = "inline plan"
+    policies = ", ".join(f"{name}: {layers}" for name, layers in sorted(stats.policies.items()))
+    return (
+        f"{state}; balancedness {stats.balancedness_before:.4f} -> {stats.balancedness_after:.4f}; "
+        f"{stats.replicas_moved} copies moved; solved in {stats.solve_seconds * 1e3:.1f} ms on "
+        f"{stats.device or '?'}" + (f"; policies {policies}" if policies else "")
+    )
+
+
+def _summary(placement: Placement) -> dict[str, Any]:
+    return {
+        "deployment_id": placement.deployment_id,
+        "version": placement.version,
+        "trigger": placement.trigger,
+        "created_unix_ms": placement.created_unix_ms,
+        "balancedness": placement.stats.balancedness_after,
+        "replicas_moved": placement.stats.replicas_moved,
+    }
+
+
+def _topology_args(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--replicas", type=int, required=required, help="R: physical expert slots per layer")
+    parser.add_argument("--groups", type=int, default=1, help="expert groups (1 when the model has none)")
+    parser.add_argument("--nodes", type=int, default=1, help="server nodes")
+    parser.add_argument("--gpus", type=int, required=required, help="G: GPUs holding a layer's slots")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--target",
+        default=os.environ.get("REBALANCER_TARGET", DEFAULT_TARGET),
+        help="host:port, a comma list or dns:///name:port (default: $REBALANCER_TARGET, now %(default)s)",
+    )
+    common.add_argument("--timeout", type=float, default=30.0, help="deadline of each call in seconds")
+    common.add_argument("--token", default=os.environ.get("REBALANCER_TOKEN"), help=argparse.SUPPRESS)
+
+    parser = argparse.ArgumentParser(
+        prog="rebalancer", description="Client of the MoE expert-placement rebalancer."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    rebalance = commands.add_parser("rebalance", parents=[common], help="plan a placement")
+    rebalance.add_argument(
+        "loads", nargs="?", help="loads file (.npy/.json/.pt); omit with --deployment to use its window"
+    )
+    _topology_args(rebalance, required=False)
+    rebalance.add_argument("--policy", choices=sorted(POLICIES), help="solver policy (server default: auto)")
+    rebalance.add_argument("--candidates", type=int, help="solver candidates per layer")
+    rebalance.add_argument("--seed", type=int, default=0)
+    rebalance.add_argument("--deployment", help="plan for this deployment and commit a new version")
+    rebalance.add_argument("--dry-run", action="store_true", help="plan and report, commit nothing")
+    rebalance.add_argument("--fresh", action="store_true", help="ignore the placement in force")
+    rebalance.add_argument("--max-moves", type=int, help="cap on expert copies moved per layer")
+    rebalance.add_argument("--base-version", type=int, help="fail unless this is the current version")
+    rebalance.add_argument("--out", help="write the placement JSON here instead of stdout")
+    rebalance.add_argument(
+        "--format", choices=FORMATS, default="vllm", help="JSON form (default %(default)s)"
+    )
+
+    get = commands.add_parser("get", parents=[common], help="print the placement in force for a deployment")
+    get.add_argument("deployment")
+    get.add_argument("--out")
+    get.add_argument("--format", choices=FORMATS, default="vllm")
+
+    watch = commands.add_parser("watch", parents=[common], help="follow new placement versions")
+    watch.add_argument("deployment")
+    watch.add_argument("--after-version", type=int, default=0)
+    watch.add_argument("--count", type=int, help="stop after this many versions")
+    watch.add_argument("--format", choices=("summary", *FORMATS), default="summary")
+    watch.add_argument("--out", help="rewrite this file with each version instead of printing JSON lines")
+
+    health = commands.add_parser("health", parents=[common], help="exit 0 when SERVING, 1 otherwise")
+    health.add_argument("--service", default="", help='health service name ("" for the whole server)')
+    health.set_defaults(timeout=3.0)
+
+    report = commands.add_parser("report", parents=[common], help="stream loads files as telemetry")
+    report.add_argument("deployment")
+    report.add_argument("loads", nargs="+", help="loads files; [T, L, E] arrays are T reports")
+    _topology_args(report, required=False)
+    report.add_argument("--rank", type=int, default=0)
+
+    commands.add_parser("list", parents=[common], help="list deployments")
+    delete = commands.add_parser("delete", parents=[common], help="forget a deployment")
+    delete.add_argument("deployment")
+    return parser
+
+
+def _rebalance(client: RebalancerClient | ShardedClient, args: argparse.Namespace) -> int:
+    loads = None
+    if args.loads:
+        loads = read_loads(args.loads)
+        loads = loads.sum(axis=0) if loads.ndim == 3 else loads
+    placement = client.rebalance(
+        loads,
+        num_replicas=args.replicas,
+        num_groups=args.groups,
+        num_nodes=args.nodes,
+        num_gpus=args.gpus,
+        deployment_id=args.deployment,
+        policy=args.policy,
+        num_candidates=args.candidates,
+        seed=args.seed,
+        dry_run=args.dry_run,
+        fresh=args.fresh,
+        max_moves_per_layer=args.max_moves,
+        base_version=args.base_version,
+        timeout=args.timeout,
+    )
+    write_json(placement.to_json(args.format), args.out)
+    print(describe(placement), file=sys.stderr)
+    return 0
+
+
+def _watch(client: RebalancerClient | ShardedClient, args: argparse.Namespace) -> int:
+    for seen, placement in enumerate(client.watch(args.deployment, args.after_version), start=1):
+        document = _summary(placement) if args.format == "summary" else placement.to_json(args.format)
+        write_json(document, args.out)
+        if args.out:
+            print(f"wrote version {placement.version} to {args.out}", file=sys.stderr)
+        sys.stdout.flush()
+        if args.count is not None and seen >= args.count:
+            break
+    return 0
+
+
+def _health(client: RebalancerClient | ShardedClient, args: argparse.Namespace) -> int:
+    try:
+        status = client.health(args.service, timeout=args.timeout)
+    except grpc.RpcError as exc:
+        status = exc.code().name
+    statuses = status if isinstance(status, dict) else {args.target: status}
+    for target, value in statuses.items():
+        print(value if len(statuses) == 1 else f"{target} {value}")
+    return 0 if all(value == "SERVING" for value in statuses.values()) else 1
+
+
+def _report(client: RebalancerClient | ShardedClient, args: argparse.Namespace) -> int:
+    reports: list[np.ndarray] = []
+    for path in args.loads:
+        array = read_loads(path)
+        reports += list(array) if array.ndim == 3 else [array]
+    topology = None
+    if args.replicas is not None or args.gpus is not None:
+        topology = {
+            "num_replicas": args.replicas,
+            "num_groups": args.groups,
+            "num_nodes": args.nodes,
+            "num_gpus": args.gpus,
+        }
+    summary = client.report_loads(
+        args.deployment, reports, topology=topology, rank=args.rank, timeout=args.timeout
+    )
+    write_json(
+        {"accepted": summary.accepted, "rejected": summary.rejected, "rejections": summary.rejections}, None
+    )
+    return 0 if summary.rejected == 0 else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute parsed arguments; gRPC and input errors propagate to `main`."""
+    with connect(args.target, args.timeout, token=args.token) as client:
+        if args.command == "rebalance":
+            return _rebalance(client, args)
+        if args.command == "get":
+            placement = client.get_placement(args.deployment, timeout=args.timeout)
+            write_json(placement.to_json(args.format), args.out)
+            return 0
+        if args.command == "watch":
+            return _watch(client, args)
+        if args.command == "health":
+            return _health(client, args)
+        if args.command == "report":
+            return _report(client, args)
+        if args.command == "list":
+            for info in client.list_deployments(timeout=args.timeout):
+                shape = info.topology
+                print(
+                    f"{info.deployment_id}\tversion {info.version}\treports {info.reports}\t"
+                    f"imbalance {info.imbalance:.4f}\tL={shape.num_layers} E={shape.num_experts} "
+                    f"R={shape.num_replicas} G={shape.num_gpus}"
+                )
+            return 0
+        deleted = client.delete_deployment(args.deployment, timeout=args.timeout)
+        print("deleted" if deleted else "not found")
+        return 0 if deleted else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point `rebalancer`; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError) as exc:
+        print(f"rebalancer: error: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:
+        print(f"rebalancer: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        for field, description in field_violations(exc):
+            print(f"  {field}: {description}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Synchronous client of `rebalancer.v1.RebalancerService`: numpy (or torch, never imported) in, numpy out.
+
+gRPC failures surface unchanged as `grpc.RpcError` (code and details kept); `field_violations(error)`
+reads the `google.rpc.BadRequest` of an INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .messages import LoadRequests, TopologyLike, rebalance_request
+from .placement import DeploymentInfo, LoadSummary, Placement
+from .v1 import rebalancer_pb2 as pb
+from .v1 import rebalancer_pb2_grpc
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Large maps (58 x 288 x int64 and more) and long-lived telemetry streams behind load balancers.
+DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+)
+HEALTH_NAMES = {
+    health_pb2.HealthCheckResponse.SERVING: "SERVING",
+    health_pb2.HealthCheckResponse.NOT_SERVING: "NOT_SERVING",
+    health_pb2.HealthCheckResponse.UNKNOWN: "UNKNOWN",
+    health_pb2.HealthCheckResponse.SERVICE_UNKNOWN: "SERVICE_UNKNOWN",
+}
+
+
+def channel_options(options: Sequence[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
+    """DEFAULT_OPTIONS overridden key by key by `options`."""
+    merged = dict(DEFAULT_OPTIONS)
+    merged.update(options or ())
+    return list(merged.items())
+
+
+def call_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """Bearer token as call metadata: works on plaintext channels too (call credentials do not)."""
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+class RebalancerClient:
+    """One channel to one service replica; a context manager. `timeout` is the default deadline (s) of
+    unary calls; streams (`report_loads`, `watch`) have none unless given one.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        timeout: float = 10.0,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        options: Sequence[tuple[str, Any]] | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        opts = channel_options(options)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=opts)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=opts)
+        self._metadata = call_metadata(token)
+        self._stub = rebalancer_pb2_grpc.RebalancerServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> RebalancerClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the server is reachable; False after `timeout`. Lets streams start only when they can
+        deliver, instead of failing after taking data from a caller's queue.
+
+        A health call with wait_for_ready (any answer proves the connection) rather than
+        `grpc.channel_ready_future`, whose polling thread races with `close()`.
+        """
+        try:
+            self._health.Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=True, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            return exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+        return True
+
+    def _deadline(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """Standard gRPC health: "SERVING", "NOT_SERVING", "UNKNOWN" or "SERVICE_UNKNOWN"."""
+        try:
+            response = self._health.Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=self._deadline(timeout),
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return "SERVICE_UNKNOWN"
+            raise
+        return HEALTH_NAMES.get(response.status, "UNKNOWN")
+
+    def rebalance(
+        self,
+        loads: Any = None,
+        *,
+        num_replicas: int | None = None,
+        num_groups: int = 1,
+        num_nodes: int = 1,
+        num_gpus: int | None = None,
+        deployment_id: str | None = None,
+        policy: str | int | None = None,
+        num_candidates: int | None = None,
+        seed: int = 0,
+        dry_run: bool = False,
+        max_moves_per_layer: int | None = None,
+        balance_tolerance: float | None = None,
+        fresh: bool = False,
+        locality_tolerance: float | None = None,
+        base_version: int | None = None,
+        prev_phy2log: Any = None,
+        timeout: float | None = None,
+    ) -> Placement:
+        """Plan a placement from inline loads [L, E] (with the topology) or from a deployment's window.
+
+        With `deployment_id` the result starts from the placement in force (fewest moves) and is
+        committed as a new version unless `dry_run`; `base_version` guards against concurrent planners
+        (FAILED_PRECONDITION when it is not current).
+        """
+        request = rebalance_request(
+            loads,
+            num_replicas=num_replicas,
+            num_groups=num_groups,
+            num_nodes=num_nodes,
+            num_gpus=num_gpus,
+            deployment_id=deployment_id,
+            policy=policy,
+            num_candidates=num_candidates,
+            seed=seed,
+            dry_run=dry_run,
+            max_moves_per_layer=max_moves_per_layer,
+            balance_tolerance=balance_tolerance,
+            fresh=fresh,
+            locality_tolerance=locality_tolerance,
+            base_version=base_version,
+            prev_phy2log=prev_phy2log,
+        )
+        return self.send_rebalance(request, timeout=timeout)
+
+    def send_rebalance(self, request: pb.RebalanceRequest, *, timeout: float | None = None) -> Placement:
+        """Send a prepared RebalanceRequest (the sharded client routes these)."""
+        response = self._stub.Rebalance(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        return Placement.from_proto(response.placement, committed=response.committed)
+
+    def report_loads(
+        self,
+        deployment_id: str,
+        reports: Iterable[Any],
+        *,
+        topology: TopologyLike | None = None,
+        rank: int = 0,
+        timeout: float | None = None,
+    ) -> LoadSummary:
+        """Stream telemetry reports for a deployment on one StreamLoad call; returns the server's summary.
+
+        Reports are arrays [L, E], (layer_indices, array [k, E]) pairs or dicts (see `load_requests`);
+        `topology` (a Topology or mapping of its fields) is required for a new deployment. Reports from
+        several ranks add up on the server. Bad reports are rejected in-band (see the summary).
+        """
+        requests = LoadRequests(deployment_id, reports, topology=topology, rank=rank)
+        try:
+            response = self._stub.StreamLoad(requests, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError:
+            if requests.error is not None:
+                raise requests.error from None
+            raise
+        return LoadSummary.from_proto(response)
+
+    def get_placement(self, deployment_id: str, *, timeout: float | None = None) -> Placement:
+        """The placement in force for a deployment (NOT_FOUND when it has none)."""
+        response = self._stub.GetPlacement(
+            pb.GetPlacementRequest(deployment_id=deployment_id),
+            timeout=self._deadline(timeout),
+            metadata=self._metadata,
+        )
+        return Placement.from_proto(response.placement, committed=True)
+
+    def watch(self, deployment_id: str, after_version: int = 0, *, timeout: float | None = None) -> Iterator[Placement]:
+        """Placements newer than `after_version` as they are committed (the current one first when newer).
+
+        Closing the iterator (or leaving a `for` loop early and dropping it) cancels the stream.
+        """
+        call = self._stub.WatchPlacement(
+            pb.WatchPlacementRequest(deployment_id=deployment_id, after_version=after_version),
+            timeout=timeout,
+            metadata=self._metadata,
+        )
+        try:
+            for response in call:
+                yield Placement.from_proto(response.placement, committed=True)
+        finally:
+            call.cancel()
+
+    def list_deployments(self, *, timeout: float | None = None) -> list[DeploymentInfo]:
+        response = self._stub.ListDeployments(
+            pb.ListDeploymentsRequest(), timeout=self._deadline(timeout), metadata=self._metadata
+        )
+        return [DeploymentInfo.from_proto(info) for info in response.deployments]
+
+    def delete_deployment(self, deployment_id: str, *, timeout: float | None = None) -> bool:
+        """Forget a deployment (window, placements, metric series); False when it did not exist."""
+        response = self._stub.DeleteDeployment(
+            pb.DeleteDeploymentRequest(deployment_id=deployment_id),
+            timeout=self._deadline(timeout),
+            metadata=self._metadata,
+        )
+        return response.deleted

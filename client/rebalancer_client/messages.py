@@ -1,0 +1,281 @@
+"""Request building and client-side argument checks, shared by the sync, asyncio and sharded clients.
+
+Obviously bad input (NaN/inf/negative loads, not 2-D, missing or inconsistent topology) raises
+`ValueError` naming the argument before anything is sent; the server validates everything again and
+answers INVALID_ARGUMENT with field violations for what only it can judge.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import grpc
+import numpy as np
+from google.rpc import error_details_pb2, status_pb2
+
+from .codec import as_numpy, encode
+from .placement import Topology
+from .v1 import rebalancer_pb2 as pb
+
+POLICIES: dict[str, int] = {
+    "auto": pb.POLICY_AUTO,
+    "deepseek": pb.POLICY_DEEPSEEK,
+    "global": pb.POLICY_GLOBAL,
+    "hierarchical": pb.POLICY_HIERARCHICAL,
+}
+TopologyLike = Topology | Mapping[str, int] | pb.Topology
+
+
+def loads_array(value: Any, name: str = "loads") -> np.ndarray:
+    """Loads [L, E] as a numpy array (numpy, torch tensor or nested lists), checked finite and >= 0."""
+    try:
+        array = as_numpy(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a 2-D array of loads: {exc}") from exc
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [layers, experts], got shape {list(array.shape)}")
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"{name} must hold real numbers, got dtype {array.dtype}")
+    if array.size == 0:
+        raise ValueError(f"{name} must have at least one layer and one expert, got shape {list(array.shape)}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ValueError(f"{name} must be finite: found NaN or inf")
+    if array.dtype.kind in "if" and (array < 0).any():
+        raise ValueError(f"{name} must be non-negative: found negative loads")
+    return array
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def make_topology(
+    num_layers: int, num_experts: int, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> Topology:
+    """A checked Topology: R >= E, R % G == 0, G % nodes == 0, E % groups == 0 (the solver's rules)."""
+    topology = Topology(
+        num_layers=_positive("num_layers", num_layers),
+        num_experts=_positive("num_experts", num_experts),
+        num_replicas=_positive("num_replicas", num_replicas),
+        num_groups=_positive("num_groups", num_groups),
+        num_nodes=_positive("num_nodes", num_nodes),
+        num_gpus=_positive("num_gpus", num_gpus),
+    )
+    if topology.num_replicas < topology.num_experts:
+        raise ValueError(f"num_replicas ({num_replicas}) must be >= the number of experts ({num_experts})")
+    if topology.num_replicas % topology.num_gpus:
+        raise ValueError(f"num_replicas ({num_replicas}) must be divisible by num_gpus ({num_gpus})")
+    if topology.num_gpus % topology.num_nodes:
+        raise ValueError(f"num_gpus ({num_gpus}) must be divisible by num_nodes ({num_nodes})")
+    if topology.num_experts % topology.num_groups:
+        raise ValueError(
+            f"the number of experts ({num_experts}) must be divisible by num_groups ({num_groups})"
+        )
+    return topology
+
+
+def as_topology(value: TopologyLike, loads_shape: tuple[int, ...] | None = None) -> Topology:
+    """Topology from a Topology, mapping or message; num_layers/num_experts default to the loads' shape."""
+    if isinstance(value, pb.Topology):
+        fields = {f.name: getattr(value, f.name) for f in pb.Topology.DESCRIPTOR.fields}
+    elif isinstance(value, Topology):
+        fields = dict(value.__dict__)
+    elif isinstance(value, Mapping):
+        unknown = set(value) - {f.name for f in pb.Topology.DESCRIPTOR.fields}
+        if unknown:
+            raise ValueError(f"topology has unknown keys {sorted(unknown)}")
+        fields = {"num_groups": 1, "num_nodes": 1, **value}
+    else:
+        raise ValueError(f"topology must be a Topology or a mapping, got {type(value).__name__}")
+    if loads_shape is not None and len(loads_shape) == 2:
+        fields["num_layers"] = fields.get("num_layers") or loads_shape[0]
+        fields["num_experts"] = fields.get("num_experts") or loads_shape[1]
+    missing = [
+        name for name in ("num_layers", "num_experts", "num_replicas", "num_gpus") if not fields.get(name)
+    ]
+    if missing:
+        raise ValueError(f"topology is missing {', '.join(missing)}")
+    return make_topology(**fields)
+
+
+def policy_value(policy: str | int | None) -> int:
+    """Policy name ("auto", "deepseek", "global", "hierarchical") or enum value -> enum value."""
+    if policy is None:
+        return pb.POLICY_UNSPECIFIED
+    if isinstance(policy, str):
+        if policy.lower() not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        return POLICIES[policy.lower()]
+    if policy not in pb.Policy.values():
+        raise ValueError(f"policy must be a rebalancer.v1.Policy value, got {policy!r}")
+    return int(policy)
+
+
+def rebalance_request(
+    loads: Any = None,
+    *,
+    num_replicas: int | None = None,
+    num_groups: int = 1,
+    num_nodes: int = 1,
+    num_gpus: int | None = None,
+    deployment_id: str | None = None,
+    policy: str | int | None = None,
+    num_candidates: int | None = None,
+    seed: int = 0,
+    dry_run: bool = False,
+    max_moves_per_layer: int | None = None,
+    balance_tolerance: float | None = None,
+    fresh: bool = False,
+    locality_tolerance: float | None = None,
+    base_version: int | None = None,
+    prev_phy2log: Any = None,
+) -> pb.RebalanceRequest:
+    """Build and check a RebalanceRequest; see `RebalancerClient.rebalance` for the arguments."""
+    if loads is None and not deployment_id:
+        raise ValueError("loads are required without deployment_id")
+    request = pb.RebalanceRequest(deployment_id=deployment_id or "")
+    has_topology = num_replicas is not None or num_gpus is not None
+    if loads is not None:
+        array = loads_array(loads)
+        request.loads.CopyFrom(encode(array))
+        if not has_topology and not deployment_id:
+            raise ValueError("num_replicas and num_gpus are required with inline loads and no deployment_id")
+    if has_topology:
+        if num_replicas is None or num_gpus is None:
+            raise ValueError("num_replicas and num_gpus must be given together")
+        if loads is None:
+            raise ValueError("num_replicas/num_gpus describe inline loads; pass loads or omit them")
+        layers, experts = array.shape
+        request.topology.CopyFrom(
+            make_topology(layers, experts, num_replicas, num_groups, num_nodes, num_gpus).to_proto()
+        )
+    if prev_phy2log is not None:
+        previous = as_numpy(prev_phy2log)
+        if previous.ndim != 2:
+            raise ValueError(f"prev_phy2log must be 2-D [layers, replicas], got shape {list(previous.shape)}")
+        request.prev_phy2log.CopyFrom(encode(previous.astype(np.int64)))
+    if base_version is not None:
+        if base_version < 0:
+            raise ValueError(f"base_version must be >= 0, got {base_version}")
+        request.base_version = base_version
+    options = request.options
+    options.policy = policy_value(policy)
+    if num_candidates is not None:
+        options.num_candidates = _positive("num_candidates", num_candidates)
+    options.seed = int(seed)
+    options.dry_run = bool(dry_run)
+    options.fresh = bool(fresh)
+    if max_moves_per_layer is not None:
+        if max_moves_per_layer < 0:
+            raise ValueError(f"max_moves_per_layer must be >= 0, got {max_moves_per_layer}")
+        options.max_moves_per_layer = int(max_moves_per_layer)
+    for name, tolerance in (
+        ("balance_tolerance", balance_tolerance),
+        ("locality_tolerance", locality_tolerance),
+    ):
+        if tolerance is not None:
+            if not 0.0 <= tolerance <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1], got {tolerance}")
+            setattr(options, name, float(tolerance))
+    return request
+
+
+def load_request(
+    deployment_id: str, index: int, report: Any, *, topology: TopologyLike | None = None, rank: int = 0
+) -> pb.StreamLoadRequest:
+    """The StreamLoad message of the `index`-th report of a stream; the topology rides on report 0 (the
+    server needs it there for a new deployment and checks that it matches afterwards).
+
+    A report is an array [L, E] (all layers), a pair (layer_indices, array [k, E]), or a dict with
+    `loads` and optional `layer_indices` and `step`. The step defaults to the report's position.
+    """
+    if not deployment_id:
+        raise ValueError("deployment_id is required")
+    layer_indices: Any = ()
+    step = index
+    if isinstance(report, Mapping):
+        if "loads" not in report:
+            raise ValueError(f"reports[{index}] has no 'loads'")
+        loads, layer_indices, step = (
+            report["loads"],
+            report.get("layer_indices", ()),
+            report.get("step", index),
+        )
+    elif isinstance(report, tuple) and len(report) == 2:
+        layer_indices, loads = report
+    else:
+        loads = report
+    array = loads_array(loads, name=f"reports[{index}]")
+    indices = np.asarray(layer_indices if layer_indices is not None else (), dtype=np.int64).reshape(-1)
+    if (indices < 0).any():
+        raise ValueError(f"reports[{index}] has negative layer indices")
+    if indices.size and indices.size != array.shape[0]:
+        raise ValueError(
+            f"reports[{index}] has {indices.size} layer indices for {array.shape[0]} rows of loads"
+        )
+    request = pb.StreamLoadRequest(
+        deployment_id=deployment_id,
+        loads=encode(array),
+        rank=rank,
+        step=int(step),
+        layer_indices=indices.tolist(),
+    )
+    if index == 0 and topology is not None:
+        request.topology.CopyFrom(as_topology(topology, None if indices.size else array.shape).to_proto())
+    return request
+
+
+class LoadRequests:
+    """StreamLoad messages of a stream of reports (see `load_request`), remembering the error that ended it.
+
+    gRPC consumes request iterators on its own thread and turns their exceptions into a CANCELLED
+    status; the clients re-raise `error` instead, so a bad report reads as the ValueError it is.
+    """
+
+    def __init__(
+        self,
+        deployment_id: str,
+        reports: Iterable[Any],
+        *,
+        topology: TopologyLike | None = None,
+        rank: int = 0,
+    ) -> None:
+        if not deployment_id:
+            raise ValueError("deployment_id is required")
+        self._reports = enumerate(reports)
+        self._make = functools.partial(load_request, deployment_id, topology=topology, rank=rank)
+        self.error: Exception | None = None
+
+    def __iter__(self) -> Iterator[pb.StreamLoadRequest]:
+        return self
+
+    def __next__(self) -> pb.StreamLoadRequest:
+        index, report = next(self._reports)
+        try:
+            return self._make(index, report)
+        except Exception as exc:
+            self.error = exc
+            raise
+
+
+def field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
+    """(field, description) pairs of the `google.rpc.BadRequest` an INVALID_ARGUMENT error carries.
+
+    Works for sync and asyncio errors alike: both expose the trailing `grpc-status-details-bin` entry.
+    """
+    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            violations = []
+            for detail in status.details:
+                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    bad_request = error_details_pb2.BadRequest()
+                    detail.Unpack(bad_request)
+                    violations += [(v.field, v.description) for v in bad_request.field_violations]
+            return violations
+    return []

@@ -1,0 +1,215 @@
+"""Plain-Python views of the service's results: `Placement` (numpy maps + stats) and the JSON forms
+inference engines read.
+
+Maps follow the DeepSeek EPLB `rebalance_experts` convention: `phy2log` [L, R] (slot p lives on GPU
+p // (R / G)), `log2phy` [L, E, X] padded with -1, `logcnt` [L, E].
+
+Engine JSON forms (written by `rebalancer rebalance/get --format ...`):
+
+* ``sglang``: ``{"physical_to_logical_map": [[...R ints...] x L]}``, the exact file SGLang's
+  ``--init-expert-location placement.json`` reads. SGLang passes the dict's keys as keyword arguments to
+  ``ExpertLocationMetadata.init_by_mapping``, so no other key may appear.
+* ``vllm``: the three tensors of vLLM's ``EplbState`` under vLLM's names:
+  ``physical_to_logical_map`` [L, R], ``logical_to_physical_map`` [L, E, R - E + 1] padded with -1 (vLLM
+  sizes the last axis ``num_redundant_experts + 1``), ``logical_replica_count`` [L, E]. vLLM has no flag to
+  load a placement file; a controller or engine hook copies these into ``EplbState`` (``copy_``) and
+  triggers its weight rearrangement.
+* ``raw``: everything the service returned (maps, version, topology, stats) for tools and archives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .codec import decode
+from .v1 import rebalancer_pb2 as pb
+
+FORMATS = ("vllm", "sglang", "raw")
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The expert-parallel layout a placement is planned for (`rebalancer.v1.Topology`)."""
+
+    num_layers: int
+    num_experts: int
+    num_replicas: int
+    num_groups: int = 1
+    num_nodes: int = 1
+    num_gpus: int = 1
+
+    @property
+    def slots_per_gpu(self) -> int:
+        return self.num_replicas // self.num_gpus
+
+    @classmethod
+    def from_proto(cls, message: pb.Topology) -> Topology:
+        return cls(
+            num_layers=message.num_layers,
+            num_experts=message.num_experts,
+            num_replicas=message.num_replicas,
+            num_groups=message.num_groups,
+            num_nodes=message.num_nodes,
+            num_gpus=message.num_gpus,
+        )
+
+    def to_proto(self) -> pb.Topology:
+        return pb.Topology(**asdict(self))
+
+
+@dataclass(frozen=True)
+class PlacementStats:
+    """What the service measured about a placement; balancedness = mean/max GPU load (1.0 is perfect)."""
+
+    balancedness_before: float = 0.0
+    balancedness_after: float = 0.0
+    imbalance_before: float = 0.0
+    imbalance_after: float = 0.0
+    replicas_moved: int = 0
+    moved_per_layer: list[int] = field(default_factory=list)
+    solve_seconds: float = 0.0
+    device: str = ""
+    policies: dict[str, int] = field(default_factory=dict)
+    batch_layers: int = 0
+    batch_requests: int = 0
+    solver_path: str = ""
+
+    @classmethod
+    def from_proto(cls, message: pb.PlacementStats) -> PlacementStats:
+        return cls(
+            balancedness_before=message.balancedness_before,
+            balancedness_after=message.balancedness_after,
+            imbalance_before=message.imbalance_before,
+            imbalance_after=message.imbalance_after,
+            replicas_moved=message.replicas_moved,
+            moved_per_layer=list(message.moved_per_layer),
+            solve_seconds=message.solve_seconds,
+            device=message.device,
+            policies={p.policy: p.layers for p in message.policies},
+            batch_layers=message.batch_layers,
+            batch_requests=message.batch_requests,
+            solver_path=message.solver_path,
+        )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One placement version: numpy maps (writable copies, int64) plus where it came from.
+
+    phy2log [L, R], log2phy [L, E, X] padded with -1, logcnt [L, E]. `version` is 0 and `deployment_id`
+    empty for an inline, uncommitted plan; `committed` says whether the service stored it.
+    """
+
+    phy2log: np.ndarray
+    log2phy: np.ndarray
+    logcnt: np.ndarray
+    version: int
+    deployment_id: str
+    topology: Topology
+    stats: PlacementStats
+    trigger: str = ""
+    created_unix_ms: int = 0
+    committed: bool = False
+
+    @classmethod
+    def from_proto(cls, message: pb.Placement, *, committed: bool = False) -> Placement:
+        return cls(
+            phy2log=np.array(decode(message.phy2log), dtype=np.int64),
+            log2phy=np.array(decode(message.log2phy), dtype=np.int64),
+            logcnt=np.array(decode(message.logcnt), dtype=np.int64),
+            version=message.version,
+            deployment_id=message.deployment_id,
+            topology=Topology.from_proto(message.topology),
+            stats=PlacementStats.from_proto(message.stats),
+            trigger=message.trigger,
+            created_unix_ms=message.created_unix_ms,
+            committed=committed,
+        )
+
+    def gpu_experts(self, layer: int, gpu: int) -> np.ndarray:
+        """Logical experts hosted by `gpu` in `layer`, one entry per slot: [R / G]."""
+        per_gpu = self.topology.slots_per_gpu
+        return self.phy2log[layer, gpu * per_gpu : (gpu + 1) * per_gpu]
+
+    def to_sglang_json(self) -> dict[str, Any]:
+        """SGLang's `--init-expert-location` file: exactly one key, `physical_to_logical_map` [L, R]."""
+        return {"physical_to_logical_map": self.phy2log.tolist()}
+
+    def to_vllm_json(self) -> dict[str, Any]:
+        """vLLM `EplbState` maps; `logical_to_physical_map` padded to R - E + 1 columns as vLLM sizes it."""
+        num_layers, num_experts = self.logcnt.shape
+        width = self.phy2log.shape[1] - num_experts + 1
+        log2phy = np.full((num_layers, num_experts, width), -1, dtype=np.int64)
+        used = min(width, self.log2phy.shape[2])
+        log2phy[:, :, :used] = self.log2phy[:, :, :used]
+        return {
+            "physical_to_logical_map": self.phy2log.tolist(),
+            "logical_to_physical_map": log2phy.tolist(),
+            "logical_replica_count": self.logcnt.tolist(),
+        }
+
+    def to_raw_json(self) -> dict[str, Any]:
+        """Everything the service returned, JSON-ready."""
+        return {
+            "deployment_id": self.deployment_id,
+            "version": self.version,
+            "committed": self.committed,
+            "trigger": self.trigger,
+            "created_unix_ms": self.created_unix_ms,
+            "topology": asdict(self.topology),
+            "stats": asdict(self.stats),
+            "phy2log": self.phy2log.tolist(),
+            "log2phy": self.log2phy.tolist(),
+            "logcnt": self.logcnt.tolist(),
+        }
+
+    def to_json(self, format: str = "raw") -> dict[str, Any]:
+        """The JSON form named by `format`: one of FORMATS."""
+        if format == "vllm":
+            return self.to_vllm_json()
+        if format == "sglang":
+            return self.to_sglang_json()
+        if format == "raw":
+            return self.to_raw_json()
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+
+
+@dataclass(frozen=True)
+class DeploymentInfo:
+    """A deployment the service knows: its layout, current version and telemetry window fill."""
+
+    deployment_id: str
+    topology: Topology
+    version: int
+    reports: int
+    imbalance: float
+
+    @classmethod
+    def from_proto(cls, message: pb.DeploymentInfo) -> DeploymentInfo:
+        return cls(
+            deployment_id=message.deployment_id,
+            topology=Topology.from_proto(message.topology),
+            version=message.version,
+            reports=message.reports,
+            imbalance=message.imbalance,
+        )
+
+
+@dataclass(frozen=True)
+class LoadSummary:
+    """The server's answer to one StreamLoad stream: counts and the first few rejections."""
+
+    accepted: int
+    rejected: int
+    rejections: list[tuple[int, str, str]] = field(default_factory=list)
+
+    @classmethod
+    def from_proto(cls, message: pb.StreamLoadResponse) -> LoadSummary:
+        return cls(
+            accepted=message.accepted,
+            rejected=message.rejected,
+            rejections=[(r.index, r.field, r.reason) for r in message.rejections],
+        )

@@ -1,0 +1,6 @@
+"""The gRPC product around the solver library: `rebalancer-server` (SPEC §4, §6).
+
+main (flags, signals) -> server (assembly) -> servicer (thin RPC handlers) -> deployments (versions,
+watchers) -> batcher (one solver worker) / telemetry (windows) / store (SQLite); metrics and
+interceptors export what happens.
+"""

@@ -1,0 +1,96 @@
+"""Server settings: command-line flags, each also read from the environment as REBALANCER_<FLAG>.
+
+A flag given on the command line wins over the environment, which wins over the built-in default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+ENV_PREFIX = "REBALANCER_"
+
+
+@dataclass
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 9464
+    state_dir: str = "./var"
+    device: str = "auto"
+    batch_window_ms: float = 2.0
+    max_batch_layers: int = 4096
+    max_queue: int = 256
+    window: int = 64
+    history_intervals: int = 8
+    auto_rebalance_threshold: float = 1.15
+    auto_rebalance_min_interval_s: float = 60.0
+    auto_rebalance_hysteresis: float = 0.02
+    auto_rebalance_period_s: float = 1.0
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_tensor_elements: int = 1 << 24
+    grace_period_s: float = 10.0
+    log_level: str = "INFO"
+
+
+HELP = {
+    "host": "address to bind the gRPC and metrics ports to",
+    "port": "gRPC port (0: pick a free one)",
+    "metrics_port": "Prometheus /metrics port (0: no metrics endpoint)",
+    "state_dir": "directory of the SQLite state (deployments, placements)",
+    "device": "solver device: auto (CUDA when present), cpu or cuda[:N]",
+    "batch_window_ms": "how long the first queued request waits for batch mates",
+    "max_batch_layers": "layer cap of one solver call",
+    "max_queue": "solve requests allowed to wait; more get RESOURCE_EXHAUSTED",
+    "window": "telemetry reports (slots) kept per deployment",
+    "history_intervals": "window sums kept as history for the solver (0: none)",
+    "auto_rebalance_threshold": "re-plan above this imbalance (max/mean) of the placement in force; 0: off",
+    "auto_rebalance_min_interval_s": "minimum time between two auto re-plans of one deployment",
+    "auto_rebalance_hysteresis": "an auto re-plan must lower the imbalance by at least this to be committed",
+    "auto_rebalance_period_s": "how often windows are scored (imbalance metric and auto re-plan)",
+    "max_message_bytes": "largest gRPC message sent or received",
+    "max_tensor_elements": "largest tensor accepted, checked on the declared shape before allocating",
+    "grace_period_s": "time in-flight RPCs get to finish after SIGTERM",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+}
+
+
+def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
+    """Flags -> ServerConfig, with REBALANCER_<FLAG> environment variables as defaults."""
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(prog="rebalancer-server", description="MoE expert-placement rebalancing service")
+    defaults = ServerConfig()
+    for spec in fields(ServerConfig):
+        env_name = ENV_PREFIX + spec.name.upper()
+        default = getattr(defaults, spec.name)
+        kind = type(default)
+        if env_name in environ:
+            try:
+                default = kind(environ[env_name])
+            except ValueError:
+                parser.error(f"{env_name}={environ[env_name]!r} is not a valid {kind.__name__}")
+        parser.add_argument(
+            "--" + spec.name.replace("_", "-"),
+            type=kind,
+            default=default,
+            help=f"{HELP[spec.name]} (env {env_name}; default %(default)s)",
+        )
+    args = parser.parse_args(argv)
+    config = ServerConfig(**vars(args))
+    problems = [
+        name
+        for name, bad in (
+            ("--window", config.window < 1),
+            ("--history-intervals", config.history_intervals < 0),
+            ("--max-batch-layers", config.max_batch_layers < 1),
+            ("--max-queue", config.max_queue < 1),
+            ("--batch-window-ms", config.batch_window_ms < 0),
+            ("--max-tensor-elements", config.max_tensor_elements < 1),
+        )
+        if bad
+    ]
+    if problems:
+        parser.error("out of range: " + ", ".join(problems))
+    return config

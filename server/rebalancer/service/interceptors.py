@@ -1,0 +1,123 @@
+"""Standard gRPC server metrics for grpc.aio.
+
+py-grpc-prometheus only ships a sync `grpc.ServerInterceptor` (its asyncio support, issue #13 and PR #32
+upstream, was never merged), so this small aio interceptor produces the same families and label sets:
+grpc_server_started_total, grpc_server_handled_total{grpc_code}, grpc_server_handling_seconds,
+grpc_server_msg_received_total and grpc_server_msg_sent_total, labelled grpc_type/grpc_service/grpc_method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from .metrics import Metrics
+
+_TYPES = {
+    (False, False): "unary",
+    (False, True): "server_stream",
+    (True, False): "client_stream",
+    (True, True): "bidi_stream",
+}
+_FACTORIES = {
+    "unary": grpc.unary_unary_rpc_method_handler,
+    "server_stream": grpc.unary_stream_rpc_method_handler,
+    "client_stream": grpc.stream_unary_rpc_method_handler,
+    "bidi_stream": grpc.stream_stream_rpc_method_handler,
+}
+_BEHAVIORS = {
+    "unary": "unary_unary",
+    "server_stream": "unary_stream",
+    "client_stream": "stream_unary",
+    "bidi_stream": "stream_stream",
+}
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every RPC by method and final status code."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        rpc_type = _TYPES[(handler.request_streaming, handler.response_streaming)]
+        service, _, method = details.method.lstrip("/").rpartition("/")
+        labels = (rpc_type, service, method)
+        behavior = getattr(handler, _BEHAVIORS[rpc_type])
+        wrapped = self._wrap(behavior, labels, handler.request_streaming, handler.response_streaming)
+        return _FACTORIES[rpc_type](
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap(self, behavior, labels: tuple[str, str, str], request_streaming: bool, response_streaming: bool):
+        m = self.metrics
+
+        def count_requests(request_or_iterator):
+            if not request_streaming:
+                m.grpc_msg_received.labels(*labels).inc()
+                return request_or_iterator
+
+            async def counted() -> AsyncIterator:
+                async for message in request_or_iterator:
+                    m.grpc_msg_received.labels(*labels).inc()
+                    yield message
+
+            return counted()
+
+        def finish(context: grpc.aio.ServicerContext, started: float, error: BaseException | None) -> None:
+            if error is None:
+                code = context.code() or grpc.StatusCode.OK
+            elif isinstance(error, asyncio.CancelledError):
+                code = grpc.StatusCode.CANCELLED
+            else:  # AbortError carries the code the handler set; anything else is UNKNOWN
+                code = context.code() or grpc.StatusCode.UNKNOWN
+            if isinstance(code, int):
+                code = next(c for c in grpc.StatusCode if c.value[0] == code)
+            m.grpc_handled.labels(*labels, code.name).inc()
+            m.grpc_handling_seconds.labels(*labels).observe(time.perf_counter() - started)
+
+        if response_streaming and inspect.isasyncgenfunction(behavior):
+
+            async def streaming(request_or_iterator, context):
+                m.grpc_started.labels(*labels).inc()
+                started, error = time.perf_counter(), None
+                try:
+                    async for response in behavior(count_requests(request_or_iterator), context):
+                        m.grpc_msg_sent.labels(*labels).inc()
+                        yield response
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    finish(context, started, error)
+
+            return streaming
+
+        async def unary(request_or_iterator, context):
+            m.grpc_started.labels(*labels).inc()
+            started, error = time.perf_counter(), None
+            try:
+                response = await behavior(count_requests(request_or_iterator), context)
+                if not response_streaming:
+                    m.grpc_msg_sent.labels(*labels).inc()
+                return response
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                finish(context, started, error)
+
+        return unary

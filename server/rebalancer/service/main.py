@@ -1,0 +1,44 @@
+"""`rebalancer-server`: flags and environment, logging, signals, exit codes.
+
+SIGTERM/SIGINT start a graceful shutdown (health NOT_SERVING, drain within --grace-period-s) and the
+process exits 0; an unusable state directory, device or port exits 2 with the reason on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from .config import parse_args
+from .server import serve_until
+from .store import StateError
+
+
+async def _run(config) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await serve_until(config, stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        asyncio.run(_run(config))
+    except (StateError, OSError, ValueError, RuntimeError) as error:
+        logging.getLogger("rebalancer.service").error("cannot start: %s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Every Prometheus family the server exports (SPEC §6), in one place.
+
+Each server owns its own `CollectorRegistry`, so several servers (tests, benchmarks) can live in one
+process. Names and label sets are a contract with `deploy/` dashboards and alert rules: change them
+there too. No label ever carries a layer index; deployment labels are dropped on DeleteDeployment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+SOLVE_BUCKETS = (
+    5e-5,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    1e-2,
+    2.5e-2,
+    5e-2,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+)
+BATCH_LAYER_BUCKETS = tuple(float(2**k) for k in range(13))  # 1 .. 4096
+BATCH_REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+TRIGGERS = ("request", "auto")
+
+
+class Metrics:
+    """The server's metric families; `registry` is what /metrics serves."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.solve_duration = Histogram(
+            "rebalancer_solve_duration_seconds",
+            "Wall time of one solver call (a whole batch), by device and kernel path.",
+            ("device", "path"),
+            buckets=SOLVE_BUCKETS,
+            registry=r,
+        )
+        self.batch_layers = Histogram(
+            "rebalancer_batch_layers", "Layers in one solver call.", buckets=BATCH_LAYER_BUCKETS, registry=r
+        )
+        self.batch_requests = Histogram(
+            "rebalancer_batch_requests",
+            "Requests in one solver call.",
+            buckets=BATCH_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("rebalancer_queue_depth", "Solve requests waiting for the solver.", registry=r)
+        self.imbalance_ratio = Gauge(
+            "rebalancer_imbalance_ratio",
+            "Max/mean GPU load of the placement in force on the telemetry window (mean over layers).",
+            ("deployment",),
+            registry=r,
+        )
+        self.balancedness = Gauge(
+            "rebalancer_balancedness",
+            "Mean/max GPU load (mean over layers): placement in force on the window, or the last plan.",
+            ("deployment", "placement"),
+            registry=r,
+        )
+        self.replicas_moved = Counter(
+            "rebalancer_replicas_moved_total",
+            "Expert copies GPUs had to receive because of committed placements.",
+            ("deployment",),
+            registry=r,
+        )
+        self.telemetry_reports = Counter(
+            "rebalancer_telemetry_reports_total",
+            "Telemetry reports received, by outcome (deployment is empty when the id itself was bad).",
+            ("deployment", "outcome"),
+            registry=r,
+        )
+        self.placements = Counter(
+            "rebalancer_placements_total", "Placements committed, by trigger.", ("trigger",), registry=r
+        )
+        self.solver_calls = Counter(
+            "rebalancer_solver_calls_total",
+            "Solver calls (one per batch), by kernel path.",
+            ("path",),
+            registry=r,
+        )
+        self.deployments = Gauge("rebalancer_deployments", "Registered deployments.", registry=r)
+
+        self.grpc_started = Counter("grpc_server_started_total", "RPCs started.", GRPC_LABELS, registry=r)
+        self.grpc_handled = Counter(
+            "grpc_server_handled_total",
+            "RPCs completed, by status code.",
+            (*GRPC_LABELS, "grpc_code"),
+            registry=r,
+        )
+        self.grpc_handling_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "RPC handling time until the status is sent.",
+            GRPC_LABELS,
+            registry=r,
+        )
+        self.grpc_msg_received = Counter(
+            "grpc_server_msg_received_total", "Request messages received.", GRPC_LABELS, registry=r
+        )
+        self.grpc_msg_sent = Counter("grpc_server_msg_sent_total", "Response messages sent.", GRPC_LABELS, registry=r)
+        for trigger in TRIGGERS:
+            self.placements.labels(trigger)
+        self._http = None
+
+    def forget_deployment(self, deployment_id: str) -> None:
+        """Drop every series labelled with `deployment_id` (its label values are unbounded)."""
+        series = (
+            (self.imbalance_ratio, (deployment_id,)),
+            (self.balancedness, (deployment_id, "current")),
+            (self.balancedness, (deployment_id, "proposed")),
+            (self.replicas_moved, (deployment_id,)),
+            (self.telemetry_reports, (deployment_id, "accepted")),
+            (self.telemetry_reports, (deployment_id, "rejected")),
+        )
+        for family, labels in series:
+            with contextlib.suppress(KeyError):
+                family.remove(*labels)
+
+    def serve(self, host: str, port: int) -> None:
+        """Start the /metrics HTTP endpoint in a daemon thread."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,156 @@
+"""Assembly of the service: store, windows, batcher, registry, gRPC server, health, reflection, metrics.
+
+`RebalancerServer` is what `main` runs and what tests start in-process on an ephemeral port.
+Start-up order matters: the state directory is checked before any port is bound (a bad one is a clear
+error, not a half-started server), and health says SERVING only after one warm-up solve on the device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import numpy as np
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from rebalancer_client.v1 import rebalancer_pb2 as pb
+from rebalancer_client.v1 import rebalancer_pb2_grpc
+
+from .autorebalance import AutoRebalancer
+from .batcher import Batcher, SolveJob
+from .config import ServerConfig
+from .deployments import Registry
+from .interceptors import MetricsInterceptor
+from .metrics import Metrics
+from .model import Topology
+from .servicer import RebalancerServicer
+from .store import Store
+from .telemetry import TelemetryWindows
+from .validation import SolveSettings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RebalancerService"].full_name
+HEALTH_NAMES = ("", SERVICE_NAME)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available")
+    return device
+
+
+def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+class RebalancerServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.metrics = Metrics()
+        self.store = Store(config.state_dir)
+        self.health = health_aio.HealthServicer()
+        self.port = 0
+
+    async def start(self) -> None:
+        """Open the state, bind, serve (NOT_SERVING), warm the solver up, then report SERVING."""
+        config = self.config
+        self.store.open()
+        self.windows = TelemetryWindows(config.window, config.history_intervals, self.device)
+        self.batcher = Batcher(
+            self.metrics,
+            self.device,
+            window_s=config.batch_window_ms / 1000.0,
+            max_layers=config.max_batch_layers,
+            max_queue=config.max_queue,
+        )
+        self.registry = Registry(self.store, self.windows, self.batcher, self.metrics)
+        await self.registry.restore()
+        self.auto = AutoRebalancer(
+            self.registry,
+            threshold=config.auto_rebalance_threshold,
+            min_interval_s=config.auto_rebalance_min_interval_s,
+            hysteresis=config.auto_rebalance_hysteresis,
+            period_s=config.auto_rebalance_period_s,
+        )
+        self.server = grpc.aio.server(interceptors=[MetricsInterceptor(self.metrics)], options=channel_options(config))
+        servicer = RebalancerServicer(
+            self.registry,
+            self.batcher,
+            self.windows,
+            self.metrics,
+            max_tensor_elements=config.max_tensor_elements,
+        )
+        rebalancer_pb2_grpc.add_RebalancerServiceServicer_to_server(servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
+        for name in HEALTH_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        if config.metrics_port:
+            self.metrics.serve(config.host, config.metrics_port)
+        await self.server.start()
+        self.batcher.start()
+        await self._warm_up()
+        self.auto.start()
+        for name in HEALTH_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving on %s:%d (device %s, metrics port %d)",
+            config.host,
+            self.port,
+            self.device,
+            config.metrics_port,
+        )
+
+    async def _warm_up(self) -> None:
+        """One small solve on the device, so the first real request pays no start-up cost."""
+        topology = Topology(num_layers=2, num_experts=16, num_replicas=32, num_groups=4, num_nodes=2, num_gpus=4)
+        loads = np.random.default_rng(0).random((2, 16))
+        await self.batcher.submit(SolveJob(topology=topology, settings=SolveSettings(), loads=loads))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, stop accepting, let in-flight RPCs finish within the grace period, release all."""
+        grace = self.config.grace_period_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        self.registry.stopping.set()
+        await self.auto.stop()
+        await self.server.stop(grace)
+        await self.batcher.close()
+        self.windows.close()
+        self.store.close()
+        self.metrics.close()
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def serve_until(config: ServerConfig, stop: asyncio.Event) -> None:
+    """Run a server until `stop` is set, then shut it down gracefully."""
+    server = RebalancerServer(config)
+    await server.start()
+    await stop.wait()
+    log.info("shutting down (grace %.1f s)", config.grace_period_s)
+    await server.stop()

@@ -1,0 +1,167 @@
+"""SQLite persistence (WAL) of deployments and their placement versions under --state-dir.
+
+Tables: deployments(deployment_id, topology json, created_unix_ms) and placements(deployment_id, version,
+phy2log blob, created_unix_ms, trigger, stats json). Each commit is one transaction, and only the last
+`keep_versions` placements per deployment are kept. Every call runs on one dedicated thread (the
+connection never leaves it), so the event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from google.protobuf import json_format
+from rebalancer_client.v1 import rebalancer_pb2 as pb
+
+from .model import PlacementRecord, Topology
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS deployments (
+    deployment_id TEXT PRIMARY KEY,
+    topology TEXT NOT NULL,
+    created_unix_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS placements (
+    deployment_id TEXT NOT NULL REFERENCES deployments(deployment_id) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    phy2log BLOB NOT NULL,
+    created_unix_ms INTEGER NOT NULL,
+    trigger TEXT NOT NULL,
+    stats TEXT NOT NULL,
+    PRIMARY KEY (deployment_id, version)
+);
+"""
+
+
+class StateError(RuntimeError):
+    """The state directory cannot be used (unwritable, or the database is corrupt)."""
+
+
+class Store:
+    """The deployment and placement tables; async methods hop to the store thread."""
+
+    def __init__(self, state_dir: str, keep_versions: int = 16) -> None:
+        self.path = os.path.join(state_dir, "rebalancer.sqlite3")
+        self.keep_versions = keep_versions
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._db: sqlite3.Connection | None = None
+
+    def open(self) -> None:
+        """Open (creating) the database and check it; raises StateError with a message fit for an operator."""
+        self._executor.submit(self._open).result()
+
+    def _open(self) -> None:
+        state_dir = os.path.dirname(self.path)
+        try:
+            os.makedirs(state_dir, exist_ok=True)
+            if not os.access(state_dir, os.W_OK | os.X_OK):
+                raise StateError(f"state dir {state_dir} is not writable")
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise StateError(f"state database {self.path} is corrupt: {check}")
+            db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as error:
+            raise StateError(f"cannot use state database {self.path}: {error}") from error
+        self._db = db
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def load(self) -> tuple[dict[str, Topology], dict[str, PlacementRecord]]:
+        """Every deployment's topology and its current placement (blocking; used at start-up only)."""
+        return self._executor.submit(self._load).result()
+
+    def _load(self) -> tuple[dict[str, Topology], dict[str, PlacementRecord]]:
+        topologies = {
+            row[0]: Topology.from_json(row[1])
+            for row in self._db.execute("SELECT deployment_id, topology FROM deployments")
+        }
+        rows = self._db.execute(
+            "SELECT p.deployment_id, p.version, p.phy2log, p.created_unix_ms, p.trigger, p.stats"
+            " FROM placements p"
+            " JOIN (SELECT deployment_id, MAX(version) AS version FROM placements GROUP BY deployment_id) m"
+            " USING (deployment_id, version)"
+        )
+        placements = {}
+        for deployment_id, version, blob, created, trigger, stats in rows:
+            topology = topologies[deployment_id]
+            phy2log = np.frombuffer(blob, dtype="<i8").reshape(topology.num_layers, topology.num_replicas).copy()
+            placements[deployment_id] = PlacementRecord(
+                deployment_id=deployment_id,
+                version=version,
+                topology=topology,
+                phy2log=phy2log,
+                logcnt=np.empty(0),
+                log2phy=np.empty(0),
+                stats=json_format.Parse(stats, pb.PlacementStats()),
+                trigger=trigger,
+                created_unix_ms=created,
+            )
+        return topologies, placements
+
+    async def add_deployment(self, deployment_id: str, topology: Topology, created_unix_ms: int) -> None:
+        await self._call(
+            self._execute,
+            "INSERT INTO deployments (deployment_id, topology, created_unix_ms) VALUES (?, ?, ?)",
+            (deployment_id, topology.to_json(), created_unix_ms),
+        )
+
+    def _execute(self, sql: str, args: tuple) -> None:
+        self._db.execute(sql, args)
+
+    async def commit(self, record: PlacementRecord) -> None:
+        """Insert `record` and prune versions older than the last `keep_versions`, in one transaction."""
+        await self._call(self._commit, record)
+
+    def _commit(self, record: PlacementRecord) -> None:
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO placements (deployment_id, version, phy2log, created_unix_ms, trigger, stats)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    record.deployment_id,
+                    record.version,
+                    np.ascontiguousarray(record.phy2log, dtype="<i8").tobytes(),
+                    record.created_unix_ms,
+                    record.trigger,
+                    json_format.MessageToJson(record.stats, indent=None),
+                ),
+            )
+            self._db.execute(
+                "DELETE FROM placements WHERE deployment_id = ? AND version <= ?",
+                (record.deployment_id, record.version - self.keep_versions),
+            )
+
+    async def delete_deployment(self, deployment_id: str) -> None:
+        await self._call(self._delete, deployment_id)
+
+    def _delete(self, deployment_id: str) -> None:
+        with self._transaction():
+            self._db.execute("DELETE FROM placements WHERE deployment_id = ?", (deployment_id,))
+            self._db.execute("DELETE FROM deployments WHERE deployment_id = ?", (deployment_id,))
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._executor.submit(self._db.close).result()
+            self._db = None
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,168 @@
+"""Placements that move few expert copies away from the one in force (`prev_phy2log`).
+
+Two plans per layer compete:
+* incremental: the old placement, copies unchanged, improved by single swaps between its heaviest GPU
+  and a lighter one (each swap ships two copies) only until it is as balanced as the fresh plan allows;
+* fresh: the best new plan with its GPUs relabelled to match the old ones (a greedy maximum-overlap
+  matching) and every expert that stays on a GPU kept in its old slot.
+The incremental plan wins when its balancedness is within `balance_tolerance` of the fresh one (and
+always when the fresh one would ship more than `max_moves_per_layer` copies).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .maps import expert_histogram, logcnt_from_phy2log, moved_copies
+from .packing import swap_refine
+
+# Rounds of single-copy handovers tried before swaps (each ships one copy).
+COPY_ROUNDS = 8
+
+
+def match_gpus(prev_phy2log: torch.Tensor, phy2log: torch.Tensor, num_experts: int, num_gpus: int) -> torch.Tensor:
+    """Relabel the GPUs of `phy2log` [L, R] to overlap the old placement most: new GPU -> old GPU [L, G].
+
+    Greedy matching on the shared-expert counts: G steps, each taking every layer's largest remaining
+    overlap; near the optimum of the assignment problem and free of per-layer Python loops.
+    """
+    num_layers = phy2log.shape[0]
+    new = expert_histogram(phy2log, num_experts, num_gpus).clamp_max(1).to(torch.float32)
+    old = expert_histogram(prev_phy2log, num_experts, num_gpus).clamp_max(1).to(torch.float32)
+    overlap = torch.bmm(new, old.transpose(1, 2))  # [L, G_new, G_old]
+    # Ties broken towards the identity so that unchanged GPUs keep their label.
+    overlap += torch.eye(num_gpus, device=overlap.device) * 1e-3
+    assignment = torch.empty(num_layers, num_gpus, dtype=torch.int64, device=phy2log.device)
+    rows = torch.arange(num_layers, device=phy2log.device)
+    taken = torch.tensor(-1.0, device=overlap.device)
+    for _ in range(num_gpus):
+        best = overlap.view(num_layers, -1).argmax(-1)
+        new_gpu, old_gpu = best // num_gpus, best % num_gpus
+        assignment[rows, new_gpu] = old_gpu
+        overlap[rows, new_gpu, :] = taken
+        overlap[rows, :, old_gpu] = taken
+    return assignment
+
+
+def align_slots(prev_phy2log: torch.Tensor, phy2log: torch.Tensor, num_experts: int, num_gpus: int) -> torch.Tensor:
+    """Reorder `phy2log` [L, R]: GPUs relabelled to the old ones, and within a GPU every expert that was
+    already there back in its old slot (new arrivals fill the freed slots). Same placement, fewer copies."""
+    num_layers, num_slots = phy2log.shape
+    slots_per_gpu = num_slots // num_gpus
+    assignment = match_gpus(prev_phy2log, phy2log, num_experts, num_gpus)
+    relabelled = torch.empty_like(phy2log).view(num_layers, num_gpus, slots_per_gpu)
+    relabelled.scatter_(1, assignment.unsqueeze(-1).expand(-1, -1, slots_per_gpu), phy2log.view_as(relabelled))
+    old = prev_phy2log.view(num_layers, num_gpus, slots_per_gpu)
+    # match[i, j]: new item i is old slot j's expert; each old slot and each new item used at most once.
+    match = relabelled.unsqueeze(-1) == old.unsqueeze(-2)  # [L, G, K_new, K_old]
+    match &= match.cumsum(-2) == 1
+    match &= match.cumsum(-1) == 1
+    matched = match.any(-1)  # [L, G, K_new]
+    positions = torch.arange(slots_per_gpu, device=phy2log.device)
+    claimed = match.any(-2)  # old slots kept by their expert
+    free_slots = torch.where(claimed, slots_per_gpu, positions).sort(-1).values  # free slots first, ascending
+    arrival_rank = ((~matched).cumsum(-1) - 1).clamp_min(0)
+    final_slot = torch.where(matched, match.to(torch.int8).argmax(-1), free_slots.gather(2, arrival_rank))
+    aligned = torch.empty_like(relabelled).scatter_(2, final_slot, relabelled)
+    return aligned.view(num_layers, num_slots)
+
+
+def copy_moves(
+    loads: torch.Tensor, phy2log: torch.Tensor, num_gpus: int, targets: torch.Tensor, rounds: int, width: int = 5
+) -> torch.Tensor:
+    """Turn single slots into copies of hotter experts, in place, while that lowers the max GPU load.
+
+    Each round, per layer, tries the T x T moves "donor y gives the copy on its lightest GPU to receiver
+    x" (receivers: largest loads per copy; donors: experts with spare copies that lose least) and applies
+    the best if it lowers the peak of a layer still above its target. One move ships one copy.
+    loads [L, E] float64, phy2log [L, R], targets [L] -> phy2log [L, R].
+    """
+    num_layers, num_slots = phy2log.shape
+    num_experts = loads.shape[1]
+    width = min(width, num_experts)
+    slot_gpu = torch.arange(num_slots, device=phy2log.device) // (num_slots // num_gpus)
+    for _ in range(rounds):
+        counts = logcnt_from_phy2log(phy2log, num_experts)
+        per_copy = loads / counts
+        gpu_loads = per_copy.gather(1, phy2log).view(num_layers, num_gpus, -1).sum(-1)
+        peak = gpu_loads.max(-1).values
+        receivers = per_copy.topk(width, dim=-1).indices  # [L, T]
+        giving = torch.where(counts > 1, loads / (counts - 1).clamp_min(1), torch.full_like(loads, float("inf")))
+        donors = giving.topk(width, dim=-1, largest=False).indices  # [L, T]
+        donor_ok = counts.gather(1, donors) > 1
+        # The donor's copy on its lightest GPU is the one handed over.
+        load_of_slot_gpu = gpu_loads.gather(1, slot_gpu.expand(num_layers, -1))  # [L, R]
+        is_donor_slot = phy2log.unsqueeze(1) == donors.unsqueeze(2)  # [L, T, R]
+        donor_slot = torch.where(is_donor_slot, load_of_slot_gpu.unsqueeze(1), float("inf")).argmin(-1)  # [L, T]
+        moves = width * width
+        x = receivers.unsqueeze(2).expand(-1, -1, width).reshape(num_layers, moves)
+        y = donors.unsqueeze(1).expand(-1, width, -1).reshape(num_layers, moves)
+        slot = donor_slot.unsqueeze(1).expand(-1, width, -1).reshape(num_layers, moves)
+        valid = donor_ok.unsqueeze(1).expand(-1, width, -1).reshape(num_layers, moves) & (x != y)
+        trial_counts = counts.unsqueeze(1).repeat(1, moves, 1)
+        step = valid.to(counts.dtype).unsqueeze(2)
+        trial_counts.scatter_add_(2, x.unsqueeze(2), step).scatter_add_(2, y.unsqueeze(2), -step)
+        trial_phy = phy2log.unsqueeze(1).repeat(1, moves, 1)
+        trial_phy.scatter_(2, slot.unsqueeze(2), torch.where(valid, x, y).unsqueeze(2))
+        trial_loads = (loads.unsqueeze(1) / trial_counts).gather(2, trial_phy)
+        trial_peak = trial_loads.view(num_layers, moves, num_gpus, -1).sum(-1).max(-1).values
+        trial_peak = torch.where(valid, trial_peak, float("inf"))
+        best_peak, best = trial_peak.min(1)
+        apply = (best_peak < peak * (1.0 - 1e-9)) & (peak > targets)
+        chosen = trial_phy.gather(1, best.view(-1, 1, 1).expand(-1, 1, num_slots)).squeeze(1)
+        phy2log = torch.where(apply.unsqueeze(1), chosen, phy2log)
+    return phy2log
+
+
+def incremental(
+    loads: torch.Tensor,
+    prev_phy2log: torch.Tensor,
+    num_gpus: int,
+    targets: torch.Tensor,
+    max_swaps: int,
+    copy_rounds: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The old placement improved in place: first copies handed from spare experts to hot ones (one
+    copy shipped each), then single heaviest-GPU swaps (two copies each), until each layer's max GPU
+    load is at or below `targets` [L]. Returns (phy2log [L, R], max GPU load [L])."""
+    num_layers, num_slots = prev_phy2log.shape
+    phy2log = copy_moves(loads, prev_phy2log, num_gpus, targets, copy_rounds)
+    counts = logcnt_from_phy2log(phy2log, loads.shape[1])
+    slot_loads = (loads / counts).gather(1, phy2log).to(torch.float32).view(num_layers, num_gpus, -1)
+    slot_items = phy2log.view(num_layers, num_gpus, -1)
+    # Only the heaviest-pack phase: one swap (two copies shipped) per round, stopping at the target.
+    _, slot_items = swap_refine(
+        slot_loads, slot_items, targets.to(torch.float32), pair_rounds=0, heaviest_rounds=max_swaps
+    )
+    phy2log = slot_items.reshape(num_layers, num_slots)
+    peak = (loads / counts).gather(1, phy2log).view(num_layers, num_gpus, -1).sum(-1).max(-1).values
+    return phy2log, peak
+
+
+def migrate(
+    loads: torch.Tensor,
+    prev_phy2log: torch.Tensor,
+    fresh_phy2log: torch.Tensor,
+    fresh_peak: torch.Tensor,
+    num_gpus: int,
+    balance_tolerance: float,
+    max_moves_per_layer: int | None,
+) -> tuple[torch.Tensor, list[str]]:
+    """Choose, per layer, between the incremental plan and the aligned fresh plan (see module doc).
+
+    loads [L, E] float64, prev/fresh phy2log [L, R], fresh_peak [L] -> (phy2log [L, R], origin per layer).
+    """
+    num_experts = loads.shape[1]
+    mean = loads.sum(-1) / num_gpus
+    fresh_balance = mean / fresh_peak.clamp_min(1e-300)
+    allowed_peak = mean / (fresh_balance - balance_tolerance).clamp_min(1e-6)
+    budget = 128 if max_moves_per_layer is None else max_moves_per_layer
+    copy_rounds = min(COPY_ROUNDS, budget)
+    kept, kept_peak = incremental(loads, prev_phy2log, num_gpus, allowed_peak, (budget - copy_rounds) // 2, copy_rounds)
+    aligned = align_slots(prev_phy2log, fresh_phy2log, num_experts, num_gpus)
+    use_kept = kept_peak <= allowed_peak * (1.0 + 1e-9)
+    if max_moves_per_layer is not None:
+        fresh_moves = moved_copies(prev_phy2log, aligned, num_experts, num_gpus)
+        use_kept |= fresh_moves > max_moves_per_layer
+    phy2log = torch.where(use_kept.unsqueeze(1), kept, aligned)
+    return phy2log, ["incremental" if keep else "fresh" for keep in use_kept.tolist()]

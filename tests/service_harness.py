@@ -1,0 +1,144 @@
+"""A real rebalancer server for the service tests: in-process on 127.0.0.1, ephemeral port.
+
+The server runs its own asyncio loop in a thread, exactly as `rebalancer-server` assembles it; tests talk
+to it through the raw generated stub over a real channel, and read its metrics from its registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import replace
+
+import grpc
+import numpy as np
+import torch
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from rebalancer.service.config import ServerConfig
+from rebalancer.service.server import RebalancerServer
+from rebalancer.solver import solve
+from rebalancer_client.codec import decode, encode
+from rebalancer_client.v1 import rebalancer_pb2 as pb
+from rebalancer_client.v1 import rebalancer_pb2_grpc
+
+# A small topology that keeps every test fast: 4 layers of 16 experts on 32 slots, 4 groups, 2 nodes, 4 GPUs.
+LAYERS, EXPERTS, REPLICAS, GROUPS, NODES, GPUS = 4, 16, 32, 4, 2, 4
+TOPOLOGY = pb.Topology(
+    num_layers=LAYERS, num_experts=EXPERTS, num_replicas=REPLICAS, num_groups=GROUPS, num_nodes=NODES, num_gpus=GPUS
+)
+
+
+def skewed_loads(seed: int, layers: int = LAYERS, experts: int = EXPERTS) -> np.ndarray:
+    """Zipf-like loads [layers, experts] (float32), a different hot set per layer."""
+    rng = np.random.default_rng(seed)
+    ranks = np.argsort(rng.random((layers, experts)), axis=1) + 1
+    return (1000.0 / ranks**1.2 * rng.uniform(0.8, 1.2, (layers, experts))).astype(np.float32)
+
+
+def library(loads: np.ndarray, prev: np.ndarray | None = None, history=None, **options):
+    """The solver library on the same arguments the server uses."""
+    return solve(
+        torch.from_numpy(np.asarray(loads, dtype=np.float64)),
+        REPLICAS,
+        GROUPS,
+        NODES,
+        GPUS,
+        prev_phy2log=None if prev is None else torch.tensor(prev),
+        history=history,
+        **options,
+    )
+
+
+def maps_of(placement: pb.Placement) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return decode(placement.phy2log), decode(placement.log2phy), decode(placement.logcnt)
+
+
+def field_violations(error: grpc.RpcError) -> dict[str, str]:
+    """BadRequest field -> description from a rich INVALID_ARGUMENT status."""
+    status = rpc_status.from_call(error)
+    assert status is not None, "no google.rpc.Status details"
+    violations = {}
+    for detail in status.details:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            violations.update({v.field: v.description for v in bad_request.field_violations})
+    return violations
+
+
+def report(deployment_id: str, loads: np.ndarray, **fields) -> pb.StreamLoadRequest:
+    return pb.StreamLoadRequest(deployment_id=deployment_id, loads=encode(loads), **fields)
+
+
+class ServerThread:
+    """Start/stop a RebalancerServer on its own loop; `stub` and `metric` for the test thread."""
+
+    def __init__(self, state_dir: str, **overrides) -> None:
+        defaults = dict(
+            host="127.0.0.1",
+            port=0,
+            metrics_port=0,
+            state_dir=state_dir,
+            auto_rebalance_threshold=0.0,
+            auto_rebalance_period_s=0.05,
+            grace_period_s=2.0,
+        )
+        self.config = replace(ServerConfig(), **{**defaults, **overrides})
+        self.server = RebalancerServer(self.config)
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="test-server")
+        self.channel: grpc.Channel | None = None
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.server.start())
+        except BaseException as error:  # surfaced by start()
+            self._error = error
+            self._started.set()
+            return
+        self._started.set()
+        self.loop.run_forever()
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        self._started.wait(60)
+        if self._error is not None:
+            raise self._error
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
+        self.stub = rebalancer_pb2_grpc.RebalancerServiceStub(self.channel)
+        return self
+
+    def call(self, coroutine):
+        """Run a coroutine on the server's loop (e.g. to inspect domain state) and return its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(60)
+
+    def stop(self) -> None:
+        """Graceful server stop (as on SIGTERM), then the test's channel."""
+        if self._error is None:
+            self.call(self.server.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(30)
+        if self.channel is not None:
+            self.channel.close()
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.server.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    def settled_metric(self, name: str, expected: float, **labels: str) -> float:
+        """The metric once it reaches `expected` (or after 5 s): a status reaches the client a moment
+        before the interceptor that counts it has finished."""
+        deadline = time.monotonic() + 5
+        while (value := self.metric(name, **labels)) != expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return value
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

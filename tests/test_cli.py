@@ -1,0 +1,115 @@
+"""The `rebalancer` command line against the fake service: parsing, loads files, JSON outputs, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from client_helpers import assert_valid_maps, fake_service
+from grpc_health.v1 import health_pb2
+from rebalancer_client.cli import DEFAULT_TARGET, build_parser, main, read_loads
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with fake_service() as server:
+        yield server
+
+
+def test_target_defaults_to_the_environment_then_loopback(monkeypatch):
+    monkeypatch.delenv("REBALANCER_TARGET", raising=False)
+    assert build_parser().parse_args(["health"]).target == DEFAULT_TARGET == "127.0.0.1:50051"
+    monkeypatch.setenv("REBALANCER_TARGET", "dns:///rebalancer-headless:50051")
+    assert build_parser().parse_args(["get", "x"]).target == "dns:///rebalancer-headless:50051"
+    args = build_parser().parse_args(
+        ["rebalance", "l.npy", "--replicas", "288", "--gpus", "32", "--format", "sglang"]
+    )
+    assert (args.replicas, args.groups, args.nodes, args.gpus, args.format) == (288, 1, 1, 32, "sglang")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["rebalance", "l.npy", "--format", "trtllm"])
+
+
+def test_loads_files_in_every_format(tmp_path):
+    loads = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.save(tmp_path / "a.npy", loads)
+    (tmp_path / "b.json").write_text(json.dumps(loads.tolist()))
+    (tmp_path / "c.json").write_text(json.dumps({"logical_count": [loads.tolist(), loads.tolist()]}))
+    assert np.array_equal(read_loads(str(tmp_path / "a.npy")), loads)
+    assert np.array_equal(read_loads(str(tmp_path / "b.json")), loads)
+    assert read_loads(str(tmp_path / "c.json")).shape == (2, 2, 4)  # SGLang's [T, L, E] recorder dump
+    torch = pytest.importorskip("torch")
+    torch.save({"logical_count": torch.from_numpy(loads)}, tmp_path / "d.pt")
+    assert np.array_equal(read_loads(str(tmp_path / "d.pt")), loads)
+    (tmp_path / "e.json").write_text(json.dumps({"counts": []}))
+    for name, match in (("e.json", "expected a key"), ("f.csv", "must be a .npy")):
+        with pytest.raises(ValueError, match=match):
+            read_loads(str(tmp_path / name))
+
+
+@pytest.mark.parametrize(("form", "keys"), [("vllm", 3), ("sglang", 1), ("raw", 10)])
+def test_rebalance_writes_the_engine_json(fake, tmp_path, capsys, form, keys):
+    np.save(tmp_path / "loads.npy", np.array([[9, 1, 1, 1], [1, 1, 1, 9]], dtype=np.float32))
+    out = tmp_path / "placement.json"
+    code = main(
+        ["rebalance", str(tmp_path / "loads.npy"), "--replicas", "6", "--gpus", "3", "--seed", "4"]
+        + ["--policy", "global", "--target", fake.target, "--out", str(out), "--format", form]
+    )
+    assert code == 0
+    document = json.loads(out.read_text())
+    assert len(document) == keys
+    phy2log = np.array(document.get("physical_to_logical_map", document.get("phy2log")))
+    assert phy2log.shape == (2, 6) and set(phy2log.ravel()) == {0, 1, 2, 3}
+    if form == "vllm":
+        log2phy, logcnt = (
+            np.array(document["logical_to_physical_map"]),
+            np.array(document["logical_replica_count"]),
+        )
+        assert_valid_maps(phy2log, log2phy, logcnt, 4)
+    assert "inline plan; balancedness" in capsys.readouterr().err
+    assert fake.servicer.requests[-1].options.seed == 4
+
+
+def test_report_get_watch_list_delete_round_trip(fake, tmp_path, capsys):
+    target = ["--target", fake.target]
+    np.save(tmp_path / "window.npy", np.ones((3, 2, 4)))  # three reports
+    assert (
+        main(["report", "cli-dep", str(tmp_path / "window.npy"), "--replicas", "6", "--gpus", "3", *target])
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["accepted"] == 3
+    assert main(["rebalance", "--deployment", "cli-dep", *target]) == 0
+    assert "version 1 committed" in capsys.readouterr().err
+    assert main(["get", "cli-dep", "--format", "sglang", *target]) == 0
+    assert np.array(json.loads(capsys.readouterr().out)["physical_to_logical_map"]).shape == (2, 6)
+    assert main(["watch", "cli-dep", "--count", "1", *target]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == 1
+    watched = tmp_path / "watched.json"
+    assert (
+        main(["watch", "cli-dep", "--count", "1", "--format", "sglang", "--out", str(watched), *target]) == 0
+    )
+    assert list(json.loads(watched.read_text())) == ["physical_to_logical_map"]
+    assert main(["list", *target]) == 0
+    assert "cli-dep\tversion 1\treports 3" in capsys.readouterr().out
+    assert main(["delete", "cli-dep", *target]) == 0
+    assert main(["delete", "cli-dep", *target]) == 1
+
+
+def test_health_exit_codes(fake, capsys):
+    assert main(["health", "--target", fake.target]) == 0
+    assert capsys.readouterr().out.strip() == "SERVING"
+    fake.health.set("cli.Draining", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert main(["health", "--service", "cli.Draining", "--target", fake.target]) == 1
+    assert main(["health", "--target", "127.0.0.1:1", "--timeout", "0.5"]) == 1
+    assert main(["health", "--target", f"{fake.target},127.0.0.1:1", "--timeout", "0.5"]) == 1
+    assert "127.0.0.1:1 UNAVAILABLE" in capsys.readouterr().out
+
+
+def test_errors_map_to_exit_codes_and_readable_messages(fake, tmp_path, capsys):
+    np.save(tmp_path / "nan.npy", np.full((2, 4), np.nan))
+    target = ["--target", fake.target]
+    assert main(["rebalance", str(tmp_path / "nan.npy"), "--replicas", "6", "--gpus", "3", *target]) == 2
+    assert "loads must be finite" in capsys.readouterr().err
+    assert main(["rebalance", str(tmp_path / "missing.npy"), "--replicas", "6", "--gpus", "3", *target]) == 2
+    assert main(["get", "nobody", *target]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
