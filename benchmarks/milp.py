@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,6 +90,18 @@ def _greedy(loads: list[float], num_replicas: int, num_gpus: int) -> tuple[list[
     return counts, gpu_experts
 
 
+def _valid(copies: Sequence[int], gpu_experts: Sequence[Sequence[int]], num_replicas: int, num_gpus: int) -> bool:
+    """A start placement is usable only if it is a real placement of this instance."""
+    slots = num_replicas // num_gpus
+    if len(gpu_experts) != num_gpus or any(len(g) != slots for g in gpu_experts) or min(copies) < 1:
+        return False
+    seen = [0] * len(copies)
+    for g in gpu_experts:
+        for e in g:
+            seen[e] += 1
+    return seen == list(copies)
+
+
 def placement_max_load(loads: list[float], copies: list[int], gpu_experts: list[list[int]]) -> float:
     """Exact max GPU load of a placement (computed from integers, free of solver tolerances)."""
     return max(sum(loads[e] / copies[e] for e in experts) for experts in gpu_experts)
@@ -104,8 +117,13 @@ def solve_milp(
     verbose: bool = False,
     symmetry_rows: bool = False,
     level_cuts: bool = True,
+    starts: Sequence[tuple[list[int], list[list[int]]]] = (),
 ) -> MilpResult:
-    """Solve one layer exactly (or to `time_limit` seconds); see the module docstring for the model."""
+    """Solve one layer exactly (or to `time_limit` seconds); see the module docstring for the model.
+
+    `starts` are known placements (copies per expert, experts per GPU), e.g. a heuristic's: the best of them
+    and the built-in greedy becomes the incumbent, which prunes the search and never changes the optimum.
+    """
     if not HAVE_HIGHS:
         raise RuntimeError("highspy is not installed: pip install highspy")
     loads = [float(w) for w in loads]
@@ -114,7 +132,9 @@ def solve_milp(
     num_experts, slots = len(loads), num_replicas // num_gpus
     kmax = num_replicas - num_experts + 1
     lb = lower_bound(loads, num_replicas, num_gpus)
-    greedy_copies, greedy_gpus = _greedy(loads, num_replicas, num_gpus)
+    candidates = [_greedy(loads, num_replicas, num_gpus)]
+    candidates += [(list(c), [list(g) for g in p]) for c, p in starts if _valid(c, p, num_replicas, num_gpus)]
+    greedy_copies, greedy_gpus = min(candidates, key=lambda cp: placement_max_load(loads, *cp))
     ub = placement_max_load(loads, greedy_copies, greedy_gpus)
     if ub <= lb * (1 + 1e-12) or num_gpus == 1:
         return MilpResult(ub, lb, "optimal", time.perf_counter() - started, greedy_copies, greedy_gpus)

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from rebalancer.solver import kernels, packing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,9 +77,12 @@ def greedy_slot_loads(item_loads: torch.Tensor, slot_items: torch.Tensor) -> tor
 
 
 def refine_inputs(problems: int, packs: int, capacity: int, kind: str, seed: int) -> dict[str, torch.Tensor]:
-    """A torch greedy packing to refine, with the planner's targets (a lower bound plus a hair)."""
+    """A torch greedy packing to refine, with the planner's targets (a lower bound plus a hair).
+
+    The items arrive in a random order, as in noisy candidates, so refinement has work to do."""
     item_loads = make_loads(problems, packs, capacity, kind, seed)
-    slot_items = packing.greedy_pack(item_loads, lpt_order(item_loads), packs)
+    order = torch.rand(item_loads.shape, generator=torch.Generator().manual_seed(seed)).argsort(1)
+    slot_items = packing.greedy_pack(item_loads, order, packs)
     bound = torch.maximum(item_loads.sum(1) / packs, item_loads.max(1).values)
     return {
         "slot_loads": greedy_slot_loads(item_loads, slot_items),
@@ -94,7 +96,10 @@ def solver_loads() -> torch.Tensor:
 
 
 def run_kernel_cases(out: Path) -> None:
-    """Child process: every kernel case under the interpreter, saved for the parent to compare."""
+    """Child process: every kernel case under the interpreter, saved for the parent to compare.
+
+    The inputs to refine come from the torch greedy (no path forced yet), so only the kernels under test
+    pay for the interpreter."""
     results = {}
     for seed, (name, (problems, packs, capacity, kind)) in enumerate(GREEDY_CASES.items()):
         item_loads = make_loads(problems, packs, capacity, kind, seed)
@@ -106,6 +111,7 @@ def run_kernel_cases(out: Path) -> None:
         results[f"refine/{name}"] = case
     from rebalancer.solver import rebalance_experts
 
+    os.environ[kernels.PATH_ENV] = "triton"
     phy2log, _, logcnt = rebalance_experts(solver_loads(), **SOLVER_SHAPE, policy="global", num_candidates=4)
     results["solver"] = {"phy2log": phy2log, "logcnt": logcnt}
     torch.save(results, out)
@@ -116,7 +122,7 @@ def interpreted(tmp_path_factory) -> dict:
     """The kernels' outputs on every case, computed once by a child process under the interpreter."""
     pytest.importorskip("triton")
     out = tmp_path_factory.mktemp("kernels") / "results.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1", REBALANCER_SOLVER_PATH="triton")
+    env = {key: value for key, value in os.environ.items() if key != kernels.PATH_ENV} | {"TRITON_INTERPRET": "1"}
     child = subprocess.run(
         [sys.executable, __file__, str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
     )
@@ -203,18 +209,20 @@ def test_unknown_path_is_rejected(monkeypatch):
 def test_kernels_compile_for_hopper_without_a_gpu():
     """The interpreter accepts code the compiler rejects; build both kernels for sm_90 (ptxas ships with triton)."""
     triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from rebalancer.solver.kernels.greedy import _greedy_pack_kernel
     from rebalancer.solver.kernels.refine import _swap_refine_kernel
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
 
     if not isinstance(_greedy_pack_kernel, triton.runtime.JITFunction):
         pytest.skip("kernels were imported under TRITON_INTERPRET")
     target = GPUTarget("cuda", 90, 32)
     greedy = ASTSource(
         _greedy_pack_kernel,
-        {name: "*fp32" if name == "sorted_loads_ptr" else "*i64" for name in ("sorted_loads_ptr", "order_ptr", "slot_items_ptr")}
+        {
+            name: "*fp32" if name == "sorted_loads_ptr" else "*i64"
+            for name in ("sorted_loads_ptr", "order_ptr", "slot_items_ptr")
+        }
         | {"num_items": "i32", "num_packs": "i32", "capacity": "i32", "BLOCK_G": "constexpr"},
         constexprs={"BLOCK_G": 8},
     )
@@ -251,7 +259,9 @@ def test_kernels_on_cuda_match_the_cpu_torch_path(monkeypatch):
         torch_loads, torch_items = packing.swap_refine(case["slot_loads"], case["slot_items"], case["targets"])
         cuda_case = {key: value.cuda() for key, value in case.items()}
         loads, items = packing.swap_refine(cuda_case["slot_loads"], cuda_case["slot_items"], cuda_case["targets"])
-        torch.testing.assert_close(loads.sum(-1).max(-1).values.cpu(), torch_loads.sum(-1).max(-1).values, rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            loads.sum(-1).max(-1).values.cpu(), torch_loads.sum(-1).max(-1).values, rtol=1e-6, atol=0
+        )
         if name in EXACT_REFINE:
             assert torch.equal(items.cpu(), torch_items)
 
@@ -266,8 +276,7 @@ def test_cuda_solve_with_kernels_is_as_good_as_the_torch_path(monkeypatch):
     reference = rebalance_experts(loads, **shape)
     monkeypatch.setenv(kernels.PATH_ENV, "triton")
     placed = rebalance_experts(loads, **shape)
-    for phy2log, _, logcnt in (reference, placed):
-        assert bool((logcnt >= 1).all())
+    assert bool((placed[2] >= 1).all())
 
     def peak(phy2log: torch.Tensor, logcnt: torch.Tensor) -> torch.Tensor:
         per_copy = (loads.double() / logcnt).gather(1, phy2log)

@@ -15,6 +15,7 @@ import numpy as np
 from rebalancer_client.codec import TensorDecodeError, decode
 from rebalancer_client.v1 import rebalancer_pb2 as pb
 
+from ..solver.api import DEFAULT_BALANCE_TOLERANCE, DEFAULT_LOCALITY_TOLERANCE
 from .errors import InvalidArgument
 from .model import Topology
 
@@ -53,8 +54,8 @@ class SolveSettings:
     seed: int = 0
     dry_run: bool = False
     max_moves_per_layer: int | None = None
-    balance_tolerance: float = 0.002
-    locality_tolerance: float = 0.0
+    balance_tolerance: float = DEFAULT_BALANCE_TOLERANCE
+    locality_tolerance: float = DEFAULT_LOCALITY_TOLERANCE
     fresh: bool = False
 
 
@@ -186,7 +187,10 @@ def check_options(message: pb.SolveOptions, field: str = "options") -> SolveSett
     if message.num_candidates > MAX_CANDIDATES:
         violations.append((f"{field}.num_candidates", f"{message.num_candidates} exceeds {MAX_CANDIDATES}"))
     tolerances = {}
-    for name, default in (("balance_tolerance", 0.002), ("locality_tolerance", 0.0)):
+    for name, default in (
+        ("balance_tolerance", DEFAULT_BALANCE_TOLERANCE),
+        ("locality_tolerance", DEFAULT_LOCALITY_TOLERANCE),
+    ):
         value = getattr(message, name) if message.HasField(name) else default
         if not (0.0 <= value < 1.0) or math.isnan(value):
             violations.append((f"{field}.{name}", f"must be in [0, 1), got {value}"))

@@ -4,7 +4,22 @@
 per-layer balancedness, moved copies and the policy each layer used.
 """
 
-from .api import SolveResult, rebalance_experts, solve, validate
+from .api import (
+    DEFAULT_BALANCE_TOLERANCE,
+    DEFAULT_LOCALITY_TOLERANCE,
+    SolveResult,
+    rebalance_experts,
+    solve,
+    validate,
+)
 from .policies import POLICIES
 
-__all__ = ["POLICIES", "SolveResult", "rebalance_experts", "solve", "validate"]
+__all__ = [
+    "DEFAULT_BALANCE_TOLERANCE",
+    "DEFAULT_LOCALITY_TOLERANCE",
+    "POLICIES",
+    "SolveResult",
+    "rebalance_experts",
+    "solve",
+    "validate",
+]

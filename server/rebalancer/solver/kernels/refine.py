@@ -53,7 +53,8 @@ def _first_min(values, ids, NO_ID: tl.constexpr):
     return best, tl.min(tl.where(values == best, ids, NO_ID), axis=0)
 
 
-@triton.jit
+# Round counts of 1 would otherwise be specialised to constants, changing the type of the loop flags.
+@triton.jit(do_not_specialize=["pair_rounds", "heaviest_rounds"])
 def _swap_refine_kernel(
     slot_loads_ptr,  # [B, G, K] float32
     slot_items_ptr,  # [B, G, K] int64

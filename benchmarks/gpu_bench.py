@@ -1,0 +1,207 @@
+"""GPU figures of SPEC §8 and issue 8: the full solve on CUDA, Triton kernels vs the torch path.
+
+Times `rebalancer.solver.rebalance_experts` (policy auto) on CUDA with CUDA events (warm-up, median of many
+runs) for
+* 58 x 256 -> 288 slots, 8 groups, 4 nodes, 32 GPUs (bar: < 3 ms at 64 candidates, aim < 1 ms),
+* 94 x 128 -> 160 slots, 1 group, 2 nodes, 16 GPUs (bar: < 3 ms),
+* a batch of 16 requests of the first shape, 928 layers in one call (bar: < 10 ms),
+at 64 and 8 candidates, on both paths (`REBALANCER_SOLVER_PATH=torch|triton`), with the `deepseek` policy
+and the torch path on this machine's CPU as baselines in the same run. Also times the two kernels alone
+at the first shape for each launch width, to tune `refine.default_num_warps`.
+
+`python benchmarks/gpu_bench.py [--runs N] [--out FILE]` prints a markdown table headed by the card; it
+exits with a message when there is no CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from rebalancer.solver import kernels as solver_kernels
+from rebalancer.solver import rebalance_experts, solve
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    layers: int
+    experts: int
+    replicas: int
+    groups: int
+    nodes: int
+    gpus: int
+    requests: int = 1  # requests batched along the layer axis
+
+
+SHAPES = (
+    Shape("dsv3 58x256->288, 8g 4n 32 GPUs", 58, 256, 288, 8, 4, 32),
+    Shape("qwen3 94x128->160, 1g 2n 16 GPUs", 94, 128, 160, 1, 2, 16),
+    Shape("batch 16 x dsv3 (928 layers)", 58, 256, 288, 8, 4, 32, requests=16),
+)
+CANDIDATES = (64, 8)
+
+
+def zipf_loads(layers: int, experts: int, seed: int) -> torch.Tensor:
+    """Skewed per-layer expert loads [L, E] float32, a different hot set per layer."""
+    gen = torch.Generator().manual_seed(seed)
+    ranks = torch.rand(layers, experts, generator=gen).argsort(1) + 1
+    noise = torch.empty(layers, experts).uniform_(0.7, 1.3, generator=gen)
+    return (1e4 / ranks.double() ** 1.1 * noise).float()
+
+
+def shape_loads(shape: Shape) -> torch.Tensor:
+    return torch.cat([zipf_loads(shape.layers, shape.experts, seed) for seed in range(shape.requests)])
+
+
+def cuda_median_ms(call: Callable[[], object], warmup: int, runs: int) -> tuple[float, float]:
+    """(median ms between CUDA events around the call, median host wall ms with a final sync)."""
+    for _ in range(warmup):
+        call()
+    torch.cuda.synchronize()
+    event_ms, wall_ms = [], []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        began = time.perf_counter()
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        wall_ms.append((time.perf_counter() - began) * 1e3)
+        event_ms.append(start.elapsed_time(end))
+    return statistics.median(event_ms), statistics.median(wall_ms)
+
+
+def cpu_median_ms(call: Callable[[], object], runs: int) -> float:
+    call()
+    times = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - began) * 1e3)
+    return statistics.median(times)
+
+
+def solve_call(loads: torch.Tensor, shape: Shape, policy: str, candidates: int | None) -> Callable[[], object]:
+    def call() -> object:
+        return rebalance_experts(
+            loads, shape.replicas, shape.groups, shape.nodes, shape.gpus, policy=policy, num_candidates=candidates
+        )
+
+    return call
+
+
+def balancedness(loads: torch.Tensor, shape: Shape, policy: str, candidates: int | None) -> float:
+    result = solve(
+        loads, shape.replicas, shape.groups, shape.nodes, shape.gpus, policy=policy, num_candidates=candidates
+    )
+    return float(result.balancedness.mean())
+
+
+@contextlib.contextmanager
+def solver_path(path: str) -> Iterator[None]:
+    """REBALANCER_SOLVER_PATH set to `path` inside the block (the dispatch reads it at every solve)."""
+    previous = os.environ.get(solver_kernels.PATH_ENV)
+    os.environ[solver_kernels.PATH_ENV] = path
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(solver_kernels.PATH_ENV)
+        else:
+            os.environ[solver_kernels.PATH_ENV] = previous
+
+
+def solver_rows(args: argparse.Namespace) -> list[tuple[str, ...]]:
+    """(shape, candidates, what, ms, mean balancedness) rows for the table."""
+    rows = []
+    for shape in SHAPES:
+        cpu_loads = shape_loads(shape)
+        gpu_loads = cpu_loads.cuda()
+        cpu_runs = max(3, args.runs // (4 * shape.requests))
+        baseline = cpu_median_ms(solve_call(cpu_loads, shape, "deepseek", None), cpu_runs)
+        quality = balancedness(cpu_loads, shape, "deepseek", None)
+        rows.append((shape.name, "-", "deepseek, CPU", f"{baseline:.2f}", f"{quality:.4f}"))
+        for candidates in CANDIDATES:
+            with solver_path("torch"):
+                cpu_ms = cpu_median_ms(solve_call(cpu_loads, shape, "auto", candidates), cpu_runs)
+                quality = balancedness(cpu_loads, shape, "auto", candidates)
+            rows.append((shape.name, str(candidates), "auto, torch path, CPU", f"{cpu_ms:.2f}", f"{quality:.4f}"))
+            for path in ("torch", "triton"):
+                with solver_path(path):
+                    event_ms, wall_ms = cuda_median_ms(
+                        solve_call(gpu_loads, shape, "auto", candidates), args.warmup, args.runs
+                    )
+                    quality = balancedness(gpu_loads, shape, "auto", candidates)
+                what = f"auto, {path} path, CUDA (host wall {wall_ms:.2f} ms)"
+                rows.append((shape.name, str(candidates), what, f"{event_ms:.3f}", f"{quality:.4f}"))
+            print(f"  done: {shape.name}, {candidates} candidates", file=sys.stderr)
+    return rows
+
+
+def kernel_rows(args: argparse.Namespace) -> list[tuple[str, ...]]:
+    """The two kernels alone on 58 x 64 problems of 32 packs x 9 slots (the global step of dsv3)."""
+    from rebalancer.solver.kernels import greedy, refine
+
+    shape, candidates = SHAPES[0], 64
+    problems = shape.layers * candidates
+    gen = torch.Generator().manual_seed(0)
+    item_loads = (torch.rand(problems, shape.replicas, generator=gen) ** 4 * 1000).cuda()
+    order = item_loads.sort(dim=1, descending=True, stable=True).indices
+    slot_items = greedy.greedy_pack(item_loads, order, shape.gpus)
+    slot_loads = item_loads.gather(1, slot_items.flatten(1)).view_as(slot_items)
+    bound = torch.maximum(item_loads.sum(1) / shape.gpus, item_loads.max(1).values)
+    targets = bound * (1 + 5e-4)
+    name = f"kernels alone, {problems} problems 32x9"
+    ms, _ = cuda_median_ms(lambda: greedy.greedy_pack(item_loads, order, shape.gpus), args.warmup, args.runs)
+    rows = [(name, str(candidates), "greedy_pack kernel", f"{ms:.3f}", "-")]
+    for warps in (1, 2, 4):
+        ms, _ = cuda_median_ms(
+            lambda warps=warps: refine.swap_refine(slot_loads, slot_items, targets, num_warps=warps),
+            args.warmup,
+            args.runs,
+        )
+        rows.append((name, str(candidates), f"swap_refine kernel, {warps} warp(s)", f"{ms:.3f}", "-"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=50, help="timed runs per GPU figure (CPU figures use fewer)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--out", help="also write the table (markdown) to this file")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_bench: no CUDA device here; run it on a GPU machine (benchmarks/gpu_bench.sh).")
+    if not solver_kernels.triton_available():
+        sys.exit("gpu_bench: triton does not import; the Triton path cannot be measured.")
+    card = torch.cuda.get_device_name()
+    header = [
+        f"# GPU solve, {card}",
+        "",
+        f"torch {torch.__version__}, triton {__import__('triton').__version__},"
+        f" CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores,"
+        f" {torch.get_num_threads()} torch threads); CUDA figures: median CUDA-event ms over"
+        f" {args.runs} runs after {args.warmup} warm-up runs; CPU figures: median wall ms.",
+        "",
+        "| shape | candidates | what | ms | mean balancedness |",
+        "|---|---|---|---|---|",
+    ]
+    rows = solver_rows(args) + kernel_rows(args)
+    table = "\n".join(header + [f"| {' | '.join(row)} |" for row in rows])
+    print(table)
+    if args.out:
+        with open(args.out, "w") as out:
+            out.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
