@@ -200,6 +200,19 @@ def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch):
     assert not kernels.use_triton(torch.zeros(2, dtype=torch.float64))
 
 
+def test_packing_dispatches_to_the_kernels_when_triton_is_active(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv(kernels.PATH_ENV, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    calls = []
+    monkeypatch.setattr(kernels, "greedy_pack", lambda *args: calls.append("greedy") or "greedy")
+    monkeypatch.setattr(kernels, "swap_refine", lambda *args, **kwargs: calls.append("refine") or "refine")
+    loads = torch.ones(1, 4)
+    assert packing.greedy_pack(loads, lpt_order(loads), 2) == "greedy"
+    assert packing.swap_refine(loads.view(1, 2, 2), torch.arange(4).view(1, 2, 2), torch.ones(1)) == "refine"
+    assert calls == ["greedy", "refine"]
+
+
 def test_unknown_path_is_rejected(monkeypatch):
     monkeypatch.setenv(kernels.PATH_ENV, "cuda")
     with pytest.raises(ValueError, match=kernels.PATH_ENV):
@@ -248,6 +261,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_kernels_on_cuda_match_the_cpu_torch_path(monkeypatch):
     monkeypatch.delenv(kernels.PATH_ENV, raising=False)
+    assert kernels.active_path("cuda") == "triton"
     for seed, (problems, packs, capacity, kind) in enumerate(GREEDY_CASES.values()):
         item_loads = make_loads(problems * 64, packs, capacity, kind, seed)
         expected = packing.greedy_pack(item_loads, lpt_order(item_loads), packs)
@@ -259,10 +273,11 @@ def test_kernels_on_cuda_match_the_cpu_torch_path(monkeypatch):
         torch_loads, torch_items = packing.swap_refine(case["slot_loads"], case["slot_items"], case["targets"])
         cuda_case = {key: value.cuda() for key, value in case.items()}
         loads, items = packing.swap_refine(cuda_case["slot_loads"], cuda_case["slot_items"], cuda_case["targets"])
-        torch.testing.assert_close(
-            loads.sum(-1).max(-1).values.cpu(), torch_loads.sum(-1).max(-1).values, rtol=1e-6, atol=0
-        )
+        peak, torch_peak = loads.sum(-1).max(-1).values.cpu(), torch_loads.sum(-1).max(-1).values
+        # On the GPU float sums run in another order, so float and tied cases may take other, equally good swaps.
+        assert float(peak.mean()) <= float(torch_peak.mean()) * (1 + 1e-3)
         if name in EXACT_REFINE:
+            assert torch.equal(peak, torch_peak)
             assert torch.equal(items.cpu(), torch_items)
 
 

@@ -14,6 +14,10 @@ file) or `raw` (everything the service returned).
 `--target` defaults to $REBALANCER_TARGET, else 127.0.0.1:50051; a comma-separated list or a
 `dns:///name:port` headless Service shards deployments over the replicas. Exit codes: 0 success, 1 an
 RPC failed (or health is not SERVING), 2 bad arguments or input files.
+
+Security: `--tls-ca ca.pem` (or $REBALANCER_TLS_CA) talks TLS and trusts that CA; `--tls-cert`/`--tls-key`
+add a client certificate for servers that require mutual TLS. `--token` (prefer $REBALANCER_TOKEN, which
+`ps` does not show) is sent as `authorization: Bearer <token>`.
 """
 
 from __future__ import annotations
@@ -125,7 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="host:port, a comma list or dns:///name:port (default: $REBALANCER_TARGET, now %(default)s)",
     )
     common.add_argument("--timeout", type=float, default=30.0, help="deadline of each call in seconds")
-    common.add_argument("--token", default=os.environ.get("REBALANCER_TOKEN"), help=argparse.SUPPRESS)
+    common.add_argument(
+        "--token", default=os.environ.get("REBALANCER_TOKEN"), help="bearer token (default: $REBALANCER_TOKEN)"
+    )
+    common.add_argument(
+        "--tls-ca",
+        default=os.environ.get("REBALANCER_TLS_CA"),
+        help="PEM CA bundle to verify the server with; turns TLS on (default: $REBALANCER_TLS_CA)",
+    )
+    common.add_argument("--tls-cert", help="PEM client certificate, for servers requiring mutual TLS")
+    common.add_argument("--tls-key", help="PEM private key of --tls-cert")
 
     parser = argparse.ArgumentParser(
         prog="rebalancer", description="Client of the MoE expert-placement rebalancer."
@@ -249,9 +262,22 @@ def _report(client: RebalancerClient | ShardedClient, args: argparse.Namespace) 
     return 0 if summary.rejected == 0 else 1
 
 
+def channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS credentials from --tls-ca/--tls-cert/--tls-key, or None for a plaintext channel."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if not args.tls_ca and not args.tls_cert:
+        return None
+    ca = pathlib.Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    key = pathlib.Path(args.tls_key).read_bytes() if args.tls_key else None
+    chain = pathlib.Path(args.tls_cert).read_bytes() if args.tls_cert else None
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=chain)
+
+
 def run(args: argparse.Namespace) -> int:
     """Execute parsed arguments; gRPC and input errors propagate to `main`."""
-    with connect(args.target, args.timeout, token=args.token) as client:
+    credentials = channel_credentials(args)
+    with connect(args.target, args.timeout, token=args.token, credentials=credentials) as client:
         if args.command == "rebalance":
             return _rebalance(client, args)
         if args.command == "get":

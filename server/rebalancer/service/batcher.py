@@ -174,10 +174,7 @@ class Batcher:
         now = time.monotonic()
         groups: dict[BatchKey, list[list[SolveJob]]] = {}
         for job in pending:
-            if job.future.done():  # cancelled by the caller while waiting
-                continue
-            if job.deadline is not None and job.deadline <= now:
-                job.future.set_exception(DeadlineExceeded("deadline passed before the solver started"))
+            if self._drop_if_gone(job, now):
                 continue
             chunks = groups.setdefault(job.key, [[]])
             if chunks[-1] and sum(j.num_layers for j in chunks[-1]) + job.num_layers > self.max_layers:
@@ -185,9 +182,22 @@ class Batcher:
             chunks[-1].append(job)
         return [chunk for chunks in groups.values() for chunk in chunks]
 
+    def _drop_if_gone(self, job: SolveJob, now: float) -> bool:
+        """True (and counted) when nobody waits for `job` any more: the caller cancelled, as grpc does
+        when the client's deadline passes or it disconnects, or the job's own deadline has passed."""
+        if job.future.done():
+            self.metrics.dropped_requests.labels("cancelled").inc()
+            return True
+        if job.deadline is not None and job.deadline <= now:
+            job.future.set_exception(DeadlineExceeded("deadline passed before the solver started"))
+            self.metrics.dropped_requests.labels("deadline").inc()
+            return True
+        return False
+
     async def _solve(self, batch: list[SolveJob]) -> None:
-        # A job may have been cancelled while earlier batches of this round were solving.
-        batch = [job for job in batch if not job.future.done()]
+        # A job may have been cancelled, or its deadline passed, while earlier batches of this round solved.
+        now = time.monotonic()
+        batch = [job for job in batch if not self._drop_if_gone(job, now)]
         if not batch:
             return
         loop = asyncio.get_running_loop()

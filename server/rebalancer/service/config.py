@@ -1,6 +1,8 @@
 """Server settings: command-line flags, each also read from the environment as REBALANCER_<FLAG>.
 
 A flag given on the command line wins over the environment, which wins over the built-in default.
+Secrets (`--auth-token`) never show in `--help`, in the config's repr or in logs; prefer
+`--auth-token-file` (or the environment) over the flag, which `ps` shows to every local user.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 ENV_PREFIX = "REBALANCER_"
 
@@ -17,6 +19,7 @@ ENV_PREFIX = "REBALANCER_"
 class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051
+    metrics_host: str = ""
     metrics_port: int = 9464
     state_dir: str = "./var"
     device: str = "auto"
@@ -33,11 +36,19 @@ class ServerConfig:
     max_tensor_elements: int = 1 << 24
     grace_period_s: float = 10.0
     log_level: str = "INFO"
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    auth_token: str = field(default="", repr=False)
+    auth_token_file: str = ""
 
+
+SECRETS = frozenset({"auth_token"})
 
 HELP = {
     "host": "address to bind the gRPC and metrics ports to",
     "port": "gRPC port (0: pick a free one)",
+    "metrics_host": "address of the metrics port (empty: --host), e.g. an internal interface only",
     "metrics_port": "Prometheus /metrics port (0: no metrics endpoint)",
     "state_dir": "directory of the SQLite state (deployments, placements)",
     "device": "solver device: auto (CUDA when present), cpu or cuda[:N]",
@@ -54,6 +65,12 @@ HELP = {
     "max_tensor_elements": "largest tensor accepted, checked on the declared shape before allocating",
     "grace_period_s": "time in-flight RPCs get to finish after SIGTERM",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "tls_cert": "PEM certificate chain of the server; with --tls-key turns TLS on (empty: plaintext)",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA bundle: clients must present a certificate it signed (mutual TLS)",
+    "auth_token": "bearer token every RPC but health must carry (empty: no token auth); "
+    "prefer --auth-token-file or the environment",
+    "auth_token_file": "file holding the bearer token (surrounding whitespace ignored)",
 }
 
 
@@ -71,11 +88,12 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                 default = kind(environ[env_name])
             except ValueError:
                 parser.error(f"{env_name}={environ[env_name]!r} is not a valid {kind.__name__}")
+        shown = "not shown" if spec.name in SECRETS else "%(default)s"
         parser.add_argument(
             "--" + spec.name.replace("_", "-"),
             type=kind,
             default=default,
-            help=f"{HELP[spec.name]} (env {env_name}; default %(default)s)",
+            help=f"{HELP[spec.name]} (env {env_name}; default {shown})",
         )
     args = parser.parse_args(argv)
     config = ServerConfig(**vars(args))
@@ -93,4 +111,10 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     ]
     if problems:
         parser.error("out of range: " + ", ".join(problems))
+    if bool(config.tls_cert) != bool(config.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if config.tls_client_ca and not config.tls_cert:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+    if config.auth_token and config.auth_token_file:
+        parser.error("give --auth-token or --auth-token-file, not both")
     return config

@@ -1,14 +1,18 @@
-"""Standard gRPC server metrics for grpc.aio.
+"""Server interceptors: standard gRPC metrics, and bearer-token authentication.
 
 py-grpc-prometheus only ships a sync `grpc.ServerInterceptor` (its asyncio support, issue #13 and PR #32
 upstream, was never merged), so this small aio interceptor produces the same families and label sets:
 grpc_server_started_total, grpc_server_handled_total{grpc_code}, grpc_server_handling_seconds,
 grpc_server_msg_received_total and grpc_server_msg_sent_total, labelled grpc_type/grpc_service/grpc_method.
+The metrics interceptor is listed first (outermost), so calls the token check refuses are counted too, as
+grpc_code="UNAUTHENTICATED".
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -121,3 +125,46 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 finish(context, started, error)
 
         return unary
+
+
+# Health stays open: kubelet gRPC probes and the image's HEALTHCHECK cannot send a token, and the answer
+# (SERVING or not) reveals nothing. Everything else, reflection included, needs the token.
+OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+
+
+async def _unauthenticated(request_or_iterator, context: grpc.aio.ServicerContext) -> None:
+    # The message never echoes what the caller sent: a near-miss token must not end up in client logs.
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every RPC outside OPEN_METHODS (UNAUTHENTICATED) unless its metadata carries
+    `authorization: Bearer <token>`.
+
+    Both sides are hashed before `hmac.compare_digest`, so the comparison takes the same time whatever
+    the presented value, its length included. The token is kept only as that digest.
+    """
+
+    def __init__(self, token: str) -> None:
+        self._expected = hashlib.sha256(f"Bearer {token}".encode()).digest()
+
+    def authorized(self, metadata) -> bool:
+        presented = next((value for key, value in metadata or () if key == "authorization"), "")
+        if isinstance(presented, str):
+            presented = presented.encode()
+        return hmac.compare_digest(hashlib.sha256(presented).digest(), self._expected)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method in OPEN_METHODS or self.authorized(details.invocation_metadata):
+            return handler
+        rpc_type = _TYPES[(handler.request_streaming, handler.response_streaming)]
+        return _FACTORIES[rpc_type](
+            _unauthenticated,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -34,6 +34,7 @@ BATCH_LAYER_BUCKETS = tuple(float(2**k) for k in range(13))  # 1 .. 4096
 BATCH_REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 TRIGGERS = ("request", "auto")
+DROP_REASONS = ("cancelled", "deadline")
 
 
 class Metrics:
@@ -93,6 +94,12 @@ class Metrics:
             registry=r,
         )
         self.deployments = Gauge("rebalancer_deployments", "Registered deployments.", registry=r)
+        self.dropped_requests = Counter(
+            "rebalancer_dropped_requests_total",
+            "Solve requests dropped unsolved because the caller had gone (cancelled) or its deadline passed.",
+            ("reason",),
+            registry=r,
+        )
 
         self.grpc_started = Counter("grpc_server_started_total", "RPCs started.", GRPC_LABELS, registry=r)
         self.grpc_handled = Counter(
@@ -113,6 +120,8 @@ class Metrics:
         self.grpc_msg_sent = Counter("grpc_server_msg_sent_total", "Response messages sent.", GRPC_LABELS, registry=r)
         for trigger in TRIGGERS:
             self.placements.labels(trigger)
+        for reason in DROP_REASONS:
+            self.dropped_requests.labels(reason)
         self._http = None
 
     def forget_deployment(self, deployment_id: str) -> None:

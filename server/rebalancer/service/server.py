@@ -1,8 +1,9 @@
 """Assembly of the service: store, windows, batcher, registry, gRPC server, health, reflection, metrics.
 
 `RebalancerServer` is what `main` runs and what tests start in-process on an ephemeral port.
-Start-up order matters: the state directory is checked before any port is bound (a bad one is a clear
-error, not a half-started server), and health says SERVING only after one warm-up solve on the device.
+Start-up order matters: the state directory and the TLS/token files are checked before any port is bound
+(a bad one is a clear error, not a half-started server), and health says SERVING only after one warm-up
+solve on the device.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from .autorebalance import AutoRebalancer
 from .batcher import Batcher, SolveJob
 from .config import ServerConfig
 from .deployments import Registry
-from .interceptors import MetricsInterceptor
+from .interceptors import MetricsInterceptor, TokenAuthInterceptor
 from .metrics import Metrics
 from .model import Topology
+from .security import auth_token, server_credentials
 from .servicer import RebalancerServicer
 from .store import Store
 from .telemetry import TelemetryWindows
@@ -70,6 +72,8 @@ class RebalancerServer:
     async def start(self) -> None:
         """Open the state, bind, serve (NOT_SERVING), warm the solver up, then report SERVING."""
         config = self.config
+        credentials = server_credentials(config)
+        token = auth_token(config)
         self.store.open()
         self.windows = TelemetryWindows(config.window, config.history_intervals, self.device)
         self.batcher = Batcher(
@@ -88,7 +92,10 @@ class RebalancerServer:
             hysteresis=config.auto_rebalance_hysteresis,
             period_s=config.auto_rebalance_period_s,
         )
-        self.server = grpc.aio.server(interceptors=[MetricsInterceptor(self.metrics)], options=channel_options(config))
+        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics)]
+        if token is not None:
+            interceptors.append(TokenAuthInterceptor(token))
+        self.server = grpc.aio.server(interceptors=interceptors, options=channel_options(config))
         servicer = RebalancerServicer(
             self.registry,
             self.batcher,
@@ -108,9 +115,13 @@ class RebalancerServer:
         )
         for name in HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
         if config.metrics_port:
-            self.metrics.serve(config.host, config.metrics_port)
+            self.metrics.serve(config.metrics_host or config.host, config.metrics_port)
         await self.server.start()
         self.batcher.start()
         await self._warm_up()
@@ -118,10 +129,13 @@ class RebalancerServer:
         for name in HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "serving on %s:%d (device %s, metrics port %d)",
+            "serving on %s:%d (%s, %s; device %s, metrics %s:%d)",
             config.host,
             self.port,
+            "plaintext" if credentials is None else "mutual TLS" if config.tls_client_ca else "TLS",
+            "bearer token required" if token is not None else "no token auth",
             self.device,
+            config.metrics_host or config.host,
             config.metrics_port,
         )
 

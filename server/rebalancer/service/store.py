@@ -78,8 +78,15 @@ class Store:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def load(self) -> tuple[dict[str, Topology], dict[str, PlacementRecord]]:
-        """Every deployment's topology and its current placement (blocking; used at start-up only)."""
-        return self._executor.submit(self._load).result()
+        """Every deployment's topology and its current placement (blocking; used at start-up only).
+
+        Raises StateError when a row cannot be read back (a foreign schema, a damaged blob): serving
+        without a committed placement would be worse than not starting.
+        """
+        try:
+            return self._executor.submit(self._load).result()
+        except (sqlite3.Error, ValueError, KeyError, TypeError) as error:
+            raise StateError(f"state database {self.path} is unreadable: {type(error).__name__}: {error}") from error
 
     def _load(self) -> tuple[dict[str, Topology], dict[str, PlacementRecord]]:
         topologies = {
@@ -95,7 +102,12 @@ class Store:
         placements = {}
         for deployment_id, version, blob, created, trigger, stats in rows:
             topology = topologies[deployment_id]
-            phy2log = np.frombuffer(blob, dtype="<i8").reshape(topology.num_layers, topology.num_replicas).copy()
+            shape = (topology.num_layers, topology.num_replicas)
+            if not isinstance(blob, bytes) or len(blob) != 8 * shape[0] * shape[1]:
+                raise ValueError(f"placement {deployment_id!r} version {version} is not an int64 {list(shape)} map")
+            phy2log = np.frombuffer(blob, dtype="<i8").reshape(shape).copy()
+            if ((phy2log < 0) | (phy2log >= topology.num_experts)).any():
+                raise ValueError(f"placement {deployment_id!r} version {version} names unknown experts")
             placements[deployment_id] = PlacementRecord(
                 deployment_id=deployment_id,
                 version=version,

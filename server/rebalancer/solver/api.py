@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import maps
+from .locality import group_locality
 from .policies import POLICIES, SolveOptions, run_policy
 
 
@@ -67,6 +68,15 @@ def cpu_threads(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(current)
+
+
+def solver_path(device: torch.device) -> str:
+    """Which implementation ran the hot loops: "triton" kernels or plain "torch" ops."""
+    try:
+        from .kernels import active_path
+    except ImportError:
+        return "torch"
+    return active_path(device)
 
 
 def _check_int(name: str, value: object, minimum: int = 1) -> int:
@@ -210,6 +220,9 @@ def solve(
     else:
         moved = maps.moved_copies(prev_phy2log, phy2log, num_experts, num_gpus)
         before = maps.balancedness(loads, prev_phy2log, maps.logcnt_from_phy2log(prev_phy2log, num_experts), num_gpus)
+    if num_groups > 1 and num_nodes > 1 and num_groups % num_nodes == 0:
+        stats.update(group_locality(loads, phy2log, logcnt, num_groups, num_nodes))
+    stats.setdefault("path", solver_path(target))
     return SolveResult(
         phy2log=phy2log,
         log2phy=log2phy,

@@ -31,6 +31,7 @@ def plan_hierarchical(
     seeds: torch.Tensor,
     num_candidates: int,
     ceiling: torch.Tensor | None = None,
+    scenario_loads: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """loads [L, E] -> (phy2log [L, R], max GPU load [L]) with every group's copies on one node.
 
@@ -63,12 +64,19 @@ def plan_hierarchical(
             if layers.numel() == 0:
                 return phy2log, peak
     count = layers.numel()
+    node_scenarios = None
+    if scenario_loads is not None:
+        num_scenarios = scenario_loads.shape[1]
+        picked = node_experts[layers].view(count, 1, -1).expand(-1, num_scenarios, -1)
+        node_scenarios = scenario_loads[layers].gather(2, picked).view(count, num_scenarios, num_nodes, -1)
+        node_scenarios = node_scenarios.transpose(1, 2).reshape(count * num_nodes, num_scenarios, -1)
     node_phy2local, node_peak = plan(
         node_loads[layers].view(count * num_nodes, experts_per_node),
         num_replicas // num_nodes,
         gpus_per_node,
         node_seeds[layers].view(-1),
         num_candidates,
+        node_scenarios,
     )
     solved = node_experts[layers].view(count * num_nodes, -1).gather(1, node_phy2local)
     phy2log[layers] = solved.view(count, num_replicas)

@@ -21,6 +21,8 @@ def greedy_pack(item_loads: torch.Tensor, order: torch.Tensor, num_packs: int) -
     item_loads [B, N], order [B, N] (item indices, heaviest first) -> slot_items [B, G, K]: the item in
     slot k of pack g, slots filled in the order items arrived.
     """
+    if kernels.use_triton(item_loads):
+        return kernels.greedy_pack(item_loads, order, num_packs)
     num_problems, num_items = item_loads.shape
     capacity = num_items // num_packs
     device = item_loads.device

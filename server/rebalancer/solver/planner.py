@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .candidates import multiplicative_noise
+from .history import scenario_imbalance
 from .joint import improve_replication
 from .packing import greedy_pack, swap_refine
 from .replication import replica_counts, slots_from_counts
@@ -74,21 +75,41 @@ def replication_exponents(num_candidates: int, device: torch.device) -> torch.Te
     return torch.where(index % 2 == 1, spread, torch.ones_like(spread)).view(-1, 1)
 
 
-def best_candidate(phy2log: torch.Tensor, gpu_loads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the candidate with the lowest max GPU load (lowest index on ties).
+def best_candidate(
+    phy2log: torch.Tensor, gpu_loads: torch.Tensor, scenario_loads: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the candidate with the lowest max GPU load (lowest index on ties); with scenarios, the
+    lowest mean of the max/mean ratio on the last window and on the scenarios' average.
 
-    phy2log [P, C, R], gpu_loads [P, C, G] -> (phy2log [P, R], max load [P]).
+    phy2log [P, C, R], gpu_loads [P, C, G], scenario_loads [P, S, E] -> (phy2log [P, R], max load [P]).
     """
-    peak, winner = gpu_loads.max(-1).values.min(-1)
+    peaks = gpu_loads.max(-1).values
+    if scenario_loads is None:
+        winner = peaks.argmin(-1)
+    else:
+        now = peaks / gpu_loads.mean(-1).clamp_min(1e-300)
+        winner = (now + scenario_imbalance(phy2log, scenario_loads, gpu_loads.shape[-1])).argmin(-1)
+    peak = peaks.gather(1, winner.unsqueeze(1)).squeeze(1)
     chosen = phy2log.gather(1, winner.view(-1, 1, 1).expand(-1, 1, phy2log.shape[-1])).squeeze(1)
     return chosen, peak
 
 
 def plan(
-    loads: torch.Tensor, num_replicas: int, num_gpus: int, seeds: torch.Tensor, num_candidates: int
+    loads: torch.Tensor,
+    num_replicas: int,
+    num_gpus: int,
+    seeds: torch.Tensor,
+    num_candidates: int,
+    scenario_loads: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """loads [P, E] float64 -> (phy2log [P, R], max GPU load [P]) over all GPUs of each row."""
-    phy2log, peak = best_candidate(*candidate_placements(loads, num_replicas, num_gpus, seeds, num_candidates))
+    """loads [P, E] float64 -> (phy2log [P, R], max GPU load [P]) over all GPUs of each row.
+
+    scenario_loads [P, S, E] (see history.py) make the choice among candidates favour placements that
+    stay balanced when the loads move as they have been moving.
+    """
+    phy2log, peak = best_candidate(
+        *candidate_placements(loads, num_replicas, num_gpus, seeds, num_candidates), scenario_loads
+    )
 
     def pack_counts(trial_loads: torch.Tensor, trial_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return best_candidate(*place_copies(trial_loads, trial_counts.unsqueeze(1), num_gpus))

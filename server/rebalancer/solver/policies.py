@@ -13,6 +13,7 @@ import torch
 
 from .deepseek import rebalance_deepseek
 from .hierarchical import plan_hierarchical
+from .history import scenarios
 from .maps import gpu_loads, logcnt_from_phy2log
 from .migration import migrate
 from .planner import plan
@@ -38,6 +39,8 @@ class SolveOptions:
     balance_tolerance: float
     locality_tolerance: float
 
+    scenario_loads: torch.Tensor | None = None  # [L, S, E], from the history
+
     def candidates(self, device: torch.device) -> int:
         if self.num_candidates is not None:
             return self.num_candidates
@@ -61,7 +64,9 @@ def _deepseek(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
 
 
 def _global(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
-    phy2log, _ = plan(loads, opts.num_replicas, opts.num_gpus, opts.layer_seeds, opts.candidates(loads.device))
+    phy2log, _ = plan(
+        loads, opts.num_replicas, opts.num_gpus, opts.layer_seeds, opts.candidates(loads.device), opts.scenario_loads
+    )
     return phy2log, ["global"] * loads.shape[0], {}
 
 
@@ -76,18 +81,27 @@ def _hierarchical(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
         opts.num_gpus,
         opts.layer_seeds,
         opts.candidates(loads.device),
+        scenario_loads=opts.scenario_loads,
     )
     return phy2log, ["hierarchical"] * loads.shape[0], {}
 
 
 def _auto(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
     candidates = opts.candidates(loads.device)
-    flat, flat_peak = plan(loads, opts.num_replicas, opts.num_gpus, opts.layer_seeds, candidates)
+    flat, flat_peak = plan(loads, opts.num_replicas, opts.num_gpus, opts.layer_seeds, candidates, opts.scenario_loads)
     if not opts.hierarchy_applies:
         return flat, ["global"] * loads.shape[0], {}
     ceiling = flat_peak * (1.0 + opts.locality_tolerance)
     local, local_peak = plan_hierarchical(
-        loads, opts.num_replicas, opts.num_groups, opts.num_nodes, opts.num_gpus, opts.layer_seeds, candidates, ceiling
+        loads,
+        opts.num_replicas,
+        opts.num_groups,
+        opts.num_nodes,
+        opts.num_gpus,
+        opts.layer_seeds,
+        candidates,
+        ceiling,
+        opts.scenario_loads,
     )
     keep_local = local_peak <= ceiling
     phy2log = torch.where(keep_local.unsqueeze(1), local, flat)
@@ -100,6 +114,8 @@ POLICIES = {"auto": _auto, "deepseek": _deepseek, "global": _global, "hierarchic
 
 def run_policy(name: str, loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
     """Plan with the named policy; with a placement in force, trade a sliver of balance for few moves."""
+    if opts.history is not None and opts.scenario_loads is None:
+        opts.scenario_loads = scenarios(loads, opts.history)
     phy2log, names, stats = POLICIES[name](loads, opts)
     if opts.prev_phy2log is None or name == "deepseek":
         return phy2log, names, stats

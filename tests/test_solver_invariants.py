@@ -1,0 +1,428 @@
+"""Solver API invariants (SPEC §3, issue 2 item 6): valid maps for every policy on random shapes, the
+published README example, edge cases, dtypes, determinism, batch independence, CPU/CUDA, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from solver_workloads import KINDS, make, max_gpu_load
+
+from rebalancer.solver import POLICIES, deepseek, rebalance_experts, solve
+
+ALL_POLICIES = ("auto", "deepseek", "global", "hierarchical")
+SOLVER_POLICIES = ("auto", "global", "hierarchical")
+
+README_WEIGHT = [
+    [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+    [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
+]
+README_PHY2LOG = [
+    [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+    [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
+]
+
+
+# --- the checker ---------------------------------------------------------------------------------------
+
+
+def assert_valid_maps(
+    phy2log: torch.Tensor,
+    log2phy: torch.Tensor,
+    logcnt: torch.Tensor,
+    num_layers: int,
+    num_experts: int,
+    num_replicas: int,
+    num_gpus: int,
+    device: torch.device | str | None = None,
+) -> None:
+    """Everything a DeepSeek-compatible placement triple must satisfy."""
+    for name, t in (("phy2log", phy2log), ("log2phy", log2phy), ("logcnt", logcnt)):
+        assert t.dtype == torch.int64, f"{name} dtype {t.dtype}"
+        if device is not None:
+            assert t.device.type == torch.device(device).type, f"{name} on {t.device}, expected {device}"
+    phy2log, log2phy, logcnt = phy2log.cpu(), log2phy.cpu(), logcnt.cpu()
+    assert phy2log.shape == (num_layers, num_replicas)
+    assert logcnt.shape == (num_layers, num_experts)
+    assert log2phy.dim() == 3 and log2phy.shape[:2] == (num_layers, num_experts)
+    # Ranges, every expert hosted, copies add up to the slots (and R / G slots on each GPU by layout).
+    assert num_replicas % num_gpus == 0
+    assert bool(((phy2log >= 0) & (phy2log < num_experts)).all()), "phy2log holds a non-expert id"
+    assert bool((logcnt >= 1).all()), "an expert has no copy"
+    assert torch.equal(logcnt.sum(-1), torch.full((num_layers,), num_replicas, dtype=torch.int64))
+    counted = torch.stack([torch.bincount(row, minlength=num_experts) for row in phy2log])
+    assert torch.equal(counted, logcnt), "logcnt disagrees with phy2log"
+    # log2phy: the first logcnt[e] entries are distinct slots hosting e, the rest is -1 padding.
+    width = log2phy.shape[2]
+    assert width >= int(logcnt.max())
+    listed = torch.arange(width).view(1, 1, -1) < logcnt.unsqueeze(-1)
+    assert bool((log2phy[~listed] == -1).all()), "log2phy padding is not -1"
+    slots = log2phy[listed]
+    assert bool(((slots >= 0) & (slots < num_replicas)).all()), "log2phy lists a slot out of range"
+    expert_of = torch.arange(num_experts).view(1, -1, 1).expand_as(log2phy)
+    hosted = phy2log.gather(1, log2phy.clamp_min(0).flatten(1)).view_as(log2phy)
+    assert torch.equal(hosted[listed], expert_of[listed]), "log2phy slot does not map back to its expert"
+    for layer in range(num_layers):
+        listed_slots = log2phy[layer][listed[layer]]
+        assert sorted(listed_slots.tolist()) == list(range(num_replicas)), "log2phy does not list every slot once"
+
+
+def assert_groups_on_one_node(
+    phy2log: torch.Tensor, num_experts: int, num_groups: int, num_nodes: int, layers: list[int] | None = None
+) -> None:
+    """Every copy of every expert of a group lives on the same node (slot p on node p // (R / nodes))."""
+    phy2log = phy2log.cpu()
+    num_layers, num_replicas = phy2log.shape
+    node_of_slot = torch.arange(num_replicas) // (num_replicas // num_nodes)
+    group_of_slot = phy2log // (num_experts // num_groups)
+    for layer in range(num_layers) if layers is None else layers:
+        for group in range(num_groups):
+            nodes = set(node_of_slot[group_of_slot[layer] == group].tolist())
+            assert len(nodes) == 1, f"layer {layer}: group {group} spans nodes {sorted(nodes)}"
+
+
+# --- random shapes ---------------------------------------------------------------------------------------
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@st.composite
+def problems(draw: st.DrawFn) -> tuple[torch.Tensor, int, int, int, int]:
+    num_layers = draw(st.integers(1, 4))
+    num_experts = draw(st.sampled_from([4, 8, 12, 16, 32]))
+    num_gpus = draw(st.sampled_from([1, 2, 4, 8]))
+    extra = draw(st.integers(0, 2))
+    num_replicas = math.ceil(num_experts / num_gpus) * num_gpus + extra * num_gpus
+    num_groups = draw(st.sampled_from(_divisors(num_experts)))
+    num_nodes = draw(st.sampled_from(_divisors(num_gpus)))
+    source = draw(st.sampled_from(KINDS + ("integers",)))
+    if source == "integers":
+        # Small integers: ties, zeros and whole zero layers.
+        values = draw(st.lists(st.integers(0, 50), min_size=num_layers * num_experts, max_size=num_layers * num_experts))
+        weight = torch.tensor(values, dtype=torch.float32).view(num_layers, num_experts)
+    else:
+        weight = make(source, num_layers, num_experts, seed=draw(st.integers(0, 2**16)))
+    return weight, num_replicas, num_groups, num_nodes, num_gpus
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems())
+def test_every_policy_returns_valid_maps_on_random_shapes(policy: str, problem: tuple) -> None:
+    weight, num_replicas, num_groups, num_nodes, num_gpus = problem
+    result = solve(weight, num_replicas, num_groups, num_nodes, num_gpus, policy=policy)
+    num_layers, num_experts = weight.shape
+    assert_valid_maps(*result.triple(), num_layers, num_experts, num_replicas, num_gpus, device=weight.device)
+    assert len(result.policy_per_layer) == num_layers
+    assert result.balancedness.shape == (num_layers,)
+    assert bool(((result.balancedness > 0) & (result.balancedness <= 1 + 1e-9)).all())
+    assert torch.equal(result.moved_copies.cpu(), torch.zeros(num_layers, dtype=torch.int64))
+    assert result.balancedness_before is None
+    # Hierarchical plans keep each group on one node (the reason to choose them).
+    if num_groups % num_nodes == 0:
+        local = [i for i, name in enumerate(result.policy_per_layer) if name.split("/")[0] in ("hierarchical", "deepseek")]
+        assert_groups_on_one_node(result.phy2log, num_experts, num_groups, num_nodes, local)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems())
+def test_rebalance_experts_is_the_triple_of_solve(problem: tuple) -> None:
+    weight, num_replicas, num_groups, num_nodes, num_gpus = problem
+    triple = rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus, seed=3)
+    result = solve(weight, num_replicas, num_groups, num_nodes, num_gpus, seed=3)
+    for got, want in zip(triple, result.triple(), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_policy_names_are_the_published_four() -> None:
+    assert set(POLICIES) == set(ALL_POLICIES)
+
+
+# --- the published README example -----------------------------------------------------------------------
+
+
+def test_deepseek_policy_reproduces_the_published_readme_example() -> None:
+    weight = torch.tensor(README_WEIGHT)
+    phy2log, log2phy, logcnt = rebalance_experts(weight, 16, 4, 2, 8, policy="deepseek")
+    assert phy2log.tolist() == README_PHY2LOG
+    expected_logcnt = torch.stack([torch.bincount(torch.tensor(row), minlength=12) for row in README_PHY2LOG])
+    assert torch.equal(logcnt, expected_logcnt)
+    assert logcnt.tolist() == [[1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1], [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]]
+    assert_valid_maps(phy2log, log2phy, logcnt, 2, 12, 16, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32, torch.float64])
+def test_readme_example_is_dtype_independent(dtype: torch.dtype) -> None:
+    weight = torch.tensor(README_WEIGHT, dtype=dtype)
+    assert rebalance_experts(weight, 16, 4, 2, 8, policy="deepseek")[0].tolist() == README_PHY2LOG
+
+
+def test_deepseek_policy_is_the_published_entry_point() -> None:
+    # hierarchical when groups divide over nodes, else the published global call (1 group, 1 node).
+    weight = make("lognormal", 3, 16, seed=4)
+    hier = deepseek.rebalance_hierarchical(weight, 24, 4, 2, 8)[0]
+    assert torch.equal(rebalance_experts(weight, 24, 4, 2, 8, policy="deepseek")[0], hier)
+    flat = deepseek.rebalance_hierarchical(weight, 24, 1, 1, 8)[0]
+    assert torch.equal(rebalance_experts(weight, 24, 4, 8, 8, policy="deepseek")[0], flat)
+
+
+@pytest.mark.parametrize("policy", SOLVER_POLICIES)
+def test_solver_policies_beat_deepseek_on_the_readme_example(policy: str) -> None:
+    weight = torch.tensor(README_WEIGHT, dtype=torch.float32)
+    ours = max_gpu_load(weight, rebalance_experts(weight, 16, 4, 2, 8, policy=policy)[0], 8)
+    ref = max_gpu_load(weight, rebalance_experts(weight, 16, 4, 2, 8, policy="deepseek")[0], 8)
+    assert bool((ours <= ref + 1e-9).all()), f"{policy}: {ours.tolist()} vs deepseek {ref.tolist()}"
+
+
+# --- edge cases -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+def test_single_gpu(policy: str) -> None:
+    weight = make("zipf", 2, 8, seed=1)
+    result = solve(weight, 12, 2, 1, 1, policy=policy)
+    assert_valid_maps(*result.triple(), 2, 8, 12, 1)
+    assert torch.allclose(result.balancedness, torch.ones(2, dtype=result.balancedness.dtype))
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+def test_equal_weights_one_copy_each_when_replicas_equal_experts(policy: str) -> None:
+    weight = torch.full((3, 16), 7.0)
+    result = solve(weight, 16, 4, 2, 8, policy=policy)
+    assert_valid_maps(*result.triple(), 3, 16, 16, 8)
+    assert bool((result.logcnt == 1).all())
+    assert torch.allclose(result.balancedness, torch.ones(3, dtype=result.balancedness.dtype))
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+def test_equal_weights_get_balanced_copy_counts(policy: str) -> None:
+    # R = 2E: any expert with a single copy would sit with a second slot on its GPU, above the mean.
+    weight = torch.full((2, 8), 5.0)
+    result = solve(weight, 16, 2, 2, 8, policy=policy)
+    assert_valid_maps(*result.triple(), 2, 8, 16, 8)
+    assert bool((result.logcnt == 2).all()), result.logcnt.tolist()
+    assert torch.allclose(result.balancedness, torch.ones(2, dtype=result.balancedness.dtype))
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+def test_one_extreme_expert_gets_all_extra_copies_with_one_slot_per_gpu(policy: str) -> None:
+    weight = torch.tensor([[1.0, 1.0, 1000.0, 1.0], [0.0, 500.0, 0.0, 0.0]])
+    result = solve(weight, 8, 1, 1, 8, policy=policy)
+    assert_valid_maps(*result.triple(), 2, 4, 8, 8)
+    assert result.logcnt.tolist() == [[1, 1, 5, 1], [1, 5, 1, 1]]
+
+
+@pytest.mark.parametrize("policy", SOLVER_POLICIES)
+def test_one_extreme_expert_gets_one_copy_per_gpu(policy: str) -> None:
+    # 8 GPUs x 2 slots: the hot expert takes a copy on every GPU (125 each, plus one light copy); a
+    # ninth copy would put two of its copies on one GPU (222), so the optimum stops at eight.
+    weight = torch.tensor([[1000.0] + [1.0] * 7])
+    result = solve(weight, 16, 1, 1, 8, policy=policy)
+    assert_valid_maps(*result.triple(), 1, 8, 16, 8)
+    assert int(result.logcnt[0, 0]) == 8
+    gpus = (result.log2phy[0, 0, :8] // 2).sort().values
+    assert gpus.tolist() == list(range(8)), "the hot expert's copies share a GPU"
+    assert float(max_gpu_load(weight, result.phy2log, 8)[0]) <= 126.0 + 1e-9
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+def test_global_fallback_when_groups_do_not_divide_over_nodes(policy: str) -> None:
+    weight = make("lognormal", 3, 12, seed=2)
+    result = solve(weight, 16, 3, 2, 4, policy=policy)  # 3 groups on 2 nodes
+    assert_valid_maps(*result.triple(), 3, 12, 16, 4)
+    if policy == "deepseek":
+        assert torch.equal(result.phy2log, deepseek.rebalance_hierarchical(weight, 16, 1, 1, 4)[0])
+    else:
+        assert all(name == "global" for name in result.policy_per_layer), result.policy_per_layer
+        flat = solve(weight, 16, 3, 2, 4, policy="global")
+        assert torch.equal(result.phy2log, flat.phy2log)
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+def test_all_zero_layers_get_a_valid_placement(policy: str) -> None:
+    weight = torch.zeros(3, 16)
+    weight[1] = make("zipf", 1, 16, seed=5)[0]  # a real layer between two empty ones
+    result = solve(weight, 24, 4, 2, 8, policy=policy)
+    assert_valid_maps(*result.triple(), 3, 16, 24, 8)
+    assert float(result.balancedness[0]) == 1.0 and float(result.balancedness[2]) == 1.0
+    only_zero = solve(torch.zeros(2, 16), 24, 4, 2, 8, policy=policy)
+    assert_valid_maps(*only_zero.triple(), 2, 16, 24, 8)
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float64])
+def test_integer_and_other_float_inputs(policy: str, dtype: torch.dtype) -> None:
+    # Integers up to 256 are exact in every dtype here, so every dtype must give the float32 answer.
+    weight = (make("zipf", 2, 16, seed=6) / 100_000 * 1000).round().clamp_max(256)
+    want = rebalance_experts(weight.float(), 24, 4, 2, 8, policy=policy, seed=1)
+    got = rebalance_experts(weight.to(dtype), 24, 4, 2, 8, policy=policy, seed=1)
+    assert_valid_maps(*got, 2, 16, 24, 8)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+def test_nested_list_input_is_accepted() -> None:
+    phy2log, log2phy, logcnt = rebalance_experts(README_WEIGHT, 16, 4, 2, 8, policy="deepseek")
+    assert phy2log.tolist() == README_PHY2LOG
+
+
+# --- determinism and batch independence ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+def test_same_seed_same_maps(policy: str) -> None:
+    weight = make("hot", 4, 32, seed=7)
+    first = rebalance_experts(weight, 40, 4, 2, 8, policy=policy, seed=11)
+    second = rebalance_experts(weight.clone(), 40, 4, 2, 8, policy=policy, seed=11)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("policy", SOLVER_POLICIES)
+def test_different_seeds_give_valid_maps_and_seed_is_used(policy: str) -> None:
+    weight = make("lognormal", 4, 32, seed=8)
+    plans = [rebalance_experts(weight, 40, 4, 2, 8, policy=policy, seed=s, num_candidates=8) for s in range(4)]
+    for plan in plans:
+        assert_valid_maps(*plan, 4, 32, 40, 8)
+    # With one candidate (candidate 0 is unperturbed) the seed cannot matter.
+    single = [rebalance_experts(weight, 40, 4, 2, 8, policy=policy, seed=s, num_candidates=1)[0] for s in range(3)]
+    assert all(torch.equal(single[0], other) for other in single[1:])
+
+
+def test_default_layer_seeds_are_seed_plus_layer_index() -> None:
+    weight = make("zipf", 3, 16, seed=9)
+    batch = solve(weight, 24, 4, 2, 8, seed=5, num_candidates=8)
+    explicit = solve(weight, 24, 4, 2, 8, layer_seeds=torch.tensor([5, 6, 7]), num_candidates=8)
+    assert torch.equal(batch.phy2log, explicit.phy2log)
+    for layer in range(3):
+        alone = solve(weight[layer : layer + 1], 24, 4, 2, 8, seed=5 + layer, num_candidates=8)
+        assert torch.equal(alone.phy2log[0], batch.phy2log[layer])
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+def test_layers_solved_in_a_batch_match_each_request_solved_alone(policy: str) -> None:
+    a = make("hot", 3, 32, seed=10)
+    b = make("zipf", 2, 32, seed=11)
+    seed_a, seed_b = 17, 1000
+    alone_a = rebalance_experts(a, 40, 8, 2, 8, policy=policy, seed=seed_a)
+    alone_b = rebalance_experts(b, 40, 8, 2, 8, policy=policy, seed=seed_b)
+    seeds = torch.cat([seed_a + torch.arange(3), seed_b + torch.arange(2)])
+    both = rebalance_experts(torch.cat([a, b]), 40, 8, 2, 8, policy=policy, layer_seeds=seeds)
+    assert torch.equal(both[0], torch.cat([alone_a[0], alone_b[0]]))
+    assert torch.equal(both[2], torch.cat([alone_a[2], alone_b[2]]))
+    assert_valid_maps(*both, 5, 32, 40, 8)
+
+
+# --- CPU / CUDA -----------------------------------------------------------------------------------------
+
+
+def test_cpu_input_gives_cpu_outputs() -> None:
+    result = solve(make("zipf", 2, 16, seed=12), 24, 4, 2, 8)
+    assert result.device == "cpu"
+    for t in (*result.triple(), result.balancedness, result.moved_copies):
+        assert t.device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+def test_cuda_input_gives_cuda_outputs_and_valid_maps(policy: str) -> None:
+    weight = make("hot", 4, 32, seed=13)
+    cuda = weight.cuda()
+    result = solve(cuda, 40, 4, 2, 8, policy=policy)
+    assert_valid_maps(*result.triple(), 4, 32, 40, 8, device="cuda")
+    assert result.device.startswith("cuda")
+    prev = result.phy2log
+    moved = solve(make("hot", 4, 32, seed=14).cuda(), 40, 4, 2, 8, policy=policy, prev_phy2log=prev)
+    assert_valid_maps(*moved.triple(), 4, 32, 40, 8, device="cuda")
+    # The CPU and CUDA solvers draw the same candidates; their plans must be as balanced (float32 sums
+    # may break ties differently, so compare quality, not maps).
+    on_cpu = solve(weight, 40, 4, 2, 8, policy=policy)
+    assert float(result.balancedness.mean()) >= float(on_cpu.balancedness.mean()) - 0.01
+    if policy == "deepseek":
+        assert torch.equal(result.phy2log.cpu(), on_cpu.phy2log)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_argument_moves_a_cpu_input_to_cuda() -> None:
+    result = solve(make("zipf", 2, 16, seed=15), 24, 4, 2, 8, device="cuda")
+    assert result.phy2log.device.type == "cuda"
+    assert_valid_maps(*result.triple(), 2, 16, 24, 8, device="cuda")
+
+
+# --- bad input ------------------------------------------------------------------------------------------
+
+GOOD = {"weight": torch.rand(2, 8) * 100, "num_replicas": 16, "num_groups": 4, "num_nodes": 2, "num_gpus": 8}
+VALID_PREV = torch.arange(16).remainder(8).repeat(2, 1)
+
+BAD_INPUTS = [
+    ("weight-1d", {"weight": torch.rand(8)}, "weight"),
+    ("weight-3d", {"weight": torch.rand(1, 2, 8)}, "weight"),
+    ("weight-empty", {"weight": torch.rand(0, 8)}, "weight"),
+    ("weight-nan", {"weight": torch.tensor([[1.0, float("nan")] + [1.0] * 6] * 2)}, "weight"),
+    ("weight-inf", {"weight": torch.tensor([[1.0, float("inf")] + [1.0] * 6] * 2)}, "weight"),
+    ("weight-neg-inf", {"weight": torch.tensor([[1.0, float("-inf")] + [1.0] * 6] * 2)}, "weight"),
+    ("weight-negative", {"weight": torch.tensor([[1.0, -0.5] + [1.0] * 6] * 2)}, "weight"),
+    ("weight-negative-int", {"weight": torch.tensor([[1, -1] + [1] * 6] * 2)}, "weight"),
+    ("weight-bool", {"weight": torch.ones(2, 8, dtype=torch.bool)}, "weight"),
+    ("weight-complex", {"weight": torch.ones(2, 8, dtype=torch.complex64)}, "weight"),
+    ("weight-string", {"weight": "not a tensor"}, "weight"),
+    ("replicas-below-experts", {"num_replicas": 4, "num_gpus": 4, "num_nodes": 2}, "num_replicas"),
+    ("replicas-not-multiple-of-gpus", {"num_replicas": 12}, "num_replicas"),
+    ("replicas-zero", {"num_replicas": 0}, "num_replicas"),
+    ("replicas-float", {"num_replicas": 16.0}, "num_replicas"),
+    ("groups-not-dividing-experts", {"num_groups": 3}, "num_groups"),
+    ("groups-zero", {"num_groups": 0}, "num_groups"),
+    ("nodes-not-dividing-gpus", {"num_nodes": 3}, "num_nodes"),
+    ("nodes-zero", {"num_nodes": 0}, "num_nodes"),
+    ("gpus-zero", {"num_gpus": 0}, "num_gpus"),
+    ("gpus-negative", {"num_gpus": -8}, "num_gpus"),
+    ("gpus-bool", {"num_gpus": True}, "num_gpus"),
+    ("policy-unknown", {"policy": "greedy"}, "policy"),
+    ("policy-case", {"policy": "Auto"}, "policy"),
+    ("candidates-zero", {"num_candidates": 0}, "num_candidates"),
+    ("candidates-float", {"num_candidates": 2.5}, "num_candidates"),
+    ("seed-string", {"seed": "1"}, "seed"),
+    ("seed-float", {"seed": 1.5}, "seed"),
+    ("layer-seeds-shape", {"layer_seeds": torch.arange(3)}, "layer_seeds"),
+    ("balance-tolerance-negative", {"balance_tolerance": -0.1}, "balance_tolerance"),
+    ("balance-tolerance-one", {"balance_tolerance": 1.0}, "balance_tolerance"),
+    ("balance-tolerance-nan", {"balance_tolerance": float("nan")}, "balance_tolerance"),
+    ("locality-tolerance-negative", {"locality_tolerance": -0.01}, "locality_tolerance"),
+    ("locality-tolerance-large", {"locality_tolerance": 2.0}, "locality_tolerance"),
+    ("locality-tolerance-nan", {"locality_tolerance": float("nan")}, "locality_tolerance"),
+    ("max-moves-negative", {"max_moves_per_layer": -1}, "max_moves_per_layer"),
+    ("max-moves-float", {"max_moves_per_layer": 2.0}, "max_moves_per_layer"),
+    ("prev-wrong-layers", {"prev_phy2log": VALID_PREV[:1]}, "prev_phy2log"),
+    ("prev-wrong-slots", {"prev_phy2log": VALID_PREV[:, :8]}, "prev_phy2log"),
+    ("prev-1d", {"prev_phy2log": VALID_PREV[0]}, "prev_phy2log"),
+    ("prev-expert-too-large", {"prev_phy2log": torch.where(VALID_PREV == 7, 8, VALID_PREV)}, "prev_phy2log"),
+    ("prev-negative", {"prev_phy2log": torch.where(VALID_PREV == 7, -1, VALID_PREV)}, "prev_phy2log"),
+    ("prev-missing-expert", {"prev_phy2log": torch.where(VALID_PREV == 7, 6, VALID_PREV)}, "prev_phy2log"),
+    ("history-2d", {"history": torch.rand(2, 8)}, "history"),
+    ("history-4d", {"history": torch.rand(3, 2, 8, 1)}, "history"),
+    ("history-wrong-layers", {"history": torch.rand(3, 1, 8)}, "history"),
+    ("history-wrong-experts", {"history": torch.rand(3, 2, 7)}, "history"),
+    ("history-nan", {"history": torch.full((3, 2, 8), float("nan"))}, "history"),
+    ("history-negative", {"history": -torch.ones(3, 2, 8)}, "history"),
+]
+
+
+@pytest.mark.parametrize("entry", [solve, rebalance_experts], ids=["solve", "rebalance_experts"])
+@pytest.mark.parametrize(("changes", "argument"), [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises_value_error_naming_the_argument(entry, changes: dict, argument: str) -> None:
+    args = {**GOOD, **changes}
+    positional = [args.pop(k) for k in ("weight", "num_replicas", "num_groups", "num_nodes", "num_gpus")]
+    with pytest.raises(ValueError, match=argument):
+        entry(*positional, **args)
+
+
+def test_the_good_input_of_the_bad_input_table_is_accepted() -> None:
+    args = dict(GOOD)
+    positional = [args.pop(k) for k in ("weight", "num_replicas", "num_groups", "num_nodes", "num_gpus")]
+    result = solve(*positional, prev_phy2log=VALID_PREV, history=torch.rand(3, 2, 8), max_moves_per_layer=0)
+    assert torch.equal(result.phy2log, VALID_PREV)
