@@ -2,22 +2,30 @@
 
 The server runs its own asyncio loop in a thread, exactly as `rebalancer-server` assembles it; tests talk
 to it through the raw generated stub over a real channel, and read its metrics from its registry.
+`launch` and `wait_serving` run the `rebalancer-server` console script as a subprocess instead, for tests
+of what only a process shows (signals, exit codes, logs, SIGKILL).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import numpy as np
 import torch
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from rebalancer.service.config import ServerConfig
-from rebalancer.service.server import RebalancerServer
+from rebalancer.service.server import SERVICE_NAME, RebalancerServer
 from rebalancer.solver import solve
 from rebalancer_client.codec import decode, encode
 from rebalancer_client.v1 import rebalancer_pb2 as pb
@@ -69,6 +77,39 @@ def field_violations(error: grpc.RpcError) -> dict[str, str]:
 
 def report(deployment_id: str, loads: np.ndarray, **fields) -> pb.StreamLoadRequest:
     return pb.StreamLoadRequest(deployment_id=deployment_id, loads=encode(loads), **fields)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(state_dir: Path, *flags: str, **env: str) -> subprocess.Popen:
+    """`rebalancer-server --state-dir state_dir *flags` with extra environment; stdout+stderr piped as text."""
+    script = Path(sys.executable).parent / "rebalancer-server"
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "rebalancer.service.main"]
+    return subprocess.Popen(
+        [*command, "--state-dir", str(state_dir), *flags],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_serving(channel: grpc.Channel, process: subprocess.Popen) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1).status == 1:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("server not SERVING within 60 s")
 
 
 class ServerThread:

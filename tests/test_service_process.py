@@ -6,13 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
@@ -22,41 +18,9 @@ from metric_families import EXPECTED_FAMILIES
 from rebalancer_client.codec import encode
 from rebalancer_client.v1 import rebalancer_pb2 as pb
 from rebalancer_client.v1 import rebalancer_pb2_grpc
-from service_harness import TOPOLOGY, ServerThread, report, skewed_loads
+from service_harness import TOPOLOGY, ServerThread, free_port, launch, report, skewed_loads, wait_serving
 
 SERVICE = "rebalancer.v1.RebalancerService"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(state_dir: Path, *flags: str, **env: str) -> subprocess.Popen:
-    script = Path(sys.executable).parent / "rebalancer-server"
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "rebalancer.service.main"]
-    return subprocess.Popen(
-        [*command, "--state-dir", str(state_dir), *flags],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def wait_serving(channel: grpc.Channel, process: subprocess.Popen) -> None:
-    stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read()
-        try:
-            if stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1).status == 1:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server not SERVING within 60 s")
 
 
 def test_process_serves_metrics_and_drains_on_sigterm(tmp_path):
