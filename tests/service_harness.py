@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -85,12 +86,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(state_dir: Path, *flags: str, **env: str) -> subprocess.Popen:
-    """`rebalancer-server --state-dir state_dir *flags` with extra environment; stdout+stderr piped as text."""
+def launch(state_dir: Path, *flags: str, prefix: Sequence[str] = (), **env: str) -> subprocess.Popen:
+    """`rebalancer-server --state-dir state_dir *flags` with extra environment; stdout+stderr piped as text.
+    `prefix` runs it through a wrapper command (e.g. setpriv, to drop root)."""
     script = Path(sys.executable).parent / "rebalancer-server"
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "rebalancer.service.main"]
     return subprocess.Popen(
-        [*command, "--state-dir", str(state_dir), *flags],
+        [*prefix, *command, "--state-dir", str(state_dir), *flags],
         env={**os.environ, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -9,9 +9,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from solver_workloads import KINDS, make, max_gpu_load
-
 from rebalancer.solver import POLICIES, deepseek, rebalance_experts, solve
+from solver_workloads import KINDS, assert_groups_on_one_node, assert_valid_maps, make, max_gpu_load
 
 ALL_POLICIES = ("auto", "deepseek", "global", "hierarchical")
 SOLVER_POLICIES = ("auto", "global", "hierarchical")
@@ -24,64 +23,6 @@ README_PHY2LOG = [
     [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
     [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
 ]
-
-
-# --- the checker ---------------------------------------------------------------------------------------
-
-
-def assert_valid_maps(
-    phy2log: torch.Tensor,
-    log2phy: torch.Tensor,
-    logcnt: torch.Tensor,
-    num_layers: int,
-    num_experts: int,
-    num_replicas: int,
-    num_gpus: int,
-    device: torch.device | str | None = None,
-) -> None:
-    """Everything a DeepSeek-compatible placement triple must satisfy."""
-    for name, t in (("phy2log", phy2log), ("log2phy", log2phy), ("logcnt", logcnt)):
-        assert t.dtype == torch.int64, f"{name} dtype {t.dtype}"
-        if device is not None:
-            assert t.device.type == torch.device(device).type, f"{name} on {t.device}, expected {device}"
-    phy2log, log2phy, logcnt = phy2log.cpu(), log2phy.cpu(), logcnt.cpu()
-    assert phy2log.shape == (num_layers, num_replicas)
-    assert logcnt.shape == (num_layers, num_experts)
-    assert log2phy.dim() == 3 and log2phy.shape[:2] == (num_layers, num_experts)
-    # Ranges, every expert hosted, copies add up to the slots (and R / G slots on each GPU by layout).
-    assert num_replicas % num_gpus == 0
-    assert bool(((phy2log >= 0) & (phy2log < num_experts)).all()), "phy2log holds a non-expert id"
-    assert bool((logcnt >= 1).all()), "an expert has no copy"
-    assert torch.equal(logcnt.sum(-1), torch.full((num_layers,), num_replicas, dtype=torch.int64))
-    counted = torch.stack([torch.bincount(row, minlength=num_experts) for row in phy2log])
-    assert torch.equal(counted, logcnt), "logcnt disagrees with phy2log"
-    # log2phy: the first logcnt[e] entries are distinct slots hosting e, the rest is -1 padding.
-    width = log2phy.shape[2]
-    assert width >= int(logcnt.max())
-    listed = torch.arange(width).view(1, 1, -1) < logcnt.unsqueeze(-1)
-    assert bool((log2phy[~listed] == -1).all()), "log2phy padding is not -1"
-    slots = log2phy[listed]
-    assert bool(((slots >= 0) & (slots < num_replicas)).all()), "log2phy lists a slot out of range"
-    expert_of = torch.arange(num_experts).view(1, -1, 1).expand_as(log2phy)
-    hosted = phy2log.gather(1, log2phy.clamp_min(0).flatten(1)).view_as(log2phy)
-    assert torch.equal(hosted[listed], expert_of[listed]), "log2phy slot does not map back to its expert"
-    for layer in range(num_layers):
-        listed_slots = log2phy[layer][listed[layer]]
-        assert sorted(listed_slots.tolist()) == list(range(num_replicas)), "log2phy does not list every slot once"
-
-
-def assert_groups_on_one_node(
-    phy2log: torch.Tensor, num_experts: int, num_groups: int, num_nodes: int, layers: list[int] | None = None
-) -> None:
-    """Every copy of every expert of a group lives on the same node (slot p on node p // (R / nodes))."""
-    phy2log = phy2log.cpu()
-    num_layers, num_replicas = phy2log.shape
-    node_of_slot = torch.arange(num_replicas) // (num_replicas // num_nodes)
-    group_of_slot = phy2log // (num_experts // num_groups)
-    for layer in range(num_layers) if layers is None else layers:
-        for group in range(num_groups):
-            nodes = set(node_of_slot[group_of_slot[layer] == group].tolist())
-            assert len(nodes) == 1, f"layer {layer}: group {group} spans nodes {sorted(nodes)}"
 
 
 # --- random shapes ---------------------------------------------------------------------------------------
@@ -103,7 +44,9 @@ def problems(draw: st.DrawFn) -> tuple[torch.Tensor, int, int, int, int]:
     source = draw(st.sampled_from(KINDS + ("integers",)))
     if source == "integers":
         # Small integers: ties, zeros and whole zero layers.
-        values = draw(st.lists(st.integers(0, 50), min_size=num_layers * num_experts, max_size=num_layers * num_experts))
+        values = draw(
+            st.lists(st.integers(0, 50), min_size=num_layers * num_experts, max_size=num_layers * num_experts)
+        )
         weight = torch.tensor(values, dtype=torch.float32).view(num_layers, num_experts)
     else:
         weight = make(source, num_layers, num_experts, seed=draw(st.integers(0, 2**16)))
@@ -125,7 +68,9 @@ def test_every_policy_returns_valid_maps_on_random_shapes(policy: str, problem: 
     assert result.balancedness_before is None
     # Hierarchical plans keep each group on one node (the reason to choose them).
     if num_groups % num_nodes == 0:
-        local = [i for i, name in enumerate(result.policy_per_layer) if name.split("/")[0] in ("hierarchical", "deepseek")]
+        local = [
+            i for i, name in enumerate(result.policy_per_layer) if name.split("/")[0] in ("hierarchical", "deepseek")
+        ]
         assert_groups_on_one_node(result.phy2log, num_experts, num_groups, num_nodes, local)
 
 
