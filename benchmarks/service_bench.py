@@ -43,28 +43,29 @@ def zipf_loads(seed: int) -> np.ndarray:
     return (1e4 / ranks**1.1 * rng.uniform(0.7, 1.3, (LAYERS, EXPERTS))).astype(np.float32)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _rss_mib(pid: int) -> float:
+def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def _start_server(state_dir: str, port: int) -> subprocess.Popen:
+def start_server(state_dir: str, port: int, *extra_flags: str) -> subprocess.Popen:
+    """`rebalancer-server` on loopback, auto-rebalance off (benchmarks drive every plan), quiet."""
     script = Path(sys.executable).parent / "rebalancer-server"
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "rebalancer.service.main"]
     flags = ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--state-dir", state_dir]
-    flags += ["--auto-rebalance-threshold", "0", "--log-level", "WARNING"]
+    flags += ["--auto-rebalance-threshold", "0", "--log-level", "WARNING", *extra_flags]
     return subprocess.Popen([*command, *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _wait_serving(channel: grpc.Channel, process: subprocess.Popen) -> None:
+def wait_serving(channel: grpc.Channel, process: subprocess.Popen) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -134,11 +135,11 @@ def _ingest(stub, pid: int, reports: int) -> dict:
     ]
     messages[0].topology.CopyFrom(TOPOLOGY)
     stub.StreamLoad(iter(messages[:1] + messages[1:] * 2))  # window full: steady state from here on
-    rss_before = _rss_mib(pid)
+    rss_before = rss_mib(pid)
     started = time.perf_counter()
     summary = stub.StreamLoad(messages[1 + i % 63] for i in range(reports))
     elapsed = time.perf_counter() - started
-    rss_after = _rss_mib(pid)
+    rss_after = rss_mib(pid)
     if summary.accepted != reports:
         raise RuntimeError(f"ingest accepted {summary.accepted} of {reports}")
     return {
@@ -151,13 +152,13 @@ def _ingest(stub, pid: int, reports: int) -> dict:
 
 def run(repeats: int = 10, concurrent_repeats: int = 3, reports: int = 2000) -> dict:
     """Start a server, measure every figure for policy auto and deepseek, stop it; returns the figures."""
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="service-bench-") as state_dir:
-        process = _start_server(state_dir, port)
+        process = start_server(state_dir, port)
         try:
             options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
             with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
-                _wait_serving(channel, process)
+                wait_serving(channel, process)
                 stub = rebalancer_pb2_grpc.RebalancerServiceStub(channel)
                 figures: dict = {
                     "shape": f"{LAYERS}x{EXPERTS} -> {REPLICAS} slots, {GROUPS} groups, {NODES} nodes, {GPUS} GPUs"

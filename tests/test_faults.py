@@ -157,7 +157,7 @@ def test_cancelled_stream_keeps_the_reports_before_the_cancel(tmp_path):
         wait_for(lambda: accepted(server, "cancel") == 2)
         call.cancel()
         hold.set()
-        assert handled(server, "StreamLoad", "CANCELLED", 1) == 1
+        wait_for(lambda: handled_streams(server) == 1)
         snapshot = window(server, "cancel")
         assert snapshot.reports == 2
         expected = skewed_loads(0).astype(np.float64) + skewed_loads(1)
@@ -188,67 +188,58 @@ def check_database(state_dir: Path, version: int) -> None:
     assert set(sizes) == {8 * LAYERS * REPLICAS}
 
 
+def commit_until_killed(stub, acked: dict[int, np.ndarray], worker: int) -> None:
+    """Commit new versions back to back until the server goes away; records every acknowledged map."""
+    for i in range(10**6):
+        request = pb.RebalanceRequest(
+            deployment_id="crash",
+            topology=TOPOLOGY,
+            loads=encode(skewed_loads(1000 * worker + i)),
+            options=pb.SolveOptions(fresh=True, num_candidates=1),
+        )
+        try:
+            placement = stub.Rebalance(request, timeout=30).placement
+        except grpc.RpcError:
+            return
+        acked[placement.version] = maps_of(placement)[0]
+
+
 def test_sigkill_while_committing_never_loses_or_tears_a_placement(tmp_path):
-    state_dir, committers = tmp_path / "state", 2
-    last_version = 0
-    for round_ in range(3):
+    state_dir, committers, kills = tmp_path / "state", 2, 3
+    acked: dict[int, np.ndarray] = {}  # version -> map, acknowledged since the last start
+    for round_ in range(kills + 1):
         port = free_port()
         process = launch(state_dir, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0")
-        acked: dict[int, np.ndarray] = {}
         try:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 wait_serving(channel, process)
                 stub = rebalancer_pb2_grpc.RebalancerServiceStub(channel)
-                if last_version:  # the restart serves what survived, and the sequence continues from it
-                    assert stub.GetPlacement(pb.GetPlacementRequest(deployment_id="crash")).placement.version == (
-                        last_version
-                    )
-
-                def commit_until_killed(worker: int) -> None:
-                    for i in range(10**6):
-                        request = pb.RebalanceRequest(
-                            deployment_id="crash",
-                            topology=TOPOLOGY,
-                            loads=encode(skewed_loads(1000 * worker + i)),
-                            options=pb.SolveOptions(fresh=True, num_candidates=1),
-                        )
-                        try:
-                            placement = stub.Rebalance(request, timeout=30).placement
-                        except grpc.RpcError:
-                            return
-                        acked[placement.version] = maps_of(placement)[0]
-
+                restored = 0
+                if acked:  # after a kill: the last acknowledged version or one still in flight, intact
+                    last_acked = max(acked)
+                    placement = stub.GetPlacement(pb.GetPlacementRequest(deployment_id="crash"), timeout=10).placement
+                    assert last_acked <= placement.version <= last_acked + committers
+                    phy2log = check_placement(placement)
+                    if placement.version == last_acked:
+                        assert np.array_equal(phy2log, acked[last_acked])
+                    check_database(state_dir, placement.version)
+                    restored = placement.version
+                if round_ == kills:
+                    break
+                acked = {}
                 with ThreadPoolExecutor(committers) as pool:
-                    workers = [pool.submit(commit_until_killed, w) for w in range(committers)]
-                    deadline = time.monotonic() + 30
-                    while len(acked) < 10 + 7 * round_ and time.monotonic() < deadline:
-                        time.sleep(0.005)
+                    workers = [pool.submit(commit_until_killed, stub, acked, w) for w in range(committers)]
+                    goal = 10 + 7 * round_  # kill at a different moment each round
+                    wait_for(lambda acked=acked, goal=goal: len(acked) >= goal)
                     process.send_signal(signal.SIGKILL)
                     for worker in workers:
                         worker.result(30)
+                assert min(acked) == restored + 1  # versions go on from the restored one, never reused
         finally:
-            process.kill()
-            process.wait(30)
-        assert acked, "no commit acknowledged before the kill"
-        last_acked = max(acked)
-        assert min(acked) == last_version + 1
-
-        port = free_port()
-        process = launch(state_dir, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0")
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                wait_serving(channel, process)
-                stub = rebalancer_pb2_grpc.RebalancerServiceStub(channel)
-                placement = stub.GetPlacement(pb.GetPlacementRequest(deployment_id="crash"), timeout=10).placement
-                assert last_acked <= placement.version <= last_acked + committers
-                phy2log = check_placement(placement)
-                if placement.version == last_acked:
-                    assert np.array_equal(phy2log, acked[last_acked])
-                last_version = placement.version
-        finally:
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(30) == 0
-        check_database(state_dir, last_version)
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=30)
+    assert process.returncode == 0  # the last start also shut down cleanly
 
 
 def test_full_queue_is_resource_exhausted_and_recovers(tmp_path):
@@ -272,17 +263,34 @@ def test_full_queue_is_resource_exhausted_and_recovers(tmp_path):
         assert server.metric("rebalancer_queue_depth") == 0
 
 
+def slow_solver(server: ServerThread) -> tuple[threading.Event, threading.Event]:
+    """Make solver calls wait for the returned gate, as a long solve would; `entered` is set when one does."""
+    batcher, gate, entered = server.server.batcher, threading.Event(), threading.Event()
+    solve_sync = batcher._solve_sync
+
+    def slow_solve(batch):
+        entered.set()
+        gate.wait(30)
+        return solve_sync(batch)
+
+    batcher._solve_sync = slow_solve
+    return gate, entered
+
+
 def test_request_expiring_in_the_queue_is_dropped_unsolved(tmp_path):
     with ServerThread(str(tmp_path), batch_window_ms=0) as server:
-        gate = threading.Event()
-        server.server.batcher._executor.submit(gate.wait, 30)  # the solver thread is busy with a long solve
+        gate, entered = slow_solver(server)
         calls = solver_calls(server)
+        inline = [pb.RebalanceRequest(loads=encode(skewed_loads(seed)), topology=TOPOLOGY) for seed in range(3)]
+        long_solve = server.stub.Rebalance.future(inline[0], timeout=60)
+        assert entered.wait(30)
         with pytest.raises(grpc.RpcError) as error:
-            server.stub.Rebalance(pb.RebalanceRequest(loads=encode(skewed_loads(1)), topology=TOPOLOGY), timeout=0.3)
+            server.stub.Rebalance(inline[1], timeout=0.3)  # queued behind the long solve, expires there
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         gate.set()
-        server.stub.Rebalance(pb.RebalanceRequest(loads=encode(skewed_loads(2)), topology=TOPOLOGY), timeout=30)
-        assert solver_calls(server) == calls + 1  # only the second request was solved
+        long_solve.result()
+        server.stub.Rebalance(inline[2], timeout=30)
+        assert solver_calls(server) == calls + 2  # the long solve and the last request, not the expired one
         dropped = sum(server.metric("rebalancer_dropped_requests_total", reason=r) for r in ("cancelled", "deadline"))
         assert dropped == 1
 
@@ -291,14 +299,7 @@ def test_request_expiring_mid_solve_is_not_committed(tmp_path):
     with ServerThread(str(tmp_path)) as server:
         server.stub.StreamLoad(iter([report("slow", skewed_loads(1), topology=TOPOLOGY)]))
         assert server.stub.Rebalance(pb.RebalanceRequest(deployment_id="slow")).placement.version == 1
-        batcher, gate = server.server.batcher, threading.Event()
-        solve_sync = batcher._solve_sync
-
-        def slow_solve(batch):
-            gate.wait(30)
-            return solve_sync(batch)
-
-        batcher._solve_sync = slow_solve
+        gate, _ = slow_solver(server)
         calls = solver_calls(server)
         with pytest.raises(grpc.RpcError) as error:
             server.stub.Rebalance(pb.RebalanceRequest(deployment_id="slow"), timeout=0.3)

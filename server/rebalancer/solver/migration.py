@@ -6,50 +6,74 @@ Two plans per layer compete:
 * fresh: the best new plan with its GPUs relabelled to match the old ones (a greedy maximum-overlap
   matching) and every expert that stays on a GPU kept in its old slot.
 The incremental plan wins when its balancedness is within `balance_tolerance` of the fresh one (and
-always when the fresh one would ship more than `max_moves_per_layer` copies).
+always when the fresh one would ship more than `max_moves_per_layer` copies). Layers planned to keep
+groups on one node take the fresh plan relabelled node by node, since swaps ignore node boundaries.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .maps import expert_histogram, logcnt_from_phy2log, moved_copies
+from . import maps
+from .maps import expert_histogram, logcnt_from_phy2log
 from .packing import swap_refine
 
+ORIGINS = ("fresh", "incremental", "kept")
 # Rounds of single-copy handovers tried before swaps (each ships one copy).
 COPY_ROUNDS = 8
 
 
-def match_gpus(prev_phy2log: torch.Tensor, phy2log: torch.Tensor, num_experts: int, num_gpus: int) -> torch.Tensor:
+def greedy_matching(overlap: torch.Tensor) -> torch.Tensor:
+    """overlap [L, n, n] (>= 0 where allowed, < 0 where forbidden) -> assignment row -> column [L, n].
+
+    n steps, each taking every layer's largest remaining entry: near the optimum of the assignment
+    problem and free of per-layer Python loops.
+    """
+    num_layers, size, _ = overlap.shape
+    overlap = overlap.clone()
+    assignment = torch.empty(num_layers, size, dtype=torch.int64, device=overlap.device)
+    rows = torch.arange(num_layers, device=overlap.device)
+    taken = torch.tensor(-1e30, dtype=overlap.dtype, device=overlap.device)
+    for _ in range(size):
+        best = overlap.view(num_layers, -1).argmax(-1)
+        row, column = best // size, best % size
+        assignment[rows, row] = column
+        overlap[rows, row, :] = taken
+        overlap[rows, :, column] = taken
+    return assignment
+
+
+def match_gpus(
+    prev_phy2log: torch.Tensor, phy2log: torch.Tensor, num_experts: int, num_gpus: int, num_nodes: int = 1
+) -> torch.Tensor:
     """Relabel the GPUs of `phy2log` [L, R] to overlap the old placement most: new GPU -> old GPU [L, G].
 
-    Greedy matching on the shared-expert counts: G steps, each taking every layer's largest remaining
-    overlap; near the optimum of the assignment problem and free of per-layer Python loops.
+    With num_nodes > 1 whole nodes are matched first and GPUs only within matched nodes, so a plan
+    that keeps groups on one node still does after relabelling.
     """
-    num_layers = phy2log.shape[0]
     new = expert_histogram(phy2log, num_experts, num_gpus).clamp_max(1).to(torch.float32)
     old = expert_histogram(prev_phy2log, num_experts, num_gpus).clamp_max(1).to(torch.float32)
     overlap = torch.bmm(new, old.transpose(1, 2))  # [L, G_new, G_old]
     # Ties broken towards the identity so that unchanged GPUs keep their label.
     overlap += torch.eye(num_gpus, device=overlap.device) * 1e-3
-    assignment = torch.empty(num_layers, num_gpus, dtype=torch.int64, device=phy2log.device)
-    rows = torch.arange(num_layers, device=phy2log.device)
-    taken = torch.tensor(-1.0, device=overlap.device)
-    for _ in range(num_gpus):
-        best = overlap.view(num_layers, -1).argmax(-1)
-        new_gpu, old_gpu = best // num_gpus, best % num_gpus
-        assignment[rows, new_gpu] = old_gpu
-        overlap[rows, new_gpu, :] = taken
-        overlap[rows, :, old_gpu] = taken
-    return assignment
+    if num_nodes > 1:
+        gpus_per_node = num_gpus // num_nodes
+        node_overlap = overlap.view(-1, num_nodes, gpus_per_node, num_nodes, gpus_per_node).sum((2, 4))
+        node_match = greedy_matching(node_overlap)  # [L, N_new] -> N_old
+        node_of_gpu = torch.arange(num_gpus, device=overlap.device) // gpus_per_node
+        allowed = node_match[:, node_of_gpu].unsqueeze(2) == node_of_gpu.view(1, 1, -1)  # [L, G_new, G_old]
+        overlap = torch.where(allowed, overlap, torch.full_like(overlap, -1.0))
+    return greedy_matching(overlap)
 
 
-def align_slots(prev_phy2log: torch.Tensor, phy2log: torch.Tensor, num_experts: int, num_gpus: int) -> torch.Tensor:
+def align_slots(
+    prev_phy2log: torch.Tensor, phy2log: torch.Tensor, num_experts: int, num_gpus: int, num_nodes: int = 1
+) -> torch.Tensor:
     """Reorder `phy2log` [L, R]: GPUs relabelled to the old ones, and within a GPU every expert that was
     already there back in its old slot (new arrivals fill the freed slots). Same placement, fewer copies."""
     num_layers, num_slots = phy2log.shape
     slots_per_gpu = num_slots // num_gpus
-    assignment = match_gpus(prev_phy2log, phy2log, num_experts, num_gpus)
+    assignment = match_gpus(prev_phy2log, phy2log, num_experts, num_gpus, num_nodes)
     relabelled = torch.empty_like(phy2log).view(num_layers, num_gpus, slots_per_gpu)
     relabelled.scatter_(1, assignment.unsqueeze(-1).expand(-1, -1, slots_per_gpu), phy2log.view_as(relabelled))
     old = prev_phy2log.view(num_layers, num_gpus, slots_per_gpu)
@@ -147,10 +171,15 @@ def migrate(
     num_gpus: int,
     balance_tolerance: float,
     max_moves_per_layer: int | None,
+    local_layers: torch.Tensor,
+    num_groups: int,
+    num_nodes: int,
 ) -> tuple[torch.Tensor, list[str]]:
     """Choose, per layer, between the incremental plan and the aligned fresh plan (see module doc).
 
-    loads [L, E] float64, prev/fresh phy2log [L, R], fresh_peak [L] -> (phy2log [L, R], origin per layer).
+    loads [L, E] float64, prev/fresh phy2log [L, R], fresh_peak [L], local_layers [L] bool (layers whose
+    fresh plan keeps groups on one node: they take the fresh plan relabelled node by node, since the
+    incremental swaps ignore node boundaries) -> (phy2log [L, R], origin per layer).
     """
     num_experts = loads.shape[1]
     mean = loads.sum(-1) / num_gpus
@@ -160,9 +189,28 @@ def migrate(
     copy_rounds = min(COPY_ROUNDS, budget)
     kept, kept_peak = incremental(loads, prev_phy2log, num_gpus, allowed_peak, (budget - copy_rounds) // 2, copy_rounds)
     aligned = align_slots(prev_phy2log, fresh_phy2log, num_experts, num_gpus)
-    use_kept = kept_peak <= allowed_peak * (1.0 + 1e-9)
-    if max_moves_per_layer is not None:
-        fresh_moves = moved_copies(prev_phy2log, aligned, num_experts, num_gpus)
-        use_kept |= fresh_moves > max_moves_per_layer
+    if bool(local_layers.any()):
+        aligned_local = align_slots(prev_phy2log, fresh_phy2log, num_experts, num_gpus, num_nodes)
+        aligned = torch.where(local_layers.unsqueeze(1), aligned_local, aligned)
+    use_kept = (kept_peak <= allowed_peak * (1.0 + 1e-9)) & ~local_layers
     phy2log = torch.where(use_kept.unsqueeze(1), kept, aligned)
-    return phy2log, ["incremental" if keep else "fresh" for keep in use_kept.tolist()]
+    origins = torch.where(use_kept, 1, 0)
+    if max_moves_per_layer is not None:
+        # The cap is a hard limit: over it, take the incremental plan, or for a layer that must keep its
+        # groups on one node and whose incremental plan does not, the placement in force unchanged.
+        over = maps.moved_copies(prev_phy2log, phy2log, num_experts, num_gpus) > max_moves_per_layer
+        breaks_locality = local_layers & ~groups_on_one_node(kept, num_experts, num_groups, num_nodes)
+        fallback = torch.where(breaks_locality.unsqueeze(1), prev_phy2log, kept)
+        phy2log = torch.where(over.unsqueeze(1), fallback, phy2log)
+        origins = torch.where(over, torch.where(breaks_locality, 2, 1), origins)
+    return phy2log, [ORIGINS[origin] for origin in origins.tolist()]
+
+
+def groups_on_one_node(phy2log: torch.Tensor, num_experts: int, num_groups: int, num_nodes: int) -> torch.Tensor:
+    """Whether every group's copies sit on a single node, per layer: [L] bool."""
+    num_layers, num_slots = phy2log.shape
+    group_of_slot = phy2log // (num_experts // num_groups)
+    node_of_slot = torch.arange(num_slots, device=phy2log.device) // (num_slots // num_nodes)
+    hosted = torch.zeros(num_layers, num_groups * num_nodes, dtype=torch.int64, device=phy2log.device)
+    hosted.scatter_add_(1, group_of_slot * num_nodes + node_of_slot, torch.ones_like(phy2log))
+    return ((hosted.view(num_layers, num_groups, num_nodes) > 0).sum(-1) <= 1).all(-1)

@@ -159,8 +159,9 @@ def _refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_
             active, loads, items, goal = active[keep], loads[keep], items[keep], goal[keep]
             if active.numel() == 0:
                 return
-    slot_loads[active] = loads
-    slot_items[active] = items
+    if loads is not slot_loads:  # the active set shrank at least once: write the survivors back
+        slot_loads[active] = loads
+        slot_items[active] = items
 
 
 def swap_refine(

@@ -120,8 +120,18 @@ def run_policy(name: str, loads: torch.Tensor, opts: SolveOptions) -> PolicyResu
     if opts.prev_phy2log is None or name == "deepseek":
         return phy2log, names, stats
     peak = gpu_loads(loads, phy2log, logcnt_from_phy2log(phy2log, loads.shape[1]), opts.num_gpus).max(-1).values
+    local_layers = torch.tensor([policy == "hierarchical" for policy in names], device=loads.device)
     phy2log, origins = migrate(
-        loads, opts.prev_phy2log, phy2log, peak, opts.num_gpus, opts.balance_tolerance, opts.max_moves_per_layer
+        loads,
+        opts.prev_phy2log,
+        phy2log,
+        peak,
+        opts.num_gpus,
+        opts.balance_tolerance,
+        opts.max_moves_per_layer,
+        local_layers,
+        opts.num_groups,
+        opts.num_nodes,
     )
     names = [f"{policy}/{origin}" for policy, origin in zip(names, origins, strict=True)]
     return phy2log, names, stats

@@ -1,0 +1,354 @@
+"""Sustained load on a real `rebalancer-server` over loopback: throughput, latency, errors, memory.
+
+A bounded asyncio generator: `streams` telemetry streams (engine ranks) report loads for `controllers`
+deployments at `report_hz` each, every deployment has one controller that re-plans it every
+`rebalance_interval_s` (with `base_version`, reading the placement back) and one watcher that follows its
+versions. Everything stops by itself after `duration_s`. Figures after the warm-up (the first
+`warmup_s`, when allocators and caches grow to their working size):
+
+* throughput: reports accepted per second, committed rebalances per second;
+* latency p50/p99: `ingest_lag` (from a stream's half-close to its summary: how far ingest lags behind),
+  `rebalance` and `get_placement` round trips;
+* errors: failed RPCs, rejected reports, a watcher seeing versions out of order; must be 0;
+* server RSS (from /proc) at the end of the warm-up and at the end, and its least-squares slope.
+
+The generator shares the machine with the server; on 2 cores its own CPU use is part of what limits the
+rates. `run()` returns the figures as a dict; `python benchmarks/load.py --duration 30` prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from rebalancer_client.codec import encode
+from rebalancer_client.v1 import rebalancer_pb2 as pb
+from rebalancer_client.v1 import rebalancer_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from service_bench import free_port, rss_mib, start_server, wait_serving  # noqa: E402
+
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+@dataclass
+class Tally:
+    """What every task records: latencies (time, seconds) per operation, counts and errors by kind."""
+
+    started: float
+    warmup_s: float
+    latencies: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    counts: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)
+
+    def latency(self, operation: str, began: float) -> None:
+        now = time.monotonic()
+        self.latencies.setdefault(operation, []).append((now, now - began))
+
+    def after_warmup(self, operation: str) -> list[float]:
+        cut = self.started + self.warmup_s
+        return [seconds for at, seconds in self.latencies.get(operation, []) if at >= cut]
+
+
+def loads_pool(topology: pb.Topology, seed: int, size: int = 16) -> list[pb.Tensor]:
+    """Pre-encoded skewed loads [L, E] (float32), so the generator spends its CPU on RPCs, not RNG."""
+    rng = np.random.default_rng(seed)
+    shape = (topology.num_layers, topology.num_experts)
+    pool = []
+    for _ in range(size):
+        ranks = np.argsort(rng.random(shape), axis=1) + 1
+        pool.append(encode((1e3 / ranks**1.1 * rng.uniform(0.7, 1.3, shape)).astype(np.float32)))
+    return pool
+
+
+async def stream_reports(stub, tally: Tally, deployment_id: str, rank: int, pool, stop_at: float, args) -> None:
+    """One engine rank: StreamLoad calls of `reports_per_call` reports, paced at `report_hz`."""
+    step = itertools.count(1)
+    interval = 1.0 / args["report_hz"]
+    while time.monotonic() < stop_at:
+        half_closed = [0.0]
+
+        async def reports():
+            for _ in range(args["reports_per_call"]):
+                if time.monotonic() >= stop_at:
+                    break
+                await asyncio.sleep(interval)
+                index = next(step)
+                yield pb.StreamLoadRequest(
+                    deployment_id=deployment_id, loads=pool[index % len(pool)], rank=rank, step=index
+                )
+            half_closed[0] = time.monotonic()
+
+        try:
+            summary = await stub.StreamLoad(reports(), timeout=60)
+        except grpc.RpcError as error:
+            tally.errors[f"StreamLoad {error.code().name}"] += 1
+            await asyncio.sleep(interval)
+            continue
+        tally.latency("ingest_lag", half_closed[0])
+        tally.counts["reports"] += summary.accepted
+        if summary.rejected:
+            tally.errors["rejected reports"] += summary.rejected
+
+
+async def control(stub, tally: Tally, deployment_id: str, stop_at: float, args) -> None:
+    """One controller: re-plan its deployment from the window on a fixed period, then read it back."""
+    version = (await stub.GetPlacement(pb.GetPlacementRequest(deployment_id=deployment_id), timeout=30)).placement
+    version = version.version
+    while time.monotonic() + args["rebalance_interval_s"] < stop_at:
+        await asyncio.sleep(args["rebalance_interval_s"])
+        began = time.monotonic()
+        try:
+            response = await stub.Rebalance(
+                pb.RebalanceRequest(deployment_id=deployment_id, base_version=version), timeout=60
+            )
+            tally.latency("rebalance", began)
+            if response.placement.version != version + 1:
+                tally.errors["version skipped"] += 1
+            version = response.placement.version
+            tally.counts["rebalances"] += 1
+            began = time.monotonic()
+            placement = await stub.GetPlacement(pb.GetPlacementRequest(deployment_id=deployment_id), timeout=30)
+            tally.latency("get_placement", began)
+            if placement.placement.version != version:
+                tally.errors["stale read"] += 1
+        except grpc.RpcError as error:
+            tally.errors[f"control {error.code().name}"] += 1
+
+
+async def watch(stub, tally: Tally, deployment_id: str, after: int) -> None:
+    """Follow a deployment's versions; runs until cancelled at the end."""
+    seen = after
+    try:
+        async for response in stub.WatchPlacement(
+            pb.WatchPlacementRequest(deployment_id=deployment_id, after_version=after)
+        ):
+            if response.placement.version <= seen:
+                tally.errors["watch out of order"] += 1
+            seen = response.placement.version
+            tally.counts["pushes"] += 1
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.CANCELLED:
+            tally.errors[f"watch {error.code().name}"] += 1
+
+
+async def sample_rss(pid: int | None, samples: list[tuple[float, float]], stop_at: float) -> None:
+    while pid is not None and time.monotonic() < stop_at:
+        samples.append((time.monotonic(), rss_mib(pid)))
+        await asyncio.sleep(0.5)
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"count": 0, "p50_ms": float("nan"), "p99_ms": float("nan")}
+    p50, p99 = np.percentile(values, [50, 99])
+    return {"count": len(values), "p50_ms": 1e3 * p50, "p99_ms": 1e3 * p99}
+
+
+def _rss_figures(samples: list[tuple[float, float]], warm_at: float) -> dict:
+    """RSS when the warm-up ends, at the end, the growth in between and the post-warm-up slope."""
+    after = [(t, rss) for t, rss in samples if t >= warm_at]
+    if len(after) < 2:
+        return {}
+    times = np.array([t for t, _ in after]) - after[0][0]
+    values = np.array([rss for _, rss in after])
+    slope = float(np.polyfit(times, values, 1)[0]) * 60.0
+    warm, end = statistics.median(values[:3]), statistics.median(values[-3:])
+    return {
+        "rss_warm_mib": warm,
+        "rss_end_mib": end,
+        "rss_max_mib": float(values.max()),
+        "rss_growth_mib": end - warm,
+        "rss_growth_pct": 100.0 * (end - warm) / warm,
+        "rss_slope_mib_per_min": slope,
+    }
+
+
+async def drive(target: str, pid: int | None, topology: pb.Topology, args) -> dict:
+    streams, controllers = args["streams"], args["controllers"]
+    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        stub = rebalancer_pb2_grpc.RebalancerServiceStub(channel)
+        deployments = [f"load-{index}" for index in range(controllers)]
+        pools = {d: loads_pool(topology, seed) for seed, d in enumerate(deployments)}
+        for deployment_id in deployments:  # register, fill the window a little, commit version 1
+            first = pb.StreamLoadRequest(deployment_id=deployment_id, topology=topology, loads=pools[deployment_id][0])
+            await stub.StreamLoad(iter([first]), timeout=60)
+            await stub.Rebalance(pb.RebalanceRequest(deployment_id=deployment_id), timeout=120)
+
+        started = time.monotonic()
+        stop_at = started + args["duration_s"]
+        tally = Tally(started=started, warmup_s=args["warmup_s"])
+        rss: list[tuple[float, float]] = []
+        watchers = [asyncio.create_task(watch(stub, tally, d, 1)) for d in deployments]
+        workers = []
+        for index in range(streams):  # ranks of one deployment add up on the server
+            deployment_id = deployments[index % controllers]
+            rank = index // controllers
+            workers.append(stream_reports(stub, tally, deployment_id, rank, pools[deployment_id], stop_at, args))
+        workers += [control(stub, tally, d, stop_at, args) for d in deployments]
+        await asyncio.gather(*workers, sample_rss(pid, rss, stop_at))
+        elapsed = time.monotonic() - started
+        await asyncio.sleep(0.2)  # the last pushes
+        for watcher in watchers:
+            watcher.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+
+    measured_s = max(elapsed - args["warmup_s"], 1e-9)
+    warm_reports = tally.after_warmup("ingest_lag")
+    figures = {
+        "duration_s": elapsed,
+        "warmup_s": args["warmup_s"],
+        "streams": streams,
+        "controllers": controllers,
+        "shape": f"{topology.num_layers}x{topology.num_experts} -> {topology.num_replicas} slots, "
+        f"{topology.num_groups} groups, {topology.num_nodes} nodes, {topology.num_gpus} GPUs",
+        "offered_reports_per_s": streams * args["report_hz"],
+        "reports": tally.counts["reports"],
+        "reports_per_s": tally.counts["reports"] / elapsed,
+        "rebalances": tally.counts["rebalances"],
+        "rebalances_per_s": tally.counts["rebalances"] / elapsed,
+        "watch_pushes": tally.counts["pushes"],
+        "errors": sum(tally.errors.values()),
+        "error_kinds": dict(tally.errors),
+        "latency": {op: _percentiles(tally.after_warmup(op)) for op in ("ingest_lag", "rebalance", "get_placement")},
+        "stream_calls_after_warmup_per_s": len(warm_reports) / measured_s,
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+    }
+    figures.update(_rss_figures(rss, started + args["warmup_s"]))
+    return figures
+
+
+def run(
+    duration_s: float = 30.0,
+    streams: int = 8,
+    controllers: int = 2,
+    *,
+    warmup_s: float | None = None,
+    layers: int = 58,
+    experts: int = 256,
+    replicas: int = 288,
+    groups: int = 8,
+    nodes: int = 4,
+    gpus: int = 32,
+    report_hz: float = 10.0,
+    reports_per_call: int = 50,
+    rebalance_interval_s: float = 1.0,
+    target: str | None = None,
+) -> dict:
+    """Start a server (unless `target` names a running one), drive it for `duration_s`, return figures.
+
+    The defaults are the SPEC §8 shape with 8 ranks at 10 reports/s each and 2 deployments re-planned
+    every second. RSS figures need the server's pid, so they are absent with `target`.
+    """
+    args = {
+        "duration_s": duration_s,
+        "warmup_s": min(duration_s / 4, 15.0) if warmup_s is None else warmup_s,
+        "streams": streams,
+        "controllers": controllers,
+        "report_hz": report_hz,
+        "reports_per_call": reports_per_call,
+        "rebalance_interval_s": rebalance_interval_s,
+    }
+    topology = pb.Topology(
+        num_layers=layers,
+        num_experts=experts,
+        num_replicas=replicas,
+        num_groups=groups,
+        num_nodes=nodes,
+        num_gpus=gpus,
+    )
+    if target is not None:
+        return asyncio.run(drive(target, None, topology, args))
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="load-") as state_dir:
+        process = start_server(state_dir, port)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                wait_serving(channel, process)
+            figures = asyncio.run(drive(f"127.0.0.1:{port}", process.pid, topology, args))
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    figures["server_exit_code"] = process.returncode
+    return figures
+
+
+def format_table(figures: dict) -> str:
+    """Markdown: one row per figure (what benchmarks/report.py puts in RESULTS.md)."""
+    rows = [
+        ("shape", figures["shape"]),
+        (
+            "streams x report rate",
+            f"{figures['streams']} x {figures['offered_reports_per_s'] / figures['streams']:g}/s",
+        ),
+        ("controllers (deployments)", figures["controllers"]),
+        ("duration / warm-up (s)", f"{figures['duration_s']:.1f} / {figures['warmup_s']:.1f}"),
+        ("reports accepted per s", f"{figures['reports_per_s']:.1f}"),
+        ("rebalances committed per s", f"{figures['rebalances_per_s']:.2f}"),
+        ("errors", f"{figures['errors']} {figures['error_kinds'] or ''}".strip()),
+    ]
+    for operation, stats in figures["latency"].items():
+        rows.append(
+            (f"{operation} p50 / p99 (ms)", f"{stats['p50_ms']:.1f} / {stats['p99_ms']:.1f} (n={stats['count']})")
+        )
+    if "rss_warm_mib" in figures:
+        rows.append(
+            (
+                "server RSS warm -> end (MiB)",
+                f"{figures['rss_warm_mib']:.0f} -> {figures['rss_end_mib']:.0f} "
+                f"({figures['rss_growth_pct']:+.1f} %, slope {figures['rss_slope_mib_per_min']:+.1f} MiB/min)",
+            )
+        )
+    rows.append(
+        ("CPUs / load average", f"{figures['cpus']} / {', '.join(f'{x:.1f}' for x in figures['load_average'])}")
+    )
+    return "\n".join(["| figure | value |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load (default %(default)s)")
+    parser.add_argument("--warmup", type=float, help="seconds excluded from the figures (default: duration/4, <= 15)")
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--controllers", type=int, default=2)
+    parser.add_argument("--report-hz", type=float, default=10.0, help="reports per second per stream")
+    parser.add_argument("--rebalance-interval", type=float, default=1.0)
+    parser.add_argument("--shape", default="58,256,288,8,4,32", help="layers,experts,replicas,groups,nodes,gpus")
+    parser.add_argument("--target", help="drive a running server instead of starting one (no RSS figures)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    layers, experts, replicas, groups, nodes, gpus = (int(x) for x in args.shape.split(","))
+    figures = run(
+        args.duration,
+        args.streams,
+        args.controllers,
+        warmup_s=args.warmup,
+        layers=layers,
+        experts=experts,
+        replicas=replicas,
+        groups=groups,
+        nodes=nodes,
+        gpus=gpus,
+        report_hz=args.report_hz,
+        rebalance_interval_s=args.rebalance_interval,
+        target=args.target,
+    )
+    print(json.dumps(figures, indent=2) if args.json else format_table(figures))
+    return 0 if figures["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
