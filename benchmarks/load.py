@@ -4,11 +4,13 @@ A bounded asyncio generator: `streams` telemetry streams (engine ranks) report l
 deployments at `report_hz` each, every deployment has one controller that re-plans it every
 `rebalance_interval_s` (with `base_version`, reading the placement back) and one watcher that follows its
 versions. Everything stops by itself after `duration_s`. Figures after the warm-up (the first
-`warmup_s`, when allocators and caches grow to their working size):
+`warmup_s`): by default the time the server's window (64 slots) and its history (8 intervals) take to
+fill at `report_hz` slots per second, since until then every re-plan works on more data than the last
+and memory grows to its working size.
 
 * throughput: reports accepted per second, committed rebalances per second;
 * latency p50/p99: `ingest_lag` (from a stream's half-close to its summary: how far ingest lags behind),
-  `rebalance` and `get_placement` round trips;
+  `rebalance` and `get_placement` round trips, and the solve time the server reports for each rebalance;
 * errors: failed RPCs, rejected reports, a watcher seeing versions out of order; must be 0;
 * server RSS (from /proc) at the end of the warm-up and at the end, and its least-squares slope.
 
@@ -40,6 +42,8 @@ from rebalancer_client.v1 import rebalancer_pb2_grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from service_bench import free_port, rss_mib, start_server, wait_serving  # noqa: E402
 
+# Slots until the server's default window (64) and history (8 intervals of it) are full.
+HISTORY_FILL_SLOTS = 64 * (8 + 1)
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
@@ -77,22 +81,22 @@ async def stream_reports(stub, tally: Tally, deployment_id: str, rank: int, pool
     """One engine rank: StreamLoad calls of `reports_per_call` reports, paced at `report_hz`."""
     step = itertools.count(1)
     interval = 1.0 / args["report_hz"]
+
+    async def reports(half_closed: list[float]):
+        for _ in range(args["reports_per_call"]):
+            if time.monotonic() >= stop_at:
+                break
+            await asyncio.sleep(interval)
+            index = next(step)
+            yield pb.StreamLoadRequest(
+                deployment_id=deployment_id, loads=pool[index % len(pool)], rank=rank, step=index
+            )
+        half_closed.append(time.monotonic())
+
     while time.monotonic() < stop_at:
-        half_closed = [0.0]
-
-        async def reports():
-            for _ in range(args["reports_per_call"]):
-                if time.monotonic() >= stop_at:
-                    break
-                await asyncio.sleep(interval)
-                index = next(step)
-                yield pb.StreamLoadRequest(
-                    deployment_id=deployment_id, loads=pool[index % len(pool)], rank=rank, step=index
-                )
-            half_closed[0] = time.monotonic()
-
+        half_closed: list[float] = []
         try:
-            summary = await stub.StreamLoad(reports(), timeout=60)
+            summary = await stub.StreamLoad(reports(half_closed), timeout=60)
         except grpc.RpcError as error:
             tally.errors[f"StreamLoad {error.code().name}"] += 1
             await asyncio.sleep(interval)
@@ -115,6 +119,9 @@ async def control(stub, tally: Tally, deployment_id: str, stop_at: float, args) 
                 pb.RebalanceRequest(deployment_id=deployment_id, base_version=version), timeout=60
             )
             tally.latency("rebalance", began)
+            tally.latencies.setdefault("solve (server stats)", []).append(
+                (time.monotonic(), response.placement.stats.solve_seconds)
+            )
             if response.placement.version != version + 1:
                 tally.errors["version skipped"] += 1
             version = response.placement.version
@@ -222,7 +229,7 @@ async def drive(target: str, pid: int | None, topology: pb.Topology, args) -> di
         "watch_pushes": tally.counts["pushes"],
         "errors": sum(tally.errors.values()),
         "error_kinds": dict(tally.errors),
-        "latency": {op: _percentiles(tally.after_warmup(op)) for op in ("ingest_lag", "rebalance", "get_placement")},
+        "latency": {op: _percentiles(tally.after_warmup(op)) for op in tally.latencies},
         "stream_calls_after_warmup_per_s": len(warm_reports) / measured_s,
         "cpus": os.cpu_count(),
         "load_average": os.getloadavg(),
@@ -243,19 +250,20 @@ def run(
     groups: int = 8,
     nodes: int = 4,
     gpus: int = 32,
-    report_hz: float = 10.0,
+    report_hz: float = 40.0,
     reports_per_call: int = 50,
     rebalance_interval_s: float = 1.0,
     target: str | None = None,
 ) -> dict:
     """Start a server (unless `target` names a running one), drive it for `duration_s`, return figures.
 
-    The defaults are the SPEC §8 shape with 8 ranks at 10 reports/s each and 2 deployments re-planned
-    every second. RSS figures need the server's pid, so they are absent with `target`.
+    The defaults are the SPEC §8 shape with 8 ranks at 40 reports/s each (4 ranks per deployment, their
+    reports adding up per step) and 2 deployments re-planned every second. RSS figures need the server's
+    pid, so they are absent with `target`.
     """
     args = {
         "duration_s": duration_s,
-        "warmup_s": min(duration_s / 4, 15.0) if warmup_s is None else warmup_s,
+        "warmup_s": min(duration_s / 2, HISTORY_FILL_SLOTS / report_hz) if warmup_s is None else warmup_s,
         "streams": streams,
         "controllers": controllers,
         "report_hz": report_hz,
@@ -288,12 +296,10 @@ def run(
 
 def format_table(figures: dict) -> str:
     """Markdown: one row per figure (what benchmarks/report.py puts in RESULTS.md)."""
+    per_stream = figures["offered_reports_per_s"] / figures["streams"]
     rows = [
         ("shape", figures["shape"]),
-        (
-            "streams x report rate",
-            f"{figures['streams']} x {figures['offered_reports_per_s'] / figures['streams']:g}/s",
-        ),
+        ("streams x report rate", f"{figures['streams']} x {per_stream:g}/s"),
         ("controllers (deployments)", figures["controllers"]),
         ("duration / warm-up (s)", f"{figures['duration_s']:.1f} / {figures['warmup_s']:.1f}"),
         ("reports accepted per s", f"{figures['reports_per_s']:.1f}"),
@@ -301,9 +307,8 @@ def format_table(figures: dict) -> str:
         ("errors", f"{figures['errors']} {figures['error_kinds'] or ''}".strip()),
     ]
     for operation, stats in figures["latency"].items():
-        rows.append(
-            (f"{operation} p50 / p99 (ms)", f"{stats['p50_ms']:.1f} / {stats['p99_ms']:.1f} (n={stats['count']})")
-        )
+        quantiles = f"{stats['p50_ms']:.1f} / {stats['p99_ms']:.1f} (n={stats['count']})"
+        rows.append((f"{operation} p50 / p99 (ms)", quantiles))
     if "rss_warm_mib" in figures:
         rows.append(
             (
@@ -312,19 +317,22 @@ def format_table(figures: dict) -> str:
                 f"({figures['rss_growth_pct']:+.1f} %, slope {figures['rss_slope_mib_per_min']:+.1f} MiB/min)",
             )
         )
-    rows.append(
-        ("CPUs / load average", f"{figures['cpus']} / {', '.join(f'{x:.1f}' for x in figures['load_average'])}")
-    )
+    load = ", ".join(f"{x:.1f}" for x in figures["load_average"])
+    rows.append(("CPUs / load average", f"{figures['cpus']} / {load}"))
     return "\n".join(["| figure | value |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of load (default %(default)s)")
-    parser.add_argument("--warmup", type=float, help="seconds excluded from the figures (default: duration/4, <= 15)")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        help="seconds excluded from the figures (default: until the window's history is full, <= duration/2)",
+    )
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--controllers", type=int, default=2)
-    parser.add_argument("--report-hz", type=float, default=10.0, help="reports per second per stream")
+    parser.add_argument("--report-hz", type=float, default=40.0, help="reports per second per stream")
     parser.add_argument("--rebalance-interval", type=float, default=1.0)
     parser.add_argument("--shape", default="58,256,288,8,4,32", help="layers,experts,replicas,groups,nodes,gpus")
     parser.add_argument("--target", help="drive a running server instead of starting one (no RSS figures)")

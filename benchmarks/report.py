@@ -244,10 +244,16 @@ def headline(sections: dict) -> list[str]:
         lines.append(
             f"- Quality over {len(solver['cases'])} shape x kind cases: mean balancedness `auto`"
             f" {summary['auto']['mean_balancedness']:.4f} vs `deepseek` {summary['deepseek']['mean_balancedness']:.4f};"
-            f" mean max/LB `auto` {summary['auto']['mean_max_over_lb']:.4f} (bar <= 1.005) vs `deepseek`"
+            f" mean max/LB `auto` {summary['auto']['mean_max_over_lb']:.4f} vs `deepseek`"
             f" {summary['deepseek']['mean_max_over_lb']:.4f}; worst `auto` minus best reference"
-            f" {summary['auto_worst_minus_best_reference']:+.5f}."
+            f" {summary['auto_worst_minus_best_reference']:+.5f} ({summary['auto_worst_case']})."
         )
+        if summary.get("check_cases"):
+            lines.append(
+                f"- Mean max/LB on the {summary['check_cases']} cases the shared quality check scores: `auto`"
+                f" {summary['check_cases_mean_max_over_lb']['auto']:.4f} (bar <= 1.005), `deepseek`"
+                f" {summary['check_cases_mean_max_over_lb']['deepseek']:.4f}."
+            )
     if migration:
         totals = migration["totals"]
         for label in ("auto_prev", "auto_prev_hist"):

@@ -259,3 +259,19 @@ def test_token_never_shows_in_help_repr_or_logs(tmp_path, capsys):
     assert process.returncode == 0
     assert "bearer token required" in output
     assert TOKEN not in output and TOKEN[:-1] not in output
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--tls-cert", "server.pem"],
+        ["--tls-key", "server.key"],
+        ["--tls-client-ca", "ca.pem"],
+        ["--auth-token", TOKEN, "--auth-token-file", "token"],
+    ],
+)
+def test_inconsistent_security_flags_are_refused(flags, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(flags, {})
+    assert exit_.value.code == 2
+    assert TOKEN not in capsys.readouterr().err

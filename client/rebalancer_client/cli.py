@@ -82,9 +82,7 @@ def write_json(document: Any, out: str | None) -> None:
         print(text)
         return
     target = pathlib.Path(out)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=target.parent or ".", prefix=f".{target.name}.", delete=False
-    ) as tmp:
+    with tempfile.NamedTemporaryFile("w", dir=target.parent or ".", prefix=f".{target.name}.", delete=False) as tmp:
         tmp.write(text + "\n")
     os.replace(tmp.name, target)
 
@@ -140,9 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--tls-cert", help="PEM client certificate, for servers requiring mutual TLS")
     common.add_argument("--tls-key", help="PEM private key of --tls-cert")
 
-    parser = argparse.ArgumentParser(
-        prog="rebalancer", description="Client of the MoE expert-placement rebalancer."
-    )
+    parser = argparse.ArgumentParser(prog="rebalancer", description="Client of the MoE expert-placement rebalancer.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     rebalance = commands.add_parser("rebalance", parents=[common], help="plan a placement")
@@ -159,9 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     rebalance.add_argument("--max-moves", type=int, help="cap on expert copies moved per layer")
     rebalance.add_argument("--base-version", type=int, help="fail unless this is the current version")
     rebalance.add_argument("--out", help="write the placement JSON here instead of stdout")
-    rebalance.add_argument(
-        "--format", choices=FORMATS, default="vllm", help="JSON form (default %(default)s)"
-    )
+    rebalance.add_argument("--format", choices=FORMATS, default="vllm", help="JSON form (default %(default)s)")
 
     get = commands.add_parser("get", parents=[common], help="print the placement in force for a deployment")
     get.add_argument("deployment")
@@ -253,12 +247,8 @@ def _report(client: RebalancerClient | ShardedClient, args: argparse.Namespace) 
             "num_nodes": args.nodes,
             "num_gpus": args.gpus,
         }
-    summary = client.report_loads(
-        args.deployment, reports, topology=topology, rank=args.rank, timeout=args.timeout
-    )
-    write_json(
-        {"accepted": summary.accepted, "rejected": summary.rejected, "rejections": summary.rejections}, None
-    )
+    summary = client.report_loads(args.deployment, reports, topology=topology, rank=args.rank, timeout=args.timeout)
+    write_json({"accepted": summary.accepted, "rejected": summary.rejected, "rejections": summary.rejections}, None)
     return 0 if summary.rejected == 0 else 1
 
 

@@ -1,7 +1,12 @@
 """`rebalancer-server`: flags and environment, logging, signals, exit codes.
 
 SIGTERM/SIGINT start a graceful shutdown (health NOT_SERVING, drain within --grace-period-s) and the
-process exits 0; an unusable state directory, device or port exits 2 with the reason on stderr.
+process exits 0; an unusable state directory, device, port, TLS or token file exits 2 with the reason on
+stderr.
+
+Security is opt-in: `--tls-cert/--tls-key` serve TLS, `--tls-client-ca` also requires client certificates
+from that CA (mTLS), `--auth-token-file` (or REBALANCER_AUTH_TOKEN) requires `authorization: Bearer <token>`
+on every RPC except health (probes cannot send one); `--metrics-host` keeps /metrics on an internal address.
 """
 
 from __future__ import annotations

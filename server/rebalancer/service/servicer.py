@@ -2,6 +2,10 @@
 
 Handlers validate (validation.py), call the domain (deployments.py, batcher.py, telemetry.py) and convert
 records to messages; every ServiceError becomes its gRPC status through `errors.abort`.
+
+A refused request or report changes no window and no placement. The one thing it may leave behind is
+the registration of a new deployment whose topology was valid (empty window, no placement): a stream
+whose first report, the one carrying the topology, has bad loads must still have its later reports taken.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ It is the baseline every benchmark compares against and a fallback candidate of 
 greedy LPT packing with a capacity per pack, replication of the expert with the highest load per copy,
 and the hierarchical scheme (groups -> nodes, replicate within a node, copies -> GPUs). The loops over
 items and replicas remain (the algorithm is sequential), but every step runs for all layers at once;
-loads accumulate in float64 like the published Python floats, and ties go to the lowest pack index.
+loads accumulate in float32 like the published code (its pack sums are 0-d float32 tensors), and ties go
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor
         index = torch.arange(num_items, dtype=torch.int64, device=device).expand(num_layers, num_items)
         return index.clone(), torch.zeros_like(index)
     order = weight.float().cpu().sort(-1, descending=True).indices.to(device)
-    loads_by_item = weight.double()
+    loads_by_item = weight.float()
     pack_index = torch.full((num_layers, num_items), -1, dtype=torch.int64, device=device)
     rank_in_pack = torch.full_like(pack_index, -1)
-    pack_loads = torch.zeros(num_layers, num_packs, dtype=torch.float64, device=device)
+    pack_loads = torch.zeros(num_layers, num_packs, dtype=torch.float32, device=device)
     pack_counts = torch.zeros(num_layers, num_packs, dtype=torch.int64, device=device)
     rows = torch.arange(num_layers, device=device)
-    full = torch.tensor(float("inf"), dtype=torch.float64, device=device)
+    full = torch.tensor(float("inf"), dtype=torch.float32, device=device)
     for step in range(num_items):
         item = order[:, step]
         pack = torch.where(pack_counts < capacity, pack_loads, full).argmin(-1)
@@ -108,12 +108,14 @@ def rebalance_hierarchical(
 
 def rebalance_deepseek(
     weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The published entry point's choice: hierarchical when groups divide over nodes, else global.
 
-    weight [L, E] -> phy2log [L, R].
+    weight [L, E] -> (phy2log [L, R], replica rank of each slot [L, R]; log2phy lists copies by rank).
     """
     weight = weight.float()
     if num_groups % num_nodes == 0:
-        return rebalance_hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus)[0]
-    return rebalance_hierarchical(weight, num_replicas, 1, 1, num_gpus)[0]
+        phy2log, phy_rank, _ = rebalance_hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    else:
+        phy2log, phy_rank, _ = rebalance_hierarchical(weight, num_replicas, 1, 1, num_gpus)
+    return phy2log, phy_rank

@@ -14,19 +14,25 @@ def logcnt_from_phy2log(phy2log: torch.Tensor, num_experts: int) -> torch.Tensor
     return counts.scatter_add_(1, phy2log, torch.ones_like(phy2log))
 
 
-def log2phy_from_phy2log(phy2log: torch.Tensor, logcnt: torch.Tensor) -> torch.Tensor:
-    """phy2log [L, R] -> log2phy [L, E, X] (X = max copies), slots in ascending order, padded with -1."""
+def log2phy_from_phy2log(
+    phy2log: torch.Tensor, logcnt: torch.Tensor, phy_rank: torch.Tensor | None = None
+) -> torch.Tensor:
+    """phy2log [L, R] -> log2phy [L, E, X] (X = max copies) padded with -1.
+
+    Copies are listed in slot order, or by `phy_rank` [L, R] (each slot's replica index) when given.
+    """
     num_layers, num_slots = phy2log.shape
     num_experts = logcnt.shape[1]
     max_copies = int(logcnt.max()) if logcnt.numel() else 1
     slots = torch.arange(num_slots, dtype=torch.int64, device=phy2log.device)
-    # Sorting by (expert, slot) lists each expert's slots in order; a slot's rank is its offset in that run.
-    order = (phy2log * num_slots + slots).argsort(-1)
-    sorted_experts = phy2log.gather(1, order)
-    first_of_expert = torch.cumsum(logcnt, -1) - logcnt
-    rank = slots - first_of_expert.gather(1, sorted_experts)
+    if phy_rank is None:
+        # Sorting by (expert, slot) lists each expert's slots in order; a slot's rank is its offset in that run.
+        order = (phy2log * num_slots + slots).argsort(-1)
+        sorted_experts = phy2log.gather(1, order)
+        first_of_expert = torch.cumsum(logcnt, -1) - logcnt
+        phy_rank = torch.empty_like(phy2log).scatter_(1, order, slots - first_of_expert.gather(1, sorted_experts))
     log2phy = torch.full((num_layers, num_experts * max_copies), -1, dtype=torch.int64, device=phy2log.device)
-    log2phy.scatter_(1, sorted_experts * max_copies + rank, order)
+    log2phy.scatter_(1, phy2log * max_copies + phy_rank, slots.expand(num_layers, -1))
     return log2phy.view(num_layers, num_experts, max_copies)
 
 

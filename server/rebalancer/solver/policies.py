@@ -56,11 +56,12 @@ PolicyResult = tuple[torch.Tensor, list[str], dict]
 
 
 def _deepseek(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
-    # The published algorithm runs on the CPU in float32; running it there keeps it bit for bit.
-    phy2log = rebalance_deepseek(
+    # The published algorithm runs on the CPU in float32; running it there keeps it bit for bit,
+    # including the order of each expert's copies in log2phy (by replica rank, not by slot).
+    phy2log, phy_rank = rebalance_deepseek(
         loads.float().cpu(), opts.num_replicas, opts.num_groups, opts.num_nodes, opts.num_gpus
-    ).to(loads.device)
-    return phy2log, ["deepseek"] * loads.shape[0], {}
+    )
+    return phy2log.to(loads.device), ["deepseek"] * loads.shape[0], {"phy_rank": phy_rank.to(loads.device)}
 
 
 def _global(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
