@@ -199,8 +199,9 @@ def solve_milp(
     for j, v in enumerate(levels):
         heavy = [(e, k) for (e, k), p in piece.items() if p >= v * (1 - 1e-12)]
         m_col = 1 + n_z + n_x + j
-        rows.append(([m_col] + [zi(e, k) for e, k in heavy], [float(num_gpus)] + [-float(k) for _, k in heavy],
-                     0.0, inf))
+        rows.append(
+            ([m_col] + [zi(e, k) for e, k in heavy], [float(num_gpus)] + [-float(k) for _, k in heavy], 0.0, inf)
+        )
         rows.append(([0, m_col], [1.0, -v], 0.0, inf))
 
     h = highspy.Highs()
@@ -259,9 +260,7 @@ def solve_milp(
         z = values[1 : 1 + n_z].reshape(num_experts, kmax)
         x = np.rint(values[1 + n_z : 1 + n_z + n_x]).astype(int).reshape(num_experts, num_gpus, kmax)
         copies = [int(ks[z[e].argmax()]) for e in range(num_experts)]
-        gpu_experts = [
-            [e for e in range(num_experts) for _ in range(x[e, g, copies[e] - 1])] for g in range(num_gpus)
-        ]
+        gpu_experts = [[e for e in range(num_experts) for _ in range(x[e, g, copies[e] - 1])] for g in range(num_gpus)]
     best = placement_max_load(loads, copies, gpu_experts)
     if best > ub:  # never report worse than the incumbent we handed in
         best, copies, gpu_experts = ub, greedy_copies, greedy_gpus
@@ -280,8 +279,10 @@ def optimal_max_load(
 
 
 if __name__ == "__main__":
-    for case in ([600, 560, 120, 120, 20, 10, 10, 10],
-                 [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
-                 [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]):
+    for case in (
+        [600, 560, 120, 120, 20, 10, 10, 10],
+        [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+        [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
+    ):
         r = solve_milp(case, 16, 8)
         print(f"{case}: optimum {r.optimum:.4f} ({r.status}, {r.seconds:.2f} s) copies {r.copies}")

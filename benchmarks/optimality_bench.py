@@ -112,8 +112,9 @@ def instances() -> list[Instance]:
             loads = lognormal_loads(num_experts, param, rng)
         else:
             loads = hot_loads(num_experts, int(param), rng.uniform(0.25, 0.45), rng)
-        out.append(Instance(f"{gen}{param:g}-e{num_experts}-g{num_gpus}", loads, num_experts + spare * num_gpus,
-                            num_gpus))
+        out.append(
+            Instance(f"{gen}{param:g}-e{num_experts}-g{num_gpus}", loads, num_experts + spare * num_gpus, num_gpus)
+        )
     return out
 
 
@@ -199,8 +200,10 @@ def run(time_limit: float = 60.0, policies: tuple[str, ...] = ("auto", "deepseek
             row[f"{policy}_max"] = scored[policy][0]
             row[f"{policy}_gap_pct"] = gap_pct(scored[policy][0], entry["optimum"])
         rows.append(row)
-    summary: dict[str, float | int] = {"instances": len(rows), "proven_optimal": sum(
-        r["milp_status"] == "optimal" for r in rows)}
+    summary: dict[str, float | int] = {
+        "instances": len(rows),
+        "proven_optimal": sum(r["milp_status"] == "optimal" for r in rows),
+    }
     for policy in policies:
         gaps = [r[f"{policy}_gap_pct"] for r in rows]
         summary[f"{policy}_mean_gap_pct"] = float(np.mean(gaps))

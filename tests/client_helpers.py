@@ -73,15 +73,12 @@ def _abort(context: grpc.ServicerContext, code: int, message: str, violations: d
         detail.Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                    for f, d in violations.items()
+                    error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations.items()
                 ]
             )
         )
         details.append(detail)
-    context.abort_with_status(
-        rpc_status.to_status(status_pb2.Status(code=code, message=message, details=details))
-    )
+    context.abort_with_status(rpc_status.to_status(status_pb2.Status(code=code, message=message, details=details)))
 
 
 @dataclass
@@ -103,9 +100,7 @@ class FakeRebalancer(rebalancer_pb2_grpc.RebalancerServiceServicer):
         self.metadata: list[dict[str, str]] = []
         self.cond = threading.Condition()
 
-    def _placement(
-        self, deployment_id: str, version: int, loads: np.ndarray, topology: pb.Topology
-    ) -> pb.Placement:
+    def _placement(self, deployment_id: str, version: int, loads: np.ndarray, topology: pb.Topology) -> pb.Placement:
         phy2log, log2phy, logcnt = fake_placement(loads, topology.num_replicas)
         stats = pb.PlacementStats(
             balancedness_after=0.5,
@@ -147,13 +142,9 @@ class FakeRebalancer(rebalancer_pb2_grpc.RebalancerServiceServicer):
         elif deployment is not None:
             loads = deployment.window
         else:
-            _abort(
-                context, code_pb2.INVALID_ARGUMENT, "no loads", {"loads": "required without deployment_id"}
-            )
+            _abort(context, code_pb2.INVALID_ARGUMENT, "no loads", {"loads": "required without deployment_id"})
         if not topology.num_replicas:
-            _abort(
-                context, code_pb2.INVALID_ARGUMENT, "no topology", {"topology": "required with inline loads"}
-            )
+            _abort(context, code_pb2.INVALID_ARGUMENT, "no topology", {"topology": "required with inline loads"})
         with self.cond:
             committed = deployment is not None and not request.options.dry_run
             version = deployment.version + 1 if committed else 0
@@ -175,18 +166,14 @@ class FakeRebalancer(rebalancer_pb2_grpc.RebalancerServiceServicer):
                 deployment = self.deployments.get(report.deployment_id)
                 if deployment is None:
                     if not report.HasField("topology"):
-                        rejections.append(
-                            pb.ReportRejection(index=index, field="topology", reason="required")
-                        )
+                        rejections.append(pb.ReportRejection(index=index, field="topology", reason="required"))
                         continue
                     shape = (report.topology.num_layers, report.topology.num_experts)
                     deployment = FakeDeployment(report.topology, np.zeros(shape))
                     self.deployments[report.deployment_id] = deployment
                 rows = list(report.layer_indices) or list(range(deployment.window.shape[0]))
                 if not np.isfinite(loads).all() or loads.shape != (len(rows), deployment.window.shape[1]):
-                    rejections.append(
-                        pb.ReportRejection(index=index, field="loads", reason="bad shape or value")
-                    )
+                    rejections.append(pb.ReportRejection(index=index, field="loads", reason="bad shape or value"))
                     continue
                 deployment.window[rows] += loads
                 deployment.reports += 1
@@ -217,18 +204,14 @@ class FakeRebalancer(rebalancer_pb2_grpc.RebalancerServiceServicer):
     def ListDeployments(self, request, context):
         with self.cond:
             infos = [
-                pb.DeploymentInfo(
-                    deployment_id=name, topology=d.topology, version=d.version, reports=d.reports
-                )
+                pb.DeploymentInfo(deployment_id=name, topology=d.topology, version=d.version, reports=d.reports)
                 for name, d in sorted(self.deployments.items())
             ]
         return pb.ListDeploymentsResponse(deployments=infos)
 
     def DeleteDeployment(self, request, context):
         with self.cond:
-            return pb.DeleteDeploymentResponse(
-                deleted=self.deployments.pop(request.deployment_id, None) is not None
-            )
+            return pb.DeleteDeploymentResponse(deleted=self.deployments.pop(request.deployment_id, None) is not None)
 
 
 @dataclass
@@ -331,8 +314,6 @@ def launch_servers(state_dirs: list[pathlib.Path], startup_s: float = 90.0) -> l
                 if server.process.poll() is not None or time.monotonic() > deadline:
                     for other in servers:
                         other.process.kill()
-                    raise RuntimeError(
-                        f"rebalancer-server did not become SERVING:\n{server.process.stdout.read()}"
-                    )
+                    raise RuntimeError(f"rebalancer-server did not become SERVING:\n{server.process.stdout.read()}")
                 time.sleep(0.1)
     return servers

@@ -22,9 +22,7 @@ def test_target_defaults_to_the_environment_then_loopback(monkeypatch):
     assert build_parser().parse_args(["health"]).target == DEFAULT_TARGET == "127.0.0.1:50051"
     monkeypatch.setenv("REBALANCER_TARGET", "dns:///rebalancer-headless:50051")
     assert build_parser().parse_args(["get", "x"]).target == "dns:///rebalancer-headless:50051"
-    args = build_parser().parse_args(
-        ["rebalance", "l.npy", "--replicas", "288", "--gpus", "32", "--format", "sglang"]
-    )
+    args = build_parser().parse_args(["rebalance", "l.npy", "--replicas", "288", "--gpus", "32", "--format", "sglang"])
     assert (args.replicas, args.groups, args.nodes, args.gpus, args.format) == (288, 1, 1, 32, "sglang")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["rebalance", "l.npy", "--format", "trtllm"])
@@ -73,10 +71,7 @@ def test_rebalance_writes_the_engine_json(fake, tmp_path, capsys, form, keys):
 def test_report_get_watch_list_delete_round_trip(fake, tmp_path, capsys):
     target = ["--target", fake.target]
     np.save(tmp_path / "window.npy", np.ones((3, 2, 4)))  # three reports
-    assert (
-        main(["report", "cli-dep", str(tmp_path / "window.npy"), "--replicas", "6", "--gpus", "3", *target])
-        == 0
-    )
+    assert main(["report", "cli-dep", str(tmp_path / "window.npy"), "--replicas", "6", "--gpus", "3", *target]) == 0
     assert json.loads(capsys.readouterr().out)["accepted"] == 3
     assert main(["rebalance", "--deployment", "cli-dep", *target]) == 0
     assert "version 1 committed" in capsys.readouterr().err
@@ -85,9 +80,7 @@ def test_report_get_watch_list_delete_round_trip(fake, tmp_path, capsys):
     assert main(["watch", "cli-dep", "--count", "1", *target]) == 0
     assert json.loads(capsys.readouterr().out)["version"] == 1
     watched = tmp_path / "watched.json"
-    assert (
-        main(["watch", "cli-dep", "--count", "1", "--format", "sglang", "--out", str(watched), *target]) == 0
-    )
+    assert main(["watch", "cli-dep", "--count", "1", "--format", "sglang", "--out", str(watched), *target]) == 0
     assert list(json.loads(watched.read_text())) == ["physical_to_logical_map"]
     assert main(["list", *target]) == 0
     assert "cli-dep\tversion 1\treports 3" in capsys.readouterr().out

@@ -145,9 +145,7 @@ def test_rebalance_request_carries_every_option():
     options = request.options
     assert options.policy == pb.POLICY_DEEPSEEK and options.num_candidates == 16 and options.seed == 7
     assert options.dry_run and options.fresh and options.max_moves_per_layer == 3
-    assert options.balance_tolerance == pytest.approx(0.01) and options.locality_tolerance == pytest.approx(
-        0.02
-    )
+    assert options.balance_tolerance == pytest.approx(0.01) and options.locality_tolerance == pytest.approx(0.02)
     assert request.base_version == 5 and request.prev_phy2log.dtype == pb.ELEMENT_TYPE_INT64
     assert request.loads.dtype == pb.ELEMENT_TYPE_FLOAT64  # the loads keep their precision on the wire
     assert not rebalance_request(deployment_id="dep").HasField("loads")

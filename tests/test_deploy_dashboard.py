@@ -81,9 +81,7 @@ def panel_exprs(dashboard: dict, title_word: str) -> str:
 def test_has_the_panels_sres_asked_for(dashboard: dict) -> None:
     latency = panel_exprs(dashboard, "solve latency")
     for q in ("0.5", "0.9", "0.99"):
-        assert (
-            f"histogram_quantile({q}, " in latency and "rebalancer_solve_duration_seconds_bucket" in latency
-        )
+        assert f"histogram_quantile({q}, " in latency and "rebalancer_solve_duration_seconds_bucket" in latency
     rpc_rate = panel_exprs(dashboard, "RPC rate")
     assert "grpc_server_handled_total" in rpc_rate and "grpc_method, grpc_code" in rpc_rate
     errors = panel_exprs(dashboard, "error ratio")
@@ -117,9 +115,7 @@ def test_panels_use_the_datasource_variable_and_do_not_overlap(dashboard: dict) 
         grid = panel["gridPos"]
         assert grid["x"] + grid["w"] <= 24, panel["title"]
         mine = {
-            (x, y)
-            for x in range(grid["x"], grid["x"] + grid["w"])
-            for y in range(grid["y"], grid["y"] + grid["h"])
+            (x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])
         }
         assert not mine & cells, f"{panel['title']} overlaps another panel"
         cells |= mine

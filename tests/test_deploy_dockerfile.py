@@ -53,9 +53,7 @@ def test_base_image_is_pinned_cuda_pytorch() -> None:
     base = DockerfileParser(path=str(DOCKERFILE)).baseimage
     assert base.startswith("pytorch/pytorch:"), base
     tag = base.split(":", 1)[1]
-    assert re.fullmatch(r"\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime", tag), (
-        f"unpinned or non-CUDA tag {tag}"
-    )
+    assert re.fullmatch(r"\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime", tag), f"unpinned or non-CUDA tag {tag}"
 
 
 def test_runs_as_fixed_non_root_user(instructions: list[dict]) -> None:
@@ -91,9 +89,7 @@ def test_dockerignore_keeps_local_state_out() -> None:
 
 def test_ports_volume_and_env(instructions: list[dict]) -> None:
     parser = DockerfileParser(path=str(DOCKERFILE))
-    exposed = {
-        p.split("/")[0] for i in instructions if i["instruction"] == "EXPOSE" for p in i["value"].split()
-    }
+    exposed = {p.split("/")[0] for i in instructions if i["instruction"] == "EXPOSE" for p in i["value"].split()}
     assert {"50051", "9464"} <= exposed
     assert STATE_DIR in json.loads(last(instructions, "VOLUME"))
     assert parser.envs["REBALANCER_STATE_DIR"] == STATE_DIR
@@ -121,7 +117,5 @@ def test_entrypoint_and_stop_signal(instructions: list[dict]) -> None:
 
 
 def test_image_commands_are_console_scripts_of_the_package() -> None:
-    scripts = {
-        e.name for e in metadata.entry_points(group="console_scripts") if e.dist.name == "moe-rebalancer"
-    }
+    scripts = {e.name for e in metadata.entry_points(group="console_scripts") if e.dist.name == "moe-rebalancer"}
     assert {"rebalancer-server", "rebalancer"} <= scripts

@@ -45,9 +45,7 @@ def container() -> dict:
 def test_manifest_validates(name: str, doc: dict, version: str) -> None:
     if doc["kind"] in CUSTOM_KINDS:
         assert doc["apiVersion"] == CUSTOM_KINDS[doc["kind"]]
-        pytest.skip(
-            f"{doc['kind']} is not a built-in kind: no schema to validate, its structure is tested below"
-        )
+        pytest.skip(f"{doc['kind']} is not a built-in kind: no schema to validate, its structure is tested below")
     kubernetes_validate.validate(doc, version, strict=True)
 
 

@@ -62,9 +62,7 @@ def test_imbalance_alert_is_per_deployment() -> None:
 def test_scrape_config_targets_the_metrics_port_and_loads_rules() -> None:
     config = yaml.safe_load((PROMETHEUS / "prometheus.yaml").read_text())
     for rule_file in config["rule_files"]:
-        assert (PROMETHEUS / rule_file).is_file(), (
-            f"rule file {rule_file} (relative to the config) is missing"
-        )
+        assert (PROMETHEUS / rule_file).is_file(), f"rule file {rule_file} (relative to the config) is missing"
     (job,) = (j for j in config["scrape_configs"] if j["job_name"] == "rebalancer")
     targets = [t for sc in job["static_configs"] for t in sc["targets"]]
     assert targets and all(t.endswith(":9464") for t in targets)

@@ -38,9 +38,7 @@ SERVICE = "rebalancer.v1.RebalancerService"
 DEPLOYMENT = "live-metrics"
 TRAFFIC_RPCS = 4  # drive_traffic: three Rebalance calls and one StreamLoad
 LAYERS, EXPERTS = 4, 16
-TOPOLOGY = pb.Topology(
-    num_layers=LAYERS, num_experts=EXPERTS, num_replicas=24, num_groups=4, num_nodes=2, num_gpus=4
-)
+TOPOLOGY = pb.Topology(num_layers=LAYERS, num_experts=EXPERTS, num_replicas=24, num_groups=4, num_nodes=2, num_gpus=4)
 START_TIMEOUT_S = 60.0
 
 
@@ -187,9 +185,7 @@ def test_samples_carry_the_expected_labels(scrapes: tuple[str, str]) -> None:
             if family_of(sample_name) != name and sample_name != name:
                 continue
             for sample in found:
-                assert set(family.labels) <= set(sample.labels), (
-                    f"{sample_name} {sample.labels} lacks {family.labels}"
-                )
+                assert set(family.labels) <= set(sample.labels), f"{sample_name} {sample.labels} lacks {family.labels}"
                 assert "layer" not in sample.labels, "no per-layer labels (SPEC §6)"
 
 
@@ -218,9 +214,7 @@ def test_telemetry_and_deployment_series_move(scrapes: tuple[str, str]) -> None:
     assert total(after, reports, deployment=DEPLOYMENT, outcome="rejected") == 1
     assert total(after, "rebalancer_deployments") == 1
     balancedness = samples(after).get("rebalancer_balancedness", [])
-    assert any(s.labels == {"deployment": DEPLOYMENT, "placement": "proposed"} for s in balancedness), (
-        balancedness
-    )
+    assert any(s.labels == {"deployment": DEPLOYMENT, "placement": "proposed"} for s in balancedness), balancedness
 
 
 def deploy_queries() -> list[str]:
@@ -237,9 +231,7 @@ def test_dashboard_and_rule_metrics_exist_in_the_scrape(scrapes: tuple[str, str]
     for expr in deploy_queries():
         for series in queried_series(expr) - SCRAPE_SERIES:
             family = family_of(series)
-            assert family is not None and exposition_name(family) in exported, (
-                f"{series} ({expr}) not exported"
-            )
+            assert family is not None and exposition_name(family) in exported, f"{series} ({expr}) not exported"
 
 
 def test_promtool_check_metrics(scrapes: tuple[str, str]) -> None:

@@ -39,9 +39,7 @@ class _AsyncLoadRequests:
         index = 0
         async for report in self._reports:
             try:
-                yield load_request(
-                    self._deployment_id, index, report, topology=self._topology, rank=self._rank
-                )
+                yield load_request(self._deployment_id, index, report, topology=self._topology, rank=self._rank)
             except Exception as exc:
                 self.error = exc
                 raise
@@ -139,9 +137,7 @@ class AsyncRebalancerClient:
             base_version=base_version,
             prev_phy2log=prev_phy2log,
         )
-        response = await self._stub.Rebalance(
-            request, timeout=self._deadline(timeout), metadata=self._metadata
-        )
+        response = await self._stub.Rebalance(request, timeout=self._deadline(timeout), metadata=self._metadata)
         return Placement.from_proto(response.placement, committed=response.committed)
 
     async def report_loads(

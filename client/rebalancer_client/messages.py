@@ -72,9 +72,7 @@ def make_topology(
     if topology.num_gpus % topology.num_nodes:
         raise ValueError(f"num_gpus ({num_gpus}) must be divisible by num_nodes ({num_nodes})")
     if topology.num_experts % topology.num_groups:
-        raise ValueError(
-            f"the number of experts ({num_experts}) must be divisible by num_groups ({num_groups})"
-        )
+        raise ValueError(f"the number of experts ({num_experts}) must be divisible by num_groups ({num_groups})")
     return topology
 
 
@@ -94,9 +92,7 @@ def as_topology(value: TopologyLike, loads_shape: tuple[int, ...] | None = None)
     if loads_shape is not None and len(loads_shape) == 2:
         fields["num_layers"] = fields.get("num_layers") or loads_shape[0]
         fields["num_experts"] = fields.get("num_experts") or loads_shape[1]
-    missing = [
-        name for name in ("num_layers", "num_experts", "num_replicas", "num_gpus") if not fields.get(name)
-    ]
+    missing = [name for name in ("num_layers", "num_experts", "num_replicas", "num_gpus") if not fields.get(name)]
     if missing:
         raise ValueError(f"topology is missing {', '.join(missing)}")
     return make_topology(**fields)
@@ -214,9 +210,7 @@ def load_request(
     if (indices < 0).any():
         raise ValueError(f"reports[{index}] has negative layer indices")
     if indices.size and indices.size != array.shape[0]:
-        raise ValueError(
-            f"reports[{index}] has {indices.size} layer indices for {array.shape[0]} rows of loads"
-        )
+        raise ValueError(f"reports[{index}] has {indices.size} layer indices for {array.shape[0]} rows of loads")
     request = pb.StreamLoadRequest(
         deployment_id=deployment_id,
         loads=encode(array),

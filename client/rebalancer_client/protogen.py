@@ -23,7 +23,8 @@ def generate(out_dir: pathlib.Path) -> dict[str, str]:
     from grpc_tools import protoc
 
     with tempfile.TemporaryDirectory() as raw:
-        args = ["protoc", f"-I{PROTO_ROOT}", f"--python_out={raw}", f"--pyi_out={raw}", f"--grpc_python_out={raw}", PROTO]
+        outputs = [f"--python_out={raw}", f"--pyi_out={raw}", f"--grpc_python_out={raw}"]
+        args = ["protoc", f"-I{PROTO_ROOT}", *outputs, PROTO]
         include = pathlib.Path(protoc.__file__).parent / "_proto"
         if protoc.main([*args, f"-I{include}"]) != 0:
             raise RuntimeError(f"protoc failed on {PROTO}")

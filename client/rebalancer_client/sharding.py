@@ -91,8 +91,7 @@ class ShardedClient:
         self._spec = targets
         self._client_args = {"credentials": credentials, "token": token, "options": options}
         self._dynamic = any(
-            entry.strip().startswith("dns:")
-            for entry in (targets.split(",") if isinstance(targets, str) else targets)
+            entry.strip().startswith("dns:") for entry in (targets.split(",") if isinstance(targets, str) else targets)
         )
         self._refresh_s = refresh_s
         self._lock = threading.Lock()
@@ -191,9 +190,7 @@ class ShardedClient:
     def get_placement(self, deployment_id: str, *, timeout: float | None = None) -> Placement:
         return self.client_for(deployment_id).get_placement(deployment_id, timeout=timeout)
 
-    def watch(
-        self, deployment_id: str, after_version: int = 0, *, timeout: float | None = None
-    ) -> Iterator[Placement]:
+    def watch(self, deployment_id: str, after_version: int = 0, *, timeout: float | None = None) -> Iterator[Placement]:
         return self.client_for(deployment_id).watch(deployment_id, after_version, timeout=timeout)
 
     def delete_deployment(self, deployment_id: str, *, timeout: float | None = None) -> bool:
@@ -207,9 +204,7 @@ class ShardedClient:
         return sorted(infos, key=lambda info: info.deployment_id)
 
 
-def connect(
-    target: str | Sequence[str], timeout: float = 10.0, **kwargs: Any
-) -> RebalancerClient | ShardedClient:
+def connect(target: str | Sequence[str], timeout: float = 10.0, **kwargs: Any) -> RebalancerClient | ShardedClient:
     """A plain client for one `host:port`, a `ShardedClient` for a list, a comma list or `dns:///`."""
     if isinstance(target, str) and "," not in target and not target.startswith("dns:"):
         return RebalancerClient(target, timeout, **kwargs)

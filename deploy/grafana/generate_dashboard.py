@@ -275,8 +275,7 @@ ROWS: tuple[Row, ...] = (
                 "Expert copies shipped between GPUs by new placements, per deployment.",
                 (
                     Query(
-                        "sum by (deployment) "
-                        f"(increase(rebalancer_replicas_moved_total{{{ON_DEPLOYMENT}}}[{WINDOW}]))",
+                        f"sum by (deployment) (increase(rebalancer_replicas_moved_total{{{ON_DEPLOYMENT}}}[{WINDOW}]))",
                         "{{deployment}}",
                     ),
                 ),
@@ -287,8 +286,7 @@ ROWS: tuple[Row, ...] = (
                 "Load reports per deployment, accepted and rejected.",
                 (
                     Query(
-                        "sum by (deployment, outcome) "
-                        f"({rate('rebalancer_telemetry_reports_total', ON_DEPLOYMENT)})",
+                        f"sum by (deployment, outcome) ({rate('rebalancer_telemetry_reports_total', ON_DEPLOYMENT)})",
                         "{{deployment}} {{outcome}}",
                     ),
                 ),
@@ -326,9 +324,7 @@ def template_variables() -> list[dict]:
             "query": "prometheus",
             "current": {"selected": False, "text": "Prometheus", "value": "prometheus"},
         },
-        query_variable(
-            "instance", "Replica", 'label_values(rebalancer_deployments{job="rebalancer"}, instance)'
-        ),
+        query_variable("instance", "Replica", 'label_values(rebalancer_deployments{job="rebalancer"}, instance)'),
         query_variable(
             "deployment",
             "Deployment",
@@ -348,12 +344,8 @@ def panel_json(panel: Panel, panel_id: int, x: int, y: int) -> dict:
         "description": panel.description,
         "datasource": DATASOURCE,
         "gridPos": {"h": panel.height, "w": panel.width, "x": x, "y": y},
-        "fieldConfig": {
-            "defaults": {"unit": panel.unit, "custom": custom if panel.kind == "timeseries" else {}}
-        },
-        "options": {
-            "legend": {"displayMode": "table", "placement": "bottom", "calcs": ["lastNotNull", "max"]}
-        }
+        "fieldConfig": {"defaults": {"unit": panel.unit, "custom": custom if panel.kind == "timeseries" else {}}},
+        "options": {"legend": {"displayMode": "table", "placement": "bottom", "calcs": ["lastNotNull", "max"]}}
         if panel.kind == "timeseries"
         else {"reduceOptions": {"calcs": ["lastNotNull"]}},
         "targets": [

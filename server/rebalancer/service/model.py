@@ -66,9 +66,10 @@ class PlacementRecord:
         message.deployment_id = self.deployment_id
         message.version = self.version
         message.topology.CopyFrom(self.topology.to_proto())
-        message.phy2log.CopyFrom(encode(self.phy2log))
-        message.logcnt.CopyFrom(encode(self.logcnt))
-        message.log2phy.CopyFrom(encode(self.log2phy))
+        # int32 on the wire: slot and expert ids fit, and the largest map (log2phy) is half the bytes.
+        message.phy2log.CopyFrom(encode(np.asarray(self.phy2log, dtype=np.int32)))
+        message.logcnt.CopyFrom(encode(np.asarray(self.logcnt, dtype=np.int32)))
+        message.log2phy.CopyFrom(encode(np.asarray(self.log2phy, dtype=np.int32)))
         message.stats.CopyFrom(self.stats)
         message.trigger = self.trigger
         message.created_unix_ms = self.created_unix_ms

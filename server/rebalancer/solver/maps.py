@@ -9,7 +9,8 @@ import torch
 
 
 def logcnt_from_phy2log(phy2log: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """phy2log [L, R] -> copies per expert [L, E]."""
+    """phy2log [L, R] (any integer dtype) -> copies per expert [L, E] int64."""
+    phy2log = phy2log.long()
     counts = torch.zeros(phy2log.shape[0], num_experts, dtype=torch.int64, device=phy2log.device)
     return counts.scatter_add_(1, phy2log, torch.ones_like(phy2log))
 
@@ -61,7 +62,8 @@ def imbalance_ratio(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.T
 
 
 def expert_histogram(phy2log: torch.Tensor, num_experts: int, num_gpus: int) -> torch.Tensor:
-    """Copies of each expert on each GPU: [L, G, E] int64."""
+    """Copies of each expert on each GPU: [L, G, E] int64 (phy2log of any integer dtype)."""
+    phy2log = phy2log.long()
     num_layers, num_slots = phy2log.shape
     gpu = torch.arange(num_slots, device=phy2log.device) // (num_slots // num_gpus)
     hist = torch.zeros(num_layers, num_gpus * num_experts, dtype=torch.int64, device=phy2log.device)

@@ -107,11 +107,17 @@ def plan(
     scenario_loads [P, S, E] (see history.py) make the choice among candidates favour placements that
     stay balanced when the loads move as they have been moving.
     """
-    phy2log, peak = best_candidate(
-        *candidate_placements(loads, num_replicas, num_gpus, seeds, num_candidates), scenario_loads
-    )
+    phy2log_c, gpu_loads_c = candidate_placements(loads, num_replicas, num_gpus, seeds, num_candidates)
+    phy2log, peak = best_candidate(phy2log_c, gpu_loads_c)
 
     def pack_counts(trial_loads: torch.Tensor, trial_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return best_candidate(*place_copies(trial_loads, trial_counts.unsqueeze(1), num_gpus))
 
-    return improve_replication(loads, phy2log, peak, num_gpus, pack_counts)
+    improved, improved_peak = improve_replication(loads, phy2log, peak, num_gpus, pack_counts)
+    if scenario_loads is None:
+        return improved, improved_peak
+    # Where moving copies between experts lowered the peak the layer is hard and that wins; elsewhere
+    # the candidate that stays balanced across the scenarios does.
+    robust, robust_peak = best_candidate(phy2log_c, gpu_loads_c, scenario_loads)
+    joint_won = improved_peak < peak
+    return torch.where(joint_won.unsqueeze(1), improved, robust), torch.where(joint_won, improved_peak, robust_peak)
