@@ -159,3 +159,26 @@ def test_real_replicas_shard_scale_out_and_fail_independently(tmp_path):
                     assert client.get_placement(name).deployment_id == name
     finally:
         stop_all(servers)
+
+
+def test_dns_targets_are_named_by_stable_pod_names(monkeypatch):
+    """Pod IPs change on restart; the reverse names of a headless Service's pods do not, so the shard
+    owner of a deployment must be computed on those names."""
+    import socket
+
+    addresses = {"10.0.0.7": "rebalancer-0.rebalancer.ml.svc.cluster.local", "10.0.0.9": None}
+
+    def getaddrinfo(host, port, type=0):
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in addresses]
+
+    def gethostbyaddr(ip):
+        if addresses[ip] is None:
+            raise socket.herror("no reverse name")
+        return addresses[ip], [], [ip]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket, "gethostbyaddr", gethostbyaddr)
+    assert resolve_dns("dns:///rebalancer:50051") == [
+        "10.0.0.9:50051",
+        "rebalancer-0.rebalancer.ml.svc.cluster.local:50051",
+    ]

@@ -59,7 +59,13 @@ def parse_targets(spec: str | Sequence[str]) -> list[str]:
 
 
 def resolve_dns(target: str) -> list[str]:
-    """`dns:///name:port` (or `dns:name:port`) -> sorted `ip:port` of every address the name resolves to."""
+    """`dns:///name:port` (or `dns:name:port`) -> sorted `host:port` of every replica behind the name.
+
+    Each address is named by its reverse-DNS host name when it has one: a StatefulSet pod behind a
+    headless Service resolves back to its stable `pod-N.service.namespace.svc...` name, which survives
+    restarts that change the pod's IP, so the rendezvous hash (and every deployment's owner) stays put.
+    Addresses without a reverse name are used as they are.
+    """
     name = target.removeprefix("dns:").lstrip("/")
     host, sep, port = name.rpartition(":")
     if not sep or not port.isdigit():
@@ -67,7 +73,17 @@ def resolve_dns(target: str) -> list[str]:
     host = host.strip("[]")
     infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
     addresses = {info[4][0] for info in infos}
-    return sorted(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in addresses)
+    return sorted(_stable_name(ip, port) for ip in addresses)
+
+
+def _stable_name(ip: str, port: str) -> str:
+    try:
+        hostname = socket.gethostbyaddr(ip)[0]
+    except OSError:
+        hostname = ""
+    if hostname and hostname not in ("localhost", "localhost.localdomain"):
+        return f"{hostname}:{port}"
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 class ShardedClient:
