@@ -22,7 +22,11 @@ MIN_EXPONENT_DROP = 0.5
 
 
 def place_copies(
-    loads: torch.Tensor, counts: torch.Tensor, num_gpus: int, order_noise: torch.Tensor | None = None
+    loads: torch.Tensor,
+    counts: torch.Tensor,
+    num_replicas: int,
+    num_gpus: int,
+    order_noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack given copies onto GPUs, C variants per row.
 
@@ -30,7 +34,6 @@ def place_copies(
     copies' loads for the LPT order (None: plain LPT) -> (phy2log [P, C, R], gpu_loads [P, C, G] float64).
     """
     num_rows, num_candidates, _ = counts.shape
-    num_replicas = int(counts[0, 0].sum()) if counts.numel() else 0
     batch = num_rows * num_candidates
     item_expert = slots_from_counts(counts, num_replicas)  # [P, C, R]
     item_loads = (loads.to(torch.float32).unsqueeze(1) / counts).gather(-1, item_expert)
@@ -61,7 +64,7 @@ def candidate_placements(
     noisy = noisy * multiplicative_noise(seeds, num_candidates, num_experts, REPLICATION_STREAM)
     counts = replica_counts(noisy, num_replicas)  # [P, C, E]
     order_noise = multiplicative_noise(seeds, num_candidates, num_replicas, ORDER_STREAM)
-    return place_copies(loads, counts, num_gpus, order_noise)
+    return place_copies(loads, counts, num_replicas, num_gpus, order_noise)
 
 
 def replication_exponents(num_candidates: int, device: torch.device) -> torch.Tensor:
@@ -111,7 +114,7 @@ def plan(
     phy2log, peak = best_candidate(phy2log_c, gpu_loads_c)
 
     def pack_counts(trial_loads: torch.Tensor, trial_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return best_candidate(*place_copies(trial_loads, trial_counts.unsqueeze(1), num_gpus))
+        return best_candidate(*place_copies(trial_loads, trial_counts.unsqueeze(1), num_replicas, num_gpus))
 
     improved, improved_peak = improve_replication(loads, phy2log, peak, num_gpus, pack_counts)
     if scenario_loads is None:
