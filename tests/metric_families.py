@@ -34,6 +34,7 @@ EXPECTED_FAMILIES: dict[str, Family] = {
     "rebalancer_placements_total": Family("counter", ("trigger",)),
     "rebalancer_solver_calls_total": Family("counter", ("path",)),
     "rebalancer_deployments": Family("gauge"),
+    "rebalancer_dropped_requests_total": Family("counter", ("reason",)),
     "grpc_server_started_total": Family("counter", _GRPC_METHOD_LABELS),
     "grpc_server_handled_total": Family("counter", (*_GRPC_METHOD_LABELS, "grpc_code")),
     "grpc_server_handling_seconds": Family("histogram", _GRPC_METHOD_LABELS),

@@ -173,6 +173,18 @@ ROWS: tuple[Row, ...] = (
                 (Query(f"sum by (instance) (rebalancer_queue_depth{{{ON_INSTANCE}}})", "{{instance}}"),),
                 width=8,
             ),
+            Panel(
+                "Dropped requests",
+                "Requests never solved because the caller cancelled or their deadline passed while queued.",
+                (
+                    Query(
+                        f"sum by (reason) ({rate('rebalancer_dropped_requests_total', ON_INSTANCE)})",
+                        "{{reason}}",
+                    ),
+                ),
+                unit="reqps",
+                width=8,
+            ),
         ),
     ),
     Row(
