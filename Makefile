@@ -29,7 +29,7 @@ bench-quick: install
 	$(BIN)/python benchmarks/report.py --quick
 
 protos: install
-	$(BIN)/python -m rebalancer_client.protogen
+	$(BIN)/python client/rebalancer_client/protogen.py  # as a file: the package imports the stubs it rewrites
 
 lint: install
 	$(BIN)/ruff check server client tests benchmarks deploy

@@ -20,6 +20,7 @@ _TO_NUMPY: dict[int, np.dtype] = {
     pb.ELEMENT_TYPE_FLOAT32: np.dtype("<f4"),
     pb.ELEMENT_TYPE_FLOAT64: np.dtype("<f8"),
     pb.ELEMENT_TYPE_FLOAT16: np.dtype("<f2"),
+    pb.ELEMENT_TYPE_INT16: np.dtype("<i2"),
     pb.ELEMENT_TYPE_INT32: np.dtype("<i4"),
     pb.ELEMENT_TYPE_INT64: np.dtype("<i8"),
 }
@@ -27,6 +28,7 @@ _FROM_NUMPY: dict[str, int] = {
     "float32": pb.ELEMENT_TYPE_FLOAT32,
     "float64": pb.ELEMENT_TYPE_FLOAT64,
     "float16": pb.ELEMENT_TYPE_FLOAT16,
+    "int16": pb.ELEMENT_TYPE_INT16,
     "int32": pb.ELEMENT_TYPE_INT32,
     "int64": pb.ELEMENT_TYPE_INT64,
 }
@@ -59,9 +61,19 @@ def encode(value: Any) -> pb.Tensor:
         array = array.astype(np.int64)
     name = array.dtype.name
     if name not in _FROM_NUMPY:
-        raise TypeError(f"cannot encode arrays of dtype {array.dtype}; use float32/64, float16 or int32/64")
+        raise TypeError(f"cannot encode arrays of dtype {array.dtype}; use float32/64, float16 or int16/32/64")
     little = array.astype(array.dtype.newbyteorder("<"), copy=False)
     return pb.Tensor(shape=list(array.shape), dtype=_FROM_NUMPY[name], data=np.ascontiguousarray(little).tobytes())
+
+
+def encode_ids(value: Any) -> pb.Tensor:
+    """Integer ids (placement maps, -1 padding) in the narrowest of int16/int32/int64 that holds them."""
+    array = as_numpy(value)
+    largest = int(np.abs(array).max()) if array.size else 0
+    for dtype in (np.int16, np.int32):
+        if largest <= np.iinfo(dtype).max:
+            return encode(array.astype(dtype))
+    return encode(array.astype(np.int64))
 
 
 def decode(message: pb.Tensor, *, max_elements: int | None = None, max_dims: int = 8) -> np.ndarray:

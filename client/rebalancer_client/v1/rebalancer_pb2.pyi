@@ -16,6 +16,7 @@ class ElementType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ELEMENT_TYPE_BFLOAT16: _ClassVar[ElementType]
     ELEMENT_TYPE_INT32: _ClassVar[ElementType]
     ELEMENT_TYPE_INT64: _ClassVar[ElementType]
+    ELEMENT_TYPE_INT16: _ClassVar[ElementType]
 
 class Policy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -31,6 +32,7 @@ ELEMENT_TYPE_FLOAT16: ElementType
 ELEMENT_TYPE_BFLOAT16: ElementType
 ELEMENT_TYPE_INT32: ElementType
 ELEMENT_TYPE_INT64: ElementType
+ELEMENT_TYPE_INT16: ElementType
 POLICY_UNSPECIFIED: Policy
 POLICY_AUTO: Policy
 POLICY_DEEPSEEK: Policy

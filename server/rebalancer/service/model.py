@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from rebalancer_client.codec import encode
+from rebalancer_client.codec import encode_ids
 from rebalancer_client.v1 import rebalancer_pb2 as pb
 
 
@@ -66,10 +66,10 @@ class PlacementRecord:
         message.deployment_id = self.deployment_id
         message.version = self.version
         message.topology.CopyFrom(self.topology.to_proto())
-        # int32 on the wire: slot and expert ids fit, and the largest map (log2phy) is half the bytes.
-        message.phy2log.CopyFrom(encode(np.asarray(self.phy2log, dtype=np.int32)))
-        message.logcnt.CopyFrom(encode(np.asarray(self.logcnt, dtype=np.int32)))
-        message.log2phy.CopyFrom(encode(np.asarray(self.log2phy, dtype=np.int32)))
+        # The narrowest integer type on the wire: log2phy is most of a response's bytes.
+        message.phy2log.CopyFrom(encode_ids(self.phy2log))
+        message.logcnt.CopyFrom(encode_ids(self.logcnt))
+        message.log2phy.CopyFrom(encode_ids(self.log2phy))
         message.stats.CopyFrom(self.stats)
         message.trigger = self.trigger
         message.created_unix_ms = self.created_unix_ms
