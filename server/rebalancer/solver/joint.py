@@ -20,23 +20,29 @@ def lower_bound(loads: torch.Tensor, counts: torch.Tensor, num_gpus: int) -> tor
     return torch.maximum(loads.sum(-1) / num_gpus, (loads / counts).max(-1).values)
 
 
-def neighbour_counts(loads: torch.Tensor, counts: torch.Tensor, width: int) -> torch.Tensor:
-    """counts [P, E] -> the T x T single-copy moves of each row [P, T * T, E] (no-op moves where x == y)."""
+def copy_moves(loads: torch.Tensor, counts: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
+    """The T x T candidate moves "donor y gives one copy to receiver x" of each row.
+
+    Receivers have the largest loads per copy; donors are experts with a spare copy that lose least by
+    giving it up (smallest load per copy afterwards). loads, counts [P, E] -> (x [P, M], y [P, M],
+    valid [P, M]) with M = T * T; a move is invalid when x == y or y has a single copy.
+    """
     num_rows, num_experts = counts.shape
     width = min(width, num_experts)
-    per_copy = loads / counts
-    receivers = per_copy.topk(width, dim=-1).indices  # [P, T]
-    cost_of_giving = torch.where(counts > 1, loads / (counts - 1).clamp_min(1), torch.full_like(loads, float("inf")))
-    donors = cost_of_giving.topk(width, dim=-1, largest=False).indices  # [P, T]
-    can_give = counts.gather(1, donors) > 1
-    rows = counts.unsqueeze(1).repeat(1, width * width, 1)  # [P, T*T, E]
-    x = receivers.unsqueeze(2).expand(-1, -1, width).reshape(num_rows, -1, 1)
-    y = donors.unsqueeze(1).expand(-1, width, -1).reshape(num_rows, -1, 1)
-    valid = (can_give.unsqueeze(1).expand(-1, width, -1).reshape(num_rows, -1, 1)) & (x != y)
-    step = valid.to(counts.dtype)
-    rows.scatter_add_(2, x, step)
-    rows.scatter_add_(2, y, -step)
-    return rows
+    receivers = (loads / counts).topk(width, dim=-1).indices  # [P, T]
+    giving = torch.where(counts > 1, loads / (counts - 1).clamp_min(1), torch.full_like(loads, float("inf")))
+    donors = giving.topk(width, dim=-1, largest=False).indices  # [P, T]
+    can_give = (counts.gather(1, donors) > 1).unsqueeze(1).expand(-1, width, -1).reshape(num_rows, -1)
+    x = receivers.unsqueeze(2).expand(-1, -1, width).reshape(num_rows, -1)
+    y = donors.unsqueeze(1).expand(-1, width, -1).reshape(num_rows, -1)
+    return x, y, can_give & (x != y)
+
+
+def moved_counts(counts: torch.Tensor, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """counts [P, E] and moves [P, M] -> the copies after each move [P, M, E] (unchanged where invalid)."""
+    trial = counts.unsqueeze(1).repeat(1, x.shape[1], 1)
+    step = valid.to(counts.dtype).unsqueeze(2)
+    return trial.scatter_add_(2, x.unsqueeze(2), step).scatter_add_(2, y.unsqueeze(2), -step)
 
 
 def improve_replication(
@@ -67,7 +73,7 @@ def improve_replication(
         rows = torch.arange(loads.shape[0], device=loads.device)
     sub_loads, sub_counts, sub_phy, sub_peak = loads[rows], counts[rows], phy2log[rows], peak[rows]
     for _ in range(rounds):
-        trial = neighbour_counts(sub_loads, sub_counts, width)  # [Q, M, E]
+        trial = moved_counts(sub_counts, *copy_moves(sub_loads, sub_counts, width))  # [Q, M, E]
         num_moves = trial.shape[1]
         trial_loads = sub_loads.unsqueeze(1).expand(-1, num_moves, -1).reshape(-1, num_experts)
         trial_phy, trial_peak = pack_counts(trial_loads, trial.view(-1, num_experts))

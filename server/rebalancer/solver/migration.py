@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import maps
+from .joint import copy_moves, moved_counts
 from .maps import expert_histogram, logcnt_from_phy2log
 from .packing import swap_refine
 
@@ -91,41 +92,30 @@ def align_slots(
     return aligned.view(num_layers, num_slots)
 
 
-def copy_moves(
+def hand_over_copies(
     loads: torch.Tensor, phy2log: torch.Tensor, num_gpus: int, targets: torch.Tensor, rounds: int, width: int = 5
 ) -> torch.Tensor:
     """Turn single slots into copies of hotter experts, in place, while that lowers the max GPU load.
 
-    Each round, per layer, tries the T x T moves "donor y gives the copy on its lightest GPU to receiver
-    x" (receivers: largest loads per copy; donors: experts with spare copies that lose least) and applies
-    the best if it lowers the peak of a layer still above its target. One move ships one copy.
-    loads [L, E] float64, phy2log [L, R], targets [L] -> phy2log [L, R].
+    Each round, per layer, tries the T x T moves of `joint.copy_moves` with the donor handing over its
+    copy on its lightest GPU, and applies the best if it lowers the peak of a layer still above its
+    target. One move ships one copy. loads [L, E] float64, phy2log [L, R], targets [L] -> phy2log [L, R].
     """
     num_layers, num_slots = phy2log.shape
     num_experts = loads.shape[1]
-    width = min(width, num_experts)
     slot_gpu = torch.arange(num_slots, device=phy2log.device) // (num_slots // num_gpus)
     for _ in range(rounds):
         counts = logcnt_from_phy2log(phy2log, num_experts)
         per_copy = loads / counts
         gpu_loads = per_copy.gather(1, phy2log).view(num_layers, num_gpus, -1).sum(-1)
         peak = gpu_loads.max(-1).values
-        receivers = per_copy.topk(width, dim=-1).indices  # [L, T]
-        giving = torch.where(counts > 1, loads / (counts - 1).clamp_min(1), torch.full_like(loads, float("inf")))
-        donors = giving.topk(width, dim=-1, largest=False).indices  # [L, T]
-        donor_ok = counts.gather(1, donors) > 1
+        x, y, valid = copy_moves(loads, counts, width)  # [L, M]
         # The donor's copy on its lightest GPU is the one handed over.
         load_of_slot_gpu = gpu_loads.gather(1, slot_gpu.expand(num_layers, -1))  # [L, R]
-        is_donor_slot = phy2log.unsqueeze(1) == donors.unsqueeze(2)  # [L, T, R]
-        donor_slot = torch.where(is_donor_slot, load_of_slot_gpu.unsqueeze(1), float("inf")).argmin(-1)  # [L, T]
-        moves = width * width
-        x = receivers.unsqueeze(2).expand(-1, -1, width).reshape(num_layers, moves)
-        y = donors.unsqueeze(1).expand(-1, width, -1).reshape(num_layers, moves)
-        slot = donor_slot.unsqueeze(1).expand(-1, width, -1).reshape(num_layers, moves)
-        valid = donor_ok.unsqueeze(1).expand(-1, width, -1).reshape(num_layers, moves) & (x != y)
-        trial_counts = counts.unsqueeze(1).repeat(1, moves, 1)
-        step = valid.to(counts.dtype).unsqueeze(2)
-        trial_counts.scatter_add_(2, x.unsqueeze(2), step).scatter_add_(2, y.unsqueeze(2), -step)
+        is_donor_slot = phy2log.unsqueeze(1) == y.unsqueeze(2)  # [L, M, R]
+        slot = torch.where(is_donor_slot, load_of_slot_gpu.unsqueeze(1), float("inf")).argmin(-1)  # [L, M]
+        moves = x.shape[1]
+        trial_counts = moved_counts(counts, x, y, valid)
         trial_phy = phy2log.unsqueeze(1).repeat(1, moves, 1)
         trial_phy.scatter_(2, slot.unsqueeze(2), torch.where(valid, x, y).unsqueeze(2))
         trial_loads = (loads.unsqueeze(1) / trial_counts).gather(2, trial_phy)
@@ -150,7 +140,7 @@ def incremental(
     copy shipped each), then single heaviest-GPU swaps (two copies each), until each layer's max GPU
     load is at or below `targets` [L]. Returns (phy2log [L, R], max GPU load [L])."""
     num_layers, num_slots = prev_phy2log.shape
-    phy2log = copy_moves(loads, prev_phy2log, num_gpus, targets, copy_rounds)
+    phy2log = hand_over_copies(loads, prev_phy2log, num_gpus, targets, copy_rounds)
     counts = logcnt_from_phy2log(phy2log, loads.shape[1])
     slot_loads = (loads / counts).gather(1, phy2log).to(torch.float32).view(num_layers, num_gpus, -1)
     slot_items = phy2log.view(num_layers, num_gpus, -1)
