@@ -72,6 +72,12 @@ def cpu_threads(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(current)
 
 
+def per_layer_scale(loads: torch.Tensor) -> torch.Tensor:
+    """The largest load of each layer, 1 for an all-zero layer: [L, 1]."""
+    peak = loads.amax(-1, keepdim=True)
+    return torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
 def solver_path(device: torch.device) -> str:
     """Which implementation ran the hot loops: "triton" kernels or plain "torch" ops."""
     try:
@@ -212,8 +218,11 @@ def solve(
         balance_tolerance=balance_tolerance,
         locality_tolerance=locality_tolerance,
     )
+    # Planning is scale-free; per-layer scaling to a max of 1 keeps float32 sums of huge loads finite.
+    # The published algorithm is left to see the loads exactly as given.
+    planning_loads = loads if policy == "deepseek" else loads / per_layer_scale(loads)
     with cpu_threads(target):
-        phy2log, policy_per_layer, stats = run_policy(policy, loads, options)
+        phy2log, policy_per_layer, stats = run_policy(policy, planning_loads, options)
     logcnt = maps.logcnt_from_phy2log(phy2log, num_experts)
     log2phy = maps.log2phy_from_phy2log(phy2log, logcnt, stats.pop("phy_rank", None))
     if prev_phy2log is None:
