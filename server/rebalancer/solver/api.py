@@ -157,8 +157,9 @@ def solve(
     inside a batch gets the result it gets alone. `prev_phy2log` [L, R] is the placement in force:
     the result then moves few copies (within `balance_tolerance` of the best balancedness, and at most
     `max_moves_per_layer` moved copies per layer when given). `history` [T, L, E] holds window sums,
-    newest last. `locality_tolerance` is the balancedness `policy="auto"` may give up per layer to keep
-    groups on their node.
+    newest last; it steers the choice among candidates of a fresh plan (ignored with `prev_phy2log`).
+    `locality_tolerance` is the max-load increase `policy="auto"` accepts per layer to keep groups on
+    their node.
     """
     weight = validate(weight, num_replicas, num_groups, num_nodes, num_gpus)
     if policy not in POLICIES:
