@@ -121,7 +121,8 @@ def bad_tensor(draw, shape: tuple[int, int]) -> tuple[pb.Tensor, str]:
     kind = draw(st.sampled_from(["dtype", "bytes", "ndim", "zero_dim", "negative_dim", "many_dims", "huge", "value"]))
     if kind == "dtype":
         known = [pb.ELEMENT_TYPE_UNSPECIFIED, pb.ELEMENT_TYPE_BFLOAT16]
-        return tensor(loads, dtype=draw(st.sampled_from(known) | st.integers(7, 2**31 - 1))), "dtype"
+        unknown = st.integers(max(pb.ElementType.values()) + 1, 2**31 - 1)
+        return tensor(loads, dtype=draw(st.sampled_from(known) | unknown)), "dtype"
     if kind == "bytes":
         data = encode(loads).data
         cut = draw(st.integers(1, len(data)))
