@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import platform
 import queue as queue_module
+import subprocess
 import sys
 import time
 import traceback
@@ -223,7 +224,25 @@ def collect(quick: bool, externals: Sequence[External] = EXTERNALS) -> dict:
     }
     for bench in externals:
         sections[bench.title] = run_external(bench, quick)
+    sections["Fuzzing (malformed requests and reports)"] = fuzz_totals()
     return sections
+
+
+def fuzz_totals() -> dict:
+    """The totals line of the service fuzz tests (tests/test_fuzz_service.py), run in a child pytest."""
+    started = time.perf_counter()
+    command = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/test_fuzz_service.py"]
+    done = subprocess.run(command, cwd=HERE.parent, capture_output=True, text=True, timeout=600)
+    totals = [line.strip() for line in done.stdout.splitlines() if "fuzz totals" in line]
+    outcome = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr.strip()[-300:]
+    if done.returncode != 0 or not totals:
+        return {
+            "status": "failed",
+            "text": done.stdout[-3000:] + done.stderr[-1000:],
+            "seconds": time.perf_counter() - started,
+        }
+    text = "\n".join(f"- {line}" for line in totals) + f"\n- pytest: {outcome}"
+    return {"status": "ok", "text": text, "seconds": time.perf_counter() - started}
 
 
 def headline(sections: dict) -> list[str]:
