@@ -25,6 +25,7 @@ COPY pyproject.toml README.md ./
 COPY protos ./protos
 COPY server ./server
 COPY client ./client
+COPY wire ./wire
 RUN pip install --no-cache-dir "./[server]"
 
 USER 10001:10001

@@ -29,11 +29,11 @@ bench-quick: install
 	$(BIN)/python benchmarks/report.py --quick
 
 protos: install
-	$(BIN)/python client/rebalancer_client/protogen.py  # as a file: the package imports the stubs it rewrites
+	$(BIN)/python -m rebalancer_wire.protogen
 
 lint: install
-	$(BIN)/ruff check server client tests benchmarks deploy
-	$(BIN)/ruff format --check server client tests benchmarks deploy
+	$(BIN)/ruff check server client wire tests benchmarks deploy
+	$(BIN)/ruff format --check server client wire tests benchmarks deploy
 	$(BIN)/buf lint
 	$(BIN)/hadolint Dockerfile
 

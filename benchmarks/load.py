@@ -35,9 +35,9 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from rebalancer_client.codec import encode
-from rebalancer_client.v1 import rebalancer_pb2 as pb
-from rebalancer_client.v1 import rebalancer_pb2_grpc
+from rebalancer_wire.codec import encode
+from rebalancer_wire.v1 import rebalancer_pb2 as pb
+from rebalancer_wire.v1 import rebalancer_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from service_bench import free_port, rss_mib, start_server, wait_serving  # noqa: E402

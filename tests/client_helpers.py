@@ -27,9 +27,9 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from rebalancer_client import RebalancerClient
-from rebalancer_client.codec import TensorDecodeError, decode, encode
-from rebalancer_client.v1 import rebalancer_pb2 as pb
-from rebalancer_client.v1 import rebalancer_pb2_grpc
+from rebalancer_wire.codec import TensorDecodeError, decode, encode
+from rebalancer_wire.v1 import rebalancer_pb2 as pb
+from rebalancer_wire.v1 import rebalancer_pb2_grpc
 
 SERVICE_NAME = "rebalancer.v1.RebalancerService"
 

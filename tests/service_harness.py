@@ -28,9 +28,9 @@ from grpc_status import rpc_status
 from rebalancer.service.config import ServerConfig
 from rebalancer.service.server import SERVICE_NAME, RebalancerServer
 from rebalancer.solver import solve
-from rebalancer_client.codec import decode, encode
-from rebalancer_client.v1 import rebalancer_pb2 as pb
-from rebalancer_client.v1 import rebalancer_pb2_grpc
+from rebalancer_wire.codec import decode, encode
+from rebalancer_wire.v1 import rebalancer_pb2 as pb
+from rebalancer_wire.v1 import rebalancer_pb2_grpc
 
 # A small topology that keeps every test fast: 4 layers of 16 experts on 32 slots, 4 groups, 2 nodes, 4 GPUs.
 LAYERS, EXPERTS, REPLICAS, GROUPS, NODES, GPUS = 4, 16, 32, 4, 2, 4

@@ -17,8 +17,8 @@ import pytest
 from client_helpers import SERVER_BIN, assert_valid_maps, launch_servers, real_server_available
 from rebalancer_client import AsyncRebalancerClient, LoadReporter, RebalancerClient, field_violations
 from rebalancer_client.cli import main as cli_main
-from rebalancer_client.codec import encode
 from rebalancer_client.messages import rebalance_request
+from rebalancer_wire.codec import encode
 
 if not real_server_available():
     pytest.skip("the real server needs torch and rebalancer.service", allow_module_level=True)

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import rebalancer_client
 from rebalancer_client import RebalancerClient, AsyncRebalancerClient, LoadReporter, ShardedClient, Placement
-from rebalancer_client.codec import decode, encode
+from rebalancer_wire.codec import decode, encode
 from rebalancer_client.cli import main, read_loads
 
 try:

@@ -11,9 +11,9 @@ from client_helpers import assert_valid_maps, fake_placement
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from rebalancer_client import Placement, Topology, field_violations
-from rebalancer_client.codec import encode
 from rebalancer_client.messages import as_topology, load_request, loads_array, rebalance_request
-from rebalancer_client.v1 import rebalancer_pb2 as pb
+from rebalancer_wire.codec import encode
+from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
 TOPOLOGY = Topology(num_layers=2, num_experts=4, num_replicas=6, num_groups=1, num_nodes=1, num_gpus=3)
 

@@ -31,9 +31,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from rebalancer_client.codec import encode
-from rebalancer_client.v1 import rebalancer_pb2 as pb
-from rebalancer_client.v1 import rebalancer_pb2_grpc
+from rebalancer_wire.codec import encode
+from rebalancer_wire.v1 import rebalancer_pb2 as pb
+from rebalancer_wire.v1 import rebalancer_pb2_grpc
 from service_harness import (
     EXPERTS,
     LAYERS,
@@ -53,8 +53,8 @@ STREAMED = 50
 STREAMING_CLIENT = f"""
 import sys, threading
 import grpc, numpy as np
-from rebalancer_client.codec import encode
-from rebalancer_client.v1 import rebalancer_pb2 as pb, rebalancer_pb2_grpc
+from rebalancer_wire.codec import encode
+from rebalancer_wire.v1 import rebalancer_pb2 as pb, rebalancer_pb2_grpc
 
 target, count = sys.argv[1], int(sys.argv[2])
 topology = pb.Topology(

@@ -26,8 +26,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rebalancer.service.validation import DEPLOYMENT_ID
-from rebalancer_client.codec import encode
-from rebalancer_client.v1 import rebalancer_pb2 as pb
+from rebalancer_wire.codec import encode
+from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from service_harness import EXPERTS, LAYERS, REPLICAS, TOPOLOGY, ServerThread, field_violations, report, skewed_loads
 
 MAX_MESSAGE_BYTES = 1 << 20

@@ -29,9 +29,9 @@ if find_spec("rebalancer.service.main") is None:
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-from rebalancer_client.codec import encode  # noqa: E402
-from rebalancer_client.v1 import rebalancer_pb2 as pb  # noqa: E402
-from rebalancer_client.v1.rebalancer_pb2_grpc import RebalancerServiceStub  # noqa: E402
+from rebalancer_wire.codec import encode  # noqa: E402
+from rebalancer_wire.v1 import rebalancer_pb2 as pb  # noqa: E402
+from rebalancer_wire.v1.rebalancer_pb2_grpc import RebalancerServiceStub  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE = "rebalancer.v1.RebalancerService"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from rebalancer_client import protogen
+from rebalancer_wire import protogen
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def test_proto_passes_buf_lint():
 
 
 def test_service_names_follow_the_contract():
-    from rebalancer_client.v1 import rebalancer_pb2 as pb
+    from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
     service = pb.DESCRIPTOR.services_by_name["RebalancerService"]
     assert service.full_name == "rebalancer.v1.RebalancerService"

@@ -6,8 +6,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from rebalancer_client.codec import encode
-from rebalancer_client.v1 import rebalancer_pb2 as pb
+from rebalancer_wire.codec import encode
+from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from service_harness import TOPOLOGY, ServerThread, library, maps_of, skewed_loads
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from metric_families import EXPECTED_FAMILIES
 from prometheus_client import generate_latest
-from rebalancer_client.codec import encode
-from rebalancer_client.v1 import rebalancer_pb2 as pb
+from rebalancer_wire.codec import encode
+from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from service_harness import TOPOLOGY, ServerThread, report, skewed_loads
 
 SERVICE = "rebalancer.v1.RebalancerService"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from rebalancer.solver.maps import moved_copies
-from rebalancer_client.codec import encode
-from rebalancer_client.v1 import rebalancer_pb2 as pb
+from rebalancer_wire.codec import encode
+from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from service_harness import (
     EXPERTS,
     GPUS,

@@ -26,8 +26,8 @@ from rebalancer.service.config import ServerConfig, parse_args
 from rebalancer.service.security import SecurityConfigError
 from rebalancer_client import RebalancerClient
 from rebalancer_client.cli import main as cli_main
-from rebalancer_client.v1 import rebalancer_pb2 as pb
-from rebalancer_client.v1 import rebalancer_pb2_grpc
+from rebalancer_wire.v1 import rebalancer_pb2 as pb
+from rebalancer_wire.v1 import rebalancer_pb2_grpc
 from service_harness import (
     GPUS,
     GROUPS,

@@ -13,12 +13,12 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rebalancer_wire.v1 import rebalancer_pb2 as pb
+from rebalancer_wire.v1 import rebalancer_pb2_grpc
 
 from .client import HEALTH_NAMES, call_metadata, channel_options
 from .messages import LoadRequests, TopologyLike, load_request, rebalance_request
 from .placement import DeploymentInfo, LoadSummary, Placement
-from .v1 import rebalancer_pb2 as pb
-from .v1 import rebalancer_pb2_grpc
 
 
 class _AsyncLoadRequests:

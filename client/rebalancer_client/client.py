@@ -11,11 +11,11 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rebalancer_wire.v1 import rebalancer_pb2 as pb
+from rebalancer_wire.v1 import rebalancer_pb2_grpc
 
 from .messages import LoadRequests, TopologyLike, rebalance_request
 from .placement import DeploymentInfo, LoadSummary, Placement
-from .v1 import rebalancer_pb2 as pb
-from .v1 import rebalancer_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Large maps (58 x 288 x int64 and more) and long-lived telemetry streams behind load balancers.

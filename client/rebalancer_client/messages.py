@@ -14,10 +14,10 @@ from typing import Any
 import grpc
 import numpy as np
 from google.rpc import error_details_pb2, status_pb2
+from rebalancer_wire.codec import as_numpy, encode
+from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
-from .codec import as_numpy, encode
 from .placement import Topology
-from .v1 import rebalancer_pb2 as pb
 
 POLICIES: dict[str, int] = {
     "auto": pb.POLICY_AUTO,

@@ -23,41 +23,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-
-from .codec import decode
-from .v1 import rebalancer_pb2 as pb
+from rebalancer_wire.codec import decode
+from rebalancer_wire.topology import Topology
+from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
 FORMATS = ("vllm", "sglang", "raw")
-
-
-@dataclass(frozen=True)
-class Topology:
-    """The expert-parallel layout a placement is planned for (`rebalancer.v1.Topology`)."""
-
-    num_layers: int
-    num_experts: int
-    num_replicas: int
-    num_groups: int = 1
-    num_nodes: int = 1
-    num_gpus: int = 1
-
-    @property
-    def slots_per_gpu(self) -> int:
-        return self.num_replicas // self.num_gpus
-
-    @classmethod
-    def from_proto(cls, message: pb.Topology) -> Topology:
-        return cls(
-            num_layers=message.num_layers,
-            num_experts=message.num_experts,
-            num_replicas=message.num_replicas,
-            num_groups=message.num_groups,
-            num_nodes=message.num_nodes,
-            num_gpus=message.num_gpus,
-        )
-
-    def to_proto(self) -> pb.Topology:
-        return pb.Topology(**asdict(self))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from rebalancer_client.v1 import rebalancer_pb2 as pb
+from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
 from rebalancer.solver import maps
 

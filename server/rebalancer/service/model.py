@@ -5,45 +5,14 @@ Plain numpy and dataclasses, so the event loop, SQLite and protobuf conversion n
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
-from rebalancer_client.codec import encode_ids
-from rebalancer_client.v1 import rebalancer_pb2 as pb
+from rebalancer_wire.codec import encode_ids
+from rebalancer_wire.topology import Topology
+from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
-
-@dataclass(frozen=True)
-class Topology:
-    """The expert-parallel layout a deployment's placements are planned for (R slots on G GPUs)."""
-
-    num_layers: int
-    num_experts: int
-    num_replicas: int
-    num_groups: int
-    num_nodes: int
-    num_gpus: int
-
-    @classmethod
-    def from_proto(cls, message: pb.Topology) -> Topology:
-        return cls(
-            message.num_layers,
-            message.num_experts,
-            message.num_replicas,
-            message.num_groups,
-            message.num_nodes,
-            message.num_gpus,
-        )
-
-    def to_proto(self) -> pb.Topology:
-        return pb.Topology(**asdict(self))
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> Topology:
-        return cls(**json.loads(text))
+__all__ = ["PlacementRecord", "Topology"]
 
 
 @dataclass

@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
-from rebalancer_client.v1 import rebalancer_pb2 as pb
-from rebalancer_client.v1 import rebalancer_pb2_grpc
+from rebalancer_wire.v1 import rebalancer_pb2 as pb
+from rebalancer_wire.v1 import rebalancer_pb2_grpc
 
 from .batcher import Batcher, SolveJob
 from .deployments import Deployment, Registry, placement_stats

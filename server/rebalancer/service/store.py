@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from google.protobuf import json_format
-from rebalancer_client.v1 import rebalancer_pb2 as pb
+from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
 from .model import PlacementRecord, Topology
 

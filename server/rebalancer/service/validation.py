@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass, replace
 
 import numpy as np
-from rebalancer_client.codec import TensorDecodeError, decode
-from rebalancer_client.v1 import rebalancer_pb2 as pb
+from rebalancer_wire.codec import TensorDecodeError, decode
+from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
 from ..solver.api import DEFAULT_BALANCE_TOLERANCE, DEFAULT_LOCALITY_TOLERANCE
 from .errors import InvalidArgument

@@ -1,8 +1,9 @@
-"""Regenerate the committed protobuf/gRPC modules in `rebalancer_client/v1` (`make protos`).
+"""Regenerate the committed protobuf/gRPC modules in `rebalancer_wire/v1` (`make protos`).
 
-The generated gRPC module imports its messages as `rebalancer.v1.rebalancer_pb2`, which would collide
-with the server package; it is rewritten to a relative import so the stubs live inside the client.
-A test runs `generate()` into a temporary folder and compares, so stale stubs fail the suite.
+The proto lives at `protos/rebalancer/v1/rebalancer.proto` (package `rebalancer.v1`, as buf wants), but
+protoc is shown that directory under the virtual path `rebalancer_wire/`, so the generated modules import
+each other as `rebalancer_wire.v1` and need no rewriting. A test runs `generate()` into a temporary
+folder and compares, so stale stubs fail the suite.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-PROTO_ROOT = ROOT / "protos"
-PROTO = "rebalancer/v1/rebalancer.proto"
+PROTO_DIR = ROOT / "protos" / "rebalancer"
+PROTO = "rebalancer_wire/v1/rebalancer.proto"
 TARGET = pathlib.Path(__file__).resolve().parent / "v1"
 GENERATED = ("rebalancer_pb2.py", "rebalancer_pb2.pyi", "rebalancer_pb2_grpc.py")
 
@@ -24,15 +25,12 @@ def generate(out_dir: pathlib.Path) -> dict[str, str]:
 
     with tempfile.TemporaryDirectory() as raw:
         outputs = [f"--python_out={raw}", f"--pyi_out={raw}", f"--grpc_python_out={raw}"]
-        args = ["protoc", f"-I{PROTO_ROOT}", *outputs, PROTO]
         include = pathlib.Path(protoc.__file__).parent / "_proto"
-        if protoc.main([*args, f"-I{include}"]) != 0:
+        args = ["protoc", f"-Irebalancer_wire={PROTO_DIR}", f"-I{include}", *outputs, PROTO]
+        if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed on {PROTO}")
-        generated = pathlib.Path(raw) / "rebalancer" / "v1"
+        generated = pathlib.Path(raw) / "rebalancer_wire" / "v1"
         texts = {name: (generated / name).read_text() for name in GENERATED}
-    texts["rebalancer_pb2_grpc.py"] = texts["rebalancer_pb2_grpc.py"].replace(
-        "from rebalancer.v1 import rebalancer_pb2", "from . import rebalancer_pb2"
-    )
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
         (out_dir / name).write_text(text)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from . import rebalancer_pb2 as rebalancer_dot_v1_dot_rebalancer__pb2
+from rebalancer_wire.v1 import rebalancer_pb2 as rebalancer__wire_dot_v1_dot_rebalancer__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in rebalancer/v1/rebalancer_pb2_grpc.py depends on'
+        + ' but the generated code in rebalancer_wire/v1/rebalancer_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,33 +36,33 @@ class RebalancerServiceStub:
         """
         self.Rebalance = channel.unary_unary(
                 '/rebalancer.v1.RebalancerService/Rebalance',
-                request_serializer=rebalancer_dot_v1_dot_rebalancer__pb2.RebalanceRequest.SerializeToString,
-                response_deserializer=rebalancer_dot_v1_dot_rebalancer__pb2.RebalanceResponse.FromString,
+                request_serializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.RebalanceResponse.FromString,
                 _registered_method=True)
         self.StreamLoad = channel.stream_unary(
                 '/rebalancer.v1.RebalancerService/StreamLoad',
-                request_serializer=rebalancer_dot_v1_dot_rebalancer__pb2.StreamLoadRequest.SerializeToString,
-                response_deserializer=rebalancer_dot_v1_dot_rebalancer__pb2.StreamLoadResponse.FromString,
+                request_serializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.StreamLoadRequest.SerializeToString,
+                response_deserializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.StreamLoadResponse.FromString,
                 _registered_method=True)
         self.GetPlacement = channel.unary_unary(
                 '/rebalancer.v1.RebalancerService/GetPlacement',
-                request_serializer=rebalancer_dot_v1_dot_rebalancer__pb2.GetPlacementRequest.SerializeToString,
-                response_deserializer=rebalancer_dot_v1_dot_rebalancer__pb2.GetPlacementResponse.FromString,
+                request_serializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.GetPlacementRequest.SerializeToString,
+                response_deserializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.GetPlacementResponse.FromString,
                 _registered_method=True)
         self.WatchPlacement = channel.unary_stream(
                 '/rebalancer.v1.RebalancerService/WatchPlacement',
-                request_serializer=rebalancer_dot_v1_dot_rebalancer__pb2.WatchPlacementRequest.SerializeToString,
-                response_deserializer=rebalancer_dot_v1_dot_rebalancer__pb2.WatchPlacementResponse.FromString,
+                request_serializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.WatchPlacementRequest.SerializeToString,
+                response_deserializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.WatchPlacementResponse.FromString,
                 _registered_method=True)
         self.ListDeployments = channel.unary_unary(
                 '/rebalancer.v1.RebalancerService/ListDeployments',
-                request_serializer=rebalancer_dot_v1_dot_rebalancer__pb2.ListDeploymentsRequest.SerializeToString,
-                response_deserializer=rebalancer_dot_v1_dot_rebalancer__pb2.ListDeploymentsResponse.FromString,
+                request_serializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.ListDeploymentsRequest.SerializeToString,
+                response_deserializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.ListDeploymentsResponse.FromString,
                 _registered_method=True)
         self.DeleteDeployment = channel.unary_unary(
                 '/rebalancer.v1.RebalancerService/DeleteDeployment',
-                request_serializer=rebalancer_dot_v1_dot_rebalancer__pb2.DeleteDeploymentRequest.SerializeToString,
-                response_deserializer=rebalancer_dot_v1_dot_rebalancer__pb2.DeleteDeploymentResponse.FromString,
+                request_serializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.DeleteDeploymentRequest.SerializeToString,
+                response_deserializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.DeleteDeploymentResponse.FromString,
                 _registered_method=True)
 
 
@@ -115,33 +115,33 @@ def add_RebalancerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Rebalance': grpc.unary_unary_rpc_method_handler(
                     servicer.Rebalance,
-                    request_deserializer=rebalancer_dot_v1_dot_rebalancer__pb2.RebalanceRequest.FromString,
-                    response_serializer=rebalancer_dot_v1_dot_rebalancer__pb2.RebalanceResponse.SerializeToString,
+                    request_deserializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.RebalanceRequest.FromString,
+                    response_serializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.RebalanceResponse.SerializeToString,
             ),
             'StreamLoad': grpc.stream_unary_rpc_method_handler(
                     servicer.StreamLoad,
-                    request_deserializer=rebalancer_dot_v1_dot_rebalancer__pb2.StreamLoadRequest.FromString,
-                    response_serializer=rebalancer_dot_v1_dot_rebalancer__pb2.StreamLoadResponse.SerializeToString,
+                    request_deserializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.StreamLoadRequest.FromString,
+                    response_serializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.StreamLoadResponse.SerializeToString,
             ),
             'GetPlacement': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPlacement,
-                    request_deserializer=rebalancer_dot_v1_dot_rebalancer__pb2.GetPlacementRequest.FromString,
-                    response_serializer=rebalancer_dot_v1_dot_rebalancer__pb2.GetPlacementResponse.SerializeToString,
+                    request_deserializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.GetPlacementRequest.FromString,
+                    response_serializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.GetPlacementResponse.SerializeToString,
             ),
             'WatchPlacement': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchPlacement,
-                    request_deserializer=rebalancer_dot_v1_dot_rebalancer__pb2.WatchPlacementRequest.FromString,
-                    response_serializer=rebalancer_dot_v1_dot_rebalancer__pb2.WatchPlacementResponse.SerializeToString,
+                    request_deserializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.WatchPlacementRequest.FromString,
+                    response_serializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.WatchPlacementResponse.SerializeToString,
             ),
             'ListDeployments': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDeployments,
-                    request_deserializer=rebalancer_dot_v1_dot_rebalancer__pb2.ListDeploymentsRequest.FromString,
-                    response_serializer=rebalancer_dot_v1_dot_rebalancer__pb2.ListDeploymentsResponse.SerializeToString,
+                    request_deserializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.ListDeploymentsRequest.FromString,
+                    response_serializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.ListDeploymentsResponse.SerializeToString,
             ),
             'DeleteDeployment': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteDeployment,
-                    request_deserializer=rebalancer_dot_v1_dot_rebalancer__pb2.DeleteDeploymentRequest.FromString,
-                    response_serializer=rebalancer_dot_v1_dot_rebalancer__pb2.DeleteDeploymentResponse.SerializeToString,
+                    request_deserializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.DeleteDeploymentRequest.FromString,
+                    response_serializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.DeleteDeploymentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -169,8 +169,8 @@ class RebalancerService:
             request,
             target,
             '/rebalancer.v1.RebalancerService/Rebalance',
-            rebalancer_dot_v1_dot_rebalancer__pb2.RebalanceRequest.SerializeToString,
-            rebalancer_dot_v1_dot_rebalancer__pb2.RebalanceResponse.FromString,
+            rebalancer__wire_dot_v1_dot_rebalancer__pb2.RebalanceRequest.SerializeToString,
+            rebalancer__wire_dot_v1_dot_rebalancer__pb2.RebalanceResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -196,8 +196,8 @@ class RebalancerService:
             request_iterator,
             target,
             '/rebalancer.v1.RebalancerService/StreamLoad',
-            rebalancer_dot_v1_dot_rebalancer__pb2.StreamLoadRequest.SerializeToString,
-            rebalancer_dot_v1_dot_rebalancer__pb2.StreamLoadResponse.FromString,
+            rebalancer__wire_dot_v1_dot_rebalancer__pb2.StreamLoadRequest.SerializeToString,
+            rebalancer__wire_dot_v1_dot_rebalancer__pb2.StreamLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -223,8 +223,8 @@ class RebalancerService:
             request,
             target,
             '/rebalancer.v1.RebalancerService/GetPlacement',
-            rebalancer_dot_v1_dot_rebalancer__pb2.GetPlacementRequest.SerializeToString,
-            rebalancer_dot_v1_dot_rebalancer__pb2.GetPlacementResponse.FromString,
+            rebalancer__wire_dot_v1_dot_rebalancer__pb2.GetPlacementRequest.SerializeToString,
+            rebalancer__wire_dot_v1_dot_rebalancer__pb2.GetPlacementResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -250,8 +250,8 @@ class RebalancerService:
             request,
             target,
             '/rebalancer.v1.RebalancerService/WatchPlacement',
-            rebalancer_dot_v1_dot_rebalancer__pb2.WatchPlacementRequest.SerializeToString,
-            rebalancer_dot_v1_dot_rebalancer__pb2.WatchPlacementResponse.FromString,
+            rebalancer__wire_dot_v1_dot_rebalancer__pb2.WatchPlacementRequest.SerializeToString,
+            rebalancer__wire_dot_v1_dot_rebalancer__pb2.WatchPlacementResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -277,8 +277,8 @@ class RebalancerService:
             request,
             target,
             '/rebalancer.v1.RebalancerService/ListDeployments',
-            rebalancer_dot_v1_dot_rebalancer__pb2.ListDeploymentsRequest.SerializeToString,
-            rebalancer_dot_v1_dot_rebalancer__pb2.ListDeploymentsResponse.FromString,
+            rebalancer__wire_dot_v1_dot_rebalancer__pb2.ListDeploymentsRequest.SerializeToString,
+            rebalancer__wire_dot_v1_dot_rebalancer__pb2.ListDeploymentsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -304,8 +304,8 @@ class RebalancerService:
             request,
             target,
             '/rebalancer.v1.RebalancerService/DeleteDeployment',
-            rebalancer_dot_v1_dot_rebalancer__pb2.DeleteDeploymentRequest.SerializeToString,
-            rebalancer_dot_v1_dot_rebalancer__pb2.DeleteDeploymentResponse.FromString,
+            rebalancer__wire_dot_v1_dot_rebalancer__pb2.DeleteDeploymentRequest.SerializeToString,
+            rebalancer__wire_dot_v1_dot_rebalancer__pb2.DeleteDeploymentResponse.FromString,
             options,
             channel_credentials,
             insecure,
