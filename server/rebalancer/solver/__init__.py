@@ -13,12 +13,15 @@ from .api import (
     validate,
 )
 from .policies import POLICIES
+from .transfers import CostModel, apply_transfers
 
 __all__ = [
     "DEFAULT_BALANCE_TOLERANCE",
     "DEFAULT_LOCALITY_TOLERANCE",
     "POLICIES",
+    "CostModel",
     "SolveResult",
+    "apply_transfers",
     "rebalance_experts",
     "solve",
     "validate",

@@ -10,14 +10,18 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from . import maps
+from .budget import check_budgets, layers_within_budget
+from .elastic import elastic_gpu_ids, elastic_moves, plan_elastic
 from .locality import group_locality
+from .migration import keep_old_slots
 from .policies import POLICIES, SolveOptions, run_policy
+from .transfers import CostModel, plan_transfers, transfer_stats
 
 
 @dataclass
@@ -37,6 +41,16 @@ class SolveResult:
     device: str
     solve_seconds: float
     stats: dict = field(default_factory=dict)
+    # With a placement in force: the copies to ship, [T, 5] rows (layer, expert, destination GPU,
+    # destination slot, source GPU), see transfers.py, and their cost under the cost model.
+    transfers: torch.Tensor | None = None
+    moved_bytes: float = 0.0
+    intra_node_share: float = 1.0
+    estimated_transfer_seconds: float = 0.0
+    # The GPU ids of the layout phy2log describes, [G_new]: the identity unless the GPU set changed.
+    gpu_ids: torch.Tensor | None = None
+    # Layers a transfer budget held back on the placement in force (their plan follows next time).
+    deferred_layers: int = 0
 
     def triple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.phy2log, self.log2phy, self.logcnt
@@ -150,6 +164,11 @@ def solve(
     max_moves_per_layer: int | None = None,
     balance_tolerance: float = DEFAULT_BALANCE_TOLERANCE,
     locality_tolerance: float = DEFAULT_LOCALITY_TOLERANCE,
+    cost_model: CostModel | None = None,
+    max_transfer_seconds: float | None = None,
+    max_incoming_copies_per_gpu: int | None = None,
+    unavailable_gpus: Sequence[int] | None = None,
+    new_num_gpus: int | None = None,
 ) -> SolveResult:
     """Plan a placement for every layer of `weight` [L, E] and describe it.
 
@@ -160,6 +179,12 @@ def solve(
     newest last; it steers the choice among candidates of a fresh plan (ignored with `prev_phy2log`).
     `locality_tolerance` is the max-load increase `policy="auto"` accepts per layer to keep groups on
     their node.
+
+    With `prev_phy2log` the result also carries the transfer plan and its cost under `cost_model`;
+    `max_transfer_seconds` / `max_incoming_copies_per_gpu` cap it (budget.py). `unavailable_gpus` (failed
+    GPU ids) or `new_num_gpus` (a multiple of the GPUs per node) plan on a changed GPU set from the
+    placement in force (elastic.py): phy2log then has slots_per_gpu x G_new columns, GPU k of it being
+    `gpu_ids[k]`.
     """
     weight = validate(weight, num_replicas, num_groups, num_nodes, num_gpus)
     if policy not in POLICIES:
@@ -174,6 +199,20 @@ def solve(
         raise ValueError(f"locality_tolerance must be in [0, 1), got {locality_tolerance!r}")
     if max_moves_per_layer is not None:
         _check_int("max_moves_per_layer", max_moves_per_layer, minimum=0)
+    check_budgets(max_transfer_seconds, max_incoming_copies_per_gpu)
+    cost = (cost_model or CostModel()).validate()
+    elastic = unavailable_gpus is not None or new_num_gpus is not None
+    if elastic:
+        gpu_ids = elastic_gpu_ids(num_gpus, num_nodes, unavailable_gpus, new_num_gpus)
+        name = "new_num_gpus" if new_num_gpus is not None else "unavailable_gpus"
+        if prev_phy2log is None:
+            raise ValueError(f"{name} needs prev_phy2log, the placement in force")
+        if (num_replicas // num_gpus) * gpu_ids.numel() < weight.shape[1]:
+            raise ValueError(
+                f"{name} leaves {(num_replicas // num_gpus) * gpu_ids.numel()} slots for {weight.shape[1]} experts"
+            )
+        if max_transfer_seconds is not None or max_incoming_copies_per_gpu is not None:
+            raise ValueError(f"{name} cannot be combined with a transfer budget: every expert must be hosted")
     num_layers, num_experts = weight.shape
     target = resolve_device(weight, device)
     started = time.perf_counter()
@@ -222,30 +261,93 @@ def solve(
     # Planning is scale-free; per-layer scaling to a max of 1 keeps float32 sums of huge loads finite.
     # The published algorithm is left to see the loads exactly as given.
     planning_loads = loads if policy == "deepseek" else loads / per_layer_scale(loads)
+    slots_per_gpu = num_replicas // num_gpus
+    gpus_per_node = num_gpus // num_nodes
+    deferred = 0
     with cpu_threads(target):
-        phy2log, policy_per_layer, stats = run_policy(policy, planning_loads, options)
+        if elastic:
+            phy2log, origins = plan_elastic(
+                loads / per_layer_scale(loads),
+                prev_phy2log,
+                slots_per_gpu,
+                gpu_ids.to(target),
+                layer_seeds,
+                options.candidates(target),
+                balance_tolerance,
+            )
+            policy_per_layer, stats = [f"elastic/{origin}" for origin in origins], {}
+        else:
+            phy2log, policy_per_layer, stats = run_policy(policy, planning_loads, options)
+            gpu_ids = torch.arange(num_gpus)
+            if prev_phy2log is not None and policy == "deepseek":
+                # The published plan orders slots its own way; keeping old slots makes the same placement
+                # ship no local shuffles (its replica ranks no longer match the slots, so they go).
+                phy2log = keep_old_slots(prev_phy2log, phy2log, num_gpus)
+                stats.pop("phy_rank", None)
+        gpu_ids = gpu_ids.to(target)
+        transfers = None
+        if prev_phy2log is not None:
+            usable = torch.ones(num_gpus, dtype=torch.bool, device=target)
+            if unavailable_gpus:
+                usable[list(unavailable_gpus)] = False
+            transfers = plan_transfers(
+                prev_phy2log, phy2log, num_experts, slots_per_gpu, gpus_per_node, gpu_ids=gpu_ids, usable_sources=usable
+            )
+            if max_transfer_seconds is not None or max_incoming_copies_per_gpu is not None:
+                chosen = layers_within_budget(
+                    loads,
+                    prev_phy2log,
+                    phy2log,
+                    transfers,
+                    num_gpus,
+                    gpus_per_node,
+                    cost,
+                    max_transfer_seconds,
+                    max_incoming_copies_per_gpu,
+                )
+                deferred = int((~chosen & (phy2log != prev_phy2log).any(1)).sum())
+                phy2log = torch.where(chosen.unsqueeze(1), phy2log, prev_phy2log)
+                transfers = transfers[chosen[transfers[:, 0]]]
+                policy_per_layer = [
+                    name if keep else "kept" for name, keep in zip(policy_per_layer, chosen.tolist(), strict=True)
+                ]
+    out_gpus = gpu_ids.numel()
     logcnt = maps.logcnt_from_phy2log(phy2log, num_experts)
     log2phy = maps.log2phy_from_phy2log(phy2log, logcnt, stats.pop("phy_rank", None))
     if prev_phy2log is None:
         moved = torch.zeros(num_layers, dtype=torch.int64, device=target)
         before = None
     else:
-        moved = maps.moved_copies(prev_phy2log, phy2log, num_experts, num_gpus)
+        if elastic:
+            moved, _ = elastic_moves(prev_phy2log, phy2log, num_experts, slots_per_gpu, gpu_ids)
+        else:
+            moved = maps.moved_copies(prev_phy2log, phy2log, num_experts, num_gpus)
         before = maps.balancedness(loads, prev_phy2log, maps.logcnt_from_phy2log(prev_phy2log, num_experts), num_gpus)
-    if num_groups > 1 and num_nodes > 1 and num_groups % num_nodes == 0:
+    if not elastic and num_groups > 1 and num_nodes > 1 and num_groups % num_nodes == 0:
         stats.update(group_locality(loads, phy2log, logcnt, num_groups, num_nodes))
     stats.setdefault("path", solver_path(target))
+    summary = {}
+    if transfers is not None:
+        id_space = max(num_gpus, int(gpu_ids.max()) + 1)
+        summary = transfer_stats(transfers, num_layers, id_space, gpus_per_node, cost)
+        stats.update(summary)
     return SolveResult(
         phy2log=phy2log,
         log2phy=log2phy,
         logcnt=logcnt,
-        balancedness=maps.balancedness(loads, phy2log, logcnt, num_gpus),
+        balancedness=maps.balancedness(loads, phy2log, logcnt, out_gpus),
         balancedness_before=before,
         moved_copies=moved,
         policy_per_layer=policy_per_layer,
         device=str(target),
         solve_seconds=time.perf_counter() - started,
         stats=stats,
+        transfers=transfers,
+        moved_bytes=summary.get("moved_bytes", 0.0),
+        intra_node_share=summary.get("intra_node_share", 1.0),
+        estimated_transfer_seconds=summary.get("estimated_transfer_seconds", 0.0),
+        gpu_ids=gpu_ids,
+        deferred_layers=deferred,
     )
 
 
