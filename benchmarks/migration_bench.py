@@ -39,13 +39,16 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import workloads  # noqa: E402
-from rebalancer.solver import maps, solve  # noqa: E402
+from rebalancer.solver import CostModel, maps, solve  # noqa: E402
+from rebalancer.solver.transfers import plan_transfers, transfer_stats  # noqa: E402
 
 MIGRATION_SHAPES = ("dsv3_prefill", "qwen3_235b", "kimi_k2")
 HISTORY_WINDOWS = 4
 BASELINES = ("deepseek", "deepseek_global")
 # (label of the variant with history, label of the same variant without it)
 HISTORY_PAIRS = (("auto_prev_hist", "auto_prev"), ("auto_hist", "auto_fresh"))
+# Rearrangement cost model: DeepSeek-V3 FP8 experts, NVLink 450 GB/s and a 400 Gb/s NIC per GPU.
+COST = CostModel()
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,9 @@ class Track:
     moves: list[int] = field(default_factory=list)
     next_balancedness: list[float] = field(default_factory=list)
     solve_seconds: list[float] = field(default_factory=list)
+    transfer_seconds: list[float] = field(default_factory=list)
+    intra_copies: list[float] = field(default_factory=list)
+    network_copies: list[float] = field(default_factory=list)
 
 
 def plan(
@@ -106,6 +112,7 @@ def run_series(shape: workloads.Shape, windows: int, seed: int, variants: Sequen
     the window after it; moves count against that variant's own previous plan."""
     series = workloads.drift_series(shape.layers, shape.experts, windows, seed=seed)
     tracks = {v.label: Track() for v in variants}
+    gpus_per_node = shape.gpus // shape.nodes
     placements = {v.label: plan(v, series, 0, shape, None).phy2log.cpu() for v in variants}
     for window in range(1, windows - 1):
         following = series[window + 1].double()
@@ -121,6 +128,15 @@ def run_series(shape: workloads.Shape, windows: int, seed: int, variants: Sequen
                 int(maps.moved_copies(placements[variant.label], phy2log, shape.experts, shape.gpus).sum())
             )
             track.next_balancedness.append(float(maps.balancedness(following, phy2log, logcnt, shape.gpus).mean()))
+            # Every variant's rearrangement under one cost model and the shape's real nodes; a re-plan
+            # keeps experts already on a GPU (vLLM-style), so only new arrivals use a link.
+            plan_rows = plan_transfers(
+                placements[variant.label], phy2log, shape.experts, shape.replicas // shape.gpus, gpus_per_node
+            )
+            cost = transfer_stats(plan_rows, shape.layers, shape.gpus, gpus_per_node, COST)
+            track.transfer_seconds.append(cost["estimated_transfer_seconds"])
+            track.network_copies.append(cost["transferred_copies"])
+            track.intra_copies.append(cost["transferred_copies"] * cost["intra_node_share"])
             placements[variant.label] = phy2log
     replans = windows - 2
     figures: dict[str, dict] = {}
@@ -133,6 +149,8 @@ def run_series(shape: workloads.Shape, windows: int, seed: int, variants: Sequen
             "mean_next_balancedness": statistics.fmean(track.next_balancedness),
             "mean_solve_s": statistics.fmean(track.solve_seconds),
             "min_solve_s": min(track.solve_seconds),
+            "transfer_seconds": sum(track.transfer_seconds),
+            "intra_node_share": sum(track.intra_copies) / max(sum(track.network_copies), 1.0),
         }
     for entry in figures.values():
         for base in BASELINES:
@@ -142,6 +160,9 @@ def run_series(shape: workloads.Shape, windows: int, seed: int, variants: Sequen
                 entry["mean_next_balancedness"] - figures[base]["mean_next_balancedness"]
             )
             entry[f"time_ratio_vs_{base}"] = entry["mean_solve_s"] / figures[base]["mean_solve_s"]
+            entry[f"transfer_ratio_vs_{base}"] = entry["transfer_seconds"] / max(
+                figures[base]["transfer_seconds"], 1e-300
+            )
     return {"shape": shape.name, "seed": seed, "windows": windows, "replans": replans, "variants": figures}
 
 
@@ -187,12 +208,17 @@ def run(
                 r["variants"][variant.label]["mean_next_balancedness"] for r in runs
             ),
             "mean_solve_s": statistics.fmean(r["variants"][variant.label]["mean_solve_s"] for r in runs),
+            "transfer_seconds": sum(r["variants"][variant.label]["transfer_seconds"] for r in runs),
+            "intra_node_share": statistics.fmean(r["variants"][variant.label]["intra_node_share"] for r in runs),
         }
     for entry in totals.values():
         for base in BASELINES:
             entry[f"moves_ratio_vs_{base}"] = entry["total_moves"] / max(totals[base]["total_moves"], 1)
             entry[f"balancedness_delta_vs_{base}"] = (
                 entry["mean_next_balancedness"] - totals[base]["mean_next_balancedness"]
+            )
+            entry[f"transfer_ratio_vs_{base}"] = entry["transfer_seconds"] / max(
+                totals[base]["transfer_seconds"], 1e-300
             )
     history = {f"{a} - {b}": paired_difference(runs, a, b) for a, b in HISTORY_PAIRS}
     return {
@@ -262,6 +288,9 @@ def format_tables(result: dict) -> str:
         "delta vs deepseek_global",
         "delta vs deepseek",
         "mean solve ms",
+        "est. transfer s",
+        "transfer x deepseek_global",
+        "intra-node share",
     ]
     rows = [
         [
@@ -273,6 +302,9 @@ def format_tables(result: dict) -> str:
             f"{t['balancedness_delta_vs_deepseek_global']:+.4f}",
             f"{t['balancedness_delta_vs_deepseek']:+.4f}",
             f"{1000 * t['mean_solve_s']:.0f}",
+            f"{t['transfer_seconds']:.3f}",
+            f"{t['transfer_ratio_vs_deepseek_global']:.3f}",
+            f"{t['intra_node_share']:.3f}",
         ]
         for label, t in result["totals"].items()
     ]
