@@ -106,17 +106,10 @@ class AsyncRebalancerClient:
         num_nodes: int = 1,
         num_gpus: int | None = None,
         deployment_id: str | None = None,
-        policy: str | int | None = None,
-        num_candidates: int | None = None,
-        seed: int = 0,
-        dry_run: bool = False,
-        max_moves_per_layer: int | None = None,
-        balance_tolerance: float | None = None,
-        fresh: bool = False,
-        locality_tolerance: float | None = None,
         base_version: int | None = None,
         prev_phy2log: Any = None,
         timeout: float | None = None,
+        **options: Any,
     ) -> Placement:
         """See `RebalancerClient.rebalance`."""
         request = rebalance_request(
@@ -126,16 +119,9 @@ class AsyncRebalancerClient:
             num_nodes=num_nodes,
             num_gpus=num_gpus,
             deployment_id=deployment_id,
-            policy=policy,
-            num_candidates=num_candidates,
-            seed=seed,
-            dry_run=dry_run,
-            max_moves_per_layer=max_moves_per_layer,
-            balance_tolerance=balance_tolerance,
-            fresh=fresh,
-            locality_tolerance=locality_tolerance,
             base_version=base_version,
             prev_phy2log=prev_phy2log,
+            **options,
         )
         response = await self._stub.Rebalance(request, timeout=self._deadline(timeout), metadata=self._metadata)
         return Placement.from_proto(response.placement, committed=response.committed)

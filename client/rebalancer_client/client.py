@@ -121,23 +121,18 @@ class RebalancerClient:
         num_nodes: int = 1,
         num_gpus: int | None = None,
         deployment_id: str | None = None,
-        policy: str | int | None = None,
-        num_candidates: int | None = None,
-        seed: int = 0,
-        dry_run: bool = False,
-        max_moves_per_layer: int | None = None,
-        balance_tolerance: float | None = None,
-        fresh: bool = False,
-        locality_tolerance: float | None = None,
         base_version: int | None = None,
         prev_phy2log: Any = None,
         timeout: float | None = None,
+        **options: Any,
     ) -> Placement:
         """Plan a placement from inline loads [L, E] (with the topology) or from a deployment's window.
 
         With `deployment_id` the result starts from the placement in force (fewest moves) and is
         committed as a new version unless `dry_run`; `base_version` guards against concurrent planners
-        (FAILED_PRECONDITION when it is not current).
+        (FAILED_PRECONDITION when it is not current). `options` are the solve options declared in
+        `rebalancer_wire.options` (policy, num_candidates, seed, dry_run, fresh, max_moves_per_layer,
+        balance_tolerance, locality_tolerance), checked before anything is sent.
         """
         request = rebalance_request(
             loads,
@@ -146,16 +141,9 @@ class RebalancerClient:
             num_nodes=num_nodes,
             num_gpus=num_gpus,
             deployment_id=deployment_id,
-            policy=policy,
-            num_candidates=num_candidates,
-            seed=seed,
-            dry_run=dry_run,
-            max_moves_per_layer=max_moves_per_layer,
-            balance_tolerance=balance_tolerance,
-            fresh=fresh,
-            locality_tolerance=locality_tolerance,
             base_version=base_version,
             prev_phy2log=prev_phy2log,
+            **options,
         )
         return self.send_rebalance(request, timeout=timeout)
 

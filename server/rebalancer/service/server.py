@@ -17,6 +17,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from rebalancer_wire.options import SolveSettings
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from rebalancer_wire.v1 import rebalancer_pb2_grpc
 
@@ -31,7 +32,6 @@ from .security import auth_token, server_credentials
 from .servicer import RebalancerServicer
 from .store import Store
 from .telemetry import TelemetryWindows
-from .validation import SolveSettings
 
 log = logging.getLogger(__name__)
 
