@@ -39,7 +39,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RebalancerService"].full_name
 HEALTH_NAMES = ("", SERVICE_NAME)
 
 
-def resolve_device(name: str) -> torch.device:
+def device_from_flag(name: str) -> torch.device:
+    """The --device flag (auto, cpu, cuda, cuda:N) -> the device the solver and windows live on."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -63,7 +64,7 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
 class RebalancerServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = device_from_flag(config.device)
         self.metrics = Metrics()
         self.store = Store(config.state_dir)
         self.health = health_aio.HealthServicer()

@@ -149,41 +149,16 @@ def solve(
         balance_tolerance=balance_tolerance,
         locality_tolerance=locality_tolerance,
     )
-    policy, seed = settings.policy, settings.seed
+    policy = settings.policy
     num_layers, num_experts = weight.shape
     target = resolve_device(weight, device)
     started = time.perf_counter()
     loads = weight.to(target, torch.float64)
-    if layer_seeds is None:
-        layer_seeds = seed + torch.arange(num_layers, dtype=torch.int64)
-    else:
-        layer_seeds = torch.as_tensor(layer_seeds, dtype=torch.int64)
-        if layer_seeds.shape != (num_layers,):
-            raise ArgumentError("layer_seeds", f"must have shape [{num_layers}], got {tuple(layer_seeds.shape)}")
-    layer_seeds = layer_seeds.to(target)
+    layer_seeds = _checked_layer_seeds(layer_seeds, settings.seed, num_layers, target)
     if prev_phy2log is not None:
-        prev_phy2log = torch.as_tensor(prev_phy2log)
-        if prev_phy2log.shape != (num_layers, num_replicas):
-            raise ArgumentError(
-                "prev_phy2log", f"must have shape [{num_layers}, {num_replicas}], got {tuple(prev_phy2log.shape)}"
-            )
-        prev_phy2log = prev_phy2log.to(target, torch.int64)
-        if bool(((prev_phy2log < 0) | (prev_phy2log >= num_experts)).any()):
-            raise ArgumentError("prev_phy2log", f"entries must be expert ids in [0, {num_experts})")
-        if bool((maps.logcnt_from_phy2log(prev_phy2log, num_experts) == 0).any()):
-            raise ArgumentError("prev_phy2log", "must host every expert at least once per layer")
+        prev_phy2log = _checked_placement(prev_phy2log, num_experts, num_replicas, num_layers, target)
     if history is not None:
-        history = torch.as_tensor(history)
-        if history.dim() != 3 or tuple(history.shape[1:]) != (num_layers, num_experts):
-            raise ArgumentError(
-                "history", f"must have shape [T, {num_layers}, {num_experts}], got {tuple(history.shape)}"
-            )
-        if history.is_floating_point() and not bool(torch.isfinite(history).all()):
-            raise ArgumentError("history", "must be finite: found NaN or inf loads")
-        if bool((history < 0).any()):
-            raise ArgumentError("history", "must be non-negative: found negative loads")
-        history = history.to(target, torch.float64)
-
+        history = _checked_history(history, num_layers, num_experts, target)
     options = SolveOptions(
         num_replicas=num_replicas,
         num_groups=num_groups,
@@ -202,17 +177,76 @@ def solve(
     planning_loads = loads if policy == "deepseek" else loads / per_layer_scale(loads)
     with cpu_threads(target):
         phy2log, policy_per_layer, stats = run_policy(policy, planning_loads, options)
+    result = _describe(loads, phy2log, prev_phy2log, stats, num_groups, num_nodes, num_gpus)
+    result.policy_per_layer = policy_per_layer
+    result.solve_seconds = time.perf_counter() - started
+    return result
+
+
+def _checked_layer_seeds(
+    layer_seeds: torch.Tensor | None, seed: int, num_layers: int, device: torch.device
+) -> torch.Tensor:
+    """Per-layer seeds [L] (default seed + layer index) on `device`."""
+    if layer_seeds is None:
+        return (seed + torch.arange(num_layers, dtype=torch.int64)).to(device)
+    layer_seeds = torch.as_tensor(layer_seeds, dtype=torch.int64)
+    if layer_seeds.shape != (num_layers,):
+        raise ArgumentError("layer_seeds", f"must have shape [{num_layers}], got {tuple(layer_seeds.shape)}")
+    return layer_seeds.to(device)
+
+
+def _checked_placement(
+    prev_phy2log: object, num_experts: int, num_replicas: int, num_layers: int, device: torch.device
+) -> torch.Tensor:
+    """The placement in force [L, R] as int64 on `device`: expert ids in range, every expert hosted."""
+    prev_phy2log = torch.as_tensor(prev_phy2log)
+    if prev_phy2log.shape != (num_layers, num_replicas):
+        raise ArgumentError(
+            "prev_phy2log", f"must have shape [{num_layers}, {num_replicas}], got {tuple(prev_phy2log.shape)}"
+        )
+    prev_phy2log = prev_phy2log.to(device, torch.int64)
+    if bool(((prev_phy2log < 0) | (prev_phy2log >= num_experts)).any()):
+        raise ArgumentError("prev_phy2log", f"entries must be expert ids in [0, {num_experts})")
+    if bool((maps.logcnt_from_phy2log(prev_phy2log, num_experts) == 0).any()):
+        raise ArgumentError("prev_phy2log", "must host every expert at least once per layer")
+    return prev_phy2log
+
+
+def _checked_history(history: object, num_layers: int, num_experts: int, device: torch.device) -> torch.Tensor:
+    """Window sums [T, L, E], finite and non-negative, as float64 on `device`."""
+    history = torch.as_tensor(history)
+    if history.dim() != 3 or tuple(history.shape[1:]) != (num_layers, num_experts):
+        raise ArgumentError("history", f"must have shape [T, {num_layers}, {num_experts}], got {tuple(history.shape)}")
+    if history.is_floating_point() and not bool(torch.isfinite(history).all()):
+        raise ArgumentError("history", "must be finite: found NaN or inf loads")
+    if bool((history < 0).any()):
+        raise ArgumentError("history", "must be non-negative: found negative loads")
+    return history.to(device, torch.float64)
+
+
+def _describe(
+    loads: torch.Tensor,
+    phy2log: torch.Tensor,
+    prev_phy2log: torch.Tensor | None,
+    stats: dict,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+) -> SolveResult:
+    """Maps and figures of a plan: log2phy/logcnt from phy2log [L, R], balancedness on `loads` [L, E], and
+    moved copies and balancedness before against the placement in force."""
+    num_layers, num_experts = loads.shape
     logcnt = maps.logcnt_from_phy2log(phy2log, num_experts)
     log2phy = maps.log2phy_from_phy2log(phy2log, logcnt, stats.pop("phy_rank", None))
     if prev_phy2log is None:
-        moved = torch.zeros(num_layers, dtype=torch.int64, device=target)
+        moved = torch.zeros(num_layers, dtype=torch.int64, device=loads.device)
         before = None
     else:
         moved = maps.moved_copies(prev_phy2log, phy2log, num_experts, num_gpus)
         before = maps.balancedness(loads, prev_phy2log, maps.logcnt_from_phy2log(prev_phy2log, num_experts), num_gpus)
     if num_groups > 1 and num_nodes > 1 and num_groups % num_nodes == 0:
         stats.update(group_locality(loads, phy2log, logcnt, num_groups, num_nodes))
-    stats.setdefault("path", solver_path(target))
+    stats.setdefault("path", solver_path(loads.device))
     return SolveResult(
         phy2log=phy2log,
         log2phy=log2phy,
@@ -220,9 +254,9 @@ def solve(
         balancedness=maps.balancedness(loads, phy2log, logcnt, num_gpus),
         balancedness_before=before,
         moved_copies=moved,
-        policy_per_layer=policy_per_layer,
-        device=str(target),
-        solve_seconds=time.perf_counter() - started,
+        policy_per_layer=[],
+        device=str(loads.device),
+        solve_seconds=0.0,
         stats=stats,
     )
 
