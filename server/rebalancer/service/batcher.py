@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from rebalancer_wire.options import ArgumentError
 
 from rebalancer.solver import maps, solve
 
@@ -36,22 +37,9 @@ from .validation import SolveSettings, solver_error_field
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class BatchKey:
-    """Requests with equal keys can share a solver call."""
-
-    num_experts: int
-    num_replicas: int
-    num_groups: int
-    num_nodes: int
-    num_gpus: int
-    policy: str
-    num_candidates: int | None
-    max_moves_per_layer: int | None
-    balance_tolerance: float
-    locality_tolerance: float
-    has_prev: bool
-    history_intervals: int
+# Requests with equal keys can share a solver call: the layout but the layer count, every batch-scoped
+# solve option (rebalancer_wire.options), and the kind of extra input (placement in force, history length).
+BatchKey = tuple
 
 
 @dataclass
@@ -72,21 +60,10 @@ class SolveJob:
 
     @property
     def key(self) -> BatchKey:
-        t, s = self.topology, self.settings
-        return BatchKey(
-            t.num_experts,
-            t.num_replicas,
-            t.num_groups,
-            t.num_nodes,
-            t.num_gpus,
-            s.policy,
-            s.num_candidates,
-            s.max_moves_per_layer,
-            s.balance_tolerance,
-            s.locality_tolerance,
-            self.prev_phy2log is not None,
-            0 if self.history is None else int(self.history.shape[0]),
-        )
+        t = self.topology
+        layout = (t.num_experts, t.num_replicas, t.num_groups, t.num_nodes, t.num_gpus)
+        extra_inputs = (self.prev_phy2log is not None, 0 if self.history is None else int(self.history.shape[0]))
+        return layout + self.settings.batch_key() + extra_inputs
 
     @property
     def num_layers(self) -> int:
@@ -237,20 +214,16 @@ class Batcher:
                 t.num_groups,
                 t.num_nodes,
                 t.num_gpus,
-                policy=s.policy,
-                num_candidates=s.num_candidates,
+                **s.batch_kwargs(),
                 layer_seeds=layer_seeds,
                 device=device,
                 prev_phy2log=cat([job.prev_phy2log for job in batch], dtype=torch.int64)
                 if first.prev_phy2log is not None
                 else None,
                 history=cat([job.history for job in batch], dim=1) if first.history is not None else None,
-                max_moves_per_layer=s.max_moves_per_layer,
-                balance_tolerance=s.balance_tolerance,
-                locality_tolerance=s.locality_tolerance,
             )
-        except ValueError as error:
-            raise InvalidArgument([(solver_error_field(str(error)), str(error))]) from None
+        except ArgumentError as error:
+            raise InvalidArgument([(solver_error_field(error), str(error))]) from None
         path = str(result.stats.get("path", "torch"))
         layers = int(result.phy2log.shape[0])
         self.metrics.solve_duration.labels(result.device, path).observe(result.solve_seconds)

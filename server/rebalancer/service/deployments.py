@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from rebalancer_wire.options import SolveSettings
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
 from rebalancer.solver import maps
@@ -26,7 +27,6 @@ from .metrics import Metrics
 from .model import PlacementRecord, Topology
 from .store import Store
 from .telemetry import Quality, TelemetryWindows
-from .validation import SolveSettings
 
 
 @dataclass

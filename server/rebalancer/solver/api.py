@@ -7,21 +7,23 @@ trust their inputs.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from rebalancer_wire.options import BY_NAME, ArgumentError
+from rebalancer_wire.options import check as check_options
+from rebalancer_wire.topology import topology_violations
 
 from . import maps
-from .budget import check_budgets, layers_within_budget
+from .budget import layers_within_budget
 from .elastic import elastic_gpu_ids, elastic_moves, plan_elastic
 from .locality import group_locality
 from .migration import keep_old_slots
-from .policies import POLICIES, SolveOptions, run_policy
-from .transfers import CostModel, plan_transfers, transfer_stats
+from .policies import SolveOptions, run_policy
+from .transfers import SRC_GPU, CostModel, plan_transfers, transfer_stats
 
 
 @dataclass
@@ -56,14 +58,8 @@ class SolveResult:
         return self.phy2log, self.log2phy, self.logcnt
 
 
-# Balancedness a plan may give up to ship fewer copies from the placement in force. Planning to the
-# last window's noise is wasted work: on the drift series, 0.01 moves 0.15x the copies of a fresh plan
-# and is *more* balanced on the next window than tighter settings (benchmarks/RESULTS.md).
-DEFAULT_BALANCE_TOLERANCE = 0.01
-# Max-load increase `auto` accepts per layer to keep every expert group on one node. 0 keeps `auto` never
-# worse than the better reference policy (a 0.001 default lost 3e-5 balancedness on near-uniform loads);
-# groups still stay local whenever that is free, and callers who value node-limited routing raise it.
-DEFAULT_LOCALITY_TOLERANCE = 0.0
+DEFAULT_BALANCE_TOLERANCE: float = BY_NAME["balance_tolerance"].default
+DEFAULT_LOCALITY_TOLERANCE: float = BY_NAME["locality_tolerance"].default
 
 
 @contextlib.contextmanager
@@ -94,17 +90,9 @@ def per_layer_scale(loads: torch.Tensor) -> torch.Tensor:
 
 def solver_path(device: torch.device) -> str:
     """Which implementation ran the hot loops: "triton" kernels or plain "torch" ops."""
-    try:
-        from .kernels import active_path
-    except ImportError:
-        return "torch"
+    from .kernels import active_path
+
     return active_path(device)
-
-
-def _check_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def resolve_device(weight: torch.Tensor, device: str | torch.device | None) -> torch.device:
@@ -120,30 +108,21 @@ def validate(weight: object, num_replicas: int, num_groups: int, num_nodes: int,
         try:
             weight = torch.as_tensor(weight)
         except Exception as exc:
-            raise ValueError(f"weight must be a 2-D tensor of loads: {exc}") from exc
+            raise ArgumentError("weight", f"must be a 2-D tensor of loads: {exc}") from exc
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [layers, experts], got shape {tuple(weight.shape)}")
+        raise ArgumentError("weight", f"must be 2-D [layers, experts], got shape {tuple(weight.shape)}")
     if weight.dtype == torch.bool or weight.is_complex():
-        raise ValueError(f"weight must hold real numbers, got dtype {weight.dtype}")
+        raise ArgumentError("weight", f"must hold real numbers, got dtype {weight.dtype}")
     num_layers, num_experts = weight.shape
     if num_layers == 0 or num_experts == 0:
-        raise ValueError(f"weight must have at least one layer and one expert, got shape {tuple(weight.shape)}")
-    _check_int("num_replicas", num_replicas)
-    _check_int("num_groups", num_groups)
-    _check_int("num_nodes", num_nodes)
-    _check_int("num_gpus", num_gpus)
+        raise ArgumentError("weight", f"must have at least one layer and one expert, got shape {tuple(weight.shape)}")
+    violations = topology_violations(num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus)
+    if violations:
+        raise ArgumentError(*violations[0])
     if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
-        raise ValueError("weight must be finite: found NaN or inf loads")
+        raise ArgumentError("weight", "must be finite: found NaN or inf loads")
     if bool((weight < 0).any()):
-        raise ValueError("weight must be non-negative: found negative loads")
-    if num_replicas < num_experts:
-        raise ValueError(f"num_replicas ({num_replicas}) must be >= the number of experts ({num_experts})")
-    if num_replicas % num_gpus:
-        raise ValueError(f"num_replicas ({num_replicas}) must be divisible by num_gpus ({num_gpus})")
-    if num_experts % num_groups:
-        raise ValueError(f"num_groups ({num_groups}) must divide the number of experts ({num_experts})")
-    if num_gpus % num_nodes:
-        raise ValueError(f"num_nodes ({num_nodes}) must divide num_gpus ({num_gpus})")
+        raise ArgumentError("weight", "must be non-negative: found negative loads")
     return weight
 
 
@@ -154,21 +133,21 @@ def solve(
     num_nodes: int,
     num_gpus: int,
     *,
-    policy: str = "auto",
-    num_candidates: int | None = None,
-    seed: int = 0,
+    policy: str = BY_NAME["policy"].default,
+    num_candidates: int | None = BY_NAME["num_candidates"].default,
+    seed: int = BY_NAME["seed"].default,
     layer_seeds: torch.Tensor | None = None,
     device: str | torch.device | None = None,
     prev_phy2log: torch.Tensor | None = None,
     history: torch.Tensor | None = None,
-    max_moves_per_layer: int | None = None,
+    max_moves_per_layer: int | None = BY_NAME["max_moves_per_layer"].default,
     balance_tolerance: float = DEFAULT_BALANCE_TOLERANCE,
     locality_tolerance: float = DEFAULT_LOCALITY_TOLERANCE,
-    cost_model: CostModel | None = None,
     max_transfer_seconds: float | None = None,
     max_incoming_copies_per_gpu: int | None = None,
-    unavailable_gpus: Sequence[int] | None = None,
     new_num_gpus: int | None = None,
+    unavailable_gpus: Sequence[int] | None = None,
+    cost_model: CostModel | None = None,
 ) -> SolveResult:
     """Plan a placement for every layer of `weight` [L, E] and describe it.
 
@@ -178,7 +157,7 @@ def solve(
     `max_moves_per_layer` moved copies per layer when given). `history` [T, L, E] holds window sums,
     newest last; it steers the choice among candidates of a fresh plan (ignored with `prev_phy2log`).
     `locality_tolerance` is the max-load increase `policy="auto"` accepts per layer to keep groups on
-    their node.
+    their node. Every bad argument raises `ArgumentError` (a ValueError) naming it.
 
     With `prev_phy2log` the result also carries the transfer plan and its cost under `cost_model`;
     `max_transfer_seconds` / `max_incoming_copies_per_gpu` cap it (budget.py). `unavailable_gpus` (failed
@@ -187,85 +166,50 @@ def solve(
     `gpu_ids[k]`.
     """
     weight = validate(weight, num_replicas, num_groups, num_nodes, num_gpus)
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
-    if num_candidates is not None:
-        _check_int("num_candidates", num_candidates)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    if not (0.0 <= balance_tolerance < 1.0) or math.isnan(balance_tolerance):
-        raise ValueError(f"balance_tolerance must be in [0, 1), got {balance_tolerance!r}")
-    if not (0.0 <= locality_tolerance < 1.0) or math.isnan(locality_tolerance):
-        raise ValueError(f"locality_tolerance must be in [0, 1), got {locality_tolerance!r}")
-    if max_moves_per_layer is not None:
-        _check_int("max_moves_per_layer", max_moves_per_layer, minimum=0)
-    check_budgets(max_transfer_seconds, max_incoming_copies_per_gpu)
+    settings = check_options(
+        policy=policy,
+        num_candidates=num_candidates,
+        seed=seed,
+        max_moves_per_layer=max_moves_per_layer,
+        balance_tolerance=balance_tolerance,
+        locality_tolerance=locality_tolerance,
+        max_transfer_seconds=max_transfer_seconds,
+        max_incoming_copies_per_gpu=max_incoming_copies_per_gpu,
+        new_num_gpus=new_num_gpus,
+    )
+    policy = settings.policy
     cost = (cost_model or CostModel()).validate()
-    elastic = unavailable_gpus is not None or new_num_gpus is not None
-    if elastic:
-        gpu_ids = elastic_gpu_ids(num_gpus, num_nodes, unavailable_gpus, new_num_gpus)
-        name = "new_num_gpus" if new_num_gpus is not None else "unavailable_gpus"
-        if prev_phy2log is None:
-            raise ValueError(f"{name} needs prev_phy2log, the placement in force")
-        if (num_replicas // num_gpus) * gpu_ids.numel() < weight.shape[1]:
-            raise ValueError(
-                f"{name} leaves {(num_replicas // num_gpus) * gpu_ids.numel()} slots for {weight.shape[1]} experts"
-            )
-        if max_transfer_seconds is not None or max_incoming_copies_per_gpu is not None:
-            raise ValueError(f"{name} cannot be combined with a transfer budget: every expert must be hosted")
     num_layers, num_experts = weight.shape
     target = resolve_device(weight, device)
     started = time.perf_counter()
     loads = weight.to(target, torch.float64)
-    if layer_seeds is None:
-        layer_seeds = seed + torch.arange(num_layers, dtype=torch.int64)
-    else:
-        layer_seeds = torch.as_tensor(layer_seeds, dtype=torch.int64)
-        if layer_seeds.shape != (num_layers,):
-            raise ValueError(f"layer_seeds must have shape [{num_layers}], got {tuple(layer_seeds.shape)}")
-    layer_seeds = layer_seeds.to(target)
+    layer_seeds = _checked_layer_seeds(layer_seeds, settings.seed, num_layers, target)
     if prev_phy2log is not None:
-        prev_phy2log = torch.as_tensor(prev_phy2log)
-        if prev_phy2log.shape != (num_layers, num_replicas):
-            raise ValueError(
-                f"prev_phy2log must have shape [{num_layers}, {num_replicas}], got {tuple(prev_phy2log.shape)}"
-            )
-        prev_phy2log = prev_phy2log.to(target, torch.int64)
-        if bool(((prev_phy2log < 0) | (prev_phy2log >= num_experts)).any()):
-            raise ValueError(f"prev_phy2log entries must be expert ids in [0, {num_experts})")
-        if bool((maps.logcnt_from_phy2log(prev_phy2log, num_experts) == 0).any()):
-            raise ValueError("prev_phy2log must host every expert at least once per layer")
+        prev_phy2log = _checked_placement(prev_phy2log, num_experts, num_replicas, num_layers, target)
     if history is not None:
-        history = torch.as_tensor(history)
-        if history.dim() != 3 or tuple(history.shape[1:]) != (num_layers, num_experts):
-            raise ValueError(f"history must have shape [T, {num_layers}, {num_experts}], got {tuple(history.shape)}")
-        if history.is_floating_point() and not bool(torch.isfinite(history).all()):
-            raise ValueError("history must be finite: found NaN or inf loads")
-        if bool((history < 0).any()):
-            raise ValueError("history must be non-negative: found negative loads")
-        history = history.to(target, torch.float64)
-
+        history = _checked_history(history, num_layers, num_experts, target)
+    gpu_ids = _checked_gpu_change(
+        settings, unavailable_gpus, prev_phy2log, num_replicas, num_experts, num_nodes, num_gpus
+    )
     options = SolveOptions(
         num_replicas=num_replicas,
         num_groups=num_groups,
         num_nodes=num_nodes,
         num_gpus=num_gpus,
-        num_candidates=num_candidates,
+        num_candidates=settings.num_candidates,
         layer_seeds=layer_seeds,
         prev_phy2log=prev_phy2log,
         history=history,
-        max_moves_per_layer=max_moves_per_layer,
-        balance_tolerance=balance_tolerance,
-        locality_tolerance=locality_tolerance,
+        max_moves_per_layer=settings.max_moves_per_layer,
+        balance_tolerance=settings.balance_tolerance,
+        locality_tolerance=settings.locality_tolerance,
     )
     # Planning is scale-free; per-layer scaling to a max of 1 keeps float32 sums of huge loads finite.
     # The published algorithm is left to see the loads exactly as given.
     planning_loads = loads if policy == "deepseek" else loads / per_layer_scale(loads)
     slots_per_gpu = num_replicas // num_gpus
-    gpus_per_node = num_gpus // num_nodes
-    deferred = 0
     with cpu_threads(target):
-        if elastic:
+        if gpu_ids is not None:
             phy2log, origins = plan_elastic(
                 loads / per_layer_scale(loads),
                 prev_phy2log,
@@ -273,64 +217,215 @@ def solve(
                 gpu_ids.to(target),
                 layer_seeds,
                 options.candidates(target),
-                balance_tolerance,
+                settings.balance_tolerance,
             )
             policy_per_layer, stats = [f"elastic/{origin}" for origin in origins], {}
         else:
             phy2log, policy_per_layer, stats = run_policy(policy, planning_loads, options)
-            gpu_ids = torch.arange(num_gpus)
             if prev_phy2log is not None and policy == "deepseek":
                 # The published plan orders slots its own way; keeping old slots makes the same placement
                 # ship no local shuffles (its replica ranks no longer match the slots, so they go).
                 phy2log = keep_old_slots(prev_phy2log, phy2log, num_gpus)
                 stats.pop("phy_rank", None)
-        gpu_ids = gpu_ids.to(target)
-        transfers = None
+        rearranged = None
         if prev_phy2log is not None:
-            usable = torch.ones(num_gpus, dtype=torch.bool, device=target)
-            if unavailable_gpus:
-                usable[list(unavailable_gpus)] = False
-            transfers = plan_transfers(
-                prev_phy2log, phy2log, num_experts, slots_per_gpu, gpus_per_node, gpu_ids=gpu_ids, usable_sources=usable
+            rearranged = rearrange(
+                loads,
+                prev_phy2log,
+                phy2log,
+                num_gpus,
+                num_nodes,
+                cost,
+                gpu_ids=gpu_ids,
+                unavailable_gpus=unavailable_gpus,
+                max_transfer_seconds=settings.max_transfer_seconds,
+                max_incoming_copies_per_gpu=settings.max_incoming_copies_per_gpu,
             )
-            if max_transfer_seconds is not None or max_incoming_copies_per_gpu is not None:
-                chosen = layers_within_budget(
-                    loads,
-                    prev_phy2log,
-                    phy2log,
-                    transfers,
-                    num_gpus,
-                    gpus_per_node,
-                    cost,
-                    max_transfer_seconds,
-                    max_incoming_copies_per_gpu,
-                )
-                deferred = int((~chosen & (phy2log != prev_phy2log).any(1)).sum())
-                phy2log = torch.where(chosen.unsqueeze(1), phy2log, prev_phy2log)
-                transfers = transfers[chosen[transfers[:, 0]]]
-                policy_per_layer = [
-                    name if keep else "kept" for name, keep in zip(policy_per_layer, chosen.tolist(), strict=True)
-                ]
-    out_gpus = gpu_ids.numel()
+            phy2log = rearranged.phy2log
+            policy_per_layer = [
+                name if keep else "kept" for name, keep in zip(policy_per_layer, rearranged.chosen, strict=True)
+            ]
+    result = _describe(loads, phy2log, prev_phy2log, stats, num_groups, num_nodes, num_gpus, gpu_ids)
+    if rearranged is not None:
+        rearranged.fill(result)
+    result.policy_per_layer = policy_per_layer
+    result.solve_seconds = time.perf_counter() - started
+    return result
+
+
+@dataclass
+class Rearrangement:
+    """A plan with its transfers, after any budget: phy2log [L, R'], transfers [T, 5], figures."""
+
+    phy2log: torch.Tensor
+    transfers: torch.Tensor
+    gpu_ids: torch.Tensor
+    chosen: list[bool]
+    deferred_layers: int
+    summary: dict
+
+    def fill(self, result: SolveResult) -> None:
+        result.transfers = self.transfers
+        result.gpu_ids = self.gpu_ids
+        result.deferred_layers = self.deferred_layers
+        result.moved_bytes = self.summary["moved_bytes"]
+        result.intra_node_share = self.summary["intra_node_share"]
+        result.estimated_transfer_seconds = self.summary["estimated_transfer_seconds"]
+        result.stats.update(self.summary)
+
+
+def rearrange(
+    loads: torch.Tensor,
+    prev_phy2log: torch.Tensor,
+    phy2log: torch.Tensor,
+    num_gpus: int,
+    num_nodes: int,
+    cost: CostModel,
+    *,
+    gpu_ids: torch.Tensor | None = None,
+    unavailable_gpus: Sequence[int] | None = None,
+    max_transfer_seconds: float | None = None,
+    max_incoming_copies_per_gpu: int | None = None,
+) -> Rearrangement:
+    """The transfers from `prev_phy2log` [L, R] to `phy2log` [L, R'] and their cost; with a budget, the
+    layers that do not fit keep the placement in force. Used by `solve`, and by the service on each
+    request's share of a batched solve (budgets are per request)."""
+    num_layers, num_experts = loads.shape
+    device = phy2log.device
+    slots_per_gpu = prev_phy2log.shape[1] // num_gpus
+    gpus_per_node = num_gpus // num_nodes
+    if gpu_ids is None:
+        gpu_ids = torch.arange(phy2log.shape[1] // slots_per_gpu, device=device)
+    gpu_ids = gpu_ids.to(device)
+    usable = torch.ones(num_gpus, dtype=torch.bool, device=device)
+    if unavailable_gpus:
+        usable[list(unavailable_gpus)] = False
+    transfers = plan_transfers(
+        prev_phy2log, phy2log, num_experts, slots_per_gpu, gpus_per_node, gpu_ids=gpu_ids, usable_sources=usable
+    )
+    chosen = torch.ones(num_layers, dtype=torch.bool, device=device)
+    deferred = 0
+    if (
+        max_transfer_seconds is not None or max_incoming_copies_per_gpu is not None
+    ) and phy2log.shape == prev_phy2log.shape:
+        chosen = layers_within_budget(
+            loads,
+            prev_phy2log,
+            phy2log,
+            transfers,
+            num_gpus,
+            gpus_per_node,
+            cost,
+            max_transfer_seconds,
+            max_incoming_copies_per_gpu,
+        )
+        deferred = int((~chosen & (phy2log != prev_phy2log).any(1)).sum())
+        phy2log = torch.where(chosen.unsqueeze(1), phy2log, prev_phy2log)
+        transfers = transfers[chosen[transfers[:, 0]]]
+    id_space = max(num_gpus, int(gpu_ids.max()) + 1)
+    summary = transfer_stats(transfers, num_layers, id_space, gpus_per_node, cost)
+    summary["from_host_copies"] = float((transfers[:, SRC_GPU] < 0).sum())
+    return Rearrangement(phy2log, transfers, gpu_ids, chosen.tolist(), deferred, summary)
+
+
+def _checked_gpu_change(
+    settings,
+    unavailable_gpus: Sequence[int] | None,
+    prev_phy2log: torch.Tensor | None,
+    num_replicas: int,
+    num_experts: int,
+    num_nodes: int,
+    num_gpus: int,
+) -> torch.Tensor | None:
+    """The new layout's GPU ids [G_new] when the GPU set changes (failed GPUs or a new count), else None."""
+    new_num_gpus = settings.new_num_gpus
+    unavailable_gpus = list(unavailable_gpus) if unavailable_gpus else None
+    if unavailable_gpus is None and new_num_gpus is None:
+        return None
+    name = "new_num_gpus" if new_num_gpus is not None else "unavailable_gpus"
+    gpu_ids = elastic_gpu_ids(num_gpus, num_nodes, unavailable_gpus, new_num_gpus)
+    if prev_phy2log is None:
+        raise ArgumentError(name, "needs prev_phy2log, the placement in force")
+    slots = (num_replicas // num_gpus) * gpu_ids.numel()
+    if slots < num_experts:
+        raise ArgumentError(name, f"leaves {slots} slots for {num_experts} experts")
+    if settings.max_transfer_seconds is not None or settings.max_incoming_copies_per_gpu is not None:
+        raise ArgumentError(name, "cannot be combined with a transfer budget: every expert must be hosted")
+    return gpu_ids
+
+
+def _checked_layer_seeds(
+    layer_seeds: torch.Tensor | None, seed: int, num_layers: int, device: torch.device
+) -> torch.Tensor:
+    """Per-layer seeds [L] (default seed + layer index) on `device`."""
+    if layer_seeds is None:
+        return (seed + torch.arange(num_layers, dtype=torch.int64)).to(device)
+    layer_seeds = torch.as_tensor(layer_seeds, dtype=torch.int64)
+    if layer_seeds.shape != (num_layers,):
+        raise ArgumentError("layer_seeds", f"must have shape [{num_layers}], got {tuple(layer_seeds.shape)}")
+    return layer_seeds.to(device)
+
+
+def _checked_placement(
+    prev_phy2log: object, num_experts: int, num_replicas: int, num_layers: int, device: torch.device
+) -> torch.Tensor:
+    """The placement in force [L, R] as int64 on `device`: expert ids in range, every expert hosted."""
+    prev_phy2log = torch.as_tensor(prev_phy2log)
+    if prev_phy2log.shape != (num_layers, num_replicas):
+        raise ArgumentError(
+            "prev_phy2log", f"must have shape [{num_layers}, {num_replicas}], got {tuple(prev_phy2log.shape)}"
+        )
+    prev_phy2log = prev_phy2log.to(device, torch.int64)
+    if bool(((prev_phy2log < 0) | (prev_phy2log >= num_experts)).any()):
+        raise ArgumentError("prev_phy2log", f"entries must be expert ids in [0, {num_experts})")
+    if bool((maps.logcnt_from_phy2log(prev_phy2log, num_experts) == 0).any()):
+        raise ArgumentError("prev_phy2log", "must host every expert at least once per layer")
+    return prev_phy2log
+
+
+def _checked_history(history: object, num_layers: int, num_experts: int, device: torch.device) -> torch.Tensor:
+    """Window sums [T, L, E], finite and non-negative, as float64 on `device`."""
+    history = torch.as_tensor(history)
+    if history.dim() != 3 or tuple(history.shape[1:]) != (num_layers, num_experts):
+        raise ArgumentError("history", f"must have shape [T, {num_layers}, {num_experts}], got {tuple(history.shape)}")
+    if history.is_floating_point() and not bool(torch.isfinite(history).all()):
+        raise ArgumentError("history", "must be finite: found NaN or inf loads")
+    if bool((history < 0).any()):
+        raise ArgumentError("history", "must be non-negative: found negative loads")
+    return history.to(device, torch.float64)
+
+
+def _describe(
+    loads: torch.Tensor,
+    phy2log: torch.Tensor,
+    prev_phy2log: torch.Tensor | None,
+    stats: dict,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    gpu_ids: torch.Tensor | None = None,
+) -> SolveResult:
+    """Maps and figures of a plan: log2phy/logcnt from phy2log [L, R], balancedness on `loads` [L, E], and
+    moved copies and balancedness before against the placement in force. `gpu_ids` [G_new]: the GPUs of a
+    changed GPU set (elastic), which phy2log then describes."""
+    num_layers, num_experts = loads.shape
     logcnt = maps.logcnt_from_phy2log(phy2log, num_experts)
     log2phy = maps.log2phy_from_phy2log(phy2log, logcnt, stats.pop("phy_rank", None))
     if prev_phy2log is None:
-        moved = torch.zeros(num_layers, dtype=torch.int64, device=target)
+        moved = torch.zeros(num_layers, dtype=torch.int64, device=loads.device)
         before = None
-    else:
-        if elastic:
-            moved, _ = elastic_moves(prev_phy2log, phy2log, num_experts, slots_per_gpu, gpu_ids)
-        else:
-            moved = maps.moved_copies(prev_phy2log, phy2log, num_experts, num_gpus)
+    elif gpu_ids is not None:
+        moved, _ = elastic_moves(
+            prev_phy2log, phy2log, num_experts, num_replicas_per_gpu(prev_phy2log, num_gpus), gpu_ids
+        )
         before = maps.balancedness(loads, prev_phy2log, maps.logcnt_from_phy2log(prev_phy2log, num_experts), num_gpus)
-    if not elastic and num_groups > 1 and num_nodes > 1 and num_groups % num_nodes == 0:
+    else:
+        moved = maps.moved_copies(prev_phy2log, phy2log, num_experts, num_gpus)
+        before = maps.balancedness(loads, prev_phy2log, maps.logcnt_from_phy2log(prev_phy2log, num_experts), num_gpus)
+    out_gpus = num_gpus if gpu_ids is None else gpu_ids.numel()
+    if gpu_ids is None and num_groups > 1 and num_nodes > 1 and num_groups % num_nodes == 0:
         stats.update(group_locality(loads, phy2log, logcnt, num_groups, num_nodes))
-    stats.setdefault("path", solver_path(target))
-    summary = {}
-    if transfers is not None:
-        id_space = max(num_gpus, int(gpu_ids.max()) + 1)
-        summary = transfer_stats(transfers, num_layers, id_space, gpus_per_node, cost)
-        stats.update(summary)
+    stats.setdefault("path", solver_path(loads.device))
     return SolveResult(
         phy2log=phy2log,
         log2phy=log2phy,
@@ -338,17 +433,16 @@ def solve(
         balancedness=maps.balancedness(loads, phy2log, logcnt, out_gpus),
         balancedness_before=before,
         moved_copies=moved,
-        policy_per_layer=policy_per_layer,
-        device=str(target),
-        solve_seconds=time.perf_counter() - started,
+        policy_per_layer=[],
+        device=str(loads.device),
+        solve_seconds=0.0,
         stats=stats,
-        transfers=transfers,
-        moved_bytes=summary.get("moved_bytes", 0.0),
-        intra_node_share=summary.get("intra_node_share", 1.0),
-        estimated_transfer_seconds=summary.get("estimated_transfer_seconds", 0.0),
-        gpu_ids=gpu_ids,
-        deferred_layers=deferred,
     )
+
+
+def num_replicas_per_gpu(phy2log: torch.Tensor, num_gpus: int) -> int:
+    """Slots per GPU of a placement [L, R] on `num_gpus` GPUs."""
+    return phy2log.shape[1] // num_gpus
 
 
 def rebalance_experts(

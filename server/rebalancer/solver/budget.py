@@ -18,18 +18,6 @@ from .maps import gpu_loads, logcnt_from_phy2log
 from .transfers import LAYER, CostModel, busiest_seconds, link_usage
 
 
-def check_budgets(max_transfer_seconds: object, max_incoming_copies_per_gpu: object) -> None:
-    """Raise ValueError naming the budget that is not a non-negative number (an integer for copies)."""
-    if max_transfer_seconds is not None:
-        value = max_transfer_seconds
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value) or value < 0:
-            raise ValueError(f"max_transfer_seconds must be a number >= 0, got {value!r}")
-    if max_incoming_copies_per_gpu is not None:
-        value = max_incoming_copies_per_gpu
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"max_incoming_copies_per_gpu must be an integer >= 0, got {value!r}")
-
-
 def layers_within_budget(
     loads: torch.Tensor,
     prev_phy2log: torch.Tensor,

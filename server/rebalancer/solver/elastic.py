@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from rebalancer_wire.options import ArgumentError
 
 from .maps import expert_histogram, logcnt_from_phy2log
 from .migration import migrate
@@ -38,32 +39,32 @@ def elastic_gpu_ids(
 ) -> torch.Tensor:
     """Validate the change of GPU set and return the new layout's GPU ids [G_new] (int64, CPU).
 
-    Raises ValueError naming `unavailable_gpus` (unknown or repeated ids, none left) or `new_num_gpus`
+    Raises ArgumentError naming `unavailable_gpus` (unknown or repeated ids, none left) or `new_num_gpus`
     (not a positive multiple of the GPUs per node), and when both are given.
     """
     if unavailable_gpus is not None and new_num_gpus is not None:
-        raise ValueError("unavailable_gpus and new_num_gpus cannot be combined: give one change of the GPU set")
+        raise ArgumentError("unavailable_gpus", "cannot be combined with new_num_gpus: give one change of the GPU set")
     gpus_per_node = num_gpus // num_nodes
     if new_num_gpus is not None:
         if isinstance(new_num_gpus, bool) or not isinstance(new_num_gpus, int) or new_num_gpus < 1:
-            raise ValueError(f"new_num_gpus must be a positive integer, got {new_num_gpus!r}")
+            raise ArgumentError("new_num_gpus", f"must be a positive integer, got {new_num_gpus!r}")
         if new_num_gpus % gpus_per_node:
-            raise ValueError(
-                f"new_num_gpus ({new_num_gpus}) must be a multiple of the GPUs per node ({gpus_per_node}):"
-                " scale by whole nodes"
+            raise ArgumentError(
+                "new_num_gpus",
+                f"({new_num_gpus}) must be a multiple of the GPUs per node ({gpus_per_node}): scale by whole nodes",
             )
         return torch.arange(new_num_gpus)
     ids = list(unavailable_gpus or [])
     if any(isinstance(g, bool) or not isinstance(g, int) for g in ids):
-        raise ValueError(f"unavailable_gpus must be GPU ids (integers), got {ids!r}")
+        raise ArgumentError("unavailable_gpus", f"must be GPU ids (integers), got {ids!r}")
     unknown = sorted({g for g in ids if not 0 <= g < num_gpus})
     if unknown:
-        raise ValueError(f"unavailable_gpus names unknown GPU ids {unknown}: ids are in [0, {num_gpus})")
+        raise ArgumentError("unavailable_gpus", f"names unknown GPU ids {unknown}: ids are in [0, {num_gpus})")
     if len(set(ids)) != len(ids):
-        raise ValueError(f"unavailable_gpus repeats GPU ids: {ids}")
+        raise ArgumentError("unavailable_gpus", f"repeats GPU ids: {ids}")
     healthy = sorted(set(range(num_gpus)) - set(ids))
     if not healthy:
-        raise ValueError("unavailable_gpus leaves no GPU to plan on")
+        raise ArgumentError("unavailable_gpus", "leaves no GPU to plan on")
     return torch.tensor(healthy, dtype=torch.int64)
 
 

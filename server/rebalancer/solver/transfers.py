@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from rebalancer_wire.options import ArgumentError
 
 from .maps import expert_histogram
 
@@ -41,11 +42,11 @@ class CostModel:
     inter_node_bandwidth: float = 50e9
 
     def validate(self) -> CostModel:
-        """Raise ValueError naming the field that is not positive and finite."""
+        """Raise ArgumentError (argument `cost_model`) naming the field that is not positive and finite."""
         for name in ("bytes_per_expert", "intra_node_bandwidth", "inter_node_bandwidth"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < float("inf")):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+                raise ArgumentError("cost_model", f"{name} must be a positive finite number, got {value!r}")
         return self
 
 
