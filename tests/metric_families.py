@@ -26,6 +26,7 @@ EXPECTED_FAMILIES: dict[str, Family] = {
     "rebalancer_solve_duration_seconds": Family("histogram", ("device", "path")),
     "rebalancer_batch_layers": Family("histogram"),
     "rebalancer_batch_requests": Family("histogram"),
+    "rebalancer_transfer_estimated_seconds": Family("histogram"),
     "rebalancer_queue_depth": Family("gauge"),
     "rebalancer_imbalance_ratio": Family("gauge", ("deployment",)),
     "rebalancer_balancedness": Family("gauge", ("deployment", "placement")),

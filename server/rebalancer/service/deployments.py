@@ -19,7 +19,7 @@ import torch
 from rebalancer_wire.options import SolveSettings
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
-from rebalancer.solver import maps
+from rebalancer.solver import CostModel, maps
 
 from .batcher import Batcher, PlanOutcome, SolveJob
 from .errors import FailedPrecondition, InvalidArgument, NotFound
@@ -68,6 +68,10 @@ def placement_stats(outcome: PlanOutcome) -> pb.PlacementStats:
         batch_layers=outcome.batch_layers,
         batch_requests=outcome.batch_requests,
         solver_path=outcome.solver_path,
+        moved_bytes=outcome.moved_bytes,
+        intra_node_share=outcome.intra_node_share,
+        estimated_transfer_seconds=outcome.estimated_transfer_seconds,
+        deferred_layers=outcome.deferred_layers,
     )
 
 
@@ -126,6 +130,8 @@ class Registry:
         loads: np.ndarray | None = None,
         base_version: int = 0,
         deadline: float | None = None,
+        cost_model: CostModel | None = None,
+        unavailable_gpus: tuple[int, ...] = (),
     ) -> PlanOutcome:
         """Plan on `loads` (default: the window, with its history) from the placement in force."""
         if base_version and base_version != deployment.version:
@@ -148,6 +154,8 @@ class Registry:
             history=history,
             baseline_phy2log=in_force if settings.fresh else None,
             deadline=deadline,
+            cost_model=cost_model,
+            unavailable_gpus=unavailable_gpus,
         )
         outcome = await self.batcher.submit(job)
         self.metrics.balancedness.labels(deployment.deployment_id, "proposed").set(float(outcome.balancedness.mean()))
@@ -174,6 +182,7 @@ class Registry:
                 stats=placement_stats(outcome),
                 trigger=trigger,
                 created_unix_ms=now_ms(),
+                transfers=outcome.transfers,
             )
             await self.store.commit(record)
             deployment.current = record

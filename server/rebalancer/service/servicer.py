@@ -24,13 +24,16 @@ from .deployments import Deployment, Registry, placement_stats
 from .errors import InvalidArgument, NotFound, ServiceError, abort
 from .metrics import Metrics
 from .model import PlacementRecord
+from .rearrangement import layout_after
 from .telemetry import TelemetryWindows
 from .validation import (
     SolveSettings,
+    check_cost_model,
     check_loads,
     check_options,
     check_phy2log,
     check_topology,
+    check_unavailable_gpus,
     decode_tensor,
     deployment_id_violations,
     load_violations,
@@ -76,9 +79,10 @@ class RebalancerServicer(rebalancer_pb2_grpc.RebalancerServiceServicer):
     @_maps_errors
     async def Rebalance(self, request: pb.RebalanceRequest, context: grpc.aio.ServicerContext) -> pb.RebalanceResponse:
         settings = check_options(request.options)
+        cost_model = check_cost_model(request.cost_model)
         loads = check_loads(request.loads, self.max_elements) if request.HasField("loads") else None
         if not request.deployment_id:
-            return await self._rebalance_inline(request, loads, settings, context)
+            return await self._rebalance_inline(request, loads, settings, cost_model, context)
         violations = deployment_id_violations(request.deployment_id)
         if request.HasField("prev_phy2log"):
             violations.append(
@@ -97,18 +101,31 @@ class RebalancerServicer(rebalancer_pb2_grpc.RebalancerServiceServicer):
             raise InvalidArgument(
                 [("loads.shape", f"must be {list(expected)} for this deployment, got {list(loads.shape)}")]
             )
+        unavailable = check_unavailable_gpus(request.unavailable_gpus, deployment.topology)
+        if (unavailable or settings.new_num_gpus is not None) and not settings.dry_run:
+            field = "unavailable_gpus" if unavailable else "options.new_num_gpus"
+            reason = "changes the deployment's GPU set: plan it with options.dry_run, then register its new layout"
+            raise InvalidArgument([(field, reason)])
         outcome = await self.registry.plan(
-            deployment, settings, loads=loads, base_version=request.base_version, deadline=_deadline(context)
+            deployment,
+            settings,
+            loads=loads,
+            base_version=request.base_version,
+            deadline=_deadline(context),
+            cost_model=cost_model,
+            unavailable_gpus=unavailable,
         )
         if settings.dry_run:
             record = PlacementRecord(
                 deployment_id=deployment.deployment_id,
                 version=0,
-                topology=deployment.topology,
+                topology=layout_after(deployment.topology, outcome.gpu_ids),
                 phy2log=outcome.phy2log,
                 logcnt=outcome.logcnt,
                 log2phy=outcome.log2phy,
                 stats=placement_stats(outcome),
+                transfers=outcome.transfers,
+                gpu_ids=outcome.gpu_ids,
             )
             response = pb.RebalanceResponse(committed=False)
             record.fill(response.placement)
@@ -123,6 +140,7 @@ class RebalancerServicer(rebalancer_pb2_grpc.RebalancerServiceServicer):
         request: pb.RebalanceRequest,
         loads: np.ndarray | None,
         settings: SolveSettings,
+        cost_model,
         context: grpc.aio.ServicerContext,
     ) -> pb.RebalanceResponse:
         violations = []
@@ -138,18 +156,27 @@ class RebalancerServicer(rebalancer_pb2_grpc.RebalancerServiceServicer):
         prev = None
         if request.HasField("prev_phy2log"):
             prev = check_phy2log(request.prev_phy2log, topology, self.max_elements)
+        unavailable = check_unavailable_gpus(request.unavailable_gpus, topology)
         job = SolveJob(
-            topology=topology, settings=settings, loads=loads, prev_phy2log=prev, deadline=_deadline(context)
+            topology=topology,
+            settings=settings,
+            loads=loads,
+            prev_phy2log=prev,
+            deadline=_deadline(context),
+            unavailable_gpus=unavailable,
+            cost_model=cost_model,
         )
         outcome = await self.batcher.submit(job)
         record = PlacementRecord(
             deployment_id="",
             version=0,
-            topology=topology,
+            topology=layout_after(topology, outcome.gpu_ids),
             phy2log=outcome.phy2log,
             logcnt=outcome.logcnt,
             log2phy=outcome.log2phy,
             stats=placement_stats(outcome),
+            transfers=outcome.transfers,
+            gpu_ids=outcome.gpu_ids,
         )
         response = pb.RebalanceResponse(committed=False)
         record.fill(response.placement)
