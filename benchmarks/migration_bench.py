@@ -40,6 +40,7 @@ if str(HERE) not in sys.path:
 
 import workloads  # noqa: E402
 from rebalancer.solver import CostModel, maps, solve  # noqa: E402
+from rebalancer.solver.elastic import elastic_moves  # noqa: E402
 from rebalancer.solver.transfers import plan_transfers, transfer_stats  # noqa: E402
 
 MIGRATION_SHAPES = ("dsv3_prefill", "qwen3_235b", "kimi_k2")
@@ -337,11 +338,110 @@ def format_tables(result: dict) -> str:
     return "\n".join(out)
 
 
+def run_elastic(
+    shape: str = "dsv3_prefill", seeds: Sequence[int] = (21, 22), lost_gpu: int = 5, scale_to: int = 40
+) -> dict:
+    """Elastic EP from a placement planned on the same loads: lose one GPU, and scale to `scale_to` GPUs.
+
+    Against the issue's bars: moves when a GPU is lost vs twice the copies it held, balancedness vs a fresh
+    plan on the healthy GPUs (which is what re-planning on the active ranks gives, and its moves), copies
+    kept in place when scaling out.
+    """
+    spec = workloads.SHAPES[shape]
+    slots = spec.replicas // spec.gpus
+    rows = []
+    for seed in seeds:
+        weight = workloads.make("zipf", spec.layers, spec.experts, seed=seed)
+        prev = solve(weight, spec.replicas, spec.groups, spec.nodes, spec.gpus, device="cpu").phy2log
+        healthy = spec.gpus - 1
+        started = time.perf_counter()
+        lost = solve(
+            weight,
+            spec.replicas,
+            spec.groups,
+            spec.nodes,
+            spec.gpus,
+            device="cpu",
+            prev_phy2log=prev,
+            unavailable_gpus=[lost_gpu],
+        )
+        lost_s = time.perf_counter() - started
+        fresh = solve(weight, slots * healthy, 1, 1, healthy, device="cpu")
+        fresh_moves, _ = elastic_moves(prev, fresh.phy2log, spec.experts, slots, lost.gpu_ids)
+        started = time.perf_counter()
+        scaled = solve(
+            weight,
+            spec.replicas,
+            spec.groups,
+            spec.nodes,
+            spec.gpus,
+            device="cpu",
+            prev_phy2log=prev,
+            new_num_gpus=scale_to,
+        )
+        scaled_s = time.perf_counter() - started
+        _, kept = elastic_moves(prev, scaled.phy2log, spec.experts, slots, scaled.gpu_ids)
+        fresh_scaled = solve(weight, slots * scale_to, 1, 1, scale_to, device="cpu")
+        rows.append(
+            {
+                "seed": seed,
+                "lost_moves_mean": float(lost.moved_copies.double().mean()),
+                "lost_moves_max": int(lost.moved_copies.max()),
+                "lost_bar": 2 * slots,
+                "fresh_moves_mean": float(fresh_moves.double().mean()),
+                "lost_balancedness": float(lost.balancedness.mean()),
+                "fresh_balancedness": float(fresh.balancedness.mean()),
+                "lost_worst_gap": float((fresh.balancedness - lost.balancedness).max()),
+                "lost_incremental_layers": sum(name.endswith("incremental") for name in lost.policy_per_layer),
+                "lost_seconds": lost_s,
+                "scaled_kept_share": float(kept.sum()) / prev.numel(),
+                "scaled_balancedness": float(scaled.balancedness.mean()),
+                "fresh_scaled_balancedness": float(fresh_scaled.balancedness.mean()),
+                "scaled_seconds": scaled_s,
+            }
+        )
+    return {"shape": shape, "lost_gpu": lost_gpu, "scale_to": scale_to, "rows": rows}
+
+
+def format_elastic(result: dict) -> str:
+    """Markdown table of `run_elastic`."""
+    head = [
+        "seed",
+        "lose 1: moved/layer mean (max)",
+        "bar (2 x slots)",
+        "fresh re-plan moved/layer",
+        "bal. vs fresh",
+        "worst layer gap",
+        "incremental layers",
+        f"scale to {result['scale_to']}: kept share",
+        "bal. vs fresh",
+    ]
+    rows = [
+        [
+            str(r["seed"]),
+            f"{r['lost_moves_mean']:.1f} ({r['lost_moves_max']})",
+            str(r["lost_bar"]),
+            f"{r['fresh_moves_mean']:.1f}",
+            f"{r['lost_balancedness']:.4f} vs {r['fresh_balancedness']:.4f}",
+            f"{r['lost_worst_gap']:.4f}",
+            str(r["lost_incremental_layers"]),
+            f"{r['scaled_kept_share']:.3f}",
+            f"{r['scaled_balancedness']:.4f} vs {r['fresh_scaled_balancedness']:.4f}",
+        ]
+        for r in result["rows"]
+    ]
+    return f"Elastic EP on {result['shape']} (zipf loads, GPU {result['lost_gpu']} lost):\n\n" + _table(head, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one shape, one seed, 5 windows")
     parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--elastic", action="store_true", help="only the elastic EP figures")
     args = parser.parse_args()
+    if args.elastic:
+        print(format_elastic(run_elastic()))
+        return
     result = run(shape="qwen3_235b", windows=5, seeds=(21,)) if args.quick else run(windows=args.windows)
     print(format_tables(result))
 
