@@ -41,7 +41,7 @@ if str(HERE) not in sys.path:
 import workloads  # noqa: E402
 from rebalancer.solver import CostModel, maps, solve  # noqa: E402
 from rebalancer.solver.elastic import elastic_moves  # noqa: E402
-from rebalancer.solver.transfers import plan_transfers, transfer_stats  # noqa: E402
+from rebalancer.solver.transfers import plan_transfers, same_node_share, transfer_stats  # noqa: E402
 
 MIGRATION_SHAPES = ("dsv3_prefill", "qwen3_235b", "kimi_k2")
 HISTORY_WINDOWS = 4
@@ -85,6 +85,8 @@ class Track:
     transfer_seconds: list[float] = field(default_factory=list)
     intra_copies: list[float] = field(default_factory=list)
     network_copies: list[float] = field(default_factory=list)
+    possible_copies: list[float] = field(default_factory=list)
+    possible_intra_copies: list[float] = field(default_factory=list)
 
 
 def plan(
@@ -138,6 +140,11 @@ def run_series(shape: workloads.Shape, windows: int, seed: int, variants: Sequen
             track.transfer_seconds.append(cost["estimated_transfer_seconds"])
             track.network_copies.append(cost["transferred_copies"])
             track.intra_copies.append(cost["transferred_copies"] * cost["intra_node_share"])
+            share, possible = same_node_share(
+                placements[variant.label], plan_rows, shape.experts, shape.gpus, gpus_per_node
+            )
+            track.possible_copies.append(cost["transferred_copies"] * possible)
+            track.possible_intra_copies.append(cost["transferred_copies"] * possible * share)
             placements[variant.label] = phy2log
     replans = windows - 2
     figures: dict[str, dict] = {}
@@ -152,6 +159,9 @@ def run_series(shape: workloads.Shape, windows: int, seed: int, variants: Sequen
             "min_solve_s": min(track.solve_seconds),
             "transfer_seconds": sum(track.transfer_seconds),
             "intra_node_share": sum(track.intra_copies) / max(sum(track.network_copies), 1.0),
+            "intra_where_possible": sum(track.possible_intra_copies) / max(sum(track.possible_copies), 1.0),
+            "possible_copies": sum(track.possible_copies),
+            "possible_intra_copies": sum(track.possible_intra_copies),
         }
     for entry in figures.values():
         for base in BASELINES:
@@ -211,6 +221,8 @@ def run(
             "mean_solve_s": statistics.fmean(r["variants"][variant.label]["mean_solve_s"] for r in runs),
             "transfer_seconds": sum(r["variants"][variant.label]["transfer_seconds"] for r in runs),
             "intra_node_share": statistics.fmean(r["variants"][variant.label]["intra_node_share"] for r in runs),
+            "intra_where_possible": sum(r["variants"][variant.label]["possible_intra_copies"] for r in runs)
+            / max(sum(r["variants"][variant.label]["possible_copies"] for r in runs), 1.0),
         }
     for entry in totals.values():
         for base in BASELINES:
@@ -292,6 +304,7 @@ def format_tables(result: dict) -> str:
         "est. transfer s",
         "transfer x deepseek_global",
         "intra-node share",
+        "intra where a node source exists",
     ]
     rows = [
         [
@@ -306,6 +319,7 @@ def format_tables(result: dict) -> str:
             f"{t['transfer_seconds']:.3f}",
             f"{t['transfer_ratio_vs_deepseek_global']:.3f}",
             f"{t['intra_node_share']:.3f}",
+            f"{t['intra_where_possible']:.3f}",
         ]
         for label, t in result["totals"].items()
     ]

@@ -7,7 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 from rebalancer.solver import CostModel, apply_transfers, maps, rebalance_experts, solve
-from rebalancer.solver.transfers import DST_GPU, DST_SLOT, EXPERT, LAYER, SRC_GPU, plan_transfers, transfer_stats
+from rebalancer.solver.transfers import (
+    DST_GPU,
+    DST_SLOT,
+    EXPERT,
+    LAYER,
+    SRC_GPU,
+    plan_transfers,
+    same_node_share,
+    transfer_stats,
+)
 from solver_workloads import assert_valid_maps, drifting_series, make
 
 # 6 layers, 64 experts in 8 groups, 80 slots, 2 nodes x 4 GPUs (10 slots per GPU).
@@ -99,6 +108,8 @@ def test_cost_model_counts_bytes_links_and_the_busiest_gpu() -> None:
     assert stats["intra_node_seconds"] == pytest.approx(1000 / 100.0)  # one copy per GPU at most, each way
     assert stats["inter_node_seconds"] == pytest.approx(1000 / 10.0)  # GPU 1 sends one copy to GPU 2
     assert stats["estimated_transfer_seconds"] == pytest.approx(100.0)
+    # Two of the three copies had a source on their node, and both were fetched there.
+    assert same_node_share(prev, plan, 6, 4, 2) == (1.0, pytest.approx(2 / 3))
 
 
 def test_sources_of_a_replicated_expert_share_the_sending() -> None:

@@ -198,3 +198,26 @@ def apply_transfers(
     placement = old_content(prev_phy2log, slots_per_gpu, gpu_ids).clone()
     placement[transfers[:, LAYER], transfers[:, DST_SLOT]] = transfers[:, EXPERT]
     return placement
+
+
+def same_node_share(
+    prev_phy2log: torch.Tensor, transfers: torch.Tensor, num_experts: int, num_gpus: int, gpus_per_node: int
+) -> tuple[float, float]:
+    """Of the network copies whose expert the destination's node already held (on a GPU of the old layout),
+    the share fetched within the node, and the share of all network copies that had such a source.
+    prev_phy2log [L, R], transfers [T, 5] -> (share in [0, 1] (1.0 when none), share in [0, 1])."""
+    network = transfers[(transfers[:, SRC_GPU] != transfers[:, DST_GPU])]
+    if network.shape[0] == 0:
+        return 1.0, 0.0
+    held = expert_histogram(prev_phy2log, num_experts, num_gpus) > 0  # [L, G, E]
+    num_nodes = num_gpus // gpus_per_node
+    node_held = held.view(held.shape[0], num_nodes, gpus_per_node, num_experts).any(2)  # [L, N, E]
+    dst_node = network[:, DST_GPU] // gpus_per_node
+    on_old_node = dst_node < num_nodes
+    possible = torch.zeros(network.shape[0], dtype=torch.bool, device=network.device)
+    rows = on_old_node.nonzero(as_tuple=True)[0]
+    possible[rows] = node_held[network[rows, LAYER], dst_node[rows], network[rows, EXPERT]]
+    intra = (network[:, SRC_GPU] >= 0) & (network[:, SRC_GPU] // gpus_per_node == dst_node)
+    count = int(possible.sum())
+    share = float((intra & possible).sum()) / count if count else 1.0
+    return share, count / network.shape[0]
