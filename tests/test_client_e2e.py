@@ -84,7 +84,9 @@ def test_two_ranks_add_up_then_rebalance_and_get_placement(client):
     current = client.get_placement("e2e-ranks")
     assert current.version == 1 and np.array_equal(current.phy2log, placement.phy2log)
     [info] = [d for d in client.list_deployments() if d.deployment_id == "e2e-ranks"]
-    assert info.version == 1 and info.topology.num_gpus == SHAPE[5]
+    assert info.version == 1 and info.topology.num_gpus == SHAPE[5] and info.reports == 2
+    # The listing scores the placement in force on the same window as the placement's own stats.
+    assert info.imbalance > 1.0 and info.imbalance == pytest.approx(placement.stats.imbalance_after)
     assert client.delete_deployment("e2e-ranks")
 
 
