@@ -1,4 +1,5 @@
-"""The `rebalancer` command line against the fake service: parsing, loads files, JSON outputs, exit codes."""
+"""The `rebalancer` command line against the real server in-process: parsing, loads files, JSON outputs,
+exit codes."""
 
 from __future__ import annotations
 
@@ -6,15 +7,16 @@ import json
 
 import numpy as np
 import pytest
-from client_helpers import assert_valid_maps, fake_service
+from client_helpers import assert_valid_maps, library_phy2log
 from grpc_health.v1 import health_pb2
 from rebalancer_client.cli import DEFAULT_TARGET, build_parser, main, read_loads
+from service_harness import real_service
 
 
 @pytest.fixture(scope="module")
-def fake():
-    with fake_service() as server:
-        yield server
+def server():
+    with real_service() as running:
+        yield running
 
 
 def test_target_defaults_to_the_environment_then_loopback(monkeypatch):
@@ -46,12 +48,13 @@ def test_loads_files_in_every_format(tmp_path):
 
 
 @pytest.mark.parametrize(("form", "keys"), [("vllm", 3), ("sglang", 1), ("raw", 10)])
-def test_rebalance_writes_the_engine_json(fake, tmp_path, capsys, form, keys):
-    np.save(tmp_path / "loads.npy", np.array([[9, 1, 1, 1], [1, 1, 1, 9]], dtype=np.float32))
+def test_rebalance_writes_the_engine_json(server, tmp_path, capsys, form, keys):
+    loads = np.array([[9, 1, 1, 1], [1, 1, 1, 9]], dtype=np.float32)
+    np.save(tmp_path / "loads.npy", loads)
     out = tmp_path / "placement.json"
     code = main(
         ["rebalance", str(tmp_path / "loads.npy"), "--replicas", "6", "--gpus", "3", "--seed", "4"]
-        + ["--policy", "global", "--target", fake.target, "--out", str(out), "--format", form]
+        + ["--policy", "global", "--target", server.target, "--out", str(out), "--format", form]
     )
     assert code == 0
     document = json.loads(out.read_text())
@@ -65,11 +68,11 @@ def test_rebalance_writes_the_engine_json(fake, tmp_path, capsys, form, keys):
         )
         assert_valid_maps(phy2log, log2phy, logcnt, 4)
     assert "inline plan; balancedness" in capsys.readouterr().err
-    assert fake.servicer.requests[-1].options.seed == 4
+    assert np.array_equal(phy2log, library_phy2log(loads, 6, 3, seed=4, policy="global"))  # the flags reached it
 
 
-def test_report_get_watch_list_delete_round_trip(fake, tmp_path, capsys):
-    target = ["--target", fake.target]
+def test_report_get_watch_list_delete_round_trip(server, tmp_path, capsys):
+    target = ["--target", server.target]
     np.save(tmp_path / "window.npy", np.ones((3, 2, 4)))  # three reports
     assert main(["report", "cli-dep", str(tmp_path / "window.npy"), "--replicas", "6", "--gpus", "3", *target]) == 0
     assert json.loads(capsys.readouterr().out)["accepted"] == 3
@@ -88,19 +91,19 @@ def test_report_get_watch_list_delete_round_trip(fake, tmp_path, capsys):
     assert main(["delete", "cli-dep", *target]) == 1
 
 
-def test_health_exit_codes(fake, capsys):
-    assert main(["health", "--target", fake.target]) == 0
+def test_health_exit_codes(server, capsys):
+    assert main(["health", "--target", server.target]) == 0
     assert capsys.readouterr().out.strip() == "SERVING"
-    fake.health.set("cli.Draining", health_pb2.HealthCheckResponse.NOT_SERVING)
-    assert main(["health", "--service", "cli.Draining", "--target", fake.target]) == 1
+    server.set_health("cli.Draining", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert main(["health", "--service", "cli.Draining", "--target", server.target]) == 1
     assert main(["health", "--target", "127.0.0.1:1", "--timeout", "0.5"]) == 1
-    assert main(["health", "--target", f"{fake.target},127.0.0.1:1", "--timeout", "0.5"]) == 1
+    assert main(["health", "--target", f"{server.target},127.0.0.1:1", "--timeout", "0.5"]) == 1
     assert "127.0.0.1:1 UNAVAILABLE" in capsys.readouterr().out
 
 
-def test_errors_map_to_exit_codes_and_readable_messages(fake, tmp_path, capsys):
+def test_errors_map_to_exit_codes_and_readable_messages(server, tmp_path, capsys):
     np.save(tmp_path / "nan.npy", np.full((2, 4), np.nan))
-    target = ["--target", fake.target]
+    target = ["--target", server.target]
     assert main(["rebalance", str(tmp_path / "nan.npy"), "--replicas", "6", "--gpus", "3", *target]) == 2
     assert "loads must be finite" in capsys.readouterr().err
     assert main(["rebalance", str(tmp_path / "missing.npy"), "--replicas", "6", "--gpus", "3", *target]) == 2
