@@ -87,10 +87,23 @@ def solver_path(device: torch.device) -> str:
     return active_path(device)
 
 
+class ArgumentError(ValueError, AssertionError):
+    """A rejected argument. Also an AssertionError: code written against the published function, which
+    asserts its preconditions, keeps catching what it caught."""
+
+
 def _check_int(name: str, value: object, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def planning_layout(num_groups: int, num_nodes: int) -> tuple[int, int]:
+    """(groups, nodes) the plan honours: the published function plans hierarchically only when the
+    groups split evenly over the nodes, and otherwise plans globally, ignoring both."""
+    if num_groups % num_nodes:
+        return 1, 1
+    return num_groups, num_nodes
 
 
 def resolve_device(weight: torch.Tensor, device: str | torch.device | None) -> torch.device:
@@ -101,35 +114,40 @@ def resolve_device(weight: torch.Tensor, device: str | torch.device | None) -> t
 
 
 def validate(weight: object, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> torch.Tensor:
-    """Check every argument of the published signature; returns the weight as a tensor."""
+    """Check every argument of the published signature; returns the weight as a tensor.
+
+    Accepts what the published function accepts: the group and node rules apply only on its hierarchical
+    path (groups % nodes == 0); otherwise it plans globally and so do the policies here.
+    """
     if not isinstance(weight, torch.Tensor):
         try:
             weight = torch.as_tensor(weight)
         except Exception as exc:
-            raise ValueError(f"weight must be a 2-D tensor of loads: {exc}") from exc
+            raise ArgumentError(f"weight must be a 2-D tensor of loads: {exc}") from exc
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [layers, experts], got shape {tuple(weight.shape)}")
+        raise ArgumentError(f"weight must be 2-D [layers, experts], got shape {tuple(weight.shape)}")
     if weight.dtype == torch.bool or weight.is_complex():
-        raise ValueError(f"weight must hold real numbers, got dtype {weight.dtype}")
+        raise ArgumentError(f"weight must hold real numbers, got dtype {weight.dtype}")
     num_layers, num_experts = weight.shape
     if num_layers == 0 or num_experts == 0:
-        raise ValueError(f"weight must have at least one layer and one expert, got shape {tuple(weight.shape)}")
+        raise ArgumentError(f"weight must have at least one layer and one expert, got shape {tuple(weight.shape)}")
     _check_int("num_replicas", num_replicas)
     _check_int("num_groups", num_groups)
     _check_int("num_nodes", num_nodes)
     _check_int("num_gpus", num_gpus)
     if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
-        raise ValueError("weight must be finite: found NaN or inf loads")
+        raise ArgumentError("weight must be finite: found NaN or inf loads")
     if bool((weight < 0).any()):
-        raise ValueError("weight must be non-negative: found negative loads")
+        raise ArgumentError("weight must be non-negative: found negative loads")
     if num_replicas < num_experts:
-        raise ValueError(f"num_replicas ({num_replicas}) must be >= the number of experts ({num_experts})")
+        raise ArgumentError(f"num_replicas ({num_replicas}) must be >= the number of experts ({num_experts})")
     if num_replicas % num_gpus:
-        raise ValueError(f"num_replicas ({num_replicas}) must be divisible by num_gpus ({num_gpus})")
-    if num_experts % num_groups:
-        raise ValueError(f"num_groups ({num_groups}) must divide the number of experts ({num_experts})")
-    if num_gpus % num_nodes:
-        raise ValueError(f"num_nodes ({num_nodes}) must divide num_gpus ({num_gpus})")
+        raise ArgumentError(f"num_replicas ({num_replicas}) must be divisible by num_gpus ({num_gpus})")
+    groups, nodes = planning_layout(num_groups, num_nodes)
+    if num_experts % groups:
+        raise ArgumentError(f"num_groups ({num_groups}) must divide the number of experts ({num_experts})")
+    if num_gpus % nodes:
+        raise ArgumentError(f"num_nodes ({num_nodes}) must divide num_gpus ({num_gpus})")
     return weight
 
 
@@ -162,6 +180,7 @@ def solve(
     their node.
     """
     weight = validate(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    num_groups, num_nodes = planning_layout(num_groups, num_nodes)
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
     if num_candidates is not None:
