@@ -120,7 +120,7 @@ def load_vllm() -> Vllm:
 
 @dataclass
 class SglangRuntime:
-    """The server settings SGLang's expert-location code reads through `runtime_context`."""
+    """The server settings SGLang's expert-location code reads through `runtime_context`; tests set them."""
 
     ep_size: int = 1
     nnodes: int = 1
@@ -157,7 +157,6 @@ class Sglang:
 def load_sglang() -> Sglang:
     name, version, members = SGLANG
     _on_path(extract(name, version, members))
-    runtime = SglangRuntime()
     if "sglang.srt.eplb.expert_location" not in sys.modules:
         stub("einops")
         stub("sglang.srt.environ")
@@ -176,7 +175,6 @@ def load_sglang() -> Sglang:
             get_exec=lambda: SGLANG_RUNTIME.exec(),
             get_parallel=lambda: SGLANG_RUNTIME.parallel(),
         )
-    SGLANG_RUNTIME.__dict__.update(runtime.__dict__)
     import sglang.srt.eplb.expert_distribution as expert_distribution
     import sglang.srt.eplb.expert_location as expert_location
 

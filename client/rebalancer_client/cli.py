@@ -17,7 +17,8 @@ Layer numbering: placements have one row per MoE layer, SGLang and TensorRT-LLM 
 layer. `--first-moe-layer K` (dense layers first: DeepSeek-V3 is `--first-moe-layer 3`, 58 MoE layers of
 61; `0` when every layer is MoE), optionally with `--decoder-layers N`, or `--decoder-layers N
 --moe-layers 1,3,5-9` say which is which; the sglang and trtllm formats refuse to write without it.
-Input loads with one row per decoder layer (SGLang dumps) are cut down to the MoE rows with the same flags.
+SGLang dumps (one row per decoder layer) need the same flags to be cut down to their MoE rows; other
+loads files have one row per MoE layer.
 
 `--out` files are written to a temporary file in the same folder and renamed over the target, so a reader
 never sees half a file; output into a closed pipe (`rebalancer get ... | head`) ends quietly.
@@ -57,8 +58,9 @@ from .sharding import ShardedClient, connect
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
-def read_loads(path: str) -> np.ndarray:
-    """Loads from a .npy, .json or .pt file: [L, E], or [T, L, E] for T reports (SGLang dumps: filled steps)."""
+def read_loads_file(path: str) -> tuple[np.ndarray, bool]:
+    """Loads from a .npy, .json or .pt file: [L, E] or [T, L, E], and whether rows are decoder layers
+    (an SGLang recorder dump, of which only the filled steps are kept) rather than MoE layers."""
     suffix = pathlib.Path(path).suffix.lower()
     if suffix == ".npy":
         data: Any = np.load(path, allow_pickle=False)
@@ -74,7 +76,8 @@ def read_loads(path: str) -> np.ndarray:
         data = torch.load(path, map_location="cpu", weights_only=True)
     else:
         raise ValueError(f"{path}: loads must be a .npy, .json or .pt file")
-    if sglang.is_recorder_dump(data):
+    by_decoder_layer = sglang.is_recorder_dump(data)
+    if by_decoder_layer:
         dump = sglang.recorder_dump(data)
         if dump.dropped_steps:
             print(f"{path}: dropped {dump.dropped_steps} unfilled recorder steps", file=sys.stderr)
@@ -93,7 +96,12 @@ def read_loads(path: str) -> np.ndarray:
         raise ValueError(
             f"{path}: loads must be [layers, experts] or [reports, layers, experts], got {list(array.shape)}"
         )
-    return array
+    return array, by_decoder_layer
+
+
+def read_loads(path: str) -> np.ndarray:
+    """Loads from a .npy, .json or .pt file: [L, E], or [T, L, E] for T reports (SGLang dumps: filled steps)."""
+    return read_loads_file(path)[0]
 
 
 def write_text(text: str, out: str | None) -> None:
@@ -136,17 +144,25 @@ def output_numbering(args: argparse.Namespace, num_moe_layers: int) -> LayerNumb
     )
 
 
-def input_moe_rows(args: argparse.Namespace, loads: np.ndarray, path: str) -> np.ndarray:
-    """Loads [..., rows, E] -> MoE rows: decoder-layer rows are cut down when layer flags are given."""
-    if args.first_moe_layer is None and args.moe_layers is None:
+def input_moe_rows(args: argparse.Namespace, path: str) -> np.ndarray:
+    """A loads file as MoE rows [..., L, E]: SGLang dumps (one row per decoder layer) are cut down with the
+    layer flags, which they require; other files already have one row per MoE layer."""
+    loads, by_decoder_layer = read_loads_file(path)
+    if not by_decoder_layer:
         return loads
-    rows = loads.shape[-2]
-    decoder_layers = args.decoder_layers if args.decoder_layers is not None else rows
+    if args.first_moe_layer is None and args.moe_layers is None:
+        raise ValueError(
+            f"{path}: SGLang dumps have one row per decoder layer ({loads.shape[-2]} here): say which are MoE "
+            "with --first-moe-layer K (0 when every layer is MoE) or --moe-layers IDS"
+        )
+    decoder_layers = loads.shape[-2]
+    if args.decoder_layers not in (None, decoder_layers):
+        raise ValueError(f"{path}: the dump has {decoder_layers} decoder layers, not {args.decoder_layers}")
     if args.moe_layers is not None:
         numbering = LayerNumbering.parse_ids(args.moe_layers, decoder_layers)
     else:
         numbering = LayerNumbering(decoder_layers, tuple(range(args.first_moe_layer, decoder_layers)))
-    return numbering.to_moe_rows(loads, path)
+    return numbering.select(loads, path)
 
 
 def render(placement: Placement, args: argparse.Namespace, format: str) -> str:
@@ -274,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _rebalance(client: RebalancerClient | ShardedClient, args: argparse.Namespace) -> int:
     loads = None
     if args.loads:
-        loads = input_moe_rows(args, read_loads(args.loads), args.loads)
+        loads = input_moe_rows(args, args.loads)
         loads = loads.sum(axis=0) if loads.ndim == 3 else loads
     placement = client.rebalance(
         loads,
@@ -326,7 +342,7 @@ def _health(client: RebalancerClient | ShardedClient, args: argparse.Namespace) 
 def _report(client: RebalancerClient | ShardedClient, args: argparse.Namespace) -> int:
     reports: list[np.ndarray] = []
     for path in args.loads:
-        array = input_moe_rows(args, read_loads(path), path)
+        array = input_moe_rows(args, path)
         reports += list(array) if array.ndim == 3 else [array]
     topology = None
     if args.replicas is not None or args.gpus is not None:
