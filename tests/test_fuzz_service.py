@@ -244,8 +244,9 @@ def bad_deployment_request(draw):
         version = draw(st.integers(2, 2**64 - 1))
         return pb.RebalanceRequest(deployment_id=BASE, base_version=version), grpc.StatusCode.FAILED_PRECONDITION, None
     if kind == "prev":
+        # A deployment plan may start from the caller's map, which must then be a placement of it.
         request = pb.RebalanceRequest(deployment_id=BASE, prev_phy2log=encode(np.zeros((LAYERS, REPLICAS), np.int64)))
-        return request, INVALID, "prev_phy2log"
+        return request, INVALID, "prev_phy2log.data"
     if kind == "loads_shape":
         shape = draw(st.tuples(st.integers(1, 8), st.integers(1, 32)).filter(lambda s: s != (LAYERS, EXPERTS)))
         return pb.RebalanceRequest(deployment_id=BASE, loads=encode(valid_loads(draw, shape))), INVALID, "loads.shape"
