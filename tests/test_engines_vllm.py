@@ -3,6 +3,8 @@ and a real rebalancer server (in process, loopback)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 import time
 
@@ -158,3 +160,62 @@ def test_groups_that_do_not_split_over_nodes_plan_globally_as_vllm_does(vllm, se
     new = ServiceEplbPolicy.rebalance_experts(window(4), REPLICAS, 3, NODES, RANKS)  # 16 experts, 3 groups
     assert_vllm_accepts(vllm, new)
     assert ServiceEplbPolicy.stats.service_plans == 1
+
+
+RANK = """
+import json, sys
+import numpy as np, torch, torch.distributed as dist
+from rebalancer_client.engines.vllm import ServiceConfig, ServiceEplbPolicy
+
+rank, store, scenarios, inputs, out = sys.argv[1:6]
+replicas, groups, nodes, ranks = (int(x) for x in sys.argv[6:10])
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{store}", rank=int(rank), world_size=2)
+data = np.load(inputs)
+window, old = torch.from_numpy(data["window"]), torch.from_numpy(data["old"])
+reports = []
+for index, (target, deployment) in enumerate(json.loads(scenarios)):
+    ServiceEplbPolicy.configure(ServiceConfig(target=target, deployment_id=deployment, deadline_s=5.0))
+    new = ServiceEplbPolicy.rebalance_experts(window, replicas, groups, nodes, ranks, old)
+    np.save(f"{out}-{index}.npy", new.numpy())
+    stats = ServiceEplbPolicy.stats
+    reports.append({"service": stats.service_plans, "fallbacks": stats.fallbacks, "agreed": stats.agreed,
+                    "version": stats.committed_version})
+print(json.dumps(reports))
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_of_one_group_install_the_leaders_map_even_when_only_some_reach_the_service(vllm, server, tmp_path):
+    """Two ranks over gloo, as vLLM's synchronous rearrangement runs them: first only the leader reaches
+    the service, then only the follower."""
+    live, dead = f"127.0.0.1:{server.server.port}", f"127.0.0.1:{free_port()}"
+    scenarios = {
+        0: [[live, "vllm-group-a"], [dead, "vllm-group-b"]],
+        1: [[dead, "vllm-group-a"], [live, "vllm-group-b"]],
+    }
+    script = tmp_path / "rank.py"
+    script.write_text(RANK)
+    np.savez(tmp_path / "inputs.npz", window=window(5).numpy(), old=published_start(vllm).numpy())
+    store = str(free_port())
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank), store, json.dumps(scenarios[rank]), str(tmp_path / "inputs.npz")]
+            + [str(tmp_path / f"rank{rank}"), *map(str, (REPLICAS, GROUPS, NODES, RANKS))],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    reports = []
+    for process in ranks:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    for scenario in (0, 1):
+        maps_ = [np.load(tmp_path / f"rank{rank}-{scenario}.npy") for rank in (0, 1)]
+        assert np.array_equal(maps_[0], maps_[1])  # one map for the whole group
+        assert_vllm_accepts(vllm, torch.from_numpy(maps_[1]))
+        assert reports[1][scenario] == {"service": 0, "fallbacks": 0, "agreed": 1, "version": 0}  # never asked
+    assert reports[0][0] == {"service": 1, "fallbacks": 0, "agreed": 1, "version": 1}
+    assert reports[0][1]["service"] == 0 and reports[0][1]["fallbacks"] == 1  # the leader's local plan, for both

@@ -7,12 +7,17 @@ load window sum (`weight` [L, E], CPU) and the map in force ([L, R]), and instal
 accepts only the policy name "default", so `register()` puts `ServiceEplbPolicy` in that slot and keeps
 the policy it replaced as a fallback. The plugin is inert unless REBALANCER_TARGET is set.
 
-Every rank sends the same request (window, map in force, topology); plans are a pure function of it
-(per-layer seeds, no window history when loads are given), so every rank installs the same map. Only
-one rank (global rank 0, or REBALANCER_COMMIT) commits the version; the others ask for a dry run. When
-the service is unreachable, slower than the deadline or answers something unusable, the policy plans
-locally instead (the library solver when importable, else the replaced vLLM policy, else the map in
-force), logs once per outage, counts it in `ServiceEplbPolicy.stats`, and never raises into vLLM's step.
+Every EP rank must install the same map, or the weight transfers that follow do not match up. In
+vLLM's synchronous rearrangement (the policy runs on the main thread, right after vLLM's own all-reduce
+of the window over the EP group) rank 0 of that group plans (service or fallback), commits, and
+broadcasts the map over the group's CPU (gloo) group: one RPC per rearrangement and exact agreement,
+even when the service answers only some ranks. In asynchronous EPLB the policy runs on a worker thread
+where a collective could interleave with the main thread's, so every rank sends the same request
+instead (window, map in force, topology): plans are a pure function of it (per-layer seeds, no window
+history when loads are given), rank 0 commits and the others ask for a dry run. When the service is
+unreachable, slower than the deadline or answers something unusable, the policy plans locally (the
+library solver when importable, else the replaced vLLM policy, else the map in force), logs once per
+outage, counts it in `ServiceEplbPolicy.stats`, and never raises into vLLM's step.
 
 Environment (read when the plugin loads): REBALANCER_TARGET (host:port; turns the plugin on),
 REBALANCER_DEPLOYMENT (commit versions to this deployment; without it plans are inline and uncommitted),
@@ -86,6 +91,7 @@ class PolicyStats:
     last_fallback: str = ""
     last_round_trip_s: float = 0.0
     last_solve_s: float = 0.0
+    agreed: int = 0  # maps shared by broadcast from the EP group's rank 0
     in_outage: bool = field(default=False, repr=False)
 
 
@@ -115,6 +121,26 @@ def _is_leader(config: ServiceConfig) -> bool:
     except ImportError:
         return True
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def agreement_group() -> Any:
+    """The process group whose ranks must install the same map, when a collective is safe here: vLLM's
+    EP CPU group (the default group outside vLLM), on the main thread only. None otherwise."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        from vllm.distributed.parallel_state import get_ep_group
+
+        group = get_ep_group().cpu_group
+    except Exception:
+        group = dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
 
 
 class ServiceEplbPolicy:
@@ -175,23 +201,65 @@ class ServiceEplbPolicy:
             # Elastic scale-up pads new slots with -1: such a map cannot be a starting point.
             if not _valid_phy2log(old, num_layers, num_replicas, num_experts):
                 old = None
+        args = (weight, loads, num_replicas, num_groups, num_nodes, num_ranks, old)
+        group = agreement_group()
+        if group is None:
+            return torch.from_numpy(cls._plan(*args, commit=None))
+        import torch.distributed as dist
+
+        leader = dist.get_rank(group) == 0
+        if leader:
+            shared = torch.from_numpy(cls._plan(*args, commit=True))
+        else:
+            shared = torch.empty((loads.shape[0], num_replicas), dtype=torch.int64)
+        try:
+            dist.broadcast(shared, src=dist.get_global_rank(group, 0), group=group)
+        except Exception as exc:  # a broken group fails vLLM's own collectives next; plan alone meanwhile
+            logger.error("could not share the EPLB map over the EP group: %s", exc)
+            return torch.from_numpy(cls._plan(*args, commit=False))
+        cls.stats.agreed += 1
+        return shared
+
+    @classmethod
+    def _plan(
+        cls,
+        weight: Any,
+        loads: np.ndarray,
+        num_replicas: int,
+        num_groups: int,
+        num_nodes: int,
+        num_ranks: int,
+        old: np.ndarray | None,
+        *,
+        commit: bool | None,
+    ) -> np.ndarray:
+        """The service's plan, else a local one: [L, R] int64. `commit` None: decided by rank."""
         groups, nodes = planning_layout(num_groups, num_nodes, num_ranks)
         try:
-            phy2log = cls._plan_on_service(loads, num_replicas, groups, nodes, num_ranks, old)
+            phy2log = cls._plan_on_service(loads, num_replicas, groups, nodes, num_ranks, old, commit)
         except Exception as exc:  # never into the step loop: every failure is a fallback
             cls._outage(exc)
             phy2log = cls._plan_locally(weight, loads, num_replicas, num_groups, num_nodes, num_ranks, old)
         else:
             cls._recovered()
-        return torch.from_numpy(np.ascontiguousarray(phy2log, dtype=np.int64))
+        return np.ascontiguousarray(phy2log, dtype=np.int64)
 
     @classmethod
     def _plan_on_service(
-        cls, loads: np.ndarray, num_replicas: int, groups: int, nodes: int, num_ranks: int, old: np.ndarray | None
+        cls,
+        loads: np.ndarray,
+        num_replicas: int,
+        groups: int,
+        nodes: int,
+        num_ranks: int,
+        old: np.ndarray | None,
+        commit: bool | None,
     ) -> np.ndarray:
         config = cls.config
         if config is None:
             raise RuntimeError("not configured")
+        if commit is None or config.commit is not None:
+            commit = _is_leader(config)
         started = time.perf_counter()
         placement = cls.client().rebalance(
             loads,
@@ -200,7 +268,7 @@ class ServiceEplbPolicy:
             num_nodes=nodes,
             num_gpus=num_ranks,
             deployment_id=config.deployment_id,
-            dry_run=bool(config.deployment_id) and not _is_leader(config),
+            dry_run=bool(config.deployment_id) and not commit,
             policy=config.policy,
             prev_phy2log=old,
             timeout=config.deadline_s,
