@@ -94,6 +94,11 @@ def test_plugin_leaves_vllm_alone_without_a_target_or_when_turned_off(vllm, regi
     vllm.plugins.plugins_loaded = False
     vllm.plugins.load_general_plugins()
     assert registry["default"] is vllm.policy.DefaultEplbPolicy
+    monkeypatch.setenv("REBALANCER_VLLM", "on")
+    monkeypatch.setenv("REBALANCER_DEADLINE_S", "two seconds")  # a typo keeps vLLM starting, on its own policy
+    vllm.plugins.plugins_loaded = False
+    vllm.plugins.load_general_plugins()
+    assert registry["default"] is vllm.policy.DefaultEplbPolicy
 
 
 def balancedness(phy2log: torch.Tensor, loads: torch.Tensor) -> float:

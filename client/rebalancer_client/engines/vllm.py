@@ -360,7 +360,11 @@ def register() -> None:
     Takes the "default" slot of vLLM's EPLB_POLICIES when REBALANCER_TARGET is set; does nothing otherwise
     or outside vLLM.
     """
-    config = ServiceConfig.from_env()
+    try:
+        config = ServiceConfig.from_env()
+    except ValueError as exc:  # a typo in an environment variable must not stop vLLM from starting
+        logger.error("REBALANCER_* settings unusable, keeping vLLM's own EPLB policy: %s", exc)
+        return
     if config is None:
         return
     try:
