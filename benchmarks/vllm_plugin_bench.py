@@ -6,7 +6,7 @@ the map in force, CPU tensors back) on drifting windows, committing every versio
 of the policy call - the solve seconds the server reports for it: encoding, the RPC, queueing, decoding
 and the map checks. Target: at most 10 ms.
 
-    python benchmarks/vllm_plugin_bench.py [--rounds 20] [--shape deepseek|small]
+    python benchmarks/vllm_plugin_bench.py [--rounds 20] [--shape deepseek|small] [-- server flags...]
 """
 
 from __future__ import annotations
@@ -54,13 +54,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="deepseek")
+    parser.add_argument("server_flags", nargs="*", help="extra rebalancer-server flags, after --")
     args = parser.parse_args()
     layers, experts, replicas, groups, nodes, ranks = SHAPES[args.shape]
     port = free_port()
     state = tempfile.mkdtemp(prefix="plugin-bench-")
     server_bin = pathlib.Path(sys.executable).with_name("rebalancer-server")
     command = [str(server_bin), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
-    server = subprocess.Popen([*command, "--state-dir", state], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command += ["--state-dir", state, *args.server_flags]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with RebalancerClient(f"127.0.0.1:{port}") as probe:
             if not probe.wait_ready(120):
@@ -69,7 +71,7 @@ def main() -> None:
             ServiceConfig(target=f"127.0.0.1:{port}", deployment_id="bench", deadline_s=30.0, commit=True)
         )
         old = torch.from_numpy(np.tile(np.arange(replicas) % experts, (layers, 1)))
-        overheads, solves = [], []
+        overheads, solves, local = [], [], []
         for round_, window in enumerate(windows(layers, experts, args.rounds + 2)):
             started = time.perf_counter()
             new = ServiceEplbPolicy.rebalance_experts(window, replicas, groups, nodes, ranks, old)
@@ -79,13 +81,19 @@ def main() -> None:
             if round_ >= 2:  # the first calls open the channel and warm the solver up
                 solves.append(ServiceEplbPolicy.stats.last_solve_s)
                 overheads.append(wall - ServiceEplbPolicy.stats.last_solve_s)
+                local.append(wall - ServiceEplbPolicy.stats.last_round_trip_s)
             old = new
         ms = [x * 1e3 for x in overheads]
         print(
             f"shape {args.shape} (L={layers} E={experts} R={replicas} G={ranks}), {len(ms)} rebalances, "
-            f"committed version {ServiceEplbPolicy.stats.committed_version}, {os.cpu_count()} CPUs"
+            f"committed version {ServiceEplbPolicy.stats.committed_version}, {os.cpu_count()} CPUs, "
+            f"server flags {args.server_flags or 'default'}"
         )
         print(f"solve (server-reported) median {statistics.median(solves) * 1e3:.1f} ms")
+        print(
+            f"of the overhead, in the plugin (conversions, map checks; the rest is the RPC and the service): "
+            f"median {statistics.median(local) * 1e3:.2f} ms"
+        )
         print(
             f"plugin overhead (wall - solve): median {statistics.median(ms):.2f} ms, "
             f"p90 {sorted(ms)[int(0.9 * (len(ms) - 1))]:.2f} ms, max {max(ms):.2f} ms (target <= 10 ms)"
