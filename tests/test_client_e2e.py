@@ -166,10 +166,10 @@ def test_cli_round_trip_writes_valid_engine_json(server, tmp_path):
     )
     assert code == 0
     document = json.loads(out.read_text())
+    assert list(document) == ["physical_to_logical_map"]  # the one map vLLM installs; it derives the rest
     phy2log = np.array(document["physical_to_logical_map"])
-    log2phy = np.array(document["logical_to_physical_map"])
-    assert log2phy.shape == (SHAPE[0], SHAPE[1], SHAPE[2] - SHAPE[1] + 1)
-    assert_valid_maps(phy2log, log2phy, np.array(document["logical_replica_count"]), SHAPE[1])
+    assert phy2log.shape == (SHAPE[0], SHAPE[2])
+    assert all(set(row) == set(range(SHAPE[1])) for row in phy2log.tolist())
     env = {**os.environ, "REBALANCER_TARGET": server}
     health = subprocess.run(
         [str(SERVER_BIN.with_name("rebalancer")), "health"], env=env, capture_output=True, timeout=30

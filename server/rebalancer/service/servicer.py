@@ -80,10 +80,6 @@ class RebalancerServicer(rebalancer_pb2_grpc.RebalancerServiceServicer):
         if not request.deployment_id:
             return await self._rebalance_inline(request, loads, settings, context)
         violations = deployment_id_violations(request.deployment_id)
-        if request.HasField("prev_phy2log"):
-            violations.append(
-                ("prev_phy2log", "only for inline plans: a deployment starts from its placement in force")
-            )
         if violations:
             raise InvalidArgument(violations)
         if request.HasField("topology"):
@@ -97,8 +93,17 @@ class RebalancerServicer(rebalancer_pb2_grpc.RebalancerServiceServicer):
             raise InvalidArgument(
                 [("loads.shape", f"must be {list(expected)} for this deployment, got {list(loads.shape)}")]
             )
+        # An engine that says which placement it runs (it may have fallen back to a local plan) plans from that.
+        in_force = None
+        if request.HasField("prev_phy2log"):
+            in_force = check_phy2log(request.prev_phy2log, deployment.topology, self.max_elements)
         outcome = await self.registry.plan(
-            deployment, settings, loads=loads, base_version=request.base_version, deadline=_deadline(context)
+            deployment,
+            settings,
+            loads=loads,
+            base_version=request.base_version,
+            deadline=_deadline(context),
+            in_force=in_force,
         )
         if settings.dry_run:
             record = PlacementRecord(
