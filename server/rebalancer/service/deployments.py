@@ -132,8 +132,10 @@ class Registry:
         deadline: float | None = None,
         cost_model: CostModel | None = None,
         unavailable_gpus: tuple[int, ...] = (),
+        in_force: np.ndarray | None = None,
     ) -> PlanOutcome:
-        """Plan on `loads` (default: the window, with its history) from the placement in force."""
+        """Plan on `loads` (default: the window, with its history) from the placement in force: `in_force`
+        [L, R] when the caller knows better than the committed version (an engine's actual map)."""
         if base_version and base_version != deployment.version:
             raise FailedPrecondition(f"base_version {base_version} is stale: current version is {deployment.version}")
         history = None
@@ -145,7 +147,8 @@ class Registry:
                 )
             loads, history = snapshot.loads, snapshot.history
         current = deployment.current
-        in_force = current.phy2log if current is not None else None
+        if in_force is None and current is not None:
+            in_force = current.phy2log
         job = SolveJob(
             topology=deployment.topology,
             settings=settings,

@@ -84,10 +84,6 @@ class RebalancerServicer(rebalancer_pb2_grpc.RebalancerServiceServicer):
         if not request.deployment_id:
             return await self._rebalance_inline(request, loads, settings, cost_model, context)
         violations = deployment_id_violations(request.deployment_id)
-        if request.HasField("prev_phy2log"):
-            violations.append(
-                ("prev_phy2log", "only for inline plans: a deployment starts from its placement in force")
-            )
         if violations:
             raise InvalidArgument(violations)
         if request.HasField("topology"):
@@ -106,6 +102,10 @@ class RebalancerServicer(rebalancer_pb2_grpc.RebalancerServiceServicer):
             field = "unavailable_gpus" if unavailable else "options.new_num_gpus"
             reason = "changes the deployment's GPU set: plan it with options.dry_run, then register its new layout"
             raise InvalidArgument([(field, reason)])
+        # An engine that says which placement it runs (it may have fallen back to a local plan) plans from that.
+        in_force = None
+        if request.HasField("prev_phy2log"):
+            in_force = check_phy2log(request.prev_phy2log, deployment.topology, self.max_elements)
         outcome = await self.registry.plan(
             deployment,
             settings,
@@ -114,6 +114,7 @@ class RebalancerServicer(rebalancer_pb2_grpc.RebalancerServiceServicer):
             deadline=_deadline(context),
             cost_model=cost_model,
             unavailable_gpus=unavailable,
+            in_force=in_force,
         )
         if settings.dry_run:
             record = PlacementRecord(
