@@ -12,7 +12,7 @@ import torch
 from .candidates import multiplicative_noise
 from .history import scenario_imbalance
 from .joint import improve_replication
-from .packing import greedy_pack, swap_refine
+from .packing import greedy_pack, grouped_limits, swap_refine
 from .replication import replica_counts, slots_from_counts
 
 REPLICATION_STREAM, ORDER_STREAM = 1, 2
@@ -43,7 +43,7 @@ def place_copies(
     slot_loads = item_loads.view(batch, -1).gather(1, slot_items.view(batch, -1)).view_as(slot_items)
     bound = torch.maximum(item_loads.sum(-1) / num_gpus, item_loads.max(-1).values)  # [P, C]
     targets = (bound * (1.0 + TARGET_SLACK)).view(batch)
-    slot_loads, slot_items = swap_refine(slot_loads, slot_items, targets, group_size=num_candidates)
+    slot_loads, slot_items = swap_refine(slot_loads, slot_items, targets, grouped_limits(slot_loads, num_candidates))
     phy2log = item_expert.view(batch, -1).gather(1, slot_items.view(batch, -1))
     phy2log = phy2log.view(num_rows, num_candidates, num_replicas)
     exact = (loads.unsqueeze(1) / counts).gather(-1, phy2log)
@@ -112,11 +112,7 @@ def plan(
     """
     phy2log_c, gpu_loads_c = candidate_placements(loads, num_replicas, num_gpus, seeds, num_candidates)
     phy2log, peak = best_candidate(phy2log_c, gpu_loads_c)
-
-    def pack_counts(trial_loads: torch.Tensor, trial_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return best_candidate(*place_copies(trial_loads, trial_counts.unsqueeze(1), num_replicas, num_gpus))
-
-    improved, improved_peak = improve_replication(loads, phy2log, peak, num_gpus, pack_counts)
+    improved, improved_peak = improve_replication(loads, phy2log, peak, num_gpus)
     if scenario_loads is None:
         return improved, improved_peak
     # Where moving copies between experts lowered the peak the layer is hard and that wins; elsewhere
