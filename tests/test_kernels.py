@@ -295,9 +295,12 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         "num_partners": "i32",
         "improve_factor": "fp32",
     }
-    constexprs = {"BLOCK_G": 8, "BLOCK_K": 4, "NUM_PAIRS": 2}
-    refine = ASTSource(_swap_refine_kernel, signature | dict.fromkeys(constexprs, "constexpr"), constexprs=constexprs)
-    for source in (greedy, refine):
+    sources = [greedy]
+    for all_partners in (True, False):
+        constexprs = {"BLOCK_G": 8, "BLOCK_K": 4, "NUM_PAIRS": 2, "ALL_PARTNERS": all_partners}
+        constexpr_types = dict.fromkeys(constexprs, "constexpr")
+        sources.append(ASTSource(_swap_refine_kernel, signature | constexpr_types, constexprs=constexprs))
+    for source in sources:
         compiled = triton.compile(source, target=target, options={"num_warps": 1, "enable_fp_fusion": False})
         assert compiled.asm["cubin"]
 

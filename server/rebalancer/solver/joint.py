@@ -156,7 +156,7 @@ def _improve_round(
 
     Every move is scored twice, applied in place on its best GPU (keeps what earlier rounds built) and
     with its copies packed afresh (escapes it when the new copies pack differently); the `trials` best
-    of each kind are refined.
+    of each kind are refined. With two slots per GPU the fresh pairing is exact and taken as it is.
     """
     num_rows, num_gpus, slots = gpu_experts.shape
     counts = logcnt_from_phy2log(gpu_experts.view(num_rows, -1), loads.shape[1])
@@ -167,16 +167,19 @@ def _improve_round(
     x, y, valid = copy_moves(loads, counts, width, on_peak)
     inf = torch.tensor(float("inf"), dtype=loads.dtype, device=loads.device)
 
-    in_place = move_peaks(loads, counts, gpu_experts, gpu_loads, x, y, valid).view(num_rows, -1)
+    fresh, fresh_peaks = fresh_packs(loads, moved_counts(counts, x, y, valid), num_gpus, slots)
+    fresh_peaks = torch.where(valid, fresh_peaks, inf)
+    if slots <= 2:  # the fresh pairing is optimal for its copies: nothing left to refine
+        peak, pick = fresh_peaks.min(1)
+        return fresh.gather(1, pick.view(-1, 1, 1, 1).expand(-1, 1, num_gpus, slots)).squeeze(1), peak
     num_trials = min(trials, x.shape[1])
+    fresh_peaks, pick = fresh_peaks.topk(num_trials, dim=1, largest=False)
+    fresh = fresh.gather(1, pick.view(num_rows, -1, 1, 1).expand(-1, -1, num_gpus, slots))
+
+    in_place = move_peaks(loads, counts, gpu_experts, gpu_loads, x, y, valid).view(num_rows, -1)
     in_place_peaks, best = in_place.topk(num_trials, dim=1, largest=False)
     move, gpu = best // num_gpus, best % num_gpus
     moved = apply_moves(gpu_experts, x.gather(1, move), y.gather(1, move), gpu, torch.isfinite(in_place_peaks))
-
-    fresh, fresh_peaks = fresh_packs(loads, moved_counts(counts, x, y, valid), num_gpus, slots)
-    fresh_peaks = torch.where(valid, fresh_peaks, inf)
-    fresh_peaks, pick = fresh_peaks.topk(num_trials, dim=1, largest=False)
-    fresh = fresh.gather(1, pick.view(num_rows, -1, 1, 1).expand(-1, -1, num_gpus, slots))
 
     trial = torch.cat([moved, fresh], 1)
     feasible = torch.cat([torch.isfinite(in_place_peaks), torch.isfinite(fresh_peaks)], 1)
@@ -192,9 +195,9 @@ def improve_replication(
     peak: torch.Tensor,
     num_gpus: int,
     *,
-    rounds: int = 12,
-    width: int = 6,
-    trials: int = 4,
+    rounds: int = 6,
+    width: int = 4,
+    trials: int = 2,
     slack: float = 5e-4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hill-climb the copies of the rows whose max GPU load exceeds their lower bound.

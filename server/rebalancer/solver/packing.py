@@ -94,11 +94,17 @@ def _pair_swaps(slot_loads: torch.Tensor, num_pairs: int) -> tuple[torch.Tensor,
 def _heaviest_swaps(slot_loads: torch.Tensor, num_partners: int) -> tuple[torch.Tensor, ...]:
     """The swap between the heaviest pack and any of its M lightest partners that lowers the larger
     of the two the most: the thorough second phase. Same outputs as `_pair_swaps`, with q = 1.
+
+    M = G means every pack in index order (no selection needed; the heaviest pack paired with itself
+    never improves).
     """
-    num_problems, _, capacity = slot_loads.shape
+    num_problems, num_packs, capacity = slot_loads.shape
     pack_loads = slot_loads.sum(-1)
     heavy_load, heavy = pack_loads.max(1, keepdim=True)
-    light_loads, light = pack_loads.topk(num_partners, dim=1, largest=False)
+    if num_partners == num_packs:
+        light_loads, light = pack_loads, torch.arange(num_packs, device=slot_loads.device).expand(num_problems, -1)
+    else:
+        light_loads, light = pack_loads.topk(num_partners, dim=1, largest=False)
     heavy_items = slot_loads.gather(1, heavy.unsqueeze(-1).expand(-1, -1, capacity))  # [B, 1, K]
     light_items = slot_loads.gather(1, light.unsqueeze(-1).expand(-1, -1, capacity))  # [B, M, K]
     # Flatten the M partners into one row of M * K items, each knowing its partner's load.

@@ -46,8 +46,11 @@ class RefineLimits:
         return max(1, min(self.num_pairs, num_packs // 2))
 
     def partners(self, num_packs: int) -> int:
-        """Partners of the heaviest pack per phase-two round for G packs."""
-        return num_packs - 1 if self.num_partners is None else min(self.num_partners, num_packs - 1)
+        """Partners of the heaviest pack per phase-two round for G packs: G stands for every pack in
+        index order (the heaviest included, harmlessly), fewer for the lightest ones, lightest first."""
+        if self.num_partners is None or self.num_partners >= num_packs - 1:
+            return num_packs
+        return self.num_partners
 
 
 DEFAULT_LIMITS = RefineLimits()

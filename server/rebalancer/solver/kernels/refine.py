@@ -71,6 +71,7 @@ def _swap_refine_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NUM_PAIRS: tl.constexpr,
+    ALL_PARTNERS: tl.constexpr,
 ):
     problem = tl.program_id(0).to(tl.int64)
     pack_ids = tl.arange(0, BLOCK_G)
@@ -119,7 +120,7 @@ def _swap_refine_kernel(
         done_rounds += 1
         running = proceed & (done_rounds < pair_rounds)
 
-    # Phase 2: the heaviest pack against each of its M lightest partners, the best single swap per round.
+    # Phase 2: the heaviest pack against each of its M partners, the best single swap per round.
     done_rounds = 0
     running = heaviest_rounds > 0
     while running:
@@ -132,8 +133,12 @@ def _swap_refine_kernel(
         best_rank = _NO_RANK
         best_partner = heavy
         for partner in range(num_partners):
-            light_load, light = _first_min(light_left, pack_ids, BLOCK_G)
-            light_left = tl.where(pack_ids == light, float("inf"), light_left)
+            if ALL_PARTNERS:  # every pack in index order, as the torch path does
+                light = partner
+                light_load = tl.sum(tl.where(pack_ids == partner, pack_loads, 0.0), axis=0)
+            else:
+                light_load, light = _first_min(light_left, pack_ids, BLOCK_G)
+                light_left = tl.where(pack_ids == light, float("inf"), light_left)
             light_row = tl.sum(tl.where(rows == light, loads, 0.0), axis=0)
             value, rank = _closest_swap(
                 heavy_load,
@@ -211,6 +216,7 @@ def swap_refine(
         BLOCK_G=triton.next_power_of_2(num_packs),
         BLOCK_K=triton.next_power_of_2(capacity),
         NUM_PAIRS=limits.pairs(num_packs),
+        ALL_PARTNERS=limits.partners(num_packs) == num_packs,
         num_warps=num_warps or default_num_warps(num_packs, capacity),
         enable_fp_fusion=False,  # separate float32 roundings, as torch does them
     )
