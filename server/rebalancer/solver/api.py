@@ -222,24 +222,28 @@ def solve(
     # Planning is scale-free; per-layer scaling to a max of 1 keeps float32 sums of huge loads finite.
     # The published algorithm is left to see the loads exactly as given.
     planning_loads = loads if policy == "deepseek" else loads / per_layer_scale(loads)
+    # The scoring below runs under the same thread setting: on tiny tensors a 2-thread reduction waits
+    # for a descheduled worker on a busy host (measured: `max` at 1-2 ms per call).
     with cpu_threads(target):
         phy2log, policy_per_layer, stats = run_policy(policy, planning_loads, options)
-    logcnt = maps.logcnt_from_phy2log(phy2log, num_experts)
-    log2phy = maps.log2phy_from_phy2log(phy2log, logcnt, stats.pop("phy_rank", None))
-    if prev_phy2log is None:
-        moved = torch.zeros(num_layers, dtype=torch.int64, device=target)
-        before = None
-    else:
-        moved = maps.moved_copies(prev_phy2log, phy2log, num_experts, num_gpus)
-        before = maps.balancedness(loads, prev_phy2log, maps.logcnt_from_phy2log(prev_phy2log, num_experts), num_gpus)
-    if num_groups > 1 and num_nodes > 1 and num_groups % num_nodes == 0:
-        stats.update(group_locality(loads, phy2log, logcnt, num_groups, num_nodes))
-    stats.setdefault("path", solver_path(target))
+        logcnt = maps.logcnt_from_phy2log(phy2log, num_experts)
+        log2phy = maps.log2phy_from_phy2log(phy2log, logcnt, stats.pop("phy_rank", None))
+        if prev_phy2log is None:
+            moved = torch.zeros(num_layers, dtype=torch.int64, device=target)
+            before = None
+        else:
+            moved = maps.moved_copies(prev_phy2log, phy2log, num_experts, num_gpus)
+            prev_logcnt = maps.logcnt_from_phy2log(prev_phy2log, num_experts)
+            before = maps.balancedness(loads, prev_phy2log, prev_logcnt, num_gpus)
+        if num_groups > 1 and num_nodes > 1 and num_groups % num_nodes == 0:
+            stats.update(group_locality(loads, phy2log, logcnt, num_groups, num_nodes))
+        stats.setdefault("path", solver_path(target))
+        balance = maps.balancedness(loads, phy2log, logcnt, num_gpus)
     return SolveResult(
         phy2log=phy2log,
         log2phy=log2phy,
         logcnt=logcnt,
-        balancedness=maps.balancedness(loads, phy2log, logcnt, num_gpus),
+        balancedness=balance,
         balancedness_before=before,
         moved_copies=moved,
         policy_per_layer=policy_per_layer,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import exact
 from .candidates import multiplicative_noise
 from .history import scenario_imbalance
 from .joint import improve_replication
@@ -108,8 +109,11 @@ def plan(
     """loads [P, E] float64 -> (phy2log [P, R], max GPU load [P]) over all GPUs of each row.
 
     scenario_loads [P, S, E] (see history.py) make the choice among candidates favour placements that
-    stay balanced when the loads move as they have been moving.
+    stay balanced when the loads move as they have been moving. Without them, small rows with two
+    slots per GPU are solved exactly (exact.py).
     """
+    if scenario_loads is None and exact.applies(loads.shape[1], num_replicas, num_gpus):
+        return exact.pair_optimum(loads, num_replicas, num_gpus)
     phy2log_c, gpu_loads_c = candidate_placements(loads, num_replicas, num_gpus, seeds, num_candidates)
     phy2log, peak = best_candidate(phy2log_c, gpu_loads_c)
     improved, improved_peak = improve_replication(loads, phy2log, peak, num_gpus)
