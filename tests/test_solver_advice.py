@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from rebalancer.solver import advise_slots, solve
+from rebalancer.solver.planner import TARGET_SLACK
 from solver_workloads import lower_bound, make
 
 SHAPE = dict(num_groups=4, num_nodes=2, num_gpus=8)
@@ -15,9 +16,10 @@ def test_more_slots_never_balance_worse(kind: str) -> None:
     loads = make(kind, 4, 32, seed=3)
     advice = advise_slots(loads, **SHAPE)
     assert advice.slots_per_gpu == [4, 5, 6, 7, 8]
-    # The solver is a heuristic: one more slot per GPU may land a hair below (measured: -1.1e-5 at most).
+    # Refinement stops within TARGET_SLACK of a count's lower bound, so two counts that both reach their
+    # bound may come out in either order by up to that much; anything larger would be a real dip.
     steps = advice.balancedness.diff()
-    assert bool((steps >= -1e-4).all()), advice.rows()
+    assert bool((steps >= -TARGET_SLACK).all()), advice.rows()
     assert bool((advice.ceiling.diff() >= -1e-12).all())
     # Skewed loads gain from the first redundant slots.
     assert float(advice.balancedness[-1]) > float(advice.balancedness[0])

@@ -5,8 +5,8 @@ On wide expert parallelism balancedness is capped by replication, not by the pla
 experts by guesswork. `advise_slots` plans the same loads at S, S + 1, ... slots per GPU with the
 solver (every layer at once per count) and reports what each count reaches and the lower-bound
 ceiling no planner can pass, so the choice is a reading of a table. The ceiling never falls with more
-slots; the solver's figure is a heuristic's and may dip by a hair (measured: 1e-5) from one count to
-the next.
+slots; the solver's figure may dip by a hair from one count to the next where both counts are within
+the refinement slack (5e-4) of their bounds, since refinement stops there (measured: 1e-4 at most).
 """
 
 from __future__ import annotations
