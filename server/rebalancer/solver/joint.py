@@ -201,20 +201,23 @@ def _improve_round(
 @dataclasses.dataclass(frozen=True)
 class SearchEffort:
     """How hard `improve_replication` searches: rounds (one move each), width (T: T x T moves), trials
-    refined from moves applied in place, fresh_trials refined from the moves' copies packed afresh."""
+    refined from moves applied in place, fresh_trials refined from the moves' copies packed afresh, and
+    slack: rows whose max GPU load is within this fraction of their lower bound are not searched."""
 
     rounds: int
     width: int
     trials: int
     fresh_trials: int
+    slack: float
 
 
-# Small layers are cheap and hard (few copies, few GPUs): a wide search with fresh repacking brings the
-# worst gap to the MILP optimum on 90 layers of 8-16 experts from 6.4 % to 0.7 %. On the big shapes
-# (>= 288 slots) fresh repacking adds <= 1e-5 balancedness for 2-3x the time, so it is left out there.
+# Small layers are cheap and hard (few copies, few GPUs): a search with fresh repacking brings the worst
+# gap to the MILP optimum on 90 layers of 8-16 experts from 6.4 % to 0.7 %. On the big shapes (>= 288
+# slots) fresh repacking adds <= 1e-5 balancedness for 2-3x the time, and layers within 0.1 % of their
+# bound gain ~1e-4 for twice the solve time (58 x 256 -> 320 slots on 64 GPUs), so neither is done there.
 SMALL_LAYER_SLOTS = 128
-SMALL_EFFORT = SearchEffort(rounds=6, width=4, trials=2, fresh_trials=2)
-LARGE_EFFORT = SearchEffort(rounds=6, width=4, trials=2, fresh_trials=0)
+SMALL_EFFORT = SearchEffort(rounds=6, width=4, trials=2, fresh_trials=2, slack=5e-4)
+LARGE_EFFORT = SearchEffort(rounds=4, width=4, trials=2, fresh_trials=0, slack=1e-3)
 
 
 def search_effort(num_replicas: int) -> SearchEffort:
@@ -229,7 +232,6 @@ def improve_replication(
     num_gpus: int,
     *,
     effort: SearchEffort | None = None,
-    slack: float = 5e-4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hill-climb the copies of the rows whose max GPU load exceeds their lower bound.
 
@@ -241,6 +243,7 @@ def improve_replication(
     num_rows, num_replicas = phy2log.shape
     slots = num_replicas // num_gpus
     effort = effort or search_effort(num_replicas)
+    slack = effort.slack
     bound = best_lower_bound(loads, num_replicas, num_gpus)
     open_rows = peak > bound * (1.0 + slack)
     on_cpu = loads.device.type == "cpu"

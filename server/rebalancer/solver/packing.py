@@ -146,12 +146,16 @@ def _closest_swaps(
 
 
 def _apply_swaps(tensors: list[torch.Tensor], improves: torch.Tensor, slot_a: torch.Tensor, slot_b: torch.Tensor):
-    """Exchange the contents of flat slots a and b [B, q], per problem and pair, where `improves`. In place."""
+    """Exchange the contents of flat slots a and b [B, q], per problem and pair, where `improves`. In place.
+
+    Where a pair does not improve, b is pointed at a, so the exchange writes a's value back to a.
+    """
+    slot_b = torch.where(improves, slot_b, slot_a)
     for tensor in tensors:
         flat = tensor.view(tensor.shape[0], -1)
         value_a, value_b = flat.gather(1, slot_a), flat.gather(1, slot_b)
-        flat.scatter_(1, slot_a, torch.where(improves, value_b, value_a))
-        flat.scatter_(1, slot_b, torch.where(improves, value_a, value_b))
+        flat.scatter_(1, slot_a, value_b)
+        flat.scatter_(1, slot_b, value_a)
 
 
 def _refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_swaps, width):
