@@ -217,7 +217,7 @@ def swap_refine(
     Float32 CUDA inputs with groups of one run the Triton kernel when it is active.
     Returns the refined (slot_loads, slot_items) as new tensors.
     """
-    num_problems, num_packs, _ = slot_loads.shape
+    num_problems, num_packs, capacity = slot_loads.shape
     if num_problems % limits.group_size:
         raise ValueError(f"group_size ({limits.group_size}) must divide the number of problems ({num_problems})")
     if limits.group_size == 1 and kernels.use_triton(slot_loads):
@@ -227,6 +227,6 @@ def swap_refine(
         return slot_loads, slot_items
     group = limits.group_size
     _refine_phase(slot_loads, slot_items, targets, group, limits.pair_rounds, _pair_swaps, limits.pairs(num_packs))
-    partners = limits.partners(num_packs)
+    partners = limits.partners(num_packs, capacity)
     _refine_phase(slot_loads, slot_items, targets, group, limits.heaviest_rounds, _heaviest_swaps, partners)
     return slot_loads, slot_items

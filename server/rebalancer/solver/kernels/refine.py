@@ -211,12 +211,12 @@ def swap_refine(
         capacity,
         limits.pair_rounds,
         limits.heaviest_rounds,
-        limits.partners(num_packs),
+        limits.partners(num_packs, capacity),
         1.0 - IMPROVEMENT,
         BLOCK_G=triton.next_power_of_2(num_packs),
         BLOCK_K=triton.next_power_of_2(capacity),
         NUM_PAIRS=limits.pairs(num_packs),
-        ALL_PARTNERS=limits.partners(num_packs) == num_packs,
+        ALL_PARTNERS=limits.partners(num_packs, capacity) == num_packs,
         num_warps=num_warps or default_num_warps(num_packs, capacity),
         enable_fp_fusion=False,  # separate float32 roundings, as torch does them
     )
