@@ -5,10 +5,10 @@ problems are still active; here a problem's [G, K] slot loads and items live in 
 leaves its loops as soon as its own heaviest pack cannot improve or meets its target.
 
 Semantics are those of the torch path with groups of one (each problem stops on its own; larger groups
-are refused). Where pack
-loads tie, the torch `topk` order is unspecified; here the lowest pack index comes first among equal loads
-(heaviest first for the heavy packs, lightest first for the partners). Pack loads are float32 sums of the
-K slots in a tree order, which may differ from torch's summation order by an ulp on non-integral loads.
+are refused). Where pack loads tie, the torch `topk` order is unspecified; here the lowest pack index
+comes first among equal loads (heaviest first for the heavy packs, lightest first for the partners; when
+the partners are all packs, both paths take them in index order). Pack loads are float32 sums of the K
+slots in a tree order, which may differ from torch's summation order by an ulp on non-integral loads.
 """
 
 from __future__ import annotations
