@@ -1,5 +1,6 @@
 """The multi-candidate solver for one flat problem per row: copies, noisy LPT, swaps, best candidate,
-then joint replication moves on the rows still above their lower bound.
+then joint replication moves on the rows still above their lower bound. With two slots per GPU the
+packing step is the optimal pairing, and small such rows are solved exactly (exact.py).
 
 Every row of `loads` is an independent problem (a layer, or a layer's node in the hierarchical policy);
 all rows and all C candidates run together as B = rows x C batched problems.
