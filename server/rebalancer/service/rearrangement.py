@@ -16,7 +16,7 @@ import torch
 from rebalancer_wire.topology import Topology
 
 from rebalancer.solver import CostModel, maps
-from rebalancer.solver.api import rearrange
+from rebalancer.solver.rearrangement import rearrange
 
 
 def layout_after(topology: Topology, gpu_ids: np.ndarray | None) -> Topology:

@@ -18,6 +18,7 @@ from . import maps
 from .joint import copy_moves, moved_counts
 from .maps import expert_histogram, logcnt_from_phy2log
 from .packing import swap_refine
+from .refinement import RefineLimits
 
 ORIGINS = ("fresh", "incremental", "kept")
 # Rounds of single-copy handovers tried before swaps (each ships one copy).
@@ -155,9 +156,8 @@ def incremental(
     slot_loads = (loads / counts).gather(1, phy2log).to(torch.float32).view(num_layers, num_gpus, -1)
     slot_items = phy2log.view(num_layers, num_gpus, -1)
     # Only the heaviest-pack phase: one swap (two copies shipped) per round, stopping at the target.
-    _, slot_items = swap_refine(
-        slot_loads, slot_items, targets.to(torch.float32), pair_rounds=0, heaviest_rounds=max_swaps
-    )
+    limits = RefineLimits(num_partners=8, pair_rounds=0, heaviest_rounds=max_swaps)
+    _, slot_items = swap_refine(slot_loads, slot_items, targets.to(torch.float32), limits)
     phy2log = slot_items.reshape(num_layers, num_slots)
     peak = (loads / counts).gather(1, phy2log).view(num_layers, num_gpus, -1).sum(-1).max(-1).values
     return phy2log, peak
