@@ -1,4 +1,4 @@
-"""The Prometheus families the server must export (SPEC §6), as the tests see them.
+"""The Prometheus families the server must export, as the tests see them.
 
 One list shared by the dashboard, alert-rule and live-scrape tests: a query in `deploy/` may only name a
 series derived from a family here, and a live scrape must show every family here. Names are the ones

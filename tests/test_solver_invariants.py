@@ -1,4 +1,4 @@
-"""Solver API invariants (SPEC §3, issue 2 item 6): valid maps for every policy on random shapes, the
+"""Solver API invariants: valid maps for every policy on random shapes, the
 published README example, edge cases, dtypes, determinism, batch independence, CPU/CUDA, bad input."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Placement quality (SPEC §3, issue 2 items 3-5): `auto` never worse than the better of the reference's
+"""Placement quality: `auto` never worse than the better of the reference's
 hierarchical and global policies, max load within 0.5 % of the lower bound on average, and joint
 replication + placement reaching the known optima where greedy replication cannot."""
 
@@ -57,7 +57,7 @@ def test_auto_never_worse_than_reference_policies(shape: tuple) -> None:
         ref = best_reference_balancedness(weight, replicas, groups, nodes, gpus)
         if float(ours.mean()) < ref - 1e-9:
             failures.append(f"{kind}: auto {float(ours.mean()):.5f} < reference {ref:.5f}")
-        # Per layer too (issue 2: "never worse ... on any layer").
+        # Per layer too: never worse on any layer.
         plans = reference_policies(weight, replicas, groups, nodes, gpus)
         best_layer = torch.stack([balancedness(weight, p, gpus) for p in plans.values()]).max(0).values
         worse = (ours < best_layer - 1e-9).nonzero().flatten().tolist()
@@ -94,7 +94,7 @@ def test_auto_mean_max_over_lower_bound_within_half_a_percent() -> None:
 
 
 def test_one_group_per_node_auto_avoids_the_hierarchical_collapse() -> None:
-    # SPEC §3: with as many groups as nodes the reference hierarchical policy is far from balanced on
+    # With as many groups as nodes the reference hierarchical policy is far from balanced on
     # skewed loads; auto must reach the global policy's quality there.
     weight = make("hot", 2, 64, seed=404)
     ref = reference_policies(weight, 72, 8, 8, 8)

@@ -1,4 +1,4 @@
-"""Every Prometheus family the server exports (SPEC §6), in one place.
+"""Every Prometheus family the server exports, in one place.
 
 Each server owns its own `CollectorRegistry`, so several servers (tests, benchmarks) can live in one
 process. Names and label sets are a contract with `deploy/` dashboards and alert rules: change them
