@@ -1,21 +1,12 @@
 """Sustained load on a real `rebalancer-server` over loopback: throughput, latency, errors, memory.
 
-A bounded asyncio generator: `streams` telemetry streams (engine ranks) report loads for `controllers`
-deployments at `report_hz` each, every deployment has one controller that re-plans it every
-`rebalance_interval_s` (with `base_version`, reading the placement back) and one watcher that follows its
-versions. Everything stops by itself after `duration_s`. Figures after the warm-up (the first
-`warmup_s`): by default the time the server's window (64 slots) and its history (8 intervals) take to
-fill at `report_hz` slots per second, since until then every re-plan works on more data than the last
-and memory grows to its working size.
-
-* throughput: reports accepted per second, committed rebalances per second;
-* latency p50/p99: `ingest_lag` (from a stream's half-close to its summary: how far ingest lags behind),
-  `rebalance` and `get_placement` round trips, and the solve time the server reports for each rebalance;
-* errors: failed RPCs, rejected reports, a watcher seeing versions out of order; must be 0;
-* server RSS (from /proc) at the end of the warm-up and at the end, and its least-squares slope.
-
-The generator shares the machine with the server; on 2 cores its own CPU use is part of what limits the
-rates. `run()` returns the figures as a dict; `python benchmarks/load.py --duration 30` prints them.
+8 telemetry streams (engine ranks) report DeepSeek-V3 loads for 2 deployments at 40 reports/s each; every
+deployment has a controller that re-plans it each second (with `base_version`, reading it back) and a
+watcher that follows its versions. Figures exclude the warm-up, the time the server's window (64 slots)
+and history (8 intervals) take to fill, since until then every re-plan works on more data than the last:
+reports and rebalances per second; p50/p99 of `ingest_lag` (a stream's half-close to its summary),
+`rebalance`, `get_placement` and the server's solve time; errors (must be 0); server RSS and its slope.
+The generator shares the 2 cores with the server, so its own CPU use is part of what limits the rates.
 """
 
 from __future__ import annotations
@@ -23,28 +14,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import numpy as np
+import workloads
 from rebalancer_client.codec import encode
 from rebalancer_client.v1 import rebalancer_pb2 as pb
 from rebalancer_client.v1 import rebalancer_pb2_grpc
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from service_bench import free_port, rss_mib, start_server, wait_serving  # noqa: E402
+from serving import CHANNEL_OPTIONS, free_port, rss_mib, start_server, wait_serving
 
 # Slots until the server's default window (64) and history (8 intervals of it) are full.
 HISTORY_FILL_SLOTS = 64 * (8 + 1)
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+SETTINGS = {"streams": 8, "controllers": 2, "report_hz": 40.0, "reports_per_call": 50, "rebalance_interval_s": 1.0}
 
 
 @dataclass
@@ -67,14 +54,9 @@ class Tally:
 
 
 def loads_pool(topology: pb.Topology, seed: int, size: int = 16) -> list[pb.Tensor]:
-    """Pre-encoded skewed loads [L, E] (float32), so the generator spends its CPU on RPCs, not RNG."""
-    rng = np.random.default_rng(seed)
-    shape = (topology.num_layers, topology.num_experts)
-    pool = []
-    for _ in range(size):
-        ranks = np.argsort(rng.random(shape), axis=1) + 1
-        pool.append(encode((1e3 / ranks**1.1 * rng.uniform(0.7, 1.3, shape)).astype(np.float32)))
-    return pool
+    """Pre-encoded zipf loads [L, E] (float32), so the generator spends its CPU on RPCs, not RNG."""
+    layers, experts = topology.num_layers, topology.num_experts
+    return [encode(workloads.make("zipf", layers, experts, seed * size + i).numpy()) for i in range(size)]
 
 
 async def stream_reports(stub, tally: Tally, deployment_id: str, rank: int, pool, stop_at: float, args) -> None:
@@ -145,14 +127,13 @@ async def watch(stub, tally: Tally, deployment_id: str, after: int) -> None:
             if response.placement.version <= seen:
                 tally.errors["watch out of order"] += 1
             seen = response.placement.version
-            tally.counts["pushes"] += 1
     except grpc.RpcError as error:
         if error.code() != grpc.StatusCode.CANCELLED:
             tally.errors[f"watch {error.code().name}"] += 1
 
 
-async def sample_rss(pid: int | None, samples: list[tuple[float, float]], stop_at: float) -> None:
-    while pid is not None and time.monotonic() < stop_at:
+async def sample_rss(pid: int, samples: list[tuple[float, float]], stop_at: float) -> None:
+    while time.monotonic() < stop_at:
         samples.append((time.monotonic(), rss_mib(pid)))
         await asyncio.sleep(0.5)
 
@@ -173,17 +154,12 @@ def _rss_figures(samples: list[tuple[float, float]], warm_at: float) -> dict:
     values = np.array([rss for _, rss in after])
     slope = float(np.polyfit(times, values, 1)[0]) * 60.0
     warm, end = statistics.median(values[:3]), statistics.median(values[-3:])
-    return {
-        "rss_warm_mib": warm,
-        "rss_end_mib": end,
-        "rss_max_mib": float(values.max()),
-        "rss_growth_mib": end - warm,
-        "rss_growth_pct": 100.0 * (end - warm) / warm,
-        "rss_slope_mib_per_min": slope,
-    }
+    growth = 100.0 * (end - warm) / warm
+    return {"rss_warm_mib": warm, "rss_end_mib": end, "rss_growth_pct": growth, "rss_slope_mib_per_min": slope}
 
 
-async def drive(target: str, pid: int | None, topology: pb.Topology, args) -> dict:
+async def drive(target: str, pid: int, topology: pb.Topology, args) -> dict:
+    """Register the deployments, run every task until `duration_s` has passed, gather the figures."""
     streams, controllers = args["streams"], args["controllers"]
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         stub = rebalancer_pb2_grpc.RebalancerServiceStub(channel)
@@ -212,8 +188,6 @@ async def drive(target: str, pid: int | None, topology: pb.Topology, args) -> di
             watcher.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
 
-    measured_s = max(elapsed - args["warmup_s"], 1e-9)
-    warm_reports = tally.after_warmup("ingest_lag")
     figures = {
         "duration_s": elapsed,
         "warmup_s": args["warmup_s"],
@@ -222,15 +196,11 @@ async def drive(target: str, pid: int | None, topology: pb.Topology, args) -> di
         "shape": f"{topology.num_layers}x{topology.num_experts} -> {topology.num_replicas} slots, "
         f"{topology.num_groups} groups, {topology.num_nodes} nodes, {topology.num_gpus} GPUs",
         "offered_reports_per_s": streams * args["report_hz"],
-        "reports": tally.counts["reports"],
         "reports_per_s": tally.counts["reports"] / elapsed,
-        "rebalances": tally.counts["rebalances"],
         "rebalances_per_s": tally.counts["rebalances"] / elapsed,
-        "watch_pushes": tally.counts["pushes"],
         "errors": sum(tally.errors.values()),
         "error_kinds": dict(tally.errors),
         "latency": {op: _percentiles(tally.after_warmup(op)) for op in tally.latencies},
-        "stream_calls_after_warmup_per_s": len(warm_reports) / measured_s,
         "cpus": os.cpu_count(),
         "load_average": os.getloadavg(),
     }
@@ -238,48 +208,21 @@ async def drive(target: str, pid: int | None, topology: pb.Topology, args) -> di
     return figures
 
 
-def run(
-    duration_s: float = 30.0,
-    streams: int = 8,
-    controllers: int = 2,
-    *,
-    warmup_s: float | None = None,
-    layers: int = 58,
-    experts: int = 256,
-    replicas: int = 288,
-    groups: int = 8,
-    nodes: int = 4,
-    gpus: int = 32,
-    report_hz: float = 40.0,
-    reports_per_call: int = 50,
-    rebalance_interval_s: float = 1.0,
-    target: str | None = None,
-) -> dict:
-    """Start a server (unless `target` names a running one), drive it for `duration_s`, return figures.
-
-    The defaults are the SPEC §8 shape with 8 ranks at 40 reports/s each (4 ranks per deployment, their
-    reports adding up per step) and 2 deployments re-planned every second. RSS figures need the server's
-    pid, so they are absent with `target`.
-    """
-    args = {
-        "duration_s": duration_s,
-        "warmup_s": min(duration_s / 2, HISTORY_FILL_SLOTS / report_hz) if warmup_s is None else warmup_s,
-        "streams": streams,
-        "controllers": controllers,
-        "report_hz": report_hz,
-        "reports_per_call": reports_per_call,
-        "rebalance_interval_s": rebalance_interval_s,
-    }
-    topology = pb.Topology(
-        num_layers=layers,
-        num_experts=experts,
-        num_replicas=replicas,
-        num_groups=groups,
-        num_nodes=nodes,
-        num_gpus=gpus,
+def run(quick: bool = False, duration_s: float | None = None) -> dict:
+    """Start a server, drive it for `duration_s` (5 s quick, 30 s full), stop it; returns the figures."""
+    duration_s = duration_s or (5.0 if quick else 30.0)
+    args = dict(
+        SETTINGS, duration_s=duration_s, warmup_s=min(duration_s / 2, HISTORY_FILL_SLOTS / SETTINGS["report_hz"])
     )
-    if target is not None:
-        return asyncio.run(drive(target, None, topology, args))
+    shape = workloads.SHAPES["dsv3_prefill"]
+    topology = pb.Topology(
+        num_layers=shape.layers,
+        num_experts=shape.experts,
+        num_replicas=shape.replicas,
+        num_groups=shape.groups,
+        num_nodes=shape.nodes,
+        num_gpus=shape.gpus,
+    )
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="load-") as state_dir:
         process = start_server(state_dir, port)
@@ -290,12 +233,11 @@ def run(
         finally:
             process.terminate()
             process.wait(timeout=60)
-    figures["server_exit_code"] = process.returncode
     return figures
 
 
-def format_table(figures: dict) -> str:
-    """Markdown: one row per figure (what benchmarks/report.py puts in RESULTS.md)."""
+def markdown(figures: dict) -> str:
+    """One row per figure (what benchmarks/report.py puts in RESULTS.md)."""
     per_stream = figures["offered_reports_per_s"] / figures["streams"]
     rows = [
         ("shape", figures["shape"]),
@@ -307,56 +249,19 @@ def format_table(figures: dict) -> str:
         ("errors", f"{figures['errors']} {figures['error_kinds'] or ''}".strip()),
     ]
     for operation, stats in figures["latency"].items():
-        quantiles = f"{stats['p50_ms']:.1f} / {stats['p99_ms']:.1f} (n={stats['count']})"
-        rows.append((f"{operation} p50 / p99 (ms)", quantiles))
-    if "rss_warm_mib" in figures:
         rows.append(
-            (
-                "server RSS warm -> end (MiB)",
-                f"{figures['rss_warm_mib']:.0f} -> {figures['rss_end_mib']:.0f} "
-                f"({figures['rss_growth_pct']:+.1f} %, slope {figures['rss_slope_mib_per_min']:+.1f} MiB/min)",
-            )
+            (f"{operation} p50 / p99 (ms)", f"{stats['p50_ms']:.1f} / {stats['p99_ms']:.1f} (n={stats['count']})")
         )
-    load = ", ".join(f"{x:.1f}" for x in figures["load_average"])
-    rows.append(("CPUs / load average", f"{figures['cpus']} / {load}"))
+    if "rss_warm_mib" in figures:
+        rss = f"{figures['rss_warm_mib']:.0f} -> {figures['rss_end_mib']:.0f} ({figures['rss_growth_pct']:+.1f} %"
+        rows.append(("server RSS warm -> end (MiB)", rss + f", slope {figures['rss_slope_mib_per_min']:+.1f} MiB/min)"))
+    rows.append(
+        ("CPUs / load average", f"{figures['cpus']} / {', '.join(f'{x:.1f}' for x in figures['load_average'])}")
+    )
     return "\n".join(["| figure | value |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load (default %(default)s)")
-    parser.add_argument(
-        "--warmup",
-        type=float,
-        help="seconds excluded from the figures (default: until the window's history is full, <= duration/2)",
-    )
-    parser.add_argument("--streams", type=int, default=8)
-    parser.add_argument("--controllers", type=int, default=2)
-    parser.add_argument("--report-hz", type=float, default=40.0, help="reports per second per stream")
-    parser.add_argument("--rebalance-interval", type=float, default=1.0)
-    parser.add_argument("--shape", default="58,256,288,8,4,32", help="layers,experts,replicas,groups,nodes,gpus")
-    parser.add_argument("--target", help="drive a running server instead of starting one (no RSS figures)")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = parser.parse_args(argv)
-    layers, experts, replicas, groups, nodes, gpus = (int(x) for x in args.shape.split(","))
-    figures = run(
-        args.duration,
-        args.streams,
-        args.controllers,
-        warmup_s=args.warmup,
-        layers=layers,
-        experts=experts,
-        replicas=replicas,
-        groups=groups,
-        nodes=nodes,
-        gpus=gpus,
-        report_hz=args.report_hz,
-        rebalance_interval_s=args.rebalance_interval,
-        target=args.target,
-    )
-    print(json.dumps(figures, indent=2) if args.json else format_table(figures))
-    return 0 if figures["errors"] == 0 else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load (default %(default)s)")
+    print(markdown(run(duration_s=parser.parse_args().duration)))

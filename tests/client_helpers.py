@@ -11,7 +11,6 @@ import contextlib
 import importlib.util
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from rebalancer_client import RebalancerClient
 from rebalancer_client.codec import TensorDecodeError, decode, encode
 from rebalancer_client.v1 import rebalancer_pb2 as pb
 from rebalancer_client.v1 import rebalancer_pb2_grpc
+from serving import free_port
 
 SERVICE_NAME = "rebalancer.v1.RebalancerService"
 
@@ -255,12 +255,6 @@ SERVER_BIN = pathlib.Path(sys.executable).with_name("rebalancer-server")
 def real_server_available() -> bool:
     """True where the real server can run here (its package and torch are installed)."""
     return all(importlib.util.find_spec(name) for name in ("torch", "rebalancer.service.main"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

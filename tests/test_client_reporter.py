@@ -3,21 +3,15 @@ reconnects with backoff, and flushes what it queued."""
 
 from __future__ import annotations
 
-import socket
 import time
 
 import numpy as np
 import pytest
 from client_helpers import fake_service, start_fake
 from rebalancer_client import LoadReporter, RebalancerClient
+from serving import free_port
 
 TOPOLOGY = {"num_replicas": 6, "num_gpus": 3}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_reports_arrive_on_one_stream_and_flush_waits_for_the_server():
