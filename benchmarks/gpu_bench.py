@@ -1,4 +1,4 @@
-"""GPU figures of SPEC §8 and issue 8: the full solve on CUDA, Triton kernels vs the torch path.
+"""GPU figures: the full solve on CUDA, Triton kernels vs the torch path.
 
 Times `rebalancer.solver.rebalance_experts` (policy auto) on CUDA with CUDA events (warm-up, median of many
 runs) for
@@ -6,8 +6,7 @@ runs) for
 * 94 x 128 -> 160 slots, 1 group, 2 nodes, 16 GPUs (bar: < 3 ms),
 * a batch of 16 requests of the first shape, 928 layers in one call (bar: < 10 ms),
 at 64 and 8 candidates, on both paths (`REBALANCER_SOLVER_PATH=torch|triton`), with the `deepseek` policy
-and the torch path on this machine's CPU as baselines in the same run. Also times the two kernels alone
-at the first shape for each launch width, to tune `refine.default_num_warps`.
+and the torch path on this machine's CPU as baselines in the same run.
 
 `python benchmarks/gpu_bench.py [--runs N] [--out FILE]` prints a markdown table headed by the card; it
 exits with a message when there is no CUDA device.
@@ -24,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
+import solver_bench
 import torch
 import workloads
 from rebalancer.solver import kernels as solver_kernels
@@ -58,13 +58,9 @@ def cuda_median_ms(call: Callable[[], object], warmup: int, runs: int) -> tuple[
 
 
 def cpu_median_ms(call: Callable[[], object], runs: int) -> float:
+    """Median wall ms of `runs` calls after one warm-up call."""
     call()
-    times = []
-    for _ in range(runs):
-        began = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(times)
+    return 1e3 * statistics.median(solver_bench.interleaved_times({"call": call}, runs)[0]["call"])
 
 
 def solve_call(loads: torch.Tensor, shape: workloads.Shape, policy: str, candidates: int | None) -> Callable:
@@ -80,13 +76,10 @@ def solver_path(path: str) -> Iterator[None]:
     """REBALANCER_SOLVER_PATH set to `path` inside the block (the dispatch reads it at every solve)."""
     previous = os.environ.get(solver_kernels.PATH_ENV)
     os.environ[solver_kernels.PATH_ENV] = path
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(solver_kernels.PATH_ENV)
-        else:
-            os.environ[solver_kernels.PATH_ENV] = previous
+    yield
+    os.environ.pop(solver_kernels.PATH_ENV)
+    if previous is not None:
+        os.environ[solver_kernels.PATH_ENV] = previous
 
 
 def solver_rows(runs: int, warmup: int) -> list[tuple[str, ...]]:
@@ -114,32 +107,6 @@ def solver_rows(runs: int, warmup: int) -> list[tuple[str, ...]]:
     return rows
 
 
-def kernel_rows(runs: int, warmup: int) -> list[tuple[str, ...]]:
-    """The two kernels alone on 58 x 64 problems of 32 packs x 9 slots (the global step of dsv3)."""
-    from rebalancer.solver.kernels import greedy, refine
-
-    shape, candidates = CASES[0][1], 64
-    problems = shape.layers * candidates
-    gen = torch.Generator().manual_seed(0)
-    item_loads = (torch.rand(problems, shape.replicas, generator=gen) ** 4 * 1000).cuda()
-    order = item_loads.sort(dim=1, descending=True, stable=True).indices
-    slot_items = greedy.greedy_pack(item_loads, order, shape.gpus)
-    slot_loads = item_loads.gather(1, slot_items.flatten(1)).view_as(slot_items)
-    bound = torch.maximum(item_loads.sum(1) / shape.gpus, item_loads.max(1).values)
-    targets = bound * (1 + 5e-4)
-    name = f"kernels alone, {problems} problems 32x9"
-    ms, _ = cuda_median_ms(lambda: greedy.greedy_pack(item_loads, order, shape.gpus), warmup, runs)
-    rows = [(name, str(candidates), "greedy_pack kernel", f"{ms:.3f}", "-")]
-    for warps in (1, 2, 4):
-        ms, _ = cuda_median_ms(
-            lambda warps=warps: refine.swap_refine(slot_loads, slot_items, targets, num_warps=warps),
-            args.warmup,
-            args.runs,
-        )
-        rows.append((name, str(candidates), f"swap_refine kernel, {warps} warp(s)", f"{ms:.3f}", "-"))
-    return rows
-
-
 def run(quick: bool = False, runs: int | None = None, warmup: int = 5) -> dict:
     """Every GPU figure; raises without a CUDA device or without Triton."""
     if not torch.cuda.is_available():
@@ -153,7 +120,7 @@ def run(quick: bool = False, runs: int | None = None, warmup: int = 5) -> dict:
         f" {platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch"
         f" threads); CUDA figures: median CUDA-event ms over {runs} runs after {warmup} warm-up runs; CPU figures:"
         " median wall ms.",
-        "rows": solver_rows(runs, warmup) + kernel_rows(runs, warmup),
+        "rows": solver_rows(runs, warmup),
     }
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from rebalancer.solver import rebalance_experts
 from workloads import lower_bound
 
 try:  # a benchmark/test-only dependency; callers check `HAVE_HIGHS`
@@ -88,18 +89,11 @@ def _valid(placement: Placement, num_replicas: int, num_gpus: int) -> bool:
     return np.bincount([e for g in gpu_experts for e in g], minlength=len(copies)).tolist() == list(copies)
 
 
-def _lpt(loads: list[float], num_replicas: int, num_gpus: int) -> Placement:
-    """Greedy placement: replicate the heaviest copy, then each copy to the lightest GPU with a free slot."""
-    copies = [1] * len(loads)
-    for _ in range(num_replicas - len(loads)):
-        copies[max(range(len(loads)), key=lambda e: loads[e] / copies[e])] += 1
-    slots = num_replicas // num_gpus
-    gpu_load, gpu_experts = [0.0] * num_gpus, [[] for _ in range(num_gpus)]
-    for load, e in sorted(((loads[e] / c, e) for e, c in enumerate(copies) for _ in range(c)), reverse=True):
-        g = min((g for g in range(num_gpus) if len(gpu_experts[g]) < slots), key=gpu_load.__getitem__)
-        gpu_load[g] += load
-        gpu_experts[g].append(e)
-    return copies, gpu_experts
+def solver_placement(loads: Sequence[float], num_replicas: int, num_gpus: int, policy: str) -> Placement:
+    """The project solver's placement of one layer (flat: one group, one node) under `policy`."""
+    weight = torch.tensor([list(loads)], dtype=torch.float64)
+    phy2log, _, logcnt = rebalance_experts(weight, num_replicas, 1, 1, num_gpus, policy=policy)
+    return logcnt[0].tolist(), phy2log[0].view(num_gpus, -1).tolist()
 
 
 def _levels(loads: list[float], kmax: int, slots: int, lb: float, ub: float) -> tuple[float, ...]:
@@ -212,8 +206,8 @@ def solve_milp(
 ) -> MilpResult:
     """Solve one layer exactly (or to `time_limit` seconds).
 
-    `starts` are known placements (e.g. a heuristic's): the best of them and the built-in greedy becomes
-    the incumbent, which prunes the search and never changes the optimum.
+    `starts` are known placements (e.g. a heuristic's): the best of them and the published greedy (the
+    `deepseek` policy) becomes the incumbent, which prunes the search and never changes the optimum.
     """
     if not HAVE_HIGHS:
         raise RuntimeError("highspy is not installed: pip install highspy")
@@ -224,7 +218,8 @@ def solve_milp(
         raise ValueError(f"need num_replicas >= experts and divisible by num_gpus, got {num_replicas}, {num_gpus}")
     started = time.perf_counter()
     lb = float(lower_bound(torch.tensor([loads]), num_replicas, num_gpus)[0])
-    known = [_lpt(loads, num_replicas, num_gpus)] + [p for p in starts if _valid(p, num_replicas, num_gpus)]
+    known = [solver_placement(loads, num_replicas, num_gpus, "deepseek")]
+    known += [p for p in starts if _valid(p, num_replicas, num_gpus)]
     incumbent = min(known, key=lambda p: placement_max_load(loads, *p))
     ub = placement_max_load(loads, *incumbent)
     if ub <= lb * (1 + 1e-12) or num_gpus == 1:

@@ -19,10 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 import workloads
-from milp import solve_milp
-from rebalancer.solver import rebalance_experts
+from milp import placement_max_load, solve_milp, solver_placement
 from tables import table
 
 CACHE = Path(__file__).resolve().parent / "milp_optima.json"
@@ -106,17 +104,9 @@ def milp_entry(inst: Instance, cache: dict[str, dict], time_limit: float, starts
     return entry
 
 
-def policy_placement(loads: list[float], num_replicas: int, num_gpus: int, policy: str) -> tuple[float, tuple]:
-    """Max GPU load of the solver's placement for one layer under `policy`, and that placement."""
-    weight = torch.tensor(loads, dtype=torch.float64)[None]
-    phy2log, _, logcnt = rebalance_experts(weight, num_replicas, 1, 1, num_gpus, policy=policy)
-    peak = float(workloads.max_gpu_load(weight, phy2log, num_gpus)[0])
-    return peak, (logcnt[0].tolist(), phy2log[0].view(num_gpus, -1).tolist())
-
-
 def policy_max_load(loads: list[float], num_replicas: int, num_gpus: int, policy: str) -> float:
     """Max GPU load of the solver's placement for one layer under `policy`."""
-    return policy_placement(loads, num_replicas, num_gpus, policy)[0]
+    return placement_max_load(loads, *solver_placement(loads, num_replicas, num_gpus, policy))
 
 
 def gap_pct(value: float, optimum: float) -> float:
@@ -128,14 +118,13 @@ def distribution(gaps: list[float]) -> dict:
     if not gaps:
         return {"count": 0}
     p50, p90 = np.percentile(gaps, [50, 90])
-    exact = sum(g <= 1e-9 for g in gaps)
     return {
         "count": len(gaps),
-        "mean": float(np.mean(gaps)),
+        "mean": np.mean(gaps),
         "p50": p50,
         "p90": p90,
         "worst": max(gaps),
-        "exact": exact,
+        "exact": sum(g <= 1e-9 for g in gaps),
     }
 
 
@@ -152,8 +141,9 @@ def run(quick: bool = False, time_limit: float | None = None, save: bool = False
     cache = {key: entry for key, entry in load_cache().items() if key in keys}  # drops retired instances
     rows = []
     for inst in current:
-        scored = {p: policy_placement(list(inst.loads), inst.num_replicas, inst.num_gpus, p) for p in POLICIES}
-        entry = milp_entry(inst, cache, time_limit, [placement for _, placement in scored.values()], save)
+        placements = {p: solver_placement(inst.loads, inst.num_replicas, inst.num_gpus, p) for p in POLICIES}
+        scored = {p: (placement_max_load(inst.loads, *placement), placement) for p, placement in placements.items()}
+        entry = milp_entry(inst, cache, time_limit, list(placements.values()), save)
         proven = entry["status"] == "optimal"
         optimum = entry["optimum"] if proven else min(entry["optimum"], *(peak for peak, _ in scored.values()))
         row = {
@@ -179,28 +169,49 @@ def run(quick: bool = False, time_limit: float | None = None, save: bool = False
     return {"rows": rows, "summary": summary, "instances": len(rows), "proven": sum(r["proven"] for r in rows)}
 
 
+def _status(row: dict) -> str:
+    return "optimal" if row["proven"] else f"{row['milp_status']} (bound within {row['milp_gap_pct']:.2f} %)"
+
+
 def markdown(result: dict) -> str:
     """The per-instance table (proven first), then the gap distributions."""
-    rows = sorted(result["rows"], key=lambda r: not r["proven"])
     cells = [
         [r["instance"], r["E"], r["G"], r["R"], f"{r['optimum']:.2f}"]
         + [f"{r[f'{p}_{field}']:.2f}" for p in POLICIES for field in ("max", "gap_pct")]
-        + [f"{r['milp_seconds']:.1f}", "optimal" if r["proven"] else f"{r['milp_status']} (bound within"]
-        for r in rows
+        + [f"{r['milp_seconds']:.1f}", _status(r)]
+        for r in sorted(result["rows"], key=lambda r: not r["proven"])
     ]
-    for cell, r in zip(cells, rows, strict=True):
-        cell[-1] += "" if r["proven"] else f" {r['milp_gap_pct']:.2f} %)"
-    head = ["instance", "E", "G", "R", "optimum"] + [h for p in POLICIES for h in (f"{p} max", "gap %")]
-    lines = [table(head + ["MILP s", "MILP status"], cells), ""]
-    lines.append(f"{result['instances']} instances, {result['proven']} solved to proven optimality.")
-    lines += ["", "**Gap to the optimum, %** (time-limited: to the best placement known, which may not be optimal)", ""]
-    dist_rows = []
-    for key, d in result["summary"].items():
-        if d["count"]:
-            figures = [f"{d[name]:.3f}" for name in ("mean", "p50", "p90", "worst")]
-            dist_rows.append([key.replace("_", " ", 1), d["count"], *figures, d["exact"]])
-    lines.append(table(["policy / optima", "instances", "mean", "p50", "p90", "worst", "exactly optimal"], dist_rows))
-    return "\n".join(lines)
+    head = [
+        "instance",
+        "E",
+        "G",
+        "R",
+        "optimum",
+        *(h for p in POLICIES for h in (f"{p} max", "gap %")),
+        "MILP s",
+        "MILP status",
+    ]
+    distributions = [
+        [
+            key.replace("_", " ", 1),
+            d["count"],
+            *(f"{d[name]:.3f}" for name in ("mean", "p50", "p90", "worst")),
+            d["exact"],
+        ]
+        for key, d in result["summary"].items()
+        if d["count"]
+    ]
+    return "\n".join(
+        [
+            table(head, cells),
+            "",
+            f"{result['instances']} instances, {result['proven']} solved to proven optimality.",
+            "",
+            "**Gap to the optimum, %** (time-limited: to the best placement known, which may not be optimal)",
+            "",
+            table(["policy / optima", "instances", "mean", "p50", "p90", "worst", "exactly optimal"], distributions),
+        ]
+    )
 
 
 if __name__ == "__main__":

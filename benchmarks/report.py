@@ -135,32 +135,31 @@ def run_bench(bench: Bench, quick: bool) -> dict:
 
 def headline(sections: dict) -> list[str]:
     """The few figures a reader wants first, from the solver, optimality and migration results."""
-    lines: list[str] = []
     solver, optimality, migration = (sections[bench.title].get("result") for bench in BENCHES[:3])
+    lines: list[str] = []
     if solver:
-        speed, summary = solver["speed"], solver["summary"]
+        speed, summary, cases = solver["speed"], solver["summary"], solver["cases"]
+        auto, deepseek = summary["auto"], summary["deepseek"]
         lines.append(
             f"- Speed, {speed['shape']} zipf, default `auto` on CPU: {speed['ratio_vs_deepseek_median']:.2f}x the"
             f" `deepseek` policy, {speed['ratio_vs_published_lists_median']:.2f}x the published loops over Python"
             f" floats, {speed['ratio_vs_published_median']:.2f}x the published code verbatim."
         )
-        if solver["peer_labels"]:
-            vllm = solver["peer_labels"][0]
+        for vllm in solver["peer_labels"][:1]:
             ratios = {
-                shape: solver_bench.geomean_ratio([c for c in solver["cases"] if c["shape"] == shape], "auto", vllm)
-                for shape in solver["shapes"]
+                s: solver_bench.geomean_ratio([c for c in cases if c["shape"] == s], "auto", vllm)
+                for s in solver["shapes"]
             }
             worst = max(ratios, key=ratios.__getitem__)
             lines.append(
-                f"- `auto` / {vllm} time, same run, per shape (geomean over kinds): {min(ratios.values()):.2f}x to"
-                f" {ratios[worst]:.2f}x ({worst}); mean balancedness `auto` {summary['auto']['mean_balancedness']:.4f}"
-                f" vs {vllm} {summary[vllm]['mean_balancedness']:.4f}."
+                f"- `auto` / {vllm} time per shape, same run (geomean over kinds): {min(ratios.values()):.2f}x to"
+                f" {ratios[worst]:.2f}x ({worst}); mean balancedness {auto['mean_balancedness']:.4f} vs"
+                f" {summary[vllm]['mean_balancedness']:.4f}."
             )
         lines.append(
-            f"- Quality over {len(solver['cases'])} shape x kind cases: mean balancedness `auto`"
-            f" {summary['auto']['mean_balancedness']:.4f} vs `deepseek` {summary['deepseek']['mean_balancedness']:.4f};"
-            f" mean max/LB `auto` {summary['auto']['mean_max_over_lb']:.4f} vs `deepseek`"
-            f" {summary['deepseek']['mean_max_over_lb']:.4f}; worst `auto` minus best reference"
+            f"- Quality over {len(cases)} shape x kind cases: mean balancedness `auto` {auto['mean_balancedness']:.4f}"
+            f" vs `deepseek` {deepseek['mean_balancedness']:.4f}; mean max/LB `auto` {auto['mean_max_over_lb']:.4f} vs"
+            f" `deepseek` {deepseek['mean_max_over_lb']:.4f}; worst `auto` minus best reference"
             f" {summary['auto_worst_minus_best_reference']:+.5f} ({summary['auto_worst_case']})."
         )
     if optimality and optimality["summary"]["auto_proven"]["count"]:
@@ -169,13 +168,12 @@ def headline(sections: dict) -> list[str]:
             f"- MILP gap of `auto` on {d['count']} proven optima: mean {d['mean']:.3f} %, p50 {d['p50']:.3f} %,"
             f" p90 {d['p90']:.3f} %, worst {d['worst']:.3f} % (optimal on {d['exact']})."
         )
-    if migration:
-        for label in ("auto_prev", "auto_prev_hist"):
-            t = migration["totals"][label]
-            lines.append(
-                f"- Migration `{label}`: {t['moves_ratio_vs_deepseek_global']:.3f}x the reference's moved copies,"
-                f" next-window balancedness {t['balancedness_delta_vs_deepseek_global']:+.4f} vs the reference."
-            )
+    for label in ("auto_prev", "auto_prev_hist") if migration else ():
+        t = migration["totals"][label]
+        lines.append(
+            f"- Migration `{label}`: {t['moves_ratio_vs_deepseek_global']:.3f}x the reference's moved copies,"
+            f" next-window balancedness {t['balancedness_delta_vs_deepseek_global']:+.4f} vs the reference."
+        )
     return lines
 
 

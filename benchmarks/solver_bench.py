@@ -6,11 +6,6 @@ project's policies, the published DeepSeek loops (`published_eplb.py`), and, whe
 fetched, vLLM's default policy and SGLang's `deepseek` / `deepseek_vec` (`peers.py`). Times are ratios to
 a planner measured in the same run, interleaved, because the development machine is shared and absolute
 times drift by 2-5x from one minute to the next; ratios of interleaved minima survive that noise.
-
-The speed figure (default CPU solve of 58x256 -> 288 slots) is also measured against the published code
-verbatim and over Python floats, the form the ~80 ms reference was timed on.
-
-Run: `python benchmarks/solver_bench.py [--quick]`.
 """
 
 from __future__ import annotations
@@ -19,7 +14,6 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import peers
 import published_eplb
@@ -27,58 +21,49 @@ import torch
 import workloads
 from rebalancer.solver import solve
 from tables import table
-from workloads import Shape
+
+Planner = Callable[[torch.Tensor, workloads.Shape], torch.Tensor]  # (weight [L, E], shape) -> phy2log [L, R]
 
 
-@dataclass(frozen=True)
-class Planner:
-    """A named way to place one shape's loads: plan(weight [L, E], shape) -> phy2log [L, R]."""
-
-    label: str
-    plan: Callable[[torch.Tensor, Shape], torch.Tensor]
-
-
-def project(policy: str, candidates: int | None = None, flat: bool = False) -> Callable:
+def project(policy: str, candidates: int | None = None, flat: bool = False) -> Planner:
     """The project's solver on CPU; `flat` plans as if there were one group on one node."""
 
-    def plan(weight: torch.Tensor, shape: Shape) -> torch.Tensor:
+    def plan(weight: torch.Tensor, shape: workloads.Shape) -> torch.Tensor:
         groups, nodes = (1, 1) if flat else (shape.groups, shape.nodes)
-        args = (shape.replicas, groups, nodes, shape.gpus)
-        return solve(weight, *args, policy=policy, num_candidates=candidates, device="cpu").phy2log
+        options = {"policy": policy, "num_candidates": candidates, "device": "cpu"}
+        return solve(weight, shape.replicas, groups, nodes, shape.gpus, **options).phy2log
 
     return plan
 
 
-PROJECT = (
-    Planner("deepseek", project("deepseek")),
-    Planner("deepseek_global", project("deepseek", flat=True)),
-    Planner("auto", project("auto")),
-    Planner("auto_c64", project("auto", 64)),
-    Planner("global", project("global")),
-    Planner("hierarchical", project("hierarchical")),
-    Planner("published_loops", lambda w, s: published_eplb.rebalance_experts(w, *s.args(), python_floats=True)[0]),
-)
+PROJECT: dict[str, Planner] = {
+    "deepseek": project("deepseek"),
+    "deepseek_global": project("deepseek", flat=True),
+    "auto": project("auto"),
+    "auto_c64": project("auto", 64),
+    "global": project("global"),
+    "hierarchical": project("hierarchical"),
+    "published_loops": lambda w, s: published_eplb.rebalance_experts(w, *s.args(), python_floats=True)[0],
+}
 REFERENCES = ("deepseek", "deepseek_global")
 PEER_ROWS = ("auto", "deepseek", "published_loops")  # the project's rows of the peer table, beside the peers
-FULL_SHAPES = tuple(workloads.SHAPES)
-QUICK_SHAPES = ("tiny", "dsv3_prefill", "dsv3_ep144", "mixtral")
-QUICK_KINDS = ("zipf", "hot")
+QUICK_SHAPES, QUICK_KINDS = ("tiny", "dsv3_prefill", "dsv3_ep144", "mixtral"), ("zipf", "hot")
 # The cases `../shared/checks/check.py quality` scores, whose mean max/LB the bar (<= 1.005) is about.
-CHECK_SHAPES = ("dsv3_prefill", "dsv3_ep64", "qwen3_30b", "qwen3_235b")
-CHECK_KINDS = ("zipf", "lognormal", "hot")
+CHECK_SHAPES, CHECK_KINDS = ("dsv3_prefill", "dsv3_ep64", "qwen3_30b", "qwen3_235b"), ("zipf", "lognormal", "hot")
 LOAD_SEED, SPEED_SEED = 1, 5
 # Cheap cases repeat until MIN_CASE_SECONDS have passed (a 1 ms solve timed 3 times is scheduler noise);
 # slow ones stop after MAX_CASE_SECONDS once each planner has run at least once.
 MIN_CASE_SECONDS, MAX_CASE_SECONDS, MAX_ROUNDS = 1.0, 20.0, 30
 
 
-def planners() -> tuple[list[Planner], str]:
-    """The project's planners plus the released peers, and a note saying why peers are missing if they are."""
+def planners() -> tuple[dict[str, Planner], list[str], str]:
+    """Every planner, the labels of the released ones, and a note saying why those are missing if they are."""
     try:
         released = peers.load_released_planners()
-    except Exception as error:  # no registry, no cache: the project's figures still stand
-        return list(PROJECT), f"released planners unavailable: {type(error).__name__}: {error}"
-    return list(PROJECT) + [Planner(label, lambda w, s, p=p: p(w, *s.args())) for label, p in released.items()], ""
+    except Exception as error:  # no registry and no cache: the project's figures still stand
+        return dict(PROJECT), [], f"released planners unavailable: {type(error).__name__}: {error}"
+    wrapped = {label: (lambda w, s, p=p: p(w, *s.args())) for label, p in released.items()}
+    return {**PROJECT, **wrapped}, list(released), ""
 
 
 def interleaved_times(calls: dict[str, Callable[[], object]], rounds: int) -> tuple[dict, dict]:
@@ -94,10 +79,10 @@ def interleaved_times(calls: dict[str, Callable[[], object]], rounds: int) -> tu
     return times, results
 
 
-def bench_case(shape: Shape, kind: str, repeats: int, planner_list: Sequence[Planner]) -> dict:
+def bench_case(shape: workloads.Shape, kind: str, repeats: int, planner_map: dict[str, Planner]) -> dict:
     """Time and score every planner on one shape x kind."""
     weight = workloads.shape_loads(shape, kind, LOAD_SEED)
-    calls = {p.label: (lambda p=p: p.plan(weight, shape)) for p in planner_list}
+    calls = {label: (lambda plan=plan: plan(weight, shape)) for label, plan in planner_map.items()}
     started = time.perf_counter()
     times, results = interleaved_times(calls, 1)
     while len(times["deepseek"]) < MAX_ROUNDS:
@@ -127,10 +112,9 @@ def bench_case(shape: Shape, kind: str, repeats: int, planner_list: Sequence[Pla
 
 
 def speed_figure(shape_name: str = "dsv3_prefill", kind: str = "zipf", runs: int = 5) -> dict:
-    """Default `auto` CPU solve vs the `deepseek` policy and the published code, verbatim and over floats.
-
-    Ratios are medians of per-run ratios (like `../shared/checks/check.py speed`), min-of-N times beside.
-    """
+    """Default `auto` CPU solve vs the `deepseek` policy and the published code, verbatim and over floats
+    (the form the ~80 ms reference was timed on). Ratios are medians of per-run ratios, like
+    `../shared/checks/check.py speed`, with min-of-N times beside them."""
     shape = workloads.SHAPES[shape_name]
     weight = workloads.shape_loads(shape, kind, SPEED_SEED)
     calls = {
@@ -141,33 +125,31 @@ def speed_figure(shape_name: str = "dsv3_prefill", kind: str = "zipf", runs: int
     }
     interleaved_times(calls, 1)  # warm-up: first calls pay allocator and dispatcher set-up
     times, results = interleaved_times(calls, runs)
-    ratios = {
-        f"ratio_vs_{name}_median": statistics.median(a / b for a, b in zip(times["auto"], times[name], strict=True))
-        for name in calls
-        if name != "auto"
-    }
     return {
         "shape": shape.name,
         "kind": kind,
         "runs": runs,
         "median_ms": {name: 1000.0 * statistics.median(samples) for name, samples in times.items()},
         "min_ms": {name: 1000.0 * min(samples) for name, samples in times.items()},
-        **ratios,
+        **{
+            f"ratio_vs_{name}_median": statistics.median(a / b for a, b in zip(times["auto"], times[name], strict=True))
+            for name in list(calls)[1:]
+        },
         "published_equals_deepseek_policy": bool(torch.equal(results["published"], results["deepseek"])),
     }
 
 
 def summarise(cases: Sequence[dict]) -> dict:
     """Means over all cases per planner, and the worst case of auto against the better reference policy."""
-    summary: dict = {}
     labels = list(cases[0]["policies"])
-    for label in labels:
-        entries = [case["policies"][label] for case in cases]
-        summary[label] = {
-            "mean_balancedness": statistics.fmean(e["balancedness"] for e in entries),
-            "mean_max_over_lb": statistics.fmean(e["max_over_lb"] for e in entries),
-            "geomean_time_ratio": statistics.geometric_mean(e["time_ratio"] for e in entries),
+    summary: dict = {
+        label: {
+            "mean_balancedness": statistics.fmean(c["policies"][label]["balancedness"] for c in cases),
+            "mean_max_over_lb": statistics.fmean(c["policies"][label]["max_over_lb"] for c in cases),
+            "geomean_time_ratio": geomean_ratio(cases, label, "deepseek"),
         }
+        for label in labels
+    }
     worst = min(cases, key=lambda c: c["auto_minus_best_reference"])
     summary["auto_worst_minus_best_reference"] = worst["auto_minus_best_reference"]
     summary["auto_worst_case"] = f"{worst['shape']}/{worst['kind']}"
@@ -180,24 +162,6 @@ def summarise(cases: Sequence[dict]) -> dict:
     return summary
 
 
-def run(quick: bool = False) -> dict:
-    """Every shape x kind with every planner, the summary and the speed figure."""
-    shapes, kinds = (QUICK_SHAPES, QUICK_KINDS) if quick else (FULL_SHAPES, workloads.KINDS)
-    repeats = 1 if quick else 3
-    planner_list, peer_note = planners()
-    bench_case(workloads.SHAPES["tiny"], "zipf", 1, planner_list)  # warm-up of one-off set-up costs
-    cases = [bench_case(workloads.SHAPES[name], kind, repeats, planner_list) for name in shapes for kind in kinds]
-    return {
-        "shapes": {name: workloads.SHAPES[name].describe() for name in shapes},
-        "repeats": repeats,
-        "cases": cases,
-        "summary": summarise(cases),
-        "peer_labels": [p.label for p in planner_list if p not in PROJECT],
-        "peer_note": peer_note,
-        "speed": speed_figure(runs=3 if quick else 5),
-    }
-
-
 def geomean_ratio(cases: Sequence[dict], label: str, base: str) -> float:
     """Geometric mean over `cases` of planner `label`'s min time over planner `base`'s, same run."""
     return statistics.geometric_mean(
@@ -205,34 +169,64 @@ def geomean_ratio(cases: Sequence[dict], label: str, base: str) -> float:
     )
 
 
+def run(quick: bool = False) -> dict:
+    """Every shape x kind with every planner, the summary and the speed figure."""
+    shapes, kinds = (QUICK_SHAPES, QUICK_KINDS) if quick else (tuple(workloads.SHAPES), workloads.KINDS)
+    planner_map, peer_labels, peer_note = planners()
+    bench_case(workloads.SHAPES["tiny"], "zipf", 1, planner_map)  # warm-up of one-off set-up costs
+    repeats = 1 if quick else 3
+    cases = [bench_case(workloads.SHAPES[name], kind, repeats, planner_map) for name in shapes for kind in kinds]
+    return {
+        "shapes": {name: workloads.SHAPES[name].describe() for name in shapes},
+        "repeats": repeats,
+        "cases": cases,
+        "summary": summarise(cases),
+        "peer_labels": peer_labels,
+        "peer_note": peer_note,
+        "speed": speed_figure(runs=3 if quick else 5),
+    }
+
+
 def peer_table(result: dict) -> str:
     """Per shape (means over kinds): each engine planner and the project's rows, time / vLLM default."""
     if not result["peer_labels"]:
         return f"Not run: {result['peer_note']}."
-    vllm, labels = result["peer_labels"][0], [*result["peer_labels"], *PEER_ROWS]
-    rows = []
+    vllm, rows = result["peer_labels"][0], []
     for shape in result["shapes"]:
         cases = [c for c in result["cases"] if c["shape"] == shape]
-        for label in labels:
+        for label in [*result["peer_labels"], *PEER_ROWS]:
             entries = [c["policies"][label] for c in cases]
-            ms = statistics.median(1000 * e["time_min_s"] for e in entries)
-            bal = statistics.fmean(e["balancedness"] for e in entries)
-            lb = statistics.fmean(e["max_over_lb"] for e in entries)
             rows.append(
-                [shape, label, f"{ms:.1f}", f"{geomean_ratio(cases, label, vllm):.2f}", f"{bal:.4f}", f"{lb:.4f}"]
+                [shape, label, f"{statistics.median(1000 * e['time_min_s'] for e in entries):.1f}"]
+                + [f"{geomean_ratio(cases, label, vllm):.2f}"]
+                + [f"{statistics.fmean(e[key] for e in entries):.4f}" for key in ("balancedness", "max_over_lb")]
             )
+    kinds = sorted({c["kind"] for c in result["cases"]})
     head = ["shape", "planner", "median ms", f"time / {vllm} (geomean)", "mean balancedness", "mean max/LB"]
-    note = (
-        f"Released planners from their wheels (`benchmarks/peers.py`), same run, interleaved; means over the"
-        f" kinds {sorted({c['kind'] for c in result['cases']})}."
-    )
+    note = f"Released planners from their wheels (`benchmarks/peers.py`), same run, interleaved; means over {kinds}."
     return note + "\n\n" + table(head, rows)
 
 
 def markdown(result: dict) -> str:
-    """Markdown for RESULTS.md: speed figure, quality, time, summary, and the peer table."""
+    """Speed figure, quality, time, summary, and the peer table."""
     speed, cases, summary = result["speed"], result["cases"], result["summary"]
     labels = list(cases[0]["policies"])
+    quality = [
+        [c["shape"], c["kind"], *(f"{c['policies'][label]['balancedness']:.4f}" for label in labels)]
+        + [f"{c['policies'][p]['max_over_lb']:.4f}" for p in ("auto", "deepseek")]
+        + [f"{c['auto_minus_best_reference']:+.4f}"]
+        for c in cases
+    ]
+    times = [
+        [c["shape"], c["kind"], c["rounds"], f"{1000 * c['policies']['deepseek']['time_min_s']:.1f}"]
+        + [f"{c['policies'][label]['time_ratio']:.2f}" for label in labels[1:]]
+        for c in cases
+    ]
+    means = [
+        [label, *(f"{summary[label][key]:.4f}" for key in ("mean_balancedness", "mean_max_over_lb"))]
+        + [f"{summary[label]['geomean_time_ratio']:.2f}"]
+        for label in labels
+    ]
     out = [
         f"**Speed** on {speed['shape']} {speed['kind']}, {speed['runs']} interleaved runs: default `auto` /"
         f" `deepseek` policy = **{speed['ratio_vs_deepseek_median']:.2f}x** (median of per-run ratios); `auto` /"
@@ -249,43 +243,17 @@ def markdown(result: dict) -> str:
         "",
         "**Quality**: mean balancedness per planner (1.0 is perfect) and max GPU load / lower bound.",
         "",
-        table(
-            ["shape", "kind", *labels, "auto max/LB", "deepseek max/LB", "auto - best ref"],
-            [
-                [c["shape"], c["kind"], *(f"{c['policies'][label]['balancedness']:.4f}" for label in labels)]
-                + [f"{c['policies'][p]['max_over_lb']:.4f}" for p in ("auto", "deepseek")]
-                + [f"{c['auto_minus_best_reference']:+.4f}"]
-                for c in cases
-            ],
-        ),
+        table(["shape", "kind", *labels, "auto max/LB", "deepseek max/LB", "auto - best ref"], quality),
         "",
         f"**Time**: min of at least {result['repeats']} interleaved rounds (cheap cases repeat for"
         f" {MIN_CASE_SECONDS:.0f} s, slow ones stop after {MAX_CASE_SECONDS:.0f} s); `deepseek` in ms, every other"
         " planner as a ratio to it.",
         "",
-        table(
-            ["shape", "kind", "rounds", "deepseek ms", *(f"{label} / deepseek" for label in labels[1:])],
-            [
-                [c["shape"], c["kind"], c["rounds"], f"{1000 * c['policies']['deepseek']['time_min_s']:.1f}"]
-                + [f"{c['policies'][label]['time_ratio']:.2f}" for label in labels[1:]]
-                for c in cases
-            ],
-        ),
+        table(["shape", "kind", "rounds", "deepseek ms", *(f"{label} / deepseek" for label in labels[1:])], times),
         "",
         f"**Summary over {len(cases)} cases**",
         "",
-        table(
-            ["planner", "mean balancedness", "mean max/LB", "geomean time / deepseek"],
-            [
-                [
-                    label,
-                    f"{s['mean_balancedness']:.4f}",
-                    f"{s['mean_max_over_lb']:.4f}",
-                    f"{s['geomean_time_ratio']:.2f}",
-                ]
-                for label, s in ((label, summary[label]) for label in labels)
-            ],
-        ),
+        table(["planner", "mean balancedness", "mean max/LB", "geomean time / deepseek"], means),
         "",
         f"Worst case of `auto` minus the better reference policy (deepseek hierarchical or global): "
         f"{summary['auto_worst_minus_best_reference']:+.5f} on {summary['auto_worst_case']} (must be >= 0).",
