@@ -19,15 +19,8 @@ import report
 import solver_bench
 import torch
 import workloads
+from workloads import README_PHY2LOG, README_WEIGHT
 
-README_WEIGHT = [
-    [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
-    [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
-]
-README_PHY2LOG = [
-    [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
-    [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
-]
 TIME_LIMIT_S = 20.0
 
 

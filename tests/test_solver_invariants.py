@@ -11,19 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from placement_checks import assert_groups_on_one_node, assert_valid_maps
 from rebalancer.solver import POLICIES, deepseek, rebalance_experts, solve
-from workloads import KINDS, make, max_gpu_load
+from workloads import KINDS, README_PHY2LOG, README_WEIGHT, make, max_gpu_load
 
 ALL_POLICIES = ("auto", "deepseek", "global", "hierarchical")
 SOLVER_POLICIES = ("auto", "global", "hierarchical")
-
-README_WEIGHT = [
-    [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
-    [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
-]
-README_PHY2LOG = [
-    [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
-    [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
-]
 
 
 # --- random shapes ---------------------------------------------------------------------------------------
