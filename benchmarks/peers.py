@@ -47,16 +47,20 @@ def fetch_wheel(name: str, version: str, directory: Path | None = None) -> Path:
 
 
 def import_from_wheel(wheel: Path, module: str) -> types.ModuleType:
-    """Import `module` (a dotted name) from `wheel`, its parent packages stubbed as bare namespaces."""
-    parts = module.split(".")
-    for depth in range(1, len(parts)):
-        package = ".".join(parts[:depth])
-        stub = sys.modules.get(package)
-        if stub is None or not str(getattr(stub, "__path__", [""])[0]).startswith(str(wheel)):
+    """Import `module` (a dotted name) from `wheel` under a private top-level name, its parents stubbed.
+
+    The top package is registered as e.g. `_released_vllm_0_33_0`, so an installed engine, or another
+    loader of the same wheel, is never shadowed; the modules import their siblings relatively.
+    """
+    top, *rest = module.split(".")
+    alias = f"_released_{wheel.name.split('-')[0]}_{wheel.name.split('-')[1].replace('.', '_')}"
+    for depth in range(len(rest)):
+        package = ".".join([alias, *rest[:depth]])
+        if package not in sys.modules:
             stub = types.ModuleType(package)
-            stub.__path__ = [str(wheel / Path(*parts[:depth]))]
+            stub.__path__ = [str(wheel / Path(top, *rest[:depth]))]
             sys.modules[package] = stub
-    return importlib.import_module(module)
+    return importlib.import_module(".".join([alias, *rest]))
 
 
 def _vllm_default(wheel: Path) -> Planner:
