@@ -53,7 +53,7 @@ CHECK_SHAPES, CHECK_KINDS = ("dsv3_prefill", "dsv3_ep64", "qwen3_30b", "qwen3_23
 LOAD_SEED, SPEED_SEED = 1, 5
 # Cheap cases repeat until MIN_CASE_SECONDS have passed (a 1 ms solve timed 3 times is scheduler noise);
 # slow ones stop after MAX_CASE_SECONDS once each planner has run at least once.
-MIN_CASE_SECONDS, MAX_CASE_SECONDS, MAX_ROUNDS = 1.0, 20.0, 30
+MIN_CASE_SECONDS, MAX_CASE_SECONDS, MAX_ROUNDS = 1.0, 10.0, 30
 
 
 def planners() -> tuple[dict[str, Planner], list[str], str]:
