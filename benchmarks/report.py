@@ -193,7 +193,8 @@ def render(sections: dict, info: dict, quick: bool, load_after: Sequence[float],
         )
     out += ["", "## Reproduce", "", "```", f".venv/bin/python benchmarks/report.py{flag}   # writes this file"]
     out += [
-        f".venv/bin/python benchmarks/{name}.py" for name in ("solver_bench", "migration_bench", "optimality_bench")
+        f".venv/bin/python benchmarks/{name}.py"
+        for name in ("solver_bench", "migration_bench", "optimality_bench", "service_bench", "load")
     ]
     try:
         lines = headline(sections)

@@ -2,8 +2,9 @@
 
 `make bench` takes minutes on the full shapes, so a broken benchmark would otherwise be found only when
 someone wants the figures. These tests run each bench on the README-sized shape and check the keys the
-report reads, plus the two pieces whose correctness the figures rest on: the vectorised lower bound and the
-published-algorithm transcription.
+report reads, plus the pieces whose correctness the figures rest on: the vectorised lower bound, the
+published-algorithm transcription, the released engine planners imported from their wheels, and the fixed
+optimality instance set.
 """
 
 from __future__ import annotations
