@@ -196,6 +196,33 @@ def _placement(layout: Layout, values: np.ndarray) -> Placement:
     return copies, gpu_experts
 
 
+def _check(loads: list[float], num_replicas: int, num_gpus: int) -> None:
+    if not loads or any(not math.isfinite(w) or w < 0 for w in loads):
+        raise ValueError("loads must be a non-empty list of finite, non-negative numbers")
+    if num_replicas < len(loads) or num_gpus < 1 or num_replicas % num_gpus:
+        raise ValueError(f"need num_replicas >= experts and divisible by num_gpus, got {num_replicas}, {num_gpus}")
+
+
+def _search(layout: Layout, loads: list[float], num_replicas: int, lb: float, incumbent: Placement, time_limit: float):
+    """Run HiGHS from the incumbent: (proven, best placement, proven lower bound, HiGHS's status name)."""
+    ub = placement_max_load(loads, *incumbent)
+    highs = highspy.Highs()
+    for option, value in (("output_flag", False), ("time_limit", float(time_limit)), ("mip_rel_gap", 1e-7)):
+        highs.setOptionValue(option, value)
+    highs.setOptionValue("mip_abs_gap", 1e-9 * max(lb, 1e-300))
+    highs.passModel(_model(layout, loads, num_replicas, lb, ub))
+    highs.setSolution(_start(layout, loads, incumbent, ub))
+    highs.run()
+    status, info = highs.getModelStatus(), highs.getInfo()
+    best = incumbent
+    if info.primal_solution_status >= 2:
+        found = _placement(layout, np.asarray(highs.getSolution().col_value))
+        best = min((incumbent, found), key=lambda p: placement_max_load(loads, *p))  # never worse than handed in
+    proven = status == highspy.HighsModelStatus.kOptimal
+    bound = placement_max_load(loads, *best) if proven else max(lb, float(info.mip_dual_bound))
+    return proven, best, bound, highs.modelStatusToString(status).lower().replace(" ", "_")
+
+
 def solve_milp(
     loads: Sequence[float],
     num_replicas: int,
@@ -212,10 +239,7 @@ def solve_milp(
     if not HAVE_HIGHS:
         raise RuntimeError("highspy is not installed: pip install highspy")
     loads = [float(w) for w in loads]
-    if not loads or any(not math.isfinite(w) or w < 0 for w in loads):
-        raise ValueError("loads must be a non-empty list of finite, non-negative numbers")
-    if num_replicas < len(loads) or num_gpus < 1 or num_replicas % num_gpus:
-        raise ValueError(f"need num_replicas >= experts and divisible by num_gpus, got {num_replicas}, {num_gpus}")
+    _check(loads, num_replicas, num_gpus)
     started = time.perf_counter()
     lb = float(lower_bound(torch.tensor([loads]), num_replicas, num_gpus)[0])
     known = [solver_placement(loads, num_replicas, num_gpus, "deepseek")]
@@ -226,20 +250,6 @@ def solve_milp(
         return MilpResult(ub, lb, "optimal", time.perf_counter() - started, *incumbent)
     kmax = num_replicas - len(loads) + 1
     layout = Layout(len(loads), num_gpus, kmax, _levels(loads, kmax, num_replicas // num_gpus, lb, ub))
-    highs = highspy.Highs()
-    for option, value in (("output_flag", False), ("time_limit", float(time_limit)), ("mip_rel_gap", 1e-7)):
-        highs.setOptionValue(option, value)
-    highs.setOptionValue("mip_abs_gap", 1e-9 * max(lb, 1e-300))
-    highs.passModel(_model(layout, loads, num_replicas, lb, ub))
-    highs.setSolution(_start(layout, loads, incumbent, ub))
-    highs.run()
-    status, info = highs.getModelStatus(), highs.getInfo()
-    best = incumbent
-    if info.primal_solution_status >= 2:
-        found = _placement(layout, np.asarray(highs.getSolution().col_value))
-        best = min((incumbent, found), key=lambda p: placement_max_load(loads, *p))  # never worse than handed in
-    proven = status == highspy.HighsModelStatus.kOptimal
+    proven, best, bound, status = _search(layout, loads, num_replicas, lb, incumbent, time_limit)
     optimum = placement_max_load(loads, *best)
-    bound = optimum if proven else max(lb, float(info.mip_dual_bound))
-    name = "optimal" if proven else highs.modelStatusToString(status).lower().replace(" ", "_")
-    return MilpResult(optimum, bound, name, time.perf_counter() - started, *best)
+    return MilpResult(optimum, bound, "optimal" if proven else status, time.perf_counter() - started, *best)
