@@ -19,6 +19,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -26,12 +27,35 @@ import workloads
 from rebalancer_client.codec import encode
 from rebalancer_client.v1 import rebalancer_pb2 as pb
 from rebalancer_client.v1 import rebalancer_pb2_grpc
-from service_bench import SHAPE, TOPOLOGY
 from serving import CHANNEL_OPTIONS, free_port, rss_mib, start_server, wait_serving
 from tables import table
 
-STREAMS, DEPLOYMENTS, REPORT_HZ, REPORTS_PER_CALL, REBALANCE_EVERY_S = 8, 2, 40.0, 50, 1.0
-WARMUP_S = 64 * (8 + 1) / REPORT_HZ  # until the server's default window (64) and history (8 of it) are full
+
+@dataclass(frozen=True)
+class Settings:
+    """The traffic: ranks, deployments, rates and the problem shape (DeepSeek-V3 by default)."""
+
+    duration_s: float = 30.0
+    streams: int = 8
+    controllers: int = 2
+    warmup_s: float | None = None  # default: until the server's window (64) and history (8 of it) are full
+    layers: int = 58
+    experts: int = 256
+    replicas: int = 288
+    groups: int = 8
+    nodes: int = 4
+    gpus: int = 32
+    report_hz: float = 40.0
+    reports_per_call: int = 50
+    rebalance_interval_s: float = 1.0
+
+    @property
+    def warmup(self) -> float:
+        return min(self.duration_s / 2, 64 * (8 + 1) / self.report_hz) if self.warmup_s is None else self.warmup_s
+
+    @property
+    def shape(self) -> workloads.Shape:
+        return workloads.Shape("load", self.layers, self.experts, self.replicas, self.groups, self.nodes, self.gpus)
 
 
 class Tally:
@@ -53,15 +77,15 @@ class Tally:
         return {"count": len(values), "p50_ms": 1e3 * p50, "p99_ms": 1e3 * p99}
 
 
-async def stream_reports(stub, tally: Tally, deployment_id: str, rank: int, pool: list, stop_at: float) -> None:
-    """One engine rank: StreamLoad calls of REPORTS_PER_CALL reports, paced at REPORT_HZ."""
+async def stream_reports(stub, tally: Tally, cfg: Settings, deployment_id: str, rank: int, pool: list, stop_at: float):
+    """One engine rank: StreamLoad calls of `reports_per_call` reports, paced at `report_hz`."""
     step = itertools.count(1)
 
     async def reports(half_closed: list[float]):
-        for _ in range(REPORTS_PER_CALL):
+        for _ in range(cfg.reports_per_call):
             if time.monotonic() >= stop_at:
                 break
-            await asyncio.sleep(1.0 / REPORT_HZ)
+            await asyncio.sleep(1.0 / cfg.report_hz)
             index = next(step)
             yield pb.StreamLoadRequest(
                 deployment_id=deployment_id, loads=pool[index % len(pool)], rank=rank, step=index
@@ -74,19 +98,19 @@ async def stream_reports(stub, tally: Tally, deployment_id: str, rank: int, pool
             summary = await stub.StreamLoad(reports(half_closed), timeout=60)
         except grpc.RpcError as error:
             tally.errors[f"StreamLoad {error.code().name}"] += 1
-            await asyncio.sleep(1.0 / REPORT_HZ)
+            await asyncio.sleep(1.0 / cfg.report_hz)
             continue
         tally.latency("ingest_lag", half_closed[0])
         tally.counts["reports"] += summary.accepted
         tally.errors["rejected reports"] += summary.rejected
 
 
-async def control(stub, tally: Tally, deployment_id: str, stop_at: float) -> None:
+async def control(stub, tally: Tally, cfg: Settings, deployment_id: str, stop_at: float) -> None:
     """One controller: re-plan its deployment from the window on a fixed period, then read it back."""
     read = pb.GetPlacementRequest(deployment_id=deployment_id)
     version = (await stub.GetPlacement(read, timeout=30)).placement.version
-    while time.monotonic() + REBALANCE_EVERY_S < stop_at:
-        await asyncio.sleep(REBALANCE_EVERY_S)
+    while time.monotonic() + cfg.rebalance_interval_s < stop_at:
+        await asyncio.sleep(cfg.rebalance_interval_s)
         try:
             began = time.monotonic()
             request = pb.RebalanceRequest(deployment_id=deployment_id, base_version=version)
@@ -112,6 +136,7 @@ async def watch(stub, tally: Tally, deployment_id: str) -> None:
         ):
             tally.errors["watch out of order"] += response.placement.version <= seen
             seen = response.placement.version
+            tally.counts["pushes"] += 1
     except grpc.RpcError as error:
         if error.code() != grpc.StatusCode.CANCELLED:
             tally.errors[f"watch {error.code().name}"] += 1
@@ -133,37 +158,39 @@ def rss_figures(samples: list[tuple[float, float]], warm_at: float) -> dict:
     return {"rss_warm_mib": warm, "rss_end_mib": end, "rss_growth_pct": 100 * (end - warm) / warm, "rss_slope": slope}
 
 
-async def drive(target: str, pid: int, duration_s: float, warmup_s: float) -> dict:
+async def drive(target: str, pid: int, cfg: Settings) -> dict:
     """Register the deployments, run every task for `duration_s`, gather the figures."""
+    shape = cfg.shape
+    topology = pb.Topology(
+        num_layers=shape.layers,
+        num_experts=shape.experts,
+        num_replicas=shape.replicas,
+        num_groups=shape.groups,
+        num_nodes=shape.nodes,
+        num_gpus=shape.gpus,
+    )
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         stub = rebalancer_pb2_grpc.RebalancerServiceStub(channel)
-        deployments = [f"load-{index}" for index in range(DEPLOYMENTS)]
+        deployments = [f"load-{index}" for index in range(cfg.controllers)]
         # Pre-encoded loads, so the generator spends its CPU on RPCs, not on random numbers.
-        pools = {
-            d: [encode(workloads.shape_loads(SHAPE, "zipf", 16 * n + i).numpy()) for i in range(16)]
-            for n, d in enumerate(deployments)
-        }
-        for d in deployments:  # register, fill the window a little, commit version 1
-            await stub.StreamLoad(iter([pb.StreamLoadRequest(deployment_id=d, topology=TOPOLOGY, loads=pools[d][0])]))
+        pools = [
+            [encode(workloads.shape_loads(shape, "zipf", 16 * n + i).numpy()) for i in range(16)]
+            for n in range(len(deployments))
+        ]
+        for d, pool in zip(deployments, pools, strict=True):  # register, fill the window a little, commit version 1
+            await stub.StreamLoad(iter([pb.StreamLoadRequest(deployment_id=d, topology=topology, loads=pool[0])]))
             await stub.Rebalance(pb.RebalanceRequest(deployment_id=d), timeout=120)
         started = time.monotonic()
-        stop_at, tally, rss = started + duration_s, Tally(started + warmup_s), []
+        stop_at, tally, rss = started + cfg.duration_s, Tally(started + cfg.warmup), []
         watchers = [asyncio.create_task(watch(stub, tally, d)) for d in deployments]
-        # Ranks of one deployment add up on the server.
-        streams = [
-            stream_reports(
-                stub,
-                tally,
-                deployments[i % DEPLOYMENTS],
-                i // DEPLOYMENTS,
-                pools[deployments[i % DEPLOYMENTS]],
-                stop_at,
-            )
-            for i in range(STREAMS)
+        # Stream i is rank i // controllers of deployment i % controllers: ranks of one deployment add up.
+        ranks = [
+            (deployments[i % cfg.controllers], i // cfg.controllers, pools[i % cfg.controllers])
+            for i in range(cfg.streams)
         ]
-        await asyncio.gather(
-            *streams, *(control(stub, tally, d, stop_at) for d in deployments), sample_rss(pid, rss, stop_at)
-        )
+        streams = [stream_reports(stub, tally, cfg, d, rank, pool, stop_at) for d, rank, pool in ranks]
+        controls = [control(stub, tally, cfg, d, stop_at) for d in deployments]
+        await asyncio.gather(*streams, *controls, sample_rss(pid, rss, stop_at))
         elapsed = time.monotonic() - started
         await asyncio.sleep(0.2)  # the last pushes
         for watcher in watchers:
@@ -171,40 +198,45 @@ async def drive(target: str, pid: int, duration_s: float, warmup_s: float) -> di
         await asyncio.gather(*watchers, return_exceptions=True)
     errors = {kind: count for kind, count in tally.errors.items() if count}
     return {
+        "settings": cfg,
         "duration_s": elapsed,
-        "warmup_s": warmup_s,
+        "offered_reports_per_s": cfg.streams * cfg.report_hz,
         "reports_per_s": tally.counts["reports"] / elapsed,
+        "rebalances": tally.counts["rebalances"],
         "rebalances_per_s": tally.counts["rebalances"] / elapsed,
+        "watch_pushes": tally.counts["pushes"],
         "errors": sum(errors.values()),
         "error_kinds": errors,
         "latency": {operation: tally.quantiles(operation) for operation in list(tally.latencies)},
         "load_average": os.getloadavg(),
-        **rss_figures(rss, started + warmup_s),
+        **rss_figures(rss, started + cfg.warmup),
     }
 
 
-def run(quick: bool = False, duration_s: float | None = None) -> dict:
-    """Start a server, drive it for `duration_s` (5 s quick, 30 s full), stop it; returns the figures."""
-    duration_s = duration_s or (5.0 if quick else 30.0)
+def run(quick: bool = False, **settings) -> dict:
+    """Start a server, drive it (5 s quick, 30 s full, or `Settings(**settings)`), stop it; returns the figures."""
+    cfg = Settings(**{"duration_s": 5.0 if quick else 30.0, **settings})
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="load-") as state_dir:
         process = start_server(state_dir, port)
         try:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 wait_serving(channel, process)
-            return asyncio.run(drive(f"127.0.0.1:{port}", process.pid, duration_s, min(duration_s / 2, WARMUP_S)))
+            figures = asyncio.run(drive(f"127.0.0.1:{port}", process.pid, cfg))
         finally:
             process.terminate()
             process.wait(timeout=60)
+    return {**figures, "server_exit_code": process.returncode}
 
 
 def markdown(figures: dict) -> str:
     """One row per figure."""
+    cfg = figures["settings"]
     rows = [
-        ("shape", SHAPE.describe()),
-        ("streams x report rate", f"{STREAMS} x {REPORT_HZ:g}/s"),
-        ("controllers (deployments)", DEPLOYMENTS),
-        ("duration / warm-up (s)", f"{figures['duration_s']:.1f} / {figures['warmup_s']:.1f}"),
+        ("shape", cfg.shape.describe()),
+        ("streams x report rate", f"{cfg.streams} x {cfg.report_hz:g}/s"),
+        ("controllers (deployments)", cfg.controllers),
+        ("duration / warm-up (s)", f"{figures['duration_s']:.1f} / {cfg.warmup:.1f}"),
         ("reports accepted per s", f"{figures['reports_per_s']:.1f}"),
         ("rebalances committed per s", f"{figures['rebalances_per_s']:.2f}"),
         ("errors", f"{figures['errors']} {figures['error_kinds'] or ''}".strip()),
