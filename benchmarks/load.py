@@ -27,7 +27,7 @@ import workloads
 from rebalancer_client.codec import encode
 from rebalancer_client.v1 import rebalancer_pb2 as pb
 from rebalancer_client.v1 import rebalancer_pb2_grpc
-from serving import CHANNEL_OPTIONS, free_port, rss_mib, start_server, wait_serving
+from serving import CHANNEL_OPTIONS, free_port, rss_mib, start_server, topology, wait_serving
 from tables import table
 
 
@@ -161,14 +161,7 @@ def rss_figures(samples: list[tuple[float, float]], warm_at: float) -> dict:
 async def drive(target: str, pid: int, cfg: Settings) -> dict:
     """Register the deployments, run every task for `duration_s`, gather the figures."""
     shape = cfg.shape
-    topology = pb.Topology(
-        num_layers=shape.layers,
-        num_experts=shape.experts,
-        num_replicas=shape.replicas,
-        num_groups=shape.groups,
-        num_nodes=shape.nodes,
-        num_gpus=shape.gpus,
-    )
+    wire_topology = topology(shape)
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         stub = rebalancer_pb2_grpc.RebalancerServiceStub(channel)
         deployments = [f"load-{index}" for index in range(cfg.controllers)]
@@ -178,7 +171,7 @@ async def drive(target: str, pid: int, cfg: Settings) -> dict:
             for n in range(len(deployments))
         ]
         for d, pool in zip(deployments, pools, strict=True):  # register, fill the window a little, commit version 1
-            await stub.StreamLoad(iter([pb.StreamLoadRequest(deployment_id=d, topology=topology, loads=pool[0])]))
+            await stub.StreamLoad(iter([pb.StreamLoadRequest(deployment_id=d, topology=wire_topology, loads=pool[0])]))
             await stub.Rebalance(pb.RebalanceRequest(deployment_id=d), timeout=120)
         started = time.monotonic()
         stop_at, tally, rss = started + cfg.duration_s, Tally(started + cfg.warmup), []

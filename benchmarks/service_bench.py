@@ -24,17 +24,10 @@ import workloads
 from rebalancer_client.codec import encode
 from rebalancer_client.v1 import rebalancer_pb2 as pb
 from rebalancer_client.v1 import rebalancer_pb2_grpc
-from serving import CHANNEL_OPTIONS, free_port, rss_mib, start_server, wait_serving
+from serving import CHANNEL_OPTIONS, free_port, rss_mib, start_server, topology, wait_serving
 
 SHAPE = workloads.SHAPES["dsv3_prefill"]
-TOPOLOGY = pb.Topology(
-    num_layers=SHAPE.layers,
-    num_experts=SHAPE.experts,
-    num_replicas=SHAPE.replicas,
-    num_groups=SHAPE.groups,
-    num_nodes=SHAPE.nodes,
-    num_gpus=SHAPE.gpus,
-)
+TOPOLOGY = topology(SHAPE)
 POLICIES = {"auto": pb.POLICY_AUTO, "deepseek": pb.POLICY_DEEPSEEK}
 
 

@@ -11,9 +11,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rebalancer_client.v1 import rebalancer_pb2 as pb
+
+if TYPE_CHECKING:  # workloads imports torch, which the client tests that share `free_port` must not need
+    from workloads import Shape
 
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
@@ -23,6 +28,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def topology(shape: Shape) -> pb.Topology:
+    """The wire topology of a benchmark shape."""
+    return pb.Topology(
+        num_layers=shape.layers,
+        num_experts=shape.experts,
+        num_replicas=shape.replicas,
+        num_groups=shape.groups,
+        num_nodes=shape.nodes,
+        num_gpus=shape.gpus,
+    )
 
 
 def rss_mib(pid: int) -> float:
