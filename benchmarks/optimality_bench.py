@@ -25,7 +25,7 @@ from tables import table
 
 CACHE = Path(__file__).resolve().parent / "milp_optima.json"
 POLICIES = ("auto", "deepseek")
-# Hand-checked optima (SPEC §3 and the DeepSeek EPLB README example), all on 8 GPUs x 2 slots.
+# Hand-checked optima (the joint replication trap and the DeepSeek EPLB README layers), all on 8 GPUs x 2 slots.
 KNOWN: list[tuple[str, list[float], float]] = [
     ("spec-greedy-trap", [600, 560, 120, 120, 20, 10, 10, 10], 590 / 3),
     ("deepseek-readme-l0", [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86], 136.0),

@@ -39,7 +39,7 @@ def fetch_wheel(name: str, version: str, directory: Path | None = None) -> Path:
     if not found:
         directory.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", f"{name}=={version}", "-d"]
-        subprocess.run([*command, str(directory)], check=True, timeout=1800)
+        subprocess.run([*command, str(directory)], check=True, timeout=900)
         found = sorted(directory.glob(f"{name}-{version}-*.whl"))
     if not found:
         raise FileNotFoundError(f"pip download left no {name}-{version} wheel in {directory}")
