@@ -1,4 +1,4 @@
-"""GPU figures of SPEC §8 and issue 8: the full solve on CUDA, Triton kernels vs the torch path.
+"""GPU figures: the full solve on CUDA, Triton kernels vs the torch path.
 
 Times `rebalancer.solver.rebalance_experts` (policy auto) on CUDA with CUDA events (warm-up, median of many
 runs) for
@@ -6,8 +6,7 @@ runs) for
 * 94 x 128 -> 160 slots, 1 group, 2 nodes, 16 GPUs (bar: < 3 ms),
 * a batch of 16 requests of the first shape, 928 layers in one call (bar: < 10 ms),
 at 64 and 8 candidates, on both paths (`REBALANCER_SOLVER_PATH=torch|triton`), with the `deepseek` policy
-and the torch path on this machine's CPU as baselines in the same run. Also times the two kernels alone
-at the first shape for each launch width, to tune `refine.default_num_warps`.
+and the torch path on this machine's CPU as baselines in the same run.
 
 `python benchmarks/gpu_bench.py [--runs N] [--out FILE]` prints a markdown table headed by the card; it
 exits with a message when there is no CUDA device.
@@ -23,43 +22,21 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
+import solver_bench
 import torch
+import workloads
 from rebalancer.solver import kernels as solver_kernels
 from rebalancer.solver import rebalance_experts, solve
+from tables import table
 
-
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    layers: int
-    experts: int
-    replicas: int
-    groups: int
-    nodes: int
-    gpus: int
-    requests: int = 1  # requests batched along the layer axis
-
-
-SHAPES = (
-    Shape("dsv3 58x256->288, 8g 4n 32 GPUs", 58, 256, 288, 8, 4, 32),
-    Shape("qwen3 94x128->160, 1g 2n 16 GPUs", 94, 128, 160, 1, 2, 16),
-    Shape("batch 16 x dsv3 (928 layers)", 58, 256, 288, 8, 4, 32, requests=16),
+# (label, shape, requests batched along the layer axis)
+CASES = (
+    ("dsv3 58x256->288, 8g 4n 32 GPUs", workloads.SHAPES["dsv3_prefill"], 1),
+    ("qwen3 94x128->160, 1g 2n 16 GPUs", workloads.SHAPES["qwen3_235b"], 1),
+    ("batch 16 x dsv3 (928 layers)", workloads.SHAPES["dsv3_prefill"], 16),
 )
 CANDIDATES = (64, 8)
-
-
-def zipf_loads(layers: int, experts: int, seed: int) -> torch.Tensor:
-    """Skewed per-layer expert loads [L, E] float32, a different hot set per layer."""
-    gen = torch.Generator().manual_seed(seed)
-    ranks = torch.rand(layers, experts, generator=gen).argsort(1) + 1
-    noise = torch.empty(layers, experts).uniform_(0.7, 1.3, generator=gen)
-    return (1e4 / ranks.double() ** 1.1 * noise).float()
-
-
-def shape_loads(shape: Shape) -> torch.Tensor:
-    return torch.cat([zipf_loads(shape.layers, shape.experts, seed) for seed in range(shape.requests)])
 
 
 def cuda_median_ms(call: Callable[[], object], warmup: int, runs: int) -> tuple[float, float]:
@@ -81,29 +58,17 @@ def cuda_median_ms(call: Callable[[], object], warmup: int, runs: int) -> tuple[
 
 
 def cpu_median_ms(call: Callable[[], object], runs: int) -> float:
+    """Median wall ms of `runs` calls after one warm-up call."""
     call()
-    times = []
-    for _ in range(runs):
-        began = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(times)
+    return 1e3 * statistics.median(solver_bench.interleaved_times({"call": call}, runs)[0]["call"])
 
 
-def solve_call(loads: torch.Tensor, shape: Shape, policy: str, candidates: int | None) -> Callable[[], object]:
-    def call() -> object:
-        return rebalance_experts(
-            loads, shape.replicas, shape.groups, shape.nodes, shape.gpus, policy=policy, num_candidates=candidates
-        )
-
-    return call
+def solve_call(loads: torch.Tensor, shape: workloads.Shape, policy: str, candidates: int | None) -> Callable:
+    return lambda: rebalance_experts(loads, *shape.args(), policy=policy, num_candidates=candidates)
 
 
-def balancedness(loads: torch.Tensor, shape: Shape, policy: str, candidates: int | None) -> float:
-    result = solve(
-        loads, shape.replicas, shape.groups, shape.nodes, shape.gpus, policy=policy, num_candidates=candidates
-    )
-    return float(result.balancedness.mean())
+def balancedness(loads: torch.Tensor, shape: workloads.Shape, policy: str, candidates: int | None) -> float:
+    return float(solve(loads, *shape.args(), policy=policy, num_candidates=candidates).balancedness.mean())
 
 
 @contextlib.contextmanager
@@ -111,97 +76,70 @@ def solver_path(path: str) -> Iterator[None]:
     """REBALANCER_SOLVER_PATH set to `path` inside the block (the dispatch reads it at every solve)."""
     previous = os.environ.get(solver_kernels.PATH_ENV)
     os.environ[solver_kernels.PATH_ENV] = path
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(solver_kernels.PATH_ENV)
-        else:
-            os.environ[solver_kernels.PATH_ENV] = previous
+    yield
+    os.environ.pop(solver_kernels.PATH_ENV)
+    if previous is not None:
+        os.environ[solver_kernels.PATH_ENV] = previous
 
 
-def solver_rows(args: argparse.Namespace) -> list[tuple[str, ...]]:
+def solver_rows(runs: int, warmup: int) -> list[tuple[str, ...]]:
     """(shape, candidates, what, ms, mean balancedness) rows for the table."""
     rows = []
-    for shape in SHAPES:
-        cpu_loads = shape_loads(shape)
+    for name, shape, requests in CASES:
+        cpu_loads = torch.cat([workloads.shape_loads(shape, "zipf", seed) for seed in range(requests)])
         gpu_loads = cpu_loads.cuda()
-        cpu_runs = max(3, args.runs // (4 * shape.requests))
+        cpu_runs = max(3, runs // (4 * requests))
         baseline = cpu_median_ms(solve_call(cpu_loads, shape, "deepseek", None), cpu_runs)
         quality = balancedness(cpu_loads, shape, "deepseek", None)
-        rows.append((shape.name, "-", "deepseek, CPU", f"{baseline:.2f}", f"{quality:.4f}"))
+        rows.append((name, "-", "deepseek, CPU", f"{baseline:.2f}", f"{quality:.4f}"))
         for candidates in CANDIDATES:
             with solver_path("torch"):
                 cpu_ms = cpu_median_ms(solve_call(cpu_loads, shape, "auto", candidates), cpu_runs)
                 quality = balancedness(cpu_loads, shape, "auto", candidates)
-            rows.append((shape.name, str(candidates), "auto, torch path, CPU", f"{cpu_ms:.2f}", f"{quality:.4f}"))
+            rows.append((name, str(candidates), "auto, torch path, CPU", f"{cpu_ms:.2f}", f"{quality:.4f}"))
             for path in ("torch", "triton"):
                 with solver_path(path):
-                    event_ms, wall_ms = cuda_median_ms(
-                        solve_call(gpu_loads, shape, "auto", candidates), args.warmup, args.runs
-                    )
+                    event_ms, wall_ms = cuda_median_ms(solve_call(gpu_loads, shape, "auto", candidates), warmup, runs)
                     quality = balancedness(gpu_loads, shape, "auto", candidates)
                 what = f"auto, {path} path, CUDA (host wall {wall_ms:.2f} ms)"
-                rows.append((shape.name, str(candidates), what, f"{event_ms:.3f}", f"{quality:.4f}"))
-            print(f"  done: {shape.name}, {candidates} candidates", file=sys.stderr)
+                rows.append((name, str(candidates), what, f"{event_ms:.3f}", f"{quality:.4f}"))
+            print(f"  done: {name}, {candidates} candidates", file=sys.stderr)
     return rows
 
 
-def kernel_rows(args: argparse.Namespace) -> list[tuple[str, ...]]:
-    """The two kernels alone on 58 x 64 problems of 32 packs x 9 slots (the global step of dsv3)."""
-    from rebalancer.solver.kernels import greedy, refine
-
-    shape, candidates = SHAPES[0], 64
-    problems = shape.layers * candidates
-    gen = torch.Generator().manual_seed(0)
-    item_loads = (torch.rand(problems, shape.replicas, generator=gen) ** 4 * 1000).cuda()
-    order = item_loads.sort(dim=1, descending=True, stable=True).indices
-    slot_items = greedy.greedy_pack(item_loads, order, shape.gpus)
-    slot_loads = item_loads.gather(1, slot_items.flatten(1)).view_as(slot_items)
-    bound = torch.maximum(item_loads.sum(1) / shape.gpus, item_loads.max(1).values)
-    targets = bound * (1 + 5e-4)
-    name = f"kernels alone, {problems} problems 32x9"
-    ms, _ = cuda_median_ms(lambda: greedy.greedy_pack(item_loads, order, shape.gpus), args.warmup, args.runs)
-    rows = [(name, str(candidates), "greedy_pack kernel", f"{ms:.3f}", "-")]
-    for warps in (1, 2, 4):
-        ms, _ = cuda_median_ms(
-            lambda warps=warps: refine.swap_refine(slot_loads, slot_items, targets, num_warps=warps),
-            args.warmup,
-            args.runs,
-        )
-        rows.append((name, str(candidates), f"swap_refine kernel, {warps} warp(s)", f"{ms:.3f}", "-"))
-    return rows
+def run(quick: bool = False, runs: int | None = None, warmup: int = 5) -> dict:
+    """Every GPU figure; raises without a CUDA device or without Triton."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device here; run it on a GPU machine (benchmarks/gpu_bench.sh)")
+    if not solver_kernels.triton_available():
+        raise RuntimeError("triton does not import; the Triton path cannot be measured")
+    runs = runs or (10 if quick else 50)
+    return {
+        "card": torch.cuda.get_device_name(),
+        "setup": f"torch {torch.__version__}, triton {__import__('triton').__version__}, CPU"
+        f" {platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch"
+        f" threads); CUDA figures: median CUDA-event ms over {runs} runs after {warmup} warm-up runs; CPU figures:"
+        " median wall ms.",
+        "rows": solver_rows(runs, warmup),
+    }
 
 
-def main() -> None:
+def markdown(result: dict) -> str:
+    head = ["shape", "candidates", "what", "ms", "mean balancedness"]
+    return f"**{result['card']}**: {result['setup']}\n\n" + table(head, result["rows"])
+
+
+if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50, help="timed runs per GPU figure (CPU figures use fewer)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", help="also write the table (markdown) to this file")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("gpu_bench: no CUDA device here; run it on a GPU machine (benchmarks/gpu_bench.sh).")
-    if not solver_kernels.triton_available():
-        sys.exit("gpu_bench: triton does not import; the Triton path cannot be measured.")
-    card = torch.cuda.get_device_name()
-    header = [
-        f"# GPU solve, {card}",
-        "",
-        f"torch {torch.__version__}, triton {__import__('triton').__version__},"
-        f" CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores,"
-        f" {torch.get_num_threads()} torch threads); CUDA figures: median CUDA-event ms over"
-        f" {args.runs} runs after {args.warmup} warm-up runs; CPU figures: median wall ms.",
-        "",
-        "| shape | candidates | what | ms | mean balancedness |",
-        "|---|---|---|---|---|",
-    ]
-    rows = solver_rows(args) + kernel_rows(args)
-    table = "\n".join(header + [f"| {' | '.join(row)} |" for row in rows])
-    print(table)
+    try:
+        text = markdown(run(runs=args.runs, warmup=args.warmup))
+    except RuntimeError as error:
+        sys.exit(f"gpu_bench: {error}")
+    print(text)
     if args.out:
         with open(args.out, "w") as out:
-            out.write(table + "\n")
-
-
-if __name__ == "__main__":
-    main()
+            out.write(text + "\n")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU measurement for issue 8, for a lent H100/H200 without internet access.
+# One-shot GPU measurement for a lent H100/H200 without internet access.
 # Installs nothing: uses $PYTHON, else the carried .venv, else python3 (it needs a CUDA build of torch,
 # triton, and a C compiler for triton's launcher stub). Steps: the kernel tests (the CUDA ones run here),
 # then benchmarks/gpu_bench.py. The table goes to stdout and to $OUT/gpu_bench.md (or benchmarks/).

@@ -1,21 +1,12 @@
 """Sustained load on a real `rebalancer-server` over loopback: throughput, latency, errors, memory.
 
-A bounded asyncio generator: `streams` telemetry streams (engine ranks) report loads for `controllers`
-deployments at `report_hz` each, every deployment has one controller that re-plans it every
-`rebalance_interval_s` (with `base_version`, reading the placement back) and one watcher that follows its
-versions. Everything stops by itself after `duration_s`. Figures after the warm-up (the first
-`warmup_s`): by default the time the server's window (64 slots) and its history (8 intervals) take to
-fill at `report_hz` slots per second, since until then every re-plan works on more data than the last
-and memory grows to its working size.
-
-* throughput: reports accepted per second, committed rebalances per second;
-* latency p50/p99: `ingest_lag` (from a stream's half-close to its summary: how far ingest lags behind),
-  `rebalance` and `get_placement` round trips, and the solve time the server reports for each rebalance;
-* errors: failed RPCs, rejected reports, a watcher seeing versions out of order; must be 0;
-* server RSS (from /proc) at the end of the warm-up and at the end, and its least-squares slope.
-
-The generator shares the machine with the server; on 2 cores its own CPU use is part of what limits the
-rates. `run()` returns the figures as a dict; `python benchmarks/load.py --duration 30` prints them.
+8 telemetry streams (engine ranks) report DeepSeek-V3 loads for 2 deployments at 40 reports/s each; every
+deployment has a controller that re-plans it each second (with `base_version`, reading it back) and a
+watcher that follows its versions. Figures exclude the warm-up, the time the server's window (64 slots)
+and history (8 intervals) take to fill, since until then every re-plan works on more data than the last:
+reports and rebalances per second; p50/p99 of `ingest_lag` (a stream's half-close to its summary),
+`rebalance`, `get_placement` and the server's solve time; errors (must be 0); server RSS and its slope.
+The generator shares the 2 cores with the server, so its own CPU use is part of what limits the rates.
 """
 
 from __future__ import annotations
@@ -23,70 +14,78 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
 import statistics
-import sys
 import tempfile
 import time
-from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
+import workloads
 from rebalancer_wire.codec import encode
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from rebalancer_wire.v1 import rebalancer_pb2_grpc
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from service_bench import free_port, rss_mib, start_server, wait_serving  # noqa: E402
-
-# Slots until the server's default window (64) and history (8 intervals of it) are full.
-HISTORY_FILL_SLOTS = 64 * (8 + 1)
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+from serving import CHANNEL_OPTIONS, free_port, rss_mib, start_server, topology, wait_serving
+from tables import table
 
 
-@dataclass
+@dataclass(frozen=True)
+class Settings:
+    """The traffic: ranks, deployments, rates and the problem shape (DeepSeek-V3 by default)."""
+
+    duration_s: float = 30.0
+    streams: int = 8
+    controllers: int = 2
+    warmup_s: float | None = None  # default: until the server's window (64) and history (8 of it) are full
+    layers: int = 58
+    experts: int = 256
+    replicas: int = 288
+    groups: int = 8
+    nodes: int = 4
+    gpus: int = 32
+    report_hz: float = 40.0
+    reports_per_call: int = 50
+    rebalance_interval_s: float = 1.0
+
+    @property
+    def warmup(self) -> float:
+        return min(self.duration_s / 2, 64 * (8 + 1) / self.report_hz) if self.warmup_s is None else self.warmup_s
+
+    @property
+    def shape(self) -> workloads.Shape:
+        return workloads.Shape("load", self.layers, self.experts, self.replicas, self.groups, self.nodes, self.gpus)
+
+
 class Tally:
-    """What every task records: latencies (time, seconds) per operation, counts and errors by kind."""
+    """What every task records: (time, seconds) per operation, counts and errors by kind."""
 
-    started: float
-    warmup_s: float
-    latencies: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
-    counts: Counter = field(default_factory=Counter)
-    errors: Counter = field(default_factory=Counter)
+    def __init__(self, warm_at: float) -> None:
+        self.warm_at = warm_at
+        self.latencies: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        self.counts: Counter = Counter()
+        self.errors: Counter = Counter()
 
-    def latency(self, operation: str, began: float) -> None:
+    def latency(self, operation: str, began: float, seconds: float | None = None) -> None:
         now = time.monotonic()
-        self.latencies.setdefault(operation, []).append((now, now - began))
+        self.latencies[operation].append((now, now - began if seconds is None else seconds))
 
-    def after_warmup(self, operation: str) -> list[float]:
-        cut = self.started + self.warmup_s
-        return [seconds for at, seconds in self.latencies.get(operation, []) if at >= cut]
-
-
-def loads_pool(topology: pb.Topology, seed: int, size: int = 16) -> list[pb.Tensor]:
-    """Pre-encoded skewed loads [L, E] (float32), so the generator spends its CPU on RPCs, not RNG."""
-    rng = np.random.default_rng(seed)
-    shape = (topology.num_layers, topology.num_experts)
-    pool = []
-    for _ in range(size):
-        ranks = np.argsort(rng.random(shape), axis=1) + 1
-        pool.append(encode((1e3 / ranks**1.1 * rng.uniform(0.7, 1.3, shape)).astype(np.float32)))
-    return pool
+    def quantiles(self, operation: str) -> dict:
+        values = [seconds for at, seconds in self.latencies[operation] if at >= self.warm_at]
+        p50, p99 = np.percentile(values, [50, 99]) if values else (float("nan"),) * 2
+        return {"count": len(values), "p50_ms": 1e3 * p50, "p99_ms": 1e3 * p99}
 
 
-async def stream_reports(stub, tally: Tally, deployment_id: str, rank: int, pool, stop_at: float, args) -> None:
+async def stream_reports(stub, tally: Tally, cfg: Settings, deployment_id: str, rank: int, pool: list, stop_at: float):
     """One engine rank: StreamLoad calls of `reports_per_call` reports, paced at `report_hz`."""
     step = itertools.count(1)
-    interval = 1.0 / args["report_hz"]
 
     async def reports(half_closed: list[float]):
-        for _ in range(args["reports_per_call"]):
+        for _ in range(cfg.reports_per_call):
             if time.monotonic() >= stop_at:
                 break
-            await asyncio.sleep(interval)
+            await asyncio.sleep(1.0 / cfg.report_hz)
             index = next(step)
             yield pb.StreamLoadRequest(
                 deployment_id=deployment_id, loads=pool[index % len(pool)], rank=rank, step=index
@@ -99,51 +98,43 @@ async def stream_reports(stub, tally: Tally, deployment_id: str, rank: int, pool
             summary = await stub.StreamLoad(reports(half_closed), timeout=60)
         except grpc.RpcError as error:
             tally.errors[f"StreamLoad {error.code().name}"] += 1
-            await asyncio.sleep(interval)
+            await asyncio.sleep(1.0 / cfg.report_hz)
             continue
         tally.latency("ingest_lag", half_closed[0])
         tally.counts["reports"] += summary.accepted
-        if summary.rejected:
-            tally.errors["rejected reports"] += summary.rejected
+        tally.errors["rejected reports"] += summary.rejected
 
 
-async def control(stub, tally: Tally, deployment_id: str, stop_at: float, args) -> None:
+async def control(stub, tally: Tally, cfg: Settings, deployment_id: str, stop_at: float) -> None:
     """One controller: re-plan its deployment from the window on a fixed period, then read it back."""
-    version = (await stub.GetPlacement(pb.GetPlacementRequest(deployment_id=deployment_id), timeout=30)).placement
-    version = version.version
-    while time.monotonic() + args["rebalance_interval_s"] < stop_at:
-        await asyncio.sleep(args["rebalance_interval_s"])
-        began = time.monotonic()
+    read = pb.GetPlacementRequest(deployment_id=deployment_id)
+    version = (await stub.GetPlacement(read, timeout=30)).placement.version
+    while time.monotonic() + cfg.rebalance_interval_s < stop_at:
+        await asyncio.sleep(cfg.rebalance_interval_s)
         try:
-            response = await stub.Rebalance(
-                pb.RebalanceRequest(deployment_id=deployment_id, base_version=version), timeout=60
-            )
+            began = time.monotonic()
+            request = pb.RebalanceRequest(deployment_id=deployment_id, base_version=version)
+            placement = (await stub.Rebalance(request, timeout=60)).placement
             tally.latency("rebalance", began)
-            tally.latencies.setdefault("solve (server stats)", []).append(
-                (time.monotonic(), response.placement.stats.solve_seconds)
-            )
-            if response.placement.version != version + 1:
-                tally.errors["version skipped"] += 1
-            version = response.placement.version
+            tally.latency("solve (server stats)", began, placement.stats.solve_seconds)
+            tally.errors["version skipped"] += placement.version != version + 1
+            version = placement.version
             tally.counts["rebalances"] += 1
             began = time.monotonic()
-            placement = await stub.GetPlacement(pb.GetPlacementRequest(deployment_id=deployment_id), timeout=30)
+            tally.errors["stale read"] += (await stub.GetPlacement(read, timeout=30)).placement.version != version
             tally.latency("get_placement", began)
-            if placement.placement.version != version:
-                tally.errors["stale read"] += 1
         except grpc.RpcError as error:
             tally.errors[f"control {error.code().name}"] += 1
 
 
-async def watch(stub, tally: Tally, deployment_id: str, after: int) -> None:
-    """Follow a deployment's versions; runs until cancelled at the end."""
-    seen = after
+async def watch(stub, tally: Tally, deployment_id: str) -> None:
+    """Follow a deployment's versions from version 1; runs until cancelled at the end."""
+    seen = 1
     try:
         async for response in stub.WatchPlacement(
-            pb.WatchPlacementRequest(deployment_id=deployment_id, after_version=after)
+            pb.WatchPlacementRequest(deployment_id=deployment_id, after_version=1)
         ):
-            if response.placement.version <= seen:
-                tally.errors["watch out of order"] += 1
+            tally.errors["watch out of order"] += response.placement.version <= seen
             seen = response.placement.version
             tally.counts["pushes"] += 1
     except grpc.RpcError as error:
@@ -151,212 +142,108 @@ async def watch(stub, tally: Tally, deployment_id: str, after: int) -> None:
             tally.errors[f"watch {error.code().name}"] += 1
 
 
-async def sample_rss(pid: int | None, samples: list[tuple[float, float]], stop_at: float) -> None:
-    while pid is not None and time.monotonic() < stop_at:
+async def sample_rss(pid: int, samples: list[tuple[float, float]], stop_at: float) -> None:
+    while time.monotonic() < stop_at:
         samples.append((time.monotonic(), rss_mib(pid)))
         await asyncio.sleep(0.5)
 
 
-def _percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"count": 0, "p50_ms": float("nan"), "p99_ms": float("nan")}
-    p50, p99 = np.percentile(values, [50, 99])
-    return {"count": len(values), "p50_ms": 1e3 * p50, "p99_ms": 1e3 * p99}
-
-
-def _rss_figures(samples: list[tuple[float, float]], warm_at: float) -> dict:
+def rss_figures(samples: list[tuple[float, float]], warm_at: float) -> dict:
     """RSS when the warm-up ends, at the end, the growth in between and the post-warm-up slope."""
-    after = [(t, rss) for t, rss in samples if t >= warm_at]
+    after = np.array([(t, rss) for t, rss in samples if t >= warm_at])
     if len(after) < 2:
         return {}
-    times = np.array([t for t, _ in after]) - after[0][0]
-    values = np.array([rss for _, rss in after])
-    slope = float(np.polyfit(times, values, 1)[0]) * 60.0
-    warm, end = statistics.median(values[:3]), statistics.median(values[-3:])
-    return {
-        "rss_warm_mib": warm,
-        "rss_end_mib": end,
-        "rss_max_mib": float(values.max()),
-        "rss_growth_mib": end - warm,
-        "rss_growth_pct": 100.0 * (end - warm) / warm,
-        "rss_slope_mib_per_min": slope,
-    }
+    warm, end = statistics.median(after[:3, 1]), statistics.median(after[-3:, 1])
+    slope = float(np.polyfit(after[:, 0] - after[0, 0], after[:, 1], 1)[0]) * 60.0
+    return {"rss_warm_mib": warm, "rss_end_mib": end, "rss_growth_pct": 100 * (end - warm) / warm, "rss_slope": slope}
 
 
-async def drive(target: str, pid: int | None, topology: pb.Topology, args) -> dict:
-    streams, controllers = args["streams"], args["controllers"]
+async def drive(target: str, pid: int, cfg: Settings) -> dict:
+    """Register the deployments, run every task for `duration_s`, gather the figures."""
+    shape = cfg.shape
+    wire_topology = topology(shape)
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         stub = rebalancer_pb2_grpc.RebalancerServiceStub(channel)
-        deployments = [f"load-{index}" for index in range(controllers)]
-        pools = {d: loads_pool(topology, seed) for seed, d in enumerate(deployments)}
-        for deployment_id in deployments:  # register, fill the window a little, commit version 1
-            first = pb.StreamLoadRequest(deployment_id=deployment_id, topology=topology, loads=pools[deployment_id][0])
-            await stub.StreamLoad(iter([first]), timeout=60)
-            await stub.Rebalance(pb.RebalanceRequest(deployment_id=deployment_id), timeout=120)
-
+        deployments = [f"load-{index}" for index in range(cfg.controllers)]
+        # Pre-encoded loads, so the generator spends its CPU on RPCs, not on random numbers.
+        pools = [
+            [encode(workloads.shape_loads(shape, "zipf", 16 * n + i).numpy()) for i in range(16)]
+            for n in range(len(deployments))
+        ]
+        for d, pool in zip(deployments, pools, strict=True):  # register, fill the window a little, commit version 1
+            await stub.StreamLoad(iter([pb.StreamLoadRequest(deployment_id=d, topology=wire_topology, loads=pool[0])]))
+            await stub.Rebalance(pb.RebalanceRequest(deployment_id=d), timeout=120)
         started = time.monotonic()
-        stop_at = started + args["duration_s"]
-        tally = Tally(started=started, warmup_s=args["warmup_s"])
-        rss: list[tuple[float, float]] = []
-        watchers = [asyncio.create_task(watch(stub, tally, d, 1)) for d in deployments]
-        workers = []
-        for index in range(streams):  # ranks of one deployment add up on the server
-            deployment_id = deployments[index % controllers]
-            rank = index // controllers
-            workers.append(stream_reports(stub, tally, deployment_id, rank, pools[deployment_id], stop_at, args))
-        workers += [control(stub, tally, d, stop_at, args) for d in deployments]
-        await asyncio.gather(*workers, sample_rss(pid, rss, stop_at))
+        stop_at, tally, rss = started + cfg.duration_s, Tally(started + cfg.warmup), []
+        watchers = [asyncio.create_task(watch(stub, tally, d)) for d in deployments]
+        # Stream i is rank i // controllers of deployment i % controllers: ranks of one deployment add up.
+        ranks = [
+            (deployments[i % cfg.controllers], i // cfg.controllers, pools[i % cfg.controllers])
+            for i in range(cfg.streams)
+        ]
+        streams = [stream_reports(stub, tally, cfg, d, rank, pool, stop_at) for d, rank, pool in ranks]
+        controls = [control(stub, tally, cfg, d, stop_at) for d in deployments]
+        await asyncio.gather(*streams, *controls, sample_rss(pid, rss, stop_at))
         elapsed = time.monotonic() - started
         await asyncio.sleep(0.2)  # the last pushes
         for watcher in watchers:
             watcher.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
-
-    measured_s = max(elapsed - args["warmup_s"], 1e-9)
-    warm_reports = tally.after_warmup("ingest_lag")
-    figures = {
+    errors = {kind: count for kind, count in tally.errors.items() if count}
+    return {
+        "settings": cfg,
         "duration_s": elapsed,
-        "warmup_s": args["warmup_s"],
-        "streams": streams,
-        "controllers": controllers,
-        "shape": f"{topology.num_layers}x{topology.num_experts} -> {topology.num_replicas} slots, "
-        f"{topology.num_groups} groups, {topology.num_nodes} nodes, {topology.num_gpus} GPUs",
-        "offered_reports_per_s": streams * args["report_hz"],
-        "reports": tally.counts["reports"],
+        "offered_reports_per_s": cfg.streams * cfg.report_hz,
         "reports_per_s": tally.counts["reports"] / elapsed,
         "rebalances": tally.counts["rebalances"],
         "rebalances_per_s": tally.counts["rebalances"] / elapsed,
         "watch_pushes": tally.counts["pushes"],
-        "errors": sum(tally.errors.values()),
-        "error_kinds": dict(tally.errors),
-        "latency": {op: _percentiles(tally.after_warmup(op)) for op in tally.latencies},
-        "stream_calls_after_warmup_per_s": len(warm_reports) / measured_s,
-        "cpus": os.cpu_count(),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "latency": {operation: tally.quantiles(operation) for operation in list(tally.latencies)},
         "load_average": os.getloadavg(),
+        **rss_figures(rss, started + cfg.warmup),
     }
-    figures.update(_rss_figures(rss, started + args["warmup_s"]))
-    return figures
 
 
-def run(
-    duration_s: float = 30.0,
-    streams: int = 8,
-    controllers: int = 2,
-    *,
-    warmup_s: float | None = None,
-    layers: int = 58,
-    experts: int = 256,
-    replicas: int = 288,
-    groups: int = 8,
-    nodes: int = 4,
-    gpus: int = 32,
-    report_hz: float = 40.0,
-    reports_per_call: int = 50,
-    rebalance_interval_s: float = 1.0,
-    target: str | None = None,
-) -> dict:
-    """Start a server (unless `target` names a running one), drive it for `duration_s`, return figures.
-
-    The defaults are the SPEC §8 shape with 8 ranks at 40 reports/s each (4 ranks per deployment, their
-    reports adding up per step) and 2 deployments re-planned every second. RSS figures need the server's
-    pid, so they are absent with `target`.
-    """
-    args = {
-        "duration_s": duration_s,
-        "warmup_s": min(duration_s / 2, HISTORY_FILL_SLOTS / report_hz) if warmup_s is None else warmup_s,
-        "streams": streams,
-        "controllers": controllers,
-        "report_hz": report_hz,
-        "reports_per_call": reports_per_call,
-        "rebalance_interval_s": rebalance_interval_s,
-    }
-    topology = pb.Topology(
-        num_layers=layers,
-        num_experts=experts,
-        num_replicas=replicas,
-        num_groups=groups,
-        num_nodes=nodes,
-        num_gpus=gpus,
-    )
-    if target is not None:
-        return asyncio.run(drive(target, None, topology, args))
+def run(quick: bool = False, **settings) -> dict:
+    """Start a server, drive it (5 s quick, 30 s full, or `Settings(**settings)`), stop it; returns the figures."""
+    cfg = Settings(**{"duration_s": 5.0 if quick else 30.0, **settings})
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="load-") as state_dir:
         process = start_server(state_dir, port)
         try:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 wait_serving(channel, process)
-            figures = asyncio.run(drive(f"127.0.0.1:{port}", process.pid, topology, args))
+            figures = asyncio.run(drive(f"127.0.0.1:{port}", process.pid, cfg))
         finally:
             process.terminate()
             process.wait(timeout=60)
-    figures["server_exit_code"] = process.returncode
-    return figures
+    return {**figures, "server_exit_code": process.returncode}
 
 
-def format_table(figures: dict) -> str:
-    """Markdown: one row per figure (what benchmarks/report.py puts in RESULTS.md)."""
-    per_stream = figures["offered_reports_per_s"] / figures["streams"]
+def markdown(figures: dict) -> str:
+    """One row per figure."""
+    cfg = figures["settings"]
     rows = [
-        ("shape", figures["shape"]),
-        ("streams x report rate", f"{figures['streams']} x {per_stream:g}/s"),
-        ("controllers (deployments)", figures["controllers"]),
-        ("duration / warm-up (s)", f"{figures['duration_s']:.1f} / {figures['warmup_s']:.1f}"),
+        ("shape", cfg.shape.describe()),
+        ("streams x report rate", f"{cfg.streams} x {cfg.report_hz:g}/s"),
+        ("controllers (deployments)", cfg.controllers),
+        ("duration / warm-up (s)", f"{figures['duration_s']:.1f} / {cfg.warmup:.1f}"),
         ("reports accepted per s", f"{figures['reports_per_s']:.1f}"),
         ("rebalances committed per s", f"{figures['rebalances_per_s']:.2f}"),
         ("errors", f"{figures['errors']} {figures['error_kinds'] or ''}".strip()),
     ]
-    for operation, stats in figures["latency"].items():
-        quantiles = f"{stats['p50_ms']:.1f} / {stats['p99_ms']:.1f} (n={stats['count']})"
-        rows.append((f"{operation} p50 / p99 (ms)", quantiles))
+    for operation, q in figures["latency"].items():
+        rows.append((f"{operation} p50 / p99 (ms)", f"{q['p50_ms']:.1f} / {q['p99_ms']:.1f} (n={q['count']})"))
     if "rss_warm_mib" in figures:
-        rows.append(
-            (
-                "server RSS warm -> end (MiB)",
-                f"{figures['rss_warm_mib']:.0f} -> {figures['rss_end_mib']:.0f} "
-                f"({figures['rss_growth_pct']:+.1f} %, slope {figures['rss_slope_mib_per_min']:+.1f} MiB/min)",
-            )
-        )
-    load = ", ".join(f"{x:.1f}" for x in figures["load_average"])
-    rows.append(("CPUs / load average", f"{figures['cpus']} / {load}"))
-    return "\n".join(["| figure | value |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load (default %(default)s)")
-    parser.add_argument(
-        "--warmup",
-        type=float,
-        help="seconds excluded from the figures (default: until the window's history is full, <= duration/2)",
-    )
-    parser.add_argument("--streams", type=int, default=8)
-    parser.add_argument("--controllers", type=int, default=2)
-    parser.add_argument("--report-hz", type=float, default=40.0, help="reports per second per stream")
-    parser.add_argument("--rebalance-interval", type=float, default=1.0)
-    parser.add_argument("--shape", default="58,256,288,8,4,32", help="layers,experts,replicas,groups,nodes,gpus")
-    parser.add_argument("--target", help="drive a running server instead of starting one (no RSS figures)")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = parser.parse_args(argv)
-    layers, experts, replicas, groups, nodes, gpus = (int(x) for x in args.shape.split(","))
-    figures = run(
-        args.duration,
-        args.streams,
-        args.controllers,
-        warmup_s=args.warmup,
-        layers=layers,
-        experts=experts,
-        replicas=replicas,
-        groups=groups,
-        nodes=nodes,
-        gpus=gpus,
-        report_hz=args.report_hz,
-        rebalance_interval_s=args.rebalance_interval,
-        target=args.target,
-    )
-    print(json.dumps(figures, indent=2) if args.json else format_table(figures))
-    return 0 if figures["errors"] == 0 else 1
+        rss = f"{figures['rss_warm_mib']:.0f} -> {figures['rss_end_mib']:.0f} ({figures['rss_growth_pct']:+.1f} %,"
+        rows.append(("server RSS warm -> end (MiB)", f"{rss} slope {figures['rss_slope']:+.1f} MiB/min)"))
+    rows.append(("CPUs / load average", f"{os.cpu_count()} / {', '.join(f'{x:.1f}' for x in figures['load_average'])}"))
+    return table(["figure", "value"], rows)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load (default %(default)s)")
+    print(markdown(run(duration_s=parser.parse_args().duration)))

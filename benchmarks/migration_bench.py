@@ -1,24 +1,13 @@
-"""Moved copies and next-window balancedness on a drifting load series (SPEC §8 migration, issue 3).
+"""Moved copies and next-window balancedness on a drifting load series.
 
 A controller rebalances every window: it plans on window i's loads and lives with the plan during window
 i + 1. Replanning from scratch (what every engine does) ships most expert copies every time; the solver's
 `prev_phy2log` keeps the placement in force where that costs (almost) no balance, and `history` plans for
-the next window rather than the last. This bench runs, per window, on the same series:
-
-* `deepseek` / `deepseek_global`: the published algorithm from scratch, with the shape's groups and nodes /
-  flat (1 group, 1 node; the baseline `../shared/checks/check.py migration` uses, and the better-balanced
-  one whenever the hierarchy collapses),
-* `auto_fresh`: `auto` from scratch,
-* `auto_prev`: `auto` with the previous plan (default balance tolerance),
-* `auto_prev_tol0.002`: the same with `balance_tolerance=0.002`,
-* `auto_prev_hist`: previous plan plus the last 4 windows as history,
-* `auto_hist`: history only, from scratch.
-
-Figures: total moved copies (ratio to each deepseek baseline), mean next-window balancedness (delta to
-each baseline) and solve time. The question the lead decides on is whether history helps; the paired
-per-window differences with and without history, with their standard error, answer it honestly.
-
-Run: `python benchmarks/migration_bench.py [--quick]`.
+the next window rather than the last. Variants, per window on the same series: `deepseek` (published
+algorithm with the shape's hierarchy) and `deepseek_global` (flat: the better-balanced baseline whenever
+the hierarchy collapses) from scratch; `auto` from scratch, with the previous plan (default and 0.002
+balance tolerance), with previous plan and the last 4 windows as history, and with history only.
+Whether history helps is answered by paired per-window differences with and without it.
 """
 
 from __future__ import annotations
@@ -26,30 +15,26 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
-import torch
-
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-
-import workloads  # noqa: E402
-from rebalancer.solver import CostModel, maps, solve  # noqa: E402
-from rebalancer.solver.elastic import elastic_moves  # noqa: E402
-from rebalancer.solver.transfers import plan_transfers, same_node_share, transfer_stats  # noqa: E402
+import workloads
+from rebalancer.solver import CostModel, maps, solve
+from rebalancer.solver.elastic import elastic_moves
+from rebalancer.solver.transfers import plan_transfers, same_node_share, transfer_stats
+from tables import table
 
 MIGRATION_SHAPES = ("dsv3_prefill", "qwen3_235b", "kimi_k2")
 HISTORY_WINDOWS = 4
-BASELINES = ("deepseek", "deepseek_global")
+BASELINES = ("deepseek_global", "deepseek")
 # (label of the variant with history, label of the same variant without it)
 HISTORY_PAIRS = (("auto_prev_hist", "auto_prev"), ("auto_hist", "auto_fresh"))
+BAR = {"moves_ratio": 0.25, "aim": 0.1, "balancedness_slack": 0.005}
 # Rearrangement cost model: DeepSeek-V3 FP8 experts, NVLink 450 GB/s and a 400 Gb/s NIC per GPU.
 COST = CostModel()
+# Raw per-run sums of the rearrangement figures; shares are pooled from them.
+TRANSFER_SUMS = ("transfer_seconds", "network_copies", "intra_copies", "possible_copies", "possible_intra_copies")
 
 
 @dataclass(frozen=True)
@@ -75,106 +60,84 @@ VARIANTS: tuple[Variant, ...] = (
 )
 
 
-@dataclass
-class Track:
-    """Per-window figures of one variant on one series."""
-
-    moves: list[int] = field(default_factory=list)
-    next_balancedness: list[float] = field(default_factory=list)
-    solve_seconds: list[float] = field(default_factory=list)
-    transfer_seconds: list[float] = field(default_factory=list)
-    intra_copies: list[float] = field(default_factory=list)
-    network_copies: list[float] = field(default_factory=list)
-    possible_copies: list[float] = field(default_factory=list)
-    possible_intra_copies: list[float] = field(default_factory=list)
-
-
-def plan(
-    variant: Variant,
-    series: torch.Tensor,
-    window: int,
-    shape: workloads.Shape,
-    prev_phy2log: torch.Tensor | None,
-):
+def plan(variant: Variant, series, window: int, shape: workloads.Shape, prev_phy2log):
     """Plan on `series[window]` as `variant` would; history is the last HISTORY_WINDOWS windows up to it."""
     groups, nodes = (1, 1) if variant.flat else (shape.groups, shape.nodes)
-    kwargs: dict = {}
+    options: dict = {"policy": variant.policy, "device": "cpu"}
     if variant.use_prev and prev_phy2log is not None:
-        kwargs["prev_phy2log"] = prev_phy2log
+        options["prev_phy2log"] = prev_phy2log
     if variant.use_history:
-        kwargs["history"] = series[max(0, window - HISTORY_WINDOWS + 1) : window + 1]
+        options["history"] = series[max(0, window - HISTORY_WINDOWS + 1) : window + 1]
     if variant.balance_tolerance is not None:
-        kwargs["balance_tolerance"] = variant.balance_tolerance
-    return solve(
-        series[window], shape.replicas, groups, nodes, shape.gpus, policy=variant.policy, device="cpu", **kwargs
-    )
+        options["balance_tolerance"] = variant.balance_tolerance
+    return solve(series[window], shape.replicas, groups, nodes, shape.gpus, **options)
 
 
-def run_series(shape: workloads.Shape, windows: int, seed: int, variants: Sequence[Variant] = VARIANTS) -> dict:
-    """Every variant over one drift series: plan on window 0, then replan on windows 1 .. T-2, each scored on
-    the window after it; moves count against that variant's own previous plan."""
-    series = workloads.drift_series(shape.layers, shape.experts, windows, seed=seed)
-    tracks = {v.label: Track() for v in variants}
-    gpus_per_node = shape.gpus // shape.nodes
-    placements = {v.label: plan(v, series, 0, shape, None).phy2log.cpu() for v in variants}
-    for window in range(1, windows - 1):
-        following = series[window + 1].double()
-        for variant in variants:
-            started = time.perf_counter()
-            result = plan(variant, series, window, shape, placements[variant.label])
-            elapsed = time.perf_counter() - started
-            phy2log = result.phy2log.cpu()
-            logcnt = result.logcnt.cpu()
-            track = tracks[variant.label]
-            track.solve_seconds.append(elapsed)
-            track.moves.append(
-                int(maps.moved_copies(placements[variant.label], phy2log, shape.experts, shape.gpus).sum())
-            )
-            track.next_balancedness.append(float(maps.balancedness(following, phy2log, logcnt, shape.gpus).mean()))
-            # Every variant's rearrangement under one cost model and the shape's real nodes; a re-plan
-            # keeps experts already on a GPU (vLLM-style), so only new arrivals use a link.
-            plan_rows = plan_transfers(
-                placements[variant.label], phy2log, shape.experts, shape.replicas // shape.gpus, gpus_per_node
-            )
-            cost = transfer_stats(plan_rows, shape.layers, shape.gpus, gpus_per_node, COST)
-            track.transfer_seconds.append(cost["estimated_transfer_seconds"])
-            track.network_copies.append(cost["transferred_copies"])
-            track.intra_copies.append(cost["transferred_copies"] * cost["intra_node_share"])
-            share, possible = same_node_share(
-                placements[variant.label], plan_rows, shape.experts, shape.gpus, gpus_per_node
-            )
-            track.possible_copies.append(cost["transferred_copies"] * possible)
-            track.possible_intra_copies.append(cost["transferred_copies"] * possible * share)
-            placements[variant.label] = phy2log
-    replans = windows - 2
-    figures: dict[str, dict] = {}
-    for label, track in tracks.items():
-        figures[label] = {
-            "moves": track.moves,
-            "total_moves": sum(track.moves),
-            "moved_share": sum(track.moves) / (replans * shape.layers * shape.replicas),
-            "next_balancedness": track.next_balancedness,
-            "mean_next_balancedness": statistics.fmean(track.next_balancedness),
-            "mean_solve_s": statistics.fmean(track.solve_seconds),
-            "min_solve_s": min(track.solve_seconds),
-            "transfer_seconds": sum(track.transfer_seconds),
-            "intra_node_share": sum(track.intra_copies) / max(sum(track.network_copies), 1.0),
-            "intra_where_possible": sum(track.possible_intra_copies) / max(sum(track.possible_copies), 1.0),
-            "possible_copies": sum(track.possible_copies),
-            "possible_intra_copies": sum(track.possible_intra_copies),
-        }
+def rearrangement(prev_phy2log, phy2log, shape: workloads.Shape) -> dict[str, float]:
+    """The transfers from one plan to the next under COST and the shape's real nodes. Every variant is
+    costed alike: a re-plan keeps experts already on a GPU (vLLM-style), so only new arrivals use a link."""
+    per_node = shape.gpus // shape.nodes
+    rows = plan_transfers(prev_phy2log, phy2log, shape.experts, shape.replicas // shape.gpus, per_node)
+    cost = transfer_stats(rows, shape.layers, shape.gpus, per_node, COST)
+    share, possible = same_node_share(prev_phy2log, rows, shape.experts, shape.gpus, per_node)
+    copies = cost["transferred_copies"]
+    return {
+        "transfer_seconds": cost["estimated_transfer_seconds"],
+        "network_copies": copies,
+        "intra_copies": copies * cost["intra_node_share"],
+        "possible_copies": copies * possible,
+        "possible_intra_copies": copies * possible * share,
+    }
+
+
+def relative(figures: dict[str, dict]) -> dict[str, dict]:
+    """Add to every variant's figures its moved-copies and transfer-time ratios, balancedness delta to each
+    baseline, and its pooled intra-node shares."""
     for entry in figures.values():
+        entry["intra_node_share"] = entry["intra_copies"] / max(entry["network_copies"], 1.0)
+        entry["intra_where_possible"] = entry["possible_intra_copies"] / max(entry["possible_copies"], 1.0)
         for base in BASELINES:
             base_moves = figures[base]["total_moves"]
             entry[f"moves_ratio_vs_{base}"] = entry["total_moves"] / base_moves if base_moves else math.nan
-            entry[f"balancedness_delta_vs_{base}"] = (
-                entry["mean_next_balancedness"] - figures[base]["mean_next_balancedness"]
-            )
-            entry[f"time_ratio_vs_{base}"] = entry["mean_solve_s"] / figures[base]["mean_solve_s"]
-            entry[f"transfer_ratio_vs_{base}"] = entry["transfer_seconds"] / max(
-                figures[base]["transfer_seconds"], 1e-300
-            )
-    return {"shape": shape.name, "seed": seed, "windows": windows, "replans": replans, "variants": figures}
+            delta = entry["mean_next_balancedness"] - figures[base]["mean_next_balancedness"]
+            entry[f"balancedness_delta_vs_{base}"] = delta
+            base_seconds = figures[base]["transfer_seconds"]
+            entry[f"transfer_ratio_vs_{base}"] = entry["transfer_seconds"] / base_seconds if base_seconds else math.nan
+    return figures
+
+
+def run_series(shape: workloads.Shape, windows: int, seed: int) -> dict:
+    """Every variant over one drift series: plan on window 0, then replan on windows 1 .. T-2, each scored on
+    the window after it; moves count against that variant's own previous plan."""
+    series = workloads.drift_series(shape.layers, shape.experts, windows, seed=seed)
+    placements = {v.label: plan(v, series, 0, shape, None).phy2log.cpu() for v in VARIANTS}
+    tracks: dict[str, dict[str, list]] = {
+        v.label: {"moves": [], "next": [], "seconds": [], "transfers": []} for v in VARIANTS
+    }
+    for window in range(1, windows - 1):
+        for variant in VARIANTS:
+            started = time.perf_counter()
+            result = plan(variant, series, window, shape, placements[variant.label])
+            track, phy2log = tracks[variant.label], result.phy2log.cpu()
+            track["seconds"].append(time.perf_counter() - started)
+            moved = maps.moved_copies(placements[variant.label], phy2log, shape.experts, shape.gpus)
+            track["moves"].append(int(moved.sum()))
+            track["next"].append(float(workloads.balancedness(series[window + 1], phy2log, shape.gpus).mean()))
+            track["transfers"].append(rearrangement(placements[variant.label], phy2log, shape))
+            placements[variant.label] = phy2log
+    slots = (windows - 2) * shape.layers * shape.replicas
+    figures = {
+        label: {
+            "next_balancedness": track["next"],
+            "total_moves": sum(track["moves"]),
+            "moved_share": sum(track["moves"]) / slots,
+            "mean_next_balancedness": statistics.fmean(track["next"]),
+            "mean_solve_s": statistics.fmean(track["seconds"]),
+            **{key: sum(step[key] for step in track["transfers"]) for key in TRANSFER_SUMS},
+        }
+        for label, track in tracks.items()
+    }
+    return {"shape": shape.name, "seed": seed, "windows": windows, "variants": relative(figures)}
 
 
 def paired_difference(runs: Sequence[dict], with_history: str, without: str) -> dict:
@@ -183,282 +146,178 @@ def paired_difference(runs: Sequence[dict], with_history: str, without: str) -> 
     Windows of one series are correlated, so the standard error is optimistic; the per-run means beside it
     show whether the sign holds on every shape and seed.
     """
-    diffs: list[float] = []
-    per_run: list[float] = []
-    for entry in runs:
-        a = entry["variants"][with_history]["next_balancedness"]
-        b = entry["variants"][without]["next_balancedness"]
-        run_diffs = [x - y for x, y in zip(a, b, strict=True)]
-        diffs += run_diffs
-        per_run.append(statistics.fmean(run_diffs))
-    stderr = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    per_run = [
+        [
+            a - b
+            for a, b in zip(
+                r["variants"][with_history]["next_balancedness"],
+                r["variants"][without]["next_balancedness"],
+                strict=True,
+            )
+        ]
+        for r in runs
+    ]
+    diffs = [d for run_diffs in per_run for d in run_diffs]
+    means = [statistics.fmean(run_diffs) for run_diffs in per_run]
     return {
         "mean_diff": statistics.fmean(diffs),
-        "stderr": stderr,
+        "stderr": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan,
         "windows": len(diffs),
-        "per_run_mean": per_run,
-        "runs_positive": sum(d > 0 for d in per_run),
+        "per_run_mean": means,
+        "runs_positive": sum(d > 0 for d in means),
     }
 
 
-def run(
-    shape: str | None = None,
-    windows: int = 8,
-    seeds: Sequence[int] = (21, 22),
-    shapes: Sequence[str] = MIGRATION_SHAPES,
-) -> dict:
-    """All shapes x seeds (`shape` restricts to one); returns per-run figures, pooled totals and history pairs."""
-    names = (shape,) if shape else tuple(shapes)
-    runs = [run_series(workloads.SHAPES[name], windows, seed) for name in names for seed in seeds]
-    totals: dict[str, dict] = {}
-    for variant in VARIANTS:
-        moves = sum(r["variants"][variant.label]["total_moves"] for r in runs)
-        totals[variant.label] = {
-            "total_moves": moves,
-            "mean_next_balancedness": statistics.fmean(
-                r["variants"][variant.label]["mean_next_balancedness"] for r in runs
-            ),
-            "mean_solve_s": statistics.fmean(r["variants"][variant.label]["mean_solve_s"] for r in runs),
-            "transfer_seconds": sum(r["variants"][variant.label]["transfer_seconds"] for r in runs),
-            "intra_node_share": statistics.fmean(r["variants"][variant.label]["intra_node_share"] for r in runs),
-            "intra_where_possible": sum(r["variants"][variant.label]["possible_intra_copies"] for r in runs)
-            / max(sum(r["variants"][variant.label]["possible_copies"] for r in runs), 1.0),
+def summarise(runs: Sequence[dict]) -> dict:
+    """Totals pooled over `runs` per variant, ratios and deltas to the baselines, and the history pairs."""
+    totals = {
+        v.label: {
+            key: (sum if key == "total_moves" else statistics.fmean)(r["variants"][v.label][key] for r in runs)
+            for key in ("total_moves", "mean_next_balancedness", "mean_solve_s")
         }
-    for entry in totals.values():
-        for base in BASELINES:
-            entry[f"moves_ratio_vs_{base}"] = entry["total_moves"] / max(totals[base]["total_moves"], 1)
-            entry[f"balancedness_delta_vs_{base}"] = (
-                entry["mean_next_balancedness"] - totals[base]["mean_next_balancedness"]
-            )
-            entry[f"transfer_ratio_vs_{base}"] = entry["transfer_seconds"] / max(
-                totals[base]["transfer_seconds"], 1e-300
-            )
-    history = {f"{a} - {b}": paired_difference(runs, a, b) for a, b in HISTORY_PAIRS}
+        | {key: sum(r["variants"][v.label][key] for r in runs) for key in TRANSFER_SUMS}
+        for v in VARIANTS
+    }
     return {
-        "shapes": {name: workloads.SHAPES[name].describe() for name in names},
-        "windows": windows,
-        "seeds": list(seeds),
-        "history_windows": HISTORY_WINDOWS,
+        "windows": runs[0]["windows"],
+        "seeds": sorted({r["seed"] for r in runs}),
         "runs": runs,
-        "totals": totals,
-        "history_effect": history,
-        "bar": {"moves_ratio": 0.25, "aim": 0.1, "balancedness_slack": 0.005},
+        "totals": relative(totals),
+        "history_effect": {f"{a} - {b}": paired_difference(runs, a, b) for a, b in HISTORY_PAIRS},
+        "bar": BAR,
     }
 
 
-def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+def run_elastic(seed: int, shape_name: str = "dsv3_prefill", lost_gpu: int = 5, scale_to: int = 40) -> dict:
+    """Elastic EP from a placement planned on the same zipf loads: lose GPU `lost_gpu`, and scale to
+    `scale_to` GPUs; each beside a fresh plan on the new GPU set (what re-planning on the active ranks gives)."""
+    shape = workloads.SHAPES[shape_name]
+    slots = shape.replicas // shape.gpus
+    weight = workloads.make("zipf", shape.layers, shape.experts, seed=seed)
+    layout = (shape.replicas, shape.groups, shape.nodes, shape.gpus)
+    prev = solve(weight, *layout, device="cpu").phy2log
+    lost = solve(weight, *layout, device="cpu", prev_phy2log=prev, unavailable_gpus=[lost_gpu])
+    fresh = solve(weight, slots * (shape.gpus - 1), 1, 1, shape.gpus - 1, device="cpu")
+    fresh_moves, _ = elastic_moves(prev, fresh.phy2log, shape.experts, slots, lost.gpu_ids)
+    scaled = solve(weight, *layout, device="cpu", prev_phy2log=prev, new_num_gpus=scale_to)
+    _, kept = elastic_moves(prev, scaled.phy2log, shape.experts, slots, scaled.gpu_ids)
+    fresh_scaled = solve(weight, slots * scale_to, 1, 1, scale_to, device="cpu")
+    return {
+        "shape": shape_name,
+        "seed": seed,
+        "lost_gpu": lost_gpu,
+        "scale_to": scale_to,
+        "lost_moves_mean": float(lost.moved_copies.double().mean()),
+        "lost_moves_max": int(lost.moved_copies.max()),
+        "lost_bar": 2 * slots,
+        "fresh_moves_mean": float(fresh_moves.double().mean()),
+        "lost_balancedness": float(lost.balancedness.mean()),
+        "fresh_balancedness": float(fresh.balancedness.mean()),
+        "lost_worst_gap": float((fresh.balancedness - lost.balancedness).max()),
+        "scaled_kept_share": float(kept.sum()) / prev.numel(),
+        "scaled_balancedness": float(scaled.balancedness.mean()),
+        "fresh_scaled_balancedness": float(fresh_scaled.balancedness.mean()),
+    }
 
 
-def format_tables(result: dict) -> str:
-    """Markdown: per shape x seed, pooled totals, and the history effect, ready for RESULTS.md."""
-    out = [
-        f"Drift series, {result['windows']} windows (plan on window i, score on i + 1; {result['windows'] - 2} replans"
-        f" per series), seeds {result['seeds']}, history = last {result['history_windows']} windows. Ratios and deltas"
-        " are against `deepseek_global` (flat published algorithm, the check's baseline); `deepseek` with the shape's"
-        " hierarchy is listed too.",
-        "",
-    ]
-    head = [
-        "shape",
-        "seed",
-        "variant",
-        "moved copies",
-        "share of slots",
-        "x deepseek_global",
-        "next-window bal.",
-        "delta vs deepseek_global",
-        "mean solve ms",
-    ]
-    rows = []
-    for entry in result["runs"]:
-        for label, fig in entry["variants"].items():
-            rows.append(
-                [
-                    entry["shape"],
-                    str(entry["seed"]),
-                    label,
-                    str(fig["total_moves"]),
-                    f"{fig['moved_share']:.3f}",
-                    f"{fig['moves_ratio_vs_deepseek_global']:.3f}",
-                    f"{fig['mean_next_balancedness']:.4f}",
-                    f"{fig['balancedness_delta_vs_deepseek_global']:+.4f}",
-                    f"{1000 * fig['mean_solve_s']:.0f}",
-                ]
-            )
-    out.append(_table(head, rows))
-    out.append("")
-    out.append("**Pooled over all shapes and seeds**")
-    out.append("")
-    head = [
-        "variant",
-        "moved copies",
-        "x deepseek_global",
-        "x deepseek",
-        "next-window bal.",
-        "delta vs deepseek_global",
-        "delta vs deepseek",
-        "mean solve ms",
-        "est. transfer s",
-        "transfer x deepseek_global",
-        "intra-node share",
-        "intra where a node source exists",
-    ]
-    rows = [
-        [
-            label,
-            str(t["total_moves"]),
-            f"{t['moves_ratio_vs_deepseek_global']:.3f}",
-            f"{t['moves_ratio_vs_deepseek']:.3f}",
-            f"{t['mean_next_balancedness']:.4f}",
-            f"{t['balancedness_delta_vs_deepseek_global']:+.4f}",
-            f"{t['balancedness_delta_vs_deepseek']:+.4f}",
-            f"{1000 * t['mean_solve_s']:.0f}",
-            f"{t['transfer_seconds']:.3f}",
-            f"{t['transfer_ratio_vs_deepseek_global']:.3f}",
-            f"{t['intra_node_share']:.3f}",
-            f"{t['intra_where_possible']:.3f}",
-        ]
-        for label, t in result["totals"].items()
-    ]
-    out.append(_table(head, rows))
-    out.append("")
-    bar = result["bar"]
-    out.append(
-        f"Bar: moved copies <= {bar['moves_ratio']}x the reference (aim {bar['aim']}x) at next-window balancedness"
-        f" within {bar['balancedness_slack']} of it."
+def run(quick: bool = False) -> dict:
+    """All shapes x seeds (quick: one shape, one seed, 5 windows); per-run figures, pooled totals, history
+    pairs, and the elastic EP figures."""
+    names, windows, seeds = (("qwen3_235b",), 5, (21,)) if quick else (MIGRATION_SHAPES, 8, (21, 22))
+    result = summarise([run_series(workloads.SHAPES[name], windows, seed) for name in names for seed in seeds])
+    result["elastic"] = [run_elastic(seed) for seed in seeds]
+    return result
+
+
+def _figures(fig: dict, bases: Sequence[str]) -> list[str]:
+    """Moved copies, ratio(s), next-window balancedness, delta(s) and solve ms of one variant."""
+    return (
+        [str(fig["total_moves"])]
+        + [f"{fig[f'moves_ratio_vs_{base}']:.3f}" for base in bases]
+        + [f"{fig['mean_next_balancedness']:.4f}"]
+        + [f"{fig[f'balancedness_delta_vs_{base}']:+.4f}" for base in bases]
+        + [f"{1000 * fig['mean_solve_s']:.0f}"]
     )
-    out.append("")
-    out.append("**Does history help?** Paired per-window differences of next-window balancedness.")
-    out.append("")
-    rows = [
-        [
-            pair,
-            f"{h['mean_diff']:+.5f}",
-            f"{h['stderr']:.5f}",
-            str(h["windows"]),
-            ", ".join(f"{d:+.5f}" for d in h["per_run_mean"]),
-            f"{h['runs_positive']}/{len(h['per_run_mean'])}",
-        ]
-        for pair, h in result["history_effect"].items()
+
+
+def _transfer_figures(fig: dict) -> list[str]:
+    """Estimated rearrangement seconds, ratio to the flat reference and the intra-node shares."""
+    return [
+        f"{fig['transfer_seconds']:.3f}",
+        f"{fig['transfer_ratio_vs_deepseek_global']:.3f}",
+        f"{fig['intra_node_share']:.3f}",
+        f"{fig['intra_where_possible']:.3f}",
     ]
-    out.append(_table(["pair", "mean diff", "std. error", "windows", "per shape x seed", "runs > 0"], rows))
-    out.append("")
-    out.append(
-        "Windows of one series are correlated, so the standard error understates the noise; read the per-run signs."
-    )
-    return "\n".join(out)
 
 
-def run_elastic(
-    shape: str = "dsv3_prefill", seeds: Sequence[int] = (21, 22), lost_gpu: int = 5, scale_to: int = 40
-) -> dict:
-    """Elastic EP from a placement planned on the same loads: lose one GPU, and scale to `scale_to` GPUs.
-
-    Against the issue's bars: moves when a GPU is lost vs twice the copies it held, balancedness vs a fresh
-    plan on the healthy GPUs (which is what re-planning on the active ranks gives, and its moves), copies
-    kept in place when scaling out.
-    """
-    spec = workloads.SHAPES[shape]
-    slots = spec.replicas // spec.gpus
-    rows = []
-    for seed in seeds:
-        weight = workloads.make("zipf", spec.layers, spec.experts, seed=seed)
-        prev = solve(weight, spec.replicas, spec.groups, spec.nodes, spec.gpus, device="cpu").phy2log
-        healthy = spec.gpus - 1
-        started = time.perf_counter()
-        lost = solve(
-            weight,
-            spec.replicas,
-            spec.groups,
-            spec.nodes,
-            spec.gpus,
-            device="cpu",
-            prev_phy2log=prev,
-            unavailable_gpus=[lost_gpu],
-        )
-        lost_s = time.perf_counter() - started
-        fresh = solve(weight, slots * healthy, 1, 1, healthy, device="cpu")
-        fresh_moves, _ = elastic_moves(prev, fresh.phy2log, spec.experts, slots, lost.gpu_ids)
-        started = time.perf_counter()
-        scaled = solve(
-            weight,
-            spec.replicas,
-            spec.groups,
-            spec.nodes,
-            spec.gpus,
-            device="cpu",
-            prev_phy2log=prev,
-            new_num_gpus=scale_to,
-        )
-        scaled_s = time.perf_counter() - started
-        _, kept = elastic_moves(prev, scaled.phy2log, spec.experts, slots, scaled.gpu_ids)
-        fresh_scaled = solve(weight, slots * scale_to, 1, 1, scale_to, device="cpu")
-        rows.append(
-            {
-                "seed": seed,
-                "lost_moves_mean": float(lost.moved_copies.double().mean()),
-                "lost_moves_max": int(lost.moved_copies.max()),
-                "lost_bar": 2 * slots,
-                "fresh_moves_mean": float(fresh_moves.double().mean()),
-                "lost_balancedness": float(lost.balancedness.mean()),
-                "fresh_balancedness": float(fresh.balancedness.mean()),
-                "lost_worst_gap": float((fresh.balancedness - lost.balancedness).max()),
-                "lost_incremental_layers": sum(name.endswith("incremental") for name in lost.policy_per_layer),
-                "lost_seconds": lost_s,
-                "scaled_kept_share": float(kept.sum()) / prev.numel(),
-                "scaled_balancedness": float(scaled.balancedness.mean()),
-                "fresh_scaled_balancedness": float(fresh_scaled.balancedness.mean()),
-                "scaled_seconds": scaled_s,
-            }
-        )
-    return {"shape": shape, "lost_gpu": lost_gpu, "scale_to": scale_to, "rows": rows}
-
-
-def format_elastic(result: dict) -> str:
-    """Markdown table of `run_elastic`."""
-    head = [
-        "seed",
-        "lose 1: moved/layer mean (max)",
-        "bar (2 x slots)",
-        "fresh re-plan moved/layer",
-        "bal. vs fresh",
-        "worst layer gap",
-        "incremental layers",
-        f"scale to {result['scale_to']}: kept share",
-        "bal. vs fresh",
-    ]
-    rows = [
+def _elastic_markdown(rows: Sequence[dict]) -> str:
+    head = ["seed", "lose 1: moved/layer mean (max)", "bar (2 x slots)", "fresh re-plan moved/layer"]
+    head += ["bal. vs fresh", "worst layer gap", f"scale to {rows[0]['scale_to']}: kept share", "bal. vs fresh"]
+    body = [
         [
-            str(r["seed"]),
+            r["seed"],
             f"{r['lost_moves_mean']:.1f} ({r['lost_moves_max']})",
-            str(r["lost_bar"]),
+            r["lost_bar"],
             f"{r['fresh_moves_mean']:.1f}",
             f"{r['lost_balancedness']:.4f} vs {r['fresh_balancedness']:.4f}",
             f"{r['lost_worst_gap']:.4f}",
-            str(r["lost_incremental_layers"]),
             f"{r['scaled_kept_share']:.3f}",
             f"{r['scaled_balancedness']:.4f} vs {r['fresh_scaled_balancedness']:.4f}",
         ]
-        for r in result["rows"]
+        for r in rows
     ]
-    return f"Elastic EP on {result['shape']} (zipf loads, GPU {result['lost_gpu']} lost):\n\n" + _table(head, rows)
+    return f"**Elastic EP** on {rows[0]['shape']} (zipf loads, GPU {rows[0]['lost_gpu']} lost)\n\n" + table(head, body)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one shape, one seed, 5 windows")
-    parser.add_argument("--windows", type=int, default=8)
-    parser.add_argument("--elastic", action="store_true", help="only the elastic EP figures")
-    args = parser.parse_args()
-    if args.elastic:
-        print(format_elastic(run_elastic()))
-        return
-    result = run(shape="qwen3_235b", windows=5, seeds=(21,)) if args.quick else run(windows=args.windows)
-    print(format_tables(result))
+def markdown(result: dict) -> str:
+    """Per shape x seed, pooled totals, and the history effect."""
+    flat = BASELINES[:1]
+    head = ["moved copies", "x deepseek_global", "next-window bal.", "delta vs deepseek_global", "mean solve ms"]
+    per_run = [
+        [r["shape"], r["seed"], label, *_figures(fig, flat)[:1], f"{fig['moved_share']:.3f}", *_figures(fig, flat)[1:]]
+        for r in result["runs"]
+        for label, fig in r["variants"].items()
+    ]
+    pooled_head = ["variant", "moved copies", "x deepseek_global", "x deepseek", "next-window bal."]
+    pooled_head += ["delta vs deepseek_global", "delta vs deepseek", "mean solve ms"]
+    pooled_head += ["est. transfer s", "transfer x deepseek_global", "intra-node share", "intra where on-node source"]
+    history = [
+        [pair, f"{h['mean_diff']:+.5f}", f"{h['stderr']:.5f}", h["windows"]]
+        + [", ".join(f"{d:+.5f}" for d in h["per_run_mean"]), f"{h['runs_positive']}/{len(h['per_run_mean'])}"]
+        for pair, h in result["history_effect"].items()
+    ]
+    bar = result["bar"]
+    return "\n".join(
+        [
+            f"Drift series, {result['windows']} windows (plan on window i, score on i + 1), seeds {result['seeds']},"
+            f" history = last {HISTORY_WINDOWS} windows. Ratios and deltas are against `deepseek_global` (flat"
+            " published algorithm, the check's baseline); `deepseek` with the shape's hierarchy is listed too.",
+            "",
+            table(["shape", "seed", "variant", head[0], "share of slots", *head[1:]], per_run),
+            "",
+            "**Pooled over all shapes and seeds**",
+            "",
+            table(
+                pooled_head,
+                [[label, *_figures(t, BASELINES), *_transfer_figures(t)] for label, t in result["totals"].items()],
+            ),
+            "",
+            f"Bar: moved copies <= {bar['moves_ratio']}x the reference (aim {bar['aim']}x) at next-window"
+            f" balancedness within {bar['balancedness_slack']} of it.",
+            "",
+            "**Does history help?** Paired per-window differences of next-window balancedness.",
+            "",
+            table(["pair", "mean diff", "std. error", "windows", "per shape x seed", "runs > 0"], history),
+            "",
+            "Windows of one series are correlated, so the standard error understates the noise; read the per-run"
+            " signs.",
+            "",
+            _elastic_markdown(result["elastic"]),
+        ]
+    )
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one shape, one seed, 5 windows")
+    print(markdown(run(parser.parse_args().quick)))

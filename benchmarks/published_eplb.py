@@ -1,16 +1,10 @@
-"""DeepSeek's published EPLB algorithm (deepseek-ai/EPLB `eplb.py`), transcribed with its Python loops.
+"""DeepSeek's published EPLB algorithm (deepseek-ai/EPLB `eplb.py`) with its Python loops, as a baseline.
 
-Why it is here: the solver's `deepseek` policy is the same algorithm bit for bit, but vectorised across
-layers, so it runs several times faster than the code DeepSeek published and engines copy. SPEC §8's speed
-bar is stated against the published code (~80 ms on this machine's 2 cores for 58x256 -> 288 slots), so the
-benchmarks time both baselines. This file keeps the published structure and costs on purpose: the loop
-over layers and items in `balanced_packing`, the loop over redundant slots in `replicate_experts`, the
-float32 CPU copy of the weight, the assertions. Benchmark-only; never imported by the library.
-
-`python_floats=True` is the one deliberate departure: `balanced_packing` then reads the weights as Python
-floats (`tolist()`) instead of indexing 0-d tensors item by item. The published code spends ~95 % of its
-time in that tensor indexing (about 2 s for the shape above); the list version is what the shared checks'
-reference does and what the ~80 ms figure measures. Both are timed, so neither baseline flatters us.
+The solver's `deepseek` policy is the same algorithm bit for bit, vectorised across layers; this file keeps
+the published structure and costs on purpose (the loops over layers, items and redundant slots, the
+float32 CPU copy, the assertions) so benchmarks time what engines copy. Benchmark-only. One departure:
+`python_floats=True` reads the weights as Python floats instead of indexing 0-d tensors, which is where
+the published code spends ~95 % of its time; both forms are timed, so neither baseline flatters us.
 """
 
 from __future__ import annotations

@@ -1,389 +1,275 @@
-"""Solver speed and quality against the published DeepSeek algorithm (SPEC §8, issue 2 item 7).
+"""Solver speed and quality against the published DeepSeek algorithm and the engines' released planners.
 
-For every shape x load kind it times each policy (min of `repeats`) and scores its placement: mean
-balancedness (mean / max GPU load) and mean max GPU load over the lower bound. Every figure is a ratio to
-the `deepseek` policy measured in the same run, interleaved with the others, because the development
-machine is shared and absolute times drift by 2-5x from one minute to the next; ratios of interleaved
-minima survive that noise, absolute times do not.
-
-The speed figure of SPEC §8 (default CPU solve of 58x256 -> 288 slots no slower than the reference) is
-measured twice: against the `deepseek` policy (a vectorised transcription, faster than the published code)
-and against `published_eplb.py` (the published Python loops, which is what the ~80 ms bar was timed on).
-
-Run: `python benchmarks/solver_bench.py [--quick] [--repeats N]`.
+For every shape x load kind it times each planner (min over interleaved rounds) and scores its placement:
+mean balancedness (mean / max GPU load) and mean max GPU load over the lower bound. Planners: the
+project's policies, the published DeepSeek loops (`published_eplb.py`), and, when their wheels can be
+fetched, vLLM's default policy and SGLang's `deepseek` / `deepseek_vec` (`peers.py`). Times are ratios to
+a planner measured in the same run, interleaved, because the development machine is shared and absolute
+times drift by 2-5x from one minute to the next; ratios of interleaved minima survive that noise.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
+import peers
+import published_eplb
 import torch
+import workloads
+from rebalancer.solver import solve
+from tables import table
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-
-import published_eplb  # noqa: E402
-import workloads  # noqa: E402
-from rebalancer.solver import maps, solve  # noqa: E402
+Planner = Callable[[torch.Tensor, workloads.Shape], torch.Tensor]  # (weight [L, E], shape) -> phy2log [L, R]
 
 
-@dataclass(frozen=True)
-class Variant:
-    """One way of calling the solver; `flat` plans as if there were one group on one node."""
+def project(policy: str, candidates: int | None = None, flat: bool = False) -> Planner:
+    """The project's solver on CPU; `flat` plans as if there were one group on one node."""
 
-    label: str
-    policy: str
-    candidates: int | None = None
-    flat: bool = False
+    def plan(weight: torch.Tensor, shape: workloads.Shape) -> torch.Tensor:
+        groups, nodes = (1, 1) if flat else (shape.groups, shape.nodes)
+        options = {"policy": policy, "num_candidates": candidates, "device": "cpu"}
+        return solve(weight, shape.replicas, groups, nodes, shape.gpus, **options).phy2log
 
-
-VARIANTS: tuple[Variant, ...] = (
-    Variant("deepseek", "deepseek"),
-    Variant("deepseek_global", "deepseek", flat=True),
-    Variant("auto", "auto"),
-    Variant("auto_c64", "auto", 64),
-    Variant("global", "global"),
-    Variant("hierarchical", "hierarchical"),
-)
-REFERENCE_VARIANTS = ("deepseek", "deepseek_global")
-FULL_SHAPES = ("tiny", "dsv3_prefill", "dsv3_ep64", "qwen3_30b", "qwen3_235b", "mixtral", "kimi_k2")
-QUICK_SHAPES = ("tiny", "dsv3_prefill", "qwen3_235b", "mixtral")
-QUICK_KINDS = ("zipf", "hot")
-# The cases `../shared/checks/check.py quality` scores, whose mean max/LB the SPEC bar (<= 1.005) is about;
-# tiny and mixtral have so few slots per GPU that the lower bound itself is out of reach.
-CHECK_SHAPES = ("dsv3_prefill", "dsv3_ep64", "qwen3_30b", "qwen3_235b")
-CHECK_KINDS = ("zipf", "lognormal", "hot")
-LOAD_SEED = 1
-SPEED_SEED = 5
-# Cheap cases repeat until this much wall time has passed (at most MAX_ROUND_FACTOR x repeats rounds): a
-# millisecond solve timed 3 times on a busy machine is mostly scheduler noise.
-MIN_CASE_SECONDS = 1.0
-MAX_ROUND_FACTOR = 10
+    return plan
 
 
-def copy_lower_bound(weight: torch.Tensor, num_replicas: int) -> torch.Tensor:
-    """Smallest achievable max load of a single copy, per layer [L], for weight [L, E].
-
-    Greedy replication (each extra slot to the expert with the most load per copy) is optimal for this
-    quantity and consumes exactly the R - E largest values of {w_e / k : k >= 1}; the max per-copy load
-    left is the next value, so one top-k replaces the sequential loop.
-    """
-    weight = weight.double()
-    extra = num_replicas - weight.shape[1]
-    divisors = torch.arange(1, extra + 2, dtype=torch.float64, device=weight.device)
-    per_copy = (weight.unsqueeze(-1) / divisors).flatten(1)
-    return per_copy.topk(extra + 1, dim=1).values[:, -1]
-
-
-def lower_bound(weight: torch.Tensor, num_replicas: int, num_gpus: int) -> torch.Tensor:
-    """Lower bound on any placement's max GPU load [L]: max(total / G, best max per-copy load)."""
-    weight = weight.double()
-    return torch.maximum(weight.sum(1) / num_gpus, copy_lower_bound(weight, num_replicas))
-
-
-def max_over_lower_bound(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int) -> float:
-    """Mean over layers of max GPU load / lower bound (1.0 = provably optimal; all-zero layers count 1.0)."""
-    weight = weight.double().cpu()
-    peak = maps.gpu_loads(weight, phy2log.cpu(), logcnt.cpu(), num_gpus).max(-1).values
-    bound = lower_bound(weight, phy2log.shape[1], num_gpus)
-    ratio = torch.where(bound > 0, peak / bound.clamp_min(1e-300), torch.ones_like(peak))
-    return float(ratio.mean())
+PROJECT: dict[str, Planner] = {
+    "deepseek": project("deepseek"),
+    "deepseek_global": project("deepseek", flat=True),
+    "auto": project("auto"),
+    "auto_c64": project("auto", 64),
+    "global": project("global"),
+    "hierarchical": project("hierarchical"),
+    "published_loops": lambda w, s: published_eplb.rebalance_experts(w, *s.args(), python_floats=True)[0],
+}
+REFERENCES = ("deepseek", "deepseek_global")
+PEER_ROWS = ("auto", "deepseek", "published_loops")  # the project's rows of the peer table, beside the peers
+QUICK_SHAPES, QUICK_KINDS = ("tiny", "dsv3_prefill", "dsv3_ep144", "mixtral"), ("zipf", "hot")
+# The cases `../shared/checks/check.py quality` scores, whose mean max/LB the bar (<= 1.005) is about.
+CHECK_SHAPES, CHECK_KINDS = ("dsv3_prefill", "dsv3_ep64", "qwen3_30b", "qwen3_235b"), ("zipf", "lognormal", "hot")
+LOAD_SEED, SPEED_SEED = 1, 5
+# Cheap cases repeat until MIN_CASE_SECONDS have passed (a 1 ms solve timed 3 times is scheduler noise);
+# slow ones stop after MAX_CASE_SECONDS once each planner has run at least once.
+MIN_CASE_SECONDS, MAX_CASE_SECONDS, MAX_ROUNDS = 1.0, 10.0, 30
 
 
-def candidates_used(stats: dict, variant: Variant) -> str:
-    """The candidate count a call ran with: the solver's stats when it reports them, else the request/default."""
-    for key in ("num_candidates", "candidates"):
-        if key in stats:
-            return str(stats[key])
-    if variant.policy == "deepseek":
-        return "-"
-    if variant.candidates is not None:
-        return str(variant.candidates)
+def planners() -> tuple[dict[str, Planner], list[str], str]:
+    """Every planner, the labels of the released ones, and a note saying why those are missing if they are."""
     try:
-        from rebalancer.solver.policies import DEFAULT_CANDIDATES
-
-        return f"{DEFAULT_CANDIDATES['cpu']} (default)"
-    except (ImportError, KeyError):
-        return "default"
-
-
-def solve_variant(weight: torch.Tensor, shape: workloads.Shape, variant: Variant):
-    groups, nodes = (1, 1) if variant.flat else (shape.groups, shape.nodes)
-    return solve(
-        weight,
-        shape.replicas,
-        groups,
-        nodes,
-        shape.gpus,
-        policy=variant.policy,
-        num_candidates=variant.candidates,
-        device="cpu",
-    )
+        released = peers.load_released_planners()
+    except Exception as error:  # no registry and no cache: the project's figures still stand
+        return dict(PROJECT), [], f"released planners unavailable: {type(error).__name__}: {error}"
+    wrapped = {label: (lambda w, s, p=p: p(w, *s.args())) for label, p in released.items()}
+    return {**PROJECT, **wrapped}, list(released), ""
 
 
-def bench_case(shape: workloads.Shape, kind: str, repeats: int, variants: Sequence[Variant] = VARIANTS) -> dict:
-    """Time and score every variant on one shape x kind; calls interleave so each sees the same machine."""
-    weight = workloads.shape_loads(shape, kind, LOAD_SEED)
-    times: dict[str, list[float]] = {v.label: [] for v in variants}
-    results = {}
-    started_case = time.perf_counter()
-    rounds = 0
-    while rounds < repeats or (
-        time.perf_counter() - started_case < MIN_CASE_SECONDS and rounds < MAX_ROUND_FACTOR * repeats
-    ):
-        # Rotate the order so no variant always runs right after the slowest one.
-        shift = rounds % len(variants)
-        rounds += 1
-        for variant in list(variants[shift:]) + list(variants[:shift]):
+def interleaved_times(calls: dict[str, Callable[[], object]], rounds: int) -> tuple[dict, dict]:
+    """Run every call `rounds` times, order rotated each round: (label -> times [s], label -> last result)."""
+    times: dict[str, list[float]] = {label: [] for label in calls}
+    results: dict[str, object] = {}
+    labels = list(calls)
+    for index in range(rounds):
+        for label in labels[index % len(labels) :] + labels[: index % len(labels)]:
             started = time.perf_counter()
-            results[variant.label] = solve_variant(weight, shape, variant)
-            times[variant.label].append(time.perf_counter() - started)
-    figures: dict[str, dict] = {}
-    for variant in variants:
-        result = results[variant.label]
-        figures[variant.label] = {
-            "policy": variant.policy,
-            "candidates": candidates_used(result.stats, variant),
-            "time_min_s": min(times[variant.label]),
-            "times_s": times[variant.label],
-            "balancedness": float(
-                maps.balancedness(weight.double(), result.phy2log.cpu(), result.logcnt.cpu(), shape.gpus).mean()
-            ),
-            "max_over_lb": max_over_lower_bound(weight, result.phy2log, result.logcnt, shape.gpus),
+            results[label] = calls[label]()
+            times[label].append(time.perf_counter() - started)
+    return times, results
+
+
+def bench_case(shape: workloads.Shape, kind: str, repeats: int, planner_map: dict[str, Planner]) -> dict:
+    """Time and score every planner on one shape x kind."""
+    weight = workloads.shape_loads(shape, kind, LOAD_SEED)
+    calls = {label: (lambda plan=plan: plan(weight, shape)) for label, plan in planner_map.items()}
+    started = time.perf_counter()
+    times, results = interleaved_times(calls, 1)
+    while len(times["deepseek"]) < MAX_ROUNDS:
+        elapsed = time.perf_counter() - started
+        if elapsed > MAX_CASE_SECONDS or (len(times["deepseek"]) >= repeats and elapsed > MIN_CASE_SECONDS):
+            break
+        for label, samples in interleaved_times(calls, 1)[0].items():
+            times[label] += samples
+    figures = {
+        label: {
+            "time_min_s": min(times[label]),
+            "balancedness": float(workloads.balancedness(weight, results[label], shape.gpus).mean()),
+            "max_over_lb": float(workloads.max_over_lower_bound(weight, results[label], shape.gpus).mean()),
         }
-    base = figures["deepseek"]
+        for label in calls
+    }
     for entry in figures.values():
-        entry["time_ratio"] = entry["time_min_s"] / base["time_min_s"]
-        entry["balancedness_ratio"] = entry["balancedness"] / base["balancedness"]
-        entry["balancedness_delta"] = entry["balancedness"] - base["balancedness"]
-    best_reference = max(figures[name]["balancedness"] for name in REFERENCE_VARIANTS if name in figures)
+        entry["time_ratio"] = entry["time_min_s"] / figures["deepseek"]["time_min_s"]
+    best_reference = max(figures[name]["balancedness"] for name in REFERENCES)
     return {
         "shape": shape.name,
         "kind": kind,
-        "rounds": rounds,
+        "rounds": len(times["deepseek"]),
         "policies": figures,
-        "best_reference_balancedness": best_reference,
         "auto_minus_best_reference": figures["auto"]["balancedness"] - best_reference,
     }
 
 
-def _median_ms(samples: Sequence[float]) -> float:
-    return 1000.0 * statistics.median(samples)
-
-
 def speed_figure(shape_name: str = "dsv3_prefill", kind: str = "zipf", runs: int = 5) -> dict:
-    """SPEC §8 speed bar: default `auto` CPU solve vs the `deepseek` policy and vs the published loops.
-
-    Baselines: the `deepseek` policy (vectorised, same placements), the published code verbatim
-    (`published`, its loops index 0-d tensors) and the same loops over Python floats (`published_lists`,
-    the form the ~80 ms bar was timed on). Each run times all four back to back, order rotated; ratios are
-    medians of per-run ratios, like `../shared/checks/check.py speed`, with min-of-N times beside them.
-    """
+    """Default `auto` CPU solve vs the `deepseek` policy and the published code, verbatim and over floats
+    (the form the ~80 ms reference was timed on). Ratios are medians of per-run ratios, like
+    `../shared/checks/check.py speed`, with min-of-N times beside them."""
     shape = workloads.SHAPES[shape_name]
     weight = workloads.shape_loads(shape, kind, SPEED_SEED)
-    calls: dict[str, Callable[[], object]] = {
-        "auto": lambda: solve(weight, *shape.args(), device="cpu"),
-        "deepseek": lambda: solve(weight, *shape.args(), policy="deepseek", device="cpu"),
-        "published": lambda: published_eplb.rebalance_experts(weight, *shape.args()),
-        "published_lists": lambda: published_eplb.rebalance_experts(weight, *shape.args(), python_floats=True),
+    calls = {
+        "auto": lambda: solve(weight, *shape.args(), device="cpu").phy2log,
+        "deepseek": lambda: solve(weight, *shape.args(), policy="deepseek", device="cpu").phy2log,
+        "published": lambda: published_eplb.rebalance_experts(weight, *shape.args())[0],
+        "published_lists": lambda: published_eplb.rebalance_experts(weight, *shape.args(), python_floats=True)[0],
     }
-    for call in calls.values():
-        call()  # warm-up: first calls pay allocator and dispatcher set-up
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    names = list(calls)
-    for run_index in range(runs):
-        shift = run_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            started = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - started)
-    ratios = {
-        f"ratio_vs_{name}_median": statistics.median(a / b for a, b in zip(times["auto"], times[name], strict=True))
-        for name in names
-        if name != "auto"
-    }
-    deepseek_phy2log = solve(weight, *shape.args(), policy="deepseek", device="cpu").phy2log.cpu()
+    interleaved_times(calls, 1)  # warm-up: first calls pay allocator and dispatcher set-up
+    times, results = interleaved_times(calls, runs)
     return {
         "shape": shape.name,
         "kind": kind,
         "runs": runs,
-        "median_ms": {name: _median_ms(samples) for name, samples in times.items()},
+        "median_ms": {name: 1000.0 * statistics.median(samples) for name, samples in times.items()},
         "min_ms": {name: 1000.0 * min(samples) for name, samples in times.items()},
-        **ratios,
-        "bar": 1.0,
-        "published_equals_deepseek_policy": bool(
-            torch.equal(published_eplb.rebalance_experts(weight, *shape.args())[0], deepseek_phy2log)
-        ),
-        "torch_threads": torch.get_num_threads(),
+        **{
+            f"ratio_vs_{name}_median": statistics.median(a / b for a, b in zip(times["auto"], times[name], strict=True))
+            for name in list(calls)[1:]
+        },
+        "published_equals_deepseek_policy": bool(torch.equal(results["published"], results["deepseek"])),
     }
 
 
 def summarise(cases: Sequence[dict]) -> dict:
-    """Means over all cases per variant, and the worst case of auto against the better reference policy."""
-    labels = list(cases[0]["policies"]) if cases else []
-    summary: dict[str, dict | float] = {}
-    for label in labels:
-        entries = [case["policies"][label] for case in cases]
-        summary[label] = {
-            "mean_balancedness": statistics.fmean(e["balancedness"] for e in entries),
-            "mean_max_over_lb": statistics.fmean(e["max_over_lb"] for e in entries),
-            "geomean_time_ratio": statistics.geometric_mean(e["time_ratio"] for e in entries),
+    """Means over all cases per planner, and the worst case of auto against the better reference policy."""
+    labels = list(cases[0]["policies"])
+    summary: dict = {
+        label: {
+            "mean_balancedness": statistics.fmean(c["policies"][label]["balancedness"] for c in cases),
+            "mean_max_over_lb": statistics.fmean(c["policies"][label]["max_over_lb"] for c in cases),
+            "geomean_time_ratio": geomean_ratio(cases, label, "deepseek"),
         }
-    summary["auto_worst_minus_best_reference"] = min((c["auto_minus_best_reference"] for c in cases), default=0.0)
-    worst = min(cases, key=lambda c: c["auto_minus_best_reference"], default=None)
-    summary["auto_worst_case"] = f"{worst['shape']}/{worst['kind']}" if worst else "-"
-    check_cases = [c for c in cases if c["shape"] in CHECK_SHAPES and c["kind"] in CHECK_KINDS]
-    summary["check_cases"] = len(check_cases)
-    summary["check_cases_mean_max_over_lb"] = {
-        label: statistics.fmean(c["policies"][label]["max_over_lb"] for c in check_cases) if check_cases else math.nan
         for label in labels
     }
+    worst = min(cases, key=lambda c: c["auto_minus_best_reference"])
+    summary["auto_worst_minus_best_reference"] = worst["auto_minus_best_reference"]
+    summary["auto_worst_case"] = f"{worst['shape']}/{worst['kind']}"
+    checked = [c for c in cases if c["shape"] in CHECK_SHAPES and c["kind"] in CHECK_KINDS]
+    summary["check_cases"] = len(checked)
+    if checked:
+        summary["check_cases_mean_max_over_lb"] = {
+            label: statistics.fmean(c["policies"][label]["max_over_lb"] for c in checked) for label in labels
+        }
     return summary
 
 
-def run(
-    shapes: Sequence[str] = FULL_SHAPES,
-    kinds: Sequence[str] = workloads.KINDS,
-    repeats: int = 3,
-    speed_runs: int = 5,
-) -> dict:
-    """Every shape x kind, plus the SPEC §8 speed figure (skipped when `speed_runs` is 0)."""
-    tiny = workloads.SHAPES["tiny"]
-    bench_case(tiny, "zipf", 1)  # warm-up so the first timed case does not pay one-off set-up
-    cases = [bench_case(workloads.SHAPES[name], kind, repeats) for name in shapes for kind in kinds]
+def geomean_ratio(cases: Sequence[dict], label: str, base: str) -> float:
+    """Geometric mean over `cases` of planner `label`'s min time over planner `base`'s, same run."""
+    return statistics.geometric_mean(
+        c["policies"][label]["time_min_s"] / c["policies"][base]["time_min_s"] for c in cases
+    )
+
+
+def run(quick: bool = False) -> dict:
+    """Every shape x kind with every planner, the summary and the speed figure."""
+    shapes, kinds = (QUICK_SHAPES, QUICK_KINDS) if quick else (tuple(workloads.SHAPES), workloads.KINDS)
+    planner_map, peer_labels, peer_note = planners()
+    bench_case(workloads.SHAPES["tiny"], "zipf", 1, planner_map)  # warm-up of one-off set-up costs
+    repeats = 1 if quick else 3
+    cases = [bench_case(workloads.SHAPES[name], kind, repeats, planner_map) for name in shapes for kind in kinds]
     return {
         "shapes": {name: workloads.SHAPES[name].describe() for name in shapes},
-        "kinds": list(kinds),
         "repeats": repeats,
-        "load_seed": LOAD_SEED,
         "cases": cases,
         "summary": summarise(cases),
-        "speed": speed_figure(runs=speed_runs) if speed_runs else None,
+        "peer_labels": peer_labels,
+        "peer_note": peer_note,
+        "speed": speed_figure(runs=3 if quick else 5),
     }
 
 
-def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def format_tables(result: dict) -> str:
-    """Markdown: the speed figure, a quality table, a time table and the summary, ready for RESULTS.md."""
-    out: list[str] = []
-    speed = result.get("speed")
-    if speed:
-        out.append(
-            f"**Speed (SPEC §8)** on {speed['shape']} {speed['kind']}, {speed['runs']} interleaved runs: default `auto`"
-            f" / `deepseek` policy = **{speed['ratio_vs_deepseek_median']:.2f}x** (median of per-run ratios); `auto` /"
-            f" published EPLB verbatim = **{speed['ratio_vs_published_median']:.2f}x**; `auto` / published loops over"
-            f" Python floats = **{speed['ratio_vs_published_lists_median']:.2f}x** (bar <= {speed['bar']:.1f})."
-        )
-        out.append("")
-        out.append(
-            _table(
-                ["solve", "median ms", "min ms"],
-                [
-                    [name, f"{speed['median_ms'][name]:.1f}", f"{speed['min_ms'][name]:.1f}"]
-                    for name in speed["median_ms"]
-                ],
+def peer_table(result: dict) -> str:
+    """Per shape (means over kinds): each engine planner and the project's rows, time / vLLM default."""
+    if not result["peer_labels"]:
+        return f"Not run: {result['peer_note']}."
+    vllm, rows = result["peer_labels"][0], []
+    for shape in result["shapes"]:
+        cases = [c for c in result["cases"] if c["shape"] == shape]
+        for label in [*result["peer_labels"], *PEER_ROWS]:
+            entries = [c["policies"][label] for c in cases]
+            rows.append(
+                [shape, label, f"{statistics.median(1000 * e['time_min_s'] for e in entries):.1f}"]
+                + [f"{geomean_ratio(cases, label, vllm):.2f}"]
+                + [f"{statistics.fmean(e[key] for e in entries):.4f}" for key in ("balancedness", "max_over_lb")]
             )
-        )
-        out.append("")
-        out.append(
-            f"Published transcription reproduces the `deepseek` policy's phy2log: "
-            f"{speed['published_equals_deepseek_policy']}. Process torch threads: {speed['torch_threads']} (the solver"
-            " itself runs on 1 thread during a CPU solve, REBALANCER_CPU_THREADS)."
-        )
-        out.append("")
-    cases = result["cases"]
-    labels = list(cases[0]["policies"]) if cases else []
-    out.append("**Quality**: mean balancedness per policy (1.0 is perfect) and max GPU load / lower bound.")
-    out.append("")
-    head = ["shape", "kind"] + labels + ["auto max/LB", "deepseek max/LB", "auto - best ref"]
-    rows = []
-    for case in cases:
-        pol = case["policies"]
-        rows.append(
-            [case["shape"], case["kind"]]
-            + [f"{pol[label]['balancedness']:.4f}" for label in labels]
-            + [
-                f"{pol['auto']['max_over_lb']:.4f}",
-                f"{pol['deepseek']['max_over_lb']:.4f}",
-                f"{case['auto_minus_best_reference']:+.4f}",
-            ]
-        )
-    out.append(_table(head, rows))
-    out.append("")
-    out.append(
-        f"**Time**: min of at least {result['repeats']} interleaved runs (cheap cases repeat for"
-        f" {MIN_CASE_SECONDS:.0f} s); `deepseek` in ms, every other policy as a ratio to it."
-    )
-    out.append("")
-    others = [label for label in labels if label != "deepseek"]
-    head = ["shape", "kind", "deepseek ms"] + [f"{label} / deepseek" for label in others] + ["auto candidates"]
-    rows = []
-    for case in cases:
-        pol = case["policies"]
-        rows.append(
-            [case["shape"], case["kind"], f"{1000 * pol['deepseek']['time_min_s']:.1f}"]
-            + [f"{pol[label]['time_ratio']:.2f}" for label in others]
-            + [pol["auto"]["candidates"]]
-        )
-    out.append(_table(head, rows))
-    out.append("")
-    summary = result["summary"]
-    out.append(f"**Summary over {len(cases)} cases**")
-    out.append("")
-    out.append(
-        _table(
-            ["policy", "mean balancedness", "mean max/LB", "geomean time / deepseek"],
-            [
-                [
-                    label,
-                    f"{summary[label]['mean_balancedness']:.4f}",
-                    f"{summary[label]['mean_max_over_lb']:.4f}",
-                    f"{summary[label]['geomean_time_ratio']:.2f}",
-                ]
-                for label in labels
-            ],
-        )
-    )
-    out.append("")
-    out.append(
+    kinds = sorted({c["kind"] for c in result["cases"]})
+    head = ["shape", "planner", "median ms", f"time / {vllm} (geomean)", "mean balancedness", "mean max/LB"]
+    note = f"Released planners from their wheels (`benchmarks/peers.py`), same run, interleaved; means over {kinds}."
+    return note + "\n\n" + table(head, rows)
+
+
+def markdown(result: dict) -> str:
+    """Speed figure, quality, time, summary, and the peer table."""
+    speed, cases, summary = result["speed"], result["cases"], result["summary"]
+    labels = list(cases[0]["policies"])
+    quality = [
+        [c["shape"], c["kind"], *(f"{c['policies'][label]['balancedness']:.4f}" for label in labels)]
+        + [f"{c['policies'][p]['max_over_lb']:.4f}" for p in ("auto", "deepseek")]
+        + [f"{c['auto_minus_best_reference']:+.4f}"]
+        for c in cases
+    ]
+    times = [
+        [c["shape"], c["kind"], c["rounds"], f"{1000 * c['policies']['deepseek']['time_min_s']:.1f}"]
+        + [f"{c['policies'][label]['time_ratio']:.2f}" for label in labels[1:]]
+        for c in cases
+    ]
+    means = [
+        [label, *(f"{summary[label][key]:.4f}" for key in ("mean_balancedness", "mean_max_over_lb"))]
+        + [f"{summary[label]['geomean_time_ratio']:.2f}"]
+        for label in labels
+    ]
+    out = [
+        f"**Speed** on {speed['shape']} {speed['kind']}, {speed['runs']} interleaved runs: default `auto` /"
+        f" `deepseek` policy = **{speed['ratio_vs_deepseek_median']:.2f}x** (median of per-run ratios); `auto` /"
+        f" published EPLB verbatim = **{speed['ratio_vs_published_median']:.2f}x**; `auto` / published loops over"
+        f" Python floats = **{speed['ratio_vs_published_lists_median']:.2f}x** (bar <= 1.0).",
+        "",
+        table(
+            ["solve", "median ms", "min ms"],
+            [[n, f"{v:.1f}", f"{speed['min_ms'][n]:.1f}"] for n, v in speed["median_ms"].items()],
+        ),
+        "",
+        f"Published transcription reproduces the `deepseek` policy: {speed['published_equals_deepseek_policy']}."
+        f" Process torch threads: {torch.get_num_threads()} (a CPU solve runs on REBALANCER_CPU_THREADS, default 1).",
+        "",
+        "**Quality**: mean balancedness per planner (1.0 is perfect) and max GPU load / lower bound.",
+        "",
+        table(["shape", "kind", *labels, "auto max/LB", "deepseek max/LB", "auto - best ref"], quality),
+        "",
+        f"**Time**: min of at least {result['repeats']} interleaved rounds (cheap cases repeat for"
+        f" {MIN_CASE_SECONDS:.0f} s, slow ones stop after {MAX_CASE_SECONDS:.0f} s); `deepseek` in ms, every other"
+        " planner as a ratio to it.",
+        "",
+        table(["shape", "kind", "rounds", "deepseek ms", *(f"{label} / deepseek" for label in labels[1:])], times),
+        "",
+        f"**Summary over {len(cases)} cases**",
+        "",
+        table(["planner", "mean balancedness", "mean max/LB", "geomean time / deepseek"], means),
+        "",
         f"Worst case of `auto` minus the better reference policy (deepseek hierarchical or global): "
-        f"{summary['auto_worst_minus_best_reference']:+.5f} on {summary['auto_worst_case']} (must be >= 0)."
-    )
+        f"{summary['auto_worst_minus_best_reference']:+.5f} on {summary['auto_worst_case']} (must be >= 0).",
+    ]
     if summary["check_cases"]:
         check = summary["check_cases_mean_max_over_lb"]
-        out.append("")
-        out.append(
+        out += [
+            "",
             f"Mean max/LB on the {summary['check_cases']} cases the shared quality check scores"
             f" ({', '.join(CHECK_SHAPES)} x {', '.join(CHECK_KINDS)}): `auto` {check['auto']:.4f},"
-            f" `auto_c64` {check['auto_c64']:.4f}, `deepseek` {check['deepseek']:.4f} (bar <= 1.005)."
-        )
-    return "\n".join(out)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and kinds, 1 repeat")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per policy (default 3, quick 1)")
-    args = parser.parse_args()
-    if args.quick:
-        result = run(QUICK_SHAPES, QUICK_KINDS, args.repeats or 1, speed_runs=3)
-    else:
-        result = run(repeats=args.repeats or 3)
-    print(format_tables(result))
+            f" `auto_c64` {check['auto_c64']:.4f}, `deepseek` {check['deepseek']:.4f} (bar <= 1.005).",
+        ]
+    return "\n".join(out + ["", "**Side by side with the engines' released planners**", "", peer_table(result)])
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and kinds, 1 round")
+    print(markdown(run(parser.parse_args().quick)))

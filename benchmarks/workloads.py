@@ -1,10 +1,10 @@
-"""Synthetic expert loads for the solver benchmarks: the shapes of SPEC §8 and the load kinds routers show.
+"""Synthetic expert loads and placement scores, shared by the benchmarks and the tests.
 
-The benchmarks need loads that look like production routing without shipping traces, and they must not
-depend on `../shared` (that tree measures the project; this one must stand alone). So the shapes and the
-generator ideas of the shared checks are replicated here, with fixed seeds: zipf skew with a different hot
-set per layer, log-normal loads, a few very hot experts, mild skew, near-uniform loads, and a drifting
-series of window sums for the migration benchmark (plan on window i, score on window i + 1).
+Production routing traces are not shipped, so loads are generated with fixed seeds in the forms routers
+show: zipf skew with a different hot set per layer, log-normal loads, a few very hot experts, mild skew,
+near-uniform loads, and a drifting series of window sums (plan on window i, score on window i + 1).
+The scores are the quality figures of the solver: balancedness (mean / max GPU load) and max GPU load
+over the lower bound max(total / G, best achievable max single-copy load).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from rebalancer.solver import maps
 
 
 @dataclass(frozen=True)
@@ -42,14 +43,29 @@ SHAPES: dict[str, Shape] = {
     shape.name: shape
     for shape in (
         Shape("tiny", 2, 12, 16, 4, 2, 8),  # the DeepSeek EPLB README example
+        Shape("tiny_ep16", 2, 16, 32, 4, 2, 16),  # README-sized, two slots per GPU
         Shape("dsv3_prefill", 58, 256, 288, 8, 4, 32),  # DeepSeek-V3, 32 redundant slots, 4 nodes x 8 GPUs
         Shape("dsv3_ep64", 58, 256, 320, 8, 8, 64),  # one group per node: hierarchical packing collapses
+        Shape("dsv3_ep72", 58, 256, 288, 8, 1, 72),  # wide-EP decode on one NVL72 domain, 4 slots per GPU
+        Shape("dsv3_ep144", 58, 256, 288, 8, 2, 144),  # two NVL72 domains, 2 slots per GPU
         Shape("qwen3_30b", 48, 128, 144, 1, 1, 8),  # no expert groups
         Shape("qwen3_235b", 94, 128, 160, 1, 2, 16),
+        Shape("qwen3_235b_ep32", 94, 128, 160, 1, 4, 32),  # 5 slots per GPU
         Shape("mixtral", 32, 8, 16, 1, 1, 8),  # few experts, two slots per GPU
-        Shape("kimi_k2", 61, 384, 416, 1, 4, 32),  # not in the shared checks: stands in for unseen shapes
+        Shape("kimi_k2", 61, 384, 416, 1, 4, 32),
+        Shape("kimi_k2_ep72", 61, 384, 432, 1, 1, 72),  # wide-EP decode, 6 slots per GPU
     )
 }
+
+# The DeepSeek EPLB README example (the "tiny" shape) and the placement the published algorithm gives it.
+README_WEIGHT = [
+    [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+    [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
+]
+README_PHY2LOG = [
+    [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+    [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
+]
 
 KINDS: tuple[str, ...] = ("zipf", "lognormal", "hot", "zipf_mild", "uniformish")
 
@@ -78,19 +94,16 @@ def hot_experts(layers: int, experts: int, rng: np.random.Generator, hot: int = 
 def make(kind: str, layers: int, experts: int, seed: int = 0) -> torch.Tensor:
     """Loads [L, E] float32 of one kind, reproducible from `seed`."""
     rng = np.random.default_rng(seed)
-    if kind == "zipf":
-        loads = zipf(layers, experts, 1.0, rng)
-    elif kind == "zipf_mild":
-        loads = zipf(layers, experts, 0.5, rng)
-    elif kind == "lognormal":
-        loads = lognormal(layers, experts, rng)
-    elif kind == "hot":
-        loads = hot_experts(layers, experts, rng)
-    elif kind == "uniformish":
-        loads = (rng.random((layers, experts)) * 0.2 + 1.0) * 1000.0
-    else:
+    generators = {
+        "zipf": lambda: zipf(layers, experts, 1.0, rng),
+        "zipf_mild": lambda: zipf(layers, experts, 0.5, rng),
+        "lognormal": lambda: lognormal(layers, experts, rng),
+        "hot": lambda: hot_experts(layers, experts, rng),
+        "uniformish": lambda: (rng.random((layers, experts)) * 0.2 + 1.0) * 1000.0,
+    }
+    if kind not in generators:
         raise ValueError(f"unknown load kind {kind!r}; expected one of {KINDS}")
-    return torch.from_numpy(loads).float()
+    return torch.from_numpy(generators[kind]()).float()
 
 
 def shape_loads(shape: Shape | str, kind: str, seed: int = 0) -> torch.Tensor:
@@ -117,7 +130,6 @@ def drift_series(
     A stable zipf skew (permuted per layer, 0.3 log-space noise); each window every expert's log popularity
     takes a N(0, drift) step; every `shift_every`-th window `boosted` random experts per layer gain `boost`
     in log space (a topic shift); each window's counts are a multinomial sample of `tokens` per layer.
-    A plan made on window i is scored on window i + 1, which is what a controller experiences.
     """
     rng = np.random.default_rng(seed)
     ranks = np.arange(1, experts + 1, dtype=np.float64)
@@ -134,3 +146,48 @@ def drift_series(
         probs /= probs.sum(1, keepdims=True)
         out[window] = rng.multinomial(tokens, probs)
     return torch.from_numpy(out).float()
+
+
+def copy_lower_bound(weight: torch.Tensor, num_replicas: int) -> torch.Tensor:
+    """Smallest achievable max load of a single copy, per layer [L], for weight [L, E].
+
+    Greedy replication (each extra slot to the expert with the most load per copy) is optimal for this
+    quantity and consumes exactly the R - E largest values of {w_e / k : k >= 1}; the max per-copy load
+    left is the next value, so one top-k replaces the sequential loop.
+    """
+    weight = torch.as_tensor(weight, dtype=torch.float64).cpu()
+    extra = num_replicas - weight.shape[1]
+    divisors = torch.arange(1, extra + 2, dtype=torch.float64)
+    return (weight.unsqueeze(-1) / divisors).flatten(1).topk(extra + 1, dim=1).values[:, -1]
+
+
+def lower_bound(weight: torch.Tensor, num_replicas: int, num_gpus: int) -> torch.Tensor:
+    """Lower bound on any placement's max GPU load [L]: max(total / G, best max per-copy load)."""
+    weight = torch.as_tensor(weight, dtype=torch.float64).cpu()
+    return torch.maximum(weight.sum(1) / num_gpus, copy_lower_bound(weight, num_replicas))
+
+
+def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """GPU loads [L, G] (float64) of placement phy2log [L, R] on loads weight [L, E]."""
+    weight = torch.as_tensor(weight, dtype=torch.float64).cpu()
+    phy2log = torch.as_tensor(phy2log).long().cpu()
+    return maps.gpu_loads(weight, phy2log, maps.logcnt_from_phy2log(phy2log, weight.shape[1]), num_gpus)
+
+
+def max_gpu_load(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """Max GPU load per layer [L]."""
+    return gpu_loads(weight, phy2log, num_gpus).max(-1).values
+
+
+def balancedness(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """Mean / max GPU load per layer [L] (1.0 on all-zero layers)."""
+    loads = gpu_loads(weight, phy2log, num_gpus)
+    peak = loads.max(-1).values
+    return torch.where(peak > 0, loads.mean(-1) / peak.clamp_min(1e-300), torch.ones_like(peak))
+
+
+def max_over_lower_bound(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """Max GPU load / lower bound per layer [L] (1.0 = provably optimal; all-zero layers count 1.0)."""
+    peak = max_gpu_load(weight, phy2log, num_gpus)
+    bound = lower_bound(weight, phy2log.shape[1], num_gpus)
+    return torch.where(bound > 0, peak / bound.clamp_min(1e-300), torch.ones_like(peak))

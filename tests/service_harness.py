@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from rebalancer.solver import solve
 from rebalancer_wire.codec import decode, encode
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from rebalancer_wire.v1 import rebalancer_pb2_grpc
+from serving import free_port as free_port  # re-exported: the service tests take it from here
 
 # A small topology that keeps every test fast: 4 layers of 16 experts on 32 slots, 4 groups, 2 nodes, 4 GPUs.
 LAYERS, EXPERTS, REPLICAS, GROUPS, NODES, GPUS = 4, 16, 32, 4, 2, 4
@@ -82,12 +82,6 @@ def field_violations(error: grpc.RpcError) -> dict[str, str]:
 
 def report(deployment_id: str, loads: np.ndarray, **fields) -> pb.StreamLoadRequest:
     return pb.StreamLoadRequest(deployment_id=deployment_id, loads=encode(loads), **fields)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(state_dir: Path, *flags: str, prefix: Sequence[str] = (), **env: str) -> subprocess.Popen:

@@ -2,37 +2,27 @@
 
 `make bench` takes minutes on the full shapes, so a broken benchmark would otherwise be found only when
 someone wants the figures. These tests run each bench on the README-sized shape and check the keys the
-report reads, plus the two pieces whose correctness the figures rest on: the vectorised lower bound and the
-published-algorithm transcription.
+report reads, plus the pieces whose correctness the figures rest on: the vectorised lower bound, the
+published-algorithm transcription, the released engine planners imported from their wheels, and the fixed
+optimality instance set.
 """
 
 from __future__ import annotations
 
-import sys
+import subprocess
 import time
-from pathlib import Path
 
+import migration_bench
+import optimality_bench
+import peers
+import published_eplb
 import pytest
+import report
+import solver_bench
 import torch
+import workloads
+from workloads import README_PHY2LOG, README_WEIGHT
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-if str(BENCHMARKS) not in sys.path:
-    sys.path.insert(0, str(BENCHMARKS))
-
-import migration_bench  # noqa: E402
-import published_eplb  # noqa: E402
-import report  # noqa: E402
-import solver_bench  # noqa: E402
-import workloads  # noqa: E402
-
-README_WEIGHT = [
-    [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
-    [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
-]
-README_PHY2LOG = [
-    [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
-    [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
-]
 TIME_LIMIT_S = 20.0
 
 
@@ -56,7 +46,7 @@ def test_copy_lower_bound_matches_greedy_replication_loop() -> None:
     for _ in range(num_replicas - weight.shape[1]):
         counts[rows, (weight / counts).argmax(1)] += 1
     expected = (weight / counts).max(1).values
-    assert torch.allclose(solver_bench.copy_lower_bound(weight, num_replicas), expected)
+    assert torch.allclose(workloads.copy_lower_bound(weight, num_replicas), expected)
 
 
 def test_workloads_shapes_and_kinds() -> None:
@@ -69,20 +59,19 @@ def test_workloads_shapes_and_kinds() -> None:
     assert series.sum((1, 2)).tolist() == [2 * 200_000.0] * 4
 
 
-def test_solver_bench_runs_on_tiny_shape() -> None:
+def test_solver_bench_scores_every_planner_on_tiny_shape() -> None:
     started = time.perf_counter()
-    result = solver_bench.run(shapes=("tiny",), kinds=("zipf", "hot"), repeats=1, speed_runs=0)
+    planners = {label: solver_bench.PROJECT[label] for label in ("deepseek", "deepseek_global", "auto")}
+    cases = [solver_bench.bench_case(workloads.SHAPES["tiny"], kind, 1, planners) for kind in ("zipf", "hot")]
     assert time.perf_counter() - started < TIME_LIMIT_S
-    assert {"shapes", "kinds", "repeats", "cases", "summary", "speed"} <= set(result)
-    case = result["cases"][0]
-    assert {"shape", "kind", "policies", "best_reference_balancedness", "auto_minus_best_reference"} <= set(case)
-    for figures in case["policies"].values():
-        assert {"time_min_s", "time_ratio", "balancedness", "balancedness_delta", "max_over_lb", "candidates"} <= set(
-            figures
-        )
-        assert figures["max_over_lb"] >= 1.0 - 1e-9
-    assert case["auto_minus_best_reference"] >= -1e-9
-    assert "| shape | kind |" in solver_bench.format_tables(result)
+    for case in cases:
+        assert set(case["policies"]) == {"deepseek", "deepseek_global", "auto"}
+        for figures in case["policies"].values():
+            assert {"time_min_s", "time_ratio", "balancedness", "max_over_lb"} <= set(figures)
+            assert figures["max_over_lb"] >= 1.0 - 1e-9
+        assert case["auto_minus_best_reference"] >= -1e-9
+    summary = solver_bench.summarise(cases)
+    assert summary["auto"]["mean_balancedness"] >= summary["deepseek"]["mean_balancedness"]
 
 
 def test_speed_figure_keys_on_tiny_shape() -> None:
@@ -93,31 +82,67 @@ def test_speed_figure_keys_on_tiny_shape() -> None:
     assert speed["published_equals_deepseek_policy"]
 
 
+def test_released_planners_import_from_the_wheels_and_match_the_published_algorithm() -> None:
+    try:
+        for name, version in peers.ENGINES.items():
+            peers.fetch_wheel(name, version)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, FileNotFoundError) as error:
+        pytest.skip(f"engine wheels not cached and the registry unreachable: {error}")
+    planners = peers.load_released_planners()
+    weight = torch.tensor(README_WEIGHT, dtype=torch.float32)
+    assert len(planners) == 3
+    for label, plan in planners.items():
+        phy2log = plan(weight, 16, 4, 2, 8)
+        assert phy2log.dtype == torch.int64 and phy2log.shape == (2, 16), label
+        assert torch.equal(torch.bincount(phy2log[0], minlength=12) > 0, torch.ones(12, dtype=torch.bool)), label
+    # vLLM's default policy and SGLang's `deepseek` are the published algorithm: the README example, exactly.
+    for label in list(planners)[:2]:
+        assert planners[label](weight, 16, 4, 2, 8).tolist() == README_PHY2LOG, label
+
+
 def test_migration_bench_runs_on_tiny_shape() -> None:
     started = time.perf_counter()
-    result = migration_bench.run(shape="tiny", windows=4, seeds=(1,))
+    result = migration_bench.summarise([migration_bench.run_series(workloads.SHAPES["tiny"], 4, 1)])
     assert time.perf_counter() - started < TIME_LIMIT_S
     assert {"runs", "totals", "history_effect", "bar"} <= set(result)
     labels = {variant.label for variant in migration_bench.VARIANTS}
     assert set(result["totals"]) == labels
     for totals in result["totals"].values():
         assert {"total_moves", "moves_ratio_vs_deepseek_global", "balancedness_delta_vs_deepseek_global"} <= set(totals)
-    assert "Does history help?" in migration_bench.format_tables(result)
+    assert "Does history help?" in migration_bench.markdown(result)
 
 
-def test_report_renders_without_external_benches() -> None:
-    solver = solver_bench.run(shapes=("tiny",), kinds=("zipf",), repeats=1, speed_runs=0)
-    migration = migration_bench.run(shape="tiny", windows=3, seeds=(1,))
-    sections = {
-        "Solver": {"status": "ok", "text": solver_bench.format_tables(solver), "seconds": 1.0, "result": solver},
-        "Migration": {
-            "status": "ok",
-            "text": migration_bench.format_tables(migration),
-            "seconds": 1.0,
-            "result": migration,
-        },
-        "Service": {"status": "failed", "text": "Traceback: boom", "seconds": 0.0},
+def test_optimality_instances_are_small_hard_and_fixed() -> None:
+    instances = optimality_bench.instances()
+    assert len(instances) >= 60 and len({inst.key for inst in instances}) == len(instances)
+    for inst in instances[len(optimality_bench.KNOWN) :]:
+        slots = inst.num_replicas // inst.num_gpus
+        assert 8 <= len(inst.loads) <= 16 and 2 <= slots <= 4 and inst.num_replicas > len(inst.loads), inst.name
+    assert [inst.key for inst in optimality_bench.instances()] == [inst.key for inst in instances]
+
+
+def test_report_renders_with_a_failed_section() -> None:
+    planners = {label: solver_bench.PROJECT[label] for label in ("deepseek", "deepseek_global", "auto", "auto_c64")}
+    cases = [solver_bench.bench_case(workloads.SHAPES["tiny"], "zipf", 1, planners)]
+    solver = {
+        "shapes": {"tiny": "tiny"},
+        "repeats": 1,
+        "cases": cases,
+        "summary": solver_bench.summarise(cases),
+        "peer_labels": [],
+        "peer_note": "not loaded in this test",
+        "speed": solver_bench.speed_figure("tiny", runs=1),
     }
+    titles = [bench.title for bench in report.BENCHES]
+    sections = {title: {"status": "skipped", "text": "not run here", "seconds": 0.0} for title in titles}
+    sections[titles[0]] = {"status": "ok", "text": solver_bench.markdown(solver), "seconds": 1.0, "result": solver}
+    migration = migration_bench.summarise([migration_bench.run_series(workloads.SHAPES["tiny"], 3, 1)])
+    sections[titles[1]] = {"status": "ok", "text": "-", "seconds": 1.0, "result": migration}
+    optimality = {"summary": {"auto_proven": optimality_bench.distribution([0.0, 0.5, 2.0])}}
+    sections[titles[2]] = {"status": "ok", "text": "-", "seconds": 1.0, "result": optimality}
+    sections[titles[3]] = {"status": "failed", "text": "Traceback: boom", "seconds": 0.0}
     text = report.render(sections, report.machine(), quick=True, load_after=(0.0, 0.0, 0.0), total_seconds=3.0)
     assert "## Machine" in text and "## Reproduce" in text and "## Headline" in text
-    assert "**Failed**" in text and "| shape | kind |" in text
+    assert "**Failed**" in text and "| shape | kind |" in text and "Not run: not loaded in this test" in text
+    assert "headline failed" not in text and "MILP gap of `auto` on 3 proven optima" in text
+    assert "Migration `auto_prev`" in text

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from rebalancer_wire.codec import encode  # noqa: E402
 from rebalancer_wire.v1 import rebalancer_pb2 as pb  # noqa: E402
 from rebalancer_wire.v1.rebalancer_pb2_grpc import RebalancerServiceStub  # noqa: E402
+from serving import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE = "rebalancer.v1.RebalancerService"
@@ -40,12 +40,6 @@ TRAFFIC_RPCS = 4  # drive_traffic: three Rebalance calls and one StreamLoad
 LAYERS, EXPERTS = 4, 16
 TOPOLOGY = pb.Topology(num_layers=LAYERS, num_experts=EXPERTS, num_replicas=24, num_groups=4, num_nodes=2, num_gpus=4)
 START_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_command() -> list[str]:

@@ -42,7 +42,7 @@ def test_a_minute_of_load_has_no_errors_and_flat_memory(pytestconfig):
     )
     capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
     with capture.global_and_fixture_disabled():
-        print("\nsoak:\n" + load.format_table(figures))
+        print("\nsoak:\n" + load.markdown(figures))
     assert figures["errors"] == 0, figures["error_kinds"]
     assert figures["server_exit_code"] == 0
     assert figures["reports_per_s"] > 0.5 * figures["offered_reports_per_s"]

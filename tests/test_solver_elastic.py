@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from placement_checks import assert_valid_maps
 from rebalancer.solver import apply_transfers, maps, solve
 from rebalancer.solver.elastic import elastic_moves
 from rebalancer.solver.transfers import SRC_GPU
-from solver_workloads import assert_valid_maps, make
+from workloads import make
 
 # DeepSeek-V3 layout on few layers: 256 experts in 8 groups, 288 slots, 4 nodes x 8 GPUs (9 slots each).
 LAYERS, EXPERTS, REPLICAS, GROUPS, NODES, GPUS = 4, 256, 288, 8, 4, 32

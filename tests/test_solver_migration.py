@@ -8,8 +8,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from placement_checks import assert_groups_on_one_node, assert_valid_maps
 from rebalancer.solver import DEFAULT_BALANCE_TOLERANCE, maps, rebalance_experts, solve
-from solver_workloads import assert_groups_on_one_node, assert_valid_maps, balancedness, drifting_series, make
+from workloads import balancedness, drift_series, make
 
 SOLVER_POLICIES = ("auto", "global", "hierarchical")
 # Mid-size DeepSeek-like shape scaled down: 8 layers, 64 experts in 8 groups, 72 slots, 2 nodes x 4 GPUs.
@@ -25,7 +26,7 @@ def _moves(prev: torch.Tensor, new: torch.Tensor, num_experts: int, num_gpus: in
 def test_migration_ships_far_fewer_copies_than_replanning_at_the_same_next_window_balance() -> None:
     layers, experts, replicas, groups, nodes, gpus = DRIFT_SHAPE
     windows = 8
-    series = drifting_series(windows, layers, experts, seed=31)
+    series = drift_series(layers, experts, windows, seed=31)
     ours_prev = solve(series[0], replicas, groups, nodes, gpus).phy2log
     ref_prev = rebalance_experts(series[0], replicas, groups, nodes, gpus, policy="deepseek")[0]
     ours_moves = ref_moves = 0
@@ -50,7 +51,7 @@ def test_migration_ships_far_fewer_copies_than_replanning_at_the_same_next_windo
 @pytest.mark.parametrize("policy", SOLVER_POLICIES)
 def test_migration_stays_within_the_balance_tolerance_of_a_fresh_plan(policy: str) -> None:
     layers, experts, replicas, groups, nodes, gpus = SMALL
-    series = drifting_series(3, layers, experts, seed=32)
+    series = drift_series(layers, experts, 3, seed=32)
     prev = solve(series[0], replicas, groups, nodes, gpus, policy=policy).phy2log
     fresh = solve(series[1], replicas, groups, nodes, gpus, policy=policy)
     moved = solve(series[1], replicas, groups, nodes, gpus, policy=policy, prev_phy2log=prev)
@@ -68,7 +69,7 @@ def test_migration_stays_within_the_balance_tolerance_of_a_fresh_plan(policy: st
 @pytest.mark.parametrize("budget", [0, 1, 3, 8, 12, 20, 40])
 def test_max_moves_per_layer_is_respected(policy: str, budget: int) -> None:
     layers, experts, replicas, groups, nodes, gpus = SMALL
-    series = drifting_series(2, layers, experts, seed=33)
+    series = drift_series(layers, experts, 2, seed=33)
     prev = solve(series[0], replicas, groups, nodes, gpus, policy=policy, seed=4).phy2log
     # A different skew on the next window: a fresh plan would move many copies.
     weight = make("hot", layers, experts, seed=34)
@@ -149,7 +150,7 @@ def test_relabelled_gpus_of_the_same_plan_cost_no_moves() -> None:
 
 def test_solve_reports_moves_as_maps_moved_copies() -> None:
     layers, experts, replicas, groups, nodes, gpus = SMALL
-    series = drifting_series(3, layers, experts, seed=37)
+    series = drift_series(layers, experts, 3, seed=37)
     prev = rebalance_experts(series[0], replicas, groups, nodes, gpus, policy="deepseek")[0]
     for policy in ("auto", "deepseek"):
         result = solve(series[2], replicas, groups, nodes, gpus, policy=policy, prev_phy2log=prev)
@@ -174,7 +175,7 @@ def test_hierarchical_plans_keep_groups_on_their_node_with_a_placement_in_force(
     # or the relabelled fresh plan, which zero tolerance favours) must not break it for the layers it
     # reports as hierarchical.
     layers, experts, replicas, groups, nodes, gpus = SMALL
-    series = drifting_series(4, layers, experts, seed=38)
+    series = drift_series(layers, experts, 4, seed=38)
     prev = solve(series[0], replicas, groups, nodes, gpus, policy=policy).phy2log
     for i in range(1, 4):
         result = solve(
@@ -188,8 +189,8 @@ def test_hierarchical_plans_keep_groups_on_their_node_with_a_placement_in_force(
 @pytest.mark.parametrize("policy", ("auto", "global", "hierarchical", "deepseek"))
 def test_batch_independence_with_the_placement_in_force(policy: str) -> None:
     layers, experts, replicas, groups, nodes, gpus = SMALL
-    a_series = drifting_series(2, layers, experts, seed=39)
-    b_series = drifting_series(2, 2, experts, seed=40)
+    a_series = drift_series(layers, experts, 2, seed=39)
+    b_series = drift_series(2, experts, 2, seed=40)
     prev_a = solve(a_series[0], replicas, groups, nodes, gpus).phy2log
     prev_b = rebalance_experts(b_series[0], replicas, groups, nodes, gpus, policy="deepseek")[0]
     alone_a = solve(a_series[1], replicas, groups, nodes, gpus, policy=policy, seed=5, prev_phy2log=prev_a)
@@ -215,7 +216,7 @@ def test_batch_independence_with_the_placement_in_force(policy: str) -> None:
 @pytest.mark.parametrize("policy", ("auto", "global", "hierarchical", "deepseek"))
 def test_history_gives_valid_deterministic_maps(policy: str) -> None:
     layers, experts, replicas, groups, nodes, gpus = SMALL
-    series = drifting_series(5, layers, experts, seed=41)
+    series = drift_series(layers, experts, 5, seed=41)
     history = series[:4]
     first = solve(series[3], replicas, groups, nodes, gpus, policy=policy, history=history)
     second = solve(series[3].clone(), replicas, groups, nodes, gpus, policy=policy, history=history.clone())
@@ -228,7 +229,7 @@ def test_history_gives_valid_deterministic_maps(policy: str) -> None:
 
 def test_history_with_a_placement_in_force_and_a_move_budget() -> None:
     layers, experts, replicas, groups, nodes, gpus = SMALL
-    series = drifting_series(5, layers, experts, seed=42)
+    series = drift_series(layers, experts, 5, seed=42)
     prev = solve(series[2], replicas, groups, nodes, gpus, history=series[:3]).phy2log
     result = solve(
         series[4], replicas, groups, nodes, gpus, history=series[:5], prev_phy2log=prev, max_moves_per_layer=4
@@ -239,8 +240,8 @@ def test_history_with_a_placement_in_force_and_a_move_budget() -> None:
 
 def test_history_batch_independence() -> None:
     layers, experts, replicas, groups, nodes, gpus = SMALL
-    a = drifting_series(4, layers, experts, seed=43)
-    b = drifting_series(4, 2, experts, seed=44)
+    a = drift_series(layers, experts, 4, seed=43)
+    b = drift_series(2, experts, 4, seed=44)
     alone_a = solve(a[3], replicas, groups, nodes, gpus, seed=7, history=a)
     alone_b = solve(b[3], replicas, groups, nodes, gpus, seed=70, history=b)
     seeds = torch.cat([7 + torch.arange(layers), 70 + torch.arange(2)])

@@ -6,19 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from placement_checks import best_reference_balancedness, reference_policies
 from rebalancer.solver import rebalance_experts, solve
 from rebalancer.solver.joint import improve_replication
 from rebalancer.solver.packing import round_pack
 from rebalancer.solver.replication import replica_counts, slots_from_counts
-from solver_workloads import (
-    KINDS,
-    balancedness,
-    best_reference_balancedness,
-    lower_bound,
-    make,
-    max_gpu_load,
-    reference_policies,
-)
+from workloads import KINDS, balancedness, lower_bound, make, max_gpu_load
 
 # (layers, experts, replicas, groups, nodes, gpus): few slots per GPU, groups per node from 1 to 4,
 # hierarchy on and off, and one mid-size case.

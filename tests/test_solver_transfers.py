@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from placement_checks import assert_valid_maps
 from rebalancer.solver import CostModel, apply_transfers, maps, rebalance_experts, solve
 from rebalancer.solver.transfers import (
     DST_GPU,
@@ -17,7 +18,7 @@ from rebalancer.solver.transfers import (
     same_node_share,
     transfer_stats,
 )
-from solver_workloads import assert_valid_maps, drifting_series, make
+from workloads import drift_series, make
 
 # 6 layers, 64 experts in 8 groups, 80 slots, 2 nodes x 4 GPUs (10 slots per GPU).
 SHAPE = (6, 64, 80, 8, 2, 8)
@@ -61,7 +62,7 @@ def _check_plan(
 @pytest.mark.parametrize("policy", ("auto", "global", "hierarchical", "deepseek"))
 def test_every_transfer_plan_applied_to_the_old_placement_yields_the_new_one(policy: str) -> None:
     layers, experts, replicas, groups, nodes, gpus = SHAPE
-    series = drifting_series(4, layers, experts, seed=51)
+    series = drift_series(layers, experts, 4, seed=51)
     prev = rebalance_experts(series[0], replicas, groups, nodes, gpus, policy="deepseek")[0]
     for window in range(1, 4):
         result = solve(series[window], replicas, groups, nodes, gpus, policy=policy, prev_phy2log=prev)
