@@ -311,9 +311,8 @@ def markdown(result: dict) -> str:
             "",
             "Windows of one series are correlated, so the standard error understates the noise; read the per-run"
             " signs.",
-            "",
-            _elastic_markdown(result["elastic"]),
         ]
+        + (["", _elastic_markdown(result["elastic"])] if result.get("elastic") else [])
     )
 
 

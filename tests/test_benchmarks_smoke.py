@@ -108,7 +108,8 @@ def test_migration_bench_runs_on_tiny_shape() -> None:
     labels = {variant.label for variant in migration_bench.VARIANTS}
     assert set(result["totals"]) == labels
     for totals in result["totals"].values():
-        assert {"total_moves", "moves_ratio_vs_deepseek_global", "balancedness_delta_vs_deepseek_global"} <= set(totals)
+        expected = {"total_moves", "moves_ratio_vs_deepseek_global", "balancedness_delta_vs_deepseek_global"}
+        assert expected | {"transfer_ratio_vs_deepseek_global", "intra_node_share"} <= set(totals)
     assert "Does history help?" in migration_bench.markdown(result)
 
 
