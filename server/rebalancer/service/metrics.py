@@ -34,7 +34,7 @@ BATCH_LAYER_BUCKETS = tuple(float(2**k) for k in range(13))  # 1 .. 4096
 BATCH_REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 TRIGGERS = ("request", "auto")
-DROP_REASONS = ("cancelled", "deadline")
+DROP_REASONS = ("cancelled", "deadline", "shutdown")
 
 
 class Metrics:
@@ -94,9 +94,18 @@ class Metrics:
             registry=r,
         )
         self.deployments = Gauge("rebalancer_deployments", "Registered deployments.", registry=r)
+        self.state_bytes = Gauge(
+            "rebalancer_state_bytes",
+            "Memory reserved by soft state (telemetry windows, placements in force) against its budget.",
+            registry=r,
+        )
+        self.state_budget_bytes = Gauge(
+            "rebalancer_state_budget_bytes", "Memory budget of soft state (share of --memory-budget-mb).", registry=r
+        )
         self.dropped_requests = Counter(
             "rebalancer_dropped_requests_total",
-            "Solve requests dropped unsolved because the caller had gone (cancelled) or its deadline passed.",
+            "Solve requests dropped unsolved, before or during their solve: the caller had gone (cancelled), "
+            "its deadline passed, or the server shut down.",
             ("reason",),
             registry=r,
         )

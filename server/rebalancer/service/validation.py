@@ -19,6 +19,9 @@ from ..solver.api import DEFAULT_BALANCE_TOLERANCE, DEFAULT_LOCALITY_TOLERANCE
 from .errors import InvalidArgument
 from .model import Topology
 
+# Largest load accepted: windows sum reports in float32 and placements are scored in float64, so real
+# token counts (far below this) can never overflow into inf or NaN.
+MAX_LOAD = 1e30
 DEPLOYMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 MAX_CANDIDATES = 4096
 POLICY_NAMES = {
@@ -135,7 +138,8 @@ def decode_tensor(message: pb.Tensor, field: str, max_elements: int) -> np.ndarr
 
 
 def load_violations(loads: np.ndarray, field: str) -> list[tuple[str, str]]:
-    """Finite, non-negative, real loads (the solver's rules), with the first offending index."""
+    """Finite, non-negative, real loads (the solver's rules) of at most MAX_LOAD, with the first offending
+    index."""
     if loads.dtype.kind not in "fiu":
         return [(f"{field}.dtype", f"loads must be real numbers, got {loads.dtype}")]
     if loads.dtype.kind == "f":
@@ -145,6 +149,9 @@ def load_violations(loads: np.ndarray, field: str) -> list[tuple[str, str]]:
     negative = loads < 0
     if negative.any():
         return [(f"{field}.data", f"negative load at index {np.argwhere(negative)[0].tolist()}")]
+    huge = loads > MAX_LOAD
+    if huge.any():
+        return [(f"{field}.data", f"load above {MAX_LOAD:g} at index {np.argwhere(huge)[0].tolist()}")]
     return []
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .cancel import checkpoint
 from .maps import logcnt_from_phy2log
 
 
@@ -73,6 +74,7 @@ def improve_replication(
         rows = torch.arange(loads.shape[0], device=loads.device)
     sub_loads, sub_counts, sub_phy, sub_peak = loads[rows], counts[rows], phy2log[rows], peak[rows]
     for _ in range(rounds):
+        checkpoint()
         trial = moved_counts(sub_counts, *copy_moves(sub_loads, sub_counts, width))  # [Q, M, E]
         num_moves = trial.shape[1]
         trial_loads = sub_loads.unsqueeze(1).expand(-1, num_moves, -1).reshape(-1, num_experts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
+from .cancel import checkpoint
 
 # A swap must lower the heaviest pack by this relative amount; float32 noise never cycles.
 IMPROVEMENT = 1e-6
@@ -40,6 +41,7 @@ def greedy_pack(item_loads: torch.Tensor, order: torch.Tensor, num_packs: int) -
     full = torch.tensor(float("inf"), dtype=key.dtype, device=device)
     packs = []
     for step in range(first, num_items):
+        checkpoint()
         pack = key.min(1, keepdim=True).indices  # first lightest open pack (faster than argmin on CPU)
         packs.append(pack)
         counts.scatter_add_(1, pack, ones)
@@ -138,6 +140,7 @@ def _refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_
     num_problems = slot_loads.shape[0]
     if slot_loads.device.type != "cpu":
         for _ in range(max_rounds):
+            checkpoint()
             heavy_load, improves, slot_a, slot_b = find_swaps(slot_loads, width)
             _apply_swaps([slot_loads, slot_items], improves & (heavy_load > targets).unsqueeze(1), slot_a, slot_b)
         return
@@ -147,6 +150,7 @@ def _refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_
     loads, items, goal = slot_loads, slot_items, targets
     num_groups = num_problems // group_size
     for _ in range(max_rounds):
+        checkpoint()
         heavy_load, improves, slot_a, slot_b = find_swaps(loads, width)
         group = active // group_size
         group_reached = torch.zeros(num_groups, dtype=torch.bool).index_fill_(0, group[heavy_load <= goal], True)
