@@ -3,7 +3,8 @@
 Every job is costed before it is queued (admission.py): one that exceeds the per-job limits is refused
 with a message that says what to lower. Jobs estimated at most `small_job_seconds` go to the small lane,
 the others to the large lane, so a long solve never holds up short ones; each lane's batches are cut at
-`max_layers` layers and at the lane's estimated work.
+`max_layers` layers and at the lane's estimated cost (the per-job limits in the large lane,
+SMALL_BATCH_FACTOR small jobs' worth in the small one).
 
 Within a lane, requests with the same `BatchKey` that wait together (the first waits `window_s` for
 company) are concatenated along the layer axis into ONE `solve` call, and the result is split back.
@@ -53,6 +54,9 @@ log = logging.getLogger(__name__)
 
 # How often, at most, a running solve asks whether its callers are still there.
 STOP_POLL_S = 0.005
+# Small-lane batches may add up to this many times the small-job bound: batching many small requests is
+# far cheaper than solving them one by one, and the lane's wait stays a few small solves long.
+SMALL_BATCH_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -227,7 +231,11 @@ class Batcher:
         self.limits = limits
         self.max_queued_bytes = max_queued_bytes
         self.queued_bytes = 0
-        self._small = _Lane("small", limits.small_job_seconds, limits.small_job_bytes)
+        self._small = _Lane(
+            "small",
+            SMALL_BATCH_FACTOR * limits.small_job_seconds,
+            min(SMALL_BATCH_FACTOR * limits.small_job_bytes, limits.max_job_bytes),
+        )
         self._large = _Lane("large", limits.max_job_seconds, limits.max_job_bytes)
         self._closing = threading.Event()
         self._closed = False

@@ -37,7 +37,7 @@ class ServerConfig:
     grace_period_s: float = 10.0
     memory_budget_mb: float = 0.0
     max_deployments: int = 4096
-    max_job_seconds: float = 30.0
+    max_job_seconds: float = 10.0
     small_job_seconds: float = 1.0
     log_level: str = "INFO"
     tls_cert: str = ""
