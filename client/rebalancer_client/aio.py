@@ -8,15 +8,14 @@ For controllers that already run an event loop: `async with AsyncRebalancerClien
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
-from rebalancer_wire.v1 import rebalancer_pb2_grpc
 
-from .client import HEALTH_NAMES, call_metadata, channel_options
+from .client import HEALTH_NAMES, Connection
 from .messages import LoadRequests, TopologyLike, load_request, rebalance_request
 from .placement import DeploymentInfo, LoadSummary, Placement
 
@@ -46,30 +45,12 @@ class _AsyncLoadRequests:
             index += 1
 
 
-class AsyncRebalancerClient:
+class AsyncRebalancerClient(Connection):
     """One grpc.aio channel to one service replica; an async context manager. Create it inside the
     running event loop. `timeout` is the default deadline (s) of unary calls; streams have none.
     """
 
-    def __init__(
-        self,
-        target: str,
-        timeout: float = 10.0,
-        *,
-        credentials: grpc.ChannelCredentials | None = None,
-        token: str | None = None,
-        options: Sequence[tuple[str, Any]] | None = None,
-    ) -> None:
-        self.target = target
-        self.timeout = timeout
-        opts = channel_options(options)
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=opts)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=opts)
-        self._metadata = call_metadata(token)
-        self._stub = rebalancer_pb2_grpc.RebalancerServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+    channels = grpc.aio
 
     async def __aenter__(self) -> AsyncRebalancerClient:
         return self
@@ -79,9 +60,6 @@ class AsyncRebalancerClient:
 
     async def close(self) -> None:
         await self._channel.close()
-
-    def _deadline(self, timeout: float | None) -> float:
-        return self.timeout if timeout is None else timeout
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """Standard gRPC health: "SERVING", "NOT_SERVING", "UNKNOWN" or "SERVICE_UNKNOWN"."""
@@ -97,47 +75,10 @@ class AsyncRebalancerClient:
             raise
         return HEALTH_NAMES.get(response.status, "UNKNOWN")
 
-    async def rebalance(
-        self,
-        loads: Any = None,
-        *,
-        num_replicas: int | None = None,
-        num_groups: int = 1,
-        num_nodes: int = 1,
-        num_gpus: int | None = None,
-        deployment_id: str | None = None,
-        policy: str | int | None = None,
-        num_candidates: int | None = None,
-        seed: int = 0,
-        dry_run: bool = False,
-        max_moves_per_layer: int | None = None,
-        balance_tolerance: float | None = None,
-        fresh: bool = False,
-        locality_tolerance: float | None = None,
-        base_version: int | None = None,
-        prev_phy2log: Any = None,
-        timeout: float | None = None,
-    ) -> Placement:
+    async def rebalance(self, loads: Any = None, *, timeout: float | None = None, **request: Any) -> Placement:
         """See `RebalancerClient.rebalance`."""
-        request = rebalance_request(
-            loads,
-            num_replicas=num_replicas,
-            num_groups=num_groups,
-            num_nodes=num_nodes,
-            num_gpus=num_gpus,
-            deployment_id=deployment_id,
-            policy=policy,
-            num_candidates=num_candidates,
-            seed=seed,
-            dry_run=dry_run,
-            max_moves_per_layer=max_moves_per_layer,
-            balance_tolerance=balance_tolerance,
-            fresh=fresh,
-            locality_tolerance=locality_tolerance,
-            base_version=base_version,
-            prev_phy2log=prev_phy2log,
-        )
-        response = await self._stub.Rebalance(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        message = rebalance_request(loads, **request)
+        response = await self._stub.Rebalance(message, timeout=self._deadline(timeout), metadata=self._metadata)
         return Placement.from_proto(response.placement, committed=response.committed)
 
     async def report_loads(

@@ -34,9 +34,10 @@ from typing import Any
 
 import grpc
 import numpy as np
+from rebalancer_wire.options import OPTIONS
 
 from .client import RebalancerClient
-from .messages import POLICIES, field_violations
+from .messages import field_violations
 from .placement import FORMATS, Placement
 from .sharding import ShardedClient, connect
 
@@ -146,13 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         "loads", nargs="?", help="loads file (.npy/.json/.pt); omit with --deployment to use its window"
     )
     _topology_args(rebalance, required=False)
-    rebalance.add_argument("--policy", choices=sorted(POLICIES), help="solver policy (server default: auto)")
-    rebalance.add_argument("--candidates", type=int, help="solver candidates per layer")
-    rebalance.add_argument("--seed", type=int, default=0)
+    _option_args(rebalance)
     rebalance.add_argument("--deployment", help="plan for this deployment and commit a new version")
-    rebalance.add_argument("--dry-run", action="store_true", help="plan and report, commit nothing")
-    rebalance.add_argument("--fresh", action="store_true", help="ignore the placement in force")
-    rebalance.add_argument("--max-moves", type=int, help="cap on expert copies moved per layer")
     rebalance.add_argument("--base-version", type=int, help="fail unless this is the current version")
     rebalance.add_argument("--out", help="write the placement JSON here instead of stdout")
     rebalance.add_argument("--format", choices=FORMATS, default="vllm", help="JSON form (default %(default)s)")
@@ -185,6 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _option_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per declared solve option; unset flags send nothing, so the server's defaults apply."""
+    for option in OPTIONS:
+        if option.kind is bool:
+            parser.add_argument(option.cli_flag, dest=option.name, action="store_true", default=None, help=option.doc)
+        else:
+            choices = option.choices or None
+            help_text = f"{option.doc} (default: {option.default})" if option.default is not None else option.doc
+            parser.add_argument(option.cli_flag, dest=option.name, type=option.kind, choices=choices, help=help_text)
+
+
 def _rebalance(client: RebalancerClient | ShardedClient, args: argparse.Namespace) -> int:
     loads = None
     if args.loads:
@@ -197,14 +204,9 @@ def _rebalance(client: RebalancerClient | ShardedClient, args: argparse.Namespac
         num_nodes=args.nodes,
         num_gpus=args.gpus,
         deployment_id=args.deployment,
-        policy=args.policy,
-        num_candidates=args.candidates,
-        seed=args.seed,
-        dry_run=args.dry_run,
-        fresh=args.fresh,
-        max_moves_per_layer=args.max_moves,
         base_version=args.base_version,
         timeout=args.timeout,
+        **{option.name: getattr(args, option.name) for option in OPTIONS},
     )
     write_json(placement.to_json(args.format), args.out)
     print(describe(placement), file=sys.stderr)

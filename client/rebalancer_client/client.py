@@ -46,10 +46,11 @@ def call_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {token}"),) if token else None
 
 
-class RebalancerClient:
-    """One channel to one service replica; a context manager. `timeout` is the default deadline (s) of
-    unary calls; streams (`report_loads`, `watch`) have none unless given one.
-    """
+class Connection:
+    """A channel to one service replica with its stubs, token and default deadline; `channels` is the grpc
+    module that opens it (`grpc` for the sync client, `grpc.aio` for the asyncio one)."""
+
+    channels: Any = grpc
 
     def __init__(
         self,
@@ -62,14 +63,23 @@ class RebalancerClient:
     ) -> None:
         self.target = target
         self.timeout = timeout
-        opts = channel_options(options)
+        merged = channel_options(options)
         if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=opts)
+            self._channel = self.channels.insecure_channel(target, options=merged)
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=opts)
+            self._channel = self.channels.secure_channel(target, credentials, options=merged)
         self._metadata = call_metadata(token)
         self._stub = rebalancer_pb2_grpc.RebalancerServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _deadline(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+
+class RebalancerClient(Connection):
+    """One channel to one service replica; a context manager. `timeout` is the default deadline (s) of
+    unary calls; streams (`report_loads`, `watch`) have none unless given one.
+    """
 
     def __enter__(self) -> RebalancerClient:
         return self
@@ -95,9 +105,6 @@ class RebalancerClient:
             return exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
         return True
 
-    def _deadline(self, timeout: float | None) -> float:
-        return self.timeout if timeout is None else timeout
-
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """Standard gRPC health: "SERVING", "NOT_SERVING", "UNKNOWN" or "SERVICE_UNKNOWN"."""
         try:
@@ -112,52 +119,18 @@ class RebalancerClient:
             raise
         return HEALTH_NAMES.get(response.status, "UNKNOWN")
 
-    def rebalance(
-        self,
-        loads: Any = None,
-        *,
-        num_replicas: int | None = None,
-        num_groups: int = 1,
-        num_nodes: int = 1,
-        num_gpus: int | None = None,
-        deployment_id: str | None = None,
-        policy: str | int | None = None,
-        num_candidates: int | None = None,
-        seed: int = 0,
-        dry_run: bool = False,
-        max_moves_per_layer: int | None = None,
-        balance_tolerance: float | None = None,
-        fresh: bool = False,
-        locality_tolerance: float | None = None,
-        base_version: int | None = None,
-        prev_phy2log: Any = None,
-        timeout: float | None = None,
-    ) -> Placement:
+    def rebalance(self, loads: Any = None, *, timeout: float | None = None, **request: Any) -> Placement:
         """Plan a placement from inline loads [L, E] (with the topology) or from a deployment's window.
 
+        `request` takes the arguments of `messages.rebalance_request`: the topology (num_replicas,
+        num_groups, num_nodes, num_gpus), deployment_id, base_version, prev_phy2log, and the solve options
+        declared in `rebalancer_wire.options` (policy, num_candidates, seed, dry_run, fresh,
+        max_moves_per_layer, balance_tolerance, locality_tolerance), all checked before anything is sent.
         With `deployment_id` the result starts from the placement in force (fewest moves) and is
         committed as a new version unless `dry_run`; `base_version` guards against concurrent planners
         (FAILED_PRECONDITION when it is not current).
         """
-        request = rebalance_request(
-            loads,
-            num_replicas=num_replicas,
-            num_groups=num_groups,
-            num_nodes=num_nodes,
-            num_gpus=num_gpus,
-            deployment_id=deployment_id,
-            policy=policy,
-            num_candidates=num_candidates,
-            seed=seed,
-            dry_run=dry_run,
-            max_moves_per_layer=max_moves_per_layer,
-            balance_tolerance=balance_tolerance,
-            fresh=fresh,
-            locality_tolerance=locality_tolerance,
-            base_version=base_version,
-            prev_phy2log=prev_phy2log,
-        )
-        return self.send_rebalance(request, timeout=timeout)
+        return self.send_rebalance(rebalance_request(loads, **request), timeout=timeout)
 
     def send_rebalance(self, request: pb.RebalanceRequest, *, timeout: float | None = None) -> Placement:
         """Send a prepared RebalanceRequest (the sharded client routes these)."""

@@ -15,16 +15,13 @@ import grpc
 import numpy as np
 from google.rpc import error_details_pb2, status_pb2
 from rebalancer_wire.codec import as_numpy, encode
+from rebalancer_wire.options import ArgumentError
+from rebalancer_wire.options import check as check_options
+from rebalancer_wire.options import fill_message as fill_options
+from rebalancer_wire.topology import FIELDS as TOPOLOGY_FIELDS
+from rebalancer_wire.topology import Topology
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
-from .placement import Topology
-
-POLICIES: dict[str, int] = {
-    "auto": pb.POLICY_AUTO,
-    "deepseek": pb.POLICY_DEEPSEEK,
-    "global": pb.POLICY_GLOBAL,
-    "hierarchical": pb.POLICY_HIERARCHICAL,
-}
 TopologyLike = Topology | Mapping[str, int] | pb.Topology
 
 
@@ -47,33 +44,15 @@ def loads_array(value: Any, name: str = "loads") -> np.ndarray:
     return array
 
 
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
 def make_topology(
     num_layers: int, num_experts: int, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
 ) -> Topology:
-    """A checked Topology: R >= E, R % G == 0, G % nodes == 0, E % groups == 0 (the solver's rules)."""
-    topology = Topology(
-        num_layers=_positive("num_layers", num_layers),
-        num_experts=_positive("num_experts", num_experts),
-        num_replicas=_positive("num_replicas", num_replicas),
-        num_groups=_positive("num_groups", num_groups),
-        num_nodes=_positive("num_nodes", num_nodes),
-        num_gpus=_positive("num_gpus", num_gpus),
-    )
-    if topology.num_replicas < topology.num_experts:
-        raise ValueError(f"num_replicas ({num_replicas}) must be >= the number of experts ({num_experts})")
-    if topology.num_replicas % topology.num_gpus:
-        raise ValueError(f"num_replicas ({num_replicas}) must be divisible by num_gpus ({num_gpus})")
-    if topology.num_gpus % topology.num_nodes:
-        raise ValueError(f"num_gpus ({num_gpus}) must be divisible by num_nodes ({num_nodes})")
-    if topology.num_experts % topology.num_groups:
-        raise ValueError(f"the number of experts ({num_experts}) must be divisible by num_groups ({num_groups})")
-    return topology
+    """A Topology checked by the layout rules the server and solver apply (ArgumentError otherwise)."""
+    topology = Topology(num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus)
+    violations = topology.violations()
+    if violations:
+        raise ArgumentError(*violations[0])
+    return Topology(*(int(getattr(topology, name)) for name in TOPOLOGY_FIELDS))
 
 
 def as_topology(value: TopologyLike, loads_shape: tuple[int, ...] | None = None) -> Topology:
@@ -98,19 +77,6 @@ def as_topology(value: TopologyLike, loads_shape: tuple[int, ...] | None = None)
     return make_topology(**fields)
 
 
-def policy_value(policy: str | int | None) -> int:
-    """Policy name ("auto", "deepseek", "global", "hierarchical") or enum value -> enum value."""
-    if policy is None:
-        return pb.POLICY_UNSPECIFIED
-    if isinstance(policy, str):
-        if policy.lower() not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-        return POLICIES[policy.lower()]
-    if policy not in pb.Policy.values():
-        raise ValueError(f"policy must be a rebalancer.v1.Policy value, got {policy!r}")
-    return int(policy)
-
-
 def rebalance_request(
     loads: Any = None,
     *,
@@ -119,18 +85,12 @@ def rebalance_request(
     num_nodes: int = 1,
     num_gpus: int | None = None,
     deployment_id: str | None = None,
-    policy: str | int | None = None,
-    num_candidates: int | None = None,
-    seed: int = 0,
-    dry_run: bool = False,
-    max_moves_per_layer: int | None = None,
-    balance_tolerance: float | None = None,
-    fresh: bool = False,
-    locality_tolerance: float | None = None,
     base_version: int | None = None,
     prev_phy2log: Any = None,
+    **options: Any,
 ) -> pb.RebalanceRequest:
-    """Build and check a RebalanceRequest; see `RebalancerClient.rebalance` for the arguments."""
+    """Build and check a RebalanceRequest; `options` are the solve options (`rebalancer_wire.options`,
+    e.g. policy, num_candidates, seed, dry_run, max_moves_per_layer). See `RebalancerClient.rebalance`."""
     if loads is None and not deployment_id:
         raise ValueError("loads are required without deployment_id")
     request = pb.RebalanceRequest(deployment_id=deployment_id or "")
@@ -158,25 +118,7 @@ def rebalance_request(
         if base_version < 0:
             raise ValueError(f"base_version must be >= 0, got {base_version}")
         request.base_version = base_version
-    options = request.options
-    options.policy = policy_value(policy)
-    if num_candidates is not None:
-        options.num_candidates = _positive("num_candidates", num_candidates)
-    options.seed = int(seed)
-    options.dry_run = bool(dry_run)
-    options.fresh = bool(fresh)
-    if max_moves_per_layer is not None:
-        if max_moves_per_layer < 0:
-            raise ValueError(f"max_moves_per_layer must be >= 0, got {max_moves_per_layer}")
-        options.max_moves_per_layer = int(max_moves_per_layer)
-    for name, tolerance in (
-        ("balance_tolerance", balance_tolerance),
-        ("locality_tolerance", locality_tolerance),
-    ):
-        if tolerance is not None:
-            if not 0.0 <= tolerance <= 1.0:
-                raise ValueError(f"{name} must be within [0, 1], got {tolerance}")
-            setattr(options, name, float(tolerance))
+    fill_options(request.options, check_options(**options))
     return request
 
 

@@ -24,6 +24,7 @@ _TO_NUMPY: dict[int, np.dtype] = {
     pb.ELEMENT_TYPE_INT32: np.dtype("<i4"),
     pb.ELEMENT_TYPE_INT64: np.dtype("<i8"),
 }
+_BFLOAT16_BITS = np.dtype("<u2")
 _FROM_NUMPY: dict[str, int] = {
     "float32": pb.ELEMENT_TYPE_FLOAT32,
     "float64": pb.ELEMENT_TYPE_FLOAT64,
@@ -77,8 +78,13 @@ def encode_ids(value: Any) -> pb.Tensor:
 
 
 def decode(message: pb.Tensor, *, max_elements: int | None = None, max_dims: int = 8) -> np.ndarray:
-    """Tensor message -> read-only ndarray view of its bytes; raises TensorDecodeError when malformed."""
-    dtype = _TO_NUMPY.get(message.dtype)
+    """Tensor message -> read-only ndarray view of its bytes; raises TensorDecodeError when malformed.
+
+    bfloat16 (no numpy type) arrives as its raw 16-bit patterns and is widened to float32, exactly: a
+    bfloat16 value is the upper half of the float32 with the same bits.
+    """
+    bfloat16 = message.dtype == pb.ELEMENT_TYPE_BFLOAT16
+    dtype = _BFLOAT16_BITS if bfloat16 else _TO_NUMPY.get(message.dtype)
     if dtype is None:
         name = ElementType.Name(message.dtype) if message.dtype in ElementType.values() else str(message.dtype)
         raise TensorDecodeError(f"unsupported dtype {name}")
@@ -95,4 +101,5 @@ def decode(message: pb.Tensor, *, max_elements: int | None = None, max_dims: int
         raise TensorDecodeError(
             f"data holds {len(message.data)} bytes, shape {list(shape)} of {dtype.name} needs {expected}"
         )
-    return np.frombuffer(message.data, dtype=dtype).reshape(shape)
+    array = np.frombuffer(message.data, dtype=dtype).reshape(shape)
+    return (array.astype("<u4") << 16).view("<f4") if bfloat16 else array

@@ -1,11 +1,36 @@
-"""The expert-parallel layout, one type for client and server (`rebalancer.v1.Topology`)."""
+"""The expert-parallel layout, one type and one set of rules for client, server and solver."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from .v1 import rebalancer_pb2 as pb
+FIELDS = ("num_layers", "num_experts", "num_replicas", "num_groups", "num_nodes", "num_gpus")
+
+
+def topology_violations(
+    num_layers: int, num_experts: int, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> list[tuple[str, str]]:
+    """(argument, reason) for every rule a layout breaks: all counts >= 1, R >= E, G divides R, the groups
+    divide the experts and the nodes divide the GPUs. Empty when the layout is valid."""
+    values = dict(zip(FIELDS, (num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus), strict=True))
+    violations = [
+        (name, f"must be an integer >= 1, got {value!r}")
+        for name, value in values.items()
+        if isinstance(value, bool) or not hasattr(value, "__index__") or value < 1
+    ]
+    if violations:
+        return violations
+    if num_replicas < num_experts:
+        violations.append(("num_replicas", f"({num_replicas}) must be >= the number of experts ({num_experts})"))
+    if num_replicas % num_gpus:
+        violations.append(("num_gpus", f"({num_gpus}) must divide num_replicas ({num_replicas})"))
+    if num_experts % num_groups:
+        violations.append(("num_groups", f"({num_groups}) must divide the number of experts ({num_experts})"))
+    if num_gpus % num_nodes:
+        violations.append(("num_nodes", f"({num_nodes}) must divide num_gpus ({num_gpus})"))
+    return violations
 
 
 @dataclass(frozen=True)
@@ -23,18 +48,16 @@ class Topology:
     def slots_per_gpu(self) -> int:
         return self.num_replicas // self.num_gpus
 
-    @classmethod
-    def from_proto(cls, message: pb.Topology) -> Topology:
-        return cls(
-            num_layers=message.num_layers,
-            num_experts=message.num_experts,
-            num_replicas=message.num_replicas,
-            num_groups=message.num_groups,
-            num_nodes=message.num_nodes,
-            num_gpus=message.num_gpus,
-        )
+    def violations(self) -> list[tuple[str, str]]:
+        return topology_violations(*(getattr(self, name) for name in FIELDS))
 
-    def to_proto(self) -> pb.Topology:
+    @classmethod
+    def from_proto(cls, message: Any) -> Topology:
+        return cls(**{name: getattr(message, name) for name in FIELDS})
+
+    def to_proto(self) -> Any:
+        from .v1 import rebalancer_pb2 as pb  # here, so the solver can use the rules without protobuf
+
         return pb.Topology(**asdict(self))
 
     def to_json(self) -> str:

@@ -17,9 +17,10 @@ import asyncio
 import logging
 import time
 
+from rebalancer_wire.options import SolveSettings
+
 from .deployments import Deployment, Registry
 from .errors import ServiceError
-from .validation import SolveSettings
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from rebalancer_wire.options import ArgumentError, SolveSettings
 
 from rebalancer.solver import maps, solve
 from rebalancer.solver.api import SolveResult
@@ -48,7 +49,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .model import Topology
-from .validation import SolveSettings, solver_error_field
+from .validation import solver_error_field
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +60,9 @@ STOP_POLL_S = 0.005
 SMALL_BATCH_FACTOR = 4
 
 
-@dataclass(frozen=True)
-class BatchKey:
-    """Requests with equal keys can share a solver call."""
-
-    num_experts: int
-    num_replicas: int
-    num_groups: int
-    num_nodes: int
-    num_gpus: int
-    policy: str
-    num_candidates: int | None
-    max_moves_per_layer: int | None
-    balance_tolerance: float
-    locality_tolerance: float
-    has_prev: bool
-    history_intervals: int
+# Requests with equal keys can share a solver call: the layout but the layer count, every batch-scoped
+# solve option (rebalancer_wire.options), and the kind of extra input (placement in force, history length).
+BatchKey = tuple
 
 
 @dataclass
@@ -96,21 +84,10 @@ class SolveJob:
 
     @property
     def key(self) -> BatchKey:
-        t, s = self.topology, self.settings
-        return BatchKey(
-            t.num_experts,
-            t.num_replicas,
-            t.num_groups,
-            t.num_nodes,
-            t.num_gpus,
-            s.policy,
-            s.num_candidates,
-            s.max_moves_per_layer,
-            s.balance_tolerance,
-            s.locality_tolerance,
-            self.prev_phy2log is not None,
-            self.history_intervals,
-        )
+        t = self.topology
+        layout = (t.num_experts, t.num_replicas, t.num_groups, t.num_nodes, t.num_gpus)
+        extra_inputs = (self.prev_phy2log is not None, self.history_intervals)
+        return layout + self.settings.batch_key() + extra_inputs
 
     @property
     def num_layers(self) -> int:
@@ -407,18 +384,14 @@ class Batcher:
                 t.num_groups,
                 t.num_nodes,
                 t.num_gpus,
-                policy=s.policy,
-                num_candidates=s.num_candidates,
+                **s.batch_kwargs(),
                 layer_seeds=layer_seeds,
                 device=device,
                 prev_phy2log=prev,
                 history=history,
-                max_moves_per_layer=s.max_moves_per_layer,
-                balance_tolerance=s.balance_tolerance,
-                locality_tolerance=s.locality_tolerance,
             )
-        except ValueError as error:
-            raise InvalidArgument([(solver_error_field(str(error)), str(error))]) from None
+        except ArgumentError as error:
+            raise InvalidArgument([(solver_error_field(error), str(error))]) from None
         except (MemoryError, RuntimeError) as error:
             if not out_of_memory(error):
                 raise

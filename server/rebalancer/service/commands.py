@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from rebalancer_wire.options import SolveSettings
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
 from .admission import JobLimits
 from .errors import InvalidArgument
 from .model import Topology
 from .validation import (
-    SolveSettings,
     check_loads,
     check_options,
     check_phy2log,

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
+from rebalancer_wire.options import SolveSettings
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
 from rebalancer.solver import maps
@@ -35,7 +36,6 @@ from .metrics import Metrics
 from .model import PlacementRecord, Topology
 from .store import Store
 from .telemetry import Quality, TelemetryWindows
-from .validation import SolveSettings
 
 log = logging.getLogger(__name__)
 

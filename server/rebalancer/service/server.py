@@ -17,6 +17,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from rebalancer_wire.options import SolveSettings
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from rebalancer_wire.v1 import rebalancer_pb2_grpc
 
@@ -34,7 +35,6 @@ from .security import auth_token, server_credentials
 from .servicer import RebalancerServicer
 from .store import Store
 from .telemetry import TelemetryWindows
-from .validation import SolveSettings
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RebalancerService"].full_name
 HEALTH_NAMES = ("", SERVICE_NAME)
 
 
-def resolve_device(name: str) -> torch.device:
+def device_from_flag(name: str) -> torch.device:
+    """The --device flag (auto, cpu, cuda, cuda:N) -> the device the solver and windows live on."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -66,7 +67,7 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
 class RebalancerServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = device_from_flag(config.device)
         self.metrics = Metrics()
         self.store = Store(config.state_dir)
         self.health = health_aio.HealthServicer()

@@ -7,59 +7,27 @@ declared shape before anything is allocated. Checks are numpy only: they run on 
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 from rebalancer_wire.codec import TensorDecodeError, decode
+from rebalancer_wire.options import BY_NAME, ArgumentError, SolveSettings
+from rebalancer_wire.options import read_message as read_options
+from rebalancer_wire.topology import FIELDS as TOPOLOGY_FIELDS
+from rebalancer_wire.topology import Topology
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
-from ..solver.api import DEFAULT_BALANCE_TOLERANCE, DEFAULT_LOCALITY_TOLERANCE
 from .errors import InvalidArgument
-from .model import Topology
+
+__all__ = ["SolveSettings"]
 
 # Largest load accepted: windows sum reports in float32 and placements are scored in float64, so real
 # token counts (far below this) can never overflow into inf or NaN.
 MAX_LOAD = 1e30
 DEPLOYMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
-MAX_CANDIDATES = 4096
-POLICY_NAMES = {
-    pb.POLICY_UNSPECIFIED: "auto",
-    pb.POLICY_AUTO: "auto",
-    pb.POLICY_DEEPSEEK: "deepseek",
-    pb.POLICY_GLOBAL: "global",
-    pb.POLICY_HIERARCHICAL: "hierarchical",
-}
-# Solver argument names (the first word of its ValueError messages) -> request fields.
-SOLVER_ARGUMENT_FIELDS = {
-    "weight": "loads.data",
-    "num_replicas": "topology.num_replicas",
-    "num_groups": "topology.num_groups",
-    "num_nodes": "topology.num_nodes",
-    "num_gpus": "topology.num_gpus",
-    "num_candidates": "options.num_candidates",
-    "policy": "options.policy",
-    "seed": "options.seed",
-    "balance_tolerance": "options.balance_tolerance",
-    "locality_tolerance": "options.locality_tolerance",
-    "max_moves_per_layer": "options.max_moves_per_layer",
-    "prev_phy2log": "prev_phy2log",
-}
-
-
-@dataclass(frozen=True)
-class SolveSettings:
-    """Validated SolveOptions, in the solver's terms."""
-
-    policy: str = "auto"
-    num_candidates: int | None = None
-    seed: int = 0
-    dry_run: bool = False
-    max_moves_per_layer: int | None = None
-    balance_tolerance: float = DEFAULT_BALANCE_TOLERANCE
-    locality_tolerance: float = DEFAULT_LOCALITY_TOLERANCE
-    fresh: bool = False
+# Solver arguments that are not options, -> the request field they come from.
+SOLVER_ARGUMENT_FIELDS = {"weight": "loads.data", "prev_phy2log": "prev_phy2log", "history": "loads"}
 
 
 def deployment_id_violations(value: str, field: str = "deployment_id") -> list[tuple[str, str]]:
@@ -93,28 +61,13 @@ def check_topology(
 
 
 def topology_violations(topology: Topology, max_elements: int, field: str = "topology") -> list[tuple[str, str]]:
-    """The solver's `validate` rules on a topology, plus the size limit on L x R."""
-    violations = [
-        (f"{field}.{name}", "must be >= 1")
-        for name in ("num_layers", "num_experts", "num_replicas", "num_groups", "num_nodes", "num_gpus")
-        if getattr(topology, name) < 1
-    ]
-    if violations:
-        return violations
-    t = topology
-    if t.num_replicas < t.num_experts:
-        violations.append((f"{field}.num_replicas", f"{t.num_replicas} must be >= num_experts ({t.num_experts})"))
-    if t.num_replicas % t.num_gpus:
-        violations.append((f"{field}.num_gpus", f"must divide num_replicas ({t.num_replicas}), got {t.num_gpus}"))
-    if t.num_experts % t.num_groups:
-        violations.append((f"{field}.num_groups", f"must divide num_experts ({t.num_experts}), got {t.num_groups}"))
-    if t.num_gpus % t.num_nodes:
-        violations.append((f"{field}.num_nodes", f"must divide num_gpus ({t.num_gpus}), got {t.num_nodes}"))
-    if t.num_layers * max(t.num_replicas, t.num_experts) > max_elements:
+    """The layout rules every side shares, plus the size limit on L x R."""
+    violations = [(f"{field}.{name}", reason) for name, reason in topology.violations()]
+    if not violations and topology.num_layers * max(topology.num_replicas, topology.num_experts) > max_elements:
         violations.append(
             (
                 f"{field}.num_layers",
-                f"{t.num_layers} layers x {t.num_replicas} slots exceed {max_elements} elements",
+                f"{topology.num_layers} layers x {topology.num_replicas} slots exceed {max_elements} elements",
             )
         )
     return violations
@@ -187,34 +140,17 @@ def check_phy2log(message: pb.Tensor, topology: Topology, max_elements: int, fie
 
 
 def check_options(message: pb.SolveOptions, field: str = "options") -> SolveSettings:
-    """SolveOptions -> SolveSettings; 0 candidates means the device's default."""
-    violations = []
-    if message.policy not in POLICY_NAMES:
-        violations.append((f"{field}.policy", f"unknown policy {message.policy}"))
-    if message.num_candidates > MAX_CANDIDATES:
-        violations.append((f"{field}.num_candidates", f"{message.num_candidates} exceeds {MAX_CANDIDATES}"))
-    tolerances = {}
-    for name, default in (
-        ("balance_tolerance", DEFAULT_BALANCE_TOLERANCE),
-        ("locality_tolerance", DEFAULT_LOCALITY_TOLERANCE),
-    ):
-        value = getattr(message, name) if message.HasField(name) else default
-        if not (0.0 <= value < 1.0) or math.isnan(value):
-            violations.append((f"{field}.{name}", f"must be in [0, 1), got {value}"))
-        tolerances[name] = value
+    """SolveOptions -> SolveSettings by the one option declaration; 0 candidates means the device's default."""
+    settings, violations = read_options(message)
     if violations:
-        raise InvalidArgument(violations)
-    return SolveSettings(
-        policy=POLICY_NAMES[message.policy],
-        num_candidates=message.num_candidates or None,
-        seed=message.seed,
-        dry_run=message.dry_run,
-        max_moves_per_layer=message.max_moves_per_layer if message.HasField("max_moves_per_layer") else None,
-        fresh=message.fresh,
-        **tolerances,
-    )
+        raise InvalidArgument([(f"{field}.{name}", reason) for name, reason in violations])
+    return settings
 
 
-def solver_error_field(message: str) -> str:
-    """The request field a solver ValueError is about (its message starts with the argument name)."""
-    return SOLVER_ARGUMENT_FIELDS.get(message.split(" ", 1)[0], "loads")
+def solver_error_field(error: ArgumentError) -> str:
+    """The request field a solver ArgumentError is about (the error names its argument)."""
+    if error.argument in BY_NAME:
+        return f"options.{error.argument}"
+    if error.argument in TOPOLOGY_FIELDS:
+        return f"topology.{error.argument}"
+    return SOLVER_ARGUMENT_FIELDS.get(error.argument, "loads")

@@ -7,17 +7,19 @@ trust their inputs.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from rebalancer_wire.options import BY_NAME, ArgumentError
+from rebalancer_wire.options import check as check_options
+from rebalancer_wire.topology import topology_violations
 
 from . import maps
 from .locality import group_locality
-from .policies import POLICIES, SolveOptions, run_policy
+from .policies import SolveOptions, run_policy
 
 
 @dataclass
@@ -42,14 +44,8 @@ class SolveResult:
         return self.phy2log, self.log2phy, self.logcnt
 
 
-# Balancedness a plan may give up to ship fewer copies from the placement in force. Planning to the
-# last window's noise is wasted work: on the drift series, 0.01 moves 0.15x the copies of a fresh plan
-# and is *more* balanced on the next window than tighter settings (benchmarks/RESULTS.md).
-DEFAULT_BALANCE_TOLERANCE = 0.01
-# Max-load increase `auto` accepts per layer to keep every expert group on one node. 0 keeps `auto` never
-# worse than the better reference policy (a 0.001 default lost 3e-5 balancedness on near-uniform loads);
-# groups still stay local whenever that is free, and callers who value node-limited routing raise it.
-DEFAULT_LOCALITY_TOLERANCE = 0.0
+DEFAULT_BALANCE_TOLERANCE: float = BY_NAME["balance_tolerance"].default
+DEFAULT_LOCALITY_TOLERANCE: float = BY_NAME["locality_tolerance"].default
 
 
 @contextlib.contextmanager
@@ -80,17 +76,9 @@ def per_layer_scale(loads: torch.Tensor) -> torch.Tensor:
 
 def solver_path(device: torch.device) -> str:
     """Which implementation ran the hot loops: "triton" kernels or plain "torch" ops."""
-    try:
-        from .kernels import active_path
-    except ImportError:
-        return "torch"
+    from .kernels import active_path
+
     return active_path(device)
-
-
-def _check_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def resolve_device(weight: torch.Tensor, device: str | torch.device | None) -> torch.device:
@@ -106,30 +94,21 @@ def validate(weight: object, num_replicas: int, num_groups: int, num_nodes: int,
         try:
             weight = torch.as_tensor(weight)
         except Exception as exc:
-            raise ValueError(f"weight must be a 2-D tensor of loads: {exc}") from exc
+            raise ArgumentError("weight", f"must be a 2-D tensor of loads: {exc}") from exc
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [layers, experts], got shape {tuple(weight.shape)}")
+        raise ArgumentError("weight", f"must be 2-D [layers, experts], got shape {tuple(weight.shape)}")
     if weight.dtype == torch.bool or weight.is_complex():
-        raise ValueError(f"weight must hold real numbers, got dtype {weight.dtype}")
+        raise ArgumentError("weight", f"must hold real numbers, got dtype {weight.dtype}")
     num_layers, num_experts = weight.shape
     if num_layers == 0 or num_experts == 0:
-        raise ValueError(f"weight must have at least one layer and one expert, got shape {tuple(weight.shape)}")
-    _check_int("num_replicas", num_replicas)
-    _check_int("num_groups", num_groups)
-    _check_int("num_nodes", num_nodes)
-    _check_int("num_gpus", num_gpus)
+        raise ArgumentError("weight", f"must have at least one layer and one expert, got shape {tuple(weight.shape)}")
+    violations = topology_violations(num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus)
+    if violations:
+        raise ArgumentError(*violations[0])
     if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
-        raise ValueError("weight must be finite: found NaN or inf loads")
+        raise ArgumentError("weight", "must be finite: found NaN or inf loads")
     if bool((weight < 0).any()):
-        raise ValueError("weight must be non-negative: found negative loads")
-    if num_replicas < num_experts:
-        raise ValueError(f"num_replicas ({num_replicas}) must be >= the number of experts ({num_experts})")
-    if num_replicas % num_gpus:
-        raise ValueError(f"num_replicas ({num_replicas}) must be divisible by num_gpus ({num_gpus})")
-    if num_experts % num_groups:
-        raise ValueError(f"num_groups ({num_groups}) must divide the number of experts ({num_experts})")
-    if num_gpus % num_nodes:
-        raise ValueError(f"num_nodes ({num_nodes}) must divide num_gpus ({num_gpus})")
+        raise ArgumentError("weight", "must be non-negative: found negative loads")
     return weight
 
 
@@ -140,14 +119,14 @@ def solve(
     num_nodes: int,
     num_gpus: int,
     *,
-    policy: str = "auto",
-    num_candidates: int | None = None,
-    seed: int = 0,
+    policy: str = BY_NAME["policy"].default,
+    num_candidates: int | None = BY_NAME["num_candidates"].default,
+    seed: int = BY_NAME["seed"].default,
     layer_seeds: torch.Tensor | None = None,
     device: str | torch.device | None = None,
     prev_phy2log: torch.Tensor | None = None,
     history: torch.Tensor | None = None,
-    max_moves_per_layer: int | None = None,
+    max_moves_per_layer: int | None = BY_NAME["max_moves_per_layer"].default,
     balance_tolerance: float = DEFAULT_BALANCE_TOLERANCE,
     locality_tolerance: float = DEFAULT_LOCALITY_TOLERANCE,
 ) -> SolveResult:
@@ -159,82 +138,115 @@ def solve(
     `max_moves_per_layer` moved copies per layer when given). `history` [T, L, E] holds window sums,
     newest last; it steers the choice among candidates of a fresh plan (ignored with `prev_phy2log`).
     `locality_tolerance` is the max-load increase `policy="auto"` accepts per layer to keep groups on
-    their node.
+    their node. Every bad argument raises `ArgumentError` (a ValueError) naming it.
     """
     weight = validate(weight, num_replicas, num_groups, num_nodes, num_gpus)
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
-    if num_candidates is not None:
-        _check_int("num_candidates", num_candidates)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    if not (0.0 <= balance_tolerance < 1.0) or math.isnan(balance_tolerance):
-        raise ValueError(f"balance_tolerance must be in [0, 1), got {balance_tolerance!r}")
-    if not (0.0 <= locality_tolerance < 1.0) or math.isnan(locality_tolerance):
-        raise ValueError(f"locality_tolerance must be in [0, 1), got {locality_tolerance!r}")
-    if max_moves_per_layer is not None:
-        _check_int("max_moves_per_layer", max_moves_per_layer, minimum=0)
+    settings = check_options(
+        policy=policy,
+        num_candidates=num_candidates,
+        seed=seed,
+        max_moves_per_layer=max_moves_per_layer,
+        balance_tolerance=balance_tolerance,
+        locality_tolerance=locality_tolerance,
+    )
+    policy = settings.policy
     num_layers, num_experts = weight.shape
     target = resolve_device(weight, device)
     started = time.perf_counter()
     loads = weight.to(target, torch.float64)
-    if layer_seeds is None:
-        layer_seeds = seed + torch.arange(num_layers, dtype=torch.int64)
-    else:
-        layer_seeds = torch.as_tensor(layer_seeds, dtype=torch.int64)
-        if layer_seeds.shape != (num_layers,):
-            raise ValueError(f"layer_seeds must have shape [{num_layers}], got {tuple(layer_seeds.shape)}")
-    layer_seeds = layer_seeds.to(target)
+    layer_seeds = _checked_layer_seeds(layer_seeds, settings.seed, num_layers, target)
     if prev_phy2log is not None:
-        prev_phy2log = torch.as_tensor(prev_phy2log)
-        if prev_phy2log.shape != (num_layers, num_replicas):
-            raise ValueError(
-                f"prev_phy2log must have shape [{num_layers}, {num_replicas}], got {tuple(prev_phy2log.shape)}"
-            )
-        prev_phy2log = prev_phy2log.to(target, torch.int64)
-        if bool(((prev_phy2log < 0) | (prev_phy2log >= num_experts)).any()):
-            raise ValueError(f"prev_phy2log entries must be expert ids in [0, {num_experts})")
-        if bool((maps.logcnt_from_phy2log(prev_phy2log, num_experts) == 0).any()):
-            raise ValueError("prev_phy2log must host every expert at least once per layer")
+        prev_phy2log = _checked_placement(prev_phy2log, num_experts, num_replicas, num_layers, target)
     if history is not None:
-        history = torch.as_tensor(history)
-        if history.dim() != 3 or tuple(history.shape[1:]) != (num_layers, num_experts):
-            raise ValueError(f"history must have shape [T, {num_layers}, {num_experts}], got {tuple(history.shape)}")
-        if history.is_floating_point() and not bool(torch.isfinite(history).all()):
-            raise ValueError("history must be finite: found NaN or inf loads")
-        if bool((history < 0).any()):
-            raise ValueError("history must be non-negative: found negative loads")
-        history = history.to(target, torch.float64)
-
+        history = _checked_history(history, num_layers, num_experts, target)
     options = SolveOptions(
         num_replicas=num_replicas,
         num_groups=num_groups,
         num_nodes=num_nodes,
         num_gpus=num_gpus,
-        num_candidates=num_candidates,
+        num_candidates=settings.num_candidates,
         layer_seeds=layer_seeds,
         prev_phy2log=prev_phy2log,
         history=history,
-        max_moves_per_layer=max_moves_per_layer,
-        balance_tolerance=balance_tolerance,
-        locality_tolerance=locality_tolerance,
+        max_moves_per_layer=settings.max_moves_per_layer,
+        balance_tolerance=settings.balance_tolerance,
+        locality_tolerance=settings.locality_tolerance,
     )
     # Planning is scale-free; per-layer scaling to a max of 1 keeps float32 sums of huge loads finite.
     # The published algorithm is left to see the loads exactly as given.
     planning_loads = loads if policy == "deepseek" else loads / per_layer_scale(loads)
     with cpu_threads(target):
         phy2log, policy_per_layer, stats = run_policy(policy, planning_loads, options)
+    result = _describe(loads, phy2log, prev_phy2log, stats, num_groups, num_nodes, num_gpus)
+    result.policy_per_layer = policy_per_layer
+    result.solve_seconds = time.perf_counter() - started
+    return result
+
+
+def _checked_layer_seeds(
+    layer_seeds: torch.Tensor | None, seed: int, num_layers: int, device: torch.device
+) -> torch.Tensor:
+    """Per-layer seeds [L] (default seed + layer index) on `device`."""
+    if layer_seeds is None:
+        return (seed + torch.arange(num_layers, dtype=torch.int64)).to(device)
+    layer_seeds = torch.as_tensor(layer_seeds, dtype=torch.int64)
+    if layer_seeds.shape != (num_layers,):
+        raise ArgumentError("layer_seeds", f"must have shape [{num_layers}], got {tuple(layer_seeds.shape)}")
+    return layer_seeds.to(device)
+
+
+def _checked_placement(
+    prev_phy2log: object, num_experts: int, num_replicas: int, num_layers: int, device: torch.device
+) -> torch.Tensor:
+    """The placement in force [L, R] as int64 on `device`: expert ids in range, every expert hosted."""
+    prev_phy2log = torch.as_tensor(prev_phy2log)
+    if prev_phy2log.shape != (num_layers, num_replicas):
+        raise ArgumentError(
+            "prev_phy2log", f"must have shape [{num_layers}, {num_replicas}], got {tuple(prev_phy2log.shape)}"
+        )
+    prev_phy2log = prev_phy2log.to(device, torch.int64)
+    if bool(((prev_phy2log < 0) | (prev_phy2log >= num_experts)).any()):
+        raise ArgumentError("prev_phy2log", f"entries must be expert ids in [0, {num_experts})")
+    if bool((maps.logcnt_from_phy2log(prev_phy2log, num_experts) == 0).any()):
+        raise ArgumentError("prev_phy2log", "must host every expert at least once per layer")
+    return prev_phy2log
+
+
+def _checked_history(history: object, num_layers: int, num_experts: int, device: torch.device) -> torch.Tensor:
+    """Window sums [T, L, E], finite and non-negative, as float64 on `device`."""
+    history = torch.as_tensor(history)
+    if history.dim() != 3 or tuple(history.shape[1:]) != (num_layers, num_experts):
+        raise ArgumentError("history", f"must have shape [T, {num_layers}, {num_experts}], got {tuple(history.shape)}")
+    if history.is_floating_point() and not bool(torch.isfinite(history).all()):
+        raise ArgumentError("history", "must be finite: found NaN or inf loads")
+    if bool((history < 0).any()):
+        raise ArgumentError("history", "must be non-negative: found negative loads")
+    return history.to(device, torch.float64)
+
+
+def _describe(
+    loads: torch.Tensor,
+    phy2log: torch.Tensor,
+    prev_phy2log: torch.Tensor | None,
+    stats: dict,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+) -> SolveResult:
+    """Maps and figures of a plan: log2phy/logcnt from phy2log [L, R], balancedness on `loads` [L, E], and
+    moved copies and balancedness before against the placement in force."""
+    num_layers, num_experts = loads.shape
     logcnt = maps.logcnt_from_phy2log(phy2log, num_experts)
     log2phy = maps.log2phy_from_phy2log(phy2log, logcnt, stats.pop("phy_rank", None))
     if prev_phy2log is None:
-        moved = torch.zeros(num_layers, dtype=torch.int64, device=target)
+        moved = torch.zeros(num_layers, dtype=torch.int64, device=loads.device)
         before = None
     else:
         moved = maps.moved_copies(prev_phy2log, phy2log, num_experts, num_gpus)
         before = maps.balancedness(loads, prev_phy2log, maps.logcnt_from_phy2log(prev_phy2log, num_experts), num_gpus)
     if num_groups > 1 and num_nodes > 1 and num_groups % num_nodes == 0:
         stats.update(group_locality(loads, phy2log, logcnt, num_groups, num_nodes))
-    stats.setdefault("path", solver_path(target))
+    stats.setdefault("path", solver_path(loads.device))
     return SolveResult(
         phy2log=phy2log,
         log2phy=log2phy,
@@ -242,9 +254,9 @@ def solve(
         balancedness=maps.balancedness(loads, phy2log, logcnt, num_gpus),
         balancedness_before=before,
         moved_copies=moved,
-        policy_per_layer=policy_per_layer,
-        device=str(target),
-        solve_seconds=time.perf_counter() - started,
+        policy_per_layer=[],
+        device=str(loads.device),
+        solve_seconds=0.0,
         stats=stats,
     )
 

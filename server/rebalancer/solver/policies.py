@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from rebalancer_wire.options import BY_NAME
 
 from .deepseek import rebalance_deepseek
 from .hierarchical import plan_hierarchical
@@ -111,6 +112,8 @@ def _auto(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
 
 
 POLICIES = {"auto": _auto, "deepseek": _deepseek, "global": _global, "hierarchical": _hierarchical}
+if set(POLICIES) != set(BY_NAME["policy"].choices):
+    raise ImportError(f"solver policies {sorted(POLICIES)} differ from the declared {BY_NAME['policy'].choices}")
 
 
 def run_policy(name: str, loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
