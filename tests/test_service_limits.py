@@ -134,6 +134,27 @@ def test_restart_over_budget_serves_and_allocates_windows_lazily(tmp_path):
         assert server.stub.Rebalance(pb.RebalanceRequest(deployment_id="d0")).placement.version == 2
 
 
+def test_refused_or_dry_run_plan_for_a_new_id_registers_nothing(tmp_path):
+    with ServerThread(str(tmp_path)) as server:
+        loads = encode(skewed_loads(1))
+        costly = pb.RebalanceRequest(
+            deployment_id="new", topology=TOPOLOGY, loads=loads, options=pb.SolveOptions(num_candidates=4096)
+        )
+        limits = server.server.batcher.limits
+        server.server.batcher.limits = JobLimits(1 << 20, 0.001, 1 << 20, 0.001, "cpu")  # nothing fits
+        with pytest.raises(grpc.RpcError) as error:
+            server.stub.Rebalance(costly)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        server.server.batcher.limits = limits
+        dry = pb.RebalanceRequest(
+            deployment_id="new", topology=TOPOLOGY, loads=loads, options=pb.SolveOptions(dry_run=True)
+        )
+        assert not server.stub.Rebalance(dry).committed
+        assert "new" not in server.server.registry.deployments
+        committed = pb.RebalanceRequest(deployment_id="new", topology=TOPOLOGY, loads=loads)
+        assert server.stub.Rebalance(committed).placement.version == 1
+
+
 def test_state_ledger_refuses_past_its_limit_with_advice():
     ledger = StateLedger(1000, 10, Metrics())
     ledger.charge(600, "a")

@@ -243,16 +243,33 @@ class Registry:
             )
             outcome = await self.batcher.submit(job)
             return self._fitting(placement_record("", command.topology, outcome)), False
-        if command.topology is not None:
-            deployment = await self.register(command.deployment_id, command.topology)
-        else:
-            deployment = self.get(command.deployment_id)
+        deployment = self.deployments.get(command.deployment_id)
+        if deployment is None:
+            return await self._rebalance_new(command, deadline)
         deployment.require_version(command.base_version)  # fail fast; commit checks again under the lock
         outcome = await self.plan(deployment, command.settings, loads=command.loads, deadline=deadline)
         if command.settings.dry_run:
             return self._fitting(placement_record(deployment.deployment_id, deployment.topology, outcome)), False
         record = await self.commit(deployment, outcome, trigger="request", base_version=command.base_version)
         return record, True
+
+    async def _rebalance_new(self, command: PlanCommand, deadline: float | None) -> tuple[PlacementRecord, bool]:
+        """A plan for a deployment not registered yet: solved first, registered only when it commits, so
+        a refused or dry-run request leaves no deployment behind."""
+        deployment_id, topology = command.deployment_id, command.topology
+        if topology is None:
+            raise NotFound(f"unknown deployment {deployment_id!r}")
+        if command.loads is None:
+            raise FailedPrecondition(f"deployment {deployment_id!r} has no telemetry yet: stream or pass loads")
+        if command.base_version:
+            raise FailedPrecondition(
+                f"base_version {command.base_version} is stale: deployment {deployment_id!r} is new"
+            )
+        outcome = await self.batcher.submit(SolveJob(topology, command.settings, command.loads, deadline=deadline))
+        if command.settings.dry_run:
+            return self._fitting(placement_record(deployment_id, topology, outcome)), False
+        deployment = await self.register(deployment_id, topology)
+        return await self.commit(deployment, outcome, trigger="request"), True
 
     async def plan(
         self,
