@@ -227,6 +227,22 @@ def test_topology_whose_placement_cannot_fit_a_message_is_invalid(tmp_path):
         assert "wide" not in server.server.registry.deployments  # nothing committed, nothing registered
 
 
+def test_placement_that_would_not_fit_a_response_is_never_committed(tmp_path):
+    with ServerThread(str(tmp_path)) as server:
+        request = pb.RebalanceRequest(deployment_id="fit", topology=TOPOLOGY, loads=encode(skewed_loads(1)))
+        assert server.stub.Rebalance(request).placement.version == 1
+        registry = server.server.registry
+        registry.max_message_bytes = 2048  # below this placement's message: as if validation had missed it
+        with pytest.raises(grpc.RpcError) as error:
+            server.stub.Rebalance(pb.RebalanceRequest(deployment_id="fit", loads=encode(skewed_loads(2))))
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "nothing was committed" in error.value.details()
+        assert registry.deployments["fit"].version == 1
+        rows = server.server.store._executor.submit(server.server.store._load).result()[1]
+        assert rows["fit"].version == 1
+        assert server.stub.GetPlacement(pb.GetPlacementRequest(deployment_id="fit")).placement.version == 1
+
+
 def test_candidates_past_the_job_budget_are_resource_exhausted(tmp_path):
     with ServerThread(str(tmp_path)) as server:
         request = pb.RebalanceRequest(
