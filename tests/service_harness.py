@@ -2,6 +2,8 @@
 
 The server runs its own asyncio loop in a thread, exactly as `rebalancer-server` assembles it; tests talk
 to it through the raw generated stub over a real channel, and read its metrics from its registry.
+`real_service` is the same server for the client tests (they talk to it through the client library over
+`target`), with a throw-away state directory and, where asked, a bearer token.
 `launch` and `wait_serving` run the `rebalancer-server` console script as a subprocess instead, for tests
 of what only a process shows (signals, exit codes, logs, SIGKILL).
 """
@@ -9,13 +11,15 @@ of what only a process shows (signals, exit codes, logs, SIGKILL).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -159,8 +163,15 @@ class ServerThread:
         """Run a coroutine on the server's loop (e.g. to inspect domain state) and return its result."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(60)
 
+    @property
+    def target(self) -> str:
+        """host:port for a client (RebalancerClient, LoadReporter, the CLI's --target)."""
+        return f"127.0.0.1:{self.server.port}"
+
     def stop(self) -> None:
-        """Graceful server stop (as on SIGTERM), then the test's channel."""
+        """Graceful server stop (as on SIGTERM), then the test's channel; a second call does nothing."""
+        if not self._thread.is_alive():
+            return
         if self._error is None:
             self.call(self.server.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -180,8 +191,39 @@ class ServerThread:
             time.sleep(0.01)
         return value
 
+    def set_health(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        """Set one service's state on the server's own health servicer (what a client then reads)."""
+        self.call(self.server.health.set(service, status))
+
+    def window_loads(self, deployment_id: str) -> np.ndarray:
+        """The sum of a deployment's telemetry window [L, E] (float64): the one piece of server state that
+        no RPC returns, read so tests can check reports add up exactly and none is lost or counted twice."""
+        return self.call(self.server.windows.snapshot(deployment_id)).loads.cpu().numpy()
+
+    def rpcs_started(self, method: str) -> float:
+        """How many calls of the unary RebalancerService `method` reached the server (its gRPC metrics)."""
+        return self.metric(
+            "grpc_server_started_total", grpc_type="unary", grpc_service=SERVICE_NAME, grpc_method=method
+        )
+
     def __enter__(self) -> ServerThread:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def real_service(state_dir: str | None = None, *, token: str = "", **overrides) -> Iterator[ServerThread]:
+    """The real server in-process for client tests, stopped on exit.
+
+    `state_dir` None: a temporary directory removed afterwards (pass one to restart on the same state);
+    `token`: RPCs other than health must carry `authorization: Bearer <token>`; `overrides`: any
+    ServerConfig field, e.g. `port=` to come back on the port of a server that was stopped.
+    """
+    with contextlib.ExitStack() as stack:
+        if state_dir is None:
+            state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="rebalancer-state-"))
+        if token:
+            overrides["auth_token"] = token
+        yield stack.enter_context(ServerThread(state_dir, **overrides))

@@ -7,26 +7,38 @@ import json
 import grpc
 import numpy as np
 import pytest
-from client_helpers import assert_valid_maps, fake_placement
+from client_helpers import assert_valid_maps
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from rebalancer_client import Placement, Topology, field_violations
+from rebalancer_client.engines.layers import LayerNumbering
 from rebalancer_client.messages import as_topology, load_request, loads_array, rebalance_request
 from rebalancer_wire.codec import encode
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
 TOPOLOGY = Topology(num_layers=2, num_experts=4, num_replicas=6, num_groups=1, num_nodes=1, num_gpus=3)
 
+# A hand-built valid placement of TOPOLOGY (2 layers of 4 experts on 3 GPUs x 2 slots): layer 0 gives
+# expert 0 three copies, layer 1 gives experts 2 and 3 two each; log2phy is padded with -1.
+PHY2LOG = np.array([[0, 1, 0, 2, 0, 3], [2, 0, 3, 2, 1, 3]], dtype=np.int64)
+LOGCNT = np.array([[3, 1, 1, 1], [1, 1, 2, 2]], dtype=np.int64)
+LOG2PHY = np.array(
+    [
+        [[0, 2, 4], [1, -1, -1], [3, -1, -1], [5, -1, -1]],
+        [[1, -1, -1], [4, -1, -1], [0, 3, -1], [2, 5, -1]],
+    ],
+    dtype=np.int64,
+)
 
-def placement_message(loads: np.ndarray, topology: Topology = TOPOLOGY, version: int = 3) -> pb.Placement:
-    phy2log, log2phy, logcnt = fake_placement(loads, topology.num_replicas)
+
+def placement_message() -> pb.Placement:
     return pb.Placement(
         deployment_id="dep",
-        version=version,
-        topology=topology.to_proto(),
-        phy2log=encode(phy2log),
-        log2phy=encode(log2phy),
-        logcnt=encode(logcnt),
+        version=3,
+        topology=TOPOLOGY.to_proto(),
+        phy2log=encode(PHY2LOG),
+        log2phy=encode(LOG2PHY),
+        logcnt=encode(LOGCNT),
         stats=pb.PlacementStats(
             balancedness_after=0.9,
             replicas_moved=2,
@@ -38,11 +50,8 @@ def placement_message(loads: np.ndarray, topology: Topology = TOPOLOGY, version:
     )
 
 
-LOADS = np.array([[10, 1, 1, 1], [1, 1, 8, 4]], dtype=np.float32)
-
-
 def test_placement_from_proto_gives_writable_int64_maps_and_plain_stats():
-    placement = Placement.from_proto(placement_message(LOADS), committed=True)
+    placement = Placement.from_proto(placement_message(), committed=True)
     assert placement.phy2log.dtype == np.int64 and placement.phy2log.shape == (2, 6)
     placement.phy2log[0, 0] = placement.phy2log[0, 0]  # writable copy, not a view of the message bytes
     assert_valid_maps(placement.phy2log, placement.log2phy, placement.logcnt, 4)
@@ -53,24 +62,40 @@ def test_placement_from_proto_gives_writable_int64_maps_and_plain_stats():
 
 
 def test_sglang_json_is_exactly_the_init_expert_location_file():
-    placement = Placement.from_proto(placement_message(LOADS))
-    document = json.loads(json.dumps(placement.to_json("sglang")))
+    placement = Placement.from_proto(placement_message())
+    document = json.loads(json.dumps(placement.to_json("sglang", LayerNumbering.dense_prefix(2, 0))))
     assert list(document) == ["physical_to_logical_map"]  # SGLang passes the keys as keyword arguments
     assert np.array_equal(np.array(document["physical_to_logical_map"]), placement.phy2log)
 
 
-def test_vllm_json_pads_logical_to_physical_to_redundant_plus_one():
-    placement = Placement.from_proto(placement_message(LOADS))
-    document = placement.to_json("vllm")
-    log2phy = np.array(document["logical_to_physical_map"])
-    assert log2phy.shape == (2, 4, 6 - 4 + 1)
-    assert np.array_equal(np.array(document["logical_replica_count"]), placement.logcnt)
-    assert (np.array(document["logical_replica_count"]) == (log2phy >= 0).sum(axis=2)).all()
-    assert_valid_maps(np.array(document["physical_to_logical_map"]), log2phy, placement.logcnt, 4)
+def test_vllm_json_is_the_one_map_vllm_installs():
+    placement = Placement.from_proto(placement_message())
+    document = json.loads(json.dumps(placement.to_json("vllm")))
+    # vLLM derives logical_to_physical_map ([L, E, 1024] in 0.33) from this map itself: nothing narrower is written.
+    assert list(document) == ["physical_to_logical_map"]
+    assert np.array_equal(np.array(document["physical_to_logical_map"]), placement.phy2log)
+
+
+def test_decoder_layer_files_need_the_numbering_and_put_moe_rows_in_place():
+    placement = Placement.from_proto(placement_message())
+    with pytest.raises(ValueError, match="SGLang numbers its maps by decoder layer"):
+        placement.to_json("sglang")
+    with pytest.raises(ValueError, match="TensorRT-LLM numbers its maps by decoder layer"):
+        placement.to_text("trtllm")
+    numbering = LayerNumbering.parse_ids("1,3", 4)  # dense, MoE, dense, MoE
+    rows = np.array(json.loads(placement.to_text("sglang", numbering))["physical_to_logical_map"])
+    assert rows.shape == (4, 6)
+    assert np.array_equal(rows[[1, 3]], placement.phy2log)
+    assert np.array_equal(rows[[0, 2]], np.tile(np.arange(6) % 4, (2, 1)))  # dense rows: a valid trivial map
+    assert placement.to_text("trtllm", numbering).splitlines()[:3] == [
+        "num_slots: 6",
+        "layer_updates_per_iter: 0",
+        "initial_global_assignments:",
+    ]
 
 
 def test_raw_json_round_trips_every_field():
-    placement = Placement.from_proto(placement_message(LOADS))
+    placement = Placement.from_proto(placement_message())
     document = json.loads(json.dumps(placement.to_json("raw")))
     assert document["version"] == 3 and document["topology"]["num_gpus"] == 3
     assert document["stats"]["policies"] == {"global": 2}
@@ -110,7 +135,7 @@ def test_nested_lists_and_integer_loads_are_accepted():
         ({"num_replicas": 8}, "num_replicas and num_gpus must be given together"),
         ({"num_replicas": 2, "num_gpus": 2}, r"num_replicas \(2\) must be >= "),
         ({"num_replicas": 9, "num_gpus": 2}, r"num_gpus \(2\) must divide num_replicas \(9\)"),
-        ({"num_replicas": 8, "num_gpus": 2, "num_nodes": 3}, r"num_nodes \(3\) must divide num_gpus \(2\)"),
+        ({"num_replicas": 8, "num_gpus": 2, "num_groups": 4, "num_nodes": 4}, r"num_nodes \(4\) must divide num_gpus"),
         ({"num_replicas": 8, "num_gpus": 2, "num_groups": 3}, r"num_groups \(3\) must divide the number of experts"),
         ({"num_replicas": 8, "num_gpus": 0}, "num_gpus must be an integer >= 1"),
         ({"num_replicas": 8, "num_gpus": 2, "policy": "fastest"}, "policy must be one of"),

@@ -172,8 +172,7 @@ def bad_inline_request(draw):
                     ("num_gpus", 0),
                     ("num_replicas", 4),  # fewer slots than experts
                     ("num_gpus", 5),  # does not divide 12 slots
-                    ("num_groups", 3),  # does not divide 8 experts
-                    ("num_nodes", 3),  # does not divide 4 GPUs
+                    ("num_groups", 6),  # splits over the 2 nodes (hierarchical path) but not 8 experts
                 ]
             )
         )
@@ -244,8 +243,9 @@ def bad_deployment_request(draw):
         version = draw(st.integers(2, 2**64 - 1))
         return pb.RebalanceRequest(deployment_id=BASE, base_version=version), grpc.StatusCode.FAILED_PRECONDITION, None
     if kind == "prev":
+        # A deployment plan may start from the caller's map, which must then be a placement of it.
         request = pb.RebalanceRequest(deployment_id=BASE, prev_phy2log=encode(np.zeros((LAYERS, REPLICAS), np.int64)))
-        return request, INVALID, "prev_phy2log"
+        return request, INVALID, "prev_phy2log.data"
     if kind == "loads_shape":
         shape = draw(st.tuples(st.integers(1, 8), st.integers(1, 32)).filter(lambda s: s != (LAYERS, EXPERTS)))
         return pb.RebalanceRequest(deployment_id=BASE, loads=encode(valid_loads(draw, shape))), INVALID, "loads.shape"

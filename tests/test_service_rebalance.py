@@ -197,8 +197,9 @@ BAD_REQUESTS = {
     "no_topology": (_bad(no_topology=True), "topology"),
     "replicas_below_experts": (_bad(topology={"num_replicas": 8, "num_gpus": 4}), "topology.num_replicas"),
     "replicas_not_divisible": (_bad(topology={"num_gpus": 3, "num_nodes": 1}), "topology.num_gpus"),
-    "groups": (_bad(topology={"num_groups": 3}), "topology.num_groups"),
-    "nodes": (_bad(topology={"num_nodes": 3}), "topology.num_nodes"),
+    # Groups and nodes are checked where the plan is hierarchical (the groups split over the nodes).
+    "groups": (_bad(topology={"num_groups": 6}), "topology.num_groups"),
+    "nodes": (_bad(topology={"num_groups": 8, "num_nodes": 8}), "topology.num_nodes"),
     "zero_gpus": (_bad(topology={"num_gpus": 0}), "topology.num_gpus"),
     "layers_mismatch": (_bad(topology={"num_layers": LAYERS + 1}), "topology.num_layers"),
     "candidates": (_bad(options={"num_candidates": 10**6}), "options.num_candidates"),

@@ -1,16 +1,18 @@
 """Deployment sharding: rendezvous hashing is stable under scale-out, and a ShardedClient keeps each
-deployment's calls and telemetry on one replica (three fake replicas in-process)."""
+deployment's calls and telemetry on one replica (real servers in-process, and as processes)."""
 
 from __future__ import annotations
 
 import collections
+import contextlib
 
 import grpc
 import numpy as np
 import pytest
-from client_helpers import launch_servers, real_server_available, start_fake, stop_all
+from client_helpers import launch_servers, stop_all
 from rebalancer_client import LoadReporter, RebalancerClient, ShardedClient, connect, rendezvous_owner
 from rebalancer_client.sharding import parse_targets, resolve_dns
+from service_harness import ServerThread, real_service
 
 IDS = [f"deployment-{i}" for i in range(1000)]
 TOPOLOGY = {"num_replicas": 6, "num_gpus": 3}
@@ -57,10 +59,14 @@ def test_target_lists_and_dns_names_parse():
 
 @pytest.fixture
 def replicas():
-    fakes = [start_fake() for _ in range(4)]
-    yield fakes
-    for fake in fakes:
-        fake.server.stop(None)
+    """Four real servers in-process, each with its own state; a test may stop some of them."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(real_service()) for _ in range(4)]
+
+
+def deployments_on(replica: ServerThread) -> set[str]:
+    with RebalancerClient(replica.target) as client:
+        return {info.deployment_id for info in client.list_deployments()}
 
 
 def test_sharded_client_keeps_each_deployment_on_one_replica(replicas):
@@ -69,18 +75,19 @@ def test_sharded_client_keeps_each_deployment_on_one_replica(replicas):
     with ShardedClient([f.target for f in three], timeout=5) as client:
         for name in names:
             client.report_loads(name, [np.ones((2, 4))], topology=TOPOLOGY)
+        held = {f.target: deployments_on(f) for f in three}
         for name in names:
-            holders = [f.target for f in three if name in f.servicer.deployments]
+            holders = [target for target, held_names in held.items() if name in held_names]
             assert holders == [client.target_for(name)]
             assert client.rebalance(deployment_id=name).version == 1
             assert client.get_placement(name).version == 1
         assert [d.deployment_id for d in client.list_deployments()] == sorted(names)
         assert all(status == "SERVING" for status in client.health().values())
 
-        inline = {f.target: len(f.servicer.requests) for f in three}
+        inline = {f.target: f.rpcs_started("Rebalance") for f in three}
         for _ in range(6):
             client.rebalance(np.ones((1, 4)), num_replicas=4, num_gpus=2)
-        assert all(len(f.servicer.requests) - inline[f.target] == 2 for f in three)  # round robin
+        assert all(f.rpcs_started("Rebalance") - inline[f.target] == 2 for f in three)  # round robin
 
         before = {name: client.target_for(name) for name in names}
         client.set_targets([f.target for f in replicas])
@@ -99,7 +106,7 @@ def test_a_dead_replica_fails_only_its_own_deployments(replicas):
         for name in names:
             client.report_loads(name, [np.ones((2, 4))], topology=TOPOLOGY)
         dead = three[0]
-        dead.server.stop(None)
+        dead.stop()
         for name in names:
             if client.target_for(name) == dead.target:
                 with pytest.raises(grpc.RpcError) as info:
@@ -116,11 +123,10 @@ def test_reporter_streams_through_the_sharded_client_to_the_owner(replicas):
             reporter.report(np.ones((2, 4)))
             assert reporter.flush(10)
         owner = client.target_for("sharded-engine")
-        assert [f.target for f in replicas if "sharded-engine" in f.servicer.deployments] == [owner]
+        assert [f.target for f in replicas if "sharded-engine" in deployments_on(f)] == [owner]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not real_server_available(), reason="the real server needs torch and rebalancer.service")
 def test_real_replicas_shard_scale_out_and_fail_independently(tmp_path):
     """SPEC §7 with real processes: 20 deployments over 3 replicas, a 4th added, one killed."""
     servers = launch_servers([tmp_path / f"replica-{i}" for i in range(4)])

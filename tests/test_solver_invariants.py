@@ -320,9 +320,10 @@ BAD_INPUTS = [
     ("replicas-not-multiple-of-gpus", {"num_replicas": 12}, "num_replicas"),
     ("replicas-zero", {"num_replicas": 0}, "num_replicas"),
     ("replicas-float", {"num_replicas": 16.0}, "num_replicas"),
-    ("groups-not-dividing-experts", {"num_groups": 3}, "num_groups"),
+    # Group and node rules bind on the published function's hierarchical path only (groups % nodes == 0).
+    ("groups-not-dividing-experts", {"num_groups": 3, "num_nodes": 1}, "num_groups"),
     ("groups-zero", {"num_groups": 0}, "num_groups"),
-    ("nodes-not-dividing-gpus", {"num_nodes": 3}, "num_nodes"),
+    ("nodes-not-dividing-gpus", {"num_nodes": 4, "num_gpus": 2}, "num_nodes"),
     ("nodes-zero", {"num_nodes": 0}, "num_nodes"),
     ("gpus-zero", {"num_gpus": 0}, "num_gpus"),
     ("gpus-negative", {"num_gpus": -8}, "num_gpus"),

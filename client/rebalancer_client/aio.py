@@ -77,8 +77,11 @@ class AsyncRebalancerClient(Connection):
 
     async def rebalance(self, loads: Any = None, *, timeout: float | None = None, **request: Any) -> Placement:
         """See `RebalancerClient.rebalance`."""
-        message = rebalance_request(loads, **request)
-        response = await self._stub.Rebalance(message, timeout=self._deadline(timeout), metadata=self._metadata)
+        return await self.send_rebalance(rebalance_request(loads, **request), timeout=timeout)
+
+    async def send_rebalance(self, request: pb.RebalanceRequest, *, timeout: float | None = None) -> Placement:
+        """Send a prepared RebalanceRequest."""
+        response = await self._stub.Rebalance(request, timeout=self._deadline(timeout), metadata=self._metadata)
         return Placement.from_proto(response.placement, committed=response.committed)
 
     async def report_loads(

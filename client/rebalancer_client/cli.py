@@ -7,9 +7,21 @@
 
 Loads files: `.npy`, `.json` (a nested list, or an object with `loads`, `weight` or SGLang's
 `logical_count`) or `.pt` (read only when torch happens to be installed). A 3-D array [T, L, E] is T
-reports: `report` sends them one by one, `rebalance` plans on their sum. `--format` picks the JSON form
-(see `rebalancer_client.placement`): `vllm` (EplbState maps), `sglang` (the `--init-expert-location`
-file) or `raw` (everything the service returned).
+reports: `report` sends them one by one, `rebalance` plans on their sum. SGLang recorder dumps
+(`logical_count` [buffer, D, E]) lose their unfilled all-zero buffer steps. `--format` picks the engine
+file (see `rebalancer_client.placement`): `vllm` (the `physical_to_logical_map` vLLM installs), `sglang`
+(the `--init-expert-location` file), `trtllm` (the `MoeLoadBalancerConfig` YAML) or `raw` (everything the
+service returned).
+
+Layer numbering: placements have one row per MoE layer, SGLang and TensorRT-LLM files one per decoder
+layer. `--first-moe-layer K` (dense layers first: DeepSeek-V3 is `--first-moe-layer 3`, 58 MoE layers of
+61; `0` when every layer is MoE), optionally with `--decoder-layers N`, or `--decoder-layers N
+--moe-layers 1,3,5-9` say which is which; the sglang and trtllm formats refuse to write without it.
+SGLang dumps (one row per decoder layer) need the same flags to be cut down to their MoE rows; other
+loads files have one row per MoE layer.
+
+`--out` files are written to a temporary file in the same folder and renamed over the target, so a reader
+never sees half a file; output into a closed pipe (`rebalancer get ... | head`) ends quietly.
 
 `--target` defaults to $REBALANCER_TARGET, else 127.0.0.1:50051; a comma-separated list or a
 `dns:///name:port` headless Service shards deployments over the replicas. Exit codes: 0 success, 1 an
@@ -23,6 +35,7 @@ add a client certificate for servers that require mutual TLS. `--token` (prefer 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -37,6 +50,8 @@ import numpy as np
 from rebalancer_wire.options import OPTIONS
 
 from .client import RebalancerClient
+from .engines import sglang
+from .engines.layers import LayerNumbering, layer_numbering
 from .messages import field_violations
 from .placement import FORMATS, Placement
 from .sharding import ShardedClient, connect
@@ -44,8 +59,9 @@ from .sharding import ShardedClient, connect
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
-def read_loads(path: str) -> np.ndarray:
-    """Loads from a .npy, .json or .pt file: [L, E], or [T, L, E] for T reports."""
+def read_loads_file(path: str) -> tuple[np.ndarray, bool]:
+    """Loads from a .npy, .json or .pt file: [L, E] or [T, L, E], and whether rows are decoder layers
+    (an SGLang recorder dump, of which only the filled steps are kept) rather than MoE layers."""
     suffix = pathlib.Path(path).suffix.lower()
     if suffix == ".npy":
         data: Any = np.load(path, allow_pickle=False)
@@ -61,8 +77,16 @@ def read_loads(path: str) -> np.ndarray:
         data = torch.load(path, map_location="cpu", weights_only=True)
     else:
         raise ValueError(f"{path}: loads must be a .npy, .json or .pt file")
-    if isinstance(data, dict):
-        key = next((k for k in ("loads", "weight", "logical_count") if k in data), None)
+    by_decoder_layer = sglang.is_recorder_dump(data)
+    if by_decoder_layer:
+        dump = sglang.recorder_dump(data)
+        if dump.dropped_steps:
+            print(f"{path}: dropped {dump.dropped_steps} unfilled recorder steps", file=sys.stderr)
+        if not len(dump.logical_count):
+            raise ValueError(f"{path}: the recorder dump holds no filled step")
+        data = dump.logical_count
+    elif isinstance(data, dict):
+        key = next((k for k in ("loads", "weight") if k in data), None)
         if key is None:
             raise ValueError(f"{path}: expected a key loads, weight or logical_count, found {sorted(data)}")
         data = data[key]
@@ -73,19 +97,80 @@ def read_loads(path: str) -> np.ndarray:
         raise ValueError(
             f"{path}: loads must be [layers, experts] or [reports, layers, experts], got {list(array.shape)}"
         )
-    return array
+    return array, by_decoder_layer
+
+
+def read_loads(path: str) -> np.ndarray:
+    """Loads from a .npy, .json or .pt file: [L, E], or [T, L, E] for T reports (SGLang dumps: filled steps)."""
+    return read_loads_file(path)[0]
+
+
+def write_text(text: str, out: str | None) -> None:
+    """Text to stdout, or atomically to `out`: a temporary file in the same folder, flushed to disk, then
+    renamed over `out`, so a reader (an engine, a watcher) sees the old file or the new one, never half.
+    The file gets the permissions a plain `open(out, "w")` would (temporary files are private)."""
+    if not out:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    target = pathlib.Path(out)
+    umask = os.umask(0)
+    os.umask(umask)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def write_json(document: Any, out: str | None) -> None:
-    """JSON to stdout, or atomically to `out` (readers such as engines never see a half-written file)."""
-    text = json.dumps(document, separators=(",", ":"))
-    if not out:
-        print(text)
-        return
-    target = pathlib.Path(out)
-    with tempfile.NamedTemporaryFile("w", dir=target.parent or ".", prefix=f".{target.name}.", delete=False) as tmp:
-        tmp.write(text + "\n")
-    os.replace(tmp.name, target)
+    """One JSON document (one line) to stdout or atomically to `out`."""
+    write_text(json.dumps(document, separators=(",", ":")) + "\n", out)
+
+
+def output_numbering(args: argparse.Namespace, num_moe_layers: int) -> LayerNumbering | None:
+    """The decoder-layer numbering of an engine file from the layer flags (None when none was given)."""
+    return layer_numbering(
+        num_moe_layers,
+        num_decoder_layers=args.decoder_layers,
+        first_moe_layer=args.first_moe_layer,
+        moe_layers=args.moe_layers,
+    )
+
+
+def input_moe_rows(args: argparse.Namespace, path: str) -> np.ndarray:
+    """A loads file as MoE rows [..., L, E]: SGLang dumps (one row per decoder layer) are cut down with the
+    layer flags, which they require; other files already have one row per MoE layer."""
+    loads, by_decoder_layer = read_loads_file(path)
+    if not by_decoder_layer:
+        return loads
+    if args.first_moe_layer is None and args.moe_layers is None:
+        raise ValueError(
+            f"{path}: SGLang dumps have one row per decoder layer ({loads.shape[-2]} here): say which are MoE "
+            "with --first-moe-layer K (0 when every layer is MoE) or --moe-layers IDS"
+        )
+    decoder_layers = loads.shape[-2]
+    if args.decoder_layers not in (None, decoder_layers):
+        raise ValueError(f"{path}: the dump has {decoder_layers} decoder layers, not {args.decoder_layers}")
+    if args.moe_layers is not None:
+        numbering = LayerNumbering.parse_ids(args.moe_layers, decoder_layers)
+    else:
+        numbering = LayerNumbering(decoder_layers, tuple(range(args.first_moe_layer, decoder_layers)))
+    return numbering.select(loads, path)
+
+
+def render(placement: Placement, args: argparse.Namespace, format: str) -> str:
+    """The engine file for `placement` in `format`, with the layer numbering and options from the flags."""
+    numbering = output_numbering(args, placement.phy2log.shape[0])
+    options = {"layer_updates_per_iter": args.layer_updates_per_iter} if format == "trtllm" else {}
+    return placement.to_text(format, numbering, **options)
 
 
 def describe(placement: Placement) -> str:
@@ -111,6 +196,25 @@ def _summary(placement: Placement) -> dict[str, Any]:
         "balancedness": placement.stats.balancedness_after,
         "replicas_moved": placement.stats.replicas_moved,
     }
+
+
+def _layer_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("layer numbering (decoder layers vs MoE layers)")
+    group.add_argument("--decoder-layers", type=int, help="the model's total decoder layers (DeepSeek-V3: 61)")
+    group.add_argument("--first-moe-layer", type=int, help="decoder layer id of the first MoE layer (DeepSeek-V3: 3)")
+    group.add_argument("--moe-layers", help="explicit decoder layer ids of the MoE layers, e.g. 3-60 or 1,3,5-9")
+
+
+def _output_args(parser: argparse.ArgumentParser, formats: Sequence[str], default: str) -> None:
+    parser.add_argument("--out", help="write the file here (atomically) instead of stdout")
+    parser.add_argument("--format", choices=formats, default=default, help="file form (default %(default)s)")
+    parser.add_argument(
+        "--layer-updates-per-iter",
+        type=int,
+        default=0,
+        help="trtllm: layers TensorRT-LLM's own balancer may update per iteration (0: static placement)",
+    )
+    _layer_args(parser)
 
 
 def _topology_args(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -150,20 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
     _option_args(rebalance)
     rebalance.add_argument("--deployment", help="plan for this deployment and commit a new version")
     rebalance.add_argument("--base-version", type=int, help="fail unless this is the current version")
-    rebalance.add_argument("--out", help="write the placement JSON here instead of stdout")
-    rebalance.add_argument("--format", choices=FORMATS, default="vllm", help="JSON form (default %(default)s)")
+    _output_args(rebalance, FORMATS, "vllm")
 
     get = commands.add_parser("get", parents=[common], help="print the placement in force for a deployment")
     get.add_argument("deployment")
-    get.add_argument("--out")
-    get.add_argument("--format", choices=FORMATS, default="vllm")
+    _output_args(get, FORMATS, "vllm")
 
     watch = commands.add_parser("watch", parents=[common], help="follow new placement versions")
     watch.add_argument("deployment")
     watch.add_argument("--after-version", type=int, default=0)
     watch.add_argument("--count", type=int, help="stop after this many versions")
-    watch.add_argument("--format", choices=("summary", *FORMATS), default="summary")
-    watch.add_argument("--out", help="rewrite this file with each version instead of printing JSON lines")
+    _output_args(watch, ("summary", *FORMATS), "summary")
 
     health = commands.add_parser("health", parents=[common], help="exit 0 when SERVING, 1 otherwise")
     health.add_argument("--service", default="", help='health service name ("" for the whole server)')
@@ -174,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("loads", nargs="+", help="loads files; [T, L, E] arrays are T reports")
     _topology_args(report, required=False)
     report.add_argument("--rank", type=int, default=0)
+    _layer_args(report)
 
     commands.add_parser("list", parents=[common], help="list deployments")
     delete = commands.add_parser("delete", parents=[common], help="forget a deployment")
@@ -195,7 +297,7 @@ def _option_args(parser: argparse.ArgumentParser) -> None:
 def _rebalance(client: RebalancerClient | ShardedClient, args: argparse.Namespace) -> int:
     loads = None
     if args.loads:
-        loads = read_loads(args.loads)
+        loads = input_moe_rows(args, args.loads)
         loads = loads.sum(axis=0) if loads.ndim == 3 else loads
     placement = client.rebalance(
         loads,
@@ -208,15 +310,18 @@ def _rebalance(client: RebalancerClient | ShardedClient, args: argparse.Namespac
         timeout=args.timeout,
         **{option.name: getattr(args, option.name) for option in OPTIONS},
     )
-    write_json(placement.to_json(args.format), args.out)
+    text = render(placement, args, args.format)  # a refused engine file fails before anything is printed
+    write_text(text, args.out)
     print(describe(placement), file=sys.stderr)
     return 0
 
 
 def _watch(client: RebalancerClient | ShardedClient, args: argparse.Namespace) -> int:
     for seen, placement in enumerate(client.watch(args.deployment, args.after_version), start=1):
-        document = _summary(placement) if args.format == "summary" else placement.to_json(args.format)
-        write_json(document, args.out)
+        if args.format == "summary":
+            write_json(_summary(placement), args.out)
+        else:
+            write_text(render(placement, args, args.format), args.out)
         if args.out:
             print(f"wrote version {placement.version} to {args.out}", file=sys.stderr)
         sys.stdout.flush()
@@ -239,7 +344,7 @@ def _health(client: RebalancerClient | ShardedClient, args: argparse.Namespace) 
 def _report(client: RebalancerClient | ShardedClient, args: argparse.Namespace) -> int:
     reports: list[np.ndarray] = []
     for path in args.loads:
-        array = read_loads(path)
+        array = input_moe_rows(args, path)
         reports += list(array) if array.ndim == 3 else [array]
     topology = None
     if args.replicas is not None or args.gpus is not None:
@@ -274,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
             return _rebalance(client, args)
         if args.command == "get":
             placement = client.get_placement(args.deployment, timeout=args.timeout)
-            write_json(placement.to_json(args.format), args.out)
+            write_text(render(placement, args, args.format), args.out)
             return 0
         if args.command == "watch":
             return _watch(client, args)
@@ -301,6 +406,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
+    except BrokenPipeError:
+        # The reader left (`| head`): nothing more to say, and nothing to flush at exit either.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, OSError) as exc:
         print(f"rebalancer: error: {exc}", file=sys.stderr)
         return 2

@@ -4,21 +4,26 @@ inference engines read.
 Maps follow the DeepSeek EPLB `rebalance_experts` convention: `phy2log` [L, R] (slot p lives on GPU
 p // (R / G)), `log2phy` [L, E, X] padded with -1, `logcnt` [L, E].
 
-Engine JSON forms (written by `rebalancer rebalance/get --format ...`):
+Engine files (written by `rebalancer rebalance/get/watch --format ...`; `to_text` renders them):
 
-* ``sglang``: ``{"physical_to_logical_map": [[...R ints...] x L]}``, the exact file SGLang's
-  ``--init-expert-location placement.json`` reads. SGLang passes the dict's keys as keyword arguments to
-  ``ExpertLocationMetadata.init_by_mapping``, so no other key may appear.
-* ``vllm``: the three tensors of vLLM's ``EplbState`` under vLLM's names:
-  ``physical_to_logical_map`` [L, R], ``logical_to_physical_map`` [L, E, R - E + 1] padded with -1 (vLLM
-  sizes the last axis ``num_redundant_experts + 1``), ``logical_replica_count`` [L, E]. vLLM has no flag to
-  load a placement file; a controller or engine hook copies these into ``EplbState`` (``copy_``) and
-  triggers its weight rearrangement.
+* ``vllm``: ``{"physical_to_logical_map": [L rows of R ints]}``, one row per MoE layer, the one map vLLM
+  installs. vLLM 0.33 keeps ``logical_to_physical_map`` as [L, E, 1024] (``MAX_EXPERT_REDUNDANCY + 1``)
+  and derives it and ``logical_replica_count`` from this map itself (``compute_logical_maps``), so a
+  narrower copy of those could not be ``copy_``'d into ``EplbState`` and is not written. Install it with
+  ``EplbState.update_mapping(model_config, torch.tensor(doc["physical_to_logical_map"]))`` (what
+  ``GPUModelRunner.setup_eplb_from_mapping`` does) when the expert weights are laid out that way; a
+  running vLLM moves its weights to new placements through the policy plugin
+  (`rebalancer_client.engines.vllm`), not through a file.
+* ``sglang``: ``{"physical_to_logical_map": [D rows of R ints]}``, the ``--init-expert-location`` file,
+  one row per *decoder* layer (dense layers get the trivial map); needs the model's layer numbering.
+* ``trtllm``: TensorRT-LLM's ``MoeLoadBalancerConfig`` YAML (``num_slots``,
+  ``initial_global_assignments`` keyed by decoder layer, ``layer_updates_per_iter``); needs the numbering.
 * ``raw``: everything the service returned (maps, version, topology, stats) for tools and archives.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,7 +32,10 @@ from rebalancer_wire.codec import decode
 from rebalancer_wire.topology import Topology
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
-FORMATS = ("vllm", "sglang", "raw")
+from .engines import sglang, trtllm
+from .engines.layers import LayerNumbering
+
+FORMATS = ("vllm", "sglang", "trtllm", "raw")
 
 
 @dataclass(frozen=True)
@@ -104,22 +112,17 @@ class Placement:
         per_gpu = self.topology.slots_per_gpu
         return self.phy2log[layer, gpu * per_gpu : (gpu + 1) * per_gpu]
 
-    def to_sglang_json(self) -> dict[str, Any]:
-        """SGLang's `--init-expert-location` file: exactly one key, `physical_to_logical_map` [L, R]."""
-        return {"physical_to_logical_map": self.phy2log.tolist()}
+    def to_sglang_json(self, numbering: LayerNumbering | None = None) -> dict[str, Any]:
+        """SGLang's `--init-expert-location` file: one key, `physical_to_logical_map` [D, R] by decoder layer."""
+        return sglang.init_expert_location(self.phy2log, self.topology.num_experts or self.logcnt.shape[1], numbering)
 
     def to_vllm_json(self) -> dict[str, Any]:
-        """vLLM `EplbState` maps; `logical_to_physical_map` padded to R - E + 1 columns as vLLM sizes it."""
-        num_layers, num_experts = self.logcnt.shape
-        width = self.phy2log.shape[1] - num_experts + 1
-        log2phy = np.full((num_layers, num_experts, width), -1, dtype=np.int64)
-        used = min(width, self.log2phy.shape[2])
-        log2phy[:, :, :used] = self.log2phy[:, :, :used]
-        return {
-            "physical_to_logical_map": self.phy2log.tolist(),
-            "logical_to_physical_map": log2phy.tolist(),
-            "logical_replica_count": self.logcnt.tolist(),
-        }
+        """vLLM's installable map: `physical_to_logical_map` [L, R] (vLLM derives the others)."""
+        return {"physical_to_logical_map": self.phy2log.tolist()}
+
+    def to_trtllm_yaml(self, numbering: LayerNumbering | None = None, *, layer_updates_per_iter: int = 0) -> str:
+        """TensorRT-LLM's `MoeLoadBalancerConfig` YAML keyed by decoder layer."""
+        return trtllm.load_balancer_yaml(self.phy2log, numbering, layer_updates_per_iter=layer_updates_per_iter)
 
     def to_raw_json(self) -> dict[str, Any]:
         """Everything the service returned, JSON-ready."""
@@ -136,15 +139,21 @@ class Placement:
             "logcnt": self.logcnt.tolist(),
         }
 
-    def to_json(self, format: str = "raw") -> dict[str, Any]:
-        """The JSON form named by `format`: one of FORMATS."""
+    def to_json(self, format: str = "raw", numbering: LayerNumbering | None = None) -> dict[str, Any]:
+        """The JSON form named by `format` ("vllm", "sglang" or "raw")."""
         if format == "vllm":
             return self.to_vllm_json()
         if format == "sglang":
-            return self.to_sglang_json()
+            return self.to_sglang_json(numbering)
         if format == "raw":
             return self.to_raw_json()
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+        raise ValueError(f"format must be one of vllm, sglang, raw for JSON, got {format!r}")
+
+    def to_text(self, format: str = "raw", numbering: LayerNumbering | None = None, **options: Any) -> str:
+        """The engine file named by `format` (one of FORMATS) as text; trtllm takes `layer_updates_per_iter`."""
+        if format == "trtllm":
+            return self.to_trtllm_yaml(numbering, **options)
+        return json.dumps(self.to_json(format, numbering), separators=(",", ":")) + "\n"
 
 
 @dataclass(frozen=True)

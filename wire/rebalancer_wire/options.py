@@ -16,8 +16,10 @@ from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 
-class ArgumentError(ValueError):
-    """A bad argument, with its name as data (`argument`), so no caller parses the message for it."""
+class ArgumentError(ValueError, AssertionError):
+    """A bad argument, with its name as data (`argument`), so no caller parses the message for it. Also an
+    AssertionError: code written against the published DeepSeek function, which asserts its
+    preconditions, keeps catching what it caught."""
 
     def __init__(self, argument: str, reason: str) -> None:
         super().__init__(f"{argument} {reason}")

@@ -12,8 +12,10 @@ FIELDS = ("num_layers", "num_experts", "num_replicas", "num_groups", "num_nodes"
 def topology_violations(
     num_layers: int, num_experts: int, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
 ) -> list[tuple[str, str]]:
-    """(argument, reason) for every rule a layout breaks: all counts >= 1, R >= E, G divides R, the groups
-    divide the experts and the nodes divide the GPUs. Empty when the layout is valid."""
+    """(argument, reason) for every rule a layout breaks: all counts >= 1, R >= E, G divides R and, where
+    the plan is hierarchical (see `planning_layout`), the groups divide the experts and the nodes the GPUs.
+    Empty when the layout is valid. These are the published DeepSeek function's rules, so every input it
+    accepts is accepted here."""
     values = dict(zip(FIELDS, (num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus), strict=True))
     violations = [
         (name, f"must be an integer >= 1, got {value!r}")
@@ -26,11 +28,20 @@ def topology_violations(
         violations.append(("num_replicas", f"({num_replicas}) must be >= the number of experts ({num_experts})"))
     if num_replicas % num_gpus:
         violations.append(("num_gpus", f"({num_gpus}) must divide num_replicas ({num_replicas})"))
-    if num_experts % num_groups:
+    groups, nodes = planning_layout(num_groups, num_nodes)
+    if num_experts % groups:
         violations.append(("num_groups", f"({num_groups}) must divide the number of experts ({num_experts})"))
-    if num_gpus % num_nodes:
+    if num_gpus % nodes:
         violations.append(("num_nodes", f"({num_nodes}) must divide num_gpus ({num_gpus})"))
     return violations
+
+
+def planning_layout(num_groups: int, num_nodes: int) -> tuple[int, int]:
+    """(groups, nodes) a plan honours: hierarchical planning needs the groups to split evenly over the
+    nodes; otherwise the plan is global and ignores both, as the published DeepSeek function does."""
+    if num_groups % num_nodes:
+        return 1, 1
+    return num_groups, num_nodes
 
 
 @dataclass(frozen=True)

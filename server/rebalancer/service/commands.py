@@ -32,7 +32,9 @@ from .validation import (
 class PlanCommand:
     """A checked Rebalance: an inline plan (no deployment_id) or a plan for a deployment.
 
-    loads [L, E] (inline loads, or loads replacing the deployment's window), prev_phy2log [L, R] (inline only).
+    loads [L, E] (inline loads, or loads replacing the deployment's window); prev_phy2log [L, R] is the
+    placement the caller runs (inline: the one to move little from; deployment: replaces the committed one
+    as the placement in force for this plan).
     `topology` is the request's (registers the deployment when new); None means the deployment's own.
     """
 
@@ -88,10 +90,6 @@ class RequestChecker:
         if not request.deployment_id:
             return self._inline(request, loads, settings)
         self.deployment_id(request.deployment_id)
-        if request.HasField("prev_phy2log"):
-            raise InvalidArgument(
-                [("prev_phy2log", "only for inline plans: a deployment starts from its placement in force")]
-            )
         topology = None
         if request.HasField("topology"):
             topology = self.topology(request.topology, shape=loads.shape if loads is not None else None)
@@ -104,7 +102,11 @@ class RequestChecker:
                 raise InvalidArgument(
                     [("loads.shape", f"must be {list(rows)} for this deployment, got {list(loads.shape)}")]
                 )
-        return PlanCommand(request.deployment_id, topology, loads, None, settings, request.base_version)
+        # An engine that says which placement it runs (it may have fallen back to a local plan) plans from it.
+        prev = None
+        if request.HasField("prev_phy2log") and expected is not None:
+            prev = check_phy2log(request.prev_phy2log, expected, self.max_elements)
+        return PlanCommand(request.deployment_id, topology, loads, prev, settings, request.base_version)
 
     def _inline(self, request: pb.RebalanceRequest, loads: np.ndarray | None, settings: SolveSettings) -> PlanCommand:
         violations = []

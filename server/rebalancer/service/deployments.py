@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from rebalancer_wire.options import SolveSettings
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
@@ -247,7 +248,9 @@ class Registry:
         if deployment is None:
             return await self._rebalance_new(command, deadline)
         deployment.require_version(command.base_version)  # fail fast; commit checks again under the lock
-        outcome = await self.plan(deployment, command.settings, loads=command.loads, deadline=deadline)
+        outcome = await self.plan(
+            deployment, command.settings, loads=command.loads, deadline=deadline, in_force=command.prev_phy2log
+        )
         if command.settings.dry_run:
             return self._fitting(placement_record(deployment.deployment_id, deployment.topology, outcome)), False
         record = await self.commit(deployment, outcome, trigger="request", base_version=command.base_version)
@@ -265,7 +268,8 @@ class Registry:
             raise FailedPrecondition(
                 f"base_version {command.base_version} is stale: deployment {deployment_id!r} is new"
             )
-        outcome = await self.batcher.submit(SolveJob(topology, command.settings, command.loads, deadline=deadline))
+        job = SolveJob(topology, command.settings, command.loads, prev_phy2log=command.prev_phy2log, deadline=deadline)
+        outcome = await self.batcher.submit(job)
         if command.settings.dry_run:
             return self._fitting(placement_record(deployment_id, topology, outcome)), False
         deployment = await self.register(deployment_id, topology)
@@ -278,8 +282,10 @@ class Registry:
         *,
         loads=None,
         deadline: float | None = None,
+        in_force: np.ndarray | None = None,
     ) -> PlanOutcome:
-        """Plan on `loads` (default: the window, with its history) from the placement in force."""
+        """Plan on `loads` (default: the window, with its history) from the placement in force: `in_force`
+        [L, R] when the caller knows better than the committed version (an engine's actual map)."""
         history = None
         if loads is None:
             snapshot = await self.windows.snapshot(deployment.deployment_id)
@@ -289,7 +295,8 @@ class Registry:
                 )
             loads, history = snapshot.loads, snapshot.history
         current = deployment.current
-        in_force = current.phy2log if current is not None else None
+        if in_force is None and current is not None:
+            in_force = current.phy2log
         job = SolveJob(
             topology=deployment.topology,
             settings=settings,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from rebalancer_wire.options import BY_NAME, ArgumentError
 from rebalancer_wire.options import check as check_options
-from rebalancer_wire.topology import topology_violations
+from rebalancer_wire.topology import planning_layout, topology_violations
 
 from . import maps
 from .locality import group_locality
@@ -89,7 +89,11 @@ def resolve_device(weight: torch.Tensor, device: str | torch.device | None) -> t
 
 
 def validate(weight: object, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> torch.Tensor:
-    """Check every argument of the published signature; returns the weight as a tensor."""
+    """Check every argument of the published signature; returns the weight as a tensor.
+
+    Accepts what the published function accepts: the group and node rules apply only on its hierarchical
+    path (groups % nodes == 0); otherwise it plans globally and so do the policies here.
+    """
     if not isinstance(weight, torch.Tensor):
         try:
             weight = torch.as_tensor(weight)
@@ -141,6 +145,7 @@ def solve(
     their node. Every bad argument raises `ArgumentError` (a ValueError) naming it.
     """
     weight = validate(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    num_groups, num_nodes = planning_layout(num_groups, num_nodes)
     settings = check_options(
         policy=policy,
         num_candidates=num_candidates,

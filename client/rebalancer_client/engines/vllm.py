@@ -1,0 +1,382 @@
+"""vLLM: an EPLB policy backed by the service, installed through vLLM's `vllm.general_plugins` entry point.
+
+vLLM (0.33 and later) calls `EPLB_POLICIES[config.policy].rebalance_experts(weight, num_replicas,
+num_groups, num_nodes, num_ranks, old_global_expert_indices)` on every EP rank with the same all-reduced
+load window sum (`weight` [L, E], CPU) and the map in force ([L, R]), and installs the CPU int64
+`phy2log` [L, R] it returns (its own rearrangement moves the weights and derives the logical maps). vLLM
+accepts only the policy name "default", so `register()` puts `ServiceEplbPolicy` in that slot and keeps
+the policy it replaced as a fallback. The plugin is inert unless REBALANCER_TARGET is set.
+
+Every EP rank must install the same map, or the weight transfers that follow do not match up. In
+vLLM's synchronous rearrangement (the policy runs on the main thread, right after vLLM's own all-reduce
+of the window over the EP group) rank 0 of that group plans (service or fallback), commits, and
+broadcasts the map over the group's CPU (gloo) group: one RPC per rearrangement and exact agreement,
+even when the service answers only some ranks. In asynchronous EPLB the policy runs on a worker thread
+where a collective could interleave with the main thread's, so every rank sends the same request
+instead (window, map in force, topology): plans are a pure function of it (per-layer seeds, no window
+history when loads are given), rank 0 commits and the others ask for a dry run. When the service is
+unreachable, slower than the deadline or answers something unusable, the policy plans locally (the
+library solver when importable, else the replaced vLLM policy, else the map in force), logs once per
+outage, counts it in `ServiceEplbPolicy.stats`, and never raises into vLLM's step.
+
+Environment (read when the plugin loads): REBALANCER_TARGET (host:port; turns the plugin on),
+REBALANCER_DEPLOYMENT (commit versions to this deployment; without it plans are inline and uncommitted),
+REBALANCER_DEADLINE_S (default 2), REBALANCER_TOKEN, REBALANCER_TLS_CA, REBALANCER_POLICY (solver
+policy; the server's default otherwise), REBALANCER_COMMIT (1/0: force whether this process commits),
+REBALANCER_VLLM=off (keep vLLM's own policy although REBALANCER_TARGET is set).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import grpc
+import numpy as np
+
+from ..client import RebalancerClient
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DEADLINE_S = 2.0
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Where and how the policy asks the service; `commit` None means "only global rank 0 commits"."""
+
+    target: str
+    deployment_id: str | None = None
+    deadline_s: float = DEFAULT_DEADLINE_S
+    token: str | None = None
+    tls_ca: str | None = None
+    policy: str | None = None
+    commit: bool | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceConfig | None:
+        """The REBALANCER_* configuration, or None when the plugin should leave vLLM alone."""
+        env = os.environ if environ is None else environ
+        target = env.get("REBALANCER_TARGET", "").strip()
+        if not target or env.get("REBALANCER_VLLM", "on").strip().lower() in ("off", "0", "false", "no"):
+            return None
+        commit = env.get("REBALANCER_COMMIT")
+        return cls(
+            target=target,
+            deployment_id=env.get("REBALANCER_DEPLOYMENT") or None,
+            deadline_s=float(env.get("REBALANCER_DEADLINE_S", DEFAULT_DEADLINE_S)),
+            token=env.get("REBALANCER_TOKEN") or None,
+            tls_ca=env.get("REBALANCER_TLS_CA") or None,
+            policy=env.get("REBALANCER_POLICY") or None,
+            commit=None if commit is None else commit.strip().lower() in ("1", "true", "yes", "on"),
+        )
+
+
+@dataclass
+class PolicyStats:
+    """What the policy did in this process: service plans, fallbacks and outages (a run of fallbacks)."""
+
+    calls: int = 0
+    service_plans: int = 0
+    fallbacks: int = 0
+    outages: int = 0
+    committed_version: int = 0
+    last_error: str = ""
+    last_fallback: str = ""
+    last_round_trip_s: float = 0.0
+    last_solve_s: float = 0.0
+    agreed: int = 0  # maps shared by broadcast from the EP group's rank 0
+    in_outage: bool = field(default=False, repr=False)
+
+
+def _valid_phy2log(phy2log: np.ndarray, num_layers: int, num_replicas: int, num_experts: int) -> bool:
+    """[L, R] expert ids in [0, E) hosting every expert of every layer."""
+    if phy2log.shape != (num_layers, num_replicas) or phy2log.dtype.kind not in "iu":
+        return False
+    if ((phy2log < 0) | (phy2log >= num_experts)).any():
+        return False
+    offsets = np.arange(num_layers, dtype=np.int64)[:, None] * num_experts
+    return bool(np.bincount((phy2log + offsets).ravel(), minlength=num_layers * num_experts).all())
+
+
+def planning_layout(num_groups: int, num_nodes: int, num_ranks: int) -> tuple[int, int]:
+    """(groups, nodes) as the published algorithm reads them: hierarchical only when groups split over
+    nodes and nodes split the ranks, else one global plan that ignores both."""
+    if num_nodes < 1 or num_groups < 1 or num_groups % num_nodes or num_ranks % num_nodes:
+        return 1, 1
+    return num_groups, num_nodes
+
+
+def _is_leader(config: ServiceConfig) -> bool:
+    if config.commit is not None:
+        return config.commit
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return True
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def agreement_group() -> Any:
+    """The process group whose ranks must install the same map, when a collective is safe here: vLLM's
+    EP CPU group (the default group outside vLLM), on the main thread only. None otherwise."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        from vllm.distributed.parallel_state import get_ep_group
+
+        group = get_ep_group().cpu_group
+    except Exception:
+        group = dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+class ServiceEplbPolicy:
+    """vLLM EPLB policy whose plans come from the rebalancer service; configure with `configure()`."""
+
+    config: ClassVar[ServiceConfig | None] = None
+    fallback_policy: ClassVar[Any] = None
+    stats: ClassVar[PolicyStats] = PolicyStats()
+    _client: ClassVar[RebalancerClient | None] = None
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    @classmethod
+    def configure(cls, config: ServiceConfig, fallback_policy: Any = None) -> None:
+        """Point the policy at a service; `fallback_policy` is the vLLM policy class it replaces."""
+        with cls._lock:
+            if cls._client is not None:
+                cls._client.close()
+            cls._client = None
+            cls.config = config
+            cls.fallback_policy = fallback_policy
+            cls.stats = PolicyStats()
+
+    @classmethod
+    def client(cls) -> RebalancerClient:
+        with cls._lock:
+            if cls._client is None:
+                config = cls.config
+                if config is None:
+                    raise RuntimeError("ServiceEplbPolicy is not configured (REBALANCER_TARGET unset)")
+                credentials = None
+                if config.tls_ca:
+                    credentials = grpc.ssl_channel_credentials(pathlib.Path(config.tls_ca).read_bytes())
+                cls._client = RebalancerClient(
+                    config.target, config.deadline_s, credentials=credentials, token=config.token
+                )
+            return cls._client
+
+    @classmethod
+    def rebalance_experts(
+        cls,
+        weight: Any,
+        num_replicas: int,
+        num_groups: int,
+        num_nodes: int,
+        num_ranks: int,
+        old_global_expert_indices: Any = None,
+    ) -> Any:
+        """vLLM's policy signature: `weight` [L, E] window sum, `old_global_expert_indices` [L, R] or None
+        -> CPU int64 `phy2log` [L, R] (a torch tensor: vLLM runs with torch)."""
+        import torch
+
+        cls.stats.calls += 1
+        loads = weight.detach().cpu().numpy() if hasattr(weight, "detach") else np.asarray(weight)
+        old = None
+        if old_global_expert_indices is not None:
+            old = np.asarray(old_global_expert_indices.detach().cpu().numpy(), dtype=np.int64)
+            num_layers, num_experts = loads.shape
+            # Elastic scale-up pads new slots with -1: such a map cannot be a starting point.
+            if not _valid_phy2log(old, num_layers, num_replicas, num_experts):
+                old = None
+        args = (weight, loads, num_replicas, num_groups, num_nodes, num_ranks, old)
+        group = agreement_group()
+        if group is None:
+            return torch.from_numpy(cls._plan(*args, commit=None))
+        import torch.distributed as dist
+
+        leader = dist.get_rank(group) == 0
+        if leader:
+            shared = torch.from_numpy(cls._plan(*args, commit=True))
+        else:
+            shared = torch.empty((loads.shape[0], num_replicas), dtype=torch.int64)
+        try:
+            dist.broadcast(shared, src=dist.get_global_rank(group, 0), group=group)
+        except Exception as exc:  # a broken group fails vLLM's own collectives next; plan alone meanwhile
+            logger.error("could not share the EPLB map over the EP group: %s", exc)
+            return torch.from_numpy(cls._plan(*args, commit=False))
+        cls.stats.agreed += 1
+        return shared
+
+    @classmethod
+    def _plan(
+        cls,
+        weight: Any,
+        loads: np.ndarray,
+        num_replicas: int,
+        num_groups: int,
+        num_nodes: int,
+        num_ranks: int,
+        old: np.ndarray | None,
+        *,
+        commit: bool | None,
+    ) -> np.ndarray:
+        """The service's plan, else a local one: [L, R] int64. `commit` None: decided by rank."""
+        groups, nodes = planning_layout(num_groups, num_nodes, num_ranks)
+        try:
+            phy2log = cls._plan_on_service(loads, num_replicas, groups, nodes, num_ranks, old, commit)
+        except Exception as exc:  # never into the step loop: every failure is a fallback
+            cls._outage(exc)
+            phy2log = cls._plan_locally(weight, loads, num_replicas, num_groups, num_nodes, num_ranks, old)
+        else:
+            cls._recovered()
+        return np.ascontiguousarray(phy2log, dtype=np.int64)
+
+    @classmethod
+    def _plan_on_service(
+        cls,
+        loads: np.ndarray,
+        num_replicas: int,
+        groups: int,
+        nodes: int,
+        num_ranks: int,
+        old: np.ndarray | None,
+        commit: bool | None,
+    ) -> np.ndarray:
+        config = cls.config
+        if config is None:
+            raise RuntimeError("not configured")
+        if commit is None or config.commit is not None:
+            commit = _is_leader(config)
+        started = time.perf_counter()
+        placement = cls.client().rebalance(
+            loads,
+            num_replicas=num_replicas,
+            num_groups=groups,
+            num_nodes=nodes,
+            num_gpus=num_ranks,
+            deployment_id=config.deployment_id,
+            dry_run=bool(config.deployment_id) and not commit,
+            policy=config.policy,
+            prev_phy2log=old,
+            timeout=config.deadline_s,
+        )
+        cls.stats.last_round_trip_s = time.perf_counter() - started
+        cls.stats.last_solve_s = placement.stats.solve_seconds
+        num_layers, num_experts = loads.shape
+        if not _valid_phy2log(placement.phy2log, num_layers, num_replicas, num_experts):
+            raise ValueError(f"the service returned an unusable map of shape {list(placement.phy2log.shape)}")
+        cls.stats.service_plans += 1
+        if placement.committed:
+            cls.stats.committed_version = placement.version
+        return placement.phy2log
+
+    @classmethod
+    def _outage(cls, exc: Exception) -> None:
+        stats = cls.stats
+        stats.fallbacks += 1
+        if isinstance(exc, grpc.RpcError):
+            stats.last_error = f"{exc.code().name}: {exc.details()}"
+        else:
+            stats.last_error = f"{type(exc).__name__}: {exc}"
+        if not stats.in_outage:
+            stats.in_outage = True
+            stats.outages += 1
+            target = cls.config.target if cls.config else "?"
+            logger.warning(
+                "rebalancer service %s unusable (%s): planning locally until it answers", target, stats.last_error
+            )
+
+    @classmethod
+    def _recovered(cls) -> None:
+        if cls.stats.in_outage:
+            cls.stats.in_outage = False
+            logger.warning("rebalancer service answers again (%d local plans so far)", cls.stats.fallbacks)
+
+    @classmethod
+    def _plan_locally(
+        cls,
+        weight: Any,
+        loads: np.ndarray,
+        num_replicas: int,
+        num_groups: int,
+        num_nodes: int,
+        num_ranks: int,
+        old: np.ndarray | None,
+    ) -> np.ndarray:
+        """The library solver, else the replaced vLLM policy, else the map in force (or the trivial one)."""
+        import torch
+
+        num_layers, num_experts = loads.shape
+        try:
+            from rebalancer.solver import solve
+
+            result = solve(
+                torch.as_tensor(loads, dtype=torch.float64),
+                num_replicas,
+                num_groups,
+                num_nodes,
+                num_ranks,
+                device="cpu",
+                prev_phy2log=None if old is None else torch.from_numpy(old),
+            )
+            cls.stats.last_fallback = "library"
+            return result.phy2log.cpu().numpy()
+        except Exception as exc:
+            logger.debug("library fallback failed: %s", exc)
+        if cls.fallback_policy is not None:
+            try:
+                previous = None if old is None else torch.from_numpy(old)
+                phy2log = cls.fallback_policy.rebalance_experts(
+                    weight, num_replicas, num_groups, num_nodes, num_ranks, previous
+                )
+                phy2log = np.asarray(phy2log.cpu().numpy(), dtype=np.int64)
+                if _valid_phy2log(phy2log, num_layers, num_replicas, num_experts):
+                    cls.stats.last_fallback = "vllm"
+                    return phy2log
+            except Exception as exc:
+                logger.debug("vLLM policy fallback failed: %s", exc)
+        cls.stats.last_fallback = "in force"
+        if old is not None:
+            return old
+        return np.tile(np.arange(num_replicas, dtype=np.int64) % num_experts, (num_layers, 1))
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: runs in every vLLM process, possibly more than once.
+
+    Takes the "default" slot of vLLM's EPLB_POLICIES when REBALANCER_TARGET is set; does nothing otherwise
+    or outside vLLM.
+    """
+    try:
+        config = ServiceConfig.from_env()
+    except ValueError as exc:  # a typo in an environment variable must not stop vLLM from starting
+        logger.error("REBALANCER_* settings unusable, keeping vLLM's own EPLB policy: %s", exc)
+        return
+    if config is None:
+        return
+    try:
+        from vllm.distributed.eplb import policy as eplb_policy
+    except ImportError as exc:
+        logger.warning("REBALANCER_TARGET is set but vLLM's EPLB policies are not importable: %s", exc)
+        return
+    current = eplb_policy.EPLB_POLICIES.get("default")
+    if current is not ServiceEplbPolicy:
+        ServiceEplbPolicy.configure(config, fallback_policy=current)
+        abstract = getattr(eplb_policy, "AbstractEplbPolicy", None)
+        if abstract is not None:
+            abstract.register(ServiceEplbPolicy)
+        eplb_policy.EPLB_POLICIES["default"] = ServiceEplbPolicy
+        logger.info("vLLM EPLB plans come from the rebalancer service at %s", config.target)
