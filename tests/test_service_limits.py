@@ -375,3 +375,17 @@ def test_unexpected_failure_is_internal_without_its_text(tmp_path):
             server.stub.Rebalance(pb.RebalanceRequest(loads=encode(skewed_loads(1)), topology=TOPOLOGY))
         assert error.value.code() == grpc.StatusCode.INTERNAL
         assert "secret" not in error.value.details() and "KeyError" not in error.value.details()
+        # In a stream the faulty report is refused in-band and the stream goes on.
+        ingest, calls = server.server.registry.ingest, []
+
+        async def broken_once(command):
+            calls.append(command)
+            if len(calls) == 1:
+                raise KeyError("secret internal detail")
+            return await ingest(command)
+
+        server.server.registry.ingest = broken_once
+        stream = [report("s", skewed_loads(i), topology=TOPOLOGY) for i in range(2)]
+        summary = server.stub.StreamLoad(iter(stream))
+        assert (summary.accepted, summary.rejected) == (1, 1)
+        assert "secret" not in summary.rejections[0].reason

@@ -80,6 +80,9 @@ class RebalancerServicer(rebalancer_pb2_grpc.RebalancerServiceServicer):
                 await self._ingest(report)
             except ServiceError as error:
                 self._reject(response, index, report, error)
+            except Exception:  # a fault of the server: logged, and refused in-band without its text
+                log.exception("report %d of a StreamLoad failed", index)
+                self._reject(response, index, report, Internal())
             else:
                 response.accepted += 1
                 self.metrics.telemetry_reports.labels(report.deployment_id, "accepted").inc()
