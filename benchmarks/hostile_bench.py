@@ -10,7 +10,8 @@
   (rebalancer_dropped_requests_total; bar: <= 1 s).
 * sigterm: SIGTERM with --grace-period-s 1 while that job and 8 small requests run: exit code and
   seconds to exit (bar: 0, <= grace + 1 s).
-* estimates: the cost model's time estimate against the measured solve of a few shapes.
+* estimates: the cost model's time and memory estimates against the measured solve time and peak RSS
+  growth (each shape in a fresh process) of a few shapes.
 
 `python benchmarks/hostile_bench.py [--quick]` prints the figures; `run()` returns them as a dict.
 """
@@ -18,12 +19,14 @@
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import re
+import resource
 import signal
 import tempfile
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -155,27 +158,42 @@ def sigterm(state_dir: str) -> dict:
     return {"sigterm_exit_code": code, "sigterm_exit_s": seconds, "sigterm_grace_s": GRACE_S}
 
 
+ESTIMATED_SHAPES = {
+    "dsv3_c4": Shape(58, 256, 288, 8, 4, 32, candidates=4),
+    "dsv3_c64": Shape(58, 256, 288, 8, 4, 32, candidates=64),
+    "kimi_c4": Shape(61, 384, 416, 1, 4, 32, candidates=4),
+    "512_slots_per_gpu": Shape(8, 64, 1024, 1, 1, 2, candidates=4),
+    "one_expert_2^16_slots": Shape(1, 1, 2**16, 1, 1, 1, candidates=4),
+}
+
+
+def measure_solve(name: str) -> tuple[float, float]:
+    """(seconds, MiB of peak RSS growth) of one solve of ESTIMATED_SHAPES[name], after a warm-up solve."""
+    shape = ESTIMATED_SHAPES[name]
+    solve(torch.rand(2, 16), 32, 4, 2, 4, num_candidates=2)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    weight = torch.rand(shape.num_layers, shape.num_experts) ** 4 * 1000
+    started = time.perf_counter()
+    solve(
+        weight, shape.num_replicas, shape.num_groups, shape.num_nodes, shape.num_gpus, num_candidates=shape.candidates
+    )
+    seconds = time.perf_counter() - started
+    return seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
+
+
 def estimates() -> dict:
+    """Each shape solved in a fresh process (so its peak RSS is its own) next to the cost model."""
     figures = {}
-    shapes = {
-        "dsv3_c4": Shape(58, 256, 288, 8, 4, 32, candidates=4),
-        "dsv3_c64": Shape(58, 256, 288, 8, 4, 32, candidates=64),
-        "kimi_c4": Shape(61, 384, 416, 1, 4, 32, candidates=4),
-        "one_expert_2^16_slots": Shape(1, 1, 2**16, 1, 1, 1, candidates=4),
-    }
-    for name, shape in shapes.items():
-        weight = torch.rand(shape.num_layers, shape.num_experts) ** 4 * 1000
-        started = time.perf_counter()
-        solve(
-            weight,
-            shape.num_replicas,
-            shape.num_groups,
-            shape.num_nodes,
-            shape.num_gpus,
-            num_candidates=shape.candidates,
-        )
-        figures[f"estimate_{name}_measured_s"] = time.perf_counter() - started
-        figures[f"estimate_{name}_estimated_s"] = solve_cost(shape, "cpu").work_seconds
+    context = multiprocessing.get_context("spawn")
+    measured = {}
+    for name in ESTIMATED_SHAPES:
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            measured[name] = pool.submit(measure_solve, name).result()
+    for name, shape in ESTIMATED_SHAPES.items():
+        cost = solve_cost(shape, "cpu")
+        figures[f"estimate_{name}_measured_s"], figures[f"estimate_{name}_measured_mib"] = measured[name]
+        figures[f"estimate_{name}_estimated_s"] = cost.work_seconds
+        figures[f"estimate_{name}_estimated_mib"] = cost.peak_bytes / 2**20
     return figures
 
 

@@ -39,6 +39,8 @@ MAX_PARTNERS = 8  # swap partners per heavy pack
 MOVE_WIDTH = 5  # receivers x donors of one joint round: up to 25 variants per row
 MAX_SCENARIOS = 8
 ID_BYTES = 8
+# Host bytes of one greedy step's bookkeeping (a small tensor per placed item, kept until the pack ends).
+STEP_OBJECT_BYTES = 512
 # Bytes a deployment costs besides its tensors: dataclasses, metric series, the store's row and caches.
 DEPLOYMENT_OVERHEAD_BYTES = 64 * 1024
 # Room the stats and envelope of a placement message take besides the three maps (per layer and fixed).
@@ -99,6 +101,7 @@ def _plan(rows: int, experts: int, replicas: int, gpus: int, candidates: int, sc
         + 16 * problems * scenarios * (experts + replicas)  # scenario loads per candidate and slot
         + 64 * variants * replicas
         + 8 * refine_variants
+        + STEP_OBJECT_BYTES * replicas
     )
     steps = (1 + JOINT_ROUNDS) * (replicas + REFINE_ROUNDS_TYPICAL * REFINE_OPS)
     elements = (
