@@ -64,12 +64,13 @@ class Server:
         return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
 
     def stop(self) -> tuple[int, float]:
-        """SIGTERM; (exit code, seconds until exit)."""
-        self.channel.close()
+        """SIGTERM with the client's calls still open; (exit code, seconds until exit)."""
         started = time.monotonic()
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=60)
-        return self.process.returncode, time.monotonic() - started
+        seconds = time.monotonic() - started
+        self.channel.close()
+        return self.process.returncode, seconds
 
 
 def largest_request() -> pb.RebalanceRequest:

@@ -174,6 +174,7 @@ class RebalancerServer:
         self.windows.close()
         self.store.close()
         self.metrics.close()
+        log.info("stopped")
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
