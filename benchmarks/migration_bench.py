@@ -39,13 +39,17 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import workloads  # noqa: E402
-from rebalancer.solver import maps, solve  # noqa: E402
+from rebalancer.solver import CostModel, maps, solve  # noqa: E402
+from rebalancer.solver.elastic import elastic_moves  # noqa: E402
+from rebalancer.solver.transfers import plan_transfers, same_node_share, transfer_stats  # noqa: E402
 
 MIGRATION_SHAPES = ("dsv3_prefill", "qwen3_235b", "kimi_k2")
 HISTORY_WINDOWS = 4
 BASELINES = ("deepseek", "deepseek_global")
 # (label of the variant with history, label of the same variant without it)
 HISTORY_PAIRS = (("auto_prev_hist", "auto_prev"), ("auto_hist", "auto_fresh"))
+# Rearrangement cost model: DeepSeek-V3 FP8 experts, NVLink 450 GB/s and a 400 Gb/s NIC per GPU.
+COST = CostModel()
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,11 @@ class Track:
     moves: list[int] = field(default_factory=list)
     next_balancedness: list[float] = field(default_factory=list)
     solve_seconds: list[float] = field(default_factory=list)
+    transfer_seconds: list[float] = field(default_factory=list)
+    intra_copies: list[float] = field(default_factory=list)
+    network_copies: list[float] = field(default_factory=list)
+    possible_copies: list[float] = field(default_factory=list)
+    possible_intra_copies: list[float] = field(default_factory=list)
 
 
 def plan(
@@ -106,6 +115,7 @@ def run_series(shape: workloads.Shape, windows: int, seed: int, variants: Sequen
     the window after it; moves count against that variant's own previous plan."""
     series = workloads.drift_series(shape.layers, shape.experts, windows, seed=seed)
     tracks = {v.label: Track() for v in variants}
+    gpus_per_node = shape.gpus // shape.nodes
     placements = {v.label: plan(v, series, 0, shape, None).phy2log.cpu() for v in variants}
     for window in range(1, windows - 1):
         following = series[window + 1].double()
@@ -121,6 +131,20 @@ def run_series(shape: workloads.Shape, windows: int, seed: int, variants: Sequen
                 int(maps.moved_copies(placements[variant.label], phy2log, shape.experts, shape.gpus).sum())
             )
             track.next_balancedness.append(float(maps.balancedness(following, phy2log, logcnt, shape.gpus).mean()))
+            # Every variant's rearrangement under one cost model and the shape's real nodes; a re-plan
+            # keeps experts already on a GPU (vLLM-style), so only new arrivals use a link.
+            plan_rows = plan_transfers(
+                placements[variant.label], phy2log, shape.experts, shape.replicas // shape.gpus, gpus_per_node
+            )
+            cost = transfer_stats(plan_rows, shape.layers, shape.gpus, gpus_per_node, COST)
+            track.transfer_seconds.append(cost["estimated_transfer_seconds"])
+            track.network_copies.append(cost["transferred_copies"])
+            track.intra_copies.append(cost["transferred_copies"] * cost["intra_node_share"])
+            share, possible = same_node_share(
+                placements[variant.label], plan_rows, shape.experts, shape.gpus, gpus_per_node
+            )
+            track.possible_copies.append(cost["transferred_copies"] * possible)
+            track.possible_intra_copies.append(cost["transferred_copies"] * possible * share)
             placements[variant.label] = phy2log
     replans = windows - 2
     figures: dict[str, dict] = {}
@@ -133,6 +157,11 @@ def run_series(shape: workloads.Shape, windows: int, seed: int, variants: Sequen
             "mean_next_balancedness": statistics.fmean(track.next_balancedness),
             "mean_solve_s": statistics.fmean(track.solve_seconds),
             "min_solve_s": min(track.solve_seconds),
+            "transfer_seconds": sum(track.transfer_seconds),
+            "intra_node_share": sum(track.intra_copies) / max(sum(track.network_copies), 1.0),
+            "intra_where_possible": sum(track.possible_intra_copies) / max(sum(track.possible_copies), 1.0),
+            "possible_copies": sum(track.possible_copies),
+            "possible_intra_copies": sum(track.possible_intra_copies),
         }
     for entry in figures.values():
         for base in BASELINES:
@@ -142,6 +171,9 @@ def run_series(shape: workloads.Shape, windows: int, seed: int, variants: Sequen
                 entry["mean_next_balancedness"] - figures[base]["mean_next_balancedness"]
             )
             entry[f"time_ratio_vs_{base}"] = entry["mean_solve_s"] / figures[base]["mean_solve_s"]
+            entry[f"transfer_ratio_vs_{base}"] = entry["transfer_seconds"] / max(
+                figures[base]["transfer_seconds"], 1e-300
+            )
     return {"shape": shape.name, "seed": seed, "windows": windows, "replans": replans, "variants": figures}
 
 
@@ -187,12 +219,19 @@ def run(
                 r["variants"][variant.label]["mean_next_balancedness"] for r in runs
             ),
             "mean_solve_s": statistics.fmean(r["variants"][variant.label]["mean_solve_s"] for r in runs),
+            "transfer_seconds": sum(r["variants"][variant.label]["transfer_seconds"] for r in runs),
+            "intra_node_share": statistics.fmean(r["variants"][variant.label]["intra_node_share"] for r in runs),
+            "intra_where_possible": sum(r["variants"][variant.label]["possible_intra_copies"] for r in runs)
+            / max(sum(r["variants"][variant.label]["possible_copies"] for r in runs), 1.0),
         }
     for entry in totals.values():
         for base in BASELINES:
             entry[f"moves_ratio_vs_{base}"] = entry["total_moves"] / max(totals[base]["total_moves"], 1)
             entry[f"balancedness_delta_vs_{base}"] = (
                 entry["mean_next_balancedness"] - totals[base]["mean_next_balancedness"]
+            )
+            entry[f"transfer_ratio_vs_{base}"] = entry["transfer_seconds"] / max(
+                totals[base]["transfer_seconds"], 1e-300
             )
     history = {f"{a} - {b}": paired_difference(runs, a, b) for a, b in HISTORY_PAIRS}
     return {
@@ -262,6 +301,10 @@ def format_tables(result: dict) -> str:
         "delta vs deepseek_global",
         "delta vs deepseek",
         "mean solve ms",
+        "est. transfer s",
+        "transfer x deepseek_global",
+        "intra-node share",
+        "intra where a node source exists",
     ]
     rows = [
         [
@@ -273,6 +316,10 @@ def format_tables(result: dict) -> str:
             f"{t['balancedness_delta_vs_deepseek_global']:+.4f}",
             f"{t['balancedness_delta_vs_deepseek']:+.4f}",
             f"{1000 * t['mean_solve_s']:.0f}",
+            f"{t['transfer_seconds']:.3f}",
+            f"{t['transfer_ratio_vs_deepseek_global']:.3f}",
+            f"{t['intra_node_share']:.3f}",
+            f"{t['intra_where_possible']:.3f}",
         ]
         for label, t in result["totals"].items()
     ]
@@ -305,11 +352,110 @@ def format_tables(result: dict) -> str:
     return "\n".join(out)
 
 
+def run_elastic(
+    shape: str = "dsv3_prefill", seeds: Sequence[int] = (21, 22), lost_gpu: int = 5, scale_to: int = 40
+) -> dict:
+    """Elastic EP from a placement planned on the same loads: lose one GPU, and scale to `scale_to` GPUs.
+
+    Against the issue's bars: moves when a GPU is lost vs twice the copies it held, balancedness vs a fresh
+    plan on the healthy GPUs (which is what re-planning on the active ranks gives, and its moves), copies
+    kept in place when scaling out.
+    """
+    spec = workloads.SHAPES[shape]
+    slots = spec.replicas // spec.gpus
+    rows = []
+    for seed in seeds:
+        weight = workloads.make("zipf", spec.layers, spec.experts, seed=seed)
+        prev = solve(weight, spec.replicas, spec.groups, spec.nodes, spec.gpus, device="cpu").phy2log
+        healthy = spec.gpus - 1
+        started = time.perf_counter()
+        lost = solve(
+            weight,
+            spec.replicas,
+            spec.groups,
+            spec.nodes,
+            spec.gpus,
+            device="cpu",
+            prev_phy2log=prev,
+            unavailable_gpus=[lost_gpu],
+        )
+        lost_s = time.perf_counter() - started
+        fresh = solve(weight, slots * healthy, 1, 1, healthy, device="cpu")
+        fresh_moves, _ = elastic_moves(prev, fresh.phy2log, spec.experts, slots, lost.gpu_ids)
+        started = time.perf_counter()
+        scaled = solve(
+            weight,
+            spec.replicas,
+            spec.groups,
+            spec.nodes,
+            spec.gpus,
+            device="cpu",
+            prev_phy2log=prev,
+            new_num_gpus=scale_to,
+        )
+        scaled_s = time.perf_counter() - started
+        _, kept = elastic_moves(prev, scaled.phy2log, spec.experts, slots, scaled.gpu_ids)
+        fresh_scaled = solve(weight, slots * scale_to, 1, 1, scale_to, device="cpu")
+        rows.append(
+            {
+                "seed": seed,
+                "lost_moves_mean": float(lost.moved_copies.double().mean()),
+                "lost_moves_max": int(lost.moved_copies.max()),
+                "lost_bar": 2 * slots,
+                "fresh_moves_mean": float(fresh_moves.double().mean()),
+                "lost_balancedness": float(lost.balancedness.mean()),
+                "fresh_balancedness": float(fresh.balancedness.mean()),
+                "lost_worst_gap": float((fresh.balancedness - lost.balancedness).max()),
+                "lost_incremental_layers": sum(name.endswith("incremental") for name in lost.policy_per_layer),
+                "lost_seconds": lost_s,
+                "scaled_kept_share": float(kept.sum()) / prev.numel(),
+                "scaled_balancedness": float(scaled.balancedness.mean()),
+                "fresh_scaled_balancedness": float(fresh_scaled.balancedness.mean()),
+                "scaled_seconds": scaled_s,
+            }
+        )
+    return {"shape": shape, "lost_gpu": lost_gpu, "scale_to": scale_to, "rows": rows}
+
+
+def format_elastic(result: dict) -> str:
+    """Markdown table of `run_elastic`."""
+    head = [
+        "seed",
+        "lose 1: moved/layer mean (max)",
+        "bar (2 x slots)",
+        "fresh re-plan moved/layer",
+        "bal. vs fresh",
+        "worst layer gap",
+        "incremental layers",
+        f"scale to {result['scale_to']}: kept share",
+        "bal. vs fresh",
+    ]
+    rows = [
+        [
+            str(r["seed"]),
+            f"{r['lost_moves_mean']:.1f} ({r['lost_moves_max']})",
+            str(r["lost_bar"]),
+            f"{r['fresh_moves_mean']:.1f}",
+            f"{r['lost_balancedness']:.4f} vs {r['fresh_balancedness']:.4f}",
+            f"{r['lost_worst_gap']:.4f}",
+            str(r["lost_incremental_layers"]),
+            f"{r['scaled_kept_share']:.3f}",
+            f"{r['scaled_balancedness']:.4f} vs {r['fresh_scaled_balancedness']:.4f}",
+        ]
+        for r in result["rows"]
+    ]
+    return f"Elastic EP on {result['shape']} (zipf loads, GPU {result['lost_gpu']} lost):\n\n" + _table(head, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one shape, one seed, 5 windows")
     parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--elastic", action="store_true", help="only the elastic EP figures")
     args = parser.parse_args()
+    if args.elastic:
+        print(format_elastic(run_elastic()))
+        return
     result = run(shape="qwen3_235b", windows=5, seeds=(21,)) if args.quick else run(windows=args.windows)
     print(format_tables(result))
 

@@ -1,4 +1,4 @@
-"""The Prometheus families the server must export (SPEC §6), as the tests see them.
+"""The Prometheus families the server must export, as the tests see them.
 
 One list shared by the dashboard, alert-rule and live-scrape tests: a query in `deploy/` may only name a
 series derived from a family here, and a live scrape must show every family here. Names are the ones
@@ -26,6 +26,7 @@ EXPECTED_FAMILIES: dict[str, Family] = {
     "rebalancer_solve_duration_seconds": Family("histogram", ("device", "path")),
     "rebalancer_batch_layers": Family("histogram"),
     "rebalancer_batch_requests": Family("histogram"),
+    "rebalancer_transfer_estimated_seconds": Family("histogram"),
     "rebalancer_queue_depth": Family("gauge"),
     "rebalancer_imbalance_ratio": Family("gauge", ("deployment",)),
     "rebalancer_balancedness": Family("gauge", ("deployment", "placement")),

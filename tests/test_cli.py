@@ -53,7 +53,7 @@ def test_loads_files_in_every_format(tmp_path):
             read_loads(str(tmp_path / name))
 
 
-@pytest.mark.parametrize(("form", "keys"), [("vllm", 1), ("sglang", 1), ("raw", 10)])
+@pytest.mark.parametrize(("form", "keys"), [("vllm", 1), ("sglang", 1), ("raw", 12)])
 def test_rebalance_writes_the_engine_json(server, tmp_path, capsys, form, keys):
     loads = np.array([[9, 1, 1, 1], [1, 1, 1, 9]], dtype=np.float32)
     np.save(tmp_path / "loads.npy", loads)

@@ -1,4 +1,4 @@
-"""The Grafana dashboard (SPEC §6): generated from one list, every query parses and names a real family."""
+"""The Grafana dashboard: generated from one list, every query parses and names a real family."""
 
 from __future__ import annotations
 

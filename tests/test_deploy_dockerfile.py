@@ -1,4 +1,4 @@
-"""The server image (SPEC §7): no Docker engine runs here, so the Dockerfile is linted and read instead."""
+"""The server image: no Docker engine runs here, so the Dockerfile is linted and read instead."""
 
 from __future__ import annotations
 

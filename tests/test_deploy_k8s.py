@@ -1,4 +1,4 @@
-"""Kubernetes manifests (SPEC §7), validated offline against the API schemas and against each other."""
+"""Kubernetes manifests, validated offline against the API schemas and against each other."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prometheus scrape config and alert rules (SPEC §6): structure, PromQL, metric names, promtool."""
+"""Prometheus scrape config and alert rules: structure, PromQL, metric names, promtool."""
 
 from __future__ import annotations
 

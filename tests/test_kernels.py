@@ -11,8 +11,8 @@ What is compared:
 * swap refinement: exact `slot_items` and `slot_loads` on integral loads (float32 sums are then exact in any
   order) with distinct pack loads; with ties in pack loads the torch `topk` order is unspecified, so only
   the max pack loads are compared, and a valid permutation of the items is required;
-* the whole solver forced onto the kernels: valid placements and the torch path's max loads (the kernel
-  ignores group exits, so it may refine some candidates further).
+* the whole solver forced onto the kernels: valid placements and the torch path's max loads (candidates
+  there stop one by one rather than by layer, so some may be refined further).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from rebalancer.solver import kernels, packing
+from rebalancer.solver.refinement import RefineLimits
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_SLACK = 5e-4
@@ -107,7 +108,9 @@ def run_kernel_cases(out: Path) -> None:
         results[f"greedy/{name}"] = {"item_loads": item_loads, "slot_items": slot_items}
     for seed, (name, (problems, packs, capacity, kind)) in enumerate(REFINE_CASES.items()):
         case = refine_inputs(problems, packs, capacity, kind, seed)
-        case["refined"] = kernels.swap_refine(case["slot_loads"], case["slot_items"], case["targets"])
+        case["refined"] = kernels.swap_refine(case["slot_loads"], case["slot_items"], case["targets"], RefineLimits())
+        few = RefineLimits(num_partners=2, pair_rounds=3, heaviest_rounds=5)
+        case["refined_few_partners"] = kernels.swap_refine(case["slot_loads"], case["slot_items"], case["targets"], few)
         results[f"refine/{name}"] = case
     from rebalancer.solver import rebalance_experts
 
@@ -153,6 +156,46 @@ def test_refine_kernel_reaches_the_torch_max_loads(interpreted, name):
     if name in EXACT_REFINE:
         assert torch.equal(kernel_items, torch_items)
         assert torch.equal(kernel_loads, torch_loads)
+
+
+@pytest.mark.parametrize("name", sorted(EXACT_REFINE))
+def test_refine_kernel_honours_partner_and_round_limits(interpreted, name):
+    case = interpreted[f"refine/{name}"]
+    few = RefineLimits(num_partners=2, pair_rounds=3, heaviest_rounds=5)
+    torch_loads, torch_items = packing.swap_refine(case["slot_loads"], case["slot_items"], case["targets"], few)
+    kernel_loads, kernel_items = case["refined_few_partners"]
+    assert torch.equal(kernel_items, torch_items)
+    assert torch.equal(kernel_loads, torch_loads)
+
+
+def test_refine_kernel_refuses_groups_it_cannot_honour():
+    pytest.importorskip("triton")
+    from rebalancer.solver.kernels import refine
+
+    loads = torch.ones(2, 2, 2)
+    with pytest.raises(ValueError, match="group_size must be 1"):
+        refine.swap_refine(loads, torch.arange(8).view(2, 2, 2), torch.ones(2), RefineLimits(group_size=2))
+
+
+def test_groups_stop_together_on_every_torch_path():
+    # Problem 0 starts at its target, problem 1 (same group) could still improve: the group stops.
+    slot_loads = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[5.0, 4.0], [1.0, 0.0]]])
+    slot_items = torch.arange(8).view(2, 2, 2)
+    targets = torch.tensor([2.0, 5.0])
+    grouped_loads, _ = packing.swap_refine(slot_loads, slot_items, targets, RefineLimits(group_size=2))
+    alone_loads, _ = packing.swap_refine(slot_loads, slot_items, targets, RefineLimits(group_size=1))
+    assert torch.equal(grouped_loads, slot_loads)
+    assert float(alone_loads[1].sum(-1).max()) < 9.0
+    if torch.cuda.is_available():
+        cuda = [tensor.cuda() for tensor in (slot_loads.double(), slot_items, targets)]
+        on_gpu, _ = packing.swap_refine(*cuda, RefineLimits(group_size=2))
+        assert torch.equal(on_gpu.cpu().float(), slot_loads)
+
+
+def test_group_size_must_divide_the_batch():
+    with pytest.raises(ValueError, match="group_size"):
+        items = torch.zeros(3, 2, 2, dtype=torch.int64)
+        packing.swap_refine(torch.ones(3, 2, 2), items, torch.ones(3), RefineLimits(group_size=2))
 
 
 def test_solver_forced_onto_kernels_matches_torch_quality(interpreted):
@@ -206,7 +249,7 @@ def test_packing_dispatches_to_the_kernels_when_triton_is_active(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     calls = []
     monkeypatch.setattr(kernels, "greedy_pack", lambda *args: calls.append("greedy") or "greedy")
-    monkeypatch.setattr(kernels, "swap_refine", lambda *args, **kwargs: calls.append("refine") or "refine")
+    monkeypatch.setattr(kernels, "swap_refine", lambda *args: calls.append("refine") or "refine")
     loads = torch.ones(1, 4)
     assert packing.greedy_pack(loads, lpt_order(loads), 2) == "greedy"
     assert packing.swap_refine(loads.view(1, 2, 2), torch.arange(4).view(1, 2, 2), torch.ones(1)) == "refine"
@@ -249,11 +292,15 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         "capacity": "i32",
         "pair_rounds": "i32",
         "heaviest_rounds": "i32",
+        "num_partners": "i32",
         "improve_factor": "fp32",
     }
-    constexprs = {"BLOCK_G": 8, "BLOCK_K": 4, "NUM_PAIRS": 2, "NUM_PARTNERS": 3}
-    refine = ASTSource(_swap_refine_kernel, signature | dict.fromkeys(constexprs, "constexpr"), constexprs=constexprs)
-    for source in (greedy, refine):
+    sources = [greedy]
+    for all_partners in (True, False):
+        constexprs = {"BLOCK_G": 8, "BLOCK_K": 4, "NUM_PAIRS": 2, "ALL_PARTNERS": all_partners}
+        constexpr_types = dict.fromkeys(constexprs, "constexpr")
+        sources.append(ASTSource(_swap_refine_kernel, signature | constexpr_types, constexprs=constexprs))
+    for source in sources:
         compiled = triton.compile(source, target=target, options={"num_warps": 1, "enable_fp_fusion": False})
         assert compiled.asm["cubin"]
 

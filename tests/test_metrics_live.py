@@ -1,4 +1,4 @@
-"""A real server's /metrics after real traffic (SPEC §6): every family exists, values move, promtool agrees.
+"""A real server's /metrics after real traffic: every family exists, values move, promtool agrees.
 
 The server runs as a subprocess on free loopback ports, as `rebalancer-server` runs in production; the
 traffic goes through the raw generated stub so the test exercises the wire, not the client's helpers.
@@ -186,7 +186,7 @@ def test_samples_carry_the_expected_labels(scrapes: tuple[str, str]) -> None:
                 continue
             for sample in found:
                 assert set(family.labels) <= set(sample.labels), f"{sample_name} {sample.labels} lacks {family.labels}"
-                assert "layer" not in sample.labels, "no per-layer labels (SPEC §6)"
+                assert "layer" not in sample.labels, "no per-layer labels"
 
 
 def test_rebalance_moves_the_solve_histogram(scrapes: tuple[str, str]) -> None:

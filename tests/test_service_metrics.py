@@ -1,4 +1,4 @@
-"""SPEC §6 on a live server: every family exists from the start, and each moves with the traffic that
+"""On a live server: every family exists from the start, and each moves with the traffic that
 should move it (solve latency, batch sizes, telemetry outcomes, placements, gRPC codes and messages)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`rebalancer-server` as operators run it (SPEC §4, §6): flags from the environment, health, reflection,
+"""`rebalancer-server` as operators run it: flags from the environment, health, reflection,
 /metrics, SIGTERM drain with exit 0, and a clear failure on a bad state directory."""
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def test_reporter_streams_through_the_sharded_client_to_the_owner(replicas):
 
 @pytest.mark.slow
 def test_real_replicas_shard_scale_out_and_fail_independently(tmp_path):
-    """SPEC §7 with real processes: 20 deployments over 3 replicas, a 4th added, one killed."""
+    """With real processes: 20 deployments over 3 replicas, a 4th added, one killed."""
     servers = launch_servers([tmp_path / f"replica-{i}" for i in range(4)])
     try:
         targets = [server.target for server in servers]

@@ -1,4 +1,4 @@
-"""Soak (issue 7): a minute of sustained mixed traffic on a real server process, through
+"""Soak: a minute of sustained mixed traffic on a real server process, through
 `benchmarks/load.py` at a small size: 4 ranks streaming telemetry for 2 deployments at 50 reports/s each,
 both deployments re-planned and read back 4 times a second, one watcher each.
 

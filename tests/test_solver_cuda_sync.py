@@ -1,4 +1,4 @@
-"""On a GPU the planner's loops never wait for the host (SPEC §3: no host synchronisation inside its
+"""On a GPU the planner's loops never wait for the host (no host synchronisation inside its
 loops). CUDA's sync debug mode turns any device-to-host copy inside the planner into an error."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Solver API invariants (SPEC §3, issue 2 item 6): valid maps for every policy on random shapes, the
+"""Solver API invariants: valid maps for every policy on random shapes, the
 published README example, edge cases, dtypes, determinism, batch independence, CPU/CUDA, bad input."""
 
 from __future__ import annotations
@@ -372,3 +372,71 @@ def test_the_good_input_of_the_bad_input_table_is_accepted() -> None:
     positional = [args.pop(k) for k in ("weight", "num_replicas", "num_groups", "num_nodes", "num_gpus")]
     result = solve(*positional, prev_phy2log=VALID_PREV, history=torch.rand(3, 2, 8), max_moves_per_layer=0)
     assert torch.equal(result.phy2log, VALID_PREV)
+
+
+# --- the exact and the joint-search paths -----------------------------------------------------------------
+
+# (experts, replicas, groups, nodes, gpus): two slots per GPU solved exactly (few count vectors, the README
+# shape), two slots per GPU too many to enumerate (joint search with exact pairing), three and four slots
+# per GPU (joint search with refinement).
+SEARCH_PATHS = {
+    "exact_e8_g8": (8, 16, 1, 1, 8),
+    "exact_readme": (12, 16, 4, 2, 8),
+    "pairs_e32_g32": (32, 64, 4, 2, 32),
+    "three_slots": (12, 18, 1, 1, 6),
+    "four_slots": (24, 32, 4, 2, 8),
+}
+
+
+@pytest.mark.parametrize("path", SEARCH_PATHS)
+@pytest.mark.parametrize("policy", SOLVER_POLICIES)
+def test_search_paths_are_valid_deterministic_and_batch_independent(path: str, policy: str) -> None:
+    num_experts, num_replicas, num_groups, num_nodes, num_gpus = SEARCH_PATHS[path]
+    a = make("hot", 3, num_experts, seed=21)
+    b = make("zipf", 2, num_experts, seed=22)
+    shape = (num_replicas, num_groups, num_nodes, num_gpus)
+    alone_a = rebalance_experts(a, *shape, policy=policy, seed=3)
+    alone_b = rebalance_experts(b, *shape, policy=policy, seed=40)
+    seeds = torch.cat([3 + torch.arange(3), 40 + torch.arange(2)])
+    both = rebalance_experts(torch.cat([a, b]), *shape, policy=policy, layer_seeds=seeds)
+    again = rebalance_experts(torch.cat([a, b]), *shape, policy=policy, layer_seeds=seeds)
+    assert torch.equal(both[0], torch.cat([alone_a[0], alone_b[0]]))
+    assert torch.equal(both[0], again[0])
+    assert_valid_maps(*both, 5, num_experts, num_replicas, num_gpus)
+
+
+def _brute_force_two_slot_optimum(loads: list[float], num_replicas: int) -> float:
+    """Every count vector, each packed heaviest-with-lightest (optimal for two slots per GPU)."""
+    best = math.inf
+    num_experts, num_gpus = len(loads), num_replicas // 2
+
+    def counts(prefix: list[int], left: int):
+        if len(prefix) == num_experts - 1:
+            yield [*prefix, left]
+            return
+        for c in range(1, left - (num_experts - len(prefix) - 1) + 1):
+            yield from counts([*prefix, c], left - c)
+
+    for vector in counts([], num_replicas):
+        copies = sorted((w / c for w, c in zip(loads, vector, strict=True) for _ in range(c)), reverse=True)
+        best = min(best, max(copies[g] + copies[-1 - g] for g in range(num_gpus)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_two_slots_per_gpu_on_few_experts_reach_the_optimum(seed: int) -> None:
+    weight = make("lognormal", 1, 6, seed=seed)
+    phy2log = rebalance_experts(weight, 12, 1, 1, 6, policy="global")[0]
+    optimum = _brute_force_two_slot_optimum(weight[0].double().tolist(), 12)
+    assert float(max_gpu_load(weight, phy2log, 6)[0]) == pytest.approx(optimum, rel=1e-9)
+
+
+@pytest.mark.parametrize("path", SEARCH_PATHS)
+def test_search_paths_keep_the_placement_in_force_when_it_is_as_good(path: str) -> None:
+    num_experts, num_replicas, num_groups, num_nodes, num_gpus = SEARCH_PATHS[path]
+    weight = make("zipf", 3, num_experts, seed=23)
+    shape = (num_replicas, num_groups, num_nodes, num_gpus)
+    fresh = solve(weight, *shape)
+    kept = solve(weight, *shape, prev_phy2log=fresh.phy2log)
+    assert torch.equal(kept.moved_copies, torch.zeros(3, dtype=torch.int64))
+    assert_valid_maps(*kept.triple(), 3, num_experts, num_replicas, num_gpus)

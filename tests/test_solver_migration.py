@@ -1,4 +1,4 @@
-"""Migration- and history-aware placement (issue 3.1, 3.2): with the placement in force the solver ships far
+"""Migration- and history-aware placement: with the placement in force the solver ships far
 fewer expert copies than a fresh plan at (almost) the same next-window balancedness, respects a per-layer
 move budget, and with a load history stays valid and deterministic."""
 

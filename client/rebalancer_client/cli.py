@@ -254,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     _option_args(rebalance)
     rebalance.add_argument("--deployment", help="plan for this deployment and commit a new version")
     rebalance.add_argument("--base-version", type=int, help="fail unless this is the current version")
+    rebalance.add_argument(
+        "--unavailable-gpus", type=int, nargs="+", help="failed GPU ids: plan on the healthy GPUs only (elastic EP)"
+    )
+    for name, doc in COST_FLAGS.items():
+        rebalance.add_argument("--" + name.replace("_", "-"), dest=name, type=float, help=doc)
     _output_args(rebalance, FORMATS, "vllm")
 
     get = commands.add_parser("get", parents=[common], help="print the placement in force for a deployment")
@@ -283,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The transfer cost model of a rebalance (unset: the server's defaults).
+COST_FLAGS = {
+    "bytes_per_expert": "bytes of one expert copy, for the transfer plan's cost",
+    "intra_node_bandwidth": "bytes/s each GPU moves within its node (NVLink)",
+    "inter_node_bandwidth": "bytes/s each GPU moves across nodes (NIC)",
+}
+
+
 def _option_args(parser: argparse.ArgumentParser) -> None:
     """One flag per declared solve option; unset flags send nothing, so the server's defaults apply."""
     for option in OPTIONS:
@@ -307,6 +320,8 @@ def _rebalance(client: RebalancerClient | ShardedClient, args: argparse.Namespac
         num_gpus=args.gpus,
         deployment_id=args.deployment,
         base_version=args.base_version,
+        unavailable_gpus=args.unavailable_gpus,
+        cost_model={name: getattr(args, name) for name in COST_FLAGS if getattr(args, name) is not None},
         timeout=args.timeout,
         **{option.name: getattr(args, option.name) for option in OPTIONS},
     )

@@ -87,10 +87,14 @@ def rebalance_request(
     deployment_id: str | None = None,
     base_version: int | None = None,
     prev_phy2log: Any = None,
+    unavailable_gpus: Iterable[int] | None = None,
+    cost_model: Mapping[str, float] | None = None,
     **options: Any,
 ) -> pb.RebalanceRequest:
     """Build and check a RebalanceRequest; `options` are the solve options (`rebalancer_wire.options`,
-    e.g. policy, num_candidates, seed, dry_run, max_moves_per_layer). See `RebalancerClient.rebalance`."""
+    e.g. policy, num_candidates, seed, dry_run, max_moves_per_layer). `unavailable_gpus`: failed GPU ids
+    (elastic EP); `cost_model`: any of bytes_per_expert, intra_node_bandwidth, inter_node_bandwidth
+    (bytes/s per GPU) for the transfer plan and budgets. See `RebalancerClient.rebalance`."""
     if loads is None and not deployment_id:
         raise ValueError("loads are required without deployment_id")
     request = pb.RebalanceRequest(deployment_id=deployment_id or "")
@@ -114,6 +118,19 @@ def rebalance_request(
         if previous.ndim != 2:
             raise ValueError(f"prev_phy2log must be 2-D [layers, replicas], got shape {list(previous.shape)}")
         request.prev_phy2log.CopyFrom(encode(previous.astype(np.int64)))
+    if unavailable_gpus is not None:
+        ids = [int(g) for g in unavailable_gpus]
+        if any(g < 0 for g in ids):
+            raise ValueError(f"unavailable_gpus must be GPU ids >= 0, got {ids}")
+        request.unavailable_gpus.extend(ids)
+    if cost_model:
+        known = {f.name for f in pb.TransferCost.DESCRIPTOR.fields}
+        unknown = sorted(set(cost_model) - known)
+        if unknown:
+            raise ValueError(f"cost_model has unknown keys {unknown} (known: {sorted(known)})")
+        for name, value in cost_model.items():
+            if value is not None:
+                setattr(request.cost_model, name, float(value))
     if base_version is not None:
         if base_version < 0:
             raise ValueError(f"base_version must be >= 0, got {base_version}")

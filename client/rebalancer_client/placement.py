@@ -54,6 +54,12 @@ class PlacementStats:
     batch_layers: int = 0
     batch_requests: int = 0
     solver_path: str = ""
+    # The transfer plan's cost (cost model of the request): bytes over links, their intra-node share,
+    # the estimated rearrangement seconds, and layers a transfer budget kept on the placement in force.
+    moved_bytes: float = 0.0
+    intra_node_share: float = 1.0
+    estimated_transfer_seconds: float = 0.0
+    deferred_layers: int = 0
 
     @classmethod
     def from_proto(cls, message: pb.PlacementStats) -> PlacementStats:
@@ -70,6 +76,10 @@ class PlacementStats:
             batch_layers=message.batch_layers,
             batch_requests=message.batch_requests,
             solver_path=message.solver_path,
+            moved_bytes=message.moved_bytes,
+            intra_node_share=message.intra_node_share,
+            estimated_transfer_seconds=message.estimated_transfer_seconds,
+            deferred_layers=message.deferred_layers,
         )
 
 
@@ -79,6 +89,10 @@ class Placement:
 
     phy2log [L, R], log2phy [L, E, X] padded with -1, logcnt [L, E]. `version` is 0 and `deployment_id`
     empty for an inline, uncommitted plan; `committed` says whether the service stored it.
+    `transfers` [T, 5] int64: the copies to ship from the placement in force, rows (layer, expert,
+    destination GPU, destination slot, source GPU; the destination itself for a local copy, -1 for host
+    memory), empty without one. `gpu_ids`: GPU k of this placement is GPU gpu_ids[k] of the previous
+    numbering when the GPU set changed (elastic EP), else empty.
     """
 
     phy2log: np.ndarray
@@ -91,6 +105,8 @@ class Placement:
     trigger: str = ""
     created_unix_ms: int = 0
     committed: bool = False
+    transfers: np.ndarray = field(default_factory=lambda: np.zeros((0, 5), dtype=np.int64))
+    gpu_ids: list[int] = field(default_factory=list)
 
     @classmethod
     def from_proto(cls, message: pb.Placement, *, committed: bool = False) -> Placement:
@@ -105,6 +121,10 @@ class Placement:
             trigger=message.trigger,
             created_unix_ms=message.created_unix_ms,
             committed=committed,
+            transfers=np.array(decode(message.transfers), dtype=np.int64).reshape(-1, 5)
+            if message.HasField("transfers")
+            else np.zeros((0, 5), dtype=np.int64),
+            gpu_ids=list(message.gpu_ids),
         )
 
     def gpu_experts(self, layer: int, gpu: int) -> np.ndarray:
@@ -137,6 +157,8 @@ class Placement:
             "phy2log": self.phy2log.tolist(),
             "log2phy": self.log2phy.tolist(),
             "logcnt": self.logcnt.tolist(),
+            "transfers": self.transfers.tolist(),
+            "gpu_ids": list(self.gpu_ids),
         }
 
     def to_json(self, format: str = "raw", numbering: LayerNumbering | None = None) -> dict[str, Any]:

@@ -294,6 +294,13 @@ ROWS: tuple[Row, ...] = (
                 options={"drawStyle": "bars"},
             ),
             Panel(
+                "Estimated rearrangement time",
+                "Time the engines need to ship each plan's expert copies (cost model: busiest GPU on the slower"
+                " link class), quantiles over plans made from a placement in force.",
+                quantiles("rebalancer_transfer_estimated_seconds_bucket", ON_INSTANCE, ""),
+                unit="s",
+            ),
+            Panel(
                 "Telemetry reports / s",
                 "Load reports per deployment, accepted and rejected.",
                 (

@@ -29,8 +29,10 @@ class ArgumentError(ValueError, AssertionError):
 
 # Where an option applies: "batch" knobs apply to a whole solver call (requests share a call only when
 # they agree on them); "layer" options are turned into per-layer values, so requests that differ still
-# share a call; "service" options steer the service around the solver and never reach it.
-BATCH, LAYER, SERVICE = "batch", "layer", "service"
+# share a call; "service" options steer the service around the solver and never reach it; "request"
+# options (transfer budgets) cap one request's share of a call, so the service applies them per request to
+# the split result, while the library applies them to the whole solve.
+BATCH, LAYER, SERVICE, REQUEST = "batch", "layer", "service", "request"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -155,6 +157,34 @@ OPTIONS: tuple[Option, ...] = (
         minimum=0.0,
         maximum=1.0,
         maximum_excluded=True,
+    ),
+    Option(
+        "max_transfer_seconds",
+        float,
+        None,
+        "cap on the estimated rearrangement time of a rebalance (cost model); layers that gain most per "
+        "transferred byte move first, the rest keep their placement",
+        scope=REQUEST,
+        minimum=0.0,
+        maximum=1e9,
+    ),
+    Option(
+        "max_incoming_copies_per_gpu",
+        int,
+        None,
+        "cap on the expert copies any one GPU receives in a rebalance, all layers together",
+        scope=REQUEST,
+        minimum=0,
+        maximum=2**32 - 1,
+        flag="--max-incoming",
+    ),
+    Option(
+        "new_num_gpus",
+        int,
+        None,
+        "plan for this many GPUs (scale by whole nodes) from the placement in force, keeping copies in place",
+        minimum=1,
+        maximum=2**32 - 1,
     ),
     Option("dry_run", bool, False, "plan and report, commit nothing", scope=SERVICE),
     Option("fresh", bool, False, "plan from scratch, ignoring the placement in force", scope=SERVICE),

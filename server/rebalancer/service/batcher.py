@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from rebalancer_wire.options import ArgumentError, SolveSettings
 
-from rebalancer.solver import maps, solve
+from rebalancer.solver import CostModel, maps, solve
 from rebalancer.solver.api import SolveResult
 from rebalancer.solver.cancel import SolveCancelled, stop_when
 
@@ -49,6 +49,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .model import Topology
+from .rearrangement import rearrange_job
 from .validation import solver_error_field
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,10 @@ class SolveJob:
     # measured against it, since those are the copies the engines would really ship.
     baseline_phy2log: np.ndarray | torch.Tensor | None = None
     deadline: float | None = None  # time.monotonic() after which the caller has gone
+    # Elastic EP: failed GPUs (they change the layout, so they are part of the key); the cost model of
+    # this request's transfer plan and budget.
+    unavailable_gpus: tuple[int, ...] = ()
+    cost_model: CostModel | None = None
     arrived: float = 0.0
     cost: SolveCost | None = None
     future: asyncio.Future = field(default=None)  # type: ignore[assignment]
@@ -87,7 +92,7 @@ class SolveJob:
         t = self.topology
         layout = (t.num_experts, t.num_replicas, t.num_groups, t.num_nodes, t.num_gpus)
         extra_inputs = (self.prev_phy2log is not None, self.history_intervals)
-        return layout + self.settings.batch_key() + extra_inputs
+        return layout + self.settings.batch_key() + extra_inputs + (self.unavailable_gpus,)
 
     @property
     def num_layers(self) -> int:
@@ -140,6 +145,13 @@ class PlanOutcome:
     solve_seconds: float
     batch_layers: int
     batch_requests: int
+    # With a placement in force: the transfer plan [T, 5] int32 and its cost (rearrangement.py).
+    transfers: np.ndarray | None = None
+    gpu_ids: np.ndarray | None = None
+    moved_bytes: float = 0.0
+    intra_node_share: float = 1.0
+    estimated_transfer_seconds: float = 0.0
+    deferred_layers: int = 0
 
 
 def _nbytes(value: np.ndarray | torch.Tensor) -> int:
@@ -389,6 +401,7 @@ class Batcher:
                 device=device,
                 prev_phy2log=prev,
                 history=history,
+                unavailable_gpus=list(first.unavailable_gpus) or None,
             )
         except ArgumentError as error:
             raise InvalidArgument([(solver_error_field(error), str(error))]) from None
@@ -426,23 +439,52 @@ class Batcher:
             job_logcnt = logcnt[rows]
             # log2phy's padding width is the batch's max copies; a request alone would get its own max.
             width = max(int(job_logcnt.max()), 1)
-            outcomes.append(
-                PlanOutcome(
-                    phy2log=phy2log[rows],
-                    log2phy=log2phy[rows, :, :width],
-                    logcnt=job_logcnt,
-                    balancedness=balancedness[rows],
-                    balancedness_before=job_before,
-                    moved_copies=job_moved,
-                    policies=dict(Counter(result.policy_per_layer[rows])),
-                    device=result.device,
-                    solver_path=path,
-                    solve_seconds=result.solve_seconds,
-                    batch_layers=int(result.phy2log.shape[0]),
-                    batch_requests=len(batch),
-                )
+            outcome = PlanOutcome(
+                phy2log=phy2log[rows],
+                log2phy=log2phy[rows, :, :width],
+                logcnt=job_logcnt,
+                balancedness=balancedness[rows],
+                balancedness_before=job_before,
+                moved_copies=job_moved,
+                policies=dict(Counter(result.policy_per_layer[rows])),
+                device=result.device,
+                solver_path=path,
+                solve_seconds=result.solve_seconds,
+                batch_layers=int(result.phy2log.shape[0]),
+                batch_requests=len(batch),
             )
+            self._add_rearrangement(job, outcome, result, rows)
+            outcomes.append(outcome)
         return outcomes
+
+    def _add_rearrangement(self, job: SolveJob, outcome: PlanOutcome, result: SolveResult, rows: slice) -> None:
+        """The job's transfer plan, budget and cost, on its slice of the batch (see rearrangement.py)."""
+        in_force = job.prev_phy2log if job.prev_phy2log is not None else job.baseline_phy2log
+        if in_force is None:
+            return
+        try:
+            arranged = rearrange_job(
+                _tensor(job.loads).to(self.device, torch.float64),
+                _tensor(in_force).to(self.device, torch.int64),
+                result.phy2log[rows],
+                job.topology,
+                job.settings,
+                job.cost_model,
+                job.unavailable_gpus,
+                result.gpu_ids,
+            )
+        except ArgumentError as error:
+            raise InvalidArgument([(solver_error_field(error), str(error))]) from None
+        outcome.transfers, outcome.gpu_ids = arranged.transfers, arranged.gpu_ids
+        outcome.moved_bytes = arranged.moved_bytes
+        outcome.intra_node_share = arranged.intra_node_share
+        outcome.estimated_transfer_seconds = arranged.estimated_transfer_seconds
+        outcome.deferred_layers = arranged.kept_layers
+        if arranged.kept_layers:
+            outcome.phy2log, outcome.log2phy, outcome.logcnt = arranged.phy2log, arranged.log2phy, arranged.logcnt
+            outcome.balancedness, outcome.moved_copies = arranged.balancedness, arranged.moved_copies
+            outcome.policies = dict(Counter(outcome.policies) + Counter(kept=arranged.kept_layers))
+        self.metrics.transfer_seconds.observe(arranged.estimated_transfer_seconds)
 
     def _against_baseline(self, job: SolveJob, phy2log: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Moved copies [L] and balancedness [L] of the baseline placement, for a fresh plan."""

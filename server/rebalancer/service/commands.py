@@ -14,14 +14,18 @@ import numpy as np
 from rebalancer_wire.options import SolveSettings
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
+from rebalancer.solver import CostModel
+
 from .admission import JobLimits
 from .errors import InvalidArgument
 from .model import Topology
 from .validation import (
+    check_cost_model,
     check_loads,
     check_options,
     check_phy2log,
     check_topology,
+    check_unavailable_gpus,
     decode_tensor,
     deployment_id_violations,
     load_violations,
@@ -44,6 +48,8 @@ class PlanCommand:
     prev_phy2log: np.ndarray | None
     settings: SolveSettings
     base_version: int
+    cost_model: CostModel
+    unavailable_gpus: tuple[int, ...] = ()  # failed GPUs: the plan uses the healthy ones
 
     @property
     def inline(self) -> bool:
@@ -86,9 +92,10 @@ class RequestChecker:
     def rebalance(self, request: pb.RebalanceRequest, known: Topology | None = None) -> PlanCommand:
         """RebalanceRequest -> PlanCommand. `known` is the named deployment's topology, when registered."""
         settings = check_options(request.options)
+        cost_model = check_cost_model(request.cost_model)
         loads = check_loads(request.loads, self.max_elements) if request.HasField("loads") else None
         if not request.deployment_id:
-            return self._inline(request, loads, settings)
+            return self._inline(request, loads, settings, cost_model)
         self.deployment_id(request.deployment_id)
         topology = None
         if request.HasField("topology"):
@@ -102,13 +109,23 @@ class RequestChecker:
                 raise InvalidArgument(
                     [("loads.shape", f"must be {list(rows)} for this deployment, got {list(loads.shape)}")]
                 )
-        # An engine that says which placement it runs (it may have fallen back to a local plan) plans from it.
-        prev = None
-        if request.HasField("prev_phy2log") and expected is not None:
-            prev = check_phy2log(request.prev_phy2log, expected, self.max_elements)
-        return PlanCommand(request.deployment_id, topology, loads, prev, settings, request.base_version)
+        prev, unavailable = None, ()
+        if expected is not None:
+            # An engine that says which placement it runs (it may have fallen back to a local plan) plans from it.
+            if request.HasField("prev_phy2log"):
+                prev = check_phy2log(request.prev_phy2log, expected, self.max_elements)
+            unavailable = check_unavailable_gpus(request.unavailable_gpus, expected)
+        if (unavailable or settings.new_num_gpus is not None) and not settings.dry_run:
+            field = "unavailable_gpus" if unavailable else "options.new_num_gpus"
+            reason = "changes the deployment's GPU set: plan it with options.dry_run, then register its new layout"
+            raise InvalidArgument([(field, reason)])
+        return PlanCommand(
+            request.deployment_id, topology, loads, prev, settings, request.base_version, cost_model, unavailable
+        )
 
-    def _inline(self, request: pb.RebalanceRequest, loads: np.ndarray | None, settings: SolveSettings) -> PlanCommand:
+    def _inline(
+        self, request: pb.RebalanceRequest, loads: np.ndarray | None, settings: SolveSettings, cost_model: CostModel
+    ) -> PlanCommand:
         violations = []
         if loads is None:
             violations.append(("loads", "required without deployment_id"))
@@ -122,7 +139,8 @@ class RequestChecker:
         prev = None
         if request.HasField("prev_phy2log"):
             prev = check_phy2log(request.prev_phy2log, topology, self.max_elements)
-        return PlanCommand("", topology, loads, prev, settings, 0)
+        unavailable = check_unavailable_gpus(request.unavailable_gpus, topology)
+        return PlanCommand("", topology, loads, prev, settings, 0, cost_model, unavailable)
 
     def report(self, report: pb.StreamLoadRequest, known: Topology | None) -> ReportCommand:
         """StreamLoadRequest -> ReportCommand; `known` is the deployment's topology when registered."""

@@ -26,7 +26,7 @@ import torch
 from rebalancer_wire.options import SolveSettings
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
-from rebalancer.solver import maps
+from rebalancer.solver import CostModel, maps
 
 from .admission import deployment_bytes, mib
 from .batcher import Batcher, PlanOutcome, SolveJob
@@ -35,6 +35,7 @@ from .commands import PlanCommand, ReportCommand
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from .metrics import Metrics
 from .model import PlacementRecord, Topology
+from .rearrangement import layout_after
 from .store import Store
 from .telemetry import Quality, TelemetryWindows
 
@@ -90,23 +91,30 @@ def placement_stats(outcome: PlanOutcome) -> pb.PlacementStats:
         batch_layers=outcome.batch_layers,
         batch_requests=outcome.batch_requests,
         solver_path=outcome.solver_path,
+        moved_bytes=_finite(outcome.moved_bytes),
+        intra_node_share=_finite(outcome.intra_node_share),
+        estimated_transfer_seconds=_finite(outcome.estimated_transfer_seconds),
+        deferred_layers=outcome.deferred_layers,
     )
 
 
 def placement_record(
     deployment_id: str, topology: Topology, outcome: PlanOutcome, *, version: int = 0, trigger: str = "request"
 ) -> PlacementRecord:
-    """The one place a solver outcome becomes a PlacementRecord (version 0: not committed)."""
+    """The one place a solver outcome becomes a PlacementRecord (version 0: not committed); a plan for a
+    changed GPU set describes its new layout."""
     return PlacementRecord(
         deployment_id=deployment_id,
         version=version,
-        topology=topology,
+        topology=layout_after(topology, outcome.gpu_ids),
         phy2log=outcome.phy2log,
         logcnt=outcome.logcnt,
         log2phy=outcome.log2phy,
         stats=placement_stats(outcome),
         trigger=trigger,
         created_unix_ms=now_ms() if version else 0,
+        transfers=outcome.transfers,
+        gpu_ids=outcome.gpu_ids,
     )
 
 
@@ -240,7 +248,13 @@ class Registry:
         """Plan a checked command; commit it unless inline or dry-run. Returns (record, committed)."""
         if command.inline:
             job = SolveJob(
-                command.topology, command.settings, command.loads, prev_phy2log=command.prev_phy2log, deadline=deadline
+                command.topology,
+                command.settings,
+                command.loads,
+                prev_phy2log=command.prev_phy2log,
+                deadline=deadline,
+                unavailable_gpus=command.unavailable_gpus,
+                cost_model=command.cost_model,
             )
             outcome = await self.batcher.submit(job)
             return self._fitting(placement_record("", command.topology, outcome)), False
@@ -249,7 +263,13 @@ class Registry:
             return await self._rebalance_new(command, deadline)
         deployment.require_version(command.base_version)  # fail fast; commit checks again under the lock
         outcome = await self.plan(
-            deployment, command.settings, loads=command.loads, deadline=deadline, in_force=command.prev_phy2log
+            deployment,
+            command.settings,
+            loads=command.loads,
+            deadline=deadline,
+            cost_model=command.cost_model,
+            unavailable_gpus=command.unavailable_gpus,
+            in_force=command.prev_phy2log,
         )
         if command.settings.dry_run:
             return self._fitting(placement_record(deployment.deployment_id, deployment.topology, outcome)), False
@@ -268,7 +288,15 @@ class Registry:
             raise FailedPrecondition(
                 f"base_version {command.base_version} is stale: deployment {deployment_id!r} is new"
             )
-        job = SolveJob(topology, command.settings, command.loads, prev_phy2log=command.prev_phy2log, deadline=deadline)
+        job = SolveJob(
+            topology,
+            command.settings,
+            command.loads,
+            prev_phy2log=command.prev_phy2log,
+            deadline=deadline,
+            unavailable_gpus=command.unavailable_gpus,
+            cost_model=command.cost_model,
+        )
         outcome = await self.batcher.submit(job)
         if command.settings.dry_run:
             return self._fitting(placement_record(deployment_id, topology, outcome)), False
@@ -282,6 +310,8 @@ class Registry:
         *,
         loads=None,
         deadline: float | None = None,
+        cost_model: CostModel | None = None,
+        unavailable_gpus: tuple[int, ...] = (),
         in_force: np.ndarray | None = None,
     ) -> PlanOutcome:
         """Plan on `loads` (default: the window, with its history) from the placement in force: `in_force`
@@ -305,6 +335,8 @@ class Registry:
             history=history,
             baseline_phy2log=in_force if settings.fresh else None,
             deadline=deadline,
+            cost_model=cost_model,
+            unavailable_gpus=unavailable_gpus,
         )
         outcome = await self.batcher.submit(job)
         self.metrics.balancedness.labels(deployment.deployment_id, "proposed").set(

@@ -1,4 +1,4 @@
-"""Every Prometheus family the server exports (SPEC §6), in one place.
+"""Every Prometheus family the server exports, in one place.
 
 Each server owns its own `CollectorRegistry`, so several servers (tests, benchmarks) can live in one
 process. Names and label sets are a contract with `deploy/` dashboards and alert rules: change them
@@ -32,6 +32,8 @@ SOLVE_BUCKETS = (
 )
 BATCH_LAYER_BUCKETS = tuple(float(2**k) for k in range(13))  # 1 .. 4096
 BATCH_REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Estimated rearrangement time of a plan: engines report 0.6-15 s on wide EP for a full re-plan.
+TRANSFER_BUCKETS = (0.0, 1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 TRIGGERS = ("request", "auto")
 DROP_REASONS = ("cancelled", "deadline", "shutdown")
@@ -48,6 +50,13 @@ class Metrics:
             "Wall time of one solver call (a whole batch), by device and kernel path.",
             ("device", "path"),
             buckets=SOLVE_BUCKETS,
+            registry=r,
+        )
+        self.transfer_seconds = Histogram(
+            "rebalancer_transfer_estimated_seconds",
+            "Estimated rearrangement time of each plan made from a placement in force (cost model: busiest"
+            " GPU's sending or receiving time on the slower link class).",
+            buckets=TRANSFER_BUCKETS,
             registry=r,
         )
         self.batch_layers = Histogram(

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from rebalancer_wire.codec import encode_ids
+from rebalancer_wire.codec import encode, encode_ids
 from rebalancer_wire.topology import Topology
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
@@ -28,6 +28,10 @@ class PlacementRecord:
     stats: pb.PlacementStats = field(default_factory=pb.PlacementStats)
     trigger: str = "request"
     created_unix_ms: int = 0
+    # How to get here from the previous placement, [T, 5] int32 (not persisted: it is only news once),
+    # and the GPU ids of a changed GPU set.
+    transfers: np.ndarray | None = None
+    gpu_ids: np.ndarray | None = None
 
     def fill(self, message: pb.Placement) -> pb.Placement:
         """Write this record into `message` in place: maps are megabytes, and every nesting of a built
@@ -42,4 +46,8 @@ class PlacementRecord:
         message.stats.CopyFrom(self.stats)
         message.trigger = self.trigger
         message.created_unix_ms = self.created_unix_ms
+        if self.transfers is not None:
+            message.transfers.CopyFrom(encode(np.ascontiguousarray(self.transfers, dtype=np.int32)))
+        if self.gpu_ids is not None:
+            message.gpu_ids.extend(int(g) for g in self.gpu_ids)
         return message

@@ -18,6 +18,8 @@ from rebalancer_wire.topology import FIELDS as TOPOLOGY_FIELDS
 from rebalancer_wire.topology import Topology
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
+from rebalancer.solver import CostModel
+
 from .errors import InvalidArgument
 
 __all__ = ["SolveSettings"]
@@ -27,7 +29,13 @@ __all__ = ["SolveSettings"]
 MAX_LOAD = 1e30
 DEPLOYMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 # Solver arguments that are not options, -> the request field they come from.
-SOLVER_ARGUMENT_FIELDS = {"weight": "loads.data", "prev_phy2log": "prev_phy2log", "history": "loads"}
+SOLVER_ARGUMENT_FIELDS = {
+    "weight": "loads.data",
+    "prev_phy2log": "prev_phy2log",
+    "history": "loads",
+    "unavailable_gpus": "unavailable_gpus",
+    "cost_model": "cost_model",
+}
 
 
 def deployment_id_violations(value: str, field: str = "deployment_id") -> list[tuple[str, str]]:
@@ -145,6 +153,34 @@ def check_options(message: pb.SolveOptions, field: str = "options") -> SolveSett
     if violations:
         raise InvalidArgument([(f"{field}.{name}", reason) for name, reason in violations])
     return settings
+
+
+def check_cost_model(message: pb.TransferCost, field: str = "cost_model") -> CostModel:
+    """TransferCost -> CostModel; unset fields take the defaults, the others must be positive and finite."""
+    defaults = CostModel()
+    values = {}
+    violations = []
+    for name in ("bytes_per_expert", "intra_node_bandwidth", "inter_node_bandwidth"):
+        value = getattr(message, name) if message.HasField(name) else getattr(defaults, name)
+        if not (0 < value < float("inf")):
+            violations.append((f"{field}.{name}", f"must be a positive finite number, got {value!r}"))
+        values[name] = int(value) if name == "bytes_per_expert" and float(value).is_integer() else value
+    if violations:
+        raise InvalidArgument(violations)
+    return CostModel(**values)
+
+
+def check_unavailable_gpus(values, topology: Topology, field: str = "unavailable_gpus") -> tuple[int, ...]:
+    """Failed GPU ids: known (< num_gpus), distinct, and some GPU left."""
+    ids = [int(g) for g in values]
+    unknown = sorted({g for g in ids if g >= topology.num_gpus})
+    if unknown:
+        raise InvalidArgument([(field, f"names unknown GPU ids {unknown}: ids are in [0, {topology.num_gpus})")])
+    if len(set(ids)) != len(ids):
+        raise InvalidArgument([(field, f"repeats GPU ids: {ids}")])
+    if len(ids) >= topology.num_gpus:
+        raise InvalidArgument([(field, "leaves no GPU to plan on")])
+    return tuple(ids)
 
 
 def solver_error_field(error: ArgumentError) -> str:

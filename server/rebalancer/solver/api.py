@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -18,8 +18,12 @@ from rebalancer_wire.options import check as check_options
 from rebalancer_wire.topology import planning_layout, topology_violations
 
 from . import maps
+from .elastic import elastic_gpu_ids, elastic_moves, plan_elastic
 from .locality import group_locality
+from .migration import keep_old_slots
 from .policies import SolveOptions, run_policy
+from .rearrangement import rearrange
+from .transfers import CostModel
 
 
 @dataclass
@@ -39,6 +43,16 @@ class SolveResult:
     device: str
     solve_seconds: float
     stats: dict = field(default_factory=dict)
+    # With a placement in force: the copies to ship, [T, 5] rows (layer, expert, destination GPU,
+    # destination slot, source GPU), see transfers.py, and their cost under the cost model.
+    transfers: torch.Tensor | None = None
+    moved_bytes: float = 0.0
+    intra_node_share: float = 1.0
+    estimated_transfer_seconds: float = 0.0
+    # The GPU ids of the layout phy2log describes, [G_new]: the identity unless the GPU set changed.
+    gpu_ids: torch.Tensor | None = None
+    # Layers a transfer budget held back on the placement in force (their plan follows next time).
+    deferred_layers: int = 0
 
     def triple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.phy2log, self.log2phy, self.logcnt
@@ -133,6 +147,11 @@ def solve(
     max_moves_per_layer: int | None = BY_NAME["max_moves_per_layer"].default,
     balance_tolerance: float = DEFAULT_BALANCE_TOLERANCE,
     locality_tolerance: float = DEFAULT_LOCALITY_TOLERANCE,
+    max_transfer_seconds: float | None = None,
+    max_incoming_copies_per_gpu: int | None = None,
+    new_num_gpus: int | None = None,
+    unavailable_gpus: Sequence[int] | None = None,
+    cost_model: CostModel | None = None,
 ) -> SolveResult:
     """Plan a placement for every layer of `weight` [L, E] and describe it.
 
@@ -143,6 +162,12 @@ def solve(
     newest last; it steers the choice among candidates of a fresh plan (ignored with `prev_phy2log`).
     `locality_tolerance` is the max-load increase `policy="auto"` accepts per layer to keep groups on
     their node. Every bad argument raises `ArgumentError` (a ValueError) naming it.
+
+    With `prev_phy2log` the result also carries the transfer plan and its cost under `cost_model`;
+    `max_transfer_seconds` / `max_incoming_copies_per_gpu` cap it (budget.py). `unavailable_gpus` (failed
+    GPU ids) or `new_num_gpus` (a multiple of the GPUs per node) plan on a changed GPU set from the
+    placement in force (elastic.py): phy2log then has slots_per_gpu x G_new columns, GPU k of it being
+    `gpu_ids[k]`.
     """
     weight = validate(weight, num_replicas, num_groups, num_nodes, num_gpus)
     num_groups, num_nodes = planning_layout(num_groups, num_nodes)
@@ -153,8 +178,12 @@ def solve(
         max_moves_per_layer=max_moves_per_layer,
         balance_tolerance=balance_tolerance,
         locality_tolerance=locality_tolerance,
+        max_transfer_seconds=max_transfer_seconds,
+        max_incoming_copies_per_gpu=max_incoming_copies_per_gpu,
+        new_num_gpus=new_num_gpus,
     )
     policy = settings.policy
+    cost = (cost_model or CostModel()).validate()
     num_layers, num_experts = weight.shape
     target = resolve_device(weight, device)
     started = time.perf_counter()
@@ -164,6 +193,9 @@ def solve(
         prev_phy2log = _checked_placement(prev_phy2log, num_experts, num_replicas, num_layers, target)
     if history is not None:
         history = _checked_history(history, num_layers, num_experts, target)
+    gpu_ids = _checked_gpu_change(
+        settings, unavailable_gpus, prev_phy2log, num_replicas, num_experts, num_nodes, num_gpus
+    )
     options = SolveOptions(
         num_replicas=num_replicas,
         num_groups=num_groups,
@@ -180,12 +212,78 @@ def solve(
     # Planning is scale-free; per-layer scaling to a max of 1 keeps float32 sums of huge loads finite.
     # The published algorithm is left to see the loads exactly as given.
     planning_loads = loads if policy == "deepseek" else loads / per_layer_scale(loads)
+    slots_per_gpu = num_replicas // num_gpus
     with cpu_threads(target):
-        phy2log, policy_per_layer, stats = run_policy(policy, planning_loads, options)
-    result = _describe(loads, phy2log, prev_phy2log, stats, num_groups, num_nodes, num_gpus)
+        if gpu_ids is not None:
+            phy2log, origins = plan_elastic(
+                loads / per_layer_scale(loads),
+                prev_phy2log,
+                slots_per_gpu,
+                gpu_ids.to(target),
+                layer_seeds,
+                options.candidates(target),
+                settings.balance_tolerance,
+            )
+            policy_per_layer, stats = [f"elastic/{origin}" for origin in origins], {}
+        else:
+            phy2log, policy_per_layer, stats = run_policy(policy, planning_loads, options)
+            if prev_phy2log is not None and policy == "deepseek":
+                # The published plan orders slots its own way; keeping old slots makes the same placement
+                # ship no local shuffles (its replica ranks no longer match the slots, so they go).
+                phy2log = keep_old_slots(prev_phy2log, phy2log, num_gpus)
+                stats.pop("phy_rank", None)
+        rearranged = None
+        if prev_phy2log is not None:
+            rearranged = rearrange(
+                loads,
+                prev_phy2log,
+                phy2log,
+                num_gpus,
+                num_nodes,
+                cost,
+                gpu_ids=gpu_ids,
+                unavailable_gpus=unavailable_gpus,
+                max_transfer_seconds=settings.max_transfer_seconds,
+                max_incoming_copies_per_gpu=settings.max_incoming_copies_per_gpu,
+            )
+            phy2log = rearranged.phy2log
+            policy_per_layer = [
+                name if keep else "kept" for name, keep in zip(policy_per_layer, rearranged.chosen, strict=True)
+            ]
+        # Scoring runs under the same thread setting: on tiny tensors a 2-thread reduction waits for a
+        # descheduled worker on a busy host (measured: `max` at 1-2 ms per call).
+        result = _describe(loads, phy2log, prev_phy2log, stats, num_groups, num_nodes, num_gpus, gpu_ids)
+    if rearranged is not None:
+        rearranged.fill(result)
     result.policy_per_layer = policy_per_layer
     result.solve_seconds = time.perf_counter() - started
     return result
+
+
+def _checked_gpu_change(
+    settings,
+    unavailable_gpus: Sequence[int] | None,
+    prev_phy2log: torch.Tensor | None,
+    num_replicas: int,
+    num_experts: int,
+    num_nodes: int,
+    num_gpus: int,
+) -> torch.Tensor | None:
+    """The new layout's GPU ids [G_new] when the GPU set changes (failed GPUs or a new count), else None."""
+    new_num_gpus = settings.new_num_gpus
+    unavailable_gpus = list(unavailable_gpus) if unavailable_gpus else None
+    if unavailable_gpus is None and new_num_gpus is None:
+        return None
+    name = "new_num_gpus" if new_num_gpus is not None else "unavailable_gpus"
+    gpu_ids = elastic_gpu_ids(num_gpus, num_nodes, unavailable_gpus, new_num_gpus)
+    if prev_phy2log is None:
+        raise ArgumentError(name, "needs prev_phy2log, the placement in force")
+    slots = (num_replicas // num_gpus) * gpu_ids.numel()
+    if slots < num_experts:
+        raise ArgumentError(name, f"leaves {slots} slots for {num_experts} experts")
+    if settings.max_transfer_seconds is not None or settings.max_incoming_copies_per_gpu is not None:
+        raise ArgumentError(name, "cannot be combined with a transfer budget: every expert must be hosted")
+    return gpu_ids
 
 
 def _checked_layer_seeds(
@@ -237,26 +335,34 @@ def _describe(
     num_groups: int,
     num_nodes: int,
     num_gpus: int,
+    gpu_ids: torch.Tensor | None = None,
 ) -> SolveResult:
     """Maps and figures of a plan: log2phy/logcnt from phy2log [L, R], balancedness on `loads` [L, E], and
-    moved copies and balancedness before against the placement in force."""
+    moved copies and balancedness before against the placement in force. `gpu_ids` [G_new]: the GPUs of a
+    changed GPU set (elastic), which phy2log then describes."""
     num_layers, num_experts = loads.shape
     logcnt = maps.logcnt_from_phy2log(phy2log, num_experts)
     log2phy = maps.log2phy_from_phy2log(phy2log, logcnt, stats.pop("phy_rank", None))
     if prev_phy2log is None:
         moved = torch.zeros(num_layers, dtype=torch.int64, device=loads.device)
         before = None
+    elif gpu_ids is not None:
+        moved, _ = elastic_moves(
+            prev_phy2log, phy2log, num_experts, num_replicas_per_gpu(prev_phy2log, num_gpus), gpu_ids
+        )
+        before = maps.balancedness(loads, prev_phy2log, maps.logcnt_from_phy2log(prev_phy2log, num_experts), num_gpus)
     else:
         moved = maps.moved_copies(prev_phy2log, phy2log, num_experts, num_gpus)
         before = maps.balancedness(loads, prev_phy2log, maps.logcnt_from_phy2log(prev_phy2log, num_experts), num_gpus)
-    if num_groups > 1 and num_nodes > 1 and num_groups % num_nodes == 0:
+    out_gpus = num_gpus if gpu_ids is None else gpu_ids.numel()
+    if gpu_ids is None and num_groups > 1 and num_nodes > 1 and num_groups % num_nodes == 0:
         stats.update(group_locality(loads, phy2log, logcnt, num_groups, num_nodes))
     stats.setdefault("path", solver_path(loads.device))
     return SolveResult(
         phy2log=phy2log,
         log2phy=log2phy,
         logcnt=logcnt,
-        balancedness=maps.balancedness(loads, phy2log, logcnt, num_gpus),
+        balancedness=maps.balancedness(loads, phy2log, logcnt, out_gpus),
         balancedness_before=before,
         moved_copies=moved,
         policy_per_layer=[],
@@ -264,6 +370,11 @@ def _describe(
         solve_seconds=0.0,
         stats=stats,
     )
+
+
+def num_replicas_per_gpu(phy2log: torch.Tensor, num_gpus: int) -> int:
+    """Slots per GPU of a placement [L, R] on `num_gpus` GPUs."""
+    return phy2log.shape[1] // num_gpus
 
 
 def rebalance_experts(

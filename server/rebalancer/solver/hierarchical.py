@@ -9,12 +9,15 @@ from __future__ import annotations
 import torch
 
 from .candidates import _mix32
-from .packing import greedy_pack, swap_refine
+from .packing import greedy_pack, round_pack, swap_refine
 from .planner import plan
 
 
 def groups_to_nodes(group_loads: torch.Tensor, num_nodes: int) -> torch.Tensor:
-    """group_loads [L, ng] -> the groups of each node [L, nodes, ng / nodes], balanced by LPT + swaps."""
+    """group_loads [L, ng] -> the groups of each node [L, nodes, ng / nodes], balanced by LPT + swaps
+    (two groups per node: heaviest with lightest, which is optimal and what LPT + swaps reach)."""
+    if group_loads.shape[1] == 2 * num_nodes:
+        return round_pack(group_loads, num_nodes)
     order = group_loads.sort(dim=-1, descending=True, stable=True).indices
     node_groups = greedy_pack(group_loads, order, num_nodes)
     node_group_loads = group_loads.gather(1, node_groups.flatten(1)).view_as(node_groups)

@@ -19,6 +19,7 @@ from .cancel import checkpoint
 from .joint import copy_moves, moved_counts
 from .maps import expert_histogram, logcnt_from_phy2log
 from .packing import swap_refine
+from .refinement import RefineLimits
 
 ORIGINS = ("fresh", "incremental", "kept")
 # Rounds of single-copy handovers tried before swaps (each ships one copy).
@@ -79,6 +80,16 @@ def align_slots(
     assignment = match_gpus(prev_phy2log, phy2log, num_experts, num_gpus, num_nodes)
     relabelled = torch.empty_like(phy2log).view(num_layers, num_gpus, slots_per_gpu)
     relabelled.scatter_(1, assignment.unsqueeze(-1).expand(-1, -1, slots_per_gpu), phy2log.view_as(relabelled))
+    return keep_old_slots(prev_phy2log, relabelled.view(num_layers, num_slots), num_gpus)
+
+
+def keep_old_slots(prev_phy2log: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """Reorder the slots within each GPU of `phy2log` [L, R] so that every expert the GPU already hosted
+    stays in its old slot and new arrivals fill the freed ones: the same placement, and a transfer plan
+    without local shuffles."""
+    num_layers, num_slots = phy2log.shape
+    slots_per_gpu = num_slots // num_gpus
+    relabelled = phy2log.view(num_layers, num_gpus, slots_per_gpu)
     old = prev_phy2log.view(num_layers, num_gpus, slots_per_gpu)
     # match[i, j]: new item i is old slot j's expert; each old slot and each new item used at most once.
     match = relabelled.unsqueeze(-1) == old.unsqueeze(-2)  # [L, G, K_new, K_old]
@@ -148,9 +159,8 @@ def incremental(
     slot_loads = (loads / counts).gather(1, phy2log).to(torch.float32).view(num_layers, num_gpus, -1)
     slot_items = phy2log.view(num_layers, num_gpus, -1)
     # Only the heaviest-pack phase: one swap (two copies shipped) per round, stopping at the target.
-    _, slot_items = swap_refine(
-        slot_loads, slot_items, targets.to(torch.float32), pair_rounds=0, heaviest_rounds=max_swaps
-    )
+    limits = RefineLimits(num_partners=8, pair_rounds=0, heaviest_rounds=max_swaps)
+    _, slot_items = swap_refine(slot_loads, slot_items, targets.to(torch.float32), limits)
     phy2log = slot_items.reshape(num_layers, num_slots)
     peak = (loads / counts).gather(1, phy2log).view(num_layers, num_gpus, -1).sum(-1).max(-1).values
     return phy2log, peak
@@ -167,18 +177,20 @@ def migrate(
     local_layers: torch.Tensor,
     num_groups: int,
     num_nodes: int,
+    incremental_budget: int = 128,
 ) -> tuple[torch.Tensor, list[str]]:
     """Choose, per layer, between the incremental plan and the aligned fresh plan (see module doc).
 
     loads [L, E] float64, prev/fresh phy2log [L, R], fresh_peak [L], local_layers [L] bool (layers whose
     fresh plan keeps groups on one node: they take the fresh plan relabelled node by node, since the
-    incremental swaps ignore node boundaries) -> (phy2log [L, R], origin per layer).
+    incremental swaps ignore node boundaries) -> (phy2log [L, R], origin per layer). Without a move cap
+    the incremental plan may ship up to `incremental_budget` copies per layer.
     """
     num_experts = loads.shape[1]
     mean = loads.sum(-1) / num_gpus
     fresh_balance = mean / fresh_peak.clamp_min(1e-300)
     allowed_peak = mean / (fresh_balance - balance_tolerance).clamp_min(1e-6)
-    budget = 128 if max_moves_per_layer is None else max_moves_per_layer
+    budget = incremental_budget if max_moves_per_layer is None else max_moves_per_layer
     copy_rounds = min(COPY_ROUNDS, budget)
     kept, kept_peak = incremental(loads, prev_phy2log, num_gpus, allowed_peak, (budget - copy_rounds) // 2, copy_rounds)
     aligned = align_slots(prev_phy2log, fresh_phy2log, num_experts, num_gpus)

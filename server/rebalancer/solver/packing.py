@@ -11,9 +11,7 @@ import torch
 
 from . import kernels
 from .cancel import checkpoint
-
-# A swap must lower the heaviest pack by this relative amount; float32 noise never cycles.
-IMPROVEMENT = 1e-6
+from .refinement import DEFAULT_LIMITS, IMPROVEMENT, RefineLimits
 
 
 def greedy_pack(item_loads: torch.Tensor, order: torch.Tensor, num_packs: int) -> torch.Tensor:
@@ -55,6 +53,28 @@ def greedy_pack(item_loads: torch.Tensor, order: torch.Tensor, num_packs: int) -
     return order.gather(1, by_pack).view(num_problems, num_packs, capacity)
 
 
+def round_pack(item_loads: torch.Tensor, num_packs: int) -> torch.Tensor:
+    """LPT by rounds: the items, heaviest first, go G at a time to the packs, the heaviest of a round
+    to the lightest pack so far. K rounds of one sort each instead of N sequential steps.
+
+    With two slots per pack this pairs the i-th heaviest item with the i-th lightest, which is optimal
+    for the max pack load. item_loads [B, N] -> slot_items [B, G, K] (slot k filled in round k).
+    """
+    num_problems, num_items = item_loads.shape
+    capacity = num_items // num_packs
+    order = item_loads.sort(dim=-1, descending=True, stable=True).indices.view(num_problems, capacity, num_packs)
+    round_loads = item_loads.gather(1, order.view(num_problems, -1)).view_as(order)
+    slot_items = torch.empty(num_problems, num_packs, capacity, dtype=torch.int64, device=item_loads.device)
+    slot_items[:, :, 0] = order[:, 0]
+    pack_loads = round_loads[:, 0].clone()
+    for step in range(1, capacity):
+        checkpoint()
+        lightest_first = pack_loads.sort(dim=-1, stable=True).indices  # [B, G]
+        slot_items[:, :, step].scatter_(1, lightest_first, order[:, step])
+        pack_loads.scatter_add_(1, lightest_first, round_loads[:, step])
+    return slot_items
+
+
 def _pair_swaps(slot_loads: torch.Tensor, num_pairs: int) -> tuple[torch.Tensor, ...]:
     """Pair the q heaviest packs with the q lightest (heaviest with lightest, and so on) and find, per
     pair, the item swap that lowers the larger of the two the most. The pairs are disjoint, so all
@@ -77,11 +97,17 @@ def _pair_swaps(slot_loads: torch.Tensor, num_pairs: int) -> tuple[torch.Tensor,
 def _heaviest_swaps(slot_loads: torch.Tensor, num_partners: int) -> tuple[torch.Tensor, ...]:
     """The swap between the heaviest pack and any of its M lightest partners that lowers the larger
     of the two the most: the thorough second phase. Same outputs as `_pair_swaps`, with q = 1.
+
+    M = G means every pack in index order (no selection needed; the heaviest pack paired with itself
+    never improves).
     """
-    num_problems, _, capacity = slot_loads.shape
+    num_problems, num_packs, capacity = slot_loads.shape
     pack_loads = slot_loads.sum(-1)
     heavy_load, heavy = pack_loads.max(1, keepdim=True)
-    light_loads, light = pack_loads.topk(num_partners, dim=1, largest=False)
+    if num_partners == num_packs:
+        light_loads, light = pack_loads, torch.arange(num_packs, device=slot_loads.device).expand(num_problems, -1)
+    else:
+        light_loads, light = pack_loads.topk(num_partners, dim=1, largest=False)
     heavy_items = slot_loads.gather(1, heavy.unsqueeze(-1).expand(-1, -1, capacity))  # [B, 1, K]
     light_items = slot_loads.gather(1, light.unsqueeze(-1).expand(-1, -1, capacity))  # [B, M, K]
     # Flatten the M partners into one row of M * K items, each knowing its partner's load.
@@ -123,12 +149,16 @@ def _closest_swaps(
 
 
 def _apply_swaps(tensors: list[torch.Tensor], improves: torch.Tensor, slot_a: torch.Tensor, slot_b: torch.Tensor):
-    """Exchange the contents of flat slots a and b [B, q], per problem and pair, where `improves`. In place."""
+    """Exchange the contents of flat slots a and b [B, q], per problem and pair, where `improves`. In place.
+
+    Where a pair does not improve, b is pointed at a, so the exchange writes a's value back to a.
+    """
+    slot_b = torch.where(improves, slot_b, slot_a)
     for tensor in tensors:
         flat = tensor.view(tensor.shape[0], -1)
         value_a, value_b = flat.gather(1, slot_a), flat.gather(1, slot_b)
-        flat.scatter_(1, slot_a, torch.where(improves, value_b, value_a))
-        flat.scatter_(1, slot_b, torch.where(improves, value_a, value_b))
+        flat.scatter_(1, slot_a, value_b)
+        flat.scatter_(1, slot_b, value_a)
 
 
 def _refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_swaps, width):
@@ -138,17 +168,18 @@ def _refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_
     of masked rounds so it never waits for the host. Works in place.
     """
     num_problems = slot_loads.shape[0]
+    num_groups = num_problems // group_size
     if slot_loads.device.type != "cpu":
         for _ in range(max_rounds):
             checkpoint()
             heavy_load, improves, slot_a, slot_b = find_swaps(slot_loads, width)
-            _apply_swaps([slot_loads, slot_items], improves & (heavy_load > targets).unsqueeze(1), slot_a, slot_b)
+            going = (heavy_load > targets).view(num_groups, group_size).all(1).repeat_interleave(group_size)
+            _apply_swaps([slot_loads, slot_items], improves & going.unsqueeze(1), slot_a, slot_b)
         return
     if max_rounds == 0:
         return
     active = torch.arange(num_problems)
     loads, items, goal = slot_loads, slot_items, targets
-    num_groups = num_problems // group_size
     for _ in range(max_rounds):
         checkpoint()
         heavy_load, improves, slot_a, slot_b = find_swaps(loads, width)
@@ -168,41 +199,39 @@ def _refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_
         slot_items[active] = items
 
 
+def grouped_limits(slot_loads: torch.Tensor, group_size: int) -> RefineLimits:
+    """Limits for refining consecutive groups of `group_size` candidates of one problem: they stop
+    together on the torch path (work saved); where the Triton kernel runs, each stops on its own
+    (groups of one), as the kernel cannot see the other programs of a group."""
+    return RefineLimits(group_size=1 if kernels.use_triton(slot_loads) else group_size)
+
+
 def swap_refine(
     slot_loads: torch.Tensor,
     slot_items: torch.Tensor,
     targets: torch.Tensor,
-    *,
-    group_size: int = 1,
-    num_partners: int = 8,
-    pair_rounds: int = 16,
-    heaviest_rounds: int = 64,
+    limits: RefineLimits = DEFAULT_LIMITS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Swap items between heavy and light packs while that lowers the heavy pack.
 
     slot_loads [B, G, K] (float), slot_items [B, G, K], targets [B]. Phase one levels the q heaviest
-    packs against the q lightest in parallel; phase two swaps the heaviest pack with the best of its M
-    lightest partners until nothing lowers it. A problem whose heaviest pack is at or below its target
-    (a lower bound plus a hair) is finished, and so are the other problems of its group (the candidates
-    of one layer are consecutive groups of `group_size`): one candidate at the bound is enough.
+    packs against the q lightest in parallel; phase two swaps the heaviest pack with the best of its
+    partners until nothing lowers it. A problem whose heaviest pack is at or below its target (a lower
+    bound plus a hair) is finished, and so are the other problems of its group (`limits.group_size`
+    consecutive problems, the candidates of one layer): one candidate at the bound is enough.
+    Float32 CUDA inputs with groups of one run the Triton kernel when it is active.
     Returns the refined (slot_loads, slot_items) as new tensors.
     """
-    if kernels.use_triton(slot_loads):
-        return kernels.swap_refine(
-            slot_loads,
-            slot_items,
-            targets,
-            group_size=group_size,
-            num_partners=num_partners,
-            pair_rounds=pair_rounds,
-            heaviest_rounds=heaviest_rounds,
-        )
+    num_problems, num_packs, capacity = slot_loads.shape
+    if num_problems % limits.group_size:
+        raise ValueError(f"group_size ({limits.group_size}) must divide the number of problems ({num_problems})")
+    if limits.group_size == 1 and kernels.use_triton(slot_loads):
+        return kernels.swap_refine(slot_loads, slot_items, targets, limits)
     slot_loads, slot_items = slot_loads.clone(), slot_items.clone()
-    num_problems, num_packs, _ = slot_loads.shape
     if num_packs < 2 or num_problems == 0:
         return slot_loads, slot_items
-    pairs = max(1, min(num_partners, num_packs // 2))
-    _refine_phase(slot_loads, slot_items, targets, group_size, pair_rounds, _pair_swaps, pairs)
-    partners = min(num_partners, num_packs - 1)
-    _refine_phase(slot_loads, slot_items, targets, group_size, heaviest_rounds, _heaviest_swaps, partners)
+    group = limits.group_size
+    _refine_phase(slot_loads, slot_items, targets, group, limits.pair_rounds, _pair_swaps, limits.pairs(num_packs))
+    partners = limits.partners(num_packs, capacity)
+    _refine_phase(slot_loads, slot_items, targets, group, limits.heaviest_rounds, _heaviest_swaps, partners)
     return slot_loads, slot_items

@@ -1,5 +1,6 @@
 """The multi-candidate solver for one flat problem per row: copies, noisy LPT, swaps, best candidate,
-then joint replication moves on the rows still above their lower bound.
+then joint replication moves on the rows still above their lower bound. With two slots per GPU the
+packing step is the optimal pairing, and small such rows are solved exactly (exact.py).
 
 Every row of `loads` is an independent problem (a layer, or a layer's node in the hierarchical policy);
 all rows and all C candidates run together as B = rows x C batched problems.
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from . import exact
 from .candidates import multiplicative_noise
 from .history import scenario_imbalance
 from .joint import improve_replication
-from .packing import greedy_pack, swap_refine
+from .packing import greedy_pack, grouped_limits, round_pack, swap_refine
 from .replication import replica_counts, slots_from_counts
 
 REPLICATION_STREAM, ORDER_STREAM = 1, 2
@@ -32,18 +34,24 @@ def place_copies(
 
     loads [P, E] float64, counts [P, C, E] (each row summing to R), order_noise [P, C, R] factors on the
     copies' loads for the LPT order (None: plain LPT) -> (phy2log [P, C, R], gpu_loads [P, C, G] float64).
+    Greedy LPT then swap refinement; with two slots per GPU the optimal pairing instead.
     """
     num_rows, num_candidates, _ = counts.shape
     batch = num_rows * num_candidates
     item_expert = slots_from_counts(counts, num_replicas)  # [P, C, R]
     item_loads = (loads.to(torch.float32).unsqueeze(1) / counts).gather(-1, item_expert)
-    order_keys = item_loads if order_noise is None else item_loads * order_noise
-    order = order_keys.view(batch, -1).sort(dim=-1, descending=True, stable=True).indices
-    slot_items = greedy_pack(item_loads.view(batch, -1), order, num_gpus)
-    slot_loads = item_loads.view(batch, -1).gather(1, slot_items.view(batch, -1)).view_as(slot_items)
-    bound = torch.maximum(item_loads.sum(-1) / num_gpus, item_loads.max(-1).values)  # [P, C]
-    targets = (bound * (1.0 + TARGET_SLACK)).view(batch)
-    slot_loads, slot_items = swap_refine(slot_loads, slot_items, targets, group_size=num_candidates)
+    if num_replicas == 2 * num_gpus:
+        # Two slots per GPU: heaviest with lightest is optimal for the copies; no order or swap can beat it.
+        slot_items = round_pack(item_loads.view(batch, -1), num_gpus)
+    else:
+        order_keys = item_loads if order_noise is None else item_loads * order_noise
+        order = order_keys.view(batch, -1).sort(dim=-1, descending=True, stable=True).indices
+        slot_items = greedy_pack(item_loads.view(batch, -1), order, num_gpus)
+        slot_loads = item_loads.view(batch, -1).gather(1, slot_items.view(batch, -1)).view_as(slot_items)
+        bound = torch.maximum(item_loads.sum(-1) / num_gpus, item_loads.max(-1).values)  # [P, C]
+        targets = (bound * (1.0 + TARGET_SLACK)).view(batch)
+        limits = grouped_limits(slot_loads, num_candidates)
+        slot_loads, slot_items = swap_refine(slot_loads, slot_items, targets, limits)
     phy2log = item_expert.view(batch, -1).gather(1, slot_items.view(batch, -1))
     phy2log = phy2log.view(num_rows, num_candidates, num_replicas)
     exact = (loads.unsqueeze(1) / counts).gather(-1, phy2log)
@@ -108,15 +116,14 @@ def plan(
     """loads [P, E] float64 -> (phy2log [P, R], max GPU load [P]) over all GPUs of each row.
 
     scenario_loads [P, S, E] (see history.py) make the choice among candidates favour placements that
-    stay balanced when the loads move as they have been moving.
+    stay balanced when the loads move as they have been moving. Without them, small rows with two
+    slots per GPU are solved exactly (exact.py).
     """
+    if scenario_loads is None and exact.applies(loads.shape[1], num_replicas, num_gpus):
+        return exact.pair_optimum(loads, num_replicas, num_gpus)
     phy2log_c, gpu_loads_c = candidate_placements(loads, num_replicas, num_gpus, seeds, num_candidates)
     phy2log, peak = best_candidate(phy2log_c, gpu_loads_c)
-
-    def pack_counts(trial_loads: torch.Tensor, trial_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return best_candidate(*place_copies(trial_loads, trial_counts.unsqueeze(1), num_replicas, num_gpus))
-
-    improved, improved_peak = improve_replication(loads, phy2log, peak, num_gpus, pack_counts)
+    improved, improved_peak = improve_replication(loads, phy2log, peak, num_gpus)
     if scenario_loads is None:
         return improved, improved_peak
     # Where moving copies between experts lowered the peak the layer is hard and that wins; elsewhere

@@ -66,7 +66,7 @@ class Topology(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., num_replicas: _Optional[int] = ..., num_groups: _Optional[int] = ..., num_nodes: _Optional[int] = ..., num_gpus: _Optional[int] = ...) -> None: ...
 
 class SolveOptions(_message.Message):
-    __slots__ = ("policy", "num_candidates", "seed", "dry_run", "max_moves_per_layer", "balance_tolerance", "fresh", "locality_tolerance")
+    __slots__ = ("policy", "num_candidates", "seed", "dry_run", "max_moves_per_layer", "balance_tolerance", "fresh", "locality_tolerance", "max_transfer_seconds", "max_incoming_copies_per_gpu", "new_num_gpus")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     NUM_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,9 @@ class SolveOptions(_message.Message):
     BALANCE_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     FRESH_FIELD_NUMBER: _ClassVar[int]
     LOCALITY_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_INCOMING_COPIES_PER_GPU_FIELD_NUMBER: _ClassVar[int]
+    NEW_NUM_GPUS_FIELD_NUMBER: _ClassVar[int]
     policy: Policy
     num_candidates: int
     seed: int
@@ -83,23 +86,40 @@ class SolveOptions(_message.Message):
     balance_tolerance: float
     fresh: bool
     locality_tolerance: float
-    def __init__(self, policy: _Optional[_Union[Policy, str]] = ..., num_candidates: _Optional[int] = ..., seed: _Optional[int] = ..., dry_run: _Optional[bool] = ..., max_moves_per_layer: _Optional[int] = ..., balance_tolerance: _Optional[float] = ..., fresh: _Optional[bool] = ..., locality_tolerance: _Optional[float] = ...) -> None: ...
+    max_transfer_seconds: float
+    max_incoming_copies_per_gpu: int
+    new_num_gpus: int
+    def __init__(self, policy: _Optional[_Union[Policy, str]] = ..., num_candidates: _Optional[int] = ..., seed: _Optional[int] = ..., dry_run: _Optional[bool] = ..., max_moves_per_layer: _Optional[int] = ..., balance_tolerance: _Optional[float] = ..., fresh: _Optional[bool] = ..., locality_tolerance: _Optional[float] = ..., max_transfer_seconds: _Optional[float] = ..., max_incoming_copies_per_gpu: _Optional[int] = ..., new_num_gpus: _Optional[int] = ...) -> None: ...
+
+class TransferCost(_message.Message):
+    __slots__ = ("bytes_per_expert", "intra_node_bandwidth", "inter_node_bandwidth")
+    BYTES_PER_EXPERT_FIELD_NUMBER: _ClassVar[int]
+    INTRA_NODE_BANDWIDTH_FIELD_NUMBER: _ClassVar[int]
+    INTER_NODE_BANDWIDTH_FIELD_NUMBER: _ClassVar[int]
+    bytes_per_expert: float
+    intra_node_bandwidth: float
+    inter_node_bandwidth: float
+    def __init__(self, bytes_per_expert: _Optional[float] = ..., intra_node_bandwidth: _Optional[float] = ..., inter_node_bandwidth: _Optional[float] = ...) -> None: ...
 
 class RebalanceRequest(_message.Message):
-    __slots__ = ("deployment_id", "loads", "topology", "options", "base_version", "prev_phy2log")
+    __slots__ = ("deployment_id", "loads", "topology", "options", "base_version", "prev_phy2log", "cost_model", "unavailable_gpus")
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
     TOPOLOGY_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     PREV_PHY2LOG_FIELD_NUMBER: _ClassVar[int]
+    COST_MODEL_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_GPUS_FIELD_NUMBER: _ClassVar[int]
     deployment_id: str
     loads: Tensor
     topology: Topology
     options: SolveOptions
     base_version: int
     prev_phy2log: Tensor
-    def __init__(self, deployment_id: _Optional[str] = ..., loads: _Optional[_Union[Tensor, _Mapping]] = ..., topology: _Optional[_Union[Topology, _Mapping]] = ..., options: _Optional[_Union[SolveOptions, _Mapping]] = ..., base_version: _Optional[int] = ..., prev_phy2log: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    cost_model: TransferCost
+    unavailable_gpus: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, deployment_id: _Optional[str] = ..., loads: _Optional[_Union[Tensor, _Mapping]] = ..., topology: _Optional[_Union[Topology, _Mapping]] = ..., options: _Optional[_Union[SolveOptions, _Mapping]] = ..., base_version: _Optional[int] = ..., prev_phy2log: _Optional[_Union[Tensor, _Mapping]] = ..., cost_model: _Optional[_Union[TransferCost, _Mapping]] = ..., unavailable_gpus: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PolicyLayers(_message.Message):
     __slots__ = ("policy", "layers")
@@ -110,7 +130,7 @@ class PolicyLayers(_message.Message):
     def __init__(self, policy: _Optional[str] = ..., layers: _Optional[int] = ...) -> None: ...
 
 class PlacementStats(_message.Message):
-    __slots__ = ("balancedness_before", "balancedness_after", "imbalance_before", "imbalance_after", "replicas_moved", "moved_per_layer", "solve_seconds", "device", "policies", "batch_layers", "batch_requests", "solver_path")
+    __slots__ = ("balancedness_before", "balancedness_after", "imbalance_before", "imbalance_after", "replicas_moved", "moved_per_layer", "solve_seconds", "device", "policies", "batch_layers", "batch_requests", "solver_path", "moved_bytes", "intra_node_share", "estimated_transfer_seconds", "deferred_layers")
     BALANCEDNESS_BEFORE_FIELD_NUMBER: _ClassVar[int]
     BALANCEDNESS_AFTER_FIELD_NUMBER: _ClassVar[int]
     IMBALANCE_BEFORE_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +143,10 @@ class PlacementStats(_message.Message):
     BATCH_LAYERS_FIELD_NUMBER: _ClassVar[int]
     BATCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SOLVER_PATH_FIELD_NUMBER: _ClassVar[int]
+    MOVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INTRA_NODE_SHARE_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEFERRED_LAYERS_FIELD_NUMBER: _ClassVar[int]
     balancedness_before: float
     balancedness_after: float
     imbalance_before: float
@@ -135,10 +159,14 @@ class PlacementStats(_message.Message):
     batch_layers: int
     batch_requests: int
     solver_path: str
-    def __init__(self, balancedness_before: _Optional[float] = ..., balancedness_after: _Optional[float] = ..., imbalance_before: _Optional[float] = ..., imbalance_after: _Optional[float] = ..., replicas_moved: _Optional[int] = ..., moved_per_layer: _Optional[_Iterable[int]] = ..., solve_seconds: _Optional[float] = ..., device: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyLayers, _Mapping]]] = ..., batch_layers: _Optional[int] = ..., batch_requests: _Optional[int] = ..., solver_path: _Optional[str] = ...) -> None: ...
+    moved_bytes: float
+    intra_node_share: float
+    estimated_transfer_seconds: float
+    deferred_layers: int
+    def __init__(self, balancedness_before: _Optional[float] = ..., balancedness_after: _Optional[float] = ..., imbalance_before: _Optional[float] = ..., imbalance_after: _Optional[float] = ..., replicas_moved: _Optional[int] = ..., moved_per_layer: _Optional[_Iterable[int]] = ..., solve_seconds: _Optional[float] = ..., device: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[PolicyLayers, _Mapping]]] = ..., batch_layers: _Optional[int] = ..., batch_requests: _Optional[int] = ..., solver_path: _Optional[str] = ..., moved_bytes: _Optional[float] = ..., intra_node_share: _Optional[float] = ..., estimated_transfer_seconds: _Optional[float] = ..., deferred_layers: _Optional[int] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("deployment_id", "version", "topology", "phy2log", "logcnt", "log2phy", "stats", "trigger", "created_unix_ms")
+    __slots__ = ("deployment_id", "version", "topology", "phy2log", "logcnt", "log2phy", "stats", "trigger", "created_unix_ms", "transfers", "gpu_ids")
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TOPOLOGY_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +176,8 @@ class Placement(_message.Message):
     STATS_FIELD_NUMBER: _ClassVar[int]
     TRIGGER_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    GPU_IDS_FIELD_NUMBER: _ClassVar[int]
     deployment_id: str
     version: int
     topology: Topology
@@ -157,7 +187,9 @@ class Placement(_message.Message):
     stats: PlacementStats
     trigger: str
     created_unix_ms: int
-    def __init__(self, deployment_id: _Optional[str] = ..., version: _Optional[int] = ..., topology: _Optional[_Union[Topology, _Mapping]] = ..., phy2log: _Optional[_Union[Tensor, _Mapping]] = ..., logcnt: _Optional[_Union[Tensor, _Mapping]] = ..., log2phy: _Optional[_Union[Tensor, _Mapping]] = ..., stats: _Optional[_Union[PlacementStats, _Mapping]] = ..., trigger: _Optional[str] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+    transfers: Tensor
+    gpu_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, deployment_id: _Optional[str] = ..., version: _Optional[int] = ..., topology: _Optional[_Union[Topology, _Mapping]] = ..., phy2log: _Optional[_Union[Tensor, _Mapping]] = ..., logcnt: _Optional[_Union[Tensor, _Mapping]] = ..., log2phy: _Optional[_Union[Tensor, _Mapping]] = ..., stats: _Optional[_Union[PlacementStats, _Mapping]] = ..., trigger: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., transfers: _Optional[_Union[Tensor, _Mapping]] = ..., gpu_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RebalanceResponse(_message.Message):
     __slots__ = ("placement", "committed")

@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from ..refinement import RefineLimits
+
 PATH_ENV = "REBALANCER_SOLVER_PATH"
 PATHS = ("auto", "torch", "triton")
 
@@ -64,27 +66,13 @@ def greedy_pack(item_loads: torch.Tensor, order: torch.Tensor, num_packs: int) -
 
 
 def swap_refine(
-    slot_loads: torch.Tensor,
-    slot_items: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    group_size: int = 1,
-    num_partners: int = 8,
-    pair_rounds: int = 16,
-    heaviest_rounds: int = 64,
+    slot_loads: torch.Tensor, slot_items: torch.Tensor, targets: torch.Tensor, limits: RefineLimits
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton `packing.swap_refine`; `group_size` is accepted and ignored (each problem stops on its own)."""
+    """Triton `packing.swap_refine` for groups of one (each problem stops on its own; a larger
+    `limits.group_size` is refused, since one program cannot see when another met its target)."""
     from .refine import swap_refine as launch
 
-    del group_size
-    return launch(
-        slot_loads,
-        slot_items,
-        targets,
-        num_partners=num_partners,
-        pair_rounds=pair_rounds,
-        heaviest_rounds=heaviest_rounds,
-    )
+    return launch(slot_loads, slot_items, targets, limits)
 
 
 __all__ = ["PATH_ENV", "active_path", "greedy_pack", "swap_refine", "triton_available", "use_triton"]

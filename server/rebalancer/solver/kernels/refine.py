@@ -4,10 +4,11 @@ The torch path runs each swap round as a dozen batched tensor ops and, on the CP
 problems are still active; here a problem's [G, K] slot loads and items live in registers and each program
 leaves its loops as soon as its own heaviest pack cannot improve or meets its target.
 
-Semantics are those of the torch path with `group_size=1` (each problem stops on its own). Where pack
-loads tie, the torch `topk` order is unspecified; here the lowest pack index comes first among equal loads
-(heaviest first for the heavy packs, lightest first for the partners). Pack loads are float32 sums of the
-K slots in a tree order, which may differ from torch's summation order by an ulp on non-integral loads.
+Semantics are those of the torch path with groups of one (each problem stops on its own; larger groups
+are refused). Where pack loads tie, the torch `topk` order is unspecified; here the lowest pack index
+comes first among equal loads (heaviest first for the heavy packs, lightest first for the partners; when
+the partners are all packs, both paths take them in index order). Pack loads are float32 sums of the K
+slots in a tree order, which may differ from torch's summation order by an ulp on non-integral loads.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..packing import IMPROVEMENT
+from ..refinement import DEFAULT_LIMITS, IMPROVEMENT, RefineLimits
 
 _NO_RANK = tl.constexpr(2**31 - 1)  # larger than any flat rank
 
@@ -25,7 +26,7 @@ _NO_RANK = tl.constexpr(2**31 - 1)  # larger than any flat rank
 def _closest_swap(heavy_load, heavy_row, light_load, light_row, slot_ids, capacity, rank_offset, rank_stride):
     """Best swap of one heavy item with one light item: (max(H - d, P + d), flat rank of the pair).
 
-    Same float32 operations as `packing._closest_swap`; the rank of heavy slot i and light slot j is
+    Same float32 operations as `packing._closest_swaps`; the rank of heavy slot i and light slot j is
     i * rank_stride + rank_offset + j, and the lowest rank wins ties, as torch `min` does.
     """
     half_gap = (heavy_load - light_load) * 0.5
@@ -54,7 +55,7 @@ def _first_min(values, ids, NO_ID: tl.constexpr):
 
 
 # Round counts of 1 would otherwise be specialised to constants, changing the type of the loop flags.
-@triton.jit(do_not_specialize=["pair_rounds", "heaviest_rounds"])
+@triton.jit(do_not_specialize=["pair_rounds", "heaviest_rounds", "num_partners"])
 def _swap_refine_kernel(
     slot_loads_ptr,  # [B, G, K] float32
     slot_items_ptr,  # [B, G, K] int64
@@ -65,11 +66,12 @@ def _swap_refine_kernel(
     capacity,
     pair_rounds,
     heaviest_rounds,
+    num_partners,
     improve_factor,
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NUM_PAIRS: tl.constexpr,
-    NUM_PARTNERS: tl.constexpr,
+    ALL_PARTNERS: tl.constexpr,
 ):
     problem = tl.program_id(0).to(tl.int64)
     pack_ids = tl.arange(0, BLOCK_G)
@@ -118,7 +120,7 @@ def _swap_refine_kernel(
         done_rounds += 1
         running = proceed & (done_rounds < pair_rounds)
 
-    # Phase 2: the heaviest pack against each of its M lightest partners, the best single swap per round.
+    # Phase 2: the heaviest pack against each of its M partners, the best single swap per round.
     done_rounds = 0
     running = heaviest_rounds > 0
     while running:
@@ -130,9 +132,13 @@ def _swap_refine_kernel(
         best = float("inf")
         best_rank = _NO_RANK
         best_partner = heavy
-        for partner in tl.static_range(NUM_PARTNERS):
-            light_load, light = _first_min(light_left, pack_ids, BLOCK_G)
-            light_left = tl.where(pack_ids == light, float("inf"), light_left)
+        for partner in range(num_partners):
+            if ALL_PARTNERS:  # every pack in index order, as the torch path does
+                light = partner
+                light_load = tl.sum(tl.where(pack_ids == partner, pack_loads, 0.0), axis=0)
+            else:
+                light_load, light = _first_min(light_left, pack_ids, BLOCK_G)
+                light_left = tl.where(pack_ids == light, float("inf"), light_left)
             light_row = tl.sum(tl.where(rows == light, loads, 0.0), axis=0)
             value, rank = _closest_swap(
                 heavy_load,
@@ -142,14 +148,14 @@ def _swap_refine_kernel(
                 slot_ids,
                 capacity,
                 partner * capacity,
-                NUM_PARTNERS * capacity,
+                num_partners * capacity,
             )
             better = (value < best) | ((value == best) & (rank < best_rank))
             best = tl.where(better, value, best)
             best_rank = tl.where(better, rank, best_rank)
             best_partner = tl.where(better, light, best_partner)
         running = (best < heavy_load * improve_factor) & (heavy_load > target)
-        at_heavy = (rows == tl.where(running, heavy, -1)) & (cols == best_rank // (NUM_PARTNERS * capacity))
+        at_heavy = (rows == tl.where(running, heavy, -1)) & (cols == best_rank // (num_partners * capacity))
         at_light = (rows == tl.where(running, best_partner, -1)) & (cols == best_rank % capacity)
         heavy_value = tl.sum(tl.sum(tl.where(at_heavy, loads, 0.0), axis=1), axis=0)
         light_value = tl.sum(tl.sum(tl.where(at_light, loads, 0.0), axis=1), axis=0)
@@ -175,17 +181,19 @@ def swap_refine(
     slot_loads: torch.Tensor,
     slot_items: torch.Tensor,
     targets: torch.Tensor,
+    limits: RefineLimits = DEFAULT_LIMITS,
     *,
-    num_partners: int = 8,
-    pair_rounds: int = 16,
-    heaviest_rounds: int = 64,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """slot_loads [B, G, K] float32, slot_items [B, G, K] int64, targets [B] -> refined (slot_loads, slot_items).
 
-    As `packing.swap_refine(..., group_size=1)`; returns new tensors. `num_warps` overrides the launch
-    width (for tuning on a GPU).
+    As `packing.swap_refine` with `limits.group_size == 1` (anything else raises ValueError); returns new
+    tensors. `num_warps` overrides the launch width (for tuning on a GPU).
     """
+    if limits.group_size != 1:
+        raise ValueError(
+            f"the Triton swap_refine stops each problem on its own: group_size must be 1, got {limits.group_size}"
+        )
     num_problems, num_packs, capacity = slot_loads.shape
     if num_packs < 2 or num_problems == 0:
         return slot_loads.clone(), slot_items.clone()
@@ -201,13 +209,14 @@ def swap_refine(
         out_items,
         num_packs,
         capacity,
-        pair_rounds,
-        heaviest_rounds,
+        limits.pair_rounds,
+        limits.heaviest_rounds,
+        limits.partners(num_packs, capacity),
         1.0 - IMPROVEMENT,
         BLOCK_G=triton.next_power_of_2(num_packs),
         BLOCK_K=triton.next_power_of_2(capacity),
-        NUM_PAIRS=max(1, min(num_partners, num_packs // 2)),
-        NUM_PARTNERS=min(num_partners, num_packs - 1),
+        NUM_PAIRS=limits.pairs(num_packs),
+        ALL_PARTNERS=limits.partners(num_packs, capacity) == num_packs,
         num_warps=num_warps or default_num_warps(num_packs, capacity),
         enable_fp_fusion=False,  # separate float32 roundings, as torch does them
     )

@@ -1,0 +1,106 @@
+"""Elastic expert parallelism: failed GPUs and a new GPU count, planned from the placement in force with
+every expert hosted, balance close to a fresh plan on the GPUs that exist, and most copies kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from rebalancer.solver import apply_transfers, maps, solve
+from rebalancer.solver.elastic import elastic_moves
+from rebalancer.solver.transfers import SRC_GPU
+from solver_workloads import assert_valid_maps, make
+
+# DeepSeek-V3 layout on few layers: 256 experts in 8 groups, 288 slots, 4 nodes x 8 GPUs (9 slots each).
+LAYERS, EXPERTS, REPLICAS, GROUPS, NODES, GPUS = 4, 256, 288, 8, 4, 32
+SLOTS_PER_GPU = REPLICAS // GPUS
+
+
+@pytest.fixture(scope="module")
+def in_force() -> tuple[torch.Tensor, torch.Tensor]:
+    weight = make("zipf", LAYERS, EXPERTS, seed=71)
+    return weight, solve(weight, REPLICAS, GROUPS, NODES, GPUS).phy2log
+
+
+def test_losing_one_gpu_hosts_every_expert_on_the_healthy_ones_near_a_fresh_plan(in_force) -> None:
+    weight, prev = in_force
+    result = solve(weight, REPLICAS, GROUPS, NODES, GPUS, prev_phy2log=prev, unavailable_gpus=[13])
+    healthy = GPUS - 1
+    assert result.gpu_ids.tolist() == [g for g in range(GPUS) if g != 13]
+    assert_valid_maps(*result.triple(), LAYERS, EXPERTS, SLOTS_PER_GPU * healthy, healthy)
+    assert bool((result.logcnt > 0).all())
+    fresh = solve(weight, SLOTS_PER_GPU * healthy, 1, 1, healthy)
+    assert bool((result.balancedness >= fresh.balancedness - 0.01 - 1e-9).all()), (
+        result.balancedness.tolist(),
+        fresh.balancedness.tolist(),
+    )
+    assert not bool((result.transfers[:, SRC_GPU] == 13).any())
+    replayed = apply_transfers(prev, result.transfers, SLOTS_PER_GPU, healthy, result.gpu_ids)
+    assert torch.equal(replayed, result.phy2log)
+    moved, _ = elastic_moves(prev, result.phy2log, EXPERTS, SLOTS_PER_GPU, result.gpu_ids)
+    assert torch.equal(result.moved_copies, moved)
+    # Far fewer copies than the fresh plan on the healthy GPUs would ship.
+    fresh_moves, _ = elastic_moves(prev, fresh.phy2log, EXPERTS, SLOTS_PER_GPU, result.gpu_ids)
+    assert int(moved.sum()) < 0.5 * int(fresh_moves.sum()), (moved.tolist(), fresh_moves.tolist())
+
+
+def test_scaling_32_to_40_gpus_keeps_most_copies_in_place(in_force) -> None:
+    weight, prev = in_force
+    result = solve(weight, REPLICAS, GROUPS, NODES, GPUS, prev_phy2log=prev, new_num_gpus=40)
+    assert result.phy2log.shape == (LAYERS, SLOTS_PER_GPU * 40)
+    assert_valid_maps(*result.triple(), LAYERS, EXPERTS, SLOTS_PER_GPU * 40, 40)
+    _, kept = elastic_moves(prev, result.phy2log, EXPERTS, SLOTS_PER_GPU, result.gpu_ids)
+    assert float(kept.sum()) >= 0.75 * prev.numel(), f"kept {float(kept.sum()) / prev.numel():.3f} of the copies"
+    fresh = solve(weight, SLOTS_PER_GPU * 40, 1, 1, 40)
+    assert float(result.balancedness.mean()) >= float(fresh.balancedness.mean()) - 0.01
+    replayed = apply_transfers(prev, result.transfers, SLOTS_PER_GPU, 40, result.gpu_ids)
+    assert torch.equal(replayed, result.phy2log)
+    # Every slot of the 8 new GPUs is written by the plan.
+    assert int((result.transfers[:, 2] >= GPUS).sum()) == 8 * SLOTS_PER_GPU * LAYERS
+
+
+def test_scaling_in_by_a_node_plans_on_the_remaining_gpus() -> None:
+    # 64 experts, 16 GPUs on 4 nodes with 6 slots each -> 12 GPUs (72 slots).
+    weight = make("lognormal", LAYERS, 64, seed=72)
+    prev = solve(weight, 96, 8, 4, 16).phy2log
+    result = solve(weight, 96, 8, 4, 16, prev_phy2log=prev, new_num_gpus=12)
+    assert_valid_maps(*result.triple(), LAYERS, 64, 72, 12)
+    assert bool((result.logcnt > 0).all())
+    replayed = apply_transfers(prev, result.transfers, 6, 12, result.gpu_ids)
+    assert torch.equal(replayed, result.phy2log)
+    # The removed node's GPUs are still up while they drain: they may serve as sources.
+    assert bool((result.transfers[:, SRC_GPU] < 16).all())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"unavailable_gpus": [32]}, "unavailable_gpus"),
+        ({"unavailable_gpus": [-1]}, "unavailable_gpus"),
+        ({"unavailable_gpus": [3, 3]}, "unavailable_gpus"),
+        ({"unavailable_gpus": list(range(GPUS))}, "unavailable_gpus"),
+        ({"unavailable_gpus": list(range(8))}, "unavailable_gpus"),  # 216 slots for 256 experts
+        ({"new_num_gpus": 36}, "new_num_gpus"),
+        ({"new_num_gpus": 0}, "new_num_gpus"),
+        ({"new_num_gpus": 40, "unavailable_gpus": [1]}, "unavailable_gpus"),
+        ({"new_num_gpus": 40, "max_transfer_seconds": 1.0}, "new_num_gpus"),
+    ],
+)
+def test_bad_elastic_input_raises_naming_the_argument(in_force, kwargs: dict, name: str) -> None:
+    weight, prev = in_force
+    with pytest.raises(ValueError, match=name):
+        solve(weight, REPLICAS, GROUPS, NODES, GPUS, prev_phy2log=prev, **kwargs)
+
+
+def test_elastic_needs_the_placement_in_force(in_force) -> None:
+    weight, _ = in_force
+    with pytest.raises(ValueError, match="prev_phy2log"):
+        solve(weight, REPLICAS, GROUPS, NODES, GPUS, unavailable_gpus=[0])
+
+
+def test_elastic_moves_count_new_gpus_in_full() -> None:
+    # 2 GPUs x 2 slots -> 3 GPUs: the new GPU's two copies ship, one kept copy changes on GPU 1.
+    prev = torch.tensor([[0, 1, 2, 3]])
+    new = torch.tensor([[0, 1, 2, 0, 3, 1]])
+    moved, kept = elastic_moves(prev, new, 4, 2, torch.arange(3))
+    assert moved.tolist() == [3] and kept.tolist() == [3]
+    assert maps.logcnt_from_phy2log(new, 4).tolist() == [[2, 2, 1, 1]]
