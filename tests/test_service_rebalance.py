@@ -116,7 +116,10 @@ def test_rebalance_on_window_uses_telemetry(server):
 
 
 def test_deployment_without_telemetry_is_failed_precondition(server):
-    server.stub.StreamLoad(iter([report("x", skewed_loads(0)[:0], topology=TOPOLOGY)]))  # rejected, registers
+    summary = server.stub.StreamLoad(iter([report("x", skewed_loads(0)[:0], topology=TOPOLOGY)]))
+    assert summary.rejected == 1 and "x" not in server.server.registry.deployments  # refused: registers nothing
+    # Registered by a plan on inline loads: a placement, but no window.
+    server.stub.Rebalance(pb.RebalanceRequest(deployment_id="x", topology=TOPOLOGY, loads=encode(skewed_loads(0))))
     with pytest.raises(grpc.RpcError) as error:
         server.stub.Rebalance(pb.RebalanceRequest(deployment_id="x"))
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION

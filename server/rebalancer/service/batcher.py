@@ -1,23 +1,29 @@
-"""Coalescing queue in front of the one solver worker.
+"""Coalescing queue in front of the solver: two lanes, each with its own worker thread.
 
-Requests with the same `BatchKey` that wait together (the first waits `window_s` for company) are
-concatenated along the layer axis into ONE `solve` call of at most `max_layers` layers, and the result
-is split back. Each request's layers get `layer_seeds = seed + local layer index`, so a layer's result
-does not depend on its batch mates.
+Every job is costed before it is queued (admission.py): one that exceeds the per-job limits is refused
+with a message that says what to lower. Jobs estimated at most `small_job_seconds` go to the small lane,
+the others to the large lane, so a long solve never holds up short ones; each lane's batches are cut at
+`max_layers` layers and at the lane's estimated cost (the per-job limits in the large lane,
+SMALL_BATCH_FACTOR small jobs' worth in the small one).
 
-Decision on prev_phy2log / history: both are concatenated per request along the layer axis, and the key
-says whether the requests have a prev placement and how many history intervals T they carry, so every
-request in a batch has the same kind of extra input. Scalar solver knobs (tolerances, move caps) are in
-the key too, since they apply to the whole call.
+Within a lane, requests with the same `BatchKey` that wait together (the first waits `window_s` for
+company) are concatenated along the layer axis into ONE `solve` call, and the result is split back.
+Each request's layers get `layer_seeds = seed + local layer index`, so a layer's result does not depend
+on its batch mates. prev_phy2log and history are concatenated per request along the layer axis; the key
+says whether requests have a prev placement and how many history intervals T they carry, and holds the
+scalar solver knobs (tolerances, move caps), which apply to the whole call.
 
-The solver runs in a dedicated single-thread executor; the event loop only moves futures around.
-A request whose deadline passed or that was cancelled before its batch starts is dropped, not solved.
+A request whose deadline passed or that was cancelled before its batch starts is dropped, not solved;
+while a batch solves, the solver checks between its rounds whether anyone still waits for it (or the
+server is closing) and abandons the solve when not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -25,17 +31,34 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from rebalancer_wire.options import ArgumentError
+from rebalancer_wire.options import ArgumentError, SolveSettings
 
 from rebalancer.solver import CostModel, maps, solve
+from rebalancer.solver.api import SolveResult
+from rebalancer.solver.cancel import SolveCancelled, stop_when
 
-from .errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from .admission import JobLimits, Shape, SolveCost, candidates_for, mib
+from .errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+    out_of_memory,
+)
 from .metrics import Metrics
 from .model import Topology
 from .rearrangement import rearrange_job
-from .validation import SolveSettings, solver_error_field
+from .validation import solver_error_field
 
 log = logging.getLogger(__name__)
+
+# How often, at most, a running solve asks whether its callers are still there.
+STOP_POLL_S = 0.005
+# Small-lane batches may add up to this many times the small-job bound: batching many small requests is
+# far cheaper than solving them one by one, and the lane's wait stays a few small solves long.
+SMALL_BATCH_FACTOR = 4
 
 
 # Requests with equal keys can share a solver call: the layout but the layer count, every batch-scoped
@@ -61,18 +84,49 @@ class SolveJob:
     unavailable_gpus: tuple[int, ...] = ()
     cost_model: CostModel | None = None
     arrived: float = 0.0
+    cost: SolveCost | None = None
     future: asyncio.Future = field(default=None)  # type: ignore[assignment]
 
     @property
     def key(self) -> BatchKey:
         t = self.topology
         layout = (t.num_experts, t.num_replicas, t.num_groups, t.num_nodes, t.num_gpus)
-        extra_inputs = (self.prev_phy2log is not None, 0 if self.history is None else int(self.history.shape[0]))
+        extra_inputs = (self.prev_phy2log is not None, self.history_intervals)
         return layout + self.settings.batch_key() + extra_inputs + (self.unavailable_gpus,)
 
     @property
     def num_layers(self) -> int:
         return int(self.loads.shape[0])
+
+    @property
+    def history_intervals(self) -> int:
+        return 0 if self.history is None else int(self.history.shape[0])
+
+    def shape(self, device_type: str, num_layers: int | None = None) -> Shape:
+        """What the cost model needs, for this job alone or for a batch of `num_layers` like it."""
+        t, s = self.topology, self.settings
+        return Shape(
+            num_layers=self.num_layers if num_layers is None else num_layers,
+            num_experts=t.num_experts,
+            num_replicas=t.num_replicas,
+            num_groups=t.num_groups,
+            num_nodes=t.num_nodes,
+            num_gpus=t.num_gpus,
+            candidates=candidates_for(s.num_candidates, device_type),
+            history_intervals=self.history_intervals,
+            has_prev=self.prev_phy2log is not None,
+            policy=s.policy,
+        )
+
+    @property
+    def input_bytes(self) -> int:
+        """Bytes the queued job holds: its loads, prev, history and baseline."""
+        parts = (self.loads, self.prev_phy2log, self.history, self.baseline_phy2log)
+        return sum(_nbytes(part) for part in parts if part is not None)
+
+    def gone(self, now: float) -> bool:
+        """Nobody waits for the result: the caller cancelled (future done) or the deadline passed."""
+        return self.future.done() or (self.deadline is not None and self.deadline <= now)
 
 
 @dataclass
@@ -100,76 +154,155 @@ class PlanOutcome:
     deferred_layers: int = 0
 
 
+def _nbytes(value: np.ndarray | torch.Tensor) -> int:
+    return int(value.nbytes) if isinstance(value, np.ndarray) else value.numel() * value.element_size()
+
+
 def _tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Arrays decoded from messages are read-only views; torch needs its own copy of those."""
     return value if isinstance(value, torch.Tensor) else torch.tensor(value)
 
 
+class _StopCondition:
+    """The solver's `should_stop` for one batch: true once every job is gone or the server closes.
+
+    Called from the solver thread at every checkpoint; looks at the jobs at most every STOP_POLL_S.
+    """
+
+    def __init__(self, batch: list[SolveJob], closing: threading.Event) -> None:
+        self.batch = batch
+        self.closing = closing
+        self._next_look = 0.0
+
+    def __call__(self) -> bool:
+        if self.closing.is_set():
+            return True
+        now = time.monotonic()
+        if now < self._next_look:
+            return False
+        self._next_look = now + STOP_POLL_S
+        return all(job.gone(now) for job in self.batch)
+
+
+class _Lane:
+    """One worker thread and the jobs waiting for it; batches are cut at the lane's estimated cost."""
+
+    def __init__(self, name: str, max_seconds: float, max_bytes: int) -> None:
+        self.name = name
+        self.max_seconds = max_seconds
+        self.max_bytes = max_bytes
+        self.pending: list[SolveJob] = []
+        self.current: list[SolveJob] = []  # the batch being solved
+        self.wakeup = asyncio.Event()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"solver-{name}")
+        self.task: asyncio.Task | None = None
+
+
 class Batcher:
-    """Bounded queue + one solver worker. `submit` is the only entry point used by the service."""
+    """Admission, two lanes of bounded queues and their solver workers. `submit` is the only entry point."""
 
     def __init__(
-        self, metrics: Metrics, device: torch.device, *, window_s: float, max_layers: int, max_queue: int
+        self,
+        metrics: Metrics,
+        device: torch.device,
+        *,
+        window_s: float,
+        max_layers: int,
+        max_queue: int,
+        limits: JobLimits,
+        max_queued_bytes: int,
     ) -> None:
         self.metrics = metrics
         self.device = device
         self.window_s = window_s
         self.max_layers = max_layers
         self.max_queue = max_queue
-        self._pending: list[SolveJob] = []
-        self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="solver")
-        self._task: asyncio.Task | None = None
+        self.limits = limits
+        self.max_queued_bytes = max_queued_bytes
+        self.queued_bytes = 0
+        self._small = _Lane(
+            "small",
+            SMALL_BATCH_FACTOR * limits.small_job_seconds,
+            min(SMALL_BATCH_FACTOR * limits.small_job_bytes, limits.max_job_bytes),
+        )
+        self._large = _Lane("large", limits.max_job_seconds, limits.max_job_bytes)
+        self._closing = threading.Event()
         self._closed = False
 
+    @property
+    def _lanes(self) -> tuple[_Lane, _Lane]:
+        return self._small, self._large
+
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+        loop = asyncio.get_running_loop()
+        for lane in self._lanes:
+            lane.task = loop.create_task(self._run(lane), name=f"batcher-{lane.name}")
 
     async def submit(self, job: SolveJob) -> PlanOutcome:
-        """Queue `job` and wait for its slice of a batch; raises ResourceExhausted past the queue cap."""
+        """Cost `job`, queue it in its lane and wait for its slice of a batch.
+
+        Raises ResourceExhausted when the job exceeds the per-job limits or the queue is full.
+        """
         if self._closed:
             raise Unavailable("server is shutting down")
-        if len(self._pending) >= self.max_queue:
+        job.cost = self.limits.check(job.shape(self.device.type))
+        waiting = sum(len(lane.pending) for lane in self._lanes)
+        if waiting >= self.max_queue:
             raise ResourceExhausted(f"solver queue is full ({self.max_queue} requests waiting)")
+        nbytes = job.input_bytes
+        if self.queued_bytes + nbytes > self.max_queued_bytes:
+            raise ResourceExhausted(
+                f"solver queue memory is full ({mib(self.queued_bytes)} of {mib(self.max_queued_bytes)} queued): "
+                "retry later"
+            )
+        lane = self._small if self.limits.is_small(job.cost) else self._large
         job.future = asyncio.get_running_loop().create_future()
         job.arrived = time.monotonic()
-        self._pending.append(job)
-        self.metrics.queue_depth.set(len(self._pending))
-        self._wakeup.set()
+        lane.pending.append(job)
+        self.queued_bytes += nbytes
+        self.metrics.queue_depth.set(waiting + 1)
+        lane.wakeup.set()
         return await job.future
 
-    async def _run(self) -> None:
+    async def _run(self, lane: _Lane) -> None:
         while True:
-            await self._wakeup.wait()
+            await lane.wakeup.wait()
             # The window runs from the oldest waiting request's arrival: requests that queued up while
             # the worker was busy have waited long enough already.
-            remaining = self._pending[0].arrived + self.window_s - time.monotonic() if self._pending else 0.0
+            remaining = lane.pending[0].arrived + self.window_s - time.monotonic() if lane.pending else 0.0
             if remaining > 0:
                 await asyncio.sleep(remaining)
-            self._wakeup.clear()
-            pending, self._pending = self._pending, []
-            self.metrics.queue_depth.set(0)
+            lane.wakeup.clear()
+            pending, lane.pending = lane.pending, []
+            self.queued_bytes -= sum(job.input_bytes for job in pending)
+            self.metrics.queue_depth.set(sum(len(other.pending) for other in self._lanes))
             try:
-                for batch in self._batches(pending):
-                    await self._solve(batch)
+                for batch in self._batches(lane, pending):
+                    await self._solve(lane, batch)
             except Exception as error:  # never let one bad round stop the worker for everyone after it
                 log.exception("batch round failed")
                 for job in pending:
                     if not job.future.done():
-                        job.future.set_exception(error)
+                        job.future.set_exception(_client_error(error))
 
-    def _batches(self, pending: list[SolveJob]) -> list[list[SolveJob]]:
-        """Group live jobs by key, in arrival order, each group cut at the layer cap."""
+    def _batches(self, lane: _Lane, pending: list[SolveJob]) -> list[list[SolveJob]]:
+        """Group live jobs by key, in arrival order, each group cut at the layer cap and the lane's work."""
         now = time.monotonic()
         groups: dict[BatchKey, list[list[SolveJob]]] = {}
+        device_type = self.device.type
         for job in pending:
             if self._drop_if_gone(job, now):
                 continue
             chunks = groups.setdefault(job.key, [[]])
-            if chunks[-1] and sum(j.num_layers for j in chunks[-1]) + job.num_layers > self.max_layers:
+            layers = sum(j.num_layers for j in chunks[-1]) + job.num_layers
+            if chunks[-1] and (layers > self.max_layers or not self._fits(lane, job.shape(device_type, layers))):
                 chunks.append([])
             chunks[-1].append(job)
         return [chunk for chunks in groups.values() for chunk in chunks]
+
+    def _fits(self, lane: _Lane, shape: Shape) -> bool:
+        cost = self.limits.cost(shape)
+        return cost.work_seconds <= lane.max_seconds and cost.peak_bytes <= lane.max_bytes
 
     def _drop_if_gone(self, job: SolveJob, now: float) -> bool:
         """True (and counted) when nobody waits for `job` any more: the caller cancelled, as grpc does
@@ -183,24 +316,30 @@ class Batcher:
             return True
         return False
 
-    async def _solve(self, batch: list[SolveJob]) -> None:
+    async def _solve(self, lane: _Lane, batch: list[SolveJob]) -> None:
         # A job may have been cancelled, or its deadline passed, while earlier batches of this round solved.
         now = time.monotonic()
         batch = [job for job in batch if not self._drop_if_gone(job, now)]
         if not batch:
             return
-        loop = asyncio.get_running_loop()
+        run = functools.partial(self._solve_stoppable, batch, _StopCondition(batch, self._closing))
+        lane.current = batch
         try:
-            outcomes = await loop.run_in_executor(self._executor, self._solve_sync, batch)
+            outcomes = await asyncio.get_running_loop().run_in_executor(lane.executor, run)
         except InvalidArgument as error:
             if len(batch) > 1:  # find the culprit: solve each alone so batch mates still get results
                 for job in batch:
-                    await self._solve([job])
+                    await self._solve(lane, [job])
                 return
             outcomes = [error]
+        except SolveCancelled:
+            self._fail_stopped(batch)
+            return
         except Exception as error:  # the worker must survive anything a request can trigger
             log.exception("solver call failed")
-            outcomes = [error] * len(batch)
+            outcomes = [_client_error(error)] * len(batch)
+        finally:
+            lane.current = []
         for job, outcome in zip(batch, outcomes, strict=True):
             if job.future.done():
                 continue
@@ -209,8 +348,37 @@ class Batcher:
             else:
                 job.future.set_result(outcome)
 
+    def _fail_stopped(self, batch: list[SolveJob]) -> None:
+        """Answer the jobs of an abandoned solve: shutting down, or each gone by cancel or deadline."""
+        for job in batch:
+            if self._closing.is_set():
+                reason, error = "shutdown", Unavailable("server is shutting down")
+            elif job.future.done():
+                reason, error = "cancelled", None
+            else:
+                reason, error = "deadline", DeadlineExceeded("deadline passed during the solve")
+            self.metrics.dropped_requests.labels(reason).inc()
+            if error is not None and not job.future.done():
+                job.future.set_exception(error)
+        log.info("solve of %d request(s) stopped between rounds", len(batch))
+
+    def _solve_stoppable(self, batch: list[SolveJob], should_stop: _StopCondition) -> list[PlanOutcome]:
+        """Runs on a lane's thread: the batch's solve, abandoned between rounds once `should_stop` holds."""
+        with stop_when(should_stop):
+            return self._solve_sync(batch)
+
     def _solve_sync(self, batch: list[SolveJob]) -> list[PlanOutcome]:
-        """Runs on the solver thread: one `solve` for the whole batch, then split per job."""
+        """One `solve` for the whole batch, then split per job."""
+        result = self._call_solver(batch)
+        self._observe(result, len(batch))
+        return self._split(result, batch)
+
+    def _call_solver(self, batch: list[SolveJob]) -> SolveResult:
+        """The batch's inputs concatenated along the layer axis, solved in one call.
+
+        Solver argument errors become InvalidArgument naming the request field; allocation failures
+        become ResourceExhausted.
+        """
         first = batch[0]
         t, s = first.topology, first.settings
         device = self.device
@@ -219,8 +387,10 @@ class Batcher:
             return torch.cat([_tensor(p).to(device, dtype) for p in parts], dim=dim)
 
         layer_seeds = torch.cat([job.settings.seed + torch.arange(job.num_layers, dtype=torch.int64) for job in batch])
+        prev = cat([job.prev_phy2log for job in batch], dtype=torch.int64) if first.prev_phy2log is not None else None
+        history = cat([job.history for job in batch], dim=1) if first.history is not None else None
         try:
-            result = solve(
+            return solve(
                 cat([job.loads for job in batch]),
                 t.num_replicas,
                 t.num_groups,
@@ -229,35 +399,43 @@ class Batcher:
                 **s.batch_kwargs(),
                 layer_seeds=layer_seeds,
                 device=device,
-                prev_phy2log=cat([job.prev_phy2log for job in batch], dtype=torch.int64)
-                if first.prev_phy2log is not None
-                else None,
-                history=cat([job.history for job in batch], dim=1) if first.history is not None else None,
+                prev_phy2log=prev,
+                history=history,
                 unavailable_gpus=list(first.unavailable_gpus) or None,
             )
         except ArgumentError as error:
             raise InvalidArgument([(solver_error_field(error), str(error))]) from None
+        except (MemoryError, RuntimeError) as error:
+            if not out_of_memory(error):
+                raise
+            log.warning("solver ran out of memory: %s", error)
+            raise ResourceExhausted(
+                "the solver ran out of memory: lower options.num_candidates or the layers per request"
+            ) from None
+
+    def _observe(self, result: SolveResult, requests: int) -> None:
         path = str(result.stats.get("path", "torch"))
-        layers = int(result.phy2log.shape[0])
         self.metrics.solve_duration.labels(result.device, path).observe(result.solve_seconds)
         self.metrics.solver_calls.labels(path).inc()
-        self.metrics.batch_layers.observe(layers)
-        self.metrics.batch_requests.observe(len(batch))
+        self.metrics.batch_layers.observe(int(result.phy2log.shape[0]))
+        self.metrics.batch_requests.observe(requests)
 
+    def _split(self, result: SolveResult, batch: list[SolveJob]) -> list[PlanOutcome]:
+        """Each job's rows of the batch result, as numpy, with its own log2phy width."""
         phy2log = result.phy2log.cpu().numpy()
         log2phy = result.log2phy.cpu().numpy()
         logcnt = result.logcnt.cpu().numpy()
         balancedness = result.balancedness.double().cpu().numpy()
         before = None if result.balancedness_before is None else result.balancedness_before.double().cpu().numpy()
         moved = result.moved_copies.cpu().numpy()
-        outcomes = []
-        start = 0
+        path = str(result.stats.get("path", "torch"))
+        outcomes, start = [], 0
         for job in batch:
             rows = slice(start, start + job.num_layers)
             start += job.num_layers
             job_moved, job_before = moved[rows], None if before is None else before[rows]
             if job.baseline_phy2log is not None:
-                job_moved, job_before = self._against_baseline(job, result.phy2log[rows], t)
+                job_moved, job_before = self._against_baseline(job, result.phy2log[rows])
             job_logcnt = logcnt[rows]
             # log2phy's padding width is the batch's max copies; a request alone would get its own max.
             width = max(int(job_logcnt.max()), 1)
@@ -272,14 +450,14 @@ class Batcher:
                 device=result.device,
                 solver_path=path,
                 solve_seconds=result.solve_seconds,
-                batch_layers=layers,
+                batch_layers=int(result.phy2log.shape[0]),
                 batch_requests=len(batch),
             )
             self._add_rearrangement(job, outcome, result, rows)
             outcomes.append(outcome)
         return outcomes
 
-    def _add_rearrangement(self, job: SolveJob, outcome: PlanOutcome, result, rows: slice) -> None:
+    def _add_rearrangement(self, job: SolveJob, outcome: PlanOutcome, result: SolveResult, rows: slice) -> None:
         """The job's transfer plan, budget and cost, on its slice of the batch (see rearrangement.py)."""
         in_force = job.prev_phy2log if job.prev_phy2log is not None else job.baseline_phy2log
         if in_force is None:
@@ -308,10 +486,9 @@ class Batcher:
             outcome.policies = dict(Counter(outcome.policies) + Counter(kept=arranged.kept_layers))
         self.metrics.transfer_seconds.observe(arranged.estimated_transfer_seconds)
 
-    def _against_baseline(
-        self, job: SolveJob, phy2log: torch.Tensor, topology: Topology
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _against_baseline(self, job: SolveJob, phy2log: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Moved copies [L] and balancedness [L] of the baseline placement, for a fresh plan."""
+        topology = job.topology
         baseline = _tensor(job.baseline_phy2log).to(self.device, torch.int64)
         loads = _tensor(job.loads).to(self.device, torch.float64)
         moved = maps.moved_copies(baseline, phy2log, topology.num_experts, topology.num_gpus)
@@ -320,13 +497,22 @@ class Batcher:
         return moved.cpu().numpy(), before.double().cpu().numpy()
 
     async def close(self) -> None:
-        """Stop taking work, let the worker finish the batch in hand, fail what is still queued."""
+        """Stop taking work, stop the solves in hand at their next round, fail what is still queued."""
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        for job in self._pending:
-            if not job.future.done():
-                job.future.set_exception(Unavailable("server is shutting down"))
-        self._pending = []
-        self._executor.shutdown(wait=True)
+        self._closing.set()
+        for lane in self._lanes:
+            if lane.task is not None:
+                lane.task.cancel()
+        await asyncio.gather(*(lane.task for lane in self._lanes if lane.task is not None), return_exceptions=True)
+        for lane in self._lanes:
+            for job in lane.pending + lane.current:
+                if not job.future.done():
+                    job.future.set_exception(Unavailable("server is shutting down"))
+            lane.pending, lane.current = [], []
+            lane.executor.shutdown(wait=True)
+        self.queued_bytes = 0
+
+
+def _client_error(error: BaseException) -> ServiceError:
+    """What a caller may see of an unexpected failure: its own ServiceError, or a bare INTERNAL."""
+    return error if isinstance(error, ServiceError) else Internal()

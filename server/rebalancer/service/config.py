@@ -35,6 +35,10 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     max_tensor_elements: int = 1 << 24
     grace_period_s: float = 10.0
+    memory_budget_mb: float = 0.0
+    max_deployments: int = 4096
+    max_job_seconds: float = 10.0
+    small_job_seconds: float = 1.0
     log_level: str = "INFO"
     tls_cert: str = ""
     tls_key: str = ""
@@ -64,6 +68,11 @@ HELP = {
     "max_message_bytes": "largest gRPC message sent or received",
     "max_tensor_elements": "largest tensor accepted, checked on the declared shape before allocating",
     "grace_period_s": "time in-flight RPCs get to finish after SIGTERM",
+    "memory_budget_mb": "memory the process may use for windows, placements and solves "
+    "(0: half of the host's or the cgroup's memory)",
+    "max_deployments": "deployments the server registers at most; more get RESOURCE_EXHAUSTED",
+    "max_job_seconds": "estimated solver time one request may cost; costlier ones get RESOURCE_EXHAUSTED",
+    "small_job_seconds": "solves estimated at most this long run in their own lane, never behind larger ones",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "tls_cert": "PEM certificate chain of the server; with --tls-key turns TLS on (empty: plaintext)",
     "tls_key": "PEM private key of --tls-cert",
@@ -106,6 +115,10 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
             ("--max-queue", config.max_queue < 1),
             ("--batch-window-ms", config.batch_window_ms < 0),
             ("--max-tensor-elements", config.max_tensor_elements < 1),
+            ("--memory-budget-mb", config.memory_budget_mb < 0),
+            ("--max-deployments", config.max_deployments < 1),
+            ("--max-job-seconds", not config.max_job_seconds > 0),
+            ("--small-job-seconds", not 0 < config.small_job_seconds <= config.max_job_seconds),
         )
         if bad
     ]

@@ -1,15 +1,22 @@
 """Deployments and their placement versions: the domain the RPC handlers and the auto-rebalancer drive.
 
-Data flows one way: window snapshot -> batcher -> solver -> PlacementRecord -> store -> watchers and
-metrics. Commits of one deployment are serialised by its lock, so versions are dense and a
-`base_version` check is exact. The in-memory `current` record is what every read serves; SQLite is the
+Data flows one way: checked command -> window snapshot -> batcher -> solver -> PlacementRecord -> store
+-> watchers and metrics. Commits of one deployment are serialised by its lock, so versions are dense and
+a `base_version` check is exact. The in-memory `current` record is what every read serves; SQLite is the
 durable copy written before `current` changes.
+
+Registration is one step: the state ledger is charged, the SQLite row written and (for a report) the
+window created and the report added, or nothing of it remains. A placement is committed only when its
+message fits in a response, so whoever asked for it can read it back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import math
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,12 +28,18 @@ from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
 from rebalancer.solver import CostModel, maps
 
+from .admission import deployment_bytes, mib
 from .batcher import Batcher, PlanOutcome, SolveJob
-from .errors import FailedPrecondition, InvalidArgument, NotFound
+from .budget import StateLedger
+from .commands import PlanCommand, ReportCommand
+from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from .metrics import Metrics
 from .model import PlacementRecord, Topology
+from .rearrangement import layout_after
 from .store import Store
 from .telemetry import Quality, TelemetryWindows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +56,11 @@ class Deployment:
     def version(self) -> int:
         return self.current.version if self.current is not None else 0
 
+    def require_version(self, base_version: int) -> None:
+        """FailedPrecondition unless `base_version` is 0 (no check) or the version in force."""
+        if base_version and base_version != self.version:
+            raise FailedPrecondition(f"base_version {base_version} is stale: current version is {self.version}")
+
     def notify(self) -> None:
         changed, self.changed = self.changed, asyncio.Event()
         changed.set()
@@ -52,14 +70,19 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _finite(value: float) -> float:
+    """Stats and gauges stay numbers: a non-finite figure (which valid loads cannot produce) reads 0."""
+    return value if math.isfinite(value) else 0.0
+
+
 def placement_stats(outcome: PlanOutcome) -> pb.PlacementStats:
     """Per-layer figures -> PlacementStats (means over layers; imbalance = max/mean = 1/balancedness)."""
     before = outcome.balancedness_before
     return pb.PlacementStats(
-        balancedness_before=float(before.mean()) if before is not None else 0.0,
-        balancedness_after=float(outcome.balancedness.mean()),
-        imbalance_before=float((1.0 / before).mean()) if before is not None else 0.0,
-        imbalance_after=float((1.0 / outcome.balancedness).mean()),
+        balancedness_before=_finite(float(before.mean())) if before is not None else 0.0,
+        balancedness_after=_finite(float(outcome.balancedness.mean())),
+        imbalance_before=_finite(float((1.0 / before).mean())) if before is not None else 0.0,
+        imbalance_after=_finite(float((1.0 / outcome.balancedness).mean())),
         replicas_moved=int(outcome.moved_copies.sum()),
         moved_per_layer=outcome.moved_copies.tolist(),
         solve_seconds=outcome.solve_seconds,
@@ -68,27 +91,59 @@ def placement_stats(outcome: PlanOutcome) -> pb.PlacementStats:
         batch_layers=outcome.batch_layers,
         batch_requests=outcome.batch_requests,
         solver_path=outcome.solver_path,
-        moved_bytes=outcome.moved_bytes,
-        intra_node_share=outcome.intra_node_share,
-        estimated_transfer_seconds=outcome.estimated_transfer_seconds,
+        moved_bytes=_finite(outcome.moved_bytes),
+        intra_node_share=_finite(outcome.intra_node_share),
+        estimated_transfer_seconds=_finite(outcome.estimated_transfer_seconds),
         deferred_layers=outcome.deferred_layers,
+    )
+
+
+def placement_record(
+    deployment_id: str, topology: Topology, outcome: PlanOutcome, *, version: int = 0, trigger: str = "request"
+) -> PlacementRecord:
+    """The one place a solver outcome becomes a PlacementRecord (version 0: not committed); a plan for a
+    changed GPU set describes its new layout."""
+    return PlacementRecord(
+        deployment_id=deployment_id,
+        version=version,
+        topology=layout_after(topology, outcome.gpu_ids),
+        phy2log=outcome.phy2log,
+        logcnt=outcome.logcnt,
+        log2phy=outcome.log2phy,
+        stats=placement_stats(outcome),
+        trigger=trigger,
+        created_unix_ms=now_ms() if version else 0,
+        transfers=outcome.transfers,
+        gpu_ids=outcome.gpu_ids,
     )
 
 
 class Registry:
     """Every deployment the server knows, with its window, placement versions and watchers."""
 
-    def __init__(self, store: Store, windows: TelemetryWindows, batcher: Batcher, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        store: Store,
+        windows: TelemetryWindows,
+        batcher: Batcher,
+        metrics: Metrics,
+        ledger: StateLedger,
+        *,
+        max_message_bytes: int,
+    ) -> None:
         self.store = store
         self.windows = windows
         self.batcher = batcher
         self.metrics = metrics
+        self.ledger = ledger
+        self.max_message_bytes = max_message_bytes
         self.deployments: dict[str, Deployment] = {}
         self._register_lock = asyncio.Lock()
         self.stopping = asyncio.Event()
 
     async def restore(self) -> None:
-        """Load deployments and current placements from the store; windows start empty."""
+        """Load deployments and current placements from the store. Windows are not allocated: each is
+        created on its deployment's first report, so a restart never needs room for all of them at once."""
         topologies, placements = await asyncio.to_thread(self.store.load)
         for deployment_id, topology in topologies.items():
             record = placements.get(deployment_id)
@@ -97,11 +152,18 @@ class Registry:
                 logcnt = maps.logcnt_from_phy2log(phy2log, topology.num_experts)
                 record.logcnt = logcnt.numpy()
                 record.log2phy = maps.log2phy_from_phy2log(phy2log, logcnt).numpy()
-            self.deployments[deployment_id] = Deployment(deployment_id, topology, record)
-            await self.windows.ensure(deployment_id, topology)
-            if record is not None:
                 await self.windows.set_placement(deployment_id, record.phy2log)
+            # Committed state is served whatever the budget says now: charged, never refused.
+            self.ledger.charge(deployment_bytes(topology), f"deployment {deployment_id!r}", force=True)
+            self.deployments[deployment_id] = Deployment(deployment_id, topology, record)
         self.metrics.deployments.set(len(self.deployments))
+        if self.ledger.used > self.ledger.limit:
+            log.warning(
+                "restored state takes %s, over the %s state budget: new deployments and windows are refused "
+                "until some are deleted",
+                mib(self.ledger.used),
+                mib(self.ledger.limit),
+            )
 
     def get(self, deployment_id: str) -> Deployment:
         deployment = self.deployments.get(deployment_id)
@@ -109,26 +171,144 @@ class Registry:
             raise NotFound(f"unknown deployment {deployment_id!r}")
         return deployment
 
+    def topology_of(self, deployment_id: str) -> Topology | None:
+        deployment = self.deployments.get(deployment_id)
+        return None if deployment is None else deployment.topology
+
     async def register(self, deployment_id: str, topology: Topology) -> Deployment:
         """The deployment, created (and persisted) on first sight; its topology must match afterwards."""
+        deployment, _ = await self._register(deployment_id, topology)
+        return deployment
+
+    async def _register(
+        self, deployment_id: str, topology: Topology, first_report: ReportCommand | None = None
+    ) -> tuple[Deployment, bool]:
+        """(deployment, whether `first_report` was added). A new deployment is created in one step:
+        ledger charge, SQLite row and, with `first_report`, its window holding that report; any failure
+        undoes the steps before it. An existing one is returned as it is (its topology must match)."""
         async with self._register_lock:
             deployment = self.deployments.get(deployment_id)
-            if deployment is None:
-                await self.store.add_deployment(deployment_id, topology, now_ms())
-                await self.windows.ensure(deployment_id, topology)
-                deployment = self.deployments[deployment_id] = Deployment(deployment_id, topology)
-                self.metrics.deployments.set(len(self.deployments))
-        if deployment.topology != topology:
-            raise InvalidArgument([("topology", f"does not match deployment {deployment_id!r}: {deployment.topology}")])
-        return deployment
+            if deployment is not None:
+                if deployment.topology != topology:
+                    raise InvalidArgument(
+                        [("topology", f"does not match deployment {deployment_id!r}: {deployment.topology}")]
+                    )
+                return deployment, False
+            self.ledger.check_count(len(self.deployments))
+            nbytes = deployment_bytes(topology)
+            self.ledger.charge(nbytes, f"deployment {deployment_id!r}")
+            try:
+                await self._persist_new(deployment_id, topology)
+                if first_report is not None:
+                    await self._add_first_report(first_report)
+            except BaseException:
+                self.ledger.release(nbytes)
+                raise
+            deployment = self.deployments[deployment_id] = Deployment(deployment_id, topology)
+            self.metrics.deployments.set(len(self.deployments))
+            return deployment, first_report is not None
+
+    async def _persist_new(self, deployment_id: str, topology: Topology) -> None:
+        try:
+            await self.store.add_deployment(deployment_id, topology, now_ms())
+        except sqlite3.Error:
+            log.exception("cannot persist deployment %s", deployment_id)
+            raise Unavailable("the state store cannot take the deployment now: retry later") from None
+
+    async def _add_first_report(self, report: ReportCommand) -> None:
+        """Add the registering report; on refusal remove the row just written, so the id stays free."""
+        try:
+            await self.windows.add(
+                report.deployment_id, report.topology, report.loads, report.layer_indices, report.step
+            )
+        except BaseException:
+            await self.store.delete_deployment(report.deployment_id)
+            raise
+
+    async def ingest(self, report: ReportCommand) -> None:
+        """Add a checked report to its deployment's window, registering the deployment when new."""
+        deployment = self.deployments.get(report.deployment_id)
+        if deployment is None:
+            deployment, added = await self._register(report.deployment_id, report.topology, report)
+            if added:
+                return
+        try:
+            await self.windows.add(
+                report.deployment_id,
+                report.topology,
+                report.loads,
+                report.layer_indices,
+                report.step,
+                alive=lambda: not deployment.deleted,
+            )
+        except KeyError:
+            raise InvalidArgument([("deployment_id", "deployment was deleted")]) from None
+
+    async def rebalance(self, command: PlanCommand, deadline: float | None = None) -> tuple[PlacementRecord, bool]:
+        """Plan a checked command; commit it unless inline or dry-run. Returns (record, committed)."""
+        if command.inline:
+            job = SolveJob(
+                command.topology,
+                command.settings,
+                command.loads,
+                prev_phy2log=command.prev_phy2log,
+                deadline=deadline,
+                unavailable_gpus=command.unavailable_gpus,
+                cost_model=command.cost_model,
+            )
+            outcome = await self.batcher.submit(job)
+            return self._fitting(placement_record("", command.topology, outcome)), False
+        deployment = self.deployments.get(command.deployment_id)
+        if deployment is None:
+            return await self._rebalance_new(command, deadline)
+        deployment.require_version(command.base_version)  # fail fast; commit checks again under the lock
+        outcome = await self.plan(
+            deployment,
+            command.settings,
+            loads=command.loads,
+            deadline=deadline,
+            cost_model=command.cost_model,
+            unavailable_gpus=command.unavailable_gpus,
+            in_force=command.prev_phy2log,
+        )
+        if command.settings.dry_run:
+            return self._fitting(placement_record(deployment.deployment_id, deployment.topology, outcome)), False
+        record = await self.commit(deployment, outcome, trigger="request", base_version=command.base_version)
+        return record, True
+
+    async def _rebalance_new(self, command: PlanCommand, deadline: float | None) -> tuple[PlacementRecord, bool]:
+        """A plan for a deployment not registered yet: solved first, registered only when it commits, so
+        a refused or dry-run request leaves no deployment behind."""
+        deployment_id, topology = command.deployment_id, command.topology
+        if topology is None:
+            raise NotFound(f"unknown deployment {deployment_id!r}")
+        if command.loads is None:
+            raise FailedPrecondition(f"deployment {deployment_id!r} has no telemetry yet: stream or pass loads")
+        if command.base_version:
+            raise FailedPrecondition(
+                f"base_version {command.base_version} is stale: deployment {deployment_id!r} is new"
+            )
+        job = SolveJob(
+            topology,
+            command.settings,
+            command.loads,
+            prev_phy2log=command.prev_phy2log,
+            deadline=deadline,
+            unavailable_gpus=command.unavailable_gpus,
+            cost_model=command.cost_model,
+        )
+        outcome = await self.batcher.submit(job)
+        if command.settings.dry_run:
+            return self._fitting(placement_record(deployment_id, topology, outcome)), False
+        deployment = await self.register(deployment_id, topology)
+        return await self.commit(deployment, outcome, trigger="request"), True
 
     async def plan(
         self,
         deployment: Deployment,
         settings: SolveSettings,
         *,
-        loads: np.ndarray | None = None,
-        base_version: int = 0,
+        loads=None,
         deadline: float | None = None,
         cost_model: CostModel | None = None,
         unavailable_gpus: tuple[int, ...] = (),
@@ -136,12 +316,10 @@ class Registry:
     ) -> PlanOutcome:
         """Plan on `loads` (default: the window, with its history) from the placement in force: `in_force`
         [L, R] when the caller knows better than the committed version (an engine's actual map)."""
-        if base_version and base_version != deployment.version:
-            raise FailedPrecondition(f"base_version {base_version} is stale: current version is {deployment.version}")
         history = None
         if loads is None:
             snapshot = await self.windows.snapshot(deployment.deployment_id)
-            if not snapshot.reports:
+            if snapshot is None or not snapshot.reports:
                 raise FailedPrecondition(
                     f"deployment {deployment.deployment_id!r} has no telemetry yet: stream or pass loads"
                 )
@@ -161,8 +339,21 @@ class Registry:
             unavailable_gpus=unavailable_gpus,
         )
         outcome = await self.batcher.submit(job)
-        self.metrics.balancedness.labels(deployment.deployment_id, "proposed").set(float(outcome.balancedness.mean()))
+        self.metrics.balancedness.labels(deployment.deployment_id, "proposed").set(
+            _finite(float(outcome.balancedness.mean()))
+        )
         return outcome
+
+    def _fitting(self, record: PlacementRecord) -> PlacementRecord:
+        """`record`, once its message is known to fit in a response (validation's bound makes this hold;
+        this keeps it true for any placement the solver returns)."""
+        size = record.fill(pb.Placement()).ByteSize()
+        if size > self.max_message_bytes - 1024:
+            raise ResourceExhausted(
+                f"the placement takes {mib(size)}, over the {mib(self.max_message_bytes)} message limit: "
+                "lower num_layers per deployment or the spare slots (R - E); nothing was committed"
+            )
+        return record
 
     async def commit(
         self, deployment: Deployment, outcome: PlanOutcome, *, trigger: str, base_version: int = 0
@@ -171,21 +362,15 @@ class Registry:
         async with deployment.lock:
             if deployment.deleted:
                 raise NotFound(f"deployment {deployment.deployment_id!r} was deleted")
-            if base_version and base_version != deployment.version:
-                raise FailedPrecondition(
-                    f"base_version {base_version} is stale: current version is {deployment.version}"
+            deployment.require_version(base_version)
+            record = self._fitting(
+                placement_record(
+                    deployment.deployment_id,
+                    deployment.topology,
+                    outcome,
+                    version=deployment.version + 1,
+                    trigger=trigger,
                 )
-            record = PlacementRecord(
-                deployment_id=deployment.deployment_id,
-                version=deployment.version + 1,
-                topology=deployment.topology,
-                phy2log=outcome.phy2log,
-                logcnt=outcome.logcnt,
-                log2phy=outcome.log2phy,
-                stats=placement_stats(outcome),
-                trigger=trigger,
-                created_unix_ms=now_ms(),
-                transfers=outcome.transfers,
             )
             await self.store.commit(record)
             deployment.current = record
@@ -202,8 +387,8 @@ class Registry:
         """Score the placement in force on the window and export it (imbalance and current balancedness)."""
         quality = await self.windows.quality(deployment.deployment_id)
         if quality is not None and not deployment.deleted:
-            self.metrics.imbalance_ratio.labels(deployment.deployment_id).set(quality.imbalance)
-            self.metrics.balancedness.labels(deployment.deployment_id, "current").set(quality.balancedness)
+            self.metrics.imbalance_ratio.labels(deployment.deployment_id).set(_finite(quality.imbalance))
+            self.metrics.balancedness.labels(deployment.deployment_id, "current").set(_finite(quality.balancedness))
         return quality
 
     async def delete(self, deployment_id: str) -> bool:
@@ -212,10 +397,13 @@ class Registry:
         if deployment is None:
             return False
         async with deployment.lock:
+            if deployment.deleted:  # a concurrent delete got there first
+                return False
             deployment.deleted = True
             await self.store.delete_deployment(deployment_id)
-            del self.deployments[deployment_id]
+            self.deployments.pop(deployment_id, None)
         await self.windows.drop(deployment_id)
+        self.ledger.release(deployment_bytes(deployment.topology))
         self.metrics.forget_deployment(deployment_id)
         self.metrics.deployments.set(len(self.deployments))
         deployment.notify()

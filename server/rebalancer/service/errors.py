@@ -48,6 +48,23 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Internal(ServiceError):
+    """A fault of the server itself; the message never carries the fault's own text (that is logged)."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str = "internal error; the server log has the details") -> None:
+        super().__init__(message)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation failure (MemoryError, or torch's allocator RuntimeError)."""
+    if isinstance(error, MemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate" in text)
+
+
 def to_status(error: ServiceError) -> grpc.Status:
     """The rich status for `error` (code, message, and BadRequest details for INVALID_ARGUMENT)."""
     status = status_pb2.Status(code=getattr(code_pb2, error.code.name), message=str(error))

@@ -1,11 +1,14 @@
-"""Server interceptors: standard gRPC metrics, and bearer-token authentication.
+"""Server interceptors: standard gRPC metrics, bearer-token authentication, and safe decoding.
 
 py-grpc-prometheus only ships a sync `grpc.ServerInterceptor` (its asyncio support, issue #13 and PR #32
 upstream, was never merged), so this small aio interceptor produces the same families and label sets:
 grpc_server_started_total, grpc_server_handled_total{grpc_code}, grpc_server_handling_seconds,
 grpc_server_msg_received_total and grpc_server_msg_sent_total, labelled grpc_type/grpc_service/grpc_method.
 The metrics interceptor is listed first (outermost), so calls the token check refuses are counted too, as
-grpc_code="UNAUTHENTICATED".
+grpc_code="UNAUTHENTICATED". The decoding interceptor is innermost: a message that does not parse
+reaches the handler chain as an `Undecodable` value instead of failing inside gRPC (which would answer
+UNKNOWN before the token is checked), and becomes INVALID_ARGUMENT once the call is authenticated, or
+an in-band rejection in the streams that reject reports one by one.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hmac
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -168,3 +172,95 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """Stands in for a request message that failed to parse; `reason` is the parser's short complaint."""
+
+    reason: str
+
+
+# Client-streaming methods whose handlers reject bad messages in-band, one by one.
+IN_BAND_METHODS = frozenset({"/rebalancer.v1.RebalancerService/StreamLoad"})
+
+
+def _safe(deserializer):
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as error:  # DecodeError and whatever else a parser raises on hostile bytes
+            return Undecodable(type(error).__name__ if not str(error) else str(error)[:200])
+
+    return parse
+
+
+async def _refuse(context: grpc.aio.ServicerContext, message: Undecodable) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request message: {message.reason}")
+
+
+class DecodeInterceptor(grpc.aio.ServerInterceptor):
+    """Parse request messages without letting a parse error escape into gRPC (see the module doc)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        rpc_type = _TYPES[(handler.request_streaming, handler.response_streaming)]
+        behavior = getattr(handler, _BEHAVIORS[rpc_type])
+        if handler.request_streaming:
+            wrapped = behavior if details.method in IN_BAND_METHODS else self._checked_stream(behavior)
+        else:
+            wrapped = self._checked_unary(behavior, handler.response_streaming)
+        return _FACTORIES[rpc_type](
+            wrapped,
+            request_deserializer=_safe(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
+    @staticmethod
+    def _checked_unary(behavior, response_streaming: bool):
+        if response_streaming and inspect.isasyncgenfunction(behavior):
+
+            async def streaming(request, context):
+                if isinstance(request, Undecodable):
+                    await _refuse(context, request)
+                async for response in behavior(request, context):
+                    yield response
+
+            return streaming
+
+        async def unary(request, context):
+            if isinstance(request, Undecodable):
+                await _refuse(context, request)
+            return await behavior(request, context)
+
+        return unary
+
+    @staticmethod
+    def _checked_stream(behavior):
+        async def messages(request_iterator, context) -> AsyncIterator:
+            async for message in request_iterator:
+                if isinstance(message, Undecodable):
+                    await _refuse(context, message)
+                yield message
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def streaming(request_iterator, context):
+                async for response in behavior(messages(request_iterator, context), context):
+                    yield response
+
+            return streaming
+
+        async def unary(request_iterator, context):
+            return await behavior(messages(request_iterator, context), context)
+
+        return unary

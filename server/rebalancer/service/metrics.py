@@ -36,7 +36,7 @@ BATCH_REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 TRANSFER_BUCKETS = (0.0, 1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 TRIGGERS = ("request", "auto")
-DROP_REASONS = ("cancelled", "deadline")
+DROP_REASONS = ("cancelled", "deadline", "shutdown")
 
 
 class Metrics:
@@ -103,9 +103,18 @@ class Metrics:
             registry=r,
         )
         self.deployments = Gauge("rebalancer_deployments", "Registered deployments.", registry=r)
+        self.state_bytes = Gauge(
+            "rebalancer_state_bytes",
+            "Memory reserved by soft state (telemetry windows, placements in force) against its budget.",
+            registry=r,
+        )
+        self.state_budget_bytes = Gauge(
+            "rebalancer_state_budget_bytes", "Memory budget of soft state (share of --memory-budget-mb).", registry=r
+        )
         self.dropped_requests = Counter(
             "rebalancer_dropped_requests_total",
-            "Solve requests dropped unsolved because the caller had gone (cancelled) or its deadline passed.",
+            "Solve requests dropped unsolved, before or during their solve: the caller had gone (cancelled), "
+            "its deadline passed, or the server shut down.",
             ("reason",),
             registry=r,
         )

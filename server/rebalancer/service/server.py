@@ -21,11 +21,14 @@ from rebalancer_wire.options import SolveSettings
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from rebalancer_wire.v1 import rebalancer_pb2_grpc
 
+from .admission import JobLimits
 from .autorebalance import AutoRebalancer
 from .batcher import Batcher, SolveJob
+from .budget import MemoryShares, StateLedger
+from .commands import RequestChecker
 from .config import ServerConfig
 from .deployments import Registry
-from .interceptors import MetricsInterceptor, TokenAuthInterceptor
+from .interceptors import DecodeInterceptor, MetricsInterceptor, TokenAuthInterceptor
 from .metrics import Metrics
 from .model import Topology
 from .security import auth_token, server_credentials
@@ -76,15 +79,28 @@ class RebalancerServer:
         credentials = server_credentials(config)
         token = auth_token(config)
         self.store.open()
-        self.windows = TelemetryWindows(config.window, config.history_intervals, self.device)
+        self.memory = MemoryShares.split(config.memory_budget_mb)
+        limits = JobLimits(
+            max_job_bytes=self.memory.large_job,
+            max_job_seconds=config.max_job_seconds,
+            small_job_bytes=self.memory.small_job,
+            small_job_seconds=config.small_job_seconds,
+            device_type=self.device.type,
+        )
+        ledger = StateLedger(self.memory.state, config.max_deployments, self.metrics)
+        self.windows = TelemetryWindows(config.window, config.history_intervals, self.device, ledger)
         self.batcher = Batcher(
             self.metrics,
             self.device,
             window_s=config.batch_window_ms / 1000.0,
             max_layers=config.max_batch_layers,
             max_queue=config.max_queue,
+            limits=limits,
+            max_queued_bytes=self.memory.queue,
         )
-        self.registry = Registry(self.store, self.windows, self.batcher, self.metrics)
+        self.registry = Registry(
+            self.store, self.windows, self.batcher, self.metrics, ledger, max_message_bytes=config.max_message_bytes
+        )
         await self.registry.restore()
         self.auto = AutoRebalancer(
             self.registry,
@@ -96,14 +112,10 @@ class RebalancerServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics)]
         if token is not None:
             interceptors.append(TokenAuthInterceptor(token))
+        interceptors.append(DecodeInterceptor())
         self.server = grpc.aio.server(interceptors=interceptors, options=channel_options(config))
-        servicer = RebalancerServicer(
-            self.registry,
-            self.batcher,
-            self.windows,
-            self.metrics,
-            max_tensor_elements=config.max_tensor_elements,
-        )
+        checker = RequestChecker(config.max_tensor_elements, limits, config.max_message_bytes)
+        servicer = RebalancerServicer(self.registry, self.windows, self.metrics, checker)
         rebalancer_pb2_grpc.add_RebalancerServiceServicer_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -129,6 +141,11 @@ class RebalancerServer:
         self.auto.start()
         for name in HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "memory budget %.0f MiB (start-up %.0f MiB): state %.0f, large job %.0f, small job %.0f, queue %.0f MiB",
+            *(value / 2**20 for value in (self.memory.total, self.memory.baseline, self.memory.state)),
+            *(value / 2**20 for value in (self.memory.large_job, self.memory.small_job, self.memory.queue)),
+        )
         log.info(
             "serving on %s:%d (%s, %s; device %s, metrics %s:%d)",
             config.host,
@@ -157,6 +174,7 @@ class RebalancerServer:
         self.windows.close()
         self.store.close()
         self.metrics.close()
+        log.info("stopped")
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()

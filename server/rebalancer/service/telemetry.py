@@ -7,6 +7,11 @@ the same nonzero `step` (one per engine rank) add into the same slot; step 0 alw
 All windows live behind one single-thread executor: ingest costs one small torch op per report, runs
 off the event loop and off the solver worker, and needs no locks because only that thread touches the
 tensors.
+
+Windows are soft state under a memory budget: one is allocated on its deployment's first accepted
+report (also after a restart, so a server whose budget cannot hold every window still starts and
+serves), charged to the state ledger, and released when the deployment is deleted. The float32 ring
+never holds inf: a report that would overflow its slot is refused and leaves the slot as it was.
 """
 
 from __future__ import annotations
@@ -20,7 +25,14 @@ import torch
 
 from rebalancer.solver import maps
 
+from .admission import window_bytes
+from .budget import StateLedger
+from .errors import InvalidArgument, ResourceExhausted, out_of_memory
 from .model import Topology
+
+
+class WindowOverflow(ValueError):
+    """A report whose sum with its slot would not be finite in float32."""
 
 
 @dataclass
@@ -76,6 +88,12 @@ class DeploymentWindow:
             self.step_slot[step] = self.head
         return self.head
 
+    def _forget_slot(self, slot: int) -> None:
+        """Undo `_open_slot` for a report that was refused: the slot stays empty (and counts no report)."""
+        self.ring[slot].zero_()
+        self.step_slot.pop(self.slot_step[slot], None)
+        self.slot_step[slot] = 0
+
     def _close_interval(self) -> None:
         intervals = self.history.shape[0]
         if intervals:
@@ -91,12 +109,19 @@ class DeploymentWindow:
             slot = self._open_slot(step)
         values = torch.from_numpy(loads).to(self.device, non_blocking=True)
         target = self.ring[slot]
-        if layer_indices is None:
-            target.copy_(values) if fresh else target.add_(values)
+        if fresh and layer_indices is None:
+            summed = values
         else:
+            base = torch.zeros_like(target) if fresh else target
+            if layer_indices is None:
+                summed = base + values
+            else:
+                summed = base.index_add(0, torch.from_numpy(layer_indices).to(self.device), values)
+        if not bool(torch.isfinite(summed).all()):
             if fresh:
-                target.zero_()
-            target.index_add_(0, torch.from_numpy(layer_indices).to(self.device), values)
+                self._forget_slot(slot)
+            raise WindowOverflow("this report would overflow its window slot (float32)")
+        target.copy_(summed)
         self.slot_reports[slot] += 1
         self.received += 1
 
@@ -124,40 +149,96 @@ class DeploymentWindow:
 
 
 class TelemetryWindows:
-    """Every deployment's window, driven from the event loop through one dedicated thread."""
+    """Every deployment's window, driven from the event loop through one dedicated thread.
 
-    def __init__(self, capacity: int, intervals: int, device: torch.device) -> None:
+    Windows are created by `add` on a deployment's first accepted report; reads of a deployment
+    without a window see an empty one.
+    """
+
+    def __init__(self, capacity: int, intervals: int, device: torch.device, ledger: StateLedger) -> None:
         self.capacity = capacity
         self.intervals = intervals
         self.device = device
+        self.ledger = ledger
         self._windows: dict[str, DeploymentWindow] = {}
+        self._placements: dict[str, np.ndarray] = {}  # placements in force of deployments without a window
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="telemetry")
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def ensure(self, deployment_id: str, topology: Topology) -> None:
-        """Create the window when missing (a restart or a new deployment)."""
-        await self._call(self._ensure, deployment_id, topology)
+    def window_bytes(self, topology: Topology) -> int:
+        return window_bytes(topology, self.capacity, self.intervals)
 
-    def _ensure(self, deployment_id: str, topology: Topology) -> DeploymentWindow:
+    async def add(
+        self,
+        deployment_id: str,
+        topology: Topology,
+        loads: np.ndarray,
+        layer_indices: np.ndarray | None,
+        step: int,
+        alive=lambda: True,
+    ) -> None:
+        """Add one validated report, creating the window first when the deployment has none.
+
+        Raises ResourceExhausted when the window does not fit the budget (or cannot be allocated) and
+        InvalidArgument when the report would overflow; neither leaves anything behind. `alive` is
+        checked on the telemetry thread, so a report racing its deployment's deletion creates nothing.
+        """
+        charged = 0
+        if deployment_id not in self._windows:
+            charged = self.window_bytes(topology)
+            self.ledger.charge(charged, f"the telemetry window of {deployment_id!r}")
+        try:
+            created = await self._call(self._add, deployment_id, topology, loads, layer_indices, step, alive)
+        except BaseException as error:
+            self.ledger.release(charged)
+            if isinstance(error, WindowOverflow):
+                raise InvalidArgument([("loads.data", str(error))]) from None
+            if out_of_memory(error):
+                raise ResourceExhausted(
+                    f"cannot allocate the telemetry window of {deployment_id!r}: lower --window or raise memory"
+                ) from None
+            raise
+        if charged and not created:  # another report created it meanwhile
+            self.ledger.release(charged)
+
+    def _add(self, deployment_id, topology, loads, layer_indices, step, alive) -> bool:
+        """On the telemetry thread: add the report, creating the window; True when this call created it."""
         window = self._windows.get(deployment_id)
-        if window is None or window.topology != topology:
-            window = DeploymentWindow(topology, self.capacity, self.intervals, self.device)
-            self._windows[deployment_id] = window
-        return window
+        if window is not None:
+            window.add(loads, layer_indices, step)
+            return False
+        if not alive():
+            raise KeyError(deployment_id)
+        window = DeploymentWindow(topology, self.capacity, self.intervals, self.device)
+        window.add(loads, layer_indices, step)  # a refused first report leaves no window behind
+        placement = self._placements.pop(deployment_id, None)
+        if placement is not None:
+            window.set_placement(placement)
+        self._windows[deployment_id] = window
+        return True
 
-    async def add(self, deployment_id: str, loads: np.ndarray, layer_indices: np.ndarray | None, step: int) -> None:
-        await self._call(lambda: self._windows[deployment_id].add(loads, layer_indices, step))
-
-    async def snapshot(self, deployment_id: str) -> Snapshot:
-        return await self._call(lambda: self._windows[deployment_id].snapshot())
+    async def snapshot(self, deployment_id: str) -> Snapshot | None:
+        """The window's loads and history; None when the deployment has no window (no reports yet)."""
+        return await self._call(lambda: self._window_call(deployment_id, DeploymentWindow.snapshot))
 
     async def set_placement(self, deployment_id: str, phy2log: np.ndarray) -> None:
-        await self._call(lambda: self._windows[deployment_id].set_placement(phy2log))
+        def apply() -> None:
+            window = self._windows.get(deployment_id)
+            if window is None:
+                self._placements[deployment_id] = phy2log
+            else:
+                window.set_placement(phy2log)
+
+        await self._call(apply)
 
     async def quality(self, deployment_id: str) -> Quality | None:
-        return await self._call(lambda: self._windows[deployment_id].quality())
+        return await self._call(lambda: self._window_call(deployment_id, DeploymentWindow.quality))
+
+    def _window_call(self, deployment_id: str, method):
+        window = self._windows.get(deployment_id)
+        return None if window is None else method(window)
 
     def received(self, deployment_id: str) -> int:
         """Reports ever accepted (a plain int read; safe from the event loop)."""
@@ -169,7 +250,15 @@ class TelemetryWindows:
         return window.reports if window is not None else 0
 
     async def drop(self, deployment_id: str) -> None:
-        await self._call(self._windows.pop, deployment_id, None)
+        """Forget the deployment's window and release its memory."""
+
+        def pop() -> DeploymentWindow | None:
+            self._placements.pop(deployment_id, None)
+            return self._windows.pop(deployment_id, None)
+
+        window = await self._call(pop)
+        if window is not None:
+            self.ledger.release(self.window_bytes(window.topology))
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -24,6 +24,9 @@ from .errors import InvalidArgument
 
 __all__ = ["SolveSettings"]
 
+# Largest load accepted: windows sum reports in float32 and placements are scored in float64, so real
+# token counts (far below this) can never overflow into inf or NaN.
+MAX_LOAD = 1e30
 DEPLOYMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 # Solver arguments that are not options, -> the request field they come from.
 SOLVER_ARGUMENT_FIELDS = {
@@ -96,7 +99,8 @@ def decode_tensor(message: pb.Tensor, field: str, max_elements: int) -> np.ndarr
 
 
 def load_violations(loads: np.ndarray, field: str) -> list[tuple[str, str]]:
-    """Finite, non-negative, real loads (the solver's rules), with the first offending index."""
+    """Finite, non-negative, real loads (the solver's rules) of at most MAX_LOAD, with the first offending
+    index."""
     if loads.dtype.kind not in "fiu":
         return [(f"{field}.dtype", f"loads must be real numbers, got {loads.dtype}")]
     if loads.dtype.kind == "f":
@@ -106,6 +110,9 @@ def load_violations(loads: np.ndarray, field: str) -> list[tuple[str, str]]:
     negative = loads < 0
     if negative.any():
         return [(f"{field}.data", f"negative load at index {np.argwhere(negative)[0].tolist()}")]
+    huge = loads > MAX_LOAD
+    if huge.any():
+        return [(f"{field}.data", f"load above {MAX_LOAD:g} at index {np.argwhere(huge)[0].tolist()}")]
     return []
 
 

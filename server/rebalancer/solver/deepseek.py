@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .cancel import checkpoint
+
 
 def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy LPT: items in descending load go to the lightest pack that still has room.
@@ -32,6 +34,7 @@ def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor
     rows = torch.arange(num_layers, device=device)
     full = torch.tensor(float("inf"), dtype=torch.float32, device=device)
     for step in range(num_items):
+        checkpoint()
         item = order[:, step]
         pack = torch.where(pack_counts < capacity, pack_loads, full).argmin(-1)
         pack_index[rows, item] = pack
@@ -53,6 +56,7 @@ def replicate_experts(weight: torch.Tensor, num_physical: int) -> tuple[torch.Te
     logcnt = torch.ones(num_layers, num_logical, dtype=torch.int64, device=device)
     rows = torch.arange(num_layers, device=device)
     for slot in range(num_logical, num_physical):
+        checkpoint()
         best = (weight / logcnt).max(dim=-1).indices
         phy2log[:, slot] = best
         rank[:, slot] = logcnt[rows, best]

@@ -16,6 +16,7 @@ import dataclasses
 
 import torch
 
+from .cancel import checkpoint
 from .maps import logcnt_from_phy2log
 from .packing import grouped_limits, round_pack, swap_refine
 from .replication import replica_counts, slots_from_counts
@@ -258,6 +259,7 @@ def improve_replication(
     sub_gpu_experts = phy2log[rows].view(-1, num_gpus, slots)
     sub_peak = torch.where(open_rows[rows], peak[rows], torch.zeros_like(peak[rows]))  # closed rows never move
     for _ in range(effort.rounds):
+        checkpoint()
         trial, trial_peak = _improve_round(
             sub_loads, sub_gpu_experts, sub_bound, effort.width, effort.trials, effort.fresh_trials
         )

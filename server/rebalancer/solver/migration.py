@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import maps
+from .cancel import checkpoint
 from .joint import copy_moves, moved_counts
 from .maps import expert_histogram, logcnt_from_phy2log
 from .packing import swap_refine
@@ -37,6 +38,7 @@ def greedy_matching(overlap: torch.Tensor) -> torch.Tensor:
     rows = torch.arange(num_layers, device=overlap.device)
     taken = torch.tensor(-1e30, dtype=overlap.dtype, device=overlap.device)
     for _ in range(size):
+        checkpoint()
         best = overlap.view(num_layers, -1).argmax(-1)
         row, column = best // size, best % size
         assignment[rows, row] = column
@@ -116,6 +118,7 @@ def hand_over_copies(
     num_experts = loads.shape[1]
     slot_gpu = torch.arange(num_slots, device=phy2log.device) // (num_slots // num_gpus)
     for _ in range(rounds):
+        checkpoint()
         counts = logcnt_from_phy2log(phy2log, num_experts)
         per_copy = loads / counts
         gpu_loads = per_copy.gather(1, phy2log).view(num_layers, num_gpus, -1).sum(-1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
+from .cancel import checkpoint
 from .refinement import DEFAULT_LIMITS, IMPROVEMENT, RefineLimits
 
 
@@ -38,6 +39,7 @@ def greedy_pack(item_loads: torch.Tensor, order: torch.Tensor, num_packs: int) -
     full = torch.tensor(float("inf"), dtype=key.dtype, device=device)
     packs = []
     for step in range(first, num_items):
+        checkpoint()
         pack = key.min(1, keepdim=True).indices  # first lightest open pack (faster than argmin on CPU)
         packs.append(pack)
         counts.scatter_add_(1, pack, ones)
@@ -66,6 +68,7 @@ def round_pack(item_loads: torch.Tensor, num_packs: int) -> torch.Tensor:
     slot_items[:, :, 0] = order[:, 0]
     pack_loads = round_loads[:, 0].clone()
     for step in range(1, capacity):
+        checkpoint()
         lightest_first = pack_loads.sort(dim=-1, stable=True).indices  # [B, G]
         slot_items[:, :, step].scatter_(1, lightest_first, order[:, step])
         pack_loads.scatter_add_(1, lightest_first, round_loads[:, step])
@@ -168,6 +171,7 @@ def _refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_
     num_groups = num_problems // group_size
     if slot_loads.device.type != "cpu":
         for _ in range(max_rounds):
+            checkpoint()
             heavy_load, improves, slot_a, slot_b = find_swaps(slot_loads, width)
             going = (heavy_load > targets).view(num_groups, group_size).all(1).repeat_interleave(group_size)
             _apply_swaps([slot_loads, slot_items], improves & going.unsqueeze(1), slot_a, slot_b)
@@ -177,6 +181,7 @@ def _refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_
     active = torch.arange(num_problems)
     loads, items, goal = slot_loads, slot_items, targets
     for _ in range(max_rounds):
+        checkpoint()
         heavy_load, improves, slot_a, slot_b = find_swaps(loads, width)
         group = active // group_size
         group_reached = torch.zeros(num_groups, dtype=torch.bool).index_fill_(0, group[heavy_load <= goal], True)
