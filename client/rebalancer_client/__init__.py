@@ -8,7 +8,7 @@ streams an engine's expert loads from a background thread.
 from .aio import AsyncRebalancerClient
 from .client import RebalancerClient
 from .messages import field_violations
-from .placement import DeploymentInfo, LoadSummary, Placement, PlacementStats, Topology
+from .placement import DeploymentInfo, LoadSummary, Placement, PlacementStats, SlotAdvice, Topology
 from .reporter import LoadReporter
 from .sharding import ShardedClient, connect, rendezvous_owner
 
@@ -21,6 +21,7 @@ __all__ = [
     "PlacementStats",
     "RebalancerClient",
     "ShardedClient",
+    "SlotAdvice",
     "Topology",
     "connect",
     "field_violations",

@@ -47,7 +47,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from rebalancer_wire.options import OPTIONS
+from rebalancer_wire.options import BY_NAME, OPTIONS, Option
 
 from .client import RebalancerClient
 from .engines import sglang
@@ -282,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--rank", type=int, default=0)
     _layer_args(report)
 
+    advise = commands.add_parser(
+        "advise", parents=[common], help="balancedness each slots-per-GPU count would reach on the same loads"
+    )
+    advise.add_argument("loads", nargs="?", help="loads file; omit with --deployment to use its window")
+    advise.add_argument("--gpus", type=int, help="G: GPUs holding a layer's slots (inline loads)")
+    advise.add_argument("--groups", type=int, default=1, help="expert groups (1 when the model has none)")
+    advise.add_argument("--nodes", type=int, default=1, help="server nodes")
+    advise.add_argument("--deployment", help="advise on this deployment's layout and window")
+    advise.add_argument("--slots", type=int, nargs="+", help="slots per GPU to try (default: 5 from the smallest)")
+    for option in ("policy", "num_candidates", "seed"):
+        _option_arg(advise, BY_NAME[option])
+
     commands.add_parser("list", parents=[common], help="list deployments")
     delete = commands.add_parser("delete", parents=[common], help="forget a deployment")
     delete.add_argument("deployment")
@@ -299,12 +311,16 @@ COST_FLAGS = {
 def _option_args(parser: argparse.ArgumentParser) -> None:
     """One flag per declared solve option; unset flags send nothing, so the server's defaults apply."""
     for option in OPTIONS:
-        if option.kind is bool:
-            parser.add_argument(option.cli_flag, dest=option.name, action="store_true", default=None, help=option.doc)
-        else:
-            choices = option.choices or None
-            help_text = f"{option.doc} (default: {option.default})" if option.default is not None else option.doc
-            parser.add_argument(option.cli_flag, dest=option.name, type=option.kind, choices=choices, help=help_text)
+        _option_arg(parser, option)
+
+
+def _option_arg(parser: argparse.ArgumentParser, option: Option) -> None:
+    if option.kind is bool:
+        parser.add_argument(option.cli_flag, dest=option.name, action="store_true", default=None, help=option.doc)
+    else:
+        choices = option.choices or None
+        help_text = f"{option.doc} (default: {option.default})" if option.default is not None else option.doc
+        parser.add_argument(option.cli_flag, dest=option.name, type=option.kind, choices=choices, help=help_text)
 
 
 def _rebalance(client: RebalancerClient | ShardedClient, args: argparse.Namespace) -> int:
@@ -328,6 +344,32 @@ def _rebalance(client: RebalancerClient | ShardedClient, args: argparse.Namespac
     text = render(placement, args, args.format)  # a refused engine file fails before anything is printed
     write_text(text, args.out)
     print(describe(placement), file=sys.stderr)
+    return 0
+
+
+def _advise(client: RebalancerClient | ShardedClient, args: argparse.Namespace) -> int:
+    loads = None
+    if args.loads:
+        loads = read_loads(args.loads)
+        loads = loads.sum(axis=0) if loads.ndim == 3 else loads
+    counts = client.advise_slots(
+        loads,
+        num_gpus=args.gpus,
+        num_groups=args.groups,
+        num_nodes=args.nodes,
+        deployment_id=args.deployment,
+        slots_per_gpu=args.slots or (),
+        timeout=args.timeout,
+        policy=args.policy,
+        num_candidates=args.num_candidates,
+        seed=args.seed,
+    )
+    print("slots/GPU\tslots\tbalancedness\tworst layer")
+    for count in counts:
+        print(
+            f"{count.slots_per_gpu}\t{count.num_replicas}\t{count.balancedness:.4f}\t"
+            f"{count.worst_layer_balancedness:.4f}"
+        )
     return 0
 
 
@@ -402,6 +444,8 @@ def run(args: argparse.Namespace) -> int:
             return _health(client, args)
         if args.command == "report":
             return _report(client, args)
+        if args.command == "advise":
+            return _advise(client, args)
         if args.command == "list":
             for info in client.list_deployments(timeout=args.timeout):
                 shape = info.topology

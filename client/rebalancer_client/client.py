@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from rebalancer_wire.v1 import rebalancer_pb2_grpc
 
-from .messages import LoadRequests, TopologyLike, rebalance_request
-from .placement import DeploymentInfo, LoadSummary, Placement
+from .messages import LoadRequests, TopologyLike, advise_request, rebalance_request
+from .placement import DeploymentInfo, LoadSummary, Placement, SlotAdvice
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Large maps (58 x 288 x int64 and more) and long-lived telemetry streams behind load balancers.
@@ -185,6 +185,15 @@ class RebalancerClient(Connection):
                 yield Placement.from_proto(response.placement, committed=True)
         finally:
             call.cancel()
+
+    def advise_slots(self, loads: Any = None, *, timeout: float | None = None, **request: Any) -> list[SlotAdvice]:
+        """The balancedness each slots-per-GPU count would reach, ascending: `request` takes the arguments
+        of `messages.advise_request` (num_gpus, num_groups, num_nodes, deployment_id, slots_per_gpu, and
+        the solve options). Each count is a fresh plan on the server; nothing is committed."""
+        response = self._stub.AdviseSlots(
+            advise_request(loads, **request), timeout=self._deadline(timeout), metadata=self._metadata
+        )
+        return [SlotAdvice.from_proto(count) for count in response.counts]
 
     def list_deployments(self, *, timeout: float | None = None) -> list[DeploymentInfo]:
         response = self._stub.ListDeployments(

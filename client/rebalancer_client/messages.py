@@ -139,6 +139,40 @@ def rebalance_request(
     return request
 
 
+def advise_request(
+    loads: Any = None,
+    *,
+    num_gpus: int | None = None,
+    num_groups: int = 1,
+    num_nodes: int = 1,
+    num_replicas: int | None = None,
+    deployment_id: str | None = None,
+    slots_per_gpu: Iterable[int] = (),
+    **options: Any,
+) -> pb.AdviseSlotsRequest:
+    """Build and check an AdviseSlotsRequest: inline loads [L, E] with num_gpus (num_replicas defaults to
+    the smallest layout that hosts every expert), or a deployment's window; `options` as for rebalance."""
+    if loads is None and not deployment_id:
+        raise ValueError("loads are required without deployment_id")
+    request = pb.AdviseSlotsRequest(deployment_id=deployment_id or "")
+    if loads is not None:
+        array = loads_array(loads)
+        request.loads.CopyFrom(encode(array))
+        if num_gpus is not None:
+            layers, experts = array.shape
+            replicas = num_replicas if num_replicas is not None else -(-experts // num_gpus) * num_gpus
+            topology = make_topology(layers, experts, replicas, num_groups, num_nodes, num_gpus)
+            request.topology.CopyFrom(topology.to_proto())
+        elif not deployment_id:
+            raise ValueError("num_gpus is required with inline loads and no deployment_id")
+    counts = [int(count) for count in slots_per_gpu]
+    if any(count < 1 for count in counts):
+        raise ArgumentError("slots_per_gpu", f"must all be >= 1, got {counts}")
+    request.slots_per_gpu.extend(counts)
+    fill_options(request.options, check_options(**options))
+    return request
+
+
 def load_request(
     deployment_id: str, index: int, report: Any, *, topology: TopologyLike | None = None, rank: int = 0
 ) -> pb.StreamLoadRequest:

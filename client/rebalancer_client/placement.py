@@ -179,6 +179,20 @@ class Placement:
 
 
 @dataclass(frozen=True)
+class SlotAdvice:
+    """What one slots-per-GPU count reaches on the advised loads (a fresh plan, nothing committed)."""
+
+    slots_per_gpu: int
+    num_replicas: int
+    balancedness: float
+    worst_layer_balancedness: float
+
+    @classmethod
+    def from_proto(cls, message: pb.SlotAdvice) -> SlotAdvice:
+        return cls(message.slots_per_gpu, message.num_replicas, message.balancedness, message.worst_layer_balancedness)
+
+
+@dataclass(frozen=True)
 class DeploymentInfo:
     """A deployment the service knows: its layout, current version and telemetry window fill."""
 

@@ -32,7 +32,7 @@ import grpc
 
 from .client import RebalancerClient
 from .messages import TopologyLike, rebalance_request
-from .placement import DeploymentInfo, LoadSummary, Placement
+from .placement import DeploymentInfo, LoadSummary, Placement, SlotAdvice
 
 
 def _score(target: str, key: str) -> int:
@@ -189,6 +189,15 @@ class ShardedClient:
             targets = self.targets
             client = self.client_for_target(targets[next(self._round_robin) % len(targets)])
         return client.send_rebalance(request, timeout=timeout)
+
+    def advise_slots(self, loads: Any = None, *, timeout: float | None = None, **request: Any) -> list[SlotAdvice]:
+        """See `RebalancerClient.advise_slots`: a deployment's owner answers; inline advice goes round robin."""
+        deployment_id = request.get("deployment_id")
+        if deployment_id:
+            client = self.client_for(deployment_id)
+        else:
+            client = self.client_for_target(self.targets[next(self._round_robin) % len(self.targets)])
+        return client.advise_slots(loads, timeout=timeout, **request)
 
     def report_loads(
         self,

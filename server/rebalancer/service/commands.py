@@ -8,16 +8,17 @@ would not fit in one response message, is refused here as INVALID_ARGUMENT namin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from rebalancer_wire.options import SolveSettings
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
 from rebalancer.solver import CostModel
+from rebalancer.solver.advice import slot_counts
 
 from .admission import JobLimits
-from .errors import InvalidArgument
+from .errors import InvalidArgument, NotFound
 from .model import Topology
 from .validation import (
     check_cost_model,
@@ -30,6 +31,7 @@ from .validation import (
     deployment_id_violations,
     load_violations,
 )
+from .validation import topology_violations as layout_violations
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,18 @@ class PlanCommand:
 
 
 @dataclass(frozen=True)
+class AdviseCommand:
+    """A checked AdviseSlots: the layout (a deployment's or inline), loads [L, E] (None: the deployment's
+    window) and the slots-per-GPU counts to plan, ascending."""
+
+    deployment_id: str
+    topology: Topology
+    loads: np.ndarray | None
+    slots_per_gpu: tuple[int, ...]
+    settings: SolveSettings
+
+
+@dataclass(frozen=True)
 class ReportCommand:
     """A checked telemetry report: loads [k, E] float32 (writable) for `layer_indices` [k] (None: all)."""
 
@@ -65,6 +79,10 @@ class ReportCommand:
     loads: np.ndarray
     layer_indices: np.ndarray | None
     step: int
+
+
+# Slot counts one AdviseSlots may plan (each is a full solve).
+MAX_ADVISED_COUNTS = 16
 
 
 class RequestChecker:
@@ -141,6 +159,39 @@ class RequestChecker:
             prev = check_phy2log(request.prev_phy2log, topology, self.max_elements)
         unavailable = check_unavailable_gpus(request.unavailable_gpus, topology)
         return PlanCommand("", topology, loads, prev, settings, 0, cost_model, unavailable)
+
+    def advise(self, request: pb.AdviseSlotsRequest, known: Topology | None) -> AdviseCommand:
+        """AdviseSlotsRequest -> AdviseCommand; every count is checked as the layout it would make."""
+        settings = check_options(request.options)
+        loads = check_loads(request.loads, self.max_elements) if request.HasField("loads") else None
+        if request.deployment_id:
+            self.deployment_id(request.deployment_id)
+            if known is None:
+                raise NotFound(f"deployment {request.deployment_id!r} is not registered")
+            topology = known
+            if loads is not None and loads.shape != (known.num_layers, known.num_experts):
+                rows = [known.num_layers, known.num_experts]
+                raise InvalidArgument([("loads.shape", f"must be {rows} for this deployment, got {list(loads.shape)}")])
+        else:
+            missing = [
+                (name, "required without deployment_id") for name in ("loads", "topology") if not request.HasField(name)
+            ]
+            if missing:
+                raise InvalidArgument(missing)
+            topology = self.topology(request.topology, shape=loads.shape)
+        counts = tuple(sorted(set(request.slots_per_gpu))) or tuple(
+            slot_counts(topology.num_experts, topology.num_gpus)
+        )
+        if len(counts) > MAX_ADVISED_COUNTS:
+            raise InvalidArgument([("slots_per_gpu", f"at most {MAX_ADVISED_COUNTS} counts, got {len(counts)}")])
+        for count in counts:
+            layout = replace(topology, num_replicas=count * topology.num_gpus)
+            violations = layout_violations(layout, self.max_elements) + self.limits.topology_violations(
+                layout, self.max_message_bytes
+            )
+            if violations:
+                raise InvalidArgument([("slots_per_gpu", f"{count}: {violations[0][1]}")])
+        return AdviseCommand(request.deployment_id, topology, loads, counts, settings)
 
     def report(self, report: pb.StreamLoadRequest, known: Topology | None) -> ReportCommand:
         """StreamLoadRequest -> ReportCommand; `known` is the deployment's topology when registered."""

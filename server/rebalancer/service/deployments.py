@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import sqlite3
@@ -31,7 +32,7 @@ from rebalancer.solver import CostModel, maps
 from .admission import deployment_bytes, mib
 from .batcher import Batcher, PlanOutcome, SolveJob
 from .budget import StateLedger
-from .commands import PlanCommand, ReportCommand
+from .commands import AdviseCommand, PlanCommand, ReportCommand
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from .metrics import Metrics
 from .model import PlacementRecord, Topology
@@ -318,12 +319,7 @@ class Registry:
         [L, R] when the caller knows better than the committed version (an engine's actual map)."""
         history = None
         if loads is None:
-            snapshot = await self.windows.snapshot(deployment.deployment_id)
-            if snapshot is None or not snapshot.reports:
-                raise FailedPrecondition(
-                    f"deployment {deployment.deployment_id!r} has no telemetry yet: stream or pass loads"
-                )
-            loads, history = snapshot.loads, snapshot.history
+            loads, history = await self._window(deployment.deployment_id)
         current = deployment.current
         if in_force is None and current is not None:
             in_force = current.phy2log
@@ -343,6 +339,33 @@ class Registry:
             _finite(float(outcome.balancedness.mean()))
         )
         return outcome
+
+    async def _window(self, deployment_id: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """The deployment's window sum [L, E] and history [T, L, E]; FAILED_PRECONDITION while empty."""
+        snapshot = await self.windows.snapshot(deployment_id)
+        if snapshot is None or not snapshot.reports:
+            raise FailedPrecondition(f"deployment {deployment_id!r} has no telemetry yet: stream or pass loads")
+        return snapshot.loads, snapshot.history
+
+    async def advise(self, command: AdviseCommand, deadline: float | None = None) -> list[tuple[int, PlanOutcome]]:
+        """(slots per GPU, fresh plan) for each count of `command`, on its loads or the deployment's window;
+        the counts are solved as separate jobs (each its own layout), so admission and lanes apply to each."""
+        loads = command.loads
+        if loads is None:
+            loads, _ = await self._window(command.deployment_id)
+        settings = dataclasses.replace(command.settings, dry_run=True, fresh=True)
+        gpus = command.topology.num_gpus
+        jobs = [
+            SolveJob(
+                topology=dataclasses.replace(command.topology, num_replicas=count * gpus),
+                settings=settings,
+                loads=loads,
+                deadline=deadline,
+            )
+            for count in command.slots_per_gpu
+        ]
+        outcomes = await asyncio.gather(*(self.batcher.submit(job) for job in jobs))
+        return list(zip(command.slots_per_gpu, outcomes, strict=True))
 
     def _fitting(self, record: PlacementRecord) -> PlacementRecord:
         """`record`, once its message is known to fit in a response (validation's bound makes this hold;

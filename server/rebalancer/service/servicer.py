@@ -70,6 +70,21 @@ class RebalancerServicer(rebalancer_pb2_grpc.RebalancerServiceServicer):
         return response
 
     @_maps_errors
+    async def AdviseSlots(
+        self, request: pb.AdviseSlotsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AdviseSlotsResponse:
+        command = self.checker.advise(request, self.registry.topology_of(request.deployment_id))
+        response = pb.AdviseSlotsResponse()
+        for count, outcome in await self.registry.advise(command, _deadline(context)):
+            response.counts.add(
+                slots_per_gpu=count,
+                num_replicas=count * command.topology.num_gpus,
+                balancedness=float(outcome.balancedness.mean()),
+                worst_layer_balancedness=float(outcome.balancedness.min()),
+            )
+        return response
+
+    @_maps_errors
     async def StreamLoad(
         self, request_iterator: AsyncIterator[pb.StreamLoadRequest], context: grpc.aio.ServicerContext
     ) -> pb.StreamLoadResponse:

@@ -296,3 +296,35 @@ class ListDeploymentsResponse(_message.Message):
     DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
     deployments: _containers.RepeatedCompositeFieldContainer[DeploymentInfo]
     def __init__(self, deployments: _Optional[_Iterable[_Union[DeploymentInfo, _Mapping]]] = ...) -> None: ...
+
+class AdviseSlotsRequest(_message.Message):
+    __slots__ = ("deployment_id", "loads", "topology", "slots_per_gpu", "options")
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    LOADS_FIELD_NUMBER: _ClassVar[int]
+    TOPOLOGY_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_PER_GPU_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    deployment_id: str
+    loads: Tensor
+    topology: Topology
+    slots_per_gpu: _containers.RepeatedScalarFieldContainer[int]
+    options: SolveOptions
+    def __init__(self, deployment_id: _Optional[str] = ..., loads: _Optional[_Union[Tensor, _Mapping]] = ..., topology: _Optional[_Union[Topology, _Mapping]] = ..., slots_per_gpu: _Optional[_Iterable[int]] = ..., options: _Optional[_Union[SolveOptions, _Mapping]] = ...) -> None: ...
+
+class SlotAdvice(_message.Message):
+    __slots__ = ("slots_per_gpu", "num_replicas", "balancedness", "worst_layer_balancedness")
+    SLOTS_PER_GPU_FIELD_NUMBER: _ClassVar[int]
+    NUM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    BALANCEDNESS_FIELD_NUMBER: _ClassVar[int]
+    WORST_LAYER_BALANCEDNESS_FIELD_NUMBER: _ClassVar[int]
+    slots_per_gpu: int
+    num_replicas: int
+    balancedness: float
+    worst_layer_balancedness: float
+    def __init__(self, slots_per_gpu: _Optional[int] = ..., num_replicas: _Optional[int] = ..., balancedness: _Optional[float] = ..., worst_layer_balancedness: _Optional[float] = ...) -> None: ...
+
+class AdviseSlotsResponse(_message.Message):
+    __slots__ = ("counts",)
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    counts: _containers.RepeatedCompositeFieldContainer[SlotAdvice]
+    def __init__(self, counts: _Optional[_Iterable[_Union[SlotAdvice, _Mapping]]] = ...) -> None: ...

@@ -64,6 +64,11 @@ class RebalancerServiceStub:
                 request_serializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.DeleteDeploymentRequest.SerializeToString,
                 response_deserializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.DeleteDeploymentResponse.FromString,
                 _registered_method=True)
+        self.AdviseSlots = channel.unary_unary(
+                '/rebalancer.v1.RebalancerService/AdviseSlots',
+                request_serializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.AdviseSlotsRequest.SerializeToString,
+                response_deserializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.AdviseSlotsResponse.FromString,
+                _registered_method=True)
 
 
 class RebalancerServiceServicer:
@@ -110,6 +115,13 @@ class RebalancerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdviseSlots(self, request, context):
+        """The balancedness each slots-per-GPU count would reach on the same loads.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RebalancerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +154,11 @@ def add_RebalancerServiceServicer_to_server(servicer, server):
                     servicer.DeleteDeployment,
                     request_deserializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.DeleteDeploymentRequest.FromString,
                     response_serializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.DeleteDeploymentResponse.SerializeToString,
+            ),
+            'AdviseSlots': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdviseSlots,
+                    request_deserializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.AdviseSlotsRequest.FromString,
+                    response_serializer=rebalancer__wire_dot_v1_dot_rebalancer__pb2.AdviseSlotsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +323,33 @@ class RebalancerService:
             '/rebalancer.v1.RebalancerService/DeleteDeployment',
             rebalancer__wire_dot_v1_dot_rebalancer__pb2.DeleteDeploymentRequest.SerializeToString,
             rebalancer__wire_dot_v1_dot_rebalancer__pb2.DeleteDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdviseSlots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rebalancer.v1.RebalancerService/AdviseSlots',
+            rebalancer__wire_dot_v1_dot_rebalancer__pb2.AdviseSlotsRequest.SerializeToString,
+            rebalancer__wire_dot_v1_dot_rebalancer__pb2.AdviseSlotsResponse.FromString,
             options,
             channel_credentials,
             insecure,
