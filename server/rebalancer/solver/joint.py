@@ -233,19 +233,24 @@ def improve_replication(
     num_gpus: int,
     *,
     effort: SearchEffort | None = None,
+    target: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hill-climb the copies of the rows whose max GPU load exceeds their lower bound.
 
     loads [P, E] float64, phy2log [P, R], peak [P] (its max GPU load) -> the improved (phy2log, peak).
     Each round moves one copy per open row (the best of the refined trials among width^2 x G moves); a
-    row leaves the search once no move lowers its peak or it reaches the bound. On a GPU every row runs
-    the fixed number of rounds, masked, so the host never waits. `effort` defaults by layer size.
+    row leaves the search once no move lowers its peak or it reaches the bound, or `target` [P] (a max
+    GPU load that is good enough: the migration stops there, so it ships no more copies than it must).
+    On a GPU every row runs the fixed number of rounds, masked, so the host never waits. `effort`
+    defaults by layer size.
     """
     num_rows, num_replicas = phy2log.shape
     slots = num_replicas // num_gpus
     effort = effort or search_effort(num_replicas)
     slack = effort.slack
     bound = best_lower_bound(loads, num_replicas, num_gpus)
+    if target is not None:
+        bound = torch.maximum(bound, target / (1.0 + slack))
     open_rows = peak > bound * (1.0 + slack)
     on_cpu = loads.device.type == "cpu"
     if on_cpu:

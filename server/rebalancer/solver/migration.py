@@ -16,7 +16,7 @@ import torch
 
 from . import maps
 from .cancel import checkpoint
-from .joint import copy_moves, moved_counts
+from .joint import SearchEffort, copy_moves, improve_replication, moved_counts
 from .maps import expert_histogram, logcnt_from_phy2log
 from .packing import swap_refine
 from .refinement import RefineLimits
@@ -24,6 +24,9 @@ from .refinement import RefineLimits
 ORIGINS = ("fresh", "incremental", "kept")
 # Rounds of single-copy handovers tried before swaps (each ships one copy).
 COPY_ROUNDS = 8
+# Copy moves for layers the handovers and swaps leave above their target: in place only (a fresh repack
+# would ship most copies).
+IN_PLACE_EFFORT = SearchEffort(rounds=4, width=4, trials=2, fresh_trials=0, slack=5e-4)
 
 
 def greedy_matching(overlap: torch.Tensor) -> torch.Tensor:
@@ -149,10 +152,12 @@ def incremental(
     targets: torch.Tensor,
     max_swaps: int,
     copy_rounds: int,
+    reassign_copies: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The old placement improved in place: first copies handed from spare experts to hot ones (one
-    copy shipped each), then single heaviest-GPU swaps (two copies each), until each layer's max GPU
-    load is at or below `targets` [L]. Returns (phy2log [L, R], max GPU load [L])."""
+    copy shipped each), then single heaviest-GPU swaps (two copies each), then, with `reassign_copies`,
+    copies moved between experts where the swaps stall, until each layer's max GPU load is at or below
+    `targets` [L]. Returns (phy2log [L, R], max GPU load [L])."""
     num_layers, num_slots = prev_phy2log.shape
     phy2log = hand_over_copies(loads, prev_phy2log, num_gpus, targets, copy_rounds)
     counts = logcnt_from_phy2log(phy2log, loads.shape[1])
@@ -163,6 +168,14 @@ def incremental(
     _, slot_items = swap_refine(slot_loads, slot_items, targets.to(torch.float32), limits)
     phy2log = slot_items.reshape(num_layers, num_slots)
     peak = (loads / counts).gather(1, phy2log).view(num_layers, num_gpus, -1).sum(-1).max(-1).values
+    # Swaps alone stall where the copy counts are wrong for the new loads: the layers still above their
+    # target move copies between experts in place (one copy each), stopping as soon as they meet it.
+    short = (peak > targets * (1.0 + 1e-9)).nonzero().squeeze(1)
+    if reassign_copies and short.numel():
+        moved, moved_peak = improve_replication(
+            loads[short], phy2log[short], peak[short], num_gpus, effort=IN_PLACE_EFFORT, target=targets[short]
+        )
+        phy2log, peak = phy2log.index_copy(0, short, moved), peak.index_copy(0, short, moved_peak)
     return phy2log, peak
 
 
@@ -192,7 +205,11 @@ def migrate(
     allowed_peak = mean / (fresh_balance - balance_tolerance).clamp_min(1e-6)
     budget = incremental_budget if max_moves_per_layer is None else max_moves_per_layer
     copy_rounds = min(COPY_ROUNDS, budget)
-    kept, kept_peak = incremental(loads, prev_phy2log, num_gpus, allowed_peak, (budget - copy_rounds) // 2, copy_rounds)
+    swaps = (budget - copy_rounds) // 2
+    # Copy moves ship an unbounded number of copies per layer, so they run only without a move cap.
+    kept, kept_peak = incremental(
+        loads, prev_phy2log, num_gpus, allowed_peak, swaps, copy_rounds, reassign_copies=max_moves_per_layer is None
+    )
     aligned = align_slots(prev_phy2log, fresh_phy2log, num_experts, num_gpus)
     if bool(local_layers.any()):
         aligned_local = align_slots(prev_phy2log, fresh_phy2log, num_experts, num_gpus, num_nodes)
