@@ -12,10 +12,9 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
-from .client import HEALTH_NAMES, Connection
+from .client import HEALTH_NAMES, Connection, unknown_service
 from .messages import LoadRequests, TopologyLike, load_request, rebalance_request
 from .placement import DeploymentInfo, LoadSummary, Placement
 
@@ -64,15 +63,9 @@ class AsyncRebalancerClient(Connection):
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """Standard gRPC health: "SERVING", "NOT_SERVING", "UNKNOWN" or "SERVICE_UNKNOWN"."""
         try:
-            response = await self._health.Check(
-                health_pb2.HealthCheckRequest(service=service),
-                timeout=self._deadline(timeout),
-                metadata=self._metadata,
-            )
+            response = await self._health.Check(**self._health_call(service, timeout))
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return "SERVICE_UNKNOWN"
-            raise
+            return unknown_service(exc)
         return HEALTH_NAMES.get(response.status, "UNKNOWN")
 
     async def rebalance(self, loads: Any = None, *, timeout: float | None = None, **request: Any) -> Placement:

@@ -323,13 +323,14 @@ def _option_arg(parser: argparse.ArgumentParser, option: Option) -> None:
         parser.add_argument(option.cli_flag, dest=option.name, type=option.kind, choices=choices, help=help_text)
 
 
+def _window_sum(loads: np.ndarray) -> np.ndarray:
+    """[L, E] loads, summing the reports of a [T, L, E] file."""
+    return loads.sum(axis=0) if loads.ndim == 3 else loads
+
+
 def _rebalance(client: RebalancerClient | ShardedClient, args: argparse.Namespace) -> int:
-    loads = None
-    if args.loads:
-        loads = input_moe_rows(args, args.loads)
-        loads = loads.sum(axis=0) if loads.ndim == 3 else loads
     placement = client.rebalance(
-        loads,
+        _window_sum(input_moe_rows(args, args.loads)) if args.loads else None,
         num_replicas=args.replicas,
         num_groups=args.groups,
         num_nodes=args.nodes,
@@ -348,12 +349,8 @@ def _rebalance(client: RebalancerClient | ShardedClient, args: argparse.Namespac
 
 
 def _advise(client: RebalancerClient | ShardedClient, args: argparse.Namespace) -> int:
-    loads = None
-    if args.loads:
-        loads = read_loads(args.loads)
-        loads = loads.sum(axis=0) if loads.ndim == 3 else loads
     counts = client.advise_slots(
-        loads,
+        _window_sum(read_loads(args.loads)) if args.loads else None,
         num_gpus=args.gpus,
         num_groups=args.groups,
         num_nodes=args.nodes,

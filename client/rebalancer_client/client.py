@@ -46,6 +46,13 @@ def call_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {token}"),) if token else None
 
 
+def unknown_service(error: grpc.RpcError) -> str:
+    """A health check's error as its answer: NOT_FOUND means the server does not know the service name."""
+    if error.code() == grpc.StatusCode.NOT_FOUND:
+        return "SERVICE_UNKNOWN"
+    raise error
+
+
 class Connection:
     """A channel to one service replica with its stubs, token and default deadline; `channels` is the grpc
     module that opens it (`grpc` for the sync client, `grpc.aio` for the asyncio one)."""
@@ -74,6 +81,10 @@ class Connection:
 
     def _deadline(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else timeout
+
+    def _health_call(self, service: str, timeout: float | None) -> dict[str, Any]:
+        request = health_pb2.HealthCheckRequest(service=service)
+        return {"request": request, "timeout": self._deadline(timeout), "metadata": self._metadata}
 
 
 class RebalancerClient(Connection):
@@ -108,15 +119,9 @@ class RebalancerClient(Connection):
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """Standard gRPC health: "SERVING", "NOT_SERVING", "UNKNOWN" or "SERVICE_UNKNOWN"."""
         try:
-            response = self._health.Check(
-                health_pb2.HealthCheckRequest(service=service),
-                timeout=self._deadline(timeout),
-                metadata=self._metadata,
-            )
+            response = self._health.Check(**self._health_call(service, timeout))
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return "SERVICE_UNKNOWN"
-            raise
+            return unknown_service(exc)
         return HEALTH_NAMES.get(response.status, "UNKNOWN")
 
     def rebalance(self, loads: Any = None, *, timeout: float | None = None, **request: Any) -> Placement:

@@ -183,21 +183,19 @@ class ShardedClient:
     def rebalance(self, loads: Any = None, *, timeout: float | None = None, **kwargs: Any) -> Placement:
         """See `RebalancerClient.rebalance`: a deployment's owner plans it; inline plans go round robin."""
         request = rebalance_request(loads, **kwargs)
-        if request.deployment_id:
-            client = self.client_for(request.deployment_id)
-        else:
-            targets = self.targets
-            client = self.client_for_target(targets[next(self._round_robin) % len(targets)])
-        return client.send_rebalance(request, timeout=timeout)
+        return self._client_for_request(request.deployment_id).send_rebalance(request, timeout=timeout)
 
     def advise_slots(self, loads: Any = None, *, timeout: float | None = None, **request: Any) -> list[SlotAdvice]:
         """See `RebalancerClient.advise_slots`: a deployment's owner answers; inline advice goes round robin."""
-        deployment_id = request.get("deployment_id")
-        if deployment_id:
-            client = self.client_for(deployment_id)
-        else:
-            client = self.client_for_target(self.targets[next(self._round_robin) % len(self.targets)])
+        client = self._client_for_request(request.get("deployment_id"))
         return client.advise_slots(loads, timeout=timeout, **request)
+
+    def _client_for_request(self, deployment_id: str | None) -> RebalancerClient:
+        """The deployment's owner; a request without one goes round robin."""
+        if deployment_id:
+            return self.client_for(deployment_id)
+        targets = self.targets
+        return self.client_for_target(targets[next(self._round_robin) % len(targets)])
 
     def report_loads(
         self,

@@ -99,6 +99,19 @@ def placement_stats(outcome: PlanOutcome) -> pb.PlacementStats:
     )
 
 
+def _inline_job(command: PlanCommand, topology: Topology, deadline: float | None) -> SolveJob:
+    """The solve of a command that brings its own loads (an inline plan, or a new deployment's first)."""
+    return SolveJob(
+        topology,
+        command.settings,
+        command.loads,
+        prev_phy2log=command.prev_phy2log,
+        deadline=deadline,
+        unavailable_gpus=command.unavailable_gpus,
+        cost_model=command.cost_model,
+    )
+
+
 def placement_record(
     deployment_id: str, topology: Topology, outcome: PlanOutcome, *, version: int = 0, trigger: str = "request"
 ) -> PlacementRecord:
@@ -248,16 +261,7 @@ class Registry:
     async def rebalance(self, command: PlanCommand, deadline: float | None = None) -> tuple[PlacementRecord, bool]:
         """Plan a checked command; commit it unless inline or dry-run. Returns (record, committed)."""
         if command.inline:
-            job = SolveJob(
-                command.topology,
-                command.settings,
-                command.loads,
-                prev_phy2log=command.prev_phy2log,
-                deadline=deadline,
-                unavailable_gpus=command.unavailable_gpus,
-                cost_model=command.cost_model,
-            )
-            outcome = await self.batcher.submit(job)
+            outcome = await self.batcher.submit(_inline_job(command, command.topology, deadline))
             return self._fitting(placement_record("", command.topology, outcome)), False
         deployment = self.deployments.get(command.deployment_id)
         if deployment is None:
@@ -289,16 +293,7 @@ class Registry:
             raise FailedPrecondition(
                 f"base_version {command.base_version} is stale: deployment {deployment_id!r} is new"
             )
-        job = SolveJob(
-            topology,
-            command.settings,
-            command.loads,
-            prev_phy2log=command.prev_phy2log,
-            deadline=deadline,
-            unavailable_gpus=command.unavailable_gpus,
-            cost_model=command.cost_model,
-        )
-        outcome = await self.batcher.submit(job)
+        outcome = await self.batcher.submit(_inline_job(command, topology, deadline))
         if command.settings.dry_run:
             return self._fitting(placement_record(deployment_id, topology, outcome)), False
         deployment = await self.register(deployment_id, topology)

@@ -75,7 +75,13 @@ def _global(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
 def _hierarchical(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
     if not opts.hierarchy_applies:
         return _global(loads, opts)
-    phy2log, _ = plan_hierarchical(
+    phy2log, _ = _plan_local(loads, opts)
+    return phy2log, ["hierarchical"] * loads.shape[0], {}
+
+
+def _plan_local(loads: torch.Tensor, opts: SolveOptions, ceiling: torch.Tensor | None = None):
+    """The hierarchical plan (groups kept on one node): (phy2log [L, R], max GPU load [L])."""
+    return plan_hierarchical(
         loads,
         opts.num_replicas,
         opts.num_groups,
@@ -83,9 +89,9 @@ def _hierarchical(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
         opts.num_gpus,
         opts.layer_seeds,
         opts.candidates(loads.device),
+        ceiling,
         scenario_loads=opts.scenario_loads,
     )
-    return phy2log, ["hierarchical"] * loads.shape[0], {}
 
 
 def _auto(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
@@ -94,17 +100,7 @@ def _auto(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
     if not opts.hierarchy_applies:
         return flat, ["global"] * loads.shape[0], {}
     ceiling = flat_peak * (1.0 + opts.locality_tolerance)
-    local, local_peak = plan_hierarchical(
-        loads,
-        opts.num_replicas,
-        opts.num_groups,
-        opts.num_nodes,
-        opts.num_gpus,
-        opts.layer_seeds,
-        candidates,
-        ceiling,
-        opts.scenario_loads,
-    )
+    local, local_peak = _plan_local(loads, opts, ceiling)
     keep_local = local_peak <= ceiling
     phy2log = torch.where(keep_local.unsqueeze(1), local, flat)
     names = ["hierarchical" if local else "global" for local in keep_local.tolist()]
