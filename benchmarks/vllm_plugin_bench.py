@@ -15,7 +15,6 @@ import argparse
 import os
 import pathlib
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,18 +25,13 @@ import numpy as np
 import torch
 from rebalancer_client import RebalancerClient
 from rebalancer_client.engines.vllm import ServiceConfig, ServiceEplbPolicy
+from serving import free_port
 
 SHAPES = {
     # layers, experts, replicas, groups, nodes, ranks
     "deepseek": (58, 256, 288, 8, 4, 32),
     "small": (8, 64, 80, 8, 2, 16),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def windows(layers: int, experts: int, rounds: int) -> list[torch.Tensor]:
