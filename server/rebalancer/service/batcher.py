@@ -34,7 +34,7 @@ import torch
 from rebalancer_wire.options import ArgumentError, SolveSettings
 
 from rebalancer.solver import CostModel, maps, solve
-from rebalancer.solver.api import SolveResult
+from rebalancer.solver.api import SolveResult, cpu_threads
 from rebalancer.solver.cancel import SolveCancelled, stop_when
 
 from .admission import JobLimits, Shape, SolveCost, candidates_for, mib
@@ -371,7 +371,9 @@ class Batcher:
         """One `solve` for the whole batch, then split per job."""
         result = self._call_solver(batch)
         self._observe(result, len(batch))
-        return self._split(result, batch)
+        # The per-request transfer plans are solver work too: same thread setting, same reported seconds.
+        with cpu_threads(self.device):
+            return self._split(result, batch)
 
     def _call_solver(self, batch: list[SolveJob]) -> SolveResult:
         """The batch's inputs concatenated along the layer axis, solved in one call.
@@ -402,6 +404,7 @@ class Batcher:
                 prev_phy2log=prev,
                 history=history,
                 unavailable_gpus=list(first.unavailable_gpus) or None,
+                plan_transfers=False,  # planned per request in _add_rearrangement, where budgets apply
             )
         except ArgumentError as error:
             raise InvalidArgument([(solver_error_field(error), str(error))]) from None
@@ -462,6 +465,7 @@ class Batcher:
         in_force = job.prev_phy2log if job.prev_phy2log is not None else job.baseline_phy2log
         if in_force is None:
             return
+        started = time.perf_counter()
         try:
             arranged = rearrange_job(
                 _tensor(job.loads).to(self.device, torch.float64),
@@ -475,6 +479,7 @@ class Batcher:
             )
         except ArgumentError as error:
             raise InvalidArgument([(solver_error_field(error), str(error))]) from None
+        outcome.solve_seconds += time.perf_counter() - started
         outcome.transfers, outcome.gpu_ids = arranged.transfers, arranged.gpu_ids
         outcome.moved_bytes = arranged.moved_bytes
         outcome.intra_node_share = arranged.intra_node_share

@@ -152,6 +152,7 @@ def solve(
     new_num_gpus: int | None = None,
     unavailable_gpus: Sequence[int] | None = None,
     cost_model: CostModel | None = None,
+    plan_transfers: bool = True,
 ) -> SolveResult:
     """Plan a placement for every layer of `weight` [L, E] and describe it.
 
@@ -167,7 +168,8 @@ def solve(
     `max_transfer_seconds` / `max_incoming_copies_per_gpu` cap it (budget.py). `unavailable_gpus` (failed
     GPU ids) or `new_num_gpus` (a multiple of the GPUs per node) plan on a changed GPU set from the
     placement in force (elastic.py): phy2log then has slots_per_gpu x G_new columns, GPU k of it being
-    `gpu_ids[k]`.
+    `gpu_ids[k]`. `plan_transfers=False` leaves the transfer plan to the caller (the service plans it per
+    request of a batch, where budgets apply); the placement is then the plan before any budget.
     """
     weight = validate(weight, num_replicas, num_groups, num_nodes, num_gpus)
     num_groups, num_nodes = planning_layout(num_groups, num_nodes)
@@ -233,7 +235,7 @@ def solve(
                 phy2log = keep_old_slots(prev_phy2log, phy2log, num_gpus)
                 stats.pop("phy_rank", None)
         rearranged = None
-        if prev_phy2log is not None:
+        if prev_phy2log is not None and plan_transfers:
             rearranged = rearrange(
                 loads,
                 prev_phy2log,
@@ -255,6 +257,8 @@ def solve(
         result = _describe(loads, phy2log, prev_phy2log, stats, num_groups, num_nodes, num_gpus, gpu_ids)
     if rearranged is not None:
         rearranged.fill(result)
+    elif gpu_ids is not None:
+        result.gpu_ids = gpu_ids
     result.policy_per_layer = policy_per_layer
     result.solve_seconds = time.perf_counter() - started
     return result
