@@ -5,6 +5,7 @@ greedy LPT packing with a capacity per pack, replication of the expert with the 
 and the hierarchical scheme (groups -> nodes, replicate within a node, copies -> GPUs). The loops over
 items and replicas remain (the algorithm is sequential), but every step runs for all layers at once;
 loads accumulate in float32 like the published code (its pack sums are 0-d float32 tensors), and ties go
+to the lowest-indexed pack, as the published `min` over its pack list does.
 """
 
 from __future__ import annotations
