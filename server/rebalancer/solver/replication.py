@@ -3,6 +3,9 @@
 Greedy replication (each extra slot to the expert with the highest load per copy) picks, one by one,
 the largest of the marginal shares w_e / k; since each expert's shares fall with k, the result is the
 top R - E values of the table {w_e / k : k = 1 .. R - E}. One `topk` replaces the R - E sequential steps.
+Only the R - E heaviest experts can take an extra copy (the R - E heavier ones' first shares come
+before any lighter expert's), so the table is built for them alone when E > R - E: 8x smaller on
+256 experts with 32 extra slots.
 """
 
 from __future__ import annotations
@@ -21,8 +24,14 @@ def replica_counts(loads: torch.Tensor, num_replicas: int) -> torch.Tensor:
     if extra == 0:
         return counts
     k = torch.arange(1, extra + 1, device=loads.device, dtype=loads.dtype)
-    shares = (loads.unsqueeze(-1) / k).flatten(-2)  # [..., E * extra]
+    takers = None
+    if extra < num_experts:
+        heaviest, takers = loads.topk(extra, dim=-1)  # [..., extra]
+        loads = heaviest
+    shares = (loads.unsqueeze(-1) / k).flatten(-2)  # [..., T * extra], T takers
     chosen = shares.topk(extra, dim=-1, sorted=False).indices // extra
+    if takers is not None:
+        chosen = takers.gather(-1, chosen)
     return counts.scatter_add_(-1, chosen, torch.ones_like(chosen))
 
 
