@@ -69,8 +69,10 @@ def pair_optimum(loads: torch.Tensor, num_replicas: int, num_gpus: int) -> tuple
     if loads.device.type != "cpu" or counts.shape[0] <= 2 * shortlist_size:
         return _score(loads, counts, whole_table, num_gpus)[:2]
     # Reciprocal products may round 1 ulp away from the divisions the scoring does: the margin covers it.
-    per_copy = loads.to(torch.float32).unsqueeze(1) * _reciprocals(loads.shape[1], num_replicas)
-    bound = per_copy.amax(2) + per_copy.amin(2)  # [P, K]: the pair holding the largest copy
+    # Experts on the middle axis: reducing over it is elementwise work over K (5-10x faster than over a
+    # last axis of E = 8).
+    per_copy = loads.to(torch.float32).unsqueeze(2) * _reciprocals(loads.shape[1], num_replicas)  # [P, E, K]
+    bound = per_copy.amax(1) + per_copy.amin(1)  # [P, K]: the pair holding the largest copy
     shortlist_bound, shortlist = bound.topk(shortlist_size + 1, dim=1, largest=False)
     phy2log, peak, best_score = _score(loads, counts, shortlist[:, :shortlist_size], num_gpus)
     proven = best_score < shortlist_bound[:, shortlist_size] * (1.0 - BOUND_MARGIN)
@@ -83,7 +85,8 @@ def pair_optimum(loads: torch.Tensor, num_replicas: int, num_gpus: int) -> tuple
 
 @functools.cache
 def _reciprocals(num_experts: int, num_replicas: int) -> torch.Tensor:
-    return 1.0 / _count_table(num_experts, num_replicas).to(torch.float32)
+    """1 / count for every count vector, experts first: [E, K] float32."""
+    return (1.0 / _count_table(num_experts, num_replicas).to(torch.float32)).t().contiguous()
 
 
 def _score(
