@@ -3,12 +3,14 @@ the CLI, equal to the library's fresh plan at that count; bad counts are refused
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import numpy as np
 import pytest
 import torch
 from rebalancer.solver import advise_slots, solve
-from rebalancer_client import RebalancerClient, field_violations
+from rebalancer_client import AsyncRebalancerClient, RebalancerClient, field_violations
 from rebalancer_client.cli import main
 from service_harness import real_service, skewed_loads
 
@@ -43,6 +45,16 @@ def test_inline_advice_is_the_library_plan_at_each_count(client):
     library = advise_slots(torch.from_numpy(loads.astype(np.float64)), GROUPS, NODES, GPUS, seed=3)
     assert [c.balancedness for c in counts] == pytest.approx(library.balancedness.tolist(), abs=1e-9)
     assert counts[-1].balancedness > counts[0].balancedness  # more slots balance the skew better
+
+
+def test_async_client_gets_the_same_advice(server, client):
+    loads = skewed_loads(6, LAYERS, EXPERTS)
+
+    async def ask():
+        async with AsyncRebalancerClient(server.target, timeout=60) as connected:
+            return await connected.advise_slots(loads, num_gpus=GPUS, slots_per_gpu=[2, 3], seed=1)
+
+    assert asyncio.run(ask()) == client.advise_slots(loads, num_gpus=GPUS, slots_per_gpu=[2, 3], seed=1)
 
 
 def test_deployment_advice_uses_its_window(client):

@@ -15,8 +15,8 @@ import grpc
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
 from .client import HEALTH_NAMES, Connection, unknown_service
-from .messages import LoadRequests, TopologyLike, load_request, rebalance_request
-from .placement import DeploymentInfo, LoadSummary, Placement
+from .messages import LoadRequests, TopologyLike, advise_request, load_request, rebalance_request
+from .placement import DeploymentInfo, LoadSummary, Placement, SlotAdvice
 
 
 class _AsyncLoadRequests:
@@ -71,6 +71,15 @@ class AsyncRebalancerClient(Connection):
     async def rebalance(self, loads: Any = None, *, timeout: float | None = None, **request: Any) -> Placement:
         """See `RebalancerClient.rebalance`."""
         return await self.send_rebalance(rebalance_request(loads, **request), timeout=timeout)
+
+    async def advise_slots(
+        self, loads: Any = None, *, timeout: float | None = None, **request: Any
+    ) -> list[SlotAdvice]:
+        """See `RebalancerClient.advise_slots`."""
+        response = await self._stub.AdviseSlots(
+            advise_request(loads, **request), timeout=self._deadline(timeout), metadata=self._metadata
+        )
+        return [SlotAdvice.from_proto(count) for count in response.counts]
 
     async def send_rebalance(self, request: pb.RebalanceRequest, *, timeout: float | None = None) -> Placement:
         """Send a prepared RebalanceRequest."""
