@@ -257,8 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     rebalance.add_argument(
         "--unavailable-gpus", type=int, nargs="+", help="failed GPU ids: plan on the healthy GPUs only (elastic EP)"
     )
-    for name, doc in COST_FLAGS.items():
-        rebalance.add_argument("--" + name.replace("_", "-"), dest=name, type=float, help=doc)
+    _cost_args(rebalance, "this rebalance's cost model (unset: the deployment's)")
     _output_args(rebalance, FORMATS, "vllm")
 
     get = commands.add_parser("get", parents=[common], help="print the placement in force for a deployment")
@@ -279,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("deployment")
     report.add_argument("loads", nargs="+", help="loads files; [T, L, E] arrays are T reports")
     _topology_args(report, required=False)
+    _cost_args(report, "the cost model registered with the deployment (first report)")
     report.add_argument("--rank", type=int, default=0)
     _layer_args(report)
 
@@ -300,12 +300,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The transfer cost model of a rebalance (unset: the server's defaults).
+# The transfer cost model: a deployment's (registered with its topology) or a rebalance's override.
 COST_FLAGS = {
     "bytes_per_expert": "bytes of one expert copy, for the transfer plan's cost",
     "intra_node_bandwidth": "bytes/s each GPU moves within its node (NVLink)",
     "inter_node_bandwidth": "bytes/s each GPU moves across nodes (NIC)",
 }
+
+
+def _cost_args(parser: argparse.ArgumentParser, scope: str) -> None:
+    for name, doc in COST_FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=float, help=f"{doc}; {scope}")
+
+
+def _cost_model(args: argparse.Namespace) -> dict[str, float]:
+    """The cost flags given (the others are left to the deployment or the defaults)."""
+    return {name: getattr(args, name) for name in COST_FLAGS if getattr(args, name) is not None}
 
 
 def _option_args(parser: argparse.ArgumentParser) -> None:
@@ -338,7 +348,7 @@ def _rebalance(client: RebalancerClient | ShardedClient, args: argparse.Namespac
         deployment_id=args.deployment,
         base_version=args.base_version,
         unavailable_gpus=args.unavailable_gpus,
-        cost_model={name: getattr(args, name) for name in COST_FLAGS if getattr(args, name) is not None},
+        cost_model=_cost_model(args),
         timeout=args.timeout,
         **{option.name: getattr(args, option.name) for option in OPTIONS},
     )
@@ -407,6 +417,7 @@ def _report(client: RebalancerClient | ShardedClient, args: argparse.Namespace) 
             "num_groups": args.groups,
             "num_nodes": args.nodes,
             "num_gpus": args.gpus,
+            "cost_model": _cost_model(args) or None,
         }
     summary = client.report_loads(args.deployment, reports, topology=topology, rank=args.rank, timeout=args.timeout)
     write_json({"accepted": summary.accepted, "rejected": summary.rejected, "rejections": summary.rejections}, None)

@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 from google.rpc import error_details_pb2, status_pb2
 from rebalancer_wire.codec import as_numpy, encode
+from rebalancer_wire.cost import COST_FIELDS, CostModel
 from rebalancer_wire.options import ArgumentError
 from rebalancer_wire.options import check as check_options
 from rebalancer_wire.options import fill_message as fill_options
@@ -45,20 +46,32 @@ def loads_array(value: Any, name: str = "loads") -> np.ndarray:
 
 
 def make_topology(
-    num_layers: int, num_experts: int, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+    num_layers: int,
+    num_experts: int,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    cost_model: CostModel | Mapping[str, float] | None = None,
 ) -> Topology:
-    """A Topology checked by the layout rules the server and solver apply (ArgumentError otherwise)."""
-    topology = Topology(num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus)
+    """A Topology checked by the layout rules the server and solver apply (ArgumentError otherwise).
+    `cost_model`: a CostModel or a mapping of its fields (the others keep their defaults)."""
+    if isinstance(cost_model, Mapping):
+        unknown = sorted(set(cost_model) - set(COST_FIELDS))
+        if unknown:
+            raise ValueError(f"cost_model has unknown keys {unknown} (known: {list(COST_FIELDS)})")
+        cost_model = CostModel(**cost_model)
+    topology = Topology(num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus, cost_model)
     violations = topology.violations()
     if violations:
         raise ArgumentError(*violations[0])
-    return Topology(*(int(getattr(topology, name)) for name in TOPOLOGY_FIELDS))
+    return Topology(*(int(getattr(topology, name)) for name in TOPOLOGY_FIELDS), cost_model=cost_model)
 
 
 def as_topology(value: TopologyLike, loads_shape: tuple[int, ...] | None = None) -> Topology:
     """Topology from a Topology, mapping or message; num_layers/num_experts default to the loads' shape."""
     if isinstance(value, pb.Topology):
-        fields = {f.name: getattr(value, f.name) for f in pb.Topology.DESCRIPTOR.fields}
+        fields = Topology.from_proto(value).__dict__
     elif isinstance(value, Topology):
         fields = dict(value.__dict__)
     elif isinstance(value, Mapping):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+from .cost import CostModel
 
 FIELDS = ("num_layers", "num_experts", "num_replicas", "num_groups", "num_nodes", "num_gpus")
 
@@ -46,7 +48,11 @@ def planning_layout(num_groups: int, num_nodes: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Topology:
-    """R slots on G GPUs over N nodes for L layers of E experts in `num_groups` expert groups."""
+    """R slots on G GPUs over N nodes for L layers of E experts in `num_groups` expert groups.
+
+    `cost_model` is what moving a copy costs on this deployment; None when not stated (the defaults).
+    It is not part of the layout, so it takes no part in equality: see `conflicts`.
+    """
 
     num_layers: int
     num_experts: int
@@ -54,26 +60,52 @@ class Topology:
     num_groups: int = 1
     num_nodes: int = 1
     num_gpus: int = 1
+    cost_model: CostModel | None = field(default=None, compare=False)
 
     @property
     def slots_per_gpu(self) -> int:
         return self.num_replicas // self.num_gpus
 
+    @property
+    def transfer_cost(self) -> CostModel:
+        """The cost model in effect: the stated one, else the defaults."""
+        return self.cost_model or CostModel()
+
     def violations(self) -> list[tuple[str, str]]:
-        return topology_violations(*(getattr(self, name) for name in FIELDS))
+        violations = topology_violations(*(getattr(self, name) for name in FIELDS))
+        if self.cost_model is not None:
+            violations += [(f"cost_model.{name}", reason) for name, reason in self.cost_model.violations()]
+        return violations
+
+    def conflicts(self, registered: Topology) -> bool:
+        """Whether this (a request's) topology contradicts a registered one: another layout, or a cost
+        model stated and different from the registered one in effect."""
+        if self != registered:
+            return True
+        return self.cost_model is not None and self.cost_model != registered.transfer_cost
+
+    def layout(self) -> Topology:
+        """The same layout without a cost model (for plans that do not move copies)."""
+        return replace(self, cost_model=None)
 
     @classmethod
     def from_proto(cls, message: Any) -> Topology:
-        return cls(**{name: getattr(message, name) for name in FIELDS})
+        cost = CostModel().overridden(message.cost_model) if message.HasField("cost_model") else None
+        return cls(**{name: getattr(message, name) for name in FIELDS}, cost_model=cost)
 
     def to_proto(self) -> Any:
         from .v1 import rebalancer_pb2 as pb  # here, so the solver can use the rules without protobuf
 
-        return pb.Topology(**asdict(self))
+        message = pb.Topology(**{name: getattr(self, name) for name in FIELDS})
+        if self.cost_model is not None:
+            message.cost_model.CopyFrom(self.cost_model.to_proto())
+        return message
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Topology:
-        return cls(**json.loads(text))
+        values = json.loads(text)
+        cost = values.pop("cost_model", None)
+        return cls(**values, cost_model=None if cost is None else CostModel(**cost))

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rebalancer_wire.topology import FIELDS as LAYOUT_FIELDS
+
 from ..solver.policies import DEFAULT_CANDIDATES
 from .errors import ResourceExhausted
 from .model import Topology
@@ -261,7 +263,7 @@ class JobLimits:
                     "message limit: lower num_layers per deployment, num_experts or spare slots (R - E)",
                 )
             )
-        cheapest = Shape(**topology.__dict__, candidates=1)
+        cheapest = Shape(**{name: getattr(topology, name) for name in LAYOUT_FIELDS}, candidates=1)
         cost = solve_cost(cheapest, self.device_type)
         if not self.admits(cost):
             violations.append(

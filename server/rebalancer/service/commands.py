@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+from rebalancer_wire.cost import CostModel
 from rebalancer_wire.options import SolveSettings
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
-from rebalancer.solver import CostModel
 from rebalancer.solver.advice import slot_counts
 
 from .admission import JobLimits
@@ -110,17 +110,18 @@ class RequestChecker:
     def rebalance(self, request: pb.RebalanceRequest, known: Topology | None = None) -> PlanCommand:
         """RebalanceRequest -> PlanCommand. `known` is the named deployment's topology, when registered."""
         settings = check_options(request.options)
-        cost_model = check_cost_model(request.cost_model)
         loads = check_loads(request.loads, self.max_elements) if request.HasField("loads") else None
         if not request.deployment_id:
-            return self._inline(request, loads, settings, cost_model)
+            return self._inline(request, loads, settings)
         self.deployment_id(request.deployment_id)
         topology = None
         if request.HasField("topology"):
             topology = self.topology(request.topology, shape=loads.shape if loads is not None else None)
-            if known is not None and topology != known:
+            if known is not None and topology.conflicts(known):
                 raise InvalidArgument([("topology", f"does not match deployment {request.deployment_id!r}: {known}")])
-        expected = topology or known
+        expected = known or topology
+        base_cost = expected.transfer_cost if expected is not None else CostModel()
+        cost_model = check_cost_model(request.cost_model, base_cost)
         if loads is not None and expected is not None:
             rows = (expected.num_layers, expected.num_experts)
             if loads.shape != rows:
@@ -141,9 +142,7 @@ class RequestChecker:
             request.deployment_id, topology, loads, prev, settings, request.base_version, cost_model, unavailable
         )
 
-    def _inline(
-        self, request: pb.RebalanceRequest, loads: np.ndarray | None, settings: SolveSettings, cost_model: CostModel
-    ) -> PlanCommand:
+    def _inline(self, request: pb.RebalanceRequest, loads: np.ndarray | None, settings: SolveSettings) -> PlanCommand:
         violations = []
         if loads is None:
             violations.append(("loads", "required without deployment_id"))
@@ -154,6 +153,7 @@ class RequestChecker:
         if violations:
             raise InvalidArgument(violations)
         topology = self.topology(request.topology, shape=loads.shape)
+        cost_model = check_cost_model(request.cost_model, topology.transfer_cost)
         prev = None
         if request.HasField("prev_phy2log"):
             prev = check_phy2log(request.prev_phy2log, topology, self.max_elements)

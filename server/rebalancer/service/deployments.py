@@ -203,7 +203,7 @@ class Registry:
         async with self._register_lock:
             deployment = self.deployments.get(deployment_id)
             if deployment is not None:
-                if deployment.topology != topology:
+                if topology.conflicts(deployment.topology):
                     raise InvalidArgument(
                         [("topology", f"does not match deployment {deployment_id!r}: {deployment.topology}")]
                     )
@@ -326,7 +326,7 @@ class Registry:
             history=history,
             baseline_phy2log=in_force if settings.fresh else None,
             deadline=deadline,
-            cost_model=cost_model,
+            cost_model=cost_model or deployment.topology.transfer_cost,
             unavailable_gpus=unavailable_gpus,
         )
         outcome = await self.batcher.submit(job)

@@ -155,19 +155,14 @@ def check_options(message: pb.SolveOptions, field: str = "options") -> SolveSett
     return settings
 
 
-def check_cost_model(message: pb.TransferCost, field: str = "cost_model") -> CostModel:
-    """TransferCost -> CostModel; unset fields take the defaults, the others must be positive and finite."""
-    defaults = CostModel()
-    values = {}
-    violations = []
-    for name in ("bytes_per_expert", "intra_node_bandwidth", "inter_node_bandwidth"):
-        value = getattr(message, name) if message.HasField(name) else getattr(defaults, name)
-        if not (0 < value < float("inf")):
-            violations.append((f"{field}.{name}", f"must be a positive finite number, got {value!r}"))
-        values[name] = int(value) if name == "bytes_per_expert" and float(value).is_integer() else value
+def check_cost_model(message: pb.TransferCost, base: CostModel, field: str = "cost_model") -> CostModel:
+    """TransferCost -> CostModel: the fields set override `base` (the deployment's), and must be positive
+    and finite."""
+    cost = base.overridden(message)
+    violations = [(f"{field}.{name}", reason) for name, reason in cost.violations()]
     if violations:
         raise InvalidArgument(violations)
-    return CostModel(**values)
+    return cost
 
 
 def check_unavailable_gpus(values, topology: Topology, field: str = "unavailable_gpus") -> tuple[int, ...]:

@@ -15,10 +15,8 @@ to the receiver's inter-node class.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from rebalancer_wire.options import ArgumentError
+from rebalancer_wire.cost import CostModel
 
 from .maps import expert_histogram
 
@@ -27,27 +25,6 @@ FROM_HOST = -1
 # Rounds of source choice: each round's transfers see the bytes the earlier rounds assigned.
 SOURCE_ROUNDS = 16
 INTRA, INTER = 0, 1
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Bytes of one expert copy and each GPU's bandwidth (bytes/s) per link class.
-
-    Defaults: a DeepSeek-V3 expert in FP8 (3 matrices of 7168 x 2048 bytes), NVLink at 450 GB/s per
-    direction (H100/H200) and one 400 Gb/s NIC per GPU.
-    """
-
-    bytes_per_expert: int = 3 * 7168 * 2048
-    intra_node_bandwidth: float = 450e9
-    inter_node_bandwidth: float = 50e9
-
-    def validate(self) -> CostModel:
-        """Raise ArgumentError (argument `cost_model`) naming the field that is not positive and finite."""
-        for name in ("bytes_per_expert", "intra_node_bandwidth", "inter_node_bandwidth"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < float("inf")):
-                raise ArgumentError("cost_model", f"{name} must be a positive finite number, got {value!r}")
-        return self
 
 
 def old_content(prev_phy2log: torch.Tensor, slots_per_gpu: int, gpu_ids: torch.Tensor) -> torch.Tensor:

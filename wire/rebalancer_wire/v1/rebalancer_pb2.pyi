@@ -50,20 +50,22 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[ElementType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Topology(_message.Message):
-    __slots__ = ("num_layers", "num_experts", "num_replicas", "num_groups", "num_nodes", "num_gpus")
+    __slots__ = ("num_layers", "num_experts", "num_replicas", "num_groups", "num_nodes", "num_gpus", "cost_model")
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     NUM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     NUM_GROUPS_FIELD_NUMBER: _ClassVar[int]
     NUM_NODES_FIELD_NUMBER: _ClassVar[int]
     NUM_GPUS_FIELD_NUMBER: _ClassVar[int]
+    COST_MODEL_FIELD_NUMBER: _ClassVar[int]
     num_layers: int
     num_experts: int
     num_replicas: int
     num_groups: int
     num_nodes: int
     num_gpus: int
-    def __init__(self, num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., num_replicas: _Optional[int] = ..., num_groups: _Optional[int] = ..., num_nodes: _Optional[int] = ..., num_gpus: _Optional[int] = ...) -> None: ...
+    cost_model: TransferCost
+    def __init__(self, num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., num_replicas: _Optional[int] = ..., num_groups: _Optional[int] = ..., num_nodes: _Optional[int] = ..., num_gpus: _Optional[int] = ..., cost_model: _Optional[_Union[TransferCost, _Mapping]] = ...) -> None: ...
 
 class SolveOptions(_message.Message):
     __slots__ = ("policy", "num_candidates", "seed", "dry_run", "max_moves_per_layer", "balance_tolerance", "fresh", "locality_tolerance", "max_transfer_seconds", "max_incoming_copies_per_gpu", "new_num_gpus")
