@@ -114,24 +114,3 @@ def test_bad_transfer_and_elastic_input_is_invalid_argument_naming_the_field(ser
         server.stub.Rebalance(inline(skewed_loads(40), prev, **fields))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in field_violations(error.value)
-
-
-def test_elastic_on_a_deployment_needs_a_dry_run_and_commits_nothing(server):
-    stub = server.stub
-    loads = skewed_loads(41)
-    stub.Rebalance(pb.RebalanceRequest(deployment_id="elastic", loads=encode(loads), topology=TOPOLOGY))
-    with pytest.raises(grpc.RpcError) as error:
-        stub.Rebalance(pb.RebalanceRequest(deployment_id="elastic", loads=encode(loads), unavailable_gpus=[2]))
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "unavailable_gpus" in field_violations(error.value)
-    assert stub.GetPlacement(pb.GetPlacementRequest(deployment_id="elastic")).placement.version == 1
-    dry = stub.Rebalance(
-        pb.RebalanceRequest(
-            deployment_id="elastic",
-            loads=encode(loads),
-            unavailable_gpus=[2],
-            options=pb.SolveOptions(dry_run=True),
-        )
-    )
-    assert not dry.committed and list(dry.placement.gpu_ids) == [0, 1, 3]
-    assert stub.GetPlacement(pb.GetPlacementRequest(deployment_id="elastic")).placement.version == 1

@@ -134,10 +134,6 @@ class RequestChecker:
             if request.HasField("prev_phy2log"):
                 prev = check_phy2log(request.prev_phy2log, expected, self.max_elements)
             unavailable = check_unavailable_gpus(request.unavailable_gpus, expected)
-        if (unavailable or settings.new_num_gpus is not None) and not settings.dry_run:
-            field = "unavailable_gpus" if unavailable else "options.new_num_gpus"
-            reason = "changes the deployment's GPU set: plan it with options.dry_run, then register its new layout"
-            raise InvalidArgument([(field, reason)])
         return PlanCommand(
             request.deployment_id, topology, loads, prev, settings, request.base_version, cost_model, unavailable
         )

@@ -390,9 +390,13 @@ class Registry:
                     trigger=trigger,
                 )
             )
-            await self.store.commit(record)
+            relayout = record.topology if record.gpu_ids is not None else None
+            with self._recharged(deployment, relayout):
+                await self.store.commit(record, relayout)
             deployment.current = record
-            await self.windows.set_placement(deployment.deployment_id, record.phy2log)
+            if relayout is not None:
+                deployment.topology = relayout
+            await self.windows.set_placement(deployment.deployment_id, record.phy2log, relayout)
         labels = deployment.deployment_id
         self.metrics.placements.labels(trigger).inc()
         self.metrics.replicas_moved.labels(labels).inc(record.stats.replicas_moved)
@@ -400,6 +404,22 @@ class Registry:
         self.metrics.imbalance_ratio.labels(labels).set(record.stats.imbalance_after)
         deployment.notify()
         return record
+
+    @contextlib.contextmanager
+    def _recharged(self, deployment: Deployment, relayout: Topology | None):
+        """Around the commit of a changed GPU set: the state ledger charged for the new layout (refused
+        when it does not fit), and released of the old one once the commit went through."""
+        if relayout is None:
+            yield
+            return
+        new_bytes = deployment_bytes(relayout)
+        self.ledger.charge(new_bytes, f"deployment {deployment.deployment_id!r} on {relayout.num_gpus} GPUs")
+        try:
+            yield
+        except BaseException:
+            self.ledger.release(new_bytes)
+            raise
+        self.ledger.release(deployment_bytes(deployment.topology))
 
     async def quality(self, deployment: Deployment) -> Quality | None:
         """Score the placement in force on the window and export it (imbalance and current balancedness)."""

@@ -131,12 +131,18 @@ class Store:
     def _execute(self, sql: str, args: tuple) -> None:
         self._db.execute(sql, args)
 
-    async def commit(self, record: PlacementRecord) -> None:
-        """Insert `record` and prune versions older than the last `keep_versions`, in one transaction."""
-        await self._call(self._commit, record)
+    async def commit(self, record: PlacementRecord, relayout: Topology | None = None) -> None:
+        """Insert `record` and prune versions older than the last `keep_versions`, in one transaction;
+        `relayout` (a plan for a changed GPU set) replaces the deployment's topology in the same one."""
+        await self._call(self._commit, record, relayout)
 
-    def _commit(self, record: PlacementRecord) -> None:
+    def _commit(self, record: PlacementRecord, relayout: Topology | None) -> None:
         with self._transaction():
+            if relayout is not None:
+                self._db.execute(
+                    "UPDATE deployments SET topology = ? WHERE deployment_id = ?",
+                    (relayout.to_json(), record.deployment_id),
+                )
             self._db.execute(
                 "INSERT INTO placements (deployment_id, version, phy2log, created_unix_ms, trigger, stats)"
                 " VALUES (?, ?, ?, ?, ?, ?)",

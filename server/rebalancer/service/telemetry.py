@@ -223,12 +223,17 @@ class TelemetryWindows:
         """The window's loads and history; None when the deployment has no window (no reports yet)."""
         return await self._call(lambda: self._window_call(deployment_id, DeploymentWindow.snapshot))
 
-    async def set_placement(self, deployment_id: str, phy2log: np.ndarray) -> None:
+    async def set_placement(self, deployment_id: str, phy2log: np.ndarray, relayout: Topology | None = None) -> None:
+        """The placement in force, scored against the window; `relayout` is the deployment's new layout
+        when the placement is on a changed GPU set (same layers and experts, so the window stays)."""
+
         def apply() -> None:
             window = self._windows.get(deployment_id)
             if window is None:
                 self._placements[deployment_id] = phy2log
             else:
+                if relayout is not None:
+                    window.topology = relayout
                 window.set_placement(phy2log)
 
         await self._call(apply)

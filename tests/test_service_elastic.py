@@ -1,0 +1,84 @@
+"""Elastic EP on a deployment: a plan for a changed GPU set (failed GPUs, or scaling by whole nodes) is a
+dry run or a commit; a commit moves the deployment to the new layout in the same transaction as its
+placement, so watchers, later reports, later plans and a restarted server all see the new layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from rebalancer.solver import apply_transfers
+from rebalancer_wire.codec import decode
+from rebalancer_wire.v1 import rebalancer_pb2 as pb
+from service_harness import EXPERTS, GPUS, LAYERS, REPLICAS, TOPOLOGY, ServerThread, maps_of, report, skewed_loads
+
+SLOTS_PER_GPU = REPLICAS // GPUS
+
+
+def registered(server: ServerThread, deployment_id: str) -> pb.Placement:
+    """A deployment with a window and a committed first placement on TOPOLOGY."""
+    server.stub.StreamLoad(iter([report(deployment_id, skewed_loads(51), topology=TOPOLOGY)]))
+    request = pb.RebalanceRequest(deployment_id=deployment_id, options=pb.SolveOptions(fresh=True))
+    return server.stub.Rebalance(request).placement
+
+
+def current(server: ServerThread, deployment_id: str) -> pb.Placement:
+    return server.stub.GetPlacement(pb.GetPlacementRequest(deployment_id=deployment_id)).placement
+
+
+def assert_reached_by_its_transfers(old: pb.Placement, new: pb.Placement) -> None:
+    transfers = torch.from_numpy(decode(new.transfers).astype(np.int64))
+    gpu_ids = torch.tensor(list(new.gpu_ids))
+    old_phy2log = torch.from_numpy(maps_of(old)[0].astype(np.int64))
+    replayed = apply_transfers(old_phy2log, transfers, SLOTS_PER_GPU, len(gpu_ids), gpu_ids)
+    phy2log = maps_of(new)[0]
+    assert np.array_equal(replayed.numpy(), phy2log)
+    assert all(set(row) == set(range(EXPERTS)) for row in phy2log.tolist())  # every expert still hosted
+
+
+def test_scaling_out_commits_the_new_layout_for_reports_plans_and_restarts(tmp_path):
+    new_topology = pb.Topology()
+    new_topology.CopyFrom(TOPOLOGY)
+    new_topology.num_gpus, new_topology.num_nodes, new_topology.num_replicas = 6, 3, 6 * SLOTS_PER_GPU
+    with ServerThread(str(tmp_path)) as server:
+        first = registered(server, "grow")
+        scale = pb.RebalanceRequest(deployment_id="grow", options=pb.SolveOptions(new_num_gpus=6, dry_run=True))
+        dry = server.stub.Rebalance(scale)
+        assert not dry.committed and current(server, "grow").topology.num_gpus == GPUS
+        scale.options.dry_run = False
+        scale.base_version = first.version
+        response = server.stub.Rebalance(scale)
+        placement = response.placement
+        assert response.committed and placement.version == first.version + 1
+        assert placement.topology == new_topology and list(placement.gpu_ids) == list(range(6))
+        assert_reached_by_its_transfers(first, placement)
+        assert current(server, "grow").topology == new_topology
+        (listed,) = server.stub.ListDeployments(pb.ListDeploymentsRequest()).deployments
+        assert listed.topology == new_topology
+        stale = report("grow", skewed_loads(52), topology=TOPOLOGY)
+        fresh = report("grow", skewed_loads(53), topology=new_topology)
+        summary = server.stub.StreamLoad(iter([stale, fresh]))
+        assert (summary.accepted, summary.rejected) == (1, 1)
+        assert summary.rejections[0].field == "topology"
+        later = server.stub.Rebalance(pb.RebalanceRequest(deployment_id="grow")).placement
+        assert later.version == placement.version + 1 and maps_of(later)[0].shape == (LAYERS, 6 * SLOTS_PER_GPU)
+        assert not later.gpu_ids  # the GPU set did not change again
+    with ServerThread(str(tmp_path)) as server:
+        restored = current(server, "grow")
+        assert restored.version == later.version and restored.topology == new_topology
+        assert np.array_equal(maps_of(restored)[0], maps_of(later)[0])
+        server.stub.StreamLoad(iter([report("grow", skewed_loads(54), topology=new_topology)]))
+        again = server.stub.Rebalance(pb.RebalanceRequest(deployment_id="grow")).placement
+        assert again.version == later.version + 1 and again.topology == new_topology
+
+
+def test_losing_a_gpu_commits_a_plan_on_the_healthy_ones(tmp_path):
+    with ServerThread(str(tmp_path)) as server:
+        first = registered(server, "degraded")
+        request = pb.RebalanceRequest(deployment_id="degraded", unavailable_gpus=[2])
+        placement = server.stub.Rebalance(request).placement
+        assert placement.version == first.version + 1 and list(placement.gpu_ids) == [0, 1, 3]
+        assert placement.topology.num_gpus == 3 and placement.topology.num_replicas == 3 * SLOTS_PER_GPU
+        assert not (decode(placement.transfers)[:, 4] == 2).any()  # nothing is read from the failed GPU
+        assert_reached_by_its_transfers(first, placement)
+        assert current(server, "degraded").topology == placement.topology
+        assert server.metric("rebalancer_state_bytes") > 0
