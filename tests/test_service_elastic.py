@@ -5,6 +5,7 @@ placement, so watchers, later reports, later plans and a restarted server all se
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from rebalancer.solver import apply_transfers
 from rebalancer_wire.codec import decode
@@ -82,3 +83,21 @@ def test_losing_a_gpu_commits_a_plan_on_the_healthy_ones(tmp_path):
         assert_reached_by_its_transfers(first, placement)
         assert current(server, "degraded").topology == placement.topology
         assert server.metric("rebalancer_state_bytes") > 0
+
+
+def test_a_plan_for_the_old_layout_cannot_commit_after_a_relayout(tmp_path):
+    from rebalancer.service.errors import FailedPrecondition
+    from rebalancer_wire.options import SolveSettings
+
+    with ServerThread(str(tmp_path)) as server:
+        registered(server, "raced")
+        registry = server.server.registry
+        deployment = registry.deployments["raced"]
+        old_layout = deployment.topology
+        stale = server.call(registry.plan(deployment, SolveSettings()))  # planned on 4 GPUs
+        scale = pb.RebalanceRequest(deployment_id="raced", options=pb.SolveOptions(new_num_gpus=6))
+        moved = server.stub.Rebalance(scale).placement
+        with pytest.raises(FailedPrecondition, match="another GPU set"):
+            server.call(registry.commit(deployment, stale, trigger="auto", planned_on=old_layout))
+        assert current(server, "raced").version == moved.version
+        assert current(server, "raced").topology.num_gpus == 6

@@ -87,9 +87,10 @@ class AutoRebalancer:
             self._seen.pop(deployment_id)  # look again next period even without new reports
             return False
         self._last_attempt[deployment_id] = time.monotonic()
+        layout = deployment.topology
         outcome = await self.registry.plan(deployment, SolveSettings())
         if float((1.0 / outcome.balancedness).mean()) > quality.imbalance - self.hysteresis:
             return False
-        await self.registry.commit(deployment, outcome, trigger="auto")
+        await self.registry.commit(deployment, outcome, trigger="auto", planned_on=layout)
         log.info("auto-rebalanced %s at imbalance %.4f", deployment_id, quality.imbalance)
         return True

@@ -52,6 +52,7 @@ class PlanCommand:
     base_version: int
     cost_model: CostModel
     unavailable_gpus: tuple[int, ...] = ()  # failed GPUs: the plan uses the healthy ones
+    checked_against: Topology | None = None  # the registered layout the request was checked against
 
     @property
     def inline(self) -> bool:
@@ -135,7 +136,7 @@ class RequestChecker:
                 prev = check_phy2log(request.prev_phy2log, expected, self.max_elements)
             unavailable = check_unavailable_gpus(request.unavailable_gpus, expected)
         return PlanCommand(
-            request.deployment_id, topology, loads, prev, settings, request.base_version, cost_model, unavailable
+            request.deployment_id, topology, loads, prev, settings, request.base_version, cost_model, unavailable, known
         )
 
     def _inline(self, request: pb.RebalanceRequest, loads: np.ndarray | None, settings: SolveSettings) -> PlanCommand:

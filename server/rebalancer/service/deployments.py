@@ -67,6 +67,16 @@ class Deployment:
         changed.set()
 
 
+def require_layout(deployment: Deployment, layout: Topology) -> None:
+    """FailedPrecondition when an elastic commit moved `deployment` off `layout` (the layout a request
+    was checked or planned against); the layout object is replaced on every such commit."""
+    if deployment.topology is not layout:
+        raise FailedPrecondition(
+            f"deployment {deployment.deployment_id!r} moved to another GPU set meanwhile "
+            f"({deployment.topology.num_gpus} GPUs): plan again"
+        )
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -267,6 +277,9 @@ class Registry:
         if deployment is None:
             return await self._rebalance_new(command, deadline)
         deployment.require_version(command.base_version)  # fail fast; commit checks again under the lock
+        planned_on = deployment.topology
+        if command.checked_against is not None:
+            require_layout(deployment, command.checked_against)
         outcome = await self.plan(
             deployment,
             command.settings,
@@ -277,8 +290,10 @@ class Registry:
             in_force=command.prev_phy2log,
         )
         if command.settings.dry_run:
-            return self._fitting(placement_record(deployment.deployment_id, deployment.topology, outcome)), False
-        record = await self.commit(deployment, outcome, trigger="request", base_version=command.base_version)
+            return self._fitting(placement_record(deployment.deployment_id, planned_on, outcome)), False
+        record = await self.commit(
+            deployment, outcome, trigger="request", base_version=command.base_version, planned_on=planned_on
+        )
         return record, True
 
     async def _rebalance_new(self, command: PlanCommand, deadline: float | None) -> tuple[PlacementRecord, bool]:
@@ -374,13 +389,22 @@ class Registry:
         return record
 
     async def commit(
-        self, deployment: Deployment, outcome: PlanOutcome, *, trigger: str, base_version: int = 0
+        self,
+        deployment: Deployment,
+        outcome: PlanOutcome,
+        *,
+        trigger: str,
+        base_version: int = 0,
+        planned_on: Topology | None = None,
     ) -> PlacementRecord:
-        """Persist `outcome` as the next version, then serve it and wake the watchers."""
+        """Persist `outcome` as the next version, then serve it and wake the watchers. `planned_on` is the
+        layout the plan was made for: a commit that moved the deployment to another one meanwhile wins."""
         async with deployment.lock:
             if deployment.deleted:
                 raise NotFound(f"deployment {deployment.deployment_id!r} was deleted")
             deployment.require_version(base_version)
+            if planned_on is not None:
+                require_layout(deployment, planned_on)
             record = self._fitting(
                 placement_record(
                     deployment.deployment_id,
