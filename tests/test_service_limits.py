@@ -389,3 +389,16 @@ def test_unexpected_failure_is_internal_without_its_text(tmp_path):
         summary = server.stub.StreamLoad(iter(stream))
         assert (summary.accepted, summary.rejected) == (1, 1)
         assert "secret" not in summary.rejections[0].reason
+
+
+def test_a_deployment_charge_covers_its_committed_maps(tmp_path):
+    from rebalancer.service.admission import DEPLOYMENT_OVERHEAD_BYTES, deployment_bytes
+
+    with ServerThread(str(tmp_path)) as server:
+        server.stub.StreamLoad(iter([report("charged", skewed_loads(61), topology=TOPOLOGY)]))
+        server.stub.Rebalance(pb.RebalanceRequest(deployment_id="charged"))
+        deployment = server.server.registry.deployments["charged"]
+        record = deployment.current
+        held = record.phy2log.nbytes + record.logcnt.nbytes + record.log2phy.nbytes
+        window_copy = record.phy2log.nbytes + record.logcnt.nbytes
+        assert deployment_bytes(deployment.topology) - DEPLOYMENT_OVERHEAD_BYTES >= held + window_copy

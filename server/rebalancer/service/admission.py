@@ -180,9 +180,11 @@ def window_bytes(topology: Topology, capacity: int, intervals: int) -> int:
 
 def deployment_bytes(topology: Topology) -> int:
     """A registered deployment without its window: the placement in force (record and window copies of
-    phy2log [L, R] and logcnt [L, E]) and the fixed bookkeeping."""
+    phy2log [L, R] and logcnt [L, E] int64, and the record's log2phy [L, E, X] at its widest, X = R - E + 1
+    copies of one expert) and the fixed bookkeeping."""
     t = topology
-    return DEPLOYMENT_OVERHEAD_BYTES + 2 * 8 * t.num_layers * (t.num_replicas + t.num_experts)
+    maps = 2 * (t.num_replicas + t.num_experts) + t.num_experts * (t.num_replicas - t.num_experts + 1)
+    return DEPLOYMENT_OVERHEAD_BYTES + 8 * t.num_layers * maps
 
 
 def mib(nbytes: float) -> str:
