@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -20,3 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 settings.register_profile("repeatable", derandomize=True, database=None)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real in-process server (`service_harness.ServerThread`, default test settings) shared by one
+    module's tests; a module that needs other settings defines its own `server`."""
+    from service_harness import ServerThread  # here, not on top: client tests must run without torch loaded
+
+    with ServerThread(str(tmp_path_factory.mktemp("state"))) as running:
+        yield running

@@ -84,6 +84,18 @@ def report(deployment_id: str, loads: np.ndarray, **fields) -> pb.StreamLoadRequ
     return pb.StreamLoadRequest(deployment_id=deployment_id, loads=encode(loads), **fields)
 
 
+def tampered_tensor(array: np.ndarray, **overrides) -> pb.Tensor:
+    """`encode(array)` with fields overwritten (`shape` replaced as a whole): a malformed Tensor message."""
+    message = encode(array)
+    for name, value in overrides.items():
+        if name == "shape":
+            del message.shape[:]
+            message.shape.extend(value)
+        else:
+            setattr(message, name, value)
+    return message
+
+
 def launch(state_dir: Path, *flags: str, prefix: Sequence[str] = (), **env: str) -> subprocess.Popen:
     """`rebalancer-server --state-dir state_dir *flags` with extra environment; stdout+stderr piped as text.
     `prefix` runs it through a wrapper command (e.g. setpriv, to drop root)."""
@@ -96,6 +108,13 @@ def launch(state_dir: Path, *flags: str, prefix: Sequence[str] = (), **env: str)
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def launch_local(state_dir: Path, *flags: str, **launch_args) -> tuple[subprocess.Popen, int]:
+    """`launch` listening on 127.0.0.1 at a free port (returned), metrics on an ephemeral one."""
+    port = free_port()
+    flags = ("--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", *flags)
+    return launch(state_dir, *flags, **launch_args), port
 
 
 def wait_serving(channel: grpc.Channel, process: subprocess.Popen) -> None:

@@ -14,18 +14,12 @@ from rebalancer_client.engines.layers import LayerNumbering
 from rebalancer_client.engines.sglang import init_expert_location, recorder_dump
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from released_engines import load_sglang
-from service_harness import ServerThread, skewed_loads
+from service_harness import skewed_loads
 
 
 @pytest.fixture(scope="module")
 def sglang():
     return load_sglang()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with ServerThread(str(tmp_path_factory.mktemp("state"))) as running:
-        yield running
 
 
 def recorder_file(sglang, path, *, decoder_layers, first_moe, experts, replicas, filled, buffer) -> np.ndarray:

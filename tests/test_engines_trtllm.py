@@ -9,13 +9,7 @@ import yaml
 from rebalancer_client.cli import main
 from rebalancer_client.engines.layers import LayerNumbering, layer_numbering
 from rebalancer_client.engines.trtllm import load_balancer_yaml
-from service_harness import ServerThread, skewed_loads
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with ServerThread(str(tmp_path_factory.mktemp("state"))) as running:
-        yield running
+from service_harness import skewed_loads
 
 
 def assert_load_balancer_config(document: dict, phy2log: np.ndarray, moe_layers, num_experts: int) -> None:

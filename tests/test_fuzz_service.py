@@ -31,7 +31,17 @@ from hypothesis import strategies as st
 from rebalancer.service.validation import DEPLOYMENT_ID
 from rebalancer_wire.codec import encode
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
-from service_harness import EXPERTS, LAYERS, REPLICAS, TOPOLOGY, ServerThread, field_violations, report, skewed_loads
+from service_harness import (
+    EXPERTS,
+    LAYERS,
+    REPLICAS,
+    TOPOLOGY,
+    ServerThread,
+    field_violations,
+    report,
+    skewed_loads,
+    tampered_tensor,
+)
 
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_ELEMENTS = 1 << 16
@@ -100,17 +110,6 @@ def assert_serving(server: ServerThread) -> None:
     assert server.stub.Rebalance(dry_run, timeout=30).placement.stats.balancedness_after > 0
 
 
-def tensor(array: np.ndarray, **overrides) -> pb.Tensor:
-    message = encode(array)
-    for name, value in overrides.items():
-        if name == "shape":
-            del message.shape[:]
-            message.shape.extend(value)
-        else:
-            setattr(message, name, value)
-    return message
-
-
 # ---- malformed tensors: (Tensor message, violated subfield) --------------------------------------------
 
 
@@ -122,12 +121,12 @@ def bad_tensor(draw, shape: tuple[int, int]) -> tuple[pb.Tensor, str]:
     kind = draw(st.sampled_from(["dtype", "bytes", "ndim", "zero_dim", "negative_dim", "many_dims", "huge", "value"]))
     if kind == "dtype":
         unknown = st.integers(max(pb.ElementType.values()) + 1, 2**31 - 1)
-        return tensor(loads, dtype=draw(st.just(pb.ELEMENT_TYPE_UNSPECIFIED) | unknown)), "dtype"
+        return tampered_tensor(loads, dtype=draw(st.just(pb.ELEMENT_TYPE_UNSPECIFIED) | unknown)), "dtype"
     if kind == "bytes":
         data = encode(loads).data
         cut = draw(st.integers(1, len(data)))
         data = data[:-cut] if draw(st.booleans()) else data + bytes(draw(st.integers(1, 64)))
-        return tensor(loads, data=data), "data"
+        return tampered_tensor(loads, data=data), "data"
     if kind == "ndim":
         flat = loads.reshape(-1) if draw(st.booleans()) else loads.reshape(1, *shape)
         return encode(flat), "shape"
@@ -135,12 +134,12 @@ def bad_tensor(draw, shape: tuple[int, int]) -> tuple[pb.Tensor, str]:
         empty = np.zeros((0, shape[1]) if draw(st.booleans()) else (shape[0], 0), loads.dtype)
         return encode(empty), "shape"
     if kind == "negative_dim":
-        return tensor(loads, shape=[-draw(st.integers(1, 2**40)), shape[1]]), "shape"
+        return tampered_tensor(loads, shape=[-draw(st.integers(1, 2**40)), shape[1]]), "shape"
     if kind == "many_dims":
-        return tensor(loads, shape=[1] * draw(st.integers(9, 64))), "shape"
+        return tampered_tensor(loads, shape=[1] * draw(st.integers(9, 64))), "shape"
     if kind == "huge":  # declared >= 10**9 elements over a few bytes: refused before anything is allocated
         rows = draw(st.integers(10**9 // shape[1] + 1, 2**40))
-        return tensor(loads, shape=[rows, shape[1]]), "shape"
+        return tampered_tensor(loads, shape=[rows, shape[1]]), "shape"
     index = (draw(st.integers(0, shape[0] - 1)), draw(st.integers(0, shape[1] - 1)))
     loads[index] = draw(st.sampled_from([math.nan, math.inf, -math.inf]) | st.floats(-6e4, -1e-3))
     return encode(loads), "data"
@@ -212,7 +211,7 @@ def bad_inline_request(draw):
         elif broken == "uncovered":
             message, part = encode(np.zeros((layers, replicas), np.int64)), "data"
         else:
-            message, part = tensor(good, data=encode(good).data[:-8]), "data"
+            message, part = tampered_tensor(good, data=encode(good).data[:-8]), "data"
         request.prev_phy2log.CopyFrom(message)
         return request, INVALID, f"prev_phy2log.{part}"
     missing = draw(st.sampled_from(["loads", "topology", "everything", "base_version"]))

@@ -18,7 +18,7 @@ import pytest
 from rebalancer_wire.codec import encode
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from rebalancer_wire.v1 import rebalancer_pb2_grpc
-from service_harness import free_port, launch, report, skewed_loads, wait_serving
+from service_harness import launch_local, report, skewed_loads, wait_serving
 
 BUDGET_MB = 700
 ADDRESS_SPACE = 3 * 2**30
@@ -36,19 +36,7 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def start(state_dir: Path, *flags: str):
-    port = free_port()
-    process = launch(
-        state_dir,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-port",
-        "0",
-        *flags,
-        prefix=["prlimit", f"--as={ADDRESS_SPACE}"],
-        MALLOC_ARENA_MAX="2",
-    )
+    process, port = launch_local(state_dir, *flags, prefix=["prlimit", f"--as={ADDRESS_SPACE}"], MALLOC_ARENA_MAX="2")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     wait_serving(channel, process)
     return process, channel, rebalancer_pb2_grpc.RebalancerServiceStub(channel)

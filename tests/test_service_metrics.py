@@ -12,15 +12,9 @@ from metric_families import EXPECTED_FAMILIES
 from prometheus_client import generate_latest
 from rebalancer_wire.codec import encode
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
-from service_harness import TOPOLOGY, ServerThread, report, skewed_loads
+from service_harness import TOPOLOGY, report, skewed_loads
 
 SERVICE = "rebalancer.v1.RebalancerService"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with ServerThread(str(tmp_path_factory.mktemp("state"))) as running:
-        yield running
 
 
 def test_every_family_is_exported_from_the_start(server):

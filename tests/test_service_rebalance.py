@@ -23,13 +23,8 @@ from service_harness import (
     maps_of,
     report,
     skewed_loads,
+    tampered_tensor,
 )
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with ServerThread(str(tmp_path_factory.mktemp("state"))) as running:
-        yield running
 
 
 def inline(loads, **options) -> pb.RebalanceRequest:
@@ -138,17 +133,6 @@ def test_unknown_deployment_is_not_found(server):
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def _tensor(array, **overrides) -> pb.Tensor:
-    tensor = encode(array)
-    for name, value in overrides.items():
-        if name == "shape":
-            del tensor.shape[:]
-            tensor.shape.extend(value)
-        else:
-            setattr(tensor, name, value)
-    return tensor
-
-
 def _bad(**changes) -> pb.RebalanceRequest:
     request = inline(skewed_loads(9))
     for name, value in changes.items():
@@ -189,10 +173,10 @@ BAD_REQUESTS = {
     "nan": (_bad(loads=encode(NAN_LOADS)), "loads.data"),
     "inf": (_bad(loads=encode(np.full((LAYERS, EXPERTS), np.inf, np.float32))), "loads.data"),
     "negative": (_bad(loads=encode(NEGATIVE_LOADS)), "loads.data"),
-    "byte_count": (_bad(loads=_tensor(skewed_loads(9), data=b"\0" * 10)), "loads.data"),
-    "dtype": (_bad(loads=_tensor(skewed_loads(9), dtype=99)), "loads.dtype"),
+    "byte_count": (_bad(loads=tampered_tensor(skewed_loads(9), data=b"\0" * 10)), "loads.data"),
+    "dtype": (_bad(loads=tampered_tensor(skewed_loads(9), dtype=99)), "loads.dtype"),
     "one_dim": (_bad(loads=encode(np.ones(EXPERTS, np.float32))), "loads.shape"),
-    "huge_shape": (_bad(loads=_tensor(skewed_loads(9), shape=[10**6, 10**6])), "loads.shape"),
+    "huge_shape": (_bad(loads=tampered_tensor(skewed_loads(9), shape=[10**6, 10**6])), "loads.shape"),
     "no_loads": (pb.RebalanceRequest(), "loads"),
     "no_topology": (_bad(no_topology=True), "topology"),
     "replicas_below_experts": (_bad(topology={"num_replicas": 8, "num_gpus": 4}), "topology.num_replicas"),

@@ -36,7 +36,7 @@ from service_harness import (
     TOPOLOGY,
     ServerThread,
     free_port,
-    launch,
+    launch_local,
     report,
     skewed_loads,
     wait_serving,
@@ -230,19 +230,7 @@ def test_token_never_shows_in_help_repr_or_logs(tmp_path, capsys):
     assert TOKEN not in repr(parse_args([], environ))
     assert TOKEN not in repr(replace(ServerConfig(), auth_token=TOKEN))
 
-    port = free_port()
-    process = launch(
-        tmp_path / "state",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-port",
-        "0",
-        "--log-level",
-        "DEBUG",
-        REBALANCER_AUTH_TOKEN=TOKEN,
-    )
+    process, port = launch_local(tmp_path / "state", "--log-level", "DEBUG", REBALANCER_AUTH_TOKEN=TOKEN)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             wait_serving(channel, process)

@@ -15,7 +15,6 @@ from service_harness import (
     GPUS,
     REPLICAS,
     TOPOLOGY,
-    ServerThread,
     field_violations,
     library,
     maps_of,
@@ -23,12 +22,6 @@ from service_harness import (
 )
 
 SLOTS_PER_GPU = REPLICAS // GPUS
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with ServerThread(str(tmp_path_factory.mktemp("state"))) as running:
-        yield running
 
 
 def inline(loads, prev=None, **fields) -> pb.RebalanceRequest:

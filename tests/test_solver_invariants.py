@@ -127,23 +127,19 @@ def test_single_gpu(policy: str) -> None:
     assert torch.allclose(result.balancedness, torch.ones(2, dtype=result.balancedness.dtype))
 
 
-@pytest.mark.parametrize("policy", ALL_POLICIES)
-def test_equal_weights_one_copy_each_when_replicas_equal_experts(policy: str) -> None:
-    weight = torch.full((3, 16), 7.0)
-    result = solve(weight, 16, 4, 2, 8, policy=policy)
-    assert_valid_maps(*result.triple(), 3, 16, 16, 8)
-    assert bool((result.logcnt == 1).all())
-    assert torch.allclose(result.balancedness, torch.ones(3, dtype=result.balancedness.dtype))
+# (layers, experts, groups, weight): 16 replicas on 8 GPUs. R = E gives one copy each; with R = 2E any
+# expert with a single copy would sit with a second slot on its GPU, above the mean.
+EQUAL_WEIGHTS = {"replicas_equal_experts": (3, 16, 4, 7.0), "two_slots_per_expert": (2, 8, 2, 5.0)}
 
 
+@pytest.mark.parametrize("case", EQUAL_WEIGHTS)
 @pytest.mark.parametrize("policy", ALL_POLICIES)
-def test_equal_weights_get_balanced_copy_counts(policy: str) -> None:
-    # R = 2E: any expert with a single copy would sit with a second slot on its GPU, above the mean.
-    weight = torch.full((2, 8), 5.0)
-    result = solve(weight, 16, 2, 2, 8, policy=policy)
-    assert_valid_maps(*result.triple(), 2, 8, 16, 8)
-    assert bool((result.logcnt == 2).all()), result.logcnt.tolist()
-    assert torch.allclose(result.balancedness, torch.ones(2, dtype=result.balancedness.dtype))
+def test_equal_weights_get_equal_copy_counts_and_perfect_balance(policy: str, case: str) -> None:
+    layers, experts, groups, value = EQUAL_WEIGHTS[case]
+    result = solve(torch.full((layers, experts), value), 16, groups, 2, 8, policy=policy)
+    assert_valid_maps(*result.triple(), layers, experts, 16, 8)
+    assert bool((result.logcnt == 16 // experts).all()), result.logcnt.tolist()
+    assert torch.allclose(result.balancedness, torch.ones(layers, dtype=result.balancedness.dtype))
 
 
 @pytest.mark.parametrize("policy", ALL_POLICIES)

@@ -23,6 +23,18 @@ def _moves(prev: torch.Tensor, new: torch.Tensor, num_experts: int, num_gpus: in
     return maps.moved_copies(prev, new, num_experts, num_gpus)
 
 
+def assert_within_move_budget(weight: torch.Tensor, prev: torch.Tensor, shape: tuple, policy: str, budget: int) -> None:
+    """Plan `weight` [L, E] from `prev` [L, R] with `max_moves_per_layer=budget`: valid maps, at most `budget`
+    copies moved per layer (counted as `_moves` counts them), and nothing moved at all for a budget of 0."""
+    layers, experts, replicas, groups, nodes, gpus = shape
+    result = solve(weight, replicas, groups, nodes, gpus, policy=policy, prev_phy2log=prev, max_moves_per_layer=budget)
+    assert_valid_maps(*result.triple(), layers, experts, replicas, gpus)
+    assert bool((result.moved_copies <= budget).all()), result.moved_copies.tolist()
+    assert torch.equal(result.moved_copies, _moves(prev, result.phy2log, experts, gpus))
+    if budget == 0:
+        assert torch.equal(result.phy2log, prev)
+
+
 def test_migration_ships_far_fewer_copies_than_replanning_at_the_same_next_window_balance() -> None:
     layers, experts, replicas, groups, nodes, gpus = DRIFT_SHAPE
     windows = 8
@@ -72,13 +84,7 @@ def test_max_moves_per_layer_is_respected(policy: str, budget: int) -> None:
     series = drift_series(layers, experts, 2, seed=33)
     prev = solve(series[0], replicas, groups, nodes, gpus, policy=policy, seed=4).phy2log
     # A different skew on the next window: a fresh plan would move many copies.
-    weight = make("hot", layers, experts, seed=34)
-    result = solve(weight, replicas, groups, nodes, gpus, policy=policy, prev_phy2log=prev, max_moves_per_layer=budget)
-    assert_valid_maps(*result.triple(), layers, experts, replicas, gpus)
-    assert bool((result.moved_copies <= budget).all()), result.moved_copies.tolist()
-    assert torch.equal(result.moved_copies, _moves(prev, result.phy2log, experts, gpus))
-    if budget == 0:
-        assert torch.equal(result.phy2log, prev)
+    assert_within_move_budget(make("hot", layers, experts, seed=34), prev, SMALL, policy, budget)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -92,20 +98,14 @@ def test_max_moves_per_layer_is_respected(policy: str, budget: int) -> None:
 def test_max_moves_per_layer_is_respected_from_any_placement_in_force(
     seed: int, budget: int, policy: str, kind: str, shape: tuple
 ) -> None:
-    layers, experts, replicas, groups, nodes, gpus = shape
+    layers, experts, replicas = shape[:3]
     g = torch.Generator().manual_seed(seed)
     # A random valid placement in force: every expert once, the spare slots random, shuffled.
     prev = torch.cat(
         [torch.arange(experts).repeat(layers, 1), torch.randint(experts, (layers, replicas - experts), generator=g)], 1
     )
     prev = prev.gather(1, torch.rand(layers, replicas, generator=g).argsort(1))
-    weight = make(kind, layers, experts, seed=seed)
-    result = solve(weight, replicas, groups, nodes, gpus, policy=policy, prev_phy2log=prev, max_moves_per_layer=budget)
-    assert_valid_maps(*result.triple(), layers, experts, replicas, gpus)
-    assert bool((result.moved_copies <= budget).all()), result.moved_copies.tolist()
-    assert torch.equal(result.moved_copies, _moves(prev, result.phy2log, experts, gpus))
-    if budget == 0:
-        assert torch.equal(result.phy2log, prev)
+    assert_within_move_budget(make(kind, layers, experts, seed=seed), prev, shape, policy, budget)
 
 
 def test_a_move_budget_allowing_a_few_swaps_gives_a_valid_plan() -> None:

@@ -15,33 +15,8 @@ import grpc
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
 from .client import HEALTH_NAMES, Connection, unknown_service
-from .messages import LoadRequests, TopologyLike, advise_request, load_request, rebalance_request
+from .messages import AsyncLoadRequests, LoadRequests, TopologyLike, advise_request, rebalance_request
 from .placement import DeploymentInfo, LoadSummary, Placement, SlotAdvice
-
-
-class _AsyncLoadRequests:
-    """Async counterpart of `LoadRequests`: remembers the error that ended the request stream."""
-
-    def __init__(
-        self, deployment_id: str, reports: AsyncIterable[Any], *, topology: TopologyLike | None, rank: int
-    ) -> None:
-        if not deployment_id:
-            raise ValueError("deployment_id is required")
-        self._deployment_id = deployment_id
-        self._reports = reports
-        self._topology = topology
-        self._rank = rank
-        self.error: Exception | None = None
-
-    async def __aiter__(self) -> AsyncIterator[pb.StreamLoadRequest]:
-        index = 0
-        async for report in self._reports:
-            try:
-                yield load_request(self._deployment_id, index, report, topology=self._topology, rank=self._rank)
-            except Exception as exc:
-                self.error = exc
-                raise
-            index += 1
 
 
 class AsyncRebalancerClient(Connection):
@@ -96,10 +71,8 @@ class AsyncRebalancerClient(Connection):
         timeout: float | None = None,
     ) -> LoadSummary:
         """See `RebalancerClient.report_loads`; `reports` may also be an async iterable."""
-        if isinstance(reports, AsyncIterable):
-            requests: Any = _AsyncLoadRequests(deployment_id, reports, topology=topology, rank=rank)
-        else:
-            requests = LoadRequests(deployment_id, reports, topology=topology, rank=rank)
+        stream = AsyncLoadRequests if isinstance(reports, AsyncIterable) else LoadRequests
+        requests = stream(deployment_id, reports, topology=topology, rank=rank)
         try:
             response = await self._stub.StreamLoad(requests, timeout=timeout, metadata=self._metadata)
         except (grpc.RpcError, asyncio.CancelledError):  # grpc.aio cancels the call when the iterator fails

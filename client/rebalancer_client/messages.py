@@ -8,7 +8,7 @@ answers INVALID_ARGUMENT with field violations for what only it can judge.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -111,45 +111,70 @@ def rebalance_request(
     if loads is None and not deployment_id:
         raise ValueError("loads are required without deployment_id")
     request = pb.RebalanceRequest(deployment_id=deployment_id or "")
-    has_topology = num_replicas is not None or num_gpus is not None
-    if loads is not None:
-        array = loads_array(loads)
+    array = None if loads is None else loads_array(loads)
+    if array is not None:
         request.loads.CopyFrom(encode(array))
-        if not has_topology and not deployment_id:
-            raise ValueError("num_replicas and num_gpus are required with inline loads and no deployment_id")
-    if has_topology:
-        if num_replicas is None or num_gpus is None:
-            raise ValueError("num_replicas and num_gpus must be given together")
-        if loads is None:
-            raise ValueError("num_replicas/num_gpus describe inline loads; pass loads or omit them")
-        layers, experts = array.shape
-        request.topology.CopyFrom(
-            make_topology(layers, experts, num_replicas, num_groups, num_nodes, num_gpus).to_proto()
-        )
+    topology = _inline_topology(array, deployment_id, num_replicas, num_groups, num_nodes, num_gpus)
+    if topology is not None:
+        request.topology.CopyFrom(topology.to_proto())
     if prev_phy2log is not None:
-        previous = as_numpy(prev_phy2log)
-        if previous.ndim != 2:
-            raise ValueError(f"prev_phy2log must be 2-D [layers, replicas], got shape {list(previous.shape)}")
-        request.prev_phy2log.CopyFrom(encode(previous.astype(np.int64)))
+        request.prev_phy2log.CopyFrom(encode(_phy2log_array(prev_phy2log)))
     if unavailable_gpus is not None:
-        ids = [int(g) for g in unavailable_gpus]
-        if any(g < 0 for g in ids):
-            raise ValueError(f"unavailable_gpus must be GPU ids >= 0, got {ids}")
-        request.unavailable_gpus.extend(ids)
-    if cost_model:
-        known = {f.name for f in pb.TransferCost.DESCRIPTOR.fields}
-        unknown = sorted(set(cost_model) - known)
-        if unknown:
-            raise ValueError(f"cost_model has unknown keys {unknown} (known: {sorted(known)})")
-        for name, value in cost_model.items():
-            if value is not None:
-                setattr(request.cost_model, name, float(value))
+        request.unavailable_gpus.extend(_gpu_ids(unavailable_gpus))
+    for name, value in _cost_fields(cost_model or {}).items():
+        setattr(request.cost_model, name, value)
     if base_version is not None:
         if base_version < 0:
             raise ValueError(f"base_version must be >= 0, got {base_version}")
         request.base_version = base_version
     fill_options(request.options, check_options(**options))
     return request
+
+
+def _inline_topology(
+    array: np.ndarray | None,
+    deployment_id: str | None,
+    num_replicas: int | None,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int | None,
+) -> Topology | None:
+    """The topology of inline loads [L, E]; None when the request plans from a deployment's own one."""
+    if num_replicas is None and num_gpus is None:
+        if array is not None and not deployment_id:
+            raise ValueError("num_replicas and num_gpus are required with inline loads and no deployment_id")
+        return None
+    if num_replicas is None or num_gpus is None:
+        raise ValueError("num_replicas and num_gpus must be given together")
+    if array is None:
+        raise ValueError("num_replicas/num_gpus describe inline loads; pass loads or omit them")
+    layers, experts = array.shape
+    return make_topology(layers, experts, num_replicas, num_groups, num_nodes, num_gpus)
+
+
+def _phy2log_array(value: Any) -> np.ndarray:
+    """A placement in force [L, R] as int64."""
+    previous = as_numpy(value)
+    if previous.ndim != 2:
+        raise ValueError(f"prev_phy2log must be 2-D [layers, replicas], got shape {list(previous.shape)}")
+    return previous.astype(np.int64)
+
+
+def _gpu_ids(value: Iterable[int]) -> list[int]:
+    """Failed GPU ids, each >= 0."""
+    ids = [int(g) for g in value]
+    if any(g < 0 for g in ids):
+        raise ValueError(f"unavailable_gpus must be GPU ids >= 0, got {ids}")
+    return ids
+
+
+def _cost_fields(cost_model: Mapping[str, float | None]) -> dict[str, float]:
+    """The cost model's given fields as floats (None: the server's default); unknown keys are refused."""
+    known = {f.name for f in pb.TransferCost.DESCRIPTOR.fields}
+    unknown = sorted(set(cost_model) - known)
+    if unknown:
+        raise ValueError(f"cost_model has unknown keys {unknown} (known: {sorted(known)})")
+    return {name: float(value) for name, value in cost_model.items() if value is not None}
 
 
 def advise_request(
@@ -229,37 +254,54 @@ def load_request(
     return request
 
 
-class LoadRequests:
-    """StreamLoad messages of a stream of reports (see `load_request`), remembering the error that ended it.
+class _ReportStream:
+    """StreamLoad messages of a stream of reports, remembering the error that ended it; `stream_args`
+    (topology, rank) are those of `load_request`.
 
     gRPC consumes request iterators on its own thread and turns their exceptions into a CANCELLED
     status; the clients re-raise `error` instead, so a bad report reads as the ValueError it is.
     """
 
-    def __init__(
-        self,
-        deployment_id: str,
-        reports: Iterable[Any],
-        *,
-        topology: TopologyLike | None = None,
-        rank: int = 0,
-    ) -> None:
+    def __init__(self, deployment_id: str, reports: Any, **stream_args: Any) -> None:
         if not deployment_id:
             raise ValueError("deployment_id is required")
-        self._reports = enumerate(reports)
-        self._make = functools.partial(load_request, deployment_id, topology=topology, rank=rank)
+        self._reports = reports
+        self._make = functools.partial(load_request, deployment_id, **stream_args)
         self.error: Exception | None = None
 
-    def __iter__(self) -> Iterator[pb.StreamLoadRequest]:
-        return self
-
-    def __next__(self) -> pb.StreamLoadRequest:
-        index, report = next(self._reports)
+    def request(self, index: int, report: Any) -> pb.StreamLoadRequest:
+        """The message of the `index`-th report; a failure is kept in `error` before it propagates."""
         try:
             return self._make(index, report)
         except Exception as exc:
             self.error = exc
             raise
+
+
+class LoadRequests(_ReportStream):
+    """The messages of an iterable of reports (see `_ReportStream`), for the sync clients."""
+
+    def __init__(self, deployment_id: str, reports: Iterable[Any], **stream_args: Any) -> None:
+        super().__init__(deployment_id, enumerate(reports), **stream_args)
+
+    def __iter__(self) -> Iterator[pb.StreamLoadRequest]:
+        return self
+
+    def __next__(self) -> pb.StreamLoadRequest:
+        return self.request(*next(self._reports))
+
+
+class AsyncLoadRequests(_ReportStream):
+    """The messages of an async iterable of reports (see `_ReportStream`), for the asyncio client."""
+
+    def __init__(self, deployment_id: str, reports: AsyncIterable[Any], **stream_args: Any) -> None:
+        super().__init__(deployment_id, reports, **stream_args)
+
+    async def __aiter__(self) -> AsyncIterator[pb.StreamLoadRequest]:
+        index = 0
+        async for report in self._reports:
+            yield self.request(index, report)
+            index += 1
 
 
 def field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:

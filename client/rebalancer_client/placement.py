@@ -24,8 +24,8 @@ Engine files (written by `rebalancer rebalance/get/watch --format ...`; `to_text
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
 
 import numpy as np
 from rebalancer_wire.codec import decode
@@ -36,6 +36,14 @@ from .engines import sglang, trtllm
 from .engines.layers import LayerNumbering
 
 FORMATS = ("vllm", "sglang", "trtllm", "raw")
+_View = TypeVar("_View")
+
+
+def _from_message(cls: type[_View], message: Any, **converted: Any) -> _View:
+    """`cls` built from `message`: each dataclass field not in `converted` takes the message's field of the
+    same name as it is (the views mirror the proto's names), so a new scalar needs only its declaration."""
+    copied = {f.name: getattr(message, f.name) for f in fields(cls) if f.name not in converted}
+    return cls(**copied, **converted)
 
 
 @dataclass(frozen=True)
@@ -63,23 +71,11 @@ class PlacementStats:
 
     @classmethod
     def from_proto(cls, message: pb.PlacementStats) -> PlacementStats:
-        return cls(
-            balancedness_before=message.balancedness_before,
-            balancedness_after=message.balancedness_after,
-            imbalance_before=message.imbalance_before,
-            imbalance_after=message.imbalance_after,
-            replicas_moved=message.replicas_moved,
+        return _from_message(
+            cls,
+            message,
             moved_per_layer=list(message.moved_per_layer),
-            solve_seconds=message.solve_seconds,
-            device=message.device,
             policies={p.policy: p.layers for p in message.policies},
-            batch_layers=message.batch_layers,
-            batch_requests=message.batch_requests,
-            solver_path=message.solver_path,
-            moved_bytes=message.moved_bytes,
-            intra_node_share=message.intra_node_share,
-            estimated_transfer_seconds=message.estimated_transfer_seconds,
-            deferred_layers=message.deferred_layers,
         )
 
 
@@ -110,16 +106,15 @@ class Placement:
 
     @classmethod
     def from_proto(cls, message: pb.Placement, *, committed: bool = False) -> Placement:
-        return cls(
-            phy2log=np.array(decode(message.phy2log), dtype=np.int64),
-            log2phy=np.array(decode(message.log2phy), dtype=np.int64),
-            logcnt=np.array(decode(message.logcnt), dtype=np.int64),
-            version=message.version,
-            deployment_id=message.deployment_id,
+        maps = {
+            name: np.array(decode(getattr(message, name)), dtype=np.int64) for name in ("phy2log", "log2phy", "logcnt")
+        }
+        return _from_message(
+            cls,
+            message,
+            **maps,
             topology=Topology.from_proto(message.topology),
             stats=PlacementStats.from_proto(message.stats),
-            trigger=message.trigger,
-            created_unix_ms=message.created_unix_ms,
             committed=committed,
             transfers=np.array(decode(message.transfers), dtype=np.int64).reshape(-1, 5)
             if message.HasField("transfers")
@@ -189,7 +184,7 @@ class SlotAdvice:
 
     @classmethod
     def from_proto(cls, message: pb.SlotAdvice) -> SlotAdvice:
-        return cls(message.slots_per_gpu, message.num_replicas, message.balancedness, message.worst_layer_balancedness)
+        return _from_message(cls, message)
 
 
 @dataclass(frozen=True)
@@ -204,13 +199,7 @@ class DeploymentInfo:
 
     @classmethod
     def from_proto(cls, message: pb.DeploymentInfo) -> DeploymentInfo:
-        return cls(
-            deployment_id=message.deployment_id,
-            topology=Topology.from_proto(message.topology),
-            version=message.version,
-            reports=message.reports,
-            imbalance=message.imbalance,
-        )
+        return _from_message(cls, message, topology=Topology.from_proto(message.topology))
 
 
 @dataclass(frozen=True)
@@ -223,8 +212,4 @@ class LoadSummary:
 
     @classmethod
     def from_proto(cls, message: pb.StreamLoadResponse) -> LoadSummary:
-        return cls(
-            accepted=message.accepted,
-            rejected=message.rejected,
-            rejections=[(r.index, r.field, r.reason) for r in message.rejections],
-        )
+        return _from_message(cls, message, rejections=[(r.index, r.field, r.reason) for r in message.rejections])

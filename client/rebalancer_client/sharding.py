@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 
 from .client import RebalancerClient
-from .messages import TopologyLike, rebalance_request
+from .messages import rebalance_request
 from .placement import DeploymentInfo, LoadSummary, Placement, SlotAdvice
 
 
@@ -197,18 +197,9 @@ class ShardedClient:
         targets = self.targets
         return self.client_for_target(targets[next(self._round_robin) % len(targets)])
 
-    def report_loads(
-        self,
-        deployment_id: str,
-        reports: Iterable[Any],
-        *,
-        topology: TopologyLike | None = None,
-        rank: int = 0,
-        timeout: float | None = None,
-    ) -> LoadSummary:
-        return self.client_for(deployment_id).report_loads(
-            deployment_id, reports, topology=topology, rank=rank, timeout=timeout
-        )
+    def report_loads(self, deployment_id: str, reports: Iterable[Any], **stream: Any) -> LoadSummary:
+        """See `RebalancerClient.report_loads` (topology, rank, timeout): the deployment's owner takes them."""
+        return self.client_for(deployment_id).report_loads(deployment_id, reports, **stream)
 
     def get_placement(self, deployment_id: str, *, timeout: float | None = None) -> Placement:
         return self.client_for(deployment_id).get_placement(deployment_id, timeout=timeout)

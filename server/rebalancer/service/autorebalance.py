@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import KW_ONLY, dataclass, field
 
 from rebalancer_wire.options import SolveSettings
 
@@ -25,24 +26,19 @@ from .errors import ServiceError
 log = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)
 class AutoRebalancer:
-    def __init__(
-        self,
-        registry: Registry,
-        *,
-        threshold: float,
-        min_interval_s: float,
-        hysteresis: float,
-        period_s: float = 1.0,
-    ) -> None:
-        self.registry = registry
-        self.threshold = threshold
-        self.min_interval_s = min_interval_s
-        self.hysteresis = hysteresis
-        self.period_s = period_s
-        self._seen: dict[str, int] = {}
-        self._last_attempt: dict[str, float] = {}
-        self._task: asyncio.Task | None = None
+    """The re-planning loop over `registry`; the policy fields are the ones the module doc describes."""
+
+    registry: Registry
+    _: KW_ONLY
+    threshold: float
+    min_interval_s: float
+    hysteresis: float
+    period_s: float = 1.0
+    _seen: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    _last_attempt: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+    _task: asyncio.Task | None = field(default=None, init=False, repr=False)
 
     @property
     def enabled(self) -> bool:

@@ -13,45 +13,47 @@ from grpc_status import rpc_status
 
 
 class ServiceError(Exception):
-    """Base of the errors a client can act on; `code` is the gRPC status it becomes."""
+    """Base of the errors a client can act on; `code` is the gRPC status it becomes, declared with each
+    subclass: `class NotFound(ServiceError, code=grpc.StatusCode.NOT_FOUND)`."""
 
     code = grpc.StatusCode.INTERNAL
 
+    def __init_subclass__(cls, code: grpc.StatusCode | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
 
-class InvalidArgument(ServiceError):
+
+class InvalidArgument(ServiceError, code=grpc.StatusCode.INVALID_ARGUMENT):
     """Bad input; `violations` are (field path, description) pairs, e.g. ("loads.data", "NaN at [0, 3]")."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
 
     def __init__(self, violations: list[tuple[str, str]]) -> None:
         self.violations = violations
         super().__init__("; ".join(f"{field}: {description}" for field, description in violations))
 
 
-class NotFound(ServiceError):
-    code = grpc.StatusCode.NOT_FOUND
+class NotFound(ServiceError, code=grpc.StatusCode.NOT_FOUND):
+    """The deployment named is not registered (or was deleted meanwhile), or has no placement yet."""
 
 
-class FailedPrecondition(ServiceError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+class FailedPrecondition(ServiceError, code=grpc.StatusCode.FAILED_PRECONDITION):
+    """A well-formed request the deployment's state refuses: a stale base_version, no telemetry yet."""
 
 
-class ResourceExhausted(ServiceError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+class ResourceExhausted(ServiceError, code=grpc.StatusCode.RESOURCE_EXHAUSTED):
+    """A queue, memory budget or per-job limit is full; the message names what to lower or when to retry."""
 
 
-class DeadlineExceeded(ServiceError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+class DeadlineExceeded(ServiceError, code=grpc.StatusCode.DEADLINE_EXCEEDED):
+    """The caller's deadline passed before or during the solve; the job was dropped unsolved."""
 
 
-class Unavailable(ServiceError):
-    code = grpc.StatusCode.UNAVAILABLE
+class Unavailable(ServiceError, code=grpc.StatusCode.UNAVAILABLE):
+    """The server is shutting down, or its state store cannot take a write now: retry (elsewhere)."""
 
 
-class Internal(ServiceError):
+class Internal(ServiceError, code=grpc.StatusCode.INTERNAL):
     """A fault of the server itself; the message never carries the fault's own text (that is logged)."""
-
-    code = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str = "internal error; the server log has the details") -> None:
         super().__init__(message)

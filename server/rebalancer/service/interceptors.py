@@ -14,11 +14,13 @@ an in-band rejection in the streams that reject reports one by one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from abc import abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -45,11 +47,28 @@ _BEHAVIORS = {
 }
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts and times every RPC by method and final status code."""
+def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
+    return _TYPES[(handler.request_streaming, handler.response_streaming)]
 
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
+
+def _behavior(handler: grpc.RpcMethodHandler) -> Callable:
+    """The handler's own coroutine or async generator (the one of its four slots its RPC type uses)."""
+    return getattr(handler, _BEHAVIORS[_rpc_type(handler)])
+
+
+def _rebuilt(handler: grpc.RpcMethodHandler, behavior: Callable, request_deserializer=None) -> grpc.RpcMethodHandler:
+    """A handler of the same RPC type and serializer running `behavior` (and `request_deserializer`, when
+    given, instead of the handler's own)."""
+    return _FACTORIES[_rpc_type(handler)](
+        behavior,
+        request_deserializer=request_deserializer or handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class _HandlerInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that replaces each method's handler: `replace` says with what (unknown methods,
+    whose handler is None, pass through)."""
 
     async def intercept_service(
         self,
@@ -57,18 +76,24 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None:
-            return None
-        rpc_type = _TYPES[(handler.request_streaming, handler.response_streaming)]
+        return None if handler is None else self.replace(handler, details)
+
+    @abstractmethod
+    def replace(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        """The handler to run instead of `handler` for the method `details` names."""
+
+
+class MetricsInterceptor(_HandlerInterceptor):
+    """Counts and times every RPC by method and final status code."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def replace(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         service, _, method = details.method.lstrip("/").rpartition("/")
-        labels = (rpc_type, service, method)
-        behavior = getattr(handler, _BEHAVIORS[rpc_type])
-        wrapped = self._wrap(behavior, labels, handler.request_streaming, handler.response_streaming)
-        return _FACTORIES[rpc_type](
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        labels = (_rpc_type(handler), service, method)
+        wrapped = self._wrap(_behavior(handler), labels, handler.request_streaming, handler.response_streaming)
+        return _rebuilt(handler, wrapped)
 
     def _wrap(self, behavior, labels: tuple[str, str, str], request_streaming: bool, response_streaming: bool):
         m = self.metrics
@@ -85,48 +110,44 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
             return counted()
 
-        def finish(context: grpc.aio.ServicerContext, started: float, error: BaseException | None) -> None:
-            if error is None:
-                code = context.code() or grpc.StatusCode.OK
-            elif isinstance(error, asyncio.CancelledError):
-                code = grpc.StatusCode.CANCELLED
-            else:  # AbortError carries the code the handler set; anything else is UNKNOWN
-                code = context.code() or grpc.StatusCode.UNKNOWN
-            if isinstance(code, int):
-                code = next(c for c in grpc.StatusCode if c.value[0] == code)
-            m.grpc_handled.labels(*labels, code.name).inc()
-            m.grpc_handling_seconds.labels(*labels).observe(time.perf_counter() - started)
-
-        if response_streaming and inspect.isasyncgenfunction(behavior):
-
-            async def streaming(request_or_iterator, context):
-                m.grpc_started.labels(*labels).inc()
-                started, error = time.perf_counter(), None
-                try:
-                    async for response in behavior(count_requests(request_or_iterator), context):
-                        m.grpc_msg_sent.labels(*labels).inc()
-                        yield response
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    finish(context, started, error)
-
-            return streaming
-
-        async def unary(request_or_iterator, context):
+        @contextlib.contextmanager
+        def handled(context: grpc.aio.ServicerContext) -> Iterator[None]:
+            """Counts the RPC started, then handled with its final code and timed, however it ends."""
             m.grpc_started.labels(*labels).inc()
             started, error = time.perf_counter(), None
             try:
-                response = await behavior(count_requests(request_or_iterator), context)
-                if not response_streaming:
-                    m.grpc_msg_sent.labels(*labels).inc()
-                return response
+                yield
             except BaseException as exc:
                 error = exc
                 raise
             finally:
-                finish(context, started, error)
+                if error is None:
+                    code = context.code() or grpc.StatusCode.OK
+                elif isinstance(error, asyncio.CancelledError):
+                    code = grpc.StatusCode.CANCELLED
+                else:  # AbortError carries the code the handler set; anything else is UNKNOWN
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                if isinstance(code, int):
+                    code = next(c for c in grpc.StatusCode if c.value[0] == code)
+                m.grpc_handled.labels(*labels, code.name).inc()
+                m.grpc_handling_seconds.labels(*labels).observe(time.perf_counter() - started)
+
+        if response_streaming and inspect.isasyncgenfunction(behavior):
+
+            async def streaming(request_or_iterator, context):
+                with handled(context):
+                    async for response in behavior(count_requests(request_or_iterator), context):
+                        m.grpc_msg_sent.labels(*labels).inc()
+                        yield response
+
+            return streaming
+
+        async def unary(request_or_iterator, context):
+            with handled(context):
+                response = await behavior(count_requests(request_or_iterator), context)
+                if not response_streaming:
+                    m.grpc_msg_sent.labels(*labels).inc()
+                return response
 
         return unary
 
@@ -141,7 +162,7 @@ async def _unauthenticated(request_or_iterator, context: grpc.aio.ServicerContex
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
 
 
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+class TokenAuthInterceptor(_HandlerInterceptor):
     """Refuses every RPC outside OPEN_METHODS (UNAUTHENTICATED) unless its metadata carries
     `authorization: Bearer <token>`.
 
@@ -158,20 +179,10 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             presented = presented.encode()
         return hmac.compare_digest(hashlib.sha256(presented).digest(), self._expected)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method in OPEN_METHODS or self.authorized(details.invocation_metadata):
+    def replace(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        if details.method in OPEN_METHODS or self.authorized(details.invocation_metadata):
             return handler
-        rpc_type = _TYPES[(handler.request_streaming, handler.response_streaming)]
-        return _FACTORIES[rpc_type](
-            _unauthenticated,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return _rebuilt(handler, _unauthenticated)
 
 
 @dataclass(frozen=True)
@@ -202,28 +213,16 @@ async def _refuse(context: grpc.aio.ServicerContext, message: Undecodable) -> No
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request message: {message.reason}")
 
 
-class DecodeInterceptor(grpc.aio.ServerInterceptor):
+class DecodeInterceptor(_HandlerInterceptor):
     """Parse request messages without letting a parse error escape into gRPC (see the module doc)."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        rpc_type = _TYPES[(handler.request_streaming, handler.response_streaming)]
-        behavior = getattr(handler, _BEHAVIORS[rpc_type])
+    def replace(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        behavior = _behavior(handler)
         if handler.request_streaming:
             wrapped = behavior if details.method in IN_BAND_METHODS else self._checked_stream(behavior)
         else:
             wrapped = self._checked_unary(behavior, handler.response_streaming)
-        return _FACTORIES[rpc_type](
-            wrapped,
-            request_deserializer=_safe(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
-        )
+        return _rebuilt(handler, wrapped, _safe(handler.request_deserializer))
 
     @staticmethod
     def _checked_unary(behavior, response_streaming: bool):

@@ -8,6 +8,7 @@ there too. No label ever carries a layer index; deployment labels are dropped on
 from __future__ import annotations
 
 import contextlib
+import functools
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -44,98 +45,77 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.solve_duration = Histogram(
+        # Every family registers in this server's own registry (see the module doc).
+        counter, gauge, histogram = (
+            functools.partial(kind, registry=self.registry) for kind in (Counter, Gauge, Histogram)
+        )
+        self.solve_duration = histogram(
             "rebalancer_solve_duration_seconds",
             "Wall time of one solver call (a whole batch), by device and kernel path.",
             ("device", "path"),
             buckets=SOLVE_BUCKETS,
-            registry=r,
         )
-        self.transfer_seconds = Histogram(
+        self.transfer_seconds = histogram(
             "rebalancer_transfer_estimated_seconds",
             "Estimated rearrangement time of each plan made from a placement in force (cost model: busiest"
             " GPU's sending or receiving time on the slower link class).",
             buckets=TRANSFER_BUCKETS,
-            registry=r,
         )
-        self.batch_layers = Histogram(
-            "rebalancer_batch_layers", "Layers in one solver call.", buckets=BATCH_LAYER_BUCKETS, registry=r
+        self.batch_layers = histogram(
+            "rebalancer_batch_layers", "Layers in one solver call.", buckets=BATCH_LAYER_BUCKETS
         )
-        self.batch_requests = Histogram(
-            "rebalancer_batch_requests",
-            "Requests in one solver call.",
-            buckets=BATCH_REQUEST_BUCKETS,
-            registry=r,
+        self.batch_requests = histogram(
+            "rebalancer_batch_requests", "Requests in one solver call.", buckets=BATCH_REQUEST_BUCKETS
         )
-        self.queue_depth = Gauge("rebalancer_queue_depth", "Solve requests waiting for the solver.", registry=r)
-        self.imbalance_ratio = Gauge(
+        self.queue_depth = gauge("rebalancer_queue_depth", "Solve requests waiting for the solver.")
+        self.imbalance_ratio = gauge(
             "rebalancer_imbalance_ratio",
             "Max/mean GPU load of the placement in force on the telemetry window (mean over layers).",
             ("deployment",),
-            registry=r,
         )
-        self.balancedness = Gauge(
+        self.balancedness = gauge(
             "rebalancer_balancedness",
             "Mean/max GPU load (mean over layers): placement in force on the window, or the last plan.",
             ("deployment", "placement"),
-            registry=r,
         )
-        self.replicas_moved = Counter(
+        self.replicas_moved = counter(
             "rebalancer_replicas_moved_total",
             "Expert copies GPUs had to receive because of committed placements.",
             ("deployment",),
-            registry=r,
         )
-        self.telemetry_reports = Counter(
+        self.telemetry_reports = counter(
             "rebalancer_telemetry_reports_total",
             "Telemetry reports received, by outcome (deployment is empty when the id itself was bad).",
             ("deployment", "outcome"),
-            registry=r,
         )
-        self.placements = Counter(
-            "rebalancer_placements_total", "Placements committed, by trigger.", ("trigger",), registry=r
+        self.placements = counter("rebalancer_placements_total", "Placements committed, by trigger.", ("trigger",))
+        self.solver_calls = counter(
+            "rebalancer_solver_calls_total", "Solver calls (one per batch), by kernel path.", ("path",)
         )
-        self.solver_calls = Counter(
-            "rebalancer_solver_calls_total",
-            "Solver calls (one per batch), by kernel path.",
-            ("path",),
-            registry=r,
-        )
-        self.deployments = Gauge("rebalancer_deployments", "Registered deployments.", registry=r)
-        self.state_bytes = Gauge(
+        self.deployments = gauge("rebalancer_deployments", "Registered deployments.")
+        self.state_bytes = gauge(
             "rebalancer_state_bytes",
             "Memory reserved by soft state (telemetry windows, placements in force) against its budget.",
-            registry=r,
         )
-        self.state_budget_bytes = Gauge(
-            "rebalancer_state_budget_bytes", "Memory budget of soft state (share of --memory-budget-mb).", registry=r
+        self.state_budget_bytes = gauge(
+            "rebalancer_state_budget_bytes", "Memory budget of soft state (share of --memory-budget-mb)."
         )
-        self.dropped_requests = Counter(
+        self.dropped_requests = counter(
             "rebalancer_dropped_requests_total",
             "Solve requests dropped unsolved, before or during their solve: the caller had gone (cancelled), "
             "its deadline passed, or the server shut down.",
             ("reason",),
-            registry=r,
         )
 
-        self.grpc_started = Counter("grpc_server_started_total", "RPCs started.", GRPC_LABELS, registry=r)
-        self.grpc_handled = Counter(
-            "grpc_server_handled_total",
-            "RPCs completed, by status code.",
-            (*GRPC_LABELS, "grpc_code"),
-            registry=r,
+        self.grpc_started = counter("grpc_server_started_total", "RPCs started.", GRPC_LABELS)
+        self.grpc_handled = counter(
+            "grpc_server_handled_total", "RPCs completed, by status code.", (*GRPC_LABELS, "grpc_code")
         )
-        self.grpc_handling_seconds = Histogram(
-            "grpc_server_handling_seconds",
-            "RPC handling time until the status is sent.",
-            GRPC_LABELS,
-            registry=r,
+        self.grpc_handling_seconds = histogram(
+            "grpc_server_handling_seconds", "RPC handling time until the status is sent.", GRPC_LABELS
         )
-        self.grpc_msg_received = Counter(
-            "grpc_server_msg_received_total", "Request messages received.", GRPC_LABELS, registry=r
-        )
-        self.grpc_msg_sent = Counter("grpc_server_msg_sent_total", "Response messages sent.", GRPC_LABELS, registry=r)
+        self.grpc_msg_received = counter("grpc_server_msg_received_total", "Request messages received.", GRPC_LABELS)
+        self.grpc_msg_sent = counter("grpc_server_msg_sent_total", "Response messages sent.", GRPC_LABELS)
         for trigger in TRIGGERS:
             self.placements.labels(trigger)
         for reason in DROP_REASONS:

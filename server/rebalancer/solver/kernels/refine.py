@@ -54,6 +54,22 @@ def _first_min(values, ids, NO_ID: tl.constexpr):
     return best, tl.min(tl.where(values == best, ids, NO_ID), axis=0)
 
 
+@triton.jit
+def _swap_slots(loads, items, read_loads, read_items, at_heavy, at_light):
+    """(loads, items) [G, K] with the slot `at_heavy` marks and the one `at_light` marks exchanged.
+
+    Each mask [G, K] marks one slot, or none when the swap is off (then nothing changes); the two values
+    are read from `read_loads` / `read_items`, the round's start state in phase 1, the current one in 2.
+    """
+    heavy_value = tl.sum(tl.sum(tl.where(at_heavy, read_loads, 0.0), axis=1), axis=0)
+    light_value = tl.sum(tl.sum(tl.where(at_light, read_loads, 0.0), axis=1), axis=0)
+    heavy_item = tl.sum(tl.sum(tl.where(at_heavy, read_items, 0), axis=1), axis=0)
+    light_item = tl.sum(tl.sum(tl.where(at_light, read_items, 0), axis=1), axis=0)
+    loads = tl.where(at_heavy, light_value, tl.where(at_light, heavy_value, loads))
+    items = tl.where(at_heavy, light_item, tl.where(at_light, heavy_item, items))
+    return loads, items
+
+
 # Round counts of 1 would otherwise be specialised to constants, changing the type of the loop flags.
 @triton.jit(do_not_specialize=["pair_rounds", "heaviest_rounds", "num_partners"])
 def _swap_refine_kernel(
@@ -111,12 +127,7 @@ def _swap_refine_kernel(
             swap = proceed & improves
             at_heavy = (rows == tl.where(swap, heavy, -1)) & (cols == rank // capacity)
             at_light = (rows == tl.where(swap, light, -1)) & (cols == rank % capacity)
-            heavy_value = tl.sum(tl.sum(tl.where(at_heavy, start_loads, 0.0), axis=1), axis=0)
-            light_value = tl.sum(tl.sum(tl.where(at_light, start_loads, 0.0), axis=1), axis=0)
-            heavy_item = tl.sum(tl.sum(tl.where(at_heavy, start_items, 0), axis=1), axis=0)
-            light_item = tl.sum(tl.sum(tl.where(at_light, start_items, 0), axis=1), axis=0)
-            loads = tl.where(at_heavy, light_value, tl.where(at_light, heavy_value, loads))
-            items = tl.where(at_heavy, light_item, tl.where(at_light, heavy_item, items))
+            loads, items = _swap_slots(loads, items, start_loads, start_items, at_heavy, at_light)
         done_rounds += 1
         running = proceed & (done_rounds < pair_rounds)
 
@@ -157,12 +168,7 @@ def _swap_refine_kernel(
         running = (best < heavy_load * improve_factor) & (heavy_load > target)
         at_heavy = (rows == tl.where(running, heavy, -1)) & (cols == best_rank // (num_partners * capacity))
         at_light = (rows == tl.where(running, best_partner, -1)) & (cols == best_rank % capacity)
-        heavy_value = tl.sum(tl.sum(tl.where(at_heavy, loads, 0.0), axis=1), axis=0)
-        light_value = tl.sum(tl.sum(tl.where(at_light, loads, 0.0), axis=1), axis=0)
-        heavy_item = tl.sum(tl.sum(tl.where(at_heavy, items, 0), axis=1), axis=0)
-        light_item = tl.sum(tl.sum(tl.where(at_light, items, 0), axis=1), axis=0)
-        loads = tl.where(at_heavy, light_value, tl.where(at_light, heavy_value, loads))
-        items = tl.where(at_heavy, light_item, tl.where(at_light, heavy_item, items))
+        loads, items = _swap_slots(loads, items, loads, items, at_heavy, at_light)
         done_rounds += 1
         running = running & (done_rounds < heaviest_rounds)
 
