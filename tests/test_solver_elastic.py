@@ -44,6 +44,22 @@ def test_losing_one_gpu_hosts_every_expert_on_the_healthy_ones_near_a_fresh_plan
     assert int(moved.sum()) < 0.5 * int(fresh_moves.sum()), (moved.tolist(), fresh_moves.tolist())
 
 
+@pytest.mark.parametrize("kind", ["zipf", "lognormal"])
+def test_losing_one_of_eight_gpus_ships_at_most_twice_its_copies_near_a_fresh_plan(kind: str) -> None:
+    # 48 experts in 4 groups, 64 slots on 2 nodes x 4 GPUs (8 slots each); GPU 3 fails.
+    layers, experts, replicas, groups, nodes, gpus = 6, 48, 64, 4, 2, 8
+    slots = replicas // gpus
+    weight = make(kind, layers, experts, seed=71)
+    prev = solve(weight, replicas, groups, nodes, gpus).phy2log
+    result = solve(weight, replicas, groups, nodes, gpus, prev_phy2log=prev, unavailable_gpus=[3])
+    assert_valid_maps(*result.triple(), layers, experts, slots * (gpus - 1), gpus - 1)
+    assert bool((result.moved_copies <= 2 * slots).all()), result.moved_copies.tolist()
+    fresh = solve(weight, slots * (gpus - 1), 1, 1, gpus - 1)
+    assert bool((result.balancedness >= fresh.balancedness - 0.01 - 1e-9).all())
+    replayed = apply_transfers(prev, result.transfers, slots, gpus - 1, result.gpu_ids)
+    assert torch.equal(replayed, result.phy2log)
+
+
 def test_scaling_32_to_40_gpus_keeps_most_copies_in_place(in_force) -> None:
     weight, prev = in_force
     result = solve(weight, REPLICAS, GROUPS, NODES, GPUS, prev_phy2log=prev, new_num_gpus=40)

@@ -5,14 +5,19 @@ their slots per GPU unchanged (S x healthy slots per layer); a new GPU count G' 
 removed at the end) keeps GPUs 0 .. min(G, G') - 1. Either way the new layout is a list of GPU ids
 (`gpu_ids` [G_new], ids of the old numbering; ids past the old count are new GPUs), and:
 
-1. every surviving GPU keeps its copies in their slots; slots of new GPUs start empty;
-2. as many copies as the change took away or added are given back, one per round to the expert with the
-   highest load per copy (experts left without any first): into an empty slot while there is one, else
-   into the slot of a spare copy where that hurts least (`restore_copies`);
-3. that seed placement is improved like any placement in force (`migration.migrate`: copy handovers and
-   swaps until within the balance tolerance of a fresh plan on the new GPUs, else the fresh plan
-   relabelled to overlap it most).
-Step 2 loops over rounds bounded by the removed or added slots; every step is batched over layers.
+1. every surviving GPU keeps its copies in their slots; copies on removed GPUs are dropped (an expert
+   that keeps another copy needs nothing shipped: its other copies take its load);
+2. slots of new GPUs are filled, one per round, by the expert with the highest load per copy
+   (`fill_empty_slots`);
+3. every expert left without a copy takes the slot of a spare copy of another expert, chosen by the
+   excess over the target it leaves (`shedding.rehost_experts`; one copy shipped each);
+4. a bounded number of moves then sheds load from the GPUs over the target, most excess removed per
+   shipped copy first (`shedding.shed_excess`), the target being the max GPU load within the balance
+   tolerance of a fresh plan on the new GPU set;
+5. layers still over it go on like any placement in force (`migration.migrate`: copy handovers and swaps,
+   else the fresh plan relabelled to overlap it most).
+Steps 2-4 loop over rounds bounded by the slots added, the experts left homeless and the move budget;
+every step is batched over layers.
 """
 
 from __future__ import annotations
@@ -23,12 +28,16 @@ from collections.abc import Sequence
 import torch
 from rebalancer_wire.options import ArgumentError
 
+from .cancel import checkpoint
 from .maps import expert_histogram, logcnt_from_phy2log
 from .migration import migrate
 from .planner import plan
+from .shedding import rehost_experts, shed_excess
 from .transfers import old_content
 
-ELASTIC_SWAPS_PER_GPU = 8
+# A changed GPU set needs moves on most GPUs (each receives or sheds about |G - G_new| / G of its load),
+# more than a drifting window does: the shedding and then the incremental plan may ship a few per GPU.
+ELASTIC_MOVES_PER_GPU = 8
 
 
 def elastic_gpu_ids(
@@ -68,43 +77,27 @@ def elastic_gpu_ids(
     return torch.tensor(healthy, dtype=torch.int64)
 
 
-def restore_copies(loads: torch.Tensor, seed: torch.Tensor, num_gpus: int, rounds: int) -> torch.Tensor:
-    """Give back the copies the change of GPU set took or added (steps 2 and 3), one per layer and round.
+def fill_empty_slots(loads: torch.Tensor, seed: torch.Tensor, num_gpus: int, rounds: int) -> torch.Tensor:
+    """Fill the slots of new GPUs, one per layer and round: the expert with the highest load per copy gains
+    a copy in an empty slot of the lightest GPU that has one.
 
-    Each round the expert with the highest load per copy (first those without any) gains a copy: in an
-    empty slot while there is one (the lightest GPU's), else in the slot of a spare copy (an expert with
-    two or more) where the larger of the GPU's resulting load and the donor's busiest host after the
-    rise of its copies is lowest.
-    loads [L, E], seed [L, R] with empty slots marked E -> seed [L, R] without empty slots, every expert
-    hosted, provided `rounds` covers the empty slots and the experts without a copy.
+    loads [L, E], seed [L, R] with empty slots marked E -> seed [L, R]; `rounds` covers the empty slots.
     """
     num_layers, num_slots = seed.shape
     num_experts = loads.shape[1]
-    device = seed.device
-    slot_gpu = torch.arange(num_slots, device=device) // (num_slots // num_gpus)
-    slots = torch.arange(num_slots, device=device)
+    slot_gpu = torch.arange(num_slots, device=seed.device) // (num_slots // num_gpus)
+    slots = torch.arange(num_slots, device=seed.device)
     padded = torch.cat([loads, torch.zeros_like(loads[:, :1])], 1)
     for _ in range(rounds):
+        checkpoint()
         counts = logcnt_from_phy2log(seed, num_experts + 1)
-        slot_counts = counts.gather(1, seed)
-        slot_loads = (padded / counts.clamp_min(1)).gather(1, seed)
         empty = seed == num_experts
-        per_copy = torch.where(counts[:, :num_experts] > 0, loads / counts[:, :num_experts].clamp_min(1), math.inf)
-        expert = per_copy.argmax(1, keepdim=True)  # [L, 1]
-        gpu_loads = torch.zeros(num_layers, num_gpus, dtype=loads.dtype, device=device)
+        slot_loads = (padded / counts.clamp_min(1)).gather(1, seed)
+        gpu_loads = torch.zeros(num_layers, num_gpus, dtype=loads.dtype, device=seed.device)
         gpu_loads.index_add_(1, slot_gpu, slot_loads)
-        arriving = loads.gather(1, expert) / (counts.gather(1, expert) + 1)
-        donor_rise = padded.gather(1, seed) / (slot_counts - 1).clamp_min(1) - slot_loads
-        at_slot_gpu = gpu_loads[:, slot_gpu]
-        # The donor's busiest host (this slot's GPU aside, approximately) carries the rise of its copies.
-        donor_peak = torch.zeros_like(padded).scatter_reduce(1, seed, at_slot_gpu, "amax").gather(1, seed)
-        score = torch.maximum(
-            at_slot_gpu - slot_loads + arriving, torch.where(empty, -math.inf, donor_peak + donor_rise)
-        )
-        allowed = torch.where(empty.any(1, keepdim=True), empty, (slot_counts > 1) & (seed != expert))
-        slot = torch.where(allowed, score, math.inf).argmin(1, keepdim=True)
-        todo = allowed.any(1, keepdim=True) & (empty.any(1, keepdim=True) | (per_copy.amax(1, keepdim=True) > 0))
-        seed = torch.where(todo & (slots == slot), expert, seed)
+        expert = (loads / counts[:, :num_experts].clamp_min(1)).argmax(1, keepdim=True)  # [L, 1]
+        slot = torch.where(empty, gpu_loads[:, slot_gpu], math.inf).argmin(1, keepdim=True)
+        seed = torch.where(empty.any(1, keepdim=True) & (slots == slot), expert, seed)
     return seed
 
 
@@ -124,13 +117,18 @@ def plan_elastic(
     num_slots = slots_per_gpu * num_gpus
     seed = old_content(prev_phy2log, slots_per_gpu, gpu_ids)
     seed = torch.where(seed < 0, num_experts, seed)
-    lost = prev_phy2log.shape[1] - int((seed < num_experts).sum(1).min())  # copies gone per layer, at most
-    seed = restore_copies(loads, seed, num_gpus, max(lost, int((seed == num_experts).sum(1).max())))
     fresh, fresh_peak = plan(loads, num_slots, num_gpus, layer_seeds, num_candidates)
+    empty = int((seed == num_experts).sum(1).max())
+    if empty:
+        seed = fill_empty_slots(loads, seed, num_gpus, empty)
+    mean = loads.sum(-1) / num_gpus
+    targets = mean / (mean / fresh_peak.clamp_min(1e-300) - balance_tolerance).clamp_min(1e-6)
+    seed = rehost_experts(loads, seed, num_gpus, targets)
+    budget = ELASTIC_MOVES_PER_GPU * num_gpus
+    seed = shed_excess(loads, seed, num_gpus, targets, budget)
     no_locality = torch.zeros(num_layers, dtype=torch.bool, device=loads.device)
-    # A changed GPU set needs swaps on most GPUs (each receives or sheds about |G - G_new| / G of its
-    # load), more than a drifting window does: the incremental plan may take a few per GPU.
-    budget = ELASTIC_SWAPS_PER_GPU * num_gpus
+    # Layers the shedding left short continue with the migration's swaps and copy moves, else take the
+    # fresh plan relabelled.
     return migrate(loads, seed, fresh, fresh_peak, num_gpus, balance_tolerance, None, no_locality, 1, 1, budget)
 
 
