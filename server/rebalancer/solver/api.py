@@ -7,6 +7,7 @@ trust their inputs.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -449,5 +450,47 @@ def rebalance_experts(
     """Drop-in for DeepSeek/vLLM `rebalance_experts`: returns (phy2log [L, R], log2phy [L, E, X], logcnt [L, E]).
 
     Keyword options are those of `solve` (policy, num_candidates, seed, device, prev_phy2log, history, ...).
+    A fresh plan (no placement in force) skips the figures `solve` adds: on small problems (2 x 12 -> 16
+    slots) they cost as much as the plan.
     """
-    return solve(weight, num_replicas, num_groups, num_nodes, num_gpus, **options).triple()
+    if any(name not in FRESH_PLAN_OPTIONS and value is not None for name, value in options.items()):
+        return solve(weight, num_replicas, num_groups, num_nodes, num_gpus, **options).triple()
+    options = {name: value for name, value in options.items() if name in FRESH_PLAN_OPTIONS}
+    device, layer_seeds, history = (
+        options.pop("device", None),
+        options.pop("layer_seeds", None),
+        options.pop("history", None),
+    )
+    request = _checked_request(
+        weight,
+        num_replicas,
+        num_groups,
+        num_nodes,
+        num_gpus,
+        device=device,
+        layer_seeds=layer_seeds,
+        prev_phy2log=None,
+        history=history,
+        unavailable_gpus=None,
+        cost_model=None,
+        **options,
+    )
+    with cpu_threads(request.device):
+        phy2log, _, stats = _plan(request)
+        logcnt = maps.logcnt_from_phy2log(phy2log, request.loads.shape[1])
+        return phy2log, maps.log2phy_from_phy2log(phy2log, logcnt, stats.get("phy_rank")), logcnt
+
+
+# The keywords of `solve` a fresh plan takes; any other (a placement in force, a changed GPU set, a
+# cost model or budget) goes through `solve`, which checks it.
+FRESH_PLAN_OPTIONS = frozenset(
+    name for name, parameter in inspect.signature(solve).parameters.items() if parameter.kind is parameter.KEYWORD_ONLY
+) - {
+    "prev_phy2log",
+    "unavailable_gpus",
+    "new_num_gpus",
+    "max_transfer_seconds",
+    "max_incoming_copies_per_gpu",
+    "cost_model",
+    "plan_transfers",
+}

@@ -13,17 +13,17 @@ import functools
 import itertools
 import math
 
+import numpy as np
 import torch
 
 from .replication import slots_from_counts
 
 # Largest count-vector table scored per layer (vectors x slots): bounds memory at P x this x 16 bytes.
 MAX_TABLE = 1 << 17
-# Count vectors a row scores first on the CPU, lowest bound first: 1/16 of the table, at least 48
-# (8 experts on 16 slots: the optimum beats the bound of all but 30-275 of the 6435 vectors, measured
-# on zipf, log-normal and hot layers); and the relative margin by which the shortlist's winner must
-# beat the bound of the rest (float32 rounding of the bound).
-SHORTLIST_SHARE, MIN_SHORTLIST = 16, 48
+# Count vectors of lowest bound a row scores first on the CPU; the vectors whose bound is below the best
+# of those are scored next (8 experts on 16 slots: 1-800 of the 6435, ~150 on zipf, log-normal and hot
+# layers). The relative margin on that bound covers its float32 rounding.
+FIRST_STAGE = 16
 BOUND_MARGIN = 1e-5
 
 
@@ -58,35 +58,92 @@ def pair_optimum(loads: torch.Tensor, num_replicas: int, num_gpus: int) -> tuple
     """loads [P, E] float64 -> (phy2log [P, R], max GPU load [P]), optimal for two slots per GPU.
 
     Requires `applies(E, R, G)`. GPU g hosts the g-th heaviest and the g-th lightest copy of the best
-    count vector (lowest index among equals, so a row's result does not depend on its batch).
-    On the CPU, where scoring the whole table is the cost (32 x 8 -> 16: ~0.1-0.2 s), each row scores
-    first the shortlist of its vectors of lowest bound (largest + smallest copy) and keeps that winner when
-    it beats the bound of every vector left out: the same result; the other rows score the table.
+    count vector (lowest index among equals, so a row's result does not depend on its batch). On a GPU
+    every row scores the whole table at once; on the CPU `_host_optimum` scores only the vectors whose
+    bound can still beat the best found, in NumPy (the same result).
     """
+    if loads.device.type == "cpu":
+        phy2log, peak = _host_optimum(loads.numpy(), num_replicas, num_gpus)
+        return torch.from_numpy(phy2log), torch.from_numpy(peak)
     counts = count_vectors(loads.shape[1], num_replicas, loads.device)  # [K, E]
     whole_table = torch.arange(counts.shape[0], device=loads.device).unsqueeze(0)  # [1, K]
-    shortlist_size = max(MIN_SHORTLIST, counts.shape[0] // SHORTLIST_SHARE)
-    if loads.device.type != "cpu" or counts.shape[0] <= 2 * shortlist_size:
-        return _score(loads, counts, whole_table, num_gpus)[:2]
-    # Reciprocal products may round 1 ulp away from the divisions the scoring does: the margin covers it.
-    # Experts on the middle axis: reducing over it is elementwise work over K (5-10x faster than over a
-    # last axis of E = 8).
-    per_copy = loads.to(torch.float32).unsqueeze(2) * _reciprocals(loads.shape[1], num_replicas)  # [P, E, K]
-    bound = per_copy.amax(1) + per_copy.amin(1)  # [P, K]: the pair holding the largest copy
-    shortlist_bound, shortlist = bound.topk(shortlist_size + 1, dim=1, largest=False)
-    phy2log, peak, best_score = _score(loads, counts, shortlist[:, :shortlist_size], num_gpus)
-    proven = best_score < shortlist_bound[:, shortlist_size] * (1.0 - BOUND_MARGIN)
-    if bool(proven.all()):
-        return phy2log, peak
-    rows = (~proven).nonzero().squeeze(1)
-    phy2log[rows], peak[rows], _ = _score(loads[rows], counts, whole_table, num_gpus)
-    return phy2log, peak
+    return _score(loads, counts, whole_table, num_gpus)[:2]
 
 
 @functools.cache
-def _reciprocals(num_experts: int, num_replicas: int) -> torch.Tensor:
-    """1 / count for every count vector, experts first: [E, K] float32."""
-    return (1.0 / _count_table(num_experts, num_replicas).to(torch.float32)).t().contiguous()
+def _host_tables(num_experts: int, num_replicas: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The count table as NumPy arrays: counts [K, E] int64 and float32, 1 / count experts first [E, K]
+    float32, and the expert of each slot [K, R] int64 (experts in order)."""
+    counts = _count_table(num_experts, num_replicas).numpy()
+    counts32 = counts.astype(np.float32)
+    reciprocals = np.ascontiguousarray((1.0 / counts32).T)
+    slot_experts = slots_from_counts(torch.from_numpy(counts), num_replicas).numpy()
+    return counts, counts32, reciprocals, slot_experts
+
+
+def _host_optimum(loads: np.ndarray, num_replicas: int, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
+    """`pair_optimum` on the CPU: loads [P, E] float64 -> (phy2log [P, R] int64, max GPU load [P] float64).
+
+    A vector's score (its max pair load) is at least its bound, largest + smallest copy, so once the
+    FIRST_STAGE vectors of lowest bound give a row a score V, only the vectors of bound up to V can
+    win: those are scored (the best of the first stage among them), the rest of the table never is
+    (32 x 8 -> 16 slots: ~150 of 6435 vectors per row). Scores are float32, as on the GPU, the winner's
+    peak recomputed exactly.
+    """
+    counts, counts32, reciprocals, slot_experts = _host_tables(loads.shape[1], num_replicas)
+    num_rows, num_vectors = loads.shape[0], counts.shape[0]
+    loads32 = loads.astype(np.float32)
+    if num_vectors <= 2 * FIRST_STAGE:
+        rows, picked = np.divmod(np.arange(num_rows * num_vectors), num_vectors)
+    else:
+        largest = loads32[:, :1] * reciprocals[0]  # [P, K]
+        smallest = largest.copy()
+        for expert in range(1, loads.shape[1]):  # elementwise over [P, K]: no [P, E, K] temporary
+            per_copy = loads32[:, expert : expert + 1] * reciprocals[expert]
+            np.maximum(largest, per_copy, out=largest)
+            np.minimum(smallest, per_copy, out=smallest)
+        bound = largest + smallest
+        first = np.argpartition(bound, FIRST_STAGE, axis=1)[:, :FIRST_STAGE].ravel()
+        first_rows = np.repeat(np.arange(num_rows), FIRST_STAGE)
+        first_scores = _host_scores(loads32, counts32, slot_experts, first_rows, first, num_gpus)
+        best_first = first_scores.reshape(num_rows, FIRST_STAGE).min(1)
+        # Reciprocal products may round 1 ulp away from the divisions the scoring does: the margin covers it.
+        rows, picked = np.nonzero(bound <= best_first[:, None] * (1.0 + BOUND_MARGIN))
+    scores = _host_scores(loads32, counts32, slot_experts, rows, picked, num_gpus)
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # rows come grouped, each at least once
+    best = np.minimum.reduceat(scores, starts)
+    winner = np.minimum.reduceat(np.where(scores == best[rows], picked, num_vectors), starts)  # lowest index
+    return _host_placement(loads, counts, slot_experts, winner, num_gpus)
+
+
+def _host_scores(
+    loads32: np.ndarray,
+    counts32: np.ndarray,
+    slot_experts: np.ndarray,
+    rows: np.ndarray,
+    picked: np.ndarray,
+    num_gpus: int,
+) -> np.ndarray:
+    """Max pair load (heaviest with lightest copy, float32) of count vector picked[n] on row rows[n]: [N]."""
+    per_copy = loads32[rows] / counts32[picked]  # [N, E]
+    copy_loads = np.sort(np.take_along_axis(per_copy, slot_experts[picked], 1), axis=1)  # [N, R] ascending
+    return (copy_loads[:, :num_gpus] + copy_loads[:, num_gpus:][:, ::-1]).max(1)
+
+
+def _host_placement(
+    loads: np.ndarray, counts: np.ndarray, slot_experts: np.ndarray, winner: np.ndarray, num_gpus: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The placement of count vector winner[p] on row p, GPU g holding the g-th heaviest and the g-th
+    lightest copy (slot order among equal copies) -> (phy2log [P, R], exact max GPU load [P])."""
+    num_rows = winner.shape[0]
+    experts = slot_experts[winner]  # [P, R]
+    copy32 = np.take_along_axis(loads.astype(np.float32) / counts[winner].astype(np.float32), experts, 1)
+    order = np.argsort(-copy32, axis=1, kind="stable")  # heaviest first, slot order among equals
+    by_gpu = np.stack([order[:, :num_gpus], order[:, num_gpus:][:, ::-1]], 2).reshape(num_rows, -1)
+    phy2log = np.take_along_axis(experts, by_gpu, 1)
+    per_copy = loads / counts[winner]  # [P, E] float64
+    peak = np.take_along_axis(per_copy, phy2log, 1).reshape(num_rows, num_gpus, 2).sum(-1).max(-1)
+    return phy2log, peak
 
 
 def _score(
