@@ -423,10 +423,11 @@ def test_two_slots_per_gpu_on_few_experts_reach_the_optimum(seed: int) -> None:
     assert float(max_gpu_load(weight, phy2log, 6)[0]) == pytest.approx(optimum, rel=1e-9)
 
 
-def test_two_slots_per_gpu_on_eight_experts_reach_the_optimum_from_the_shortlist() -> None:
-    # 8 experts on 16 slots: 6435 count vectors, of which the CPU scores a shortlist by bound first;
-    # the all-zero layer proves nothing from it and scores the whole table.
-    weight = torch.cat([make(kind, 1, 8, seed=5) for kind in ("zipf", "lognormal", "hot")] + [torch.zeros(1, 8)])
+def test_two_slots_per_gpu_on_eight_experts_reach_the_optimum_from_the_pruned_table() -> None:
+    # 8 experts on 16 slots: 6435 count vectors, of which the CPU scores only those whose bound reaches
+    # a greedy score; in the all-zero layer every vector ties, and ties of equal loads go by table index.
+    layers = [make(kind, 1, 8, seed=5) for kind in ("zipf", "lognormal", "hot")]
+    weight = torch.cat([*layers, torch.zeros(1, 8)])
     phy2log = rebalance_experts(weight, 16, 1, 1, 8, policy="global")[0]
     alone = torch.cat([rebalance_experts(weight[i : i + 1], 16, 1, 1, 8, policy="global")[0] for i in range(4)])
     assert torch.equal(phy2log, alone)
@@ -435,6 +436,18 @@ def test_two_slots_per_gpu_on_eight_experts_reach_the_optimum_from_the_shortlist
         optimum = _brute_force_two_slot_optimum(weight[layer].double().tolist(), 16)
         assert float(peaks[layer]) == pytest.approx(optimum, rel=1e-9)
     assert float(peaks[3]) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["zipf", "lognormal", "hot", "uniformish"])
+def test_two_slots_per_gpu_on_the_readme_shape_reach_the_optimum(kind: str) -> None:
+    # 12 experts on 16 slots (1365 count vectors), two equal experts in one layer.
+    weight = make(kind, 2, 12, seed=8)
+    weight[1, 3] = weight[1, 7]
+    phy2log = rebalance_experts(weight, 16, 1, 1, 8, policy="global")[0]
+    peaks = max_gpu_load(weight, phy2log, 8)
+    for layer in range(2):
+        optimum = _brute_force_two_slot_optimum(weight[layer].double().tolist(), 16)
+        assert float(peaks[layer]) == pytest.approx(optimum, rel=1e-9)
 
 
 @pytest.mark.parametrize("path", SEARCH_PATHS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,10 +21,13 @@ from .replication import slots_from_counts
 
 # Largest count-vector table scored per layer (vectors x slots): bounds memory at P x this x 16 bytes.
 MAX_TABLE = 1 << 17
-# Count vectors of lowest bound a row scores first on the CPU; the vectors whose bound is below the best
-# of those are scored next (8 experts on 16 slots: 1-800 of the 6435, ~150 on zipf, log-normal and hot
-# layers). The relative margin on that bound covers its float32 rounding.
-FIRST_STAGE = 16
+# Exponents on the loads of the greedy count vectors whose best score the CPU search starts from (lower
+# ones spread copies to mid-sized experts, which pairs better), and the relative margin on the bounds
+# that covers their float32 rounding.
+GREEDY_EXPONENTS = (1.0, 0.75, 0.5)
+# Tables this small are scored whole; larger ones are cut by the counts of their PRUNED_EXPERTS heaviest.
+WHOLE_TABLE = 64
+PRUNED_EXPERTS = 3
 BOUND_MARGIN = 1e-5
 
 
@@ -59,8 +63,9 @@ def pair_optimum(loads: torch.Tensor, num_replicas: int, num_gpus: int) -> tuple
 
     Requires `applies(E, R, G)`. GPU g hosts the g-th heaviest and the g-th lightest copy of the best
     count vector (lowest index among equals, so a row's result does not depend on its batch). On a GPU
-    every row scores the whole table at once; on the CPU `_host_optimum` scores only the vectors whose
-    bound can still beat the best found, in NumPy (the same result).
+    every row scores the whole table at once; on the CPU `_host_optimum` scores, in NumPy, only the
+    vectors whose bound reaches a greedy score (the same optimum; among equals, the lowest index of the
+    table over the experts sorted by load).
     """
     if loads.device.type == "cpu":
         phy2log, peak = _host_optimum(loads.numpy(), num_replicas, num_gpus)
@@ -70,64 +75,119 @@ def pair_optimum(loads: torch.Tensor, num_replicas: int, num_gpus: int) -> tuple
     return _score(loads, counts, whole_table, num_gpus)[:2]
 
 
+@dataclass(frozen=True)
+class _HostTable:
+    """The count table as NumPy arrays, for the CPU search: counts [K, E] int64 and float32, their
+    reciprocals [K, E] float32 and the expert of each slot [K, R]. The table is in lexicographic order,
+    so the entries sharing their first D - 1 counts (a prefix, M of them) form a block, ordered by the
+    next count: `keys` [K] (the first D counts in base R + 1, non-decreasing), each prefix's counts
+    [M, D - 1], its key with a next count of 0, [M], and the end of its block [M] turn lower bounds on
+    the first D counts into one index range per prefix."""
+
+    counts: np.ndarray
+    counts32: np.ndarray
+    reciprocals: np.ndarray
+    slot_experts: np.ndarray
+    keys: np.ndarray
+    prefixes: np.ndarray
+    prefix_keys: np.ndarray
+    prefix_ends: np.ndarray
+
+
 @functools.cache
-def _host_tables(num_experts: int, num_replicas: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The count table as NumPy arrays: counts [K, E] int64 and float32, 1 / count experts first [E, K]
-    float32, and the expert of each slot [K, R] int64 (experts in order)."""
+def _host_table(num_experts: int, num_replicas: int) -> _HostTable:
     counts = _count_table(num_experts, num_replicas).numpy()
     counts32 = counts.astype(np.float32)
-    reciprocals = np.ascontiguousarray((1.0 / counts32).T)
     slot_experts = slots_from_counts(torch.from_numpy(counts), num_replicas).numpy()
-    return counts, counts32, reciprocals, slot_experts
+    depth = max(1, min(PRUNED_EXPERTS, num_experts - 1))
+    powers = (num_replicas + 1) ** np.arange(depth - 1, -1, -1)
+    keys = counts[:, :depth] @ powers
+    prefixes = np.unique(counts[:, : depth - 1], axis=0)
+    prefix_keys = prefixes @ powers[:-1] if depth > 1 else np.zeros(1, dtype=np.int64)
+    prefix_ends = np.searchsorted(keys, prefix_keys + num_replicas + 1)
+    return _HostTable(counts, counts32, 1.0 / counts32, slot_experts, keys, prefixes, prefix_keys, prefix_ends)
 
 
 def _host_optimum(loads: np.ndarray, num_replicas: int, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
     """`pair_optimum` on the CPU: loads [P, E] float64 -> (phy2log [P, R] int64, max GPU load [P] float64).
 
-    A vector's score (its max pair load) is at least its bound, largest + smallest copy, so once the
-    FIRST_STAGE vectors of lowest bound give a row a score V, only the vectors of bound up to V can
-    win: those are scored (the best of the first stage among them), the rest of the table never is
-    (32 x 8 -> 16 slots: ~150 of 6435 vectors per row). Scores are float32, as on the GPU, the winner's
-    peak recomputed exactly.
+    Per row, experts sorted heaviest first, a few greedy count vectors give a score V (an upper bound on
+    the optimum). A vector's score (max pair load) is at least its bound, largest + smallest copy, so
+    only vectors of bound up to V can win, and their copies are at most V: every expert needs at least
+    load / V copies. On the two heaviest experts that cuts the table to a few index ranges per row;
+    the bound is computed there and the vectors that pass it are scored (32 x 8 -> 16 slots: ~1000 and
+    ~150 of the 6435 vectors per row). Scores are float32, as on the GPU, the winner's peak exact.
     """
-    counts, counts32, reciprocals, slot_experts = _host_tables(loads.shape[1], num_replicas)
-    num_rows, num_vectors = loads.shape[0], counts.shape[0]
-    loads32 = loads.astype(np.float32)
-    if num_vectors <= 2 * FIRST_STAGE:
-        rows, picked = np.divmod(np.arange(num_rows * num_vectors), num_vectors)
+    num_rows, num_experts = loads.shape
+    table = _host_table(num_experts, num_replicas)
+    order = np.argsort(-loads, axis=1, kind="stable")  # [P, E] heaviest first
+    ranked = np.take_along_axis(loads, order, 1)
+    ranked32 = ranked.astype(np.float32)
+    if len(table.counts) <= WHOLE_TABLE:
+        rows, picked = np.divmod(np.arange(num_rows * len(table.counts)), len(table.counts))
     else:
-        largest = loads32[:, :1] * reciprocals[0]  # [P, K]
-        smallest = largest.copy()
-        for expert in range(1, loads.shape[1]):  # elementwise over [P, K]: no [P, E, K] temporary
-            per_copy = loads32[:, expert : expert + 1] * reciprocals[expert]
-            np.maximum(largest, per_copy, out=largest)
-            np.minimum(smallest, per_copy, out=smallest)
-        bound = largest + smallest
-        first = np.argpartition(bound, FIRST_STAGE, axis=1)[:, :FIRST_STAGE].ravel()
-        first_rows = np.repeat(np.arange(num_rows), FIRST_STAGE)
-        first_scores = _host_scores(loads32, counts32, slot_experts, first_rows, first, num_gpus)
-        best_first = first_scores.reshape(num_rows, FIRST_STAGE).min(1)
+        ceiling = _greedy_score(ranked32, num_replicas, num_gpus) * np.float32(1.0 + BOUND_MARGIN)
+        ceiling = np.maximum(ceiling, np.finfo(np.float32).tiny)  # [P]; all-zero rows: every vector ties
+        rows, picked = _table_ranges(table, ranked32, ceiling, num_replicas)
+        per_copy = ranked32[rows] * table.reciprocals[picked]  # [N, E]
         # Reciprocal products may round 1 ulp away from the divisions the scoring does: the margin covers it.
-        rows, picked = np.nonzero(bound <= best_first[:, None] * (1.0 + BOUND_MARGIN))
-    scores = _host_scores(loads32, counts32, slot_experts, rows, picked, num_gpus)
+        passed = _column_reduce(np.maximum, per_copy) + _column_reduce(np.minimum, per_copy) <= ceiling[rows]
+        rows, picked = rows[passed], picked[passed]
+    copy_loads = np.take_along_axis(ranked32[rows] / table.counts32[picked], table.slot_experts[picked], 1)
+    scores = _pair_peaks(copy_loads, num_gpus)
     starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # rows come grouped, each at least once
     best = np.minimum.reduceat(scores, starts)
-    winner = np.minimum.reduceat(np.where(scores == best[rows], picked, num_vectors), starts)  # lowest index
-    return _host_placement(loads, counts, slot_experts, winner, num_gpus)
+    winner = np.minimum.reduceat(np.where(scores == best[rows], picked, len(table.counts)), starts)
+    phy2log, peak = _host_placement(ranked, table.counts, table.slot_experts, winner, num_gpus)
+    return np.take_along_axis(order, phy2log, 1), peak
 
 
-def _host_scores(
-    loads32: np.ndarray,
-    counts32: np.ndarray,
-    slot_experts: np.ndarray,
-    rows: np.ndarray,
-    picked: np.ndarray,
-    num_gpus: int,
-) -> np.ndarray:
-    """Max pair load (heaviest with lightest copy, float32) of count vector picked[n] on row rows[n]: [N]."""
-    per_copy = loads32[rows] / counts32[picked]  # [N, E]
-    copy_loads = np.sort(np.take_along_axis(per_copy, slot_experts[picked], 1), axis=1)  # [N, R] ascending
-    return (copy_loads[:, :num_gpus] + copy_loads[:, num_gpus:][:, ::-1]).max(1)
+def _greedy_score(ranked32: np.ndarray, num_replicas: int, num_gpus: int) -> np.ndarray:
+    """The best score [P] of greedy replication (each extra copy to the largest load per copy) on the
+    loads raised to each of GREEDY_EXPONENTS: a cheap upper bound on the optimum."""
+    num_rows, num_experts = ranked32.shape
+    extra = num_replicas - num_experts
+    powered = ranked32[:, None, :] ** np.array(GREEDY_EXPONENTS, dtype=np.float32)[:, None]  # [P, X, E]
+    counts = np.ones(powered.shape, dtype=np.int64)
+    if extra > 0:
+        shares = (powered[..., None] / np.arange(1, extra + 1, dtype=np.float32)).reshape(*powered.shape[:2], -1)
+        taken = np.argpartition(-shares, extra - 1, axis=2)[..., :extra] // extra  # [P, X, extra] experts
+        np.add.at(counts, (np.arange(num_rows)[:, None, None], np.arange(len(GREEDY_EXPONENTS))[:, None], taken), 1)
+    counts = counts.reshape(-1, num_experts)
+    slot_experts = (np.cumsum(counts, 1)[:, :, None] <= np.arange(num_replicas)).sum(1)  # [P * X, R]
+    per_copy = np.repeat(ranked32, len(GREEDY_EXPONENTS), 0) / counts.astype(np.float32)
+    scores = _pair_peaks(np.take_along_axis(per_copy, slot_experts, 1), num_gpus)
+    return scores.reshape(num_rows, -1).min(1)
+
+
+def _table_ranges(
+    table: _HostTable, ranked32: np.ndarray, ceiling: np.ndarray, num_replicas: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The table entries whose first D counts give each of the D heaviest experts copies of at most
+    `ceiling` [P]: (rows [N], table indices [N]), grouped by row."""
+    num_rows = ranked32.shape[0]
+    depth = table.prefixes.shape[1] + 1
+    needed = np.ceil(ranked32[:, :depth] / ceiling[:, None] * np.float32(1.0 - BOUND_MARGIN)).astype(np.int64)
+    needed = np.clip(needed, 1, num_replicas)  # [P, D]
+    begin = np.searchsorted(table.keys, table.prefix_keys + needed[:, -1:])  # [P, M]
+    viable = (table.prefixes[None] >= needed[:, None, :-1]).all(2)
+    lengths = np.where(viable, np.maximum(table.prefix_ends - begin, 0), 0).ravel()
+    offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    picked = np.arange(lengths.sum()) - offsets + np.repeat(begin.ravel(), lengths)
+    rows = np.repeat(np.arange(num_rows).repeat(len(table.prefixes)), lengths)
+    return rows, picked
+
+
+def _pair_peaks(copy_loads: np.ndarray, num_gpus: int) -> np.ndarray:
+    """copy loads [N, R] float32 -> max pair load [N], the i-th heaviest copy with the i-th lightest."""
+    ordered = np.sort(copy_loads, axis=1)
+    return _column_reduce(np.maximum, ordered[:, :num_gpus] + ordered[:, num_gpus:][:, ::-1])
+
+
+def _column_reduce(ufunc: np.ufunc, values: np.ndarray) -> np.ndarray:
+    """values [N, k] -> ufunc over each row [N], as k - 1 elementwise ops on columns: NumPy reduces a
+    short last axis row by row (measured 30x slower on [23496, 8])."""
+    return functools.reduce(ufunc, values.T)
 
 
 def _host_placement(
