@@ -370,12 +370,13 @@ def test_the_good_input_of_the_bad_input_table_is_accepted() -> None:
 
 # (experts, replicas, groups, nodes, gpus): two slots per GPU solved exactly (few count vectors, the README
 # shape), two slots per GPU too many to enumerate (joint search with exact pairing), three and four slots
-# per GPU (joint search with refinement).
+# per GPU (joint search with refinement, three-GPU repartition; every count vector a candidate when few).
 SEARCH_PATHS = {
     "exact_e8_g8": (8, 16, 1, 1, 8),
     "exact_readme": (12, 16, 4, 2, 8),
     "pairs_e32_g32": (32, 64, 4, 2, 32),
     "three_slots": (12, 18, 1, 1, 6),
+    "three_slots_count_table": (8, 12, 1, 1, 4),
     "four_slots": (24, 32, 4, 2, 8),
 }
 
