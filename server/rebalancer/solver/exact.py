@@ -114,14 +114,14 @@ def _host_optimum(loads: np.ndarray, num_replicas: int, num_gpus: int) -> tuple[
     Per row, experts sorted heaviest first, a few greedy count vectors give a score V (an upper bound on
     the optimum). A vector's score (max pair load) is at least its bound, largest + smallest copy, so
     only vectors of bound up to V can win, and their copies are at most V: every expert needs at least
-    load / V copies. On the two heaviest experts that cuts the table to a few index ranges per row;
-    the bound is computed there and the vectors that pass it are scored (32 x 8 -> 16 slots: ~1000 and
-    ~150 of the 6435 vectors per row). Scores are float32, as on the GPU, the winner's peak exact.
+    load / V copies. On the PRUNED_EXPERTS heaviest that cuts the table to index ranges per row; the
+    bound is computed there and the vectors that pass it are scored (32 x 8 -> 16 slots: ~500-900 and
+    ~170 of the 6435 vectors per row). Scores are float32, as on the GPU, the winner's peak exact.
     """
     num_rows, num_experts = loads.shape
     table = _host_table(num_experts, num_replicas)
     order = np.argsort(-loads, axis=1, kind="stable")  # [P, E] heaviest first
-    ranked = np.take_along_axis(loads, order, 1)
+    ranked = _gather_rows(loads, order)
     ranked32 = ranked.astype(np.float32)
     if len(table.counts) <= WHOLE_TABLE:
         rows, picked = np.divmod(np.arange(num_rows * len(table.counts)), len(table.counts))
@@ -133,13 +133,13 @@ def _host_optimum(loads: np.ndarray, num_replicas: int, num_gpus: int) -> tuple[
         # Reciprocal products may round 1 ulp away from the divisions the scoring does: the margin covers it.
         passed = _column_reduce(np.maximum, per_copy) + _column_reduce(np.minimum, per_copy) <= ceiling[rows]
         rows, picked = rows[passed], picked[passed]
-    copy_loads = np.take_along_axis(ranked32[rows] / table.counts32[picked], table.slot_experts[picked], 1)
+    copy_loads = _gather_rows(ranked32[rows] / table.counts32[picked], table.slot_experts[picked])
     scores = _pair_peaks(copy_loads, num_gpus)
-    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # rows come grouped, each at least once
+    starts = np.searchsorted(rows, np.arange(num_rows))  # rows come grouped, each at least once
     best = np.minimum.reduceat(scores, starts)
     winner = np.minimum.reduceat(np.where(scores == best[rows], picked, len(table.counts)), starts)
     phy2log, peak = _host_placement(ranked, table.counts, table.slot_experts, winner, num_gpus)
-    return np.take_along_axis(order, phy2log, 1), peak
+    return _gather_rows(order, phy2log), peak
 
 
 def _greedy_score(ranked32: np.ndarray, num_replicas: int, num_gpus: int) -> np.ndarray:
@@ -156,7 +156,7 @@ def _greedy_score(ranked32: np.ndarray, num_replicas: int, num_gpus: int) -> np.
     counts = counts.reshape(-1, num_experts)
     slot_experts = (np.cumsum(counts, 1)[:, :, None] <= np.arange(num_replicas)).sum(1)  # [P * X, R]
     per_copy = np.repeat(ranked32, len(GREEDY_EXPONENTS), 0) / counts.astype(np.float32)
-    scores = _pair_peaks(np.take_along_axis(per_copy, slot_experts, 1), num_gpus)
+    scores = _pair_peaks(_gather_rows(per_copy, slot_experts), num_gpus)
     return scores.reshape(num_rows, -1).min(1)
 
 
@@ -195,15 +195,19 @@ def _host_placement(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The placement of count vector winner[p] on row p, GPU g holding the g-th heaviest and the g-th
     lightest copy (slot order among equal copies) -> (phy2log [P, R], exact max GPU load [P])."""
-    num_rows = winner.shape[0]
     experts = slot_experts[winner]  # [P, R]
-    copy32 = np.take_along_axis(loads.astype(np.float32) / counts[winner].astype(np.float32), experts, 1)
+    copy32 = _gather_rows(loads.astype(np.float32) / counts[winner].astype(np.float32), experts)
     order = np.argsort(-copy32, axis=1, kind="stable")  # heaviest first, slot order among equals
-    by_gpu = np.stack([order[:, :num_gpus], order[:, num_gpus:][:, ::-1]], 2).reshape(num_rows, -1)
-    phy2log = np.take_along_axis(experts, by_gpu, 1)
-    per_copy = loads / counts[winner]  # [P, E] float64
-    peak = np.take_along_axis(per_copy, phy2log, 1).reshape(num_rows, num_gpus, 2).sum(-1).max(-1)
-    return phy2log, peak
+    by_gpu = np.empty_like(order)
+    by_gpu[:, 0::2], by_gpu[:, 1::2] = order[:, :num_gpus], order[:, num_gpus:][:, ::-1]
+    phy2log = _gather_rows(experts, by_gpu)
+    slot_loads = _gather_rows(loads / counts[winner], phy2log)  # [P, R] float64
+    return phy2log, (slot_loads[:, 0::2] + slot_loads[:, 1::2]).max(1)
+
+
+def _gather_rows(values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """values [N, k], index [N, m] -> values[n, index[n, j]]: [N, m] (take_along_axis without its checks)."""
+    return values[np.arange(index.shape[0])[:, None], index]
 
 
 def _score(
