@@ -460,3 +460,16 @@ def test_search_paths_keep_the_placement_in_force_when_it_is_as_good(path: str) 
     kept = solve(weight, *shape, prev_phy2log=fresh.phy2log)
     assert torch.equal(kept.moved_copies, torch.zeros(3, dtype=torch.int64))
     assert_valid_maps(*kept.triple(), 3, num_experts, num_replicas, num_gpus)
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+def test_rebalance_experts_returns_the_maps_solve_describes(policy: str) -> None:
+    # A fresh plan skips solve's figures; the maps are the same, log2phy ordering included.
+    weight = make("zipf", 3, 12, seed=31)
+    shape = (16, 4, 2, 8)
+    expected = solve(weight, *shape, policy=policy, seed=2).triple()
+    for options in ({}, {"prev_phy2log": None, "num_candidates": None}):
+        got = rebalance_experts(weight, *shape, policy=policy, seed=2, **options)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    with pytest.raises(TypeError):
+        rebalance_experts(weight, *shape, policy=policy, not_an_option=1)
