@@ -133,7 +133,9 @@ def _host_optimum(loads: np.ndarray, num_replicas: int, num_gpus: int) -> tuple[
         # Reciprocal products may round 1 ulp away from the divisions the scoring does: the margin covers it.
         passed = _column_reduce(np.maximum, per_copy) + _column_reduce(np.minimum, per_copy) <= ceiling[rows]
         rows, picked = rows[passed], picked[passed]
-    copy_loads = _gather_rows(ranked32[rows] / table.counts32[picked], table.slot_experts[picked])
+    per_copy = ranked32[rows] / table.counts32[picked]  # [N, E]
+    # Each expert's load per copy once per copy, experts in order: one flat repeat, no per-row gather.
+    copy_loads = np.repeat(per_copy.ravel(), table.counts[picked].ravel()).reshape(-1, num_replicas)
     scores = _pair_peaks(copy_loads, num_gpus)
     starts = np.searchsorted(rows, np.arange(num_rows))  # rows come grouped, each at least once
     best = np.minimum.reduceat(scores, starts)
@@ -154,9 +156,8 @@ def _greedy_score(ranked32: np.ndarray, num_replicas: int, num_gpus: int) -> np.
         taken = np.argpartition(-shares, extra - 1, axis=2)[..., :extra] // extra  # [P, X, extra] experts
         np.add.at(counts, (np.arange(num_rows)[:, None, None], np.arange(len(GREEDY_EXPONENTS))[:, None], taken), 1)
     counts = counts.reshape(-1, num_experts)
-    slot_experts = (np.cumsum(counts, 1)[:, :, None] <= np.arange(num_replicas)).sum(1)  # [P * X, R]
-    per_copy = np.repeat(ranked32, len(GREEDY_EXPONENTS), 0) / counts.astype(np.float32)
-    scores = _pair_peaks(_gather_rows(per_copy, slot_experts), num_gpus)
+    per_copy = np.repeat(ranked32, len(GREEDY_EXPONENTS), 0) / counts.astype(np.float32)  # [P * X, E]
+    scores = _pair_peaks(np.repeat(per_copy.ravel(), counts.ravel()).reshape(-1, num_replicas), num_gpus)
     return scores.reshape(num_rows, -1).min(1)
 
 
