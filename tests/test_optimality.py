@@ -69,7 +69,8 @@ def test_no_policy_beats_a_proven_bound() -> None:
             assert got >= entry["bound"] * (1 - 1e-9), (entry["name"], policy)
 
 
-def test_auto_mean_gap_within_one_percent_over_proven_optima() -> None:
+def test_auto_gap_within_the_bars_over_proven_optima() -> None:
+    # The figures to reach on small skewed layers: mean gap <= 0.3 %, worst <= 2 %.
     proven = [e for e in _cached() if e["status"] == "optimal"]
     if not proven:
         pytest.skip("no cached optima: run benchmarks/optimality_bench.py")
@@ -79,4 +80,5 @@ def test_auto_mean_gap_within_one_percent_over_proven_optima() -> None:
     }
     mean = sum(gaps.values()) / len(gaps)
     worst = max(gaps, key=gaps.__getitem__)
-    assert mean <= 1.0, f"auto mean gap {mean:.2f} % over {len(gaps)} instances (worst {worst}: {gaps[worst]:.2f} %)"
+    summary = f"auto mean gap {mean:.3f} % over {len(gaps)} instances (worst {worst}: {gaps[worst]:.3f} %)"
+    assert mean <= 0.3 and gaps[worst] <= 2.0, summary

@@ -366,12 +366,13 @@ def test_the_good_input_of_the_bad_input_table_is_accepted() -> None:
 
 # (experts, replicas, groups, nodes, gpus): two slots per GPU solved exactly (few count vectors, the README
 # shape), two slots per GPU too many to enumerate (joint search with exact pairing), three and four slots
-# per GPU (joint search with refinement).
+# per GPU (joint search with refinement, three-GPU repartition; every count vector a candidate when few).
 SEARCH_PATHS = {
     "exact_e8_g8": (8, 16, 1, 1, 8),
     "exact_readme": (12, 16, 4, 2, 8),
     "pairs_e32_g32": (32, 64, 4, 2, 32),
     "three_slots": (12, 18, 1, 1, 6),
+    "three_slots_count_table": (8, 12, 1, 1, 4),
     "four_slots": (24, 32, 4, 2, 8),
 }
 
@@ -419,10 +420,11 @@ def test_two_slots_per_gpu_on_few_experts_reach_the_optimum(seed: int) -> None:
     assert float(max_gpu_load(weight, phy2log, 6)[0]) == pytest.approx(optimum, rel=1e-9)
 
 
-def test_two_slots_per_gpu_on_eight_experts_reach_the_optimum_from_the_shortlist() -> None:
-    # 8 experts on 16 slots: 6435 count vectors, of which the CPU scores a shortlist by bound first;
-    # the all-zero layer proves nothing from it and scores the whole table.
-    weight = torch.cat([make(kind, 1, 8, seed=5) for kind in ("zipf", "lognormal", "hot")] + [torch.zeros(1, 8)])
+def test_two_slots_per_gpu_on_eight_experts_reach_the_optimum_from_the_pruned_table() -> None:
+    # 8 experts on 16 slots: 6435 count vectors, of which the CPU scores only those whose bound reaches
+    # a greedy score; in the all-zero layer every vector ties, and ties of equal loads go by table index.
+    layers = [make(kind, 1, 8, seed=5) for kind in ("zipf", "lognormal", "hot")]
+    weight = torch.cat([*layers, torch.zeros(1, 8)])
     phy2log = rebalance_experts(weight, 16, 1, 1, 8, policy="global")[0]
     alone = torch.cat([rebalance_experts(weight[i : i + 1], 16, 1, 1, 8, policy="global")[0] for i in range(4)])
     assert torch.equal(phy2log, alone)
@@ -431,6 +433,18 @@ def test_two_slots_per_gpu_on_eight_experts_reach_the_optimum_from_the_shortlist
         optimum = _brute_force_two_slot_optimum(weight[layer].double().tolist(), 16)
         assert float(peaks[layer]) == pytest.approx(optimum, rel=1e-9)
     assert float(peaks[3]) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["zipf", "lognormal", "hot", "uniformish"])
+def test_two_slots_per_gpu_on_the_readme_shape_reach_the_optimum(kind: str) -> None:
+    # 12 experts on 16 slots (1365 count vectors), two equal experts in one layer.
+    weight = make(kind, 2, 12, seed=8)
+    weight[1, 3] = weight[1, 7]
+    phy2log = rebalance_experts(weight, 16, 1, 1, 8, policy="global")[0]
+    peaks = max_gpu_load(weight, phy2log, 8)
+    for layer in range(2):
+        optimum = _brute_force_two_slot_optimum(weight[layer].double().tolist(), 16)
+        assert float(peaks[layer]) == pytest.approx(optimum, rel=1e-9)
 
 
 @pytest.mark.parametrize("path", SEARCH_PATHS)
@@ -442,3 +456,16 @@ def test_search_paths_keep_the_placement_in_force_when_it_is_as_good(path: str) 
     kept = solve(weight, *shape, prev_phy2log=fresh.phy2log)
     assert torch.equal(kept.moved_copies, torch.zeros(3, dtype=torch.int64))
     assert_valid_maps(*kept.triple(), 3, num_experts, num_replicas, num_gpus)
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+def test_rebalance_experts_returns_the_maps_solve_describes(policy: str) -> None:
+    # A fresh plan skips solve's figures; the maps are the same, log2phy ordering included.
+    weight = make("zipf", 3, 12, seed=31)
+    shape = (16, 4, 2, 8)
+    expected = solve(weight, *shape, policy=policy, seed=2).triple()
+    for options in ({}, {"prev_phy2log": None, "num_candidates": None}):
+        got = rebalance_experts(weight, *shape, policy=policy, seed=2, **options)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    with pytest.raises(TypeError):
+        rebalance_experts(weight, *shape, policy=policy, not_an_option=1)

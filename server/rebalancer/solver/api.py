@@ -7,10 +7,13 @@ trust their inputs.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from rebalancer_wire.options import BY_NAME, ArgumentError
@@ -22,7 +25,7 @@ from .elastic import elastic_gpu_ids, elastic_moves, plan_elastic
 from .locality import group_locality
 from .migration import keep_old_slots
 from .policies import SolveOptions, run_policy
-from .rearrangement import rearrange
+from .rearrangement import Rearrangement, rearrange
 from .transfers import CostModel
 
 
@@ -123,11 +126,14 @@ def validate(weight: object, num_replicas: int, num_groups: int, num_nodes: int,
     violations = topology_violations(num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus)
     if violations:
         raise ArgumentError(*violations[0])
+    # One reduction and one host read for valid loads (min and max propagate NaN); which rule a bad
+    # weight breaks is worked out only then.
+    low, high = (float(value) for value in torch.stack(torch.aminmax(weight)).tolist())
+    if low >= 0 and high < math.inf:
+        return weight
     if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
         raise ArgumentError("weight", "must be finite: found NaN or inf loads")
-    if bool((weight < 0).any()):
-        raise ArgumentError("weight", "must be non-negative: found negative loads")
-    return weight
+    raise ArgumentError("weight", "must be non-negative: found negative loads")
 
 
 def solve(
@@ -171,26 +177,91 @@ def solve(
     `gpu_ids[k]`. `plan_transfers=False` leaves the transfer plan to the caller (the service plans it per
     request of a batch, where budgets apply); the placement is then the plan before any budget.
     """
-    weight = validate(weight, num_replicas, num_groups, num_nodes, num_gpus)
-    num_groups, num_nodes = planning_layout(num_groups, num_nodes)
-    settings = check_options(
+    started = time.perf_counter()
+    request = _checked_request(
+        weight,
+        num_replicas,
+        num_groups,
+        num_nodes,
+        num_gpus,
         policy=policy,
         num_candidates=num_candidates,
         seed=seed,
+        layer_seeds=layer_seeds,
+        device=device,
+        prev_phy2log=prev_phy2log,
+        history=history,
         max_moves_per_layer=max_moves_per_layer,
         balance_tolerance=balance_tolerance,
         locality_tolerance=locality_tolerance,
         max_transfer_seconds=max_transfer_seconds,
         max_incoming_copies_per_gpu=max_incoming_copies_per_gpu,
         new_num_gpus=new_num_gpus,
+        unavailable_gpus=unavailable_gpus,
+        cost_model=cost_model,
     )
-    policy = settings.policy
+    with cpu_threads(request.device):
+        phy2log, policy_per_layer, stats = _plan(request)
+        rearranged = _rearranged(request, phy2log) if request.prev_phy2log is not None and plan_transfers else None
+        if rearranged is not None:
+            phy2log = rearranged.phy2log
+            kept = zip(policy_per_layer, rearranged.chosen, strict=True)
+            policy_per_layer = [name if chosen else "kept" for name, chosen in kept]
+        # Scoring runs under the same thread setting: on tiny tensors a 2-thread reduction waits for a
+        # descheduled worker on a busy host (measured: `max` at 1-2 ms per call).
+        result = _describe(request, phy2log, stats)
+    if rearranged is not None:
+        rearranged.fill(result)
+    elif request.gpu_ids is not None:
+        result.gpu_ids = request.gpu_ids
+    result.policy_per_layer = policy_per_layer
+    result.solve_seconds = time.perf_counter() - started
+    return result
+
+
+@dataclass
+class _Request:
+    """A checked solve request: loads [L, E] float64 on the solve device, the policy options, and what
+    the steps after planning need (the placement in force, a changed GPU set, the transfer settings)."""
+
+    loads: torch.Tensor
+    settings: Any
+    options: SolveOptions
+    cost: CostModel
+    gpu_ids: torch.Tensor | None
+    unavailable_gpus: Sequence[int] | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.loads.device
+
+    @property
+    def prev_phy2log(self) -> torch.Tensor | None:
+        return self.options.prev_phy2log
+
+
+def _checked_request(
+    weight: object,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    device: str | torch.device | None,
+    layer_seeds: torch.Tensor | None,
+    prev_phy2log: torch.Tensor | None,
+    history: torch.Tensor | None,
+    unavailable_gpus: Sequence[int] | None,
+    cost_model: CostModel | None,
+    **option_values: object,
+) -> _Request:
+    """Every argument of `solve` checked (ArgumentError names the first bad one) -> a `_Request`."""
+    weight = validate(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    num_groups, num_nodes = planning_layout(num_groups, num_nodes)
+    settings = check_options(**option_values)
     cost = (cost_model or CostModel()).validate()
     num_layers, num_experts = weight.shape
     target = resolve_device(weight, device)
-    started = time.perf_counter()
-    loads = weight.to(target, torch.float64)
-    layer_seeds = _checked_layer_seeds(layer_seeds, settings.seed, num_layers, target)
     if prev_phy2log is not None:
         prev_phy2log = _checked_placement(prev_phy2log, num_experts, num_replicas, num_layers, target)
     if history is not None:
@@ -204,64 +275,58 @@ def solve(
         num_nodes=num_nodes,
         num_gpus=num_gpus,
         num_candidates=settings.num_candidates,
-        layer_seeds=layer_seeds,
+        layer_seeds=_checked_layer_seeds(layer_seeds, settings.seed, num_layers, target),
         prev_phy2log=prev_phy2log,
         history=history,
         max_moves_per_layer=settings.max_moves_per_layer,
         balance_tolerance=settings.balance_tolerance,
         locality_tolerance=settings.locality_tolerance,
     )
+    loads = weight.to(target, torch.float64)
+    return _Request(loads, settings, options, cost, gpu_ids, unavailable_gpus)
+
+
+def _plan(request: _Request) -> tuple[torch.Tensor, list[str], dict]:
+    """Dispatch: the elastic plan when the GPU set changes, else the policy -> (phy2log, names, stats)."""
+    loads, options, policy = request.loads, request.options, request.settings.policy
+    if request.gpu_ids is not None:
+        phy2log, origins = plan_elastic(
+            loads / per_layer_scale(loads),
+            options.prev_phy2log,
+            options.num_replicas // options.num_gpus,
+            request.gpu_ids.to(loads.device),
+            options.layer_seeds,
+            options.candidates(loads.device),
+            options.balance_tolerance,
+        )
+        return phy2log, [f"elastic/{origin}" for origin in origins], {}
     # Planning is scale-free; per-layer scaling to a max of 1 keeps float32 sums of huge loads finite.
     # The published algorithm is left to see the loads exactly as given.
     planning_loads = loads if policy == "deepseek" else loads / per_layer_scale(loads)
-    slots_per_gpu = num_replicas // num_gpus
-    with cpu_threads(target):
-        if gpu_ids is not None:
-            phy2log, origins = plan_elastic(
-                loads / per_layer_scale(loads),
-                prev_phy2log,
-                slots_per_gpu,
-                gpu_ids.to(target),
-                layer_seeds,
-                options.candidates(target),
-                settings.balance_tolerance,
-            )
-            policy_per_layer, stats = [f"elastic/{origin}" for origin in origins], {}
-        else:
-            phy2log, policy_per_layer, stats = run_policy(policy, planning_loads, options)
-            if prev_phy2log is not None and policy == "deepseek":
-                # The published plan orders slots its own way; keeping old slots makes the same placement
-                # ship no local shuffles (its replica ranks no longer match the slots, so they go).
-                phy2log = keep_old_slots(prev_phy2log, phy2log, num_gpus)
-                stats.pop("phy_rank", None)
-        rearranged = None
-        if prev_phy2log is not None and plan_transfers:
-            rearranged = rearrange(
-                loads,
-                prev_phy2log,
-                phy2log,
-                num_gpus,
-                num_nodes,
-                cost,
-                gpu_ids=gpu_ids,
-                unavailable_gpus=unavailable_gpus,
-                max_transfer_seconds=settings.max_transfer_seconds,
-                max_incoming_copies_per_gpu=settings.max_incoming_copies_per_gpu,
-            )
-            phy2log = rearranged.phy2log
-            policy_per_layer = [
-                name if keep else "kept" for name, keep in zip(policy_per_layer, rearranged.chosen, strict=True)
-            ]
-        # Scoring runs under the same thread setting: on tiny tensors a 2-thread reduction waits for a
-        # descheduled worker on a busy host (measured: `max` at 1-2 ms per call).
-        result = _describe(loads, phy2log, prev_phy2log, stats, num_groups, num_nodes, num_gpus, gpu_ids)
-    if rearranged is not None:
-        rearranged.fill(result)
-    elif gpu_ids is not None:
-        result.gpu_ids = gpu_ids
-    result.policy_per_layer = policy_per_layer
-    result.solve_seconds = time.perf_counter() - started
-    return result
+    phy2log, policy_per_layer, stats = run_policy(policy, planning_loads, options)
+    if options.prev_phy2log is not None and policy == "deepseek":
+        # The published plan orders slots its own way; keeping old slots makes the same placement
+        # ship no local shuffles (its replica ranks no longer match the slots, so they go).
+        phy2log = keep_old_slots(options.prev_phy2log, phy2log, options.num_gpus)
+        stats.pop("phy_rank", None)
+    return phy2log, policy_per_layer, stats
+
+
+def _rearranged(request: _Request, phy2log: torch.Tensor) -> Rearrangement:
+    """The transfers from the placement in force to `phy2log`, under the request's budget."""
+    options, settings = request.options, request.settings
+    return rearrange(
+        request.loads,
+        options.prev_phy2log,
+        phy2log,
+        options.num_gpus,
+        options.num_nodes,
+        request.cost,
+        gpu_ids=request.gpu_ids,
+        unavailable_gpus=request.unavailable_gpus,
+        max_transfer_seconds=settings.max_transfer_seconds,
+        max_incoming_copies_per_gpu=settings.max_incoming_copies_per_gpu,
+    )
 
 
 def _checked_gpu_change(
@@ -331,36 +396,18 @@ def _checked_history(history: object, num_layers: int, num_experts: int, device:
     return history.to(device, torch.float64)
 
 
-def _describe(
-    loads: torch.Tensor,
-    phy2log: torch.Tensor,
-    prev_phy2log: torch.Tensor | None,
-    stats: dict,
-    num_groups: int,
-    num_nodes: int,
-    num_gpus: int,
-    gpu_ids: torch.Tensor | None = None,
-) -> SolveResult:
-    """Maps and figures of a plan: log2phy/logcnt from phy2log [L, R], balancedness on `loads` [L, E], and
-    moved copies and balancedness before against the placement in force. `gpu_ids` [G_new]: the GPUs of a
-    changed GPU set (elastic), which phy2log then describes."""
-    num_layers, num_experts = loads.shape
+def _describe(request: _Request, phy2log: torch.Tensor, stats: dict) -> SolveResult:
+    """Maps and figures of a plan: log2phy/logcnt from phy2log [L, R], balancedness on the loads [L, E],
+    and moved copies and balancedness before against the placement in force. With a changed GPU set
+    (elastic) phy2log describes the GPUs `request.gpu_ids` [G_new]."""
+    loads, options, gpu_ids = request.loads, request.options, request.gpu_ids
+    num_experts, num_gpus = loads.shape[1], options.num_gpus
     logcnt = maps.logcnt_from_phy2log(phy2log, num_experts)
     log2phy = maps.log2phy_from_phy2log(phy2log, logcnt, stats.pop("phy_rank", None))
-    if prev_phy2log is None:
-        moved = torch.zeros(num_layers, dtype=torch.int64, device=loads.device)
-        before = None
-    elif gpu_ids is not None:
-        moved, _ = elastic_moves(
-            prev_phy2log, phy2log, num_experts, num_replicas_per_gpu(prev_phy2log, num_gpus), gpu_ids
-        )
-        before = maps.balancedness(loads, prev_phy2log, maps.logcnt_from_phy2log(prev_phy2log, num_experts), num_gpus)
-    else:
-        moved = maps.moved_copies(prev_phy2log, phy2log, num_experts, num_gpus)
-        before = maps.balancedness(loads, prev_phy2log, maps.logcnt_from_phy2log(prev_phy2log, num_experts), num_gpus)
+    moved, before = _against_placement_in_force(request, phy2log)
     out_gpus = num_gpus if gpu_ids is None else gpu_ids.numel()
-    if gpu_ids is None and num_groups > 1 and num_nodes > 1 and num_groups % num_nodes == 0:
-        stats.update(group_locality(loads, phy2log, logcnt, num_groups, num_nodes))
+    if gpu_ids is None and options.hierarchy_applies:
+        stats.update(group_locality(loads, phy2log, logcnt, options.num_groups, options.num_nodes))
     stats.setdefault("path", solver_path(loads.device))
     return SolveResult(
         phy2log=phy2log,
@@ -374,6 +421,21 @@ def _describe(
         solve_seconds=0.0,
         stats=stats,
     )
+
+
+def _against_placement_in_force(request: _Request, phy2log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(moved copies [L], balancedness of the placement in force [L] or None without one)."""
+    loads, prev_phy2log, num_gpus = request.loads, request.prev_phy2log, request.options.num_gpus
+    num_layers, num_experts = loads.shape
+    if prev_phy2log is None:
+        return torch.zeros(num_layers, dtype=torch.int64, device=loads.device), None
+    if request.gpu_ids is not None:
+        slots_per_gpu = num_replicas_per_gpu(prev_phy2log, num_gpus)
+        moved, _ = elastic_moves(prev_phy2log, phy2log, num_experts, slots_per_gpu, request.gpu_ids)
+    else:
+        moved = maps.moved_copies(prev_phy2log, phy2log, num_experts, num_gpus)
+    before = maps.balancedness(loads, prev_phy2log, maps.logcnt_from_phy2log(prev_phy2log, num_experts), num_gpus)
+    return moved, before
 
 
 def num_replicas_per_gpu(phy2log: torch.Tensor, num_gpus: int) -> int:
@@ -392,5 +454,47 @@ def rebalance_experts(
     """Drop-in for DeepSeek/vLLM `rebalance_experts`: returns (phy2log [L, R], log2phy [L, E, X], logcnt [L, E]).
 
     Keyword options are those of `solve` (policy, num_candidates, seed, device, prev_phy2log, history, ...).
+    A fresh plan (no placement in force) skips the figures `solve` adds: on small problems (2 x 12 -> 16
+    slots) they cost as much as the plan.
     """
-    return solve(weight, num_replicas, num_groups, num_nodes, num_gpus, **options).triple()
+    if any(name not in FRESH_PLAN_OPTIONS and value is not None for name, value in options.items()):
+        return solve(weight, num_replicas, num_groups, num_nodes, num_gpus, **options).triple()
+    options = {name: value for name, value in options.items() if name in FRESH_PLAN_OPTIONS}
+    device, layer_seeds, history = (
+        options.pop("device", None),
+        options.pop("layer_seeds", None),
+        options.pop("history", None),
+    )
+    request = _checked_request(
+        weight,
+        num_replicas,
+        num_groups,
+        num_nodes,
+        num_gpus,
+        device=device,
+        layer_seeds=layer_seeds,
+        prev_phy2log=None,
+        history=history,
+        unavailable_gpus=None,
+        cost_model=None,
+        **options,
+    )
+    with cpu_threads(request.device):
+        phy2log, _, stats = _plan(request)
+        logcnt = maps.logcnt_from_phy2log(phy2log, request.loads.shape[1])
+        return phy2log, maps.log2phy_from_phy2log(phy2log, logcnt, stats.get("phy_rank")), logcnt
+
+
+# The keywords of `solve` a fresh plan takes; any other (a placement in force, a changed GPU set, a
+# cost model or budget) goes through `solve`, which checks it.
+FRESH_PLAN_OPTIONS = frozenset(
+    name for name, parameter in inspect.signature(solve).parameters.items() if parameter.kind is parameter.KEYWORD_ONLY
+) - {
+    "prev_phy2log",
+    "unavailable_gpus",
+    "new_num_gpus",
+    "max_transfer_seconds",
+    "max_incoming_copies_per_gpu",
+    "cost_model",
+    "plan_transfers",
+}

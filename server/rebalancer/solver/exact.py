@@ -12,18 +12,22 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .replication import slots_from_counts
 
 # Largest count-vector table scored per layer (vectors x slots): bounds memory at P x this x 16 bytes.
 MAX_TABLE = 1 << 17
-# Count vectors a row scores first on the CPU, lowest bound first: 1/16 of the table, at least 48
-# (8 experts on 16 slots: the optimum beats the bound of all but 30-275 of the 6435 vectors, measured
-# on zipf, log-normal and hot layers); and the relative margin by which the shortlist's winner must
-# beat the bound of the rest (float32 rounding of the bound).
-SHORTLIST_SHARE, MIN_SHORTLIST = 16, 48
+# Exponents on the loads of the greedy count vectors whose best score the CPU search starts from (lower
+# ones spread copies to mid-sized experts, which pairs better), and the relative margin on the bounds
+# that covers their float32 rounding.
+GREEDY_EXPONENTS = (1.0, 0.75, 0.5)
+# Tables this small are scored whole; larger ones are cut by the counts of their PRUNED_EXPERTS heaviest.
+WHOLE_TABLE = 64
+PRUNED_EXPERTS = 3
 BOUND_MARGIN = 1e-5
 
 
@@ -58,35 +62,153 @@ def pair_optimum(loads: torch.Tensor, num_replicas: int, num_gpus: int) -> tuple
     """loads [P, E] float64 -> (phy2log [P, R], max GPU load [P]), optimal for two slots per GPU.
 
     Requires `applies(E, R, G)`. GPU g hosts the g-th heaviest and the g-th lightest copy of the best
-    count vector (lowest index among equals, so a row's result does not depend on its batch).
-    On the CPU, where scoring the whole table is the cost (32 x 8 -> 16: ~0.1-0.2 s), each row scores
-    first the shortlist of its vectors of lowest bound (largest + smallest copy) and keeps that winner when
-    it beats the bound of every vector left out: the same result; the other rows score the table.
+    count vector (lowest index among equals, so a row's result does not depend on its batch). On a GPU
+    every row scores the whole table at once; on the CPU `_host_optimum` scores, in NumPy, only the
+    vectors whose bound reaches a greedy score (the same optimum; among equals, the lowest index of the
+    table over the experts sorted by load).
     """
+    if loads.device.type == "cpu":
+        phy2log, peak = _host_optimum(loads.numpy(), num_replicas, num_gpus)
+        return torch.from_numpy(phy2log), torch.from_numpy(peak)
     counts = count_vectors(loads.shape[1], num_replicas, loads.device)  # [K, E]
     whole_table = torch.arange(counts.shape[0], device=loads.device).unsqueeze(0)  # [1, K]
-    shortlist_size = max(MIN_SHORTLIST, counts.shape[0] // SHORTLIST_SHARE)
-    if loads.device.type != "cpu" or counts.shape[0] <= 2 * shortlist_size:
-        return _score(loads, counts, whole_table, num_gpus)[:2]
-    # Reciprocal products may round 1 ulp away from the divisions the scoring does: the margin covers it.
-    # Experts on the middle axis: reducing over it is elementwise work over K (5-10x faster than over a
-    # last axis of E = 8).
-    per_copy = loads.to(torch.float32).unsqueeze(2) * _reciprocals(loads.shape[1], num_replicas)  # [P, E, K]
-    bound = per_copy.amax(1) + per_copy.amin(1)  # [P, K]: the pair holding the largest copy
-    shortlist_bound, shortlist = bound.topk(shortlist_size + 1, dim=1, largest=False)
-    phy2log, peak, best_score = _score(loads, counts, shortlist[:, :shortlist_size], num_gpus)
-    proven = best_score < shortlist_bound[:, shortlist_size] * (1.0 - BOUND_MARGIN)
-    if bool(proven.all()):
-        return phy2log, peak
-    rows = (~proven).nonzero().squeeze(1)
-    phy2log[rows], peak[rows], _ = _score(loads[rows], counts, whole_table, num_gpus)
-    return phy2log, peak
+    return _score(loads, counts, whole_table, num_gpus)[:2]
+
+
+@dataclass(frozen=True)
+class _HostTable:
+    """The count table as NumPy arrays, for the CPU search: counts [K, E] int64 and float32, their
+    reciprocals [K, E] float32 and the expert of each slot [K, R]. The table is in lexicographic order,
+    so the entries sharing their first D - 1 counts (a prefix, M of them) form a block, ordered by the
+    next count: `keys` [K] (the first D counts in base R + 1, non-decreasing), each prefix's counts
+    [M, D - 1], its key with a next count of 0, [M], and the end of its block [M] turn lower bounds on
+    the first D counts into one index range per prefix."""
+
+    counts: np.ndarray
+    counts32: np.ndarray
+    reciprocals: np.ndarray
+    slot_experts: np.ndarray
+    keys: np.ndarray
+    prefixes: np.ndarray
+    prefix_keys: np.ndarray
+    prefix_ends: np.ndarray
 
 
 @functools.cache
-def _reciprocals(num_experts: int, num_replicas: int) -> torch.Tensor:
-    """1 / count for every count vector, experts first: [E, K] float32."""
-    return (1.0 / _count_table(num_experts, num_replicas).to(torch.float32)).t().contiguous()
+def _host_table(num_experts: int, num_replicas: int) -> _HostTable:
+    counts = _count_table(num_experts, num_replicas).numpy()
+    counts32 = counts.astype(np.float32)
+    slot_experts = slots_from_counts(torch.from_numpy(counts), num_replicas).numpy()
+    depth = max(1, min(PRUNED_EXPERTS, num_experts - 1))
+    powers = (num_replicas + 1) ** np.arange(depth - 1, -1, -1)
+    keys = counts[:, :depth] @ powers
+    prefixes = np.unique(counts[:, : depth - 1], axis=0)
+    prefix_keys = prefixes @ powers[:-1] if depth > 1 else np.zeros(1, dtype=np.int64)
+    prefix_ends = np.searchsorted(keys, prefix_keys + num_replicas + 1)
+    return _HostTable(counts, counts32, 1.0 / counts32, slot_experts, keys, prefixes, prefix_keys, prefix_ends)
+
+
+def _host_optimum(loads: np.ndarray, num_replicas: int, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
+    """`pair_optimum` on the CPU: loads [P, E] float64 -> (phy2log [P, R] int64, max GPU load [P] float64).
+
+    Per row, experts sorted heaviest first, a few greedy count vectors give a score V (an upper bound on
+    the optimum). A vector's score (max pair load) is at least its bound, largest + smallest copy, so
+    only vectors of bound up to V can win, and their copies are at most V: every expert needs at least
+    load / V copies. On the PRUNED_EXPERTS heaviest that cuts the table to index ranges per row; the
+    bound is computed there and the vectors that pass it are scored (32 x 8 -> 16 slots: ~500-900 and
+    ~170 of the 6435 vectors per row). Scores are float32, as on the GPU, the winner's peak exact.
+    """
+    num_rows, num_experts = loads.shape
+    table = _host_table(num_experts, num_replicas)
+    order = np.argsort(-loads, axis=1, kind="stable")  # [P, E] heaviest first
+    ranked = _gather_rows(loads, order)
+    ranked32 = ranked.astype(np.float32)
+    if len(table.counts) <= WHOLE_TABLE:
+        rows, picked = np.divmod(np.arange(num_rows * len(table.counts)), len(table.counts))
+    else:
+        ceiling = _greedy_score(ranked32, num_replicas, num_gpus) * np.float32(1.0 + BOUND_MARGIN)
+        ceiling = np.maximum(ceiling, np.finfo(np.float32).tiny)  # [P]; all-zero rows: every vector ties
+        rows, picked = _table_ranges(table, ranked32, ceiling, num_replicas)
+        per_copy = ranked32[rows] * table.reciprocals[picked]  # [N, E]
+        # Reciprocal products may round 1 ulp away from the divisions the scoring does: the margin covers it.
+        passed = _column_reduce(np.maximum, per_copy) + _column_reduce(np.minimum, per_copy) <= ceiling[rows]
+        rows, picked = rows[passed], picked[passed]
+    per_copy = ranked32[rows] / table.counts32[picked]  # [N, E]
+    # Each expert's load per copy once per copy, experts in order: one flat repeat, no per-row gather.
+    copy_loads = np.repeat(per_copy.ravel(), table.counts[picked].ravel()).reshape(-1, num_replicas)
+    scores = _pair_peaks(copy_loads, num_gpus)
+    starts = np.searchsorted(rows, np.arange(num_rows))  # rows come grouped, each at least once
+    best = np.minimum.reduceat(scores, starts)
+    winner = np.minimum.reduceat(np.where(scores == best[rows], picked, len(table.counts)), starts)
+    phy2log, peak = _host_placement(ranked, table.counts, table.slot_experts, winner, num_gpus)
+    return _gather_rows(order, phy2log), peak
+
+
+def _greedy_score(ranked32: np.ndarray, num_replicas: int, num_gpus: int) -> np.ndarray:
+    """The best score [P] of greedy replication (each extra copy to the largest load per copy) on the
+    loads raised to each of GREEDY_EXPONENTS: a cheap upper bound on the optimum."""
+    num_rows, num_experts = ranked32.shape
+    extra = num_replicas - num_experts
+    powered = ranked32[:, None, :] ** np.array(GREEDY_EXPONENTS, dtype=np.float32)[:, None]  # [P, X, E]
+    counts = np.ones(powered.shape, dtype=np.int64)
+    if extra > 0:
+        shares = (powered[..., None] / np.arange(1, extra + 1, dtype=np.float32)).reshape(*powered.shape[:2], -1)
+        taken = np.argpartition(-shares, extra - 1, axis=2)[..., :extra] // extra  # [P, X, extra] experts
+        np.add.at(counts, (np.arange(num_rows)[:, None, None], np.arange(len(GREEDY_EXPONENTS))[:, None], taken), 1)
+    counts = counts.reshape(-1, num_experts)
+    per_copy = np.repeat(ranked32, len(GREEDY_EXPONENTS), 0) / counts.astype(np.float32)  # [P * X, E]
+    scores = _pair_peaks(np.repeat(per_copy.ravel(), counts.ravel()).reshape(-1, num_replicas), num_gpus)
+    return scores.reshape(num_rows, -1).min(1)
+
+
+def _table_ranges(
+    table: _HostTable, ranked32: np.ndarray, ceiling: np.ndarray, num_replicas: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The table entries whose first D counts give each of the D heaviest experts copies of at most
+    `ceiling` [P]: (rows [N], table indices [N]), grouped by row."""
+    num_rows = ranked32.shape[0]
+    depth = table.prefixes.shape[1] + 1
+    needed = np.ceil(ranked32[:, :depth] / ceiling[:, None] * np.float32(1.0 - BOUND_MARGIN)).astype(np.int64)
+    needed = np.clip(needed, 1, num_replicas)  # [P, D]
+    begin = np.searchsorted(table.keys, table.prefix_keys + needed[:, -1:])  # [P, M]
+    viable = (table.prefixes[None] >= needed[:, None, :-1]).all(2)
+    lengths = np.where(viable, np.maximum(table.prefix_ends - begin, 0), 0).ravel()
+    offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    picked = np.arange(lengths.sum()) - offsets + np.repeat(begin.ravel(), lengths)
+    rows = np.repeat(np.arange(num_rows).repeat(len(table.prefixes)), lengths)
+    return rows, picked
+
+
+def _pair_peaks(copy_loads: np.ndarray, num_gpus: int) -> np.ndarray:
+    """copy loads [N, R] float32 -> max pair load [N], the i-th heaviest copy with the i-th lightest."""
+    ordered = np.sort(copy_loads, axis=1)
+    return _column_reduce(np.maximum, ordered[:, :num_gpus] + ordered[:, num_gpus:][:, ::-1])
+
+
+def _column_reduce(ufunc: np.ufunc, values: np.ndarray) -> np.ndarray:
+    """values [N, k] -> ufunc over each row [N], as k - 1 elementwise ops on columns: NumPy reduces a
+    short last axis row by row (measured 30x slower on [23496, 8])."""
+    return functools.reduce(ufunc, values.T)
+
+
+def _host_placement(
+    loads: np.ndarray, counts: np.ndarray, slot_experts: np.ndarray, winner: np.ndarray, num_gpus: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The placement of count vector winner[p] on row p, GPU g holding the g-th heaviest and the g-th
+    lightest copy (slot order among equal copies) -> (phy2log [P, R], exact max GPU load [P])."""
+    experts = slot_experts[winner]  # [P, R]
+    copy32 = _gather_rows(loads.astype(np.float32) / counts[winner].astype(np.float32), experts)
+    order = np.argsort(-copy32, axis=1, kind="stable")  # heaviest first, slot order among equals
+    by_gpu = np.empty_like(order)
+    by_gpu[:, 0::2], by_gpu[:, 1::2] = order[:, :num_gpus], order[:, num_gpus:][:, ::-1]
+    phy2log = _gather_rows(experts, by_gpu)
+    slot_loads = _gather_rows(loads / counts[winner], phy2log)  # [P, R] float64
+    return phy2log, (slot_loads[:, 0::2] + slot_loads[:, 1::2]).max(1)
+
+
+def _gather_rows(values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """values [N, k], index [N, m] -> values[n, index[n, j]]: [N, m] (take_along_axis without its checks)."""
+    return values[np.arange(index.shape[0])[:, None], index]
 
 
 def _score(
