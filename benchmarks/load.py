@@ -11,7 +11,6 @@ The generator shares the 2 cores with the server, so its own CPU use is part of 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import os
@@ -24,11 +23,11 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 import workloads
+from harness import main, table
 from rebalancer_wire.codec import encode
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from rebalancer_wire.v1 import rebalancer_pb2_grpc
-from serving import CHANNEL_OPTIONS, free_port, rss_mib, start_server, topology, wait_serving
-from tables import table
+from serving import CHANNEL_OPTIONS, Server, memory_mib, topology
 
 
 @dataclass(frozen=True)
@@ -144,7 +143,7 @@ async def watch(stub, tally: Tally, deployment_id: str) -> None:
 
 async def sample_rss(pid: int, samples: list[tuple[float, float]], stop_at: float) -> None:
     while time.monotonic() < stop_at:
-        samples.append((time.monotonic(), rss_mib(pid)))
+        samples.append((time.monotonic(), memory_mib(pid)))
         await asyncio.sleep(0.5)
 
 
@@ -160,30 +159,38 @@ def rss_figures(samples: list[tuple[float, float]], warm_at: float) -> dict:
 
 async def drive(target: str, pid: int, cfg: Settings) -> dict:
     """Register the deployments, run every task for `duration_s`, gather the figures."""
-    shape = cfg.shape
-    wire_topology = topology(shape)
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         stub = rebalancer_pb2_grpc.RebalancerServiceStub(channel)
         deployments = [f"load-{index}" for index in range(cfg.controllers)]
         # Pre-encoded loads, so the generator spends its CPU on RPCs, not on random numbers.
         pools = [
-            [encode(workloads.shape_loads(shape, "zipf", 16 * n + i).numpy()) for i in range(16)]
-            for n in range(len(deployments))
+            [encode(workloads.shape_loads(cfg.shape, "zipf", 16 * n + i).numpy()) for i in range(16)]
+            for n in range(cfg.controllers)
         ]
         for d, pool in zip(deployments, pools, strict=True):  # register, fill the window a little, commit version 1
-            await stub.StreamLoad(iter([pb.StreamLoadRequest(deployment_id=d, topology=wire_topology, loads=pool[0])]))
+            await stub.StreamLoad(
+                iter([pb.StreamLoadRequest(deployment_id=d, topology=topology(cfg.shape), loads=pool[0])])
+            )
             await stub.Rebalance(pb.RebalanceRequest(deployment_id=d), timeout=120)
         started = time.monotonic()
         stop_at, tally, rss = started + cfg.duration_s, Tally(started + cfg.warmup), []
         watchers = [asyncio.create_task(watch(stub, tally, d)) for d in deployments]
         # Stream i is rank i // controllers of deployment i % controllers: ranks of one deployment add up.
-        ranks = [
-            (deployments[i % cfg.controllers], i // cfg.controllers, pools[i % cfg.controllers])
+        streams = [
+            stream_reports(
+                stub,
+                tally,
+                cfg,
+                deployments[i % cfg.controllers],
+                i // cfg.controllers,
+                pools[i % cfg.controllers],
+                stop_at,
+            )
             for i in range(cfg.streams)
         ]
-        streams = [stream_reports(stub, tally, cfg, d, rank, pool, stop_at) for d, rank, pool in ranks]
-        controls = [control(stub, tally, cfg, d, stop_at) for d in deployments]
-        await asyncio.gather(*streams, *controls, sample_rss(pid, rss, stop_at))
+        await asyncio.gather(
+            *streams, *(control(stub, tally, cfg, d, stop_at) for d in deployments), sample_rss(pid, rss, stop_at)
+        )
         elapsed = time.monotonic() - started
         await asyncio.sleep(0.2)  # the last pushes
         for watcher in watchers:
@@ -209,17 +216,9 @@ async def drive(target: str, pid: int, cfg: Settings) -> dict:
 def run(quick: bool = False, **settings) -> dict:
     """Start a server, drive it (5 s quick, 30 s full, or `Settings(**settings)`), stop it; returns the figures."""
     cfg = Settings(**{"duration_s": 5.0 if quick else 30.0, **settings})
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="load-") as state_dir:
-        process = start_server(state_dir, port)
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                wait_serving(channel, process)
-            figures = asyncio.run(drive(f"127.0.0.1:{port}", process.pid, cfg))
-        finally:
-            process.terminate()
-            process.wait(timeout=60)
-    return {**figures, "server_exit_code": process.returncode}
+    with tempfile.TemporaryDirectory(prefix="load-") as state_dir, Server(state_dir) as server:
+        figures = asyncio.run(drive(server.target, server.process.pid, cfg))
+    return {**figures, "server_exit_code": server.process.returncode}
 
 
 def markdown(figures: dict) -> str:
@@ -244,6 +243,4 @@ def markdown(figures: dict) -> str:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load (default %(default)s)")
-    print(markdown(run(duration_s=parser.parse_args().duration)))
+    main(run, markdown, __doc__, duration_s=30.0)

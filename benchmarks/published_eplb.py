@@ -36,10 +36,7 @@ def balanced_packing(
         pack_weights = [0] * num_packs
         pack_items = [0] * num_packs
         for group in indices[i].tolist() if python_floats else indices[i]:
-            pack = min(
-                (k for k in range(num_packs) if pack_items[k] < groups_per_pack),
-                key=pack_weights.__getitem__,
-            )
+            pack = min((k for k in range(num_packs) if pack_items[k] < groups_per_pack), key=pack_weights.__getitem__)
             assert pack_items[pack] < groups_per_pack
             pack_index[i, group] = pack
             rank_in_pack[i, group] = pack_items[pack]
@@ -126,12 +123,7 @@ def rebalance_experts_hierarchical(
 
 
 def rebalance_experts(
-    weight: torch.Tensor,
-    num_replicas: int,
-    num_groups: int,
-    num_nodes: int,
-    num_gpus: int,
-    python_floats: bool = False,
+    weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, python_floats: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The published entry point: hierarchical when groups divide over nodes, else global.
 
