@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,18 +77,10 @@ def milp_entry(inst: Instance, cache: dict[str, dict], time_limit: float, starts
     if entry and (entry["status"] == "optimal" or entry["time_limit"] >= time_limit):
         return entry
     res = solve_milp(list(inst.loads), inst.num_replicas, inst.num_gpus, time_limit=time_limit, starts=starts)
-    cache[inst.key] = entry = {
-        "name": inst.name,
-        "loads": list(inst.loads),
-        "num_replicas": inst.num_replicas,
-        "num_gpus": inst.num_gpus,
-        "optimum": res.optimum,
-        "bound": res.bound,
-        "status": res.status,
-        "seconds": round(res.seconds, 3),
-        "time_limit": time_limit,
-        "copies": res.copies,
+    found = {key: value for key, value in asdict(res).items() if key != "gpu_experts"} | {
+        "seconds": round(res.seconds, 3)
     }
+    cache[inst.key] = entry = asdict(inst) | {"loads": list(inst.loads), "time_limit": time_limit} | found
     if save:  # after every solve, so an interrupted run keeps what it paid for
         CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
     return entry

@@ -60,19 +60,10 @@ class Bench:
     needs_cuda: bool = False
 
 
+SOLVER, MIGRATION = (solver_bench.run, solver_bench.markdown), (migration_bench.run, migration_bench.markdown)
 BENCHES: tuple[Bench, ...] = (
-    Bench(
-        "Solver: speed and quality vs the published algorithm and the engines",
-        solver_bench.run,
-        solver_bench.markdown,
-        2400,
-    ),
-    Bench(
-        "Migration: moved copies and next-window balance on a drifting series",
-        migration_bench.run,
-        migration_bench.markdown,
-        900,
-    ),
+    Bench("Solver: speed and quality vs the published algorithm and the engines", *SOLVER, 2400),
+    Bench("Migration: moved copies and next-window balance on a drifting series", *MIGRATION, 900),
     Bench("Optimality (MILP gap on small hard instances)", optimality_bench.run, optimality_bench.markdown, 900),
     Bench("Service (gRPC round trip, batching, telemetry ingest)", service_bench.run, service_bench.markdown, 600),
     Bench("Load (sustained traffic)", load.run, load.markdown, 300),
