@@ -190,10 +190,11 @@ def solve_milp(
         raise ValueError(f"need num_replicas >= experts and divisible by num_gpus, got {num_replicas}, {num_gpus}")
     started = time.perf_counter()
     lb = float(lower_bound(torch.tensor([loads]), num_replicas, num_gpus)[0])
-    known = [solver_placement(loads, num_replicas, num_gpus, "deepseek")]
-    incumbent = min(
-        known + [p for p in starts if _valid(p, num_replicas, num_gpus)], key=lambda p: placement_max_load(loads, *p)
-    )
+    known = [
+        solver_placement(loads, num_replicas, num_gpus, "deepseek"),
+        *(p for p in starts if _valid(p, num_replicas, num_gpus)),
+    ]
+    incumbent = min(known, key=lambda p: placement_max_load(loads, *p))
     ub = placement_max_load(loads, *incumbent)
     if ub <= lb * (1 + 1e-12) or num_gpus == 1:
         return MilpResult(ub, lb, "optimal", time.perf_counter() - started, *incumbent)
