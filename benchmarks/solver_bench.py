@@ -193,7 +193,7 @@ def speed_markdown(speed: dict) -> str:
             ["solve", "median ms", "min ms"],
             [[n, f"{v:.1f}", f"{speed['min_ms'][n]:.1f}"] for n, v in speed["median_ms"].items()],
         )
-        + f"\n\nPublished transcription reproduces the `deepseek` policy: {speed['published_equals_deepseek_policy']}."
+        + f"\n\nPublished algorithm reproduces the `deepseek` policy: {speed['published_equals_deepseek_policy']}."
         f" Process torch threads: {torch.get_num_threads()} (a CPU solve runs on REBALANCER_CPU_THREADS, default 1)."
     )
 
