@@ -6,29 +6,24 @@ runs) for
 * 94 x 128 -> 160 slots, 1 group, 2 nodes, 16 GPUs (bar: < 3 ms),
 * a batch of 16 requests of the first shape, 928 layers in one call (bar: < 10 ms),
 at 64 and 8 candidates, on both paths (`REBALANCER_SOLVER_PATH=torch|triton`), with the `deepseek` policy
-and the torch path on this machine's CPU as baselines in the same run.
-
-`python benchmarks/gpu_bench.py [--runs N] [--out FILE]` prints a markdown table headed by the card; it
-exits with a message when there is no CUDA device.
+and the torch path on this machine's CPU as baselines in the same run. Raises without a CUDA device.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from unittest import mock
 
-import solver_bench
 import torch
 import workloads
+from harness import interleaved_times, main, table
 from rebalancer.solver import kernels as solver_kernels
 from rebalancer.solver import rebalance_experts, solve
-from tables import table
 
 # (label, shape, requests batched along the layer axis)
 CASES = (
@@ -60,26 +55,13 @@ def cuda_median_ms(call: Callable[[], object], warmup: int, runs: int) -> tuple[
 def cpu_median_ms(call: Callable[[], object], runs: int) -> float:
     """Median wall ms of `runs` calls after one warm-up call."""
     call()
-    return 1e3 * statistics.median(solver_bench.interleaved_times({"call": call}, runs)[0]["call"])
+    return 1e3 * statistics.median(interleaved_times({"call": call}, runs)[0]["call"])
 
 
-def solve_call(loads: torch.Tensor, shape: workloads.Shape, policy: str, candidates: int | None) -> Callable:
-    return lambda: rebalance_experts(loads, *shape.args(), policy=policy, num_candidates=candidates)
-
-
-def balancedness(loads: torch.Tensor, shape: workloads.Shape, policy: str, candidates: int | None) -> float:
-    return float(solve(loads, *shape.args(), policy=policy, num_candidates=candidates).balancedness.mean())
-
-
-@contextlib.contextmanager
-def solver_path(path: str) -> Iterator[None]:
-    """REBALANCER_SOLVER_PATH set to `path` inside the block (the dispatch reads it at every solve)."""
-    previous = os.environ.get(solver_kernels.PATH_ENV)
-    os.environ[solver_kernels.PATH_ENV] = path
-    yield
-    os.environ.pop(solver_kernels.PATH_ENV)
-    if previous is not None:
-        os.environ[solver_kernels.PATH_ENV] = previous
+def case(loads: torch.Tensor, shape: workloads.Shape, policy: str, candidates: int | None) -> tuple[Callable, str]:
+    """The solve call to time and the mean balancedness of its placement."""
+    quality = float(solve(loads, *shape.args(), policy=policy, num_candidates=candidates).balancedness.mean())
+    return lambda: rebalance_experts(loads, *shape.args(), policy=policy, num_candidates=candidates), f"{quality:.4f}"
 
 
 def solver_rows(runs: int, warmup: int) -> list[tuple[str, ...]]:
@@ -87,22 +69,21 @@ def solver_rows(runs: int, warmup: int) -> list[tuple[str, ...]]:
     rows = []
     for name, shape, requests in CASES:
         cpu_loads = torch.cat([workloads.shape_loads(shape, "zipf", seed) for seed in range(requests)])
-        gpu_loads = cpu_loads.cuda()
-        cpu_runs = max(3, runs // (4 * requests))
-        baseline = cpu_median_ms(solve_call(cpu_loads, shape, "deepseek", None), cpu_runs)
-        quality = balancedness(cpu_loads, shape, "deepseek", None)
-        rows.append((name, "-", "deepseek, CPU", f"{baseline:.2f}", f"{quality:.4f}"))
+        gpu_loads, cpu_runs = cpu_loads.cuda(), max(3, runs // (4 * requests))
+        call, quality = case(cpu_loads, shape, "deepseek", None)
+        rows.append((name, "-", "deepseek, CPU", f"{cpu_median_ms(call, cpu_runs):.2f}", quality))
         for candidates in CANDIDATES:
-            with solver_path("torch"):
-                cpu_ms = cpu_median_ms(solve_call(cpu_loads, shape, "auto", candidates), cpu_runs)
-                quality = balancedness(cpu_loads, shape, "auto", candidates)
-            rows.append((name, str(candidates), "auto, torch path, CPU", f"{cpu_ms:.2f}", f"{quality:.4f}"))
+            with mock.patch.dict(os.environ, {solver_kernels.PATH_ENV: "torch"}):  # read at every solve
+                call, quality = case(cpu_loads, shape, "auto", candidates)
+                rows.append(
+                    (name, str(candidates), "auto, torch path, CPU", f"{cpu_median_ms(call, cpu_runs):.2f}", quality)
+                )
             for path in ("torch", "triton"):
-                with solver_path(path):
-                    event_ms, wall_ms = cuda_median_ms(solve_call(gpu_loads, shape, "auto", candidates), warmup, runs)
-                    quality = balancedness(gpu_loads, shape, "auto", candidates)
+                with mock.patch.dict(os.environ, {solver_kernels.PATH_ENV: path}):
+                    call, quality = case(gpu_loads, shape, "auto", candidates)
+                    event_ms, wall_ms = cuda_median_ms(call, warmup, runs)
                 what = f"auto, {path} path, CUDA (host wall {wall_ms:.2f} ms)"
-                rows.append((name, str(candidates), what, f"{event_ms:.3f}", f"{quality:.4f}"))
+                rows.append((name, str(candidates), what, f"{event_ms:.3f}", quality))
             print(f"  done: {name}, {candidates} candidates", file=sys.stderr)
     return rows
 
@@ -130,16 +111,4 @@ def markdown(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=50, help="timed runs per GPU figure (CPU figures use fewer)")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--out", help="also write the table (markdown) to this file")
-    args = parser.parse_args()
-    try:
-        text = markdown(run(runs=args.runs, warmup=args.warmup))
-    except RuntimeError as error:
-        sys.exit(f"gpu_bench: {error}")
-    print(text)
-    if args.out:
-        with open(args.out, "w") as out:
-            out.write(text + "\n")
+    main(run, markdown, __doc__, runs=50, warmup=5)

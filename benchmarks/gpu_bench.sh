@@ -32,5 +32,4 @@ echo "== kernel tests on CUDA"
 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py
 
 echo "== solve benchmark"
-OUT_DIR="${OUT:-$ROOT/benchmarks}"
-"$PY" benchmarks/gpu_bench.py --out "$OUT_DIR/gpu_bench.md" "$@"
+"$PY" benchmarks/gpu_bench.py "$@" | tee "${OUT:-$ROOT/benchmarks}/gpu_bench.md"

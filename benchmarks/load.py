@@ -11,7 +11,6 @@ The generator shares the 2 cores with the server, so its own CPU use is part of 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import os
@@ -24,11 +23,11 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 import workloads
+from harness import main, table
 from rebalancer_wire.codec import encode
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from rebalancer_wire.v1 import rebalancer_pb2_grpc
-from serving import CHANNEL_OPTIONS, free_port, rss_mib, start_server, topology, wait_serving
-from tables import table
+from serving import CHANNEL_OPTIONS, Server, memory_mib, topology
 
 
 @dataclass(frozen=True)
@@ -58,11 +57,12 @@ class Settings:
         return workloads.Shape("load", self.layers, self.experts, self.replicas, self.groups, self.nodes, self.gpus)
 
 
-class Tally:
-    """What every task records: (time, seconds) per operation, counts and errors by kind."""
+class Traffic:
+    """The generator's tasks on one stub until `stop_at`, recording (time, seconds) per operation, counts and
+    errors by kind; figures count from `warm_at` on."""
 
-    def __init__(self, warm_at: float) -> None:
-        self.warm_at = warm_at
+    def __init__(self, stub, cfg: Settings, started: float) -> None:
+        self.stub, self.cfg, self.stop_at, self.warm_at = stub, cfg, started + cfg.duration_s, started + cfg.warmup
         self.latencies: dict[str, list[tuple[float, float]]] = defaultdict(list)
         self.counts: Counter = Counter()
         self.errors: Counter = Counter()
@@ -76,76 +76,72 @@ class Tally:
         p50, p99 = np.percentile(values, [50, 99]) if values else (float("nan"),) * 2
         return {"count": len(values), "p50_ms": 1e3 * p50, "p99_ms": 1e3 * p99}
 
+    async def stream_reports(self, deployment_id: str, rank: int, pool: list) -> None:
+        """One engine rank: StreamLoad calls of `reports_per_call` reports, paced at `report_hz`."""
+        step, cfg = itertools.count(1), self.cfg
 
-async def stream_reports(stub, tally: Tally, cfg: Settings, deployment_id: str, rank: int, pool: list, stop_at: float):
-    """One engine rank: StreamLoad calls of `reports_per_call` reports, paced at `report_hz`."""
-    step = itertools.count(1)
+        async def reports(half_closed: list[float]):
+            for _ in range(cfg.reports_per_call):
+                if time.monotonic() >= self.stop_at:
+                    break
+                await asyncio.sleep(1.0 / cfg.report_hz)
+                index = next(step)
+                yield pb.StreamLoadRequest(
+                    deployment_id=deployment_id, loads=pool[index % len(pool)], rank=rank, step=index
+                )
+            half_closed.append(time.monotonic())
 
-    async def reports(half_closed: list[float]):
-        for _ in range(cfg.reports_per_call):
-            if time.monotonic() >= stop_at:
-                break
-            await asyncio.sleep(1.0 / cfg.report_hz)
-            index = next(step)
-            yield pb.StreamLoadRequest(
-                deployment_id=deployment_id, loads=pool[index % len(pool)], rank=rank, step=index
-            )
-        half_closed.append(time.monotonic())
+        while time.monotonic() < self.stop_at:
+            half_closed: list[float] = []
+            try:
+                summary = await self.stub.StreamLoad(reports(half_closed), timeout=60)
+            except grpc.RpcError as error:
+                self.errors[f"StreamLoad {error.code().name}"] += 1
+                await asyncio.sleep(1.0 / cfg.report_hz)
+                continue
+            self.latency("ingest_lag", half_closed[0])
+            self.counts["reports"] += summary.accepted
+            self.errors["rejected reports"] += summary.rejected
 
-    while time.monotonic() < stop_at:
-        half_closed: list[float] = []
+    async def control(self, deployment_id: str) -> None:
+        """One controller: re-plan its deployment from the window on a fixed period, then read it back."""
+        read = pb.GetPlacementRequest(deployment_id=deployment_id)
+        version = (await self.stub.GetPlacement(read, timeout=30)).placement.version
+        while time.monotonic() + self.cfg.rebalance_interval_s < self.stop_at:
+            await asyncio.sleep(self.cfg.rebalance_interval_s)
+            try:
+                began = time.monotonic()
+                request = pb.RebalanceRequest(deployment_id=deployment_id, base_version=version)
+                placement = (await self.stub.Rebalance(request, timeout=60)).placement
+                self.latency("rebalance", began)
+                self.latency("solve (server stats)", began, placement.stats.solve_seconds)
+                self.errors["version skipped"] += placement.version != version + 1
+                version = placement.version
+                self.counts["rebalances"] += 1
+                began = time.monotonic()
+                self.errors["stale read"] += (
+                    await self.stub.GetPlacement(read, timeout=30)
+                ).placement.version != version
+                self.latency("get_placement", began)
+            except grpc.RpcError as error:
+                self.errors[f"control {error.code().name}"] += 1
+
+    async def watch(self, deployment_id: str) -> None:
+        """Follow a deployment's versions from version 1; runs until cancelled at the end."""
+        seen, request = 1, pb.WatchPlacementRequest(deployment_id=deployment_id, after_version=1)
         try:
-            summary = await stub.StreamLoad(reports(half_closed), timeout=60)
+            async for response in self.stub.WatchPlacement(request):
+                self.errors["watch out of order"] += response.placement.version <= seen
+                seen = response.placement.version
+                self.counts["pushes"] += 1
         except grpc.RpcError as error:
-            tally.errors[f"StreamLoad {error.code().name}"] += 1
-            await asyncio.sleep(1.0 / cfg.report_hz)
-            continue
-        tally.latency("ingest_lag", half_closed[0])
-        tally.counts["reports"] += summary.accepted
-        tally.errors["rejected reports"] += summary.rejected
+            if error.code() != grpc.StatusCode.CANCELLED:
+                self.errors[f"watch {error.code().name}"] += 1
 
-
-async def control(stub, tally: Tally, cfg: Settings, deployment_id: str, stop_at: float) -> None:
-    """One controller: re-plan its deployment from the window on a fixed period, then read it back."""
-    read = pb.GetPlacementRequest(deployment_id=deployment_id)
-    version = (await stub.GetPlacement(read, timeout=30)).placement.version
-    while time.monotonic() + cfg.rebalance_interval_s < stop_at:
-        await asyncio.sleep(cfg.rebalance_interval_s)
-        try:
-            began = time.monotonic()
-            request = pb.RebalanceRequest(deployment_id=deployment_id, base_version=version)
-            placement = (await stub.Rebalance(request, timeout=60)).placement
-            tally.latency("rebalance", began)
-            tally.latency("solve (server stats)", began, placement.stats.solve_seconds)
-            tally.errors["version skipped"] += placement.version != version + 1
-            version = placement.version
-            tally.counts["rebalances"] += 1
-            began = time.monotonic()
-            tally.errors["stale read"] += (await stub.GetPlacement(read, timeout=30)).placement.version != version
-            tally.latency("get_placement", began)
-        except grpc.RpcError as error:
-            tally.errors[f"control {error.code().name}"] += 1
-
-
-async def watch(stub, tally: Tally, deployment_id: str) -> None:
-    """Follow a deployment's versions from version 1; runs until cancelled at the end."""
-    seen = 1
-    try:
-        async for response in stub.WatchPlacement(
-            pb.WatchPlacementRequest(deployment_id=deployment_id, after_version=1)
-        ):
-            tally.errors["watch out of order"] += response.placement.version <= seen
-            seen = response.placement.version
-            tally.counts["pushes"] += 1
-    except grpc.RpcError as error:
-        if error.code() != grpc.StatusCode.CANCELLED:
-            tally.errors[f"watch {error.code().name}"] += 1
-
-
-async def sample_rss(pid: int, samples: list[tuple[float, float]], stop_at: float) -> None:
-    while time.monotonic() < stop_at:
-        samples.append((time.monotonic(), rss_mib(pid)))
-        await asyncio.sleep(0.5)
+    async def sample_rss(self, pid: int, samples: list[tuple[float, float]]) -> None:
+        while time.monotonic() < self.stop_at:
+            samples.append((time.monotonic(), memory_mib(pid)))
+            await asyncio.sleep(0.5)
 
 
 def rss_figures(samples: list[tuple[float, float]], warm_at: float) -> dict:
@@ -160,47 +156,44 @@ def rss_figures(samples: list[tuple[float, float]], warm_at: float) -> dict:
 
 async def drive(target: str, pid: int, cfg: Settings) -> dict:
     """Register the deployments, run every task for `duration_s`, gather the figures."""
-    shape = cfg.shape
-    wire_topology = topology(shape)
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         stub = rebalancer_pb2_grpc.RebalancerServiceStub(channel)
         deployments = [f"load-{index}" for index in range(cfg.controllers)]
         # Pre-encoded loads, so the generator spends its CPU on RPCs, not on random numbers.
         pools = [
-            [encode(workloads.shape_loads(shape, "zipf", 16 * n + i).numpy()) for i in range(16)]
-            for n in range(len(deployments))
+            [encode(workloads.shape_loads(cfg.shape, "zipf", 16 * n + i).numpy()) for i in range(16)]
+            for n in range(cfg.controllers)
         ]
         for d, pool in zip(deployments, pools, strict=True):  # register, fill the window a little, commit version 1
-            await stub.StreamLoad(iter([pb.StreamLoadRequest(deployment_id=d, topology=wire_topology, loads=pool[0])]))
+            await stub.StreamLoad(
+                iter([pb.StreamLoadRequest(deployment_id=d, topology=topology(cfg.shape), loads=pool[0])])
+            )
             await stub.Rebalance(pb.RebalanceRequest(deployment_id=d), timeout=120)
-        started = time.monotonic()
-        stop_at, tally, rss = started + cfg.duration_s, Tally(started + cfg.warmup), []
-        watchers = [asyncio.create_task(watch(stub, tally, d)) for d in deployments]
+        started, rss, count = time.monotonic(), [], cfg.controllers
+        traffic = Traffic(stub, cfg, started)
+        watchers = [asyncio.create_task(traffic.watch(d)) for d in deployments]
         # Stream i is rank i // controllers of deployment i % controllers: ranks of one deployment add up.
-        ranks = [
-            (deployments[i % cfg.controllers], i // cfg.controllers, pools[i % cfg.controllers])
-            for i in range(cfg.streams)
+        streams = [
+            traffic.stream_reports(deployments[i % count], i // count, pools[i % count]) for i in range(cfg.streams)
         ]
-        streams = [stream_reports(stub, tally, cfg, d, rank, pool, stop_at) for d, rank, pool in ranks]
-        controls = [control(stub, tally, cfg, d, stop_at) for d in deployments]
-        await asyncio.gather(*streams, *controls, sample_rss(pid, rss, stop_at))
+        await asyncio.gather(*streams, *map(traffic.control, deployments), traffic.sample_rss(pid, rss))
         elapsed = time.monotonic() - started
         await asyncio.sleep(0.2)  # the last pushes
         for watcher in watchers:
             watcher.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
-    errors = {kind: count for kind, count in tally.errors.items() if count}
+    errors, counts = {kind: count for kind, count in traffic.errors.items() if count}, traffic.counts
     return {
         "settings": cfg,
         "duration_s": elapsed,
         "offered_reports_per_s": cfg.streams * cfg.report_hz,
-        "reports_per_s": tally.counts["reports"] / elapsed,
-        "rebalances": tally.counts["rebalances"],
-        "rebalances_per_s": tally.counts["rebalances"] / elapsed,
-        "watch_pushes": tally.counts["pushes"],
+        "reports_per_s": counts["reports"] / elapsed,
+        "rebalances": counts["rebalances"],
+        "rebalances_per_s": counts["rebalances"] / elapsed,
+        "watch_pushes": counts["pushes"],
         "errors": sum(errors.values()),
         "error_kinds": errors,
-        "latency": {operation: tally.quantiles(operation) for operation in list(tally.latencies)},
+        "latency": {operation: traffic.quantiles(operation) for operation in list(traffic.latencies)},
         "load_average": os.getloadavg(),
         **rss_figures(rss, started + cfg.warmup),
     }
@@ -209,17 +202,9 @@ async def drive(target: str, pid: int, cfg: Settings) -> dict:
 def run(quick: bool = False, **settings) -> dict:
     """Start a server, drive it (5 s quick, 30 s full, or `Settings(**settings)`), stop it; returns the figures."""
     cfg = Settings(**{"duration_s": 5.0 if quick else 30.0, **settings})
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="load-") as state_dir:
-        process = start_server(state_dir, port)
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                wait_serving(channel, process)
-            figures = asyncio.run(drive(f"127.0.0.1:{port}", process.pid, cfg))
-        finally:
-            process.terminate()
-            process.wait(timeout=60)
-    return {**figures, "server_exit_code": process.returncode}
+    with tempfile.TemporaryDirectory(prefix="load-") as state_dir, Server(state_dir) as server:
+        figures = asyncio.run(drive(server.target, server.process.pid, cfg))
+    return {**figures, "server_exit_code": server.process.returncode}
 
 
 def markdown(figures: dict) -> str:
@@ -244,6 +229,4 @@ def markdown(figures: dict) -> str:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load (default %(default)s)")
-    print(markdown(run(duration_s=parser.parse_args().duration)))
+    main(run, markdown, __doc__, duration_s=30.0)

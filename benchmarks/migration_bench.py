@@ -12,7 +12,6 @@ Whether history helps is answered by paired per-window differences with and with
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import time
@@ -20,19 +19,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import workloads
+from harness import main, table
 from rebalancer.solver import CostModel, maps, solve
 from rebalancer.solver.elastic import elastic_moves
 from rebalancer.solver.transfers import plan_transfers, same_node_share, transfer_stats
-from tables import table
 
 MIGRATION_SHAPES = ("dsv3_prefill", "qwen3_235b", "kimi_k2")
 HISTORY_WINDOWS = 4
 BASELINES = ("deepseek_global", "deepseek")
-# (label of the variant with history, label of the same variant without it)
-HISTORY_PAIRS = (("auto_prev_hist", "auto_prev"), ("auto_hist", "auto_fresh"))
+HISTORY_PAIRS = (("auto_prev_hist", "auto_prev"), ("auto_hist", "auto_fresh"))  # (with history, without)
 BAR = {"moves_ratio": 0.25, "aim": 0.1, "balancedness_slack": 0.005}
-# Rearrangement cost model: DeepSeek-V3 FP8 experts, NVLink 450 GB/s and a 400 Gb/s NIC per GPU.
-COST = CostModel()
+COST = CostModel()  # DeepSeek-V3 FP8 experts, NVLink 450 GB/s and a 400 Gb/s NIC per GPU
 # Raw per-run sums of the rearrangement figures; shares are pooled from them.
 TRANSFER_SUMS = ("transfer_seconds", "network_copies", "intra_copies", "possible_copies", "possible_intra_copies")
 
@@ -48,6 +45,18 @@ class Variant:
     use_history: bool = False
     balance_tolerance: float | None = None
 
+    def plan(self, series, window: int, shape: workloads.Shape, prev_phy2log):
+        """Plan on `series[window]`; history is the last HISTORY_WINDOWS windows up to it."""
+        options: dict = {"policy": self.policy, "device": "cpu"}
+        if self.use_prev and prev_phy2log is not None:
+            options["prev_phy2log"] = prev_phy2log
+        if self.use_history:
+            options["history"] = series[max(0, window - HISTORY_WINDOWS + 1) : window + 1]
+        if self.balance_tolerance is not None:
+            options["balance_tolerance"] = self.balance_tolerance
+        groups, nodes = (1, 1) if self.flat else (shape.groups, shape.nodes)
+        return solve(series[window], shape.replicas, groups, nodes, shape.gpus, **options)
+
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("deepseek", "deepseek"),
@@ -60,19 +69,6 @@ VARIANTS: tuple[Variant, ...] = (
 )
 
 
-def plan(variant: Variant, series, window: int, shape: workloads.Shape, prev_phy2log):
-    """Plan on `series[window]` as `variant` would; history is the last HISTORY_WINDOWS windows up to it."""
-    groups, nodes = (1, 1) if variant.flat else (shape.groups, shape.nodes)
-    options: dict = {"policy": variant.policy, "device": "cpu"}
-    if variant.use_prev and prev_phy2log is not None:
-        options["prev_phy2log"] = prev_phy2log
-    if variant.use_history:
-        options["history"] = series[max(0, window - HISTORY_WINDOWS + 1) : window + 1]
-    if variant.balance_tolerance is not None:
-        options["balance_tolerance"] = variant.balance_tolerance
-    return solve(series[window], shape.replicas, groups, nodes, shape.gpus, **options)
-
-
 def rearrangement(prev_phy2log, phy2log, shape: workloads.Shape) -> dict[str, float]:
     """The transfers from one plan to the next under COST and the shape's real nodes. Every variant is
     costed alike: a re-plan keeps experts already on a GPU (vLLM-style), so only new arrivals use a link."""
@@ -81,28 +77,23 @@ def rearrangement(prev_phy2log, phy2log, shape: workloads.Shape) -> dict[str, fl
     cost = transfer_stats(rows, shape.layers, shape.gpus, per_node, COST)
     share, possible = same_node_share(prev_phy2log, rows, shape.experts, shape.gpus, per_node)
     copies = cost["transferred_copies"]
-    return {
-        "transfer_seconds": cost["estimated_transfer_seconds"],
-        "network_copies": copies,
-        "intra_copies": copies * cost["intra_node_share"],
-        "possible_copies": copies * possible,
-        "possible_intra_copies": copies * possible * share,
-    }
+    sums = (cost["estimated_transfer_seconds"], copies, copies * cost["intra_node_share"], copies * possible)
+    return dict(zip(TRANSFER_SUMS, (*sums, copies * possible * share), strict=True))
 
 
 def relative(figures: dict[str, dict]) -> dict[str, dict]:
-    """Add to every variant's figures its moved-copies and transfer-time ratios, balancedness delta to each
+    """Add to every variant's figures its moved-copies and transfer-time ratios and balancedness delta to each
     baseline, and its pooled intra-node shares."""
     for entry in figures.values():
         entry["intra_node_share"] = entry["intra_copies"] / max(entry["network_copies"], 1.0)
         entry["intra_where_possible"] = entry["possible_intra_copies"] / max(entry["possible_copies"], 1.0)
-        for base in BASELINES:
-            base_moves = figures[base]["total_moves"]
-            entry[f"moves_ratio_vs_{base}"] = entry["total_moves"] / base_moves if base_moves else math.nan
-            delta = entry["mean_next_balancedness"] - figures[base]["mean_next_balancedness"]
-            entry[f"balancedness_delta_vs_{base}"] = delta
-            base_seconds = figures[base]["transfer_seconds"]
-            entry[f"transfer_ratio_vs_{base}"] = entry["transfer_seconds"] / base_seconds if base_seconds else math.nan
+        for base, of in ((base, figures[base]) for base in BASELINES):
+            entry[f"moves_ratio_vs_{base}"] = (
+                entry["total_moves"] / of["total_moves"] if of["total_moves"] else math.nan
+            )
+            entry[f"balancedness_delta_vs_{base}"] = entry["mean_next_balancedness"] - of["mean_next_balancedness"]
+            seconds = of["transfer_seconds"]
+            entry[f"transfer_ratio_vs_{base}"] = entry["transfer_seconds"] / seconds if seconds else math.nan
     return figures
 
 
@@ -110,20 +101,16 @@ def run_series(shape: workloads.Shape, windows: int, seed: int) -> dict:
     """Every variant over one drift series: plan on window 0, then replan on windows 1 .. T-2, each scored on
     the window after it; moves count against that variant's own previous plan."""
     series = workloads.drift_series(shape.layers, shape.experts, windows, seed=seed)
-    placements = {v.label: plan(v, series, 0, shape, None).phy2log.cpu() for v in VARIANTS}
-    tracks: dict[str, dict[str, list]] = {
-        v.label: {"moves": [], "next": [], "seconds": [], "transfers": []} for v in VARIANTS
-    }
+    placements = {v.label: v.plan(series, 0, shape, None).phy2log.cpu() for v in VARIANTS}
+    tracks = {v.label: {"moves": [], "next": [], "seconds": [], "transfers": []} for v in VARIANTS}
     for window in range(1, windows - 1):
         for variant in VARIANTS:
-            started = time.perf_counter()
-            result = plan(variant, series, window, shape, placements[variant.label])
-            track, phy2log = tracks[variant.label], result.phy2log.cpu()
+            started, prev = time.perf_counter(), placements[variant.label]
+            phy2log, track = variant.plan(series, window, shape, prev).phy2log.cpu(), tracks[variant.label]
             track["seconds"].append(time.perf_counter() - started)
-            moved = maps.moved_copies(placements[variant.label], phy2log, shape.experts, shape.gpus)
-            track["moves"].append(int(moved.sum()))
+            track["moves"].append(int(maps.moved_copies(prev, phy2log, shape.experts, shape.gpus).sum()))
             track["next"].append(float(workloads.balancedness(series[window + 1], phy2log, shape.gpus).mean()))
-            track["transfers"].append(rearrangement(placements[variant.label], phy2log, shape))
+            track["transfers"].append(rearrangement(prev, phy2log, shape))
             placements[variant.label] = phy2log
     slots = (windows - 2) * shape.layers * shape.replicas
     figures = {
@@ -146,19 +133,11 @@ def paired_difference(runs: Sequence[dict], with_history: str, without: str) -> 
     Windows of one series are correlated, so the standard error is optimistic; the per-run means beside it
     show whether the sign holds on every shape and seed.
     """
-    per_run = [
-        [
-            a - b
-            for a, b in zip(
-                r["variants"][with_history]["next_balancedness"],
-                r["variants"][without]["next_balancedness"],
-                strict=True,
-            )
-        ]
-        for r in runs
+    pairs = [
+        (r["variants"][with_history]["next_balancedness"], r["variants"][without]["next_balancedness"]) for r in runs
     ]
-    diffs = [d for run_diffs in per_run for d in run_diffs]
-    means = [statistics.fmean(run_diffs) for run_diffs in per_run]
+    per_run = [[a - b for a, b in zip(*pair, strict=True)] for pair in pairs]
+    diffs, means = [d for run_diffs in per_run for d in run_diffs], [statistics.fmean(d) for d in per_run]
     return {
         "mean_diff": statistics.fmean(diffs),
         "stderr": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan,
@@ -170,14 +149,11 @@ def paired_difference(runs: Sequence[dict], with_history: str, without: str) -> 
 
 def summarise(runs: Sequence[dict]) -> dict:
     """Totals pooled over `runs` per variant, ratios and deltas to the baselines, and the history pairs."""
-    totals = {
-        v.label: {
-            key: (sum if key == "total_moves" else statistics.fmean)(r["variants"][v.label][key] for r in runs)
-            for key in ("total_moves", "mean_next_balancedness", "mean_solve_s")
-        }
-        | {key: sum(r["variants"][v.label][key] for r in runs) for key in TRANSFER_SUMS}
-        for v in VARIANTS
-    }
+    totals = {}
+    for label in (v.label for v in VARIANTS):
+        figures = [r["variants"][label] for r in runs]
+        pooled = {key: statistics.fmean(f[key] for f in figures) for key in ("mean_next_balancedness", "mean_solve_s")}
+        totals[label] = pooled | {key: sum(f[key] for f in figures) for key in ("total_moves", *TRANSFER_SUMS)}
     return {
         "windows": runs[0]["windows"],
         "seeds": sorted({r["seed"] for r in runs}),
@@ -192,14 +168,12 @@ def run_elastic(seed: int, shape_name: str = "dsv3_prefill", lost_gpu: int = 5, 
     """Elastic EP from a placement planned on the same zipf loads: lose GPU `lost_gpu`, and scale to
     `scale_to` GPUs; each beside a fresh plan on the new GPU set (what re-planning on the active ranks gives)."""
     shape = workloads.SHAPES[shape_name]
-    slots = shape.replicas // shape.gpus
-    weight = workloads.make("zipf", shape.layers, shape.experts, seed=seed)
-    layout = (shape.replicas, shape.groups, shape.nodes, shape.gpus)
-    prev = solve(weight, *layout, device="cpu").phy2log
-    lost = solve(weight, *layout, device="cpu", prev_phy2log=prev, unavailable_gpus=[lost_gpu])
+    slots, weight = shape.replicas // shape.gpus, workloads.shape_loads(shape, "zipf", seed)
+    prev = solve(weight, *shape.args(), device="cpu").phy2log
+    lost = solve(weight, *shape.args(), device="cpu", prev_phy2log=prev, unavailable_gpus=[lost_gpu])
     fresh = solve(weight, slots * (shape.gpus - 1), 1, 1, shape.gpus - 1, device="cpu")
     fresh_moves, _ = elastic_moves(prev, fresh.phy2log, shape.experts, slots, lost.gpu_ids)
-    scaled = solve(weight, *layout, device="cpu", prev_phy2log=prev, new_num_gpus=scale_to)
+    scaled = solve(weight, *shape.args(), device="cpu", prev_phy2log=prev, new_num_gpus=scale_to)
     _, kept = elastic_moves(prev, scaled.phy2log, shape.experts, slots, scaled.gpu_ids)
     fresh_scaled = solve(weight, slots * scale_to, 1, 1, scale_to, device="cpu")
     return {
@@ -225,98 +199,72 @@ def run(quick: bool = False) -> dict:
     pairs, and the elastic EP figures."""
     names, windows, seeds = (("qwen3_235b",), 5, (21,)) if quick else (MIGRATION_SHAPES, 8, (21, 22))
     result = summarise([run_series(workloads.SHAPES[name], windows, seed) for name in names for seed in seeds])
-    result["elastic"] = [run_elastic(seed) for seed in seeds]
-    return result
+    return result | {"elastic": [run_elastic(seed) for seed in seeds]}
 
 
-def _figures(fig: dict, bases: Sequence[str]) -> list[str]:
+def figures(fig: dict, bases: Sequence[str]) -> list[str]:
     """Moved copies, ratio(s), next-window balancedness, delta(s) and solve ms of one variant."""
     return (
-        [str(fig["total_moves"])]
-        + [f"{fig[f'moves_ratio_vs_{base}']:.3f}" for base in bases]
-        + [f"{fig['mean_next_balancedness']:.4f}"]
-        + [f"{fig[f'balancedness_delta_vs_{base}']:+.4f}" for base in bases]
+        [str(fig["total_moves"]), *(f"{fig[f'moves_ratio_vs_{base}']:.3f}" for base in bases)]
+        + [f"{fig['mean_next_balancedness']:.4f}", *(f"{fig[f'balancedness_delta_vs_{base}']:+.4f}" for base in bases)]
         + [f"{1000 * fig['mean_solve_s']:.0f}"]
     )
 
 
-def _transfer_figures(fig: dict) -> list[str]:
-    """Estimated rearrangement seconds, ratio to the flat reference and the intra-node shares."""
-    return [
-        f"{fig['transfer_seconds']:.3f}",
-        f"{fig['transfer_ratio_vs_deepseek_global']:.3f}",
-        f"{fig['intra_node_share']:.3f}",
-        f"{fig['intra_where_possible']:.3f}",
-    ]
-
-
-def _elastic_markdown(rows: Sequence[dict]) -> str:
-    head = ["seed", "lose 1: moved/layer mean (max)", "bar (2 x slots)", "fresh re-plan moved/layer"]
-    head += ["bal. vs fresh", "worst layer gap", f"scale to {rows[0]['scale_to']}: kept share", "bal. vs fresh"]
+def elastic_markdown(rows: Sequence[dict]) -> str:
+    head = ["seed", "lose 1: moved/layer mean (max)", "bar (2 x slots)", "fresh re-plan moved/layer", "bal. vs fresh"]
+    head += ["worst layer gap", f"scale to {rows[0]['scale_to']}: kept share", "bal. vs fresh"]
     body = [
         [
             r["seed"],
             f"{r['lost_moves_mean']:.1f} ({r['lost_moves_max']})",
             r["lost_bar"],
             f"{r['fresh_moves_mean']:.1f}",
-            f"{r['lost_balancedness']:.4f} vs {r['fresh_balancedness']:.4f}",
-            f"{r['lost_worst_gap']:.4f}",
-            f"{r['scaled_kept_share']:.3f}",
-            f"{r['scaled_balancedness']:.4f} vs {r['fresh_scaled_balancedness']:.4f}",
         ]
+        + [f"{r['lost_balancedness']:.4f} vs {r['fresh_balancedness']:.4f}", f"{r['lost_worst_gap']:.4f}"]
+        + [f"{r['scaled_kept_share']:.3f}", f"{r['scaled_balancedness']:.4f} vs {r['fresh_scaled_balancedness']:.4f}"]
         for r in rows
     ]
     return f"**Elastic EP** on {rows[0]['shape']} (zipf loads, GPU {rows[0]['lost_gpu']} lost)\n\n" + table(head, body)
 
 
 def markdown(result: dict) -> str:
-    """Per shape x seed, pooled totals, and the history effect."""
-    flat = BASELINES[:1]
-    head = ["moved copies", "x deepseek_global", "next-window bal.", "delta vs deepseek_global", "mean solve ms"]
+    """Per shape x seed, pooled totals, the history effect and elastic EP."""
+    flat, bar = BASELINES[:1], result["bar"]
+    head = ["shape", "seed", "variant", "moved copies", "share of slots", "x deepseek_global", "next-window bal."]
     per_run = [
-        [r["shape"], r["seed"], label, *_figures(fig, flat)[:1], f"{fig['moved_share']:.3f}", *_figures(fig, flat)[1:]]
+        [r["shape"], r["seed"], label, fig["total_moves"], f"{fig['moved_share']:.3f}", *figures(fig, flat)[1:]]
         for r in result["runs"]
         for label, fig in r["variants"].items()
     ]
     pooled_head = ["variant", "moved copies", "x deepseek_global", "x deepseek", "next-window bal."]
-    pooled_head += ["delta vs deepseek_global", "delta vs deepseek", "mean solve ms"]
-    pooled_head += ["est. transfer s", "transfer x deepseek_global", "intra-node share", "intra where on-node source"]
+    pooled_head += ["delta vs deepseek_global", "delta vs deepseek", "mean solve ms", "est. transfer s"]
+    pooled_head += ["transfer x deepseek_global", "intra-node share", "intra where on-node source"]
+    pooled = [
+        [label, *figures(t, BASELINES), f"{t['transfer_seconds']:.3f}", f"{t['transfer_ratio_vs_deepseek_global']:.3f}"]
+        + [f"{t['intra_node_share']:.3f}", f"{t['intra_where_possible']:.3f}"]
+        for label, t in result["totals"].items()
+    ]
     history = [
         [pair, f"{h['mean_diff']:+.5f}", f"{h['stderr']:.5f}", h["windows"]]
         + [", ".join(f"{d:+.5f}" for d in h["per_run_mean"]), f"{h['runs_positive']}/{len(h['per_run_mean'])}"]
         for pair, h in result["history_effect"].items()
     ]
-    bar = result["bar"]
-    return "\n".join(
-        [
-            f"Drift series, {result['windows']} windows (plan on window i, score on i + 1), seeds {result['seeds']},"
-            f" history = last {HISTORY_WINDOWS} windows. Ratios and deltas are against `deepseek_global` (flat"
-            " published algorithm, the check's baseline); `deepseek` with the shape's hierarchy is listed too.",
-            "",
-            table(["shape", "seed", "variant", head[0], "share of slots", *head[1:]], per_run),
-            "",
-            "**Pooled over all shapes and seeds**",
-            "",
-            table(
-                pooled_head,
-                [[label, *_figures(t, BASELINES), *_transfer_figures(t)] for label, t in result["totals"].items()],
-            ),
-            "",
-            f"Bar: moved copies <= {bar['moves_ratio']}x the reference (aim {bar['aim']}x) at next-window"
-            f" balancedness within {bar['balancedness_slack']} of it.",
-            "",
-            "**Does history help?** Paired per-window differences of next-window balancedness.",
-            "",
-            table(["pair", "mean diff", "std. error", "windows", "per shape x seed", "runs > 0"], history),
-            "",
-            "Windows of one series are correlated, so the standard error understates the noise; read the per-run"
-            " signs.",
-        ]
-        + (["", _elastic_markdown(result["elastic"])] if result.get("elastic") else [])
-    )
+    out = [
+        f"Drift series, {result['windows']} windows (plan on window i, score on i + 1), seeds {result['seeds']},"
+        f" history = last {HISTORY_WINDOWS} windows. Ratios and deltas are against `deepseek_global` (flat"
+        " published algorithm, the check's baseline); `deepseek` with the shape's hierarchy is listed too.",
+        table([*head, "delta vs deepseek_global", "mean solve ms"], per_run),
+        "**Pooled over all shapes and seeds**",
+        table(pooled_head, pooled),
+        f"Bar: moved copies <= {bar['moves_ratio']}x the reference (aim {bar['aim']}x) at next-window"
+        f" balancedness within {bar['balancedness_slack']} of it.",
+        "**Does history help?** Paired per-window differences of next-window balancedness.",
+        table(["pair", "mean diff", "std. error", "windows", "per shape x seed", "runs > 0"], history),
+        "Windows of one series are correlated, so the standard error understates the noise; read the per-run signs.",
+    ]
+    return "\n\n".join(out + ([elastic_markdown(result["elastic"])] if result.get("elastic") else []))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one shape, one seed, 5 windows")
-    print(markdown(run(parser.parse_args().quick)))
+    main(run, markdown, __doc__)

@@ -7,29 +7,27 @@ seeds, plus three instances whose optima are known by hand. The MILP of `milp.py
 cached in `milp_optima.json` keyed by a hash of the instance, so reruns only pay for new instances.
 Proven optima and time-limited ones (best known placement, HiGHS's bound beside it) are reported apart;
 the gap distribution of the default policy is taken over the proven ones.
-Run: `python benchmarks/optimality_bench.py [--time-limit S]`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import workloads
+from harness import main, table
 from milp import placement_max_load, solve_milp, solver_placement
-from tables import table
 
 CACHE = Path(__file__).resolve().parent / "milp_optima.json"
 POLICIES = ("auto", "deepseek")
 # Hand-checked optima (the joint replication trap and the DeepSeek EPLB README layers), all on 8 GPUs x 2 slots.
 KNOWN: list[tuple[str, list[float], float]] = [
     ("spec-greedy-trap", [600, 560, 120, 120, 20, 10, 10, 10], 590 / 3),
-    ("deepseek-readme-l0", [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86], 136.0),
-    ("deepseek-readme-l1", [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27], 172.0),
+    ("deepseek-readme-l0", workloads.README_WEIGHT[0], 136.0),
+    ("deepseek-readme-l1", workloads.README_WEIGHT[1], 172.0),
 ]
 # (experts, GPUs, slots per GPU): every R = G * S > E, so some experts get copies.
 SIZES = ((8, 4, 3), (8, 5, 2), (8, 6, 2), (10, 4, 3), (10, 6, 2), (12, 4, 4), (12, 5, 3), (12, 7, 2), (16, 6, 3))
@@ -47,8 +45,9 @@ class Instance:
 
     @property
     def key(self) -> str:
-        blob = json.dumps([list(self.loads), self.num_replicas, self.num_gpus])
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps([list(self.loads), self.num_replicas, self.num_gpus]).encode()).hexdigest()[
+            :16
+        ]
 
 
 def layer_loads(kind: str, experts: int, seed: int) -> tuple[float, ...]:
@@ -66,19 +65,10 @@ def instances() -> list[Instance]:
     """The fixed benchmark set: the known instances, then every kind x size x seed."""
     out = [Instance(name, tuple(float(w) for w in loads), 16, 8) for name, loads, _ in KNOWN]
     for kind in ("zipf", "lognormal", "two_hot"):
-        for experts, gpus, slots in SIZES:
-            for seed in SEEDS:
-                name = f"{kind}-e{experts}-g{gpus}x{slots}-s{seed}"
-                out.append(Instance(name, layer_loads(kind, experts, 100 * seed + experts + gpus), gpus * slots, gpus))
+        for (experts, gpus, slots), seed in ((size, seed) for size in SIZES for seed in SEEDS):
+            loads = layer_loads(kind, experts, 100 * seed + experts + gpus)
+            out.append(Instance(f"{kind}-e{experts}-g{gpus}x{slots}-s{seed}", loads, gpus * slots, gpus))
     return out
-
-
-def load_cache(path: Path = CACHE) -> dict[str, dict]:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def save_cache(cache: dict[str, dict], path: Path = CACHE) -> None:
-    path.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
 
 
 def milp_entry(inst: Instance, cache: dict[str, dict], time_limit: float, starts: list, save: bool) -> dict:
@@ -87,20 +77,12 @@ def milp_entry(inst: Instance, cache: dict[str, dict], time_limit: float, starts
     if entry and (entry["status"] == "optimal" or entry["time_limit"] >= time_limit):
         return entry
     res = solve_milp(list(inst.loads), inst.num_replicas, inst.num_gpus, time_limit=time_limit, starts=starts)
-    cache[inst.key] = entry = {
-        "name": inst.name,
-        "loads": list(inst.loads),
-        "num_replicas": inst.num_replicas,
-        "num_gpus": inst.num_gpus,
-        "optimum": res.optimum,
-        "bound": res.bound,
-        "status": res.status,
-        "seconds": round(res.seconds, 3),
-        "time_limit": time_limit,
-        "copies": res.copies,
+    found = {key: value for key, value in asdict(res).items() if key != "gpu_experts"} | {
+        "seconds": round(res.seconds, 3)
     }
+    cache[inst.key] = entry = asdict(inst) | {"loads": list(inst.loads), "time_limit": time_limit} | found
     if save:  # after every solve, so an interrupted run keeps what it paid for
-        save_cache(cache)
+        CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
     return entry
 
 
@@ -128,39 +110,34 @@ def distribution(gaps: list[float]) -> dict:
     }
 
 
+def score(inst: Instance, cache: dict[str, dict], time_limit: float, save: bool) -> dict:
+    """One row: the optimum (or, time-limited, the best placement known, a policy's when better) and each
+    policy's max load and gap to it; the policies' placements seed the MILP as incumbents."""
+    placements = {p: solver_placement(inst.loads, inst.num_replicas, inst.num_gpus, p) for p in POLICIES}
+    peaks = {p: placement_max_load(inst.loads, *placement) for p, placement in placements.items()}
+    entry = milp_entry(inst, cache, time_limit, list(placements.values()), save)
+    proven = entry["status"] == "optimal"
+    optimum = entry["optimum"] if proven else min(entry["optimum"], *peaks.values())
+    row = {"instance": inst.name, "E": len(inst.loads), "G": inst.num_gpus, "R": inst.num_replicas, "optimum": optimum}
+    row |= {
+        "proven": proven,
+        "milp_status": entry["status"],
+        "milp_gap_pct": gap_pct(optimum, entry["bound"]),
+        "milp_seconds": entry["seconds"],
+    }
+    for policy, peak in peaks.items():
+        row |= {f"{policy}_max": peak, f"{policy}_gap_pct": gap_pct(peak, optimum)}
+    return row
+
+
 def run(quick: bool = False, time_limit: float | None = None, save: bool = False) -> dict:
     """Solve (or read) every optimum and score the policies; returns {"rows": [...], "summary": {...}}.
-
-    The policies' placements seed the MILP as incumbents. When the MILP stops at its time limit, "optimum"
-    is the best placement known (a policy's, when better) and `milp_gap_pct` says how far the proven
-    bound is below it. Uncached instances get `time_limit` seconds (default 2 quick, 20 full).
-    """
-    time_limit = time_limit or (2.0 if quick else 20.0)
+    Uncached instances get `time_limit` seconds (default 2 quick, 20 full); `save` writes the cache."""
     current = instances()
     keys = {inst.key for inst in current}
-    cache = {key: entry for key, entry in load_cache().items() if key in keys}  # drops retired instances
-    rows = []
-    for inst in current:
-        placements = {p: solver_placement(inst.loads, inst.num_replicas, inst.num_gpus, p) for p in POLICIES}
-        scored = {p: (placement_max_load(inst.loads, *placement), placement) for p, placement in placements.items()}
-        entry = milp_entry(inst, cache, time_limit, list(placements.values()), save)
-        proven = entry["status"] == "optimal"
-        optimum = entry["optimum"] if proven else min(entry["optimum"], *(peak for peak, _ in scored.values()))
-        row = {
-            "instance": inst.name,
-            "E": len(inst.loads),
-            "G": inst.num_gpus,
-            "R": inst.num_replicas,
-            "optimum": optimum,
-            "proven": proven,
-            "milp_status": entry["status"],
-            "milp_gap_pct": gap_pct(optimum, entry["bound"]),
-            "milp_seconds": entry["seconds"],
-        }
-        for policy, (peak, _) in scored.items():
-            row[f"{policy}_max"] = peak
-            row[f"{policy}_gap_pct"] = gap_pct(peak, optimum)
-        rows.append(row)
+    cached = json.loads(CACHE.read_text()) if CACHE.exists() else {}
+    cache = {key: entry for key, entry in cached.items() if key in keys}  # drops retired instances
+    rows = [score(inst, cache, time_limit or (2.0 if quick else 20.0), save) for inst in current]
     summary = {
         f"{policy}_{label}": distribution([r[f"{policy}_gap_pct"] for r in rows if r["proven"] == proven])
         for policy in POLICIES
@@ -169,16 +146,15 @@ def run(quick: bool = False, time_limit: float | None = None, save: bool = False
     return {"rows": rows, "summary": summary, "instances": len(rows), "proven": sum(r["proven"] for r in rows)}
 
 
-def _status(row: dict) -> str:
-    return "optimal" if row["proven"] else f"{row['milp_status']} (bound within {row['milp_gap_pct']:.2f} %)"
-
-
 def markdown(result: dict) -> str:
     """The per-instance table (proven first), then the gap distributions."""
     cells = [
         [r["instance"], r["E"], r["G"], r["R"], f"{r['optimum']:.2f}"]
         + [f"{r[f'{p}_{field}']:.2f}" for p in POLICIES for field in ("max", "gap_pct")]
-        + [f"{r['milp_seconds']:.1f}", _status(r)]
+        + [
+            f"{r['milp_seconds']:.1f}",
+            "optimal" if r["proven"] else f"{r['milp_status']} (bound within {r['milp_gap_pct']:.2f} %)",
+        ]
         for r in sorted(result["rows"], key=lambda r: not r["proven"])
     ]
     head = [
@@ -201,20 +177,15 @@ def markdown(result: dict) -> str:
         for key, d in result["summary"].items()
         if d["count"]
     ]
-    return "\n".join(
+    return "\n\n".join(
         [
             table(head, cells),
-            "",
             f"{result['instances']} instances, {result['proven']} solved to proven optimality.",
-            "",
             "**Gap to the optimum, %** (time-limited: to the best placement known, which may not be optimal)",
-            "",
             table(["policy / optima", "instances", "mean", "p50", "p90", "worst", "exactly optimal"], distributions),
         ]
     )
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--time-limit", type=float, default=60.0, help="MILP seconds per uncached instance")
-    print(markdown(run(time_limit=parser.parse_args().time_limit, save=True)))
+if __name__ == "__main__":  # the command line saves what it solves and defaults to 60 s per uncached instance
+    main(lambda quick, time_limit=60.0: run(quick, time_limit, save=True), markdown, __doc__, time_limit=60.0)

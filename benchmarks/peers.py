@@ -5,10 +5,8 @@ fetched with `pip download --no-deps` into a cache (REBALANCER_ENGINE_WHEELS, de
 ~/.cache/moe-rebalancer/engine-wheels) and only their EPLB modules are imported, straight from the wheel
 (zipimport). The parent packages are bare namespace stubs whose `__path__` points into the archive, so
 neither engine's `__init__` (CUDA, configs, the model zoo) runs; nothing of theirs is copied here.
-
-`load_released_planners()` returns name -> planner, each planner `(weight [L, E], num_replicas,
-num_groups, num_nodes, num_gpus) -> phy2log [L, R] int64`, hierarchical where groups divide over nodes,
-as each engine's own dispatcher decides.
+Each planner is `(weight [L, E], num_replicas, num_groups, num_nodes, num_gpus) -> phy2log [L, R] int64`,
+hierarchical where groups divide over nodes, as each engine's own dispatcher decides.
 """
 
 from __future__ import annotations
@@ -24,23 +22,17 @@ from pathlib import Path
 import torch
 
 ENGINES = {"vllm": "0.33.0", "sglang": "0.5.23"}
-WHEELS_ENV = "REBALANCER_ENGINE_WHEELS"
 Planner = Callable[[torch.Tensor, int, int, int, int], torch.Tensor]
 
 
-def wheel_dir() -> Path:
-    return Path(os.environ.get(WHEELS_ENV) or Path.home() / ".cache/moe-rebalancer/engine-wheels")
-
-
-def fetch_wheel(name: str, version: str, directory: Path | None = None) -> Path:
+def fetch_wheel(name: str, version: str) -> Path:
     """The cached wheel of `name==version`, downloaded (no dependencies) when missing."""
-    directory = directory or wheel_dir()
-    found = sorted(directory.glob(f"{name}-{version}-*.whl"))
-    if not found:
+    directory = Path(os.environ.get("REBALANCER_ENGINE_WHEELS") or Path.home() / ".cache/moe-rebalancer/engine-wheels")
+    if not sorted(directory.glob(f"{name}-{version}-*.whl")):
         directory.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", f"{name}=={version}", "-d"]
         subprocess.run([*command, str(directory)], check=True, timeout=900)
-        found = sorted(directory.glob(f"{name}-{version}-*.whl"))
+    found = sorted(directory.glob(f"{name}-{version}-*.whl"))
     if not found:
         raise FileNotFoundError(f"pip download left no {name}-{version} wheel in {directory}")
     return found[0]
@@ -57,41 +49,25 @@ def import_from_wheel(wheel: Path, module: str) -> types.ModuleType:
     for depth in range(len(rest)):
         package = ".".join([alias, *rest[:depth]])
         if package not in sys.modules:
-            stub = types.ModuleType(package)
+            sys.modules[package] = stub = types.ModuleType(package)
             stub.__path__ = [str(wheel / Path(top, *rest[:depth]))]
-            sys.modules[package] = stub
     return importlib.import_module(".".join([alias, *rest]))
-
-
-def _vllm_default(wheel: Path) -> Planner:
-    policy = import_from_wheel(wheel, "vllm.distributed.eplb.policy.default").DefaultEplbPolicy
-
-    def plan(weight: torch.Tensor, replicas: int, groups: int, nodes: int, gpus: int) -> torch.Tensor:
-        return policy.rebalance_experts(weight, replicas, groups, nodes, gpus).long()
-
-    return plan
-
-
-def _sglang(wheel: Path, algorithm: str) -> Planner:
-    module = import_from_wheel(wheel, f"sglang.srt.eplb.eplb_algorithms.{algorithm}")
-
-    def plan(weight: torch.Tensor, replicas: int, groups: int, nodes: int, gpus: int) -> torch.Tensor:
-        hierarchical = groups % nodes == 0
-        if algorithm == "deepseek":
-            return module.rebalance_experts(weight, replicas, groups, nodes, gpus, hierarchical)[0].long()
-        # deepseek_vec takes per-step counts [steps, L, E]; one step holds the whole window.
-        steps = weight.unsqueeze(0)
-        return module.rebalance_experts(steps, replicas, replicas // gpus, groups, nodes, hierarchical)[0].long()
-
-    return plan
 
 
 def load_released_planners() -> dict[str, Planner]:
     """vLLM's default policy and SGLang's `deepseek` and `deepseek_vec`, from the released wheels."""
-    vllm = fetch_wheel("vllm", ENGINES["vllm"])
-    sglang = fetch_wheel("sglang", ENGINES["sglang"])
+    vllm, sglang = fetch_wheel("vllm", ENGINES["vllm"]), fetch_wheel("sglang", ENGINES["sglang"])
+    default = import_from_wheel(vllm, "vllm.distributed.eplb.policy.default").DefaultEplbPolicy
+    deepseek, vec = (
+        import_from_wheel(sglang, f"sglang.srt.eplb.eplb_algorithms.{name}") for name in ("deepseek", "deepseek_vec")
+    )
     return {
-        f"vllm {ENGINES['vllm']} default": _vllm_default(vllm),
-        f"sglang {ENGINES['sglang']} deepseek": _sglang(sglang, "deepseek"),
-        f"sglang {ENGINES['sglang']} deepseek_vec": _sglang(sglang, "deepseek_vec"),
+        f"vllm {ENGINES['vllm']} default": lambda w, r, g, n, p: default.rebalance_experts(w, r, g, n, p).long(),
+        f"sglang {ENGINES['sglang']} deepseek": lambda w, r, g, n, p: deepseek.rebalance_experts(
+            w, r, g, n, p, g % n == 0
+        )[0].long(),
+        # deepseek_vec takes per-step counts [steps, L, E]; one step holds the whole window.
+        f"sglang {ENGINES['sglang']} deepseek_vec": lambda w, r, g, n, p: vec.rebalance_experts(
+            w.unsqueeze(0), r, r // p, g, n, g % n == 0
+        )[0].long(),
     }

@@ -14,7 +14,7 @@ import datetime as dt
 import multiprocessing
 import os
 import platform
-import queue as queue_module
+import queue
 import subprocess
 import sys
 import time
@@ -32,7 +32,7 @@ import solver_bench
 import torch
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_OUT = HERE / "RESULTS.md"
+REPRODUCE = ("solver_bench", "migration_bench", "optimality_bench", "service_bench", "load")
 
 
 def fuzz_run(quick: bool = False) -> dict:
@@ -89,7 +89,7 @@ def machine() -> dict:
     }
 
 
-def _child(bench: Bench, quick: bool, results) -> None:
+def _child(bench: Bench, quick: bool, results: multiprocessing.Queue) -> None:
     """Runs in a spawned process: run and format one benchmark, send back (status, text, result)."""
     try:
         result = bench.run(quick)
@@ -107,52 +107,50 @@ def run_bench(bench: Bench, quick: bool) -> dict:
     process = context.Process(target=_child, args=(bench, quick, results))
     started = time.perf_counter()
     process.start()
-    # Poll rather than block on the queue, so a child that dies without a word is noticed at once.
-    while True:
-        try:
-            status, text, result = results.get(timeout=1.0)
-            break
-        except queue_module.Empty:
-            if not process.is_alive():
-                status, text, result = "failed", f"child exited with code {process.exitcode}", None
-                break
-            if time.perf_counter() - started > bench.timeout_s:
-                process.terminate()
-                status, text, result = "timeout", f"no result within {bench.timeout_s:.0f} s", None
-                break
+    outcome = None
+    while outcome is None:  # poll, so a child that dies without a word is noticed at once
+        with contextlib.suppress(queue.Empty):
+            outcome = results.get(timeout=1.0)
+        if outcome is None and not process.is_alive():
+            outcome = ("failed", f"child exited with code {process.exitcode}", None)
+        elif outcome is None and time.perf_counter() - started > bench.timeout_s:
+            process.terminate()
+            outcome = ("timeout", f"no result within {bench.timeout_s:.0f} s", None)
     process.join(30)
-    return {"status": status, "text": text, "result": result, "seconds": time.perf_counter() - started}
+    return dict(zip(("status", "text", "result"), outcome, strict=True)) | {"seconds": time.perf_counter() - started}
+
+
+def solver_headline(solver: dict) -> list[str]:
+    speed, summary, cases = solver["speed"], solver["summary"], solver["cases"]
+    auto, deepseek = summary["auto"], summary["deepseek"]
+    lines = [
+        f"- Speed, {speed['shape']} zipf, default `auto` on CPU: {speed['ratio_vs_deepseek_median']:.2f}x the"
+        f" `deepseek` policy, {speed['ratio_vs_published_lists_median']:.2f}x the published loops over Python"
+        f" floats, {speed['ratio_vs_published_median']:.2f}x the published code verbatim."
+    ]
+    for vllm in solver["peer_labels"][:1]:
+        ratios = {
+            s: solver_bench.geomean_ratio([c for c in cases if c["shape"] == s], "auto", vllm) for s in solver["shapes"]
+        }
+        worst = max(ratios, key=ratios.__getitem__)
+        lines.append(
+            f"- `auto` / {vllm} time per shape, same run (geomean over kinds): {min(ratios.values()):.2f}x to"
+            f" {ratios[worst]:.2f}x ({worst}); mean balancedness {auto['mean_balancedness']:.4f} vs"
+            f" {summary[vllm]['mean_balancedness']:.4f}."
+        )
+    lines.append(
+        f"- Quality over {len(cases)} shape x kind cases: mean balancedness `auto` {auto['mean_balancedness']:.4f}"
+        f" vs `deepseek` {deepseek['mean_balancedness']:.4f}; mean max/LB `auto` {auto['mean_max_over_lb']:.4f} vs"
+        f" `deepseek` {deepseek['mean_max_over_lb']:.4f}; worst `auto` minus best reference"
+        f" {summary['auto_worst_minus_best_reference']:+.5f} ({summary['auto_worst_case']})."
+    )
+    return lines
 
 
 def headline(sections: dict) -> list[str]:
     """The few figures a reader wants first, from the solver, optimality and migration results."""
     solver, migration, optimality = (sections[bench.title].get("result") for bench in BENCHES[:3])
-    lines: list[str] = []
-    if solver:
-        speed, summary, cases = solver["speed"], solver["summary"], solver["cases"]
-        auto, deepseek = summary["auto"], summary["deepseek"]
-        lines.append(
-            f"- Speed, {speed['shape']} zipf, default `auto` on CPU: {speed['ratio_vs_deepseek_median']:.2f}x the"
-            f" `deepseek` policy, {speed['ratio_vs_published_lists_median']:.2f}x the published loops over Python"
-            f" floats, {speed['ratio_vs_published_median']:.2f}x the published code verbatim."
-        )
-        for vllm in solver["peer_labels"][:1]:
-            ratios = {
-                s: solver_bench.geomean_ratio([c for c in cases if c["shape"] == s], "auto", vllm)
-                for s in solver["shapes"]
-            }
-            worst = max(ratios, key=ratios.__getitem__)
-            lines.append(
-                f"- `auto` / {vllm} time per shape, same run (geomean over kinds): {min(ratios.values()):.2f}x to"
-                f" {ratios[worst]:.2f}x ({worst}); mean balancedness {auto['mean_balancedness']:.4f} vs"
-                f" {summary[vllm]['mean_balancedness']:.4f}."
-            )
-        lines.append(
-            f"- Quality over {len(cases)} shape x kind cases: mean balancedness `auto` {auto['mean_balancedness']:.4f}"
-            f" vs `deepseek` {deepseek['mean_balancedness']:.4f}; mean max/LB `auto` {auto['mean_max_over_lb']:.4f} vs"
-            f" `deepseek` {deepseek['mean_max_over_lb']:.4f}; worst `auto` minus best reference"
-            f" {summary['auto_worst_minus_best_reference']:+.5f} ({summary['auto_worst_case']})."
-        )
+    lines = solver_headline(solver) if solver else []
     if optimality and optimality["summary"]["auto_proven"]["count"]:
         d = optimality["summary"]["auto_proven"]
         lines.append(
@@ -168,10 +166,27 @@ def headline(sections: dict) -> list[str]:
     return lines
 
 
+def section(title: str, result: dict) -> list[str]:
+    """One benchmark's section: its markdown, or what kept it from running."""
+    if result["status"] == "ok":
+        body = [result["text"]]
+    elif result["status"] == "failed":
+        body = [
+            "**Failed** (traceback below); the other sections are unaffected.",
+            "",
+            "```",
+            result["text"].rstrip(),
+            "```",
+        ]
+    else:
+        body = [f"Not run ({result['status']}): {result['text']}."]
+    return [f"## {title}", "", *body, "", f"_{result['seconds']:.0f} s_", ""]
+
+
 def render(sections: dict, info: dict, quick: bool, load_after: Sequence[float], total_seconds: float) -> str:
     """The whole RESULTS.md."""
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    flag = " --quick" if quick else ""
+    now, flag = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), " --quick" if quick else ""
+    averages = [", ".join(f"{v:.2f}" for v in loads) for loads in (info["load_average"], load_after)]
     out = [
         "# Benchmark results",
         "",
@@ -183,8 +198,7 @@ def render(sections: dict, info: dict, quick: bool, load_after: Sequence[float],
         f"- CPU: {info['cpu']}, {info['cores']} cores; GPU: {info['gpu']}; Python {info['python']}",
         f"- torch {info['torch']}, {info['torch_threads']} intra-op threads in the benchmark process; CPU solves run"
         f" on REBALANCER_CPU_THREADS = {info['solver_cpu_threads']} thread(s)",
-        f"- Load average (1/5/15 min) before: {', '.join(f'{v:.2f}' for v in info['load_average'])};"
-        f" after: {', '.join(f'{v:.2f}' for v in load_after)}",
+        f"- Load average (1/5/15 min) before: {averages[0]}; after: {averages[1]}",
     ]
     if max(info["load_average"][0], load_after[0]) > 1.0:
         out.append(
@@ -192,35 +206,23 @@ def render(sections: dict, info: dict, quick: bool, load_after: Sequence[float],
             " timings are therefore ratios to a planner measured interleaved in the same run, with min-of-N times."
         )
     out += ["", "## Reproduce", "", "```", f".venv/bin/python benchmarks/report.py{flag}   # writes this file"]
-    out += [
-        f".venv/bin/python benchmarks/{name}.py"
-        for name in ("solver_bench", "migration_bench", "optimality_bench", "service_bench", "load")
-    ]
+    out += [f".venv/bin/python benchmarks/{name}.py" for name in REPRODUCE]
     try:
         lines = headline(sections)
     except Exception as error:  # a headline bug must not cost the figures below it
         lines = [f"- (headline failed: {type(error).__name__}: {error})"]
     out += ["```", "", "## Headline", "", *lines, ""]
-    for title, section in sections.items():
-        out += [f"## {title}", ""]
-        if section["status"] == "ok":
-            out.append(section["text"])
-        elif section["status"] == "failed":
-            out += ["**Failed** (traceback below); the other sections are unaffected.", "", "```"]
-            out += [section["text"].rstrip(), "```"]
-        else:
-            out.append(f"Not run ({section['status']}): {section['text']}.")
-        out += ["", f"_{section['seconds']:.0f} s_", ""]
+    for title, result in sections.items():
+        out += section(title, result)
     return "\n".join(out).rstrip() + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes, kinds and repeats (smoke run)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"markdown file to write (default {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="markdown file to write")
     args = parser.parse_args(argv)
-    info, started = machine(), time.perf_counter()
-    sections = {}
+    info, started, sections = machine(), time.perf_counter(), {}
     for bench in BENCHES:
         sections[bench.title] = run_bench(bench, args.quick)
         print(

@@ -7,49 +7,53 @@
   and after (flat memory).
 
 Each solve figure is also measured with policy=deepseek in the same run and printed as a ratio.
-`run()` returns the figures; `python benchmarks/service_bench.py [--quick]` prints the table.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import workloads
+from harness import main
 from rebalancer_wire.codec import encode
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
-from rebalancer_wire.v1 import rebalancer_pb2_grpc
-from serving import CHANNEL_OPTIONS, free_port, rss_mib, start_server, topology, wait_serving
+from serving import Server, memory_mib, topology
 
 SHAPE = workloads.SHAPES["dsv3_prefill"]
 TOPOLOGY = topology(SHAPE)
 POLICIES = {"auto": pb.POLICY_AUTO, "deepseek": pb.POLICY_DEEPSEEK}
+ROWS = {  # result key -> row label
+    "round_trip_ms": "Rebalance round trip (ms)",
+    "solve_ms": "solve in stats (ms)",
+    "overhead_ms": "round trip - solve (ms)",
+    "single_ms": "1 request (ms)",
+    "concurrent_ms": "16 concurrent requests (ms)",
+    "concurrent_ratio": "16 concurrent / 1",
+    "max_batch_requests": "largest batch (requests)",
+}
 
 
-def _loads(seed: int) -> pb.Tensor:
+def loads(seed: int) -> pb.Tensor:
     return encode(workloads.shape_loads(SHAPE, "zipf", seed).numpy())
 
 
-def _request(seed: int, policy: str) -> pb.RebalanceRequest:
+def request(seed: int, policy: str) -> pb.RebalanceRequest:
     options = pb.SolveOptions(policy=POLICIES[policy], seed=seed)
-    return pb.RebalanceRequest(loads=_loads(seed), topology=TOPOLOGY, options=options)
+    return pb.RebalanceRequest(loads=loads(seed), topology=TOPOLOGY, options=options)
 
 
-def _round_trip(stub, policy: str, repeats: int) -> dict:
+def round_trip(stub, policy: str, repeats: int) -> dict:
     """Median round trip, median reported solve time and the median of their per-call difference."""
-    stub.Rebalance(_request(0, policy))  # first call of a policy pays its lazy start-up
+    stub.Rebalance(request(0, policy))  # first call of a policy pays its lazy start-up
     trips, solves = [], []
     for seed in range(repeats):
-        request = _request(seed, policy)
-        started = time.perf_counter()
-        response = stub.Rebalance(request, timeout=120)
+        message, started = request(seed, policy), time.perf_counter()
+        solves.append(stub.Rebalance(message, timeout=120).placement.stats.solve_seconds)
         trips.append(time.perf_counter() - started)
-        solves.append(response.placement.stats.solve_seconds)
     return {
         "round_trip_ms": 1e3 * statistics.median(trips),
         "solve_ms": 1e3 * statistics.median(solves),
@@ -57,9 +61,9 @@ def _round_trip(stub, policy: str, repeats: int) -> dict:
     }
 
 
-def _concurrent(stub, policy: str, clients: int, repeats: int) -> dict:
+def concurrent(stub, policy: str, clients: int, repeats: int) -> dict:
     """Wall time of `clients` simultaneous requests vs one request alone (medians over repeats)."""
-    requests = [_request(seed, policy) for seed in range(clients)]
+    requests = [request(seed, policy) for seed in range(clients)]
     singles, bursts, batch_sizes = [], [], []
     with ThreadPoolExecutor(clients) as pool:
         for _ in range(repeats):
@@ -79,44 +83,32 @@ def _concurrent(stub, policy: str, clients: int, repeats: int) -> dict:
     }
 
 
-def _ingest(stub, pid: int, reports: int) -> dict:
+def ingest(stub, pid: int, reports: int) -> dict:
     """Stream `reports` full [58, 256] float32 reports on one stream; rate and server RSS before/after."""
-    messages = [pb.StreamLoadRequest(deployment_id="bench-ingest", loads=_loads(100 + i)) for i in range(64)]
+    messages = [pb.StreamLoadRequest(deployment_id="bench-ingest", loads=loads(100 + i)) for i in range(64)]
     messages[0].topology.CopyFrom(TOPOLOGY)
     stub.StreamLoad(iter(messages[:1] + messages[1:] * 2))  # window full: steady state from here on
-    rss_before = rss_mib(pid)
-    started = time.perf_counter()
+    rss_before, started = memory_mib(pid), time.perf_counter()
     summary = stub.StreamLoad(messages[1 + i % 63] for i in range(reports))
     elapsed = time.perf_counter() - started
     if summary.accepted != reports:
         raise RuntimeError(f"ingest accepted {summary.accepted} of {reports}")
-    return {"ingest_reports_per_s": reports / elapsed, "rss_before_mib": rss_before, "rss_after_mib": rss_mib(pid)}
+    return {"ingest_reports_per_s": reports / elapsed, "rss_before_mib": rss_before, "rss_after_mib": memory_mib(pid)}
 
 
 def run(quick: bool = False) -> dict:
     """Start a server, measure every figure for policy auto and deepseek, stop it; returns the figures."""
     repeats, concurrent_repeats, reports = (2, 1, 100) if quick else (5, 2, 500)
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="service-bench-") as state_dir:
-        process = start_server(state_dir, port)
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
-                wait_serving(channel, process)
-                stub = rebalancer_pb2_grpc.RebalancerServiceStub(channel)
-                figures: dict = {"shape": SHAPE.describe(), "cpus": os.cpu_count()}
-                for policy in POLICIES:
-                    figures[policy] = {
-                        **_round_trip(stub, policy, repeats),
-                        **_concurrent(stub, policy, 16, concurrent_repeats),
-                    }
-                figures["ingest"] = _ingest(stub, process.pid, reports)
-        finally:
-            process.terminate()
-            process.wait(timeout=60)
-    auto = figures["auto"]
+    figures: dict = {"shape": SHAPE.describe(), "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="service-bench-") as state_dir, Server(state_dir) as server:
+        for policy in POLICIES:
+            figures[policy] = round_trip(server.stub, policy, repeats) | concurrent(
+                server.stub, policy, 16, concurrent_repeats
+            )
+        figures["ingest"] = ingest(server.stub, server.process.pid, reports)
     figures["bars"] = {
-        "round_trip_within_solve_plus_5ms": auto["overhead_ms"] <= 5.0,
-        "concurrent_16_under_3x": auto["concurrent_ratio"] < 3.0,
+        "round_trip_within_solve_plus_5ms": figures["auto"]["overhead_ms"] <= 5.0,
+        "concurrent_16_under_3x": figures["auto"]["concurrent_ratio"] < 3.0,
         "ingest_at_least_200_per_s": figures["ingest"]["ingest_reports_per_s"] >= 200.0,
     }
     return figures
@@ -128,15 +120,7 @@ def markdown(figures: dict) -> str:
         f"service benchmark: {figures['shape']} ({figures['cpus']} CPUs)",
         f"{'figure':<34}{'auto':>12}{'deepseek':>12}{'auto/deepseek':>15}",
     ]
-    for key, label in (
-        ("round_trip_ms", "Rebalance round trip (ms)"),
-        ("solve_ms", "solve in stats (ms)"),
-        ("overhead_ms", "round trip - solve (ms)"),
-        ("single_ms", "1 request (ms)"),
-        ("concurrent_ms", "16 concurrent requests (ms)"),
-        ("concurrent_ratio", "16 concurrent / 1"),
-        ("max_batch_requests", "largest batch (requests)"),
-    ):
+    for key, label in ROWS.items():
         a, d = figures["auto"][key], figures["deepseek"][key]
         lines.append(f"{label:<34}{a:>12.2f}{d:>12.2f}{a / d if d else float('nan'):>15.2f}")
     ingest = figures["ingest"]
@@ -149,6 +133,4 @@ def markdown(figures: dict) -> str:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and reports")
-    print(markdown(run(parser.parse_args().quick)))
+    main(run, markdown, __doc__)

@@ -6,16 +6,20 @@ of the figures; auto-rebalance is off so the benchmark drives every plan.
 
 from __future__ import annotations
 
+import re
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
+from rebalancer_wire.v1 import rebalancer_pb2_grpc
 
 if TYPE_CHECKING:  # workloads imports torch, which the client tests that share `free_port` must not need
     from workloads import Shape
@@ -42,35 +46,64 @@ def topology(shape: Shape) -> pb.Topology:
     )
 
 
-def rss_mib(pid: int) -> float:
-    """Resident memory of process `pid` in MiB, from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def memory_mib(pid: int, field: str = "VmRSS") -> float:
+    """A memory figure of process `pid` from /proc, in MiB: VmRSS (resident now) or VmHWM (its peak)."""
+    found = re.search(rf"^{field}:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M)
+    return int(found.group(1)) / 1024 if found else float("nan")
 
 
-def start_server(state_dir: str, port: int) -> subprocess.Popen:
-    """`rebalancer-server` on 127.0.0.1:`port`, metrics on an ephemeral port, auto-rebalance off, quiet."""
-    script = Path(sys.executable).parent / "rebalancer-server"
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "rebalancer.service.main"]
-    flags = ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--state-dir", state_dir]
-    flags += ["--auto-rebalance-threshold", "0", "--log-level", "WARNING"]
-    return subprocess.Popen([*command, *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+class Server:
+    """`rebalancer-server` on 127.0.0.1 with its channel and stub, SERVING once constructed; `flags` come after
+    the defaults (metrics on a free port, auto-rebalance off, quiet), so they override them."""
 
-
-def wait_serving(channel: grpc.Channel, process: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    """Block until the server's health check says SERVING; raise if it exits or the time runs out."""
-    health = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"rebalancer-server exited with {process.returncode}")
+    def __init__(self, state_dir: str, *flags: str, timeout_s: float = 120.0) -> None:
+        self.port, self.metrics_port = free_port(), free_port()
+        script = Path(sys.executable).parent / "rebalancer-server"
+        command = [str(script)] if script.is_file() else [sys.executable, "-m", "rebalancer.service.main"]
+        command += ["--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port)]
+        command += ["--state-dir", state_dir, "--auto-rebalance-threshold", "0", "--log-level", "WARNING", *flags]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.target = f"127.0.0.1:{self.port}"
+        self.channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self.stub = rebalancer_pb2_grpc.RebalancerServiceStub(self.channel)
         try:
-            status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-            if status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"rebalancer-server not SERVING within {timeout_s:.0f} s")
+            self._wait_serving(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_serving(self, timeout_s: float) -> None:
+        health, deadline = health_pb2_grpc.HealthStub(self.channel), time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"rebalancer-server exited with {self.process.returncode}")
+            try:
+                if (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"rebalancer-server not SERVING within {timeout_s:.0f} s")
+
+    def metric(self, name: str) -> float:
+        """The sum over every label set of metric family `name` on /metrics."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        return sum(float(value) for value in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+    def stop(self) -> tuple[int, float]:
+        """SIGTERM, whatever calls are still open; (exit code, seconds until exit)."""
+        started = time.monotonic()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=60)
+        self.channel.close()
+        return self.process.returncode, time.monotonic() - started
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -4,23 +4,20 @@ For every shape x load kind it times each planner (min over interleaved rounds) 
 mean balancedness (mean / max GPU load) and mean max GPU load over the lower bound. Planners: the
 project's policies, the published DeepSeek loops (`published_eplb.py`), and, when their wheels can be
 fetched, vLLM's default policy and SGLang's `deepseek` / `deepseek_vec` (`peers.py`). Times are ratios to
-a planner measured in the same run, interleaved, because the development machine is shared and absolute
-times drift by 2-5x from one minute to the next; ratios of interleaved minima survive that noise.
+a planner timed in the same run (`harness.interleaved_times`).
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import peers
 import published_eplb
 import torch
 import workloads
+from harness import interleaved_times, main, table
 from rebalancer.solver import solve
-from tables import table
 
 Planner = Callable[[torch.Tensor, workloads.Shape], torch.Tensor]  # (weight [L, E], shape) -> phy2log [L, R]
 
@@ -66,41 +63,21 @@ def planners() -> tuple[dict[str, Planner], list[str], str]:
     return {**PROJECT, **wrapped}, list(released), ""
 
 
-def interleaved_times(calls: dict[str, Callable[[], object]], rounds: int) -> tuple[dict, dict]:
-    """Run every call `rounds` times, order rotated each round: (label -> times [s], label -> last result)."""
-    times: dict[str, list[float]] = {label: [] for label in calls}
-    results: dict[str, object] = {}
-    labels = list(calls)
-    for index in range(rounds):
-        for label in labels[index % len(labels) :] + labels[: index % len(labels)]:
-            started = time.perf_counter()
-            results[label] = calls[label]()
-            times[label].append(time.perf_counter() - started)
-    return times, results
-
-
 def bench_case(shape: workloads.Shape, kind: str, repeats: int, planner_map: dict[str, Planner]) -> dict:
     """Time and score every planner on one shape x kind."""
     weight = workloads.shape_loads(shape, kind, LOAD_SEED)
     calls = {label: (lambda plan=plan: plan(weight, shape)) for label, plan in planner_map.items()}
-    started = time.perf_counter()
-    times, results = interleaved_times(calls, 1)
-    while len(times["deepseek"]) < MAX_ROUNDS:
-        elapsed = time.perf_counter() - started
-        if elapsed > MAX_CASE_SECONDS or (len(times["deepseek"]) >= repeats and elapsed > MIN_CASE_SECONDS):
-            break
-        for label, samples in interleaved_times(calls, 1)[0].items():
-            times[label] += samples
+    limits = {"min_s": MIN_CASE_SECONDS, "max_s": MAX_CASE_SECONDS, "max_rounds": MAX_ROUNDS}
+    times, results = interleaved_times(calls, repeats, **limits)
     figures = {
         label: {
             "time_min_s": min(times[label]),
+            "time_ratio": min(times[label]) / min(times["deepseek"]),
             "balancedness": float(workloads.balancedness(weight, results[label], shape.gpus).mean()),
             "max_over_lb": float(workloads.max_over_lower_bound(weight, results[label], shape.gpus).mean()),
         }
         for label in calls
     }
-    for entry in figures.values():
-        entry["time_ratio"] = entry["time_min_s"] / figures["deepseek"]["time_min_s"]
     best_reference = max(figures[name]["balancedness"] for name in REFERENCES)
     return {
         "shape": shape.name,
@@ -113,30 +90,41 @@ def bench_case(shape: workloads.Shape, kind: str, repeats: int, planner_map: dic
 
 def speed_figure(shape_name: str = "dsv3_prefill", kind: str = "zipf", runs: int = 5) -> dict:
     """Default `auto` CPU solve vs the `deepseek` policy and the published code, verbatim and over floats
-    (the form the ~80 ms reference was timed on). Ratios are medians of per-run ratios, like
-    `../shared/checks/check.py speed`, with min-of-N times beside them."""
+    (the form `../shared/checks/check.py speed` times); ratios are medians of per-run ratios, as there."""
     shape = workloads.SHAPES[shape_name]
-    weight = workloads.shape_loads(shape, kind, SPEED_SEED)
+    weight, args = workloads.shape_loads(shape, kind, SPEED_SEED), shape.args()
     calls = {
-        "auto": lambda: solve(weight, *shape.args(), device="cpu").phy2log,
-        "deepseek": lambda: solve(weight, *shape.args(), policy="deepseek", device="cpu").phy2log,
-        "published": lambda: published_eplb.rebalance_experts(weight, *shape.args())[0],
-        "published_lists": lambda: published_eplb.rebalance_experts(weight, *shape.args(), python_floats=True)[0],
+        "auto": lambda: solve(weight, *args, device="cpu").phy2log,
+        "deepseek": lambda: solve(weight, *args, policy="deepseek", device="cpu").phy2log,
+        "published": lambda: published_eplb.rebalance_experts(weight, *args)[0],
+        "published_lists": lambda: published_eplb.rebalance_experts(weight, *args, python_floats=True)[0],
     }
     interleaved_times(calls, 1)  # warm-up: first calls pay allocator and dispatcher set-up
     times, results = interleaved_times(calls, runs)
+    ratios = {
+        f"ratio_vs_{name}_median": statistics.median(a / b for a, b in zip(times["auto"], times[name], strict=True))
+        for name in list(calls)[1:]
+    }
     return {
         "shape": shape.name,
         "kind": kind,
         "runs": runs,
         "median_ms": {name: 1000.0 * statistics.median(samples) for name, samples in times.items()},
         "min_ms": {name: 1000.0 * min(samples) for name, samples in times.items()},
-        **{
-            f"ratio_vs_{name}_median": statistics.median(a / b for a, b in zip(times["auto"], times[name], strict=True))
-            for name in list(calls)[1:]
-        },
+        **ratios,
         "published_equals_deepseek_policy": bool(torch.equal(results["published"], results["deepseek"])),
     }
+
+
+def geomean_ratio(cases: Sequence[dict], label: str, base: str) -> float:
+    """Geometric mean over `cases` of planner `label`'s min time over planner `base`'s, same run."""
+    return statistics.geometric_mean(
+        c["policies"][label]["time_min_s"] / c["policies"][base]["time_min_s"] for c in cases
+    )
+
+
+def mean(cases: Sequence[dict], label: str, key: str) -> float:
+    return statistics.fmean(c["policies"][label][key] for c in cases)
 
 
 def summarise(cases: Sequence[dict]) -> dict:
@@ -144,8 +132,8 @@ def summarise(cases: Sequence[dict]) -> dict:
     labels = list(cases[0]["policies"])
     summary: dict = {
         label: {
-            "mean_balancedness": statistics.fmean(c["policies"][label]["balancedness"] for c in cases),
-            "mean_max_over_lb": statistics.fmean(c["policies"][label]["max_over_lb"] for c in cases),
+            "mean_balancedness": mean(cases, label, "balancedness"),
+            "mean_max_over_lb": mean(cases, label, "max_over_lb"),
             "geomean_time_ratio": geomean_ratio(cases, label, "deepseek"),
         }
         for label in labels
@@ -156,17 +144,8 @@ def summarise(cases: Sequence[dict]) -> dict:
     checked = [c for c in cases if c["shape"] in CHECK_SHAPES and c["kind"] in CHECK_KINDS]
     summary["check_cases"] = len(checked)
     if checked:
-        summary["check_cases_mean_max_over_lb"] = {
-            label: statistics.fmean(c["policies"][label]["max_over_lb"] for c in checked) for label in labels
-        }
+        summary["check_cases_mean_max_over_lb"] = {label: mean(checked, label, "max_over_lb") for label in labels}
     return summary
-
-
-def geomean_ratio(cases: Sequence[dict], label: str, base: str) -> float:
-    """Geometric mean over `cases` of planner `label`'s min time over planner `base`'s, same run."""
-    return statistics.geometric_mean(
-        c["policies"][label]["time_min_s"] / c["policies"][base]["time_min_s"] for c in cases
-    )
 
 
 def run(quick: bool = False) -> dict:
@@ -195,27 +174,40 @@ def peer_table(result: dict) -> str:
     for shape in result["shapes"]:
         cases = [c for c in result["cases"] if c["shape"] == shape]
         for label in [*result["peer_labels"], *PEER_ROWS]:
-            entries = [c["policies"][label] for c in cases]
-            rows.append(
-                [shape, label, f"{statistics.median(1000 * e['time_min_s'] for e in entries):.1f}"]
-                + [f"{geomean_ratio(cases, label, vllm):.2f}"]
-                + [f"{statistics.fmean(e[key] for e in entries):.4f}" for key in ("balancedness", "max_over_lb")]
-            )
+            median_ms = statistics.median(1000 * c["policies"][label]["time_min_s"] for c in cases)
+            rows.append([shape, label, f"{median_ms:.1f}", f"{geomean_ratio(cases, label, vllm):.2f}"])
+            rows[-1] += [f"{mean(cases, label, key):.4f}" for key in ("balancedness", "max_over_lb")]
     kinds = sorted({c["kind"] for c in result["cases"]})
     head = ["shape", "planner", "median ms", f"time / {vllm} (geomean)", "mean balancedness", "mean max/LB"]
     note = f"Released planners from their wheels (`benchmarks/peers.py`), same run, interleaved; means over {kinds}."
     return note + "\n\n" + table(head, rows)
 
 
+def speed_markdown(speed: dict) -> str:
+    ratios = [f"{speed[f'ratio_vs_{name}_median']:.2f}" for name in ("deepseek", "published", "published_lists")]
+    return (
+        f"**Speed** on {speed['shape']} {speed['kind']}, {speed['runs']} interleaved runs: default `auto` /"
+        f" `deepseek` policy = **{ratios[0]}x** (median of per-run ratios); `auto` / published EPLB verbatim ="
+        f" **{ratios[1]}x**; `auto` / published loops over Python floats = **{ratios[2]}x** (bar <= 1.0).\n\n"
+        + table(
+            ["solve", "median ms", "min ms"],
+            [[n, f"{v:.1f}", f"{speed['min_ms'][n]:.1f}"] for n, v in speed["median_ms"].items()],
+        )
+        + f"\n\nPublished algorithm reproduces the `deepseek` policy: {speed['published_equals_deepseek_policy']}."
+        f" Process torch threads: {torch.get_num_threads()} (a CPU solve runs on REBALANCER_CPU_THREADS, default 1)."
+    )
+
+
 def markdown(result: dict) -> str:
     """Speed figure, quality, time, summary, and the peer table."""
-    speed, cases, summary = result["speed"], result["cases"], result["summary"]
+    cases, summary = result["cases"], result["summary"]
     labels = list(cases[0]["policies"])
     quality = [
-        [c["shape"], c["kind"], *(f"{c['policies'][label]['balancedness']:.4f}" for label in labels)]
-        + [f"{c['policies'][p]['max_over_lb']:.4f}" for p in ("auto", "deepseek")]
+        [c["shape"], c["kind"], *(f"{p[label]['balancedness']:.4f}" for label in labels)]
+        + [f"{p[label]['max_over_lb']:.4f}" for label in ("auto", "deepseek")]
         + [f"{c['auto_minus_best_reference']:+.4f}"]
         for c in cases
+        for p in [c["policies"]]
     ]
     times = [
         [c["shape"], c["kind"], c["rounds"], f"{1000 * c['policies']['deepseek']['time_min_s']:.1f}"]
@@ -223,53 +215,32 @@ def markdown(result: dict) -> str:
         for c in cases
     ]
     means = [
-        [label, *(f"{summary[label][key]:.4f}" for key in ("mean_balancedness", "mean_max_over_lb"))]
-        + [f"{summary[label]['geomean_time_ratio']:.2f}"]
+        [label, f"{s['mean_balancedness']:.4f}", f"{s['mean_max_over_lb']:.4f}", f"{s['geomean_time_ratio']:.2f}"]
         for label in labels
+        for s in [summary[label]]
     ]
     out = [
-        f"**Speed** on {speed['shape']} {speed['kind']}, {speed['runs']} interleaved runs: default `auto` /"
-        f" `deepseek` policy = **{speed['ratio_vs_deepseek_median']:.2f}x** (median of per-run ratios); `auto` /"
-        f" published EPLB verbatim = **{speed['ratio_vs_published_median']:.2f}x**; `auto` / published loops over"
-        f" Python floats = **{speed['ratio_vs_published_lists_median']:.2f}x** (bar <= 1.0).",
-        "",
-        table(
-            ["solve", "median ms", "min ms"],
-            [[n, f"{v:.1f}", f"{speed['min_ms'][n]:.1f}"] for n, v in speed["median_ms"].items()],
-        ),
-        "",
-        f"Published transcription reproduces the `deepseek` policy: {speed['published_equals_deepseek_policy']}."
-        f" Process torch threads: {torch.get_num_threads()} (a CPU solve runs on REBALANCER_CPU_THREADS, default 1).",
-        "",
+        speed_markdown(result["speed"]),
         "**Quality**: mean balancedness per planner (1.0 is perfect) and max GPU load / lower bound.",
-        "",
         table(["shape", "kind", *labels, "auto max/LB", "deepseek max/LB", "auto - best ref"], quality),
-        "",
         f"**Time**: min of at least {result['repeats']} interleaved rounds (cheap cases repeat for"
         f" {MIN_CASE_SECONDS:.0f} s, slow ones stop after {MAX_CASE_SECONDS:.0f} s); `deepseek` in ms, every other"
         " planner as a ratio to it.",
-        "",
         table(["shape", "kind", "rounds", "deepseek ms", *(f"{label} / deepseek" for label in labels[1:])], times),
-        "",
         f"**Summary over {len(cases)} cases**",
-        "",
         table(["planner", "mean balancedness", "mean max/LB", "geomean time / deepseek"], means),
-        "",
         f"Worst case of `auto` minus the better reference policy (deepseek hierarchical or global): "
         f"{summary['auto_worst_minus_best_reference']:+.5f} on {summary['auto_worst_case']} (must be >= 0).",
     ]
     if summary["check_cases"]:
         check = summary["check_cases_mean_max_over_lb"]
-        out += [
-            "",
+        out.append(
             f"Mean max/LB on the {summary['check_cases']} cases the shared quality check scores"
             f" ({', '.join(CHECK_SHAPES)} x {', '.join(CHECK_KINDS)}): `auto` {check['auto']:.4f},"
-            f" `auto_c64` {check['auto_c64']:.4f}, `deepseek` {check['deepseek']:.4f} (bar <= 1.005).",
-        ]
-    return "\n".join(out + ["", "**Side by side with the engines' released planners**", "", peer_table(result)])
+            f" `auto_c64` {check['auto_c64']:.4f}, `deepseek` {check['deepseek']:.4f} (bar <= 1.005)."
+        )
+    return "\n\n".join([*out, "**Side by side with the engines' released planners**", peer_table(result)])
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and kinds, 1 round")
-    print(markdown(run(parser.parse_args().quick)))
+    main(run, markdown, __doc__)

@@ -1,10 +1,10 @@
 """Synthetic expert loads and placement scores, shared by the benchmarks and the tests.
 
-Production routing traces are not shipped, so loads are generated with fixed seeds in the forms routers
-show: zipf skew with a different hot set per layer, log-normal loads, a few very hot experts, mild skew,
-near-uniform loads, and a drifting series of window sums (plan on window i, score on window i + 1).
-The scores are the quality figures of the solver: balancedness (mean / max GPU load) and max GPU load
-over the lower bound max(total / G, best achievable max single-copy load).
+Routing traces are not shipped, so loads come from fixed seeds in the forms routers show: zipf skew with a
+different hot set per layer, log-normal loads, a few very hot experts, mild skew, near-uniform loads, and
+a drifting series of window sums (plan on window i, score on window i + 1). The scores are the solver's
+quality figures: balancedness (mean / max GPU load) and max GPU load over the lower bound
+max(total / G, best achievable max single-copy load).
 """
 
 from __future__ import annotations
@@ -33,10 +33,8 @@ class Shape:
         return self.replicas, self.groups, self.nodes, self.gpus
 
     def describe(self) -> str:
-        return (
-            f"{self.layers}x{self.experts} -> {self.replicas} slots, {self.groups} groups, "
-            f"{self.nodes} nodes, {self.gpus} GPUs"
-        )
+        groups = f"{self.groups} groups, {self.nodes} nodes, {self.gpus} GPUs"
+        return f"{self.layers}x{self.experts} -> {self.replicas} slots, {groups}"
 
 
 SHAPES: dict[str, Shape] = {
@@ -112,39 +110,24 @@ def shape_loads(shape: Shape | str, kind: str, seed: int = 0) -> torch.Tensor:
     return make(kind, shape.layers, shape.experts, seed)
 
 
-def drift_series(
-    layers: int,
-    experts: int,
-    windows: int,
-    *,
-    s: float = 1.1,
-    drift: float = 0.15,
-    shift_every: int = 4,
-    boosted: int = 3,
-    boost: float = 1.5,
-    tokens: int = 200_000,
-    seed: int = 0,
-) -> torch.Tensor:
+def drift_series(layers: int, experts: int, windows: int, *, seed: int = 0) -> torch.Tensor:
     """Window-summed loads [T, L, E] float32 of a slowly drifting router.
 
-    A stable zipf skew (permuted per layer, 0.3 log-space noise); each window every expert's log popularity
-    takes a N(0, drift) step; every `shift_every`-th window `boosted` random experts per layer gain `boost`
-    in log space (a topic shift); each window's counts are a multinomial sample of `tokens` per layer.
+    A stable zipf skew (s = 1.1, permuted per layer, 0.3 log-space noise); each window every expert's log
+    popularity takes a N(0, 0.15) step; every 4th window 3 random experts per layer gain 1.5 in log space
+    (a topic shift); each window's counts are a multinomial sample of 200,000 tokens per layer.
     """
     rng = np.random.default_rng(seed)
-    ranks = np.arange(1, experts + 1, dtype=np.float64)
     order = np.argsort(rng.random((layers, experts)), axis=1)
-    logp = (-s * np.log(ranks))[order] + 0.3 * rng.standard_normal((layers, experts))
-    rows = np.arange(layers)[:, None]
+    logp = (-1.1 * np.log(np.arange(1, experts + 1)))[order] + 0.3 * rng.standard_normal((layers, experts))
     out = np.empty((windows, layers, experts))
     for window in range(windows):
-        logp = logp + drift * rng.standard_normal((layers, experts))
-        if shift_every and window % shift_every == shift_every - 1:
-            hot = np.argsort(rng.random((layers, experts)), axis=1)[:, : min(boosted, experts)]
-            logp[rows, hot] += boost
+        logp = logp + 0.15 * rng.standard_normal((layers, experts))
+        if window % 4 == 3:
+            hot = np.argsort(rng.random((layers, experts)), axis=1)[:, : min(3, experts)]
+            logp[np.arange(layers)[:, None], hot] += 1.5
         probs = np.exp(logp - logp.max(1, keepdims=True))
-        probs /= probs.sum(1, keepdims=True)
-        out[window] = rng.multinomial(tokens, probs)
+        out[window] = rng.multinomial(200_000, probs / probs.sum(1, keepdims=True))
     return torch.from_numpy(out).float()
 
 

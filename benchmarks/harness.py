@@ -1,0 +1,57 @@
+"""What the benchmarks share: markdown tables, interleaved timing and the command line.
+
+A benchmark module offers `run(quick: bool, ...) -> dict` and `markdown(result) -> str`; `report.py`
+lists them, and `main` gives each the same `python benchmarks/<name>.py [--quick] [--flag V]` entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable, Sequence
+
+
+def table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table; cells are shown with str()."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
+def interleaved_times(
+    calls: dict[str, Callable[[], object]],
+    rounds: int,
+    *,
+    min_s: float = 0.0,
+    max_s: float = math.inf,
+    max_rounds: int = 0,
+) -> tuple[dict[str, list[float]], dict[str, object]]:
+    """Run every call in rounds, order rotated each round: (label -> seconds per round, label -> last result).
+
+    At least `rounds` rounds, more until `min_s` seconds have passed (up to `max_rounds`), none started after
+    `max_s`. The development machine is shared and absolute times drift 2-5x from one minute to the next;
+    interleaved calls see the same drift, so ratios of their minima or medians survive it.
+    """
+    times: dict[str, list[float]] = {label: [] for label in calls}
+    results: dict[str, object] = {}
+    labels, started = list(calls), time.perf_counter()
+    for index in range(max(rounds, max_rounds)):
+        elapsed = time.perf_counter() - started
+        if index and (elapsed > max_s or (index >= rounds and elapsed > min_s)):
+            break
+        for label in labels[index % len(labels) :] + labels[: index % len(labels)]:
+            began = time.perf_counter()
+            results[label] = calls[label]()
+            times[label].append(time.perf_counter() - began)
+    return times, results
+
+
+def main(run: Callable[..., dict], markdown: Callable[[dict], str], doc: str, **flags: float | int) -> None:
+    """Parse `--quick` and one flag per keyword (type and shown default from its value; passed on only when
+    given, so `run`'s own defaults stand), run and print the markdown."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer cases and repeats (smoke run)")
+    for name, default in flags.items():
+        flag = f"--{name.replace('_', '-')}"
+        parser.add_argument(flag, dest=name, type=type(default), default=argparse.SUPPRESS, help=f"default {default}")
+    print(markdown(run(**vars(parser.parse_args()))))
