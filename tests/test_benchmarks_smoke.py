@@ -3,7 +3,7 @@
 `make bench` takes minutes on the full shapes, so a broken benchmark would otherwise be found only when
 someone wants the figures. These tests run each bench on the README-sized shape and check the keys the
 report reads, plus the pieces whose correctness the figures rest on: the vectorised lower bound, the
-published-algorithm transcription, the released engine planners imported from their wheels, and the fixed
+published algorithm (the released module with the published packing loop), the released engine planners imported from their wheels, and the fixed
 optimality instance set.
 """
 
@@ -27,7 +27,7 @@ TIME_LIMIT_S = 20.0
 
 
 @pytest.mark.parametrize("python_floats", [False, True])
-def test_published_transcription_reproduces_readme_example(python_floats: bool) -> None:
+def test_published_algorithm_reproduces_readme_example(python_floats: bool) -> None:
     phy2log, log2phy, logcnt = published_eplb.rebalance_experts(
         torch.tensor(README_WEIGHT), 16, 4, 2, 8, python_floats=python_floats
     )

@@ -1,6 +1,7 @@
 """The `deepseek` policy is the published DeepSeek EPLB algorithm bit for bit, not just on the README
-example: it is compared with a line-by-line transcription of the published `eplb.py` (kept in
-benchmarks/ as the speed baseline), whose pack sums are float32 0-d tensors, on random near-tie loads."""
+example: it is compared with the published algorithm as benchmarks/published_eplb.py runs it (SGLang's
+released `deepseek.py` from its wheel, packing with the published loop whose pack sums are float32 0-d
+tensors), on random near-tie loads."""
 
 from __future__ import annotations
 
