@@ -135,25 +135,43 @@ def fresh_packs(
     return packed.view(num_rows, num_moves, num_gpus, slots), peaks
 
 
-def paired_move_peaks(
-    loads: torch.Tensor, counts: torch.Tensor, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, num_gpus: int
-) -> torch.Tensor:
-    """With two slots per GPU, the max GPU load of each move's copies paired heaviest with lightest
-    (the optimal packing of those copies), without repacking any of them: [P, M], +inf where invalid.
-
-    loads [P, E] float64, counts [P, E] (2 G copies a row), moves x, y, valid [P, M]. The copies sorted once per row, s
-    [P, R] heaviest first, hold each expert's copies as one run. A move removes the runs of x and y and
-    inserts n_x + 1 copies of w_x / (n_x + 1) and n_y - 1 copies of w_y / (n_y - 1): the new sorted
-    list is read off by index arithmetic on s ([P, M, R] elementwise work), and its pairing peak is
-    max_i new[i] + new[R - 1 - i]. Packing every move afresh sorted P x M rows instead (4-5x the time).
-    """
-    num_rows, num_replicas = loads.shape[0], 2 * num_gpus
-    per_copy = loads / counts.clamp_min(1)
+def sorted_copies(
+    loads: torch.Tensor, counts: torch.Tensor, num_replicas: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's copies heaviest first: (per-copy loads [P, R], their experts [P, R], the first position
+    of each expert's run [P, E]). Equal loads keep the expert order, so every expert's copies form one run."""
+    num_rows = loads.shape[0]
     experts = slots_from_counts(counts, num_replicas)  # [P, R], each expert's copies contiguous
-    ordered, order = per_copy.gather(1, experts).sort(dim=1, descending=True, stable=True)
-    # Equal loads keep the input order, so every expert's copies stay one run; its first position:
+    ordered, order = (loads / counts.clamp_min(1)).gather(1, experts).sort(dim=1, descending=True, stable=True)
+    ordered_experts = experts.gather(1, order)
     positions = torch.arange(num_replicas, device=loads.device).expand(num_rows, -1)
-    first = torch.full_like(counts, num_replicas).scatter_reduce_(1, experts.gather(1, order), positions, "amin")
+    first = torch.full_like(counts, num_replicas).scatter_reduce_(1, ordered_experts, positions, "amin")
+    return ordered, ordered_experts, first
+
+
+def paired_moves(
+    loads: torch.Tensor,
+    counts: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    valid: torch.Tensor,
+    num_gpus: int,
+    with_experts: bool = False,
+    copies: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """With two slots per GPU, each move's copies paired heaviest with lightest (the optimal packing of
+    those copies), without repacking any of them: (max GPU load [P, M], +inf where invalid; with
+    `with_experts`, the placement [P, M, G, 2], GPU i holding the i-th heaviest and i-th lightest copy).
+
+    loads [P, E] float64, counts [P, E] (2 G copies a row), moves x, y, valid [P, M]. The copies sorted
+    once per row, s [P, R] heaviest first, hold each expert's copies as one run. A move removes the runs
+    of x and y and inserts n_x + 1 copies of w_x / (n_x + 1) and n_y - 1 copies of w_y / (n_y - 1): the
+    new sorted list is read off by index arithmetic on s ([P, M, R] elementwise work), and its pairing
+    peak is max_i new[i] + new[R - 1 - i]. Packing every move afresh sorted P x M rows instead.
+    `copies`: `sorted_copies` of these counts, when the caller has them already.
+    """
+    num_replicas, num_moves = 2 * num_gpus, x.shape[1]
+    ordered, ordered_experts, first = copies if copies is not None else sorted_copies(loads, counts, num_replicas)
     count_x, count_y = counts.gather(1, x), counts.gather(1, y)
     load_x, load_y = loads.gather(1, x), loads.gather(1, y)
     old_x, old_y = load_x / count_x.clamp_min(1), load_y / count_y.clamp_min(1)
@@ -189,11 +207,19 @@ def paired_move_peaks(
     kept = index - len_high * after_high - column(len_low) * after_low
     kept += column(len_a) * (kept >= column(start_a))
     kept += column(len_b) * (kept >= column(start_b))
-    value = ordered.unsqueeze(1).expand(-1, x.shape[1], -1).gather(2, kept.clamp_(0, num_replicas - 1).long())
+    kept = kept.clamp_(0, num_replicas - 1).long()
+    value = ordered.unsqueeze(1).expand(-1, num_moves, -1).gather(2, kept)
     value = torch.where(in_high, high.unsqueeze(2), value)
     value = torch.where(in_low, low.unsqueeze(2), value)
     peaks = (value + value.flip(2)).amax(2)
-    return torch.where(valid, peaks, torch.full_like(peaks, float("inf")))
+    peaks = torch.where(valid, peaks, torch.full_like(peaks, float("inf")))
+    if not with_experts:
+        return peaks, None
+    high_expert, low_expert = torch.where(x_high, x, y).unsqueeze(2), torch.where(x_high, y, x).unsqueeze(2)
+    placed = ordered_experts.unsqueeze(1).expand(-1, num_moves, -1).gather(2, kept)
+    placed = torch.where(in_high, high_expert, torch.where(in_low, low_expert, placed))
+    paired = torch.stack([placed[..., :num_gpus], placed[..., num_gpus:].flip(2)], 3)  # [P, M, G, 2]
+    return peaks, paired
 
 
 def refine_trials(loads: torch.Tensor, trial: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,13 +263,11 @@ def _improve_round(
     inf = torch.tensor(float("inf"), dtype=loads.dtype, device=loads.device)
     trials_found, feasible_found = [], []
     if slots == 2:  # the pairing is optimal for its copies: score every move by it, pack the best one
-        pick = paired_move_peaks(loads, counts, x, y, valid, num_gpus).argmin(1, keepdim=True)
-        feasible = valid.gather(1, pick)
-        chosen, peak = fresh_packs(
-            loads, moved_counts(counts, x.gather(1, pick), y.gather(1, pick), feasible), num_gpus, 2
-        )
-        inf_peak = torch.full_like(peak, float("inf"))
-        return chosen.squeeze(1), torch.where(feasible, peak, inf_peak).squeeze(1)
+        copies = sorted_copies(loads, counts, num_gpus * 2)
+        pick = paired_moves(loads, counts, x, y, valid, num_gpus, copies=copies)[0].argmin(1, keepdim=True)
+        picked = [move.gather(1, pick) for move in (x, y, valid)]
+        peak, chosen = paired_moves(loads, counts, *picked, num_gpus, with_experts=True, copies=copies)
+        return chosen.squeeze(1), peak.squeeze(1)
     if slots <= 2 or fresh_trials > 0:
         fresh, fresh_peaks = fresh_packs(loads, moved_counts(counts, x, y, valid), num_gpus, slots)
         fresh_peaks = torch.where(valid, fresh_peaks, inf)
