@@ -164,6 +164,9 @@ def _apply_swaps(tensors: list[torch.Tensor], improves: torch.Tensor, slot_a: to
         flat.scatter_(1, slot_b, value_a)
 
 
+COMPACT_SHARE = 8
+
+
 def _refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_swaps, width):
     """Rounds of `find_swaps` until no problem's heaviest pack improves or every group met its target.
 
@@ -183,20 +186,25 @@ def _refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_
         return
     active = torch.arange(num_problems)
     loads, items, goal = slot_loads, slot_items, targets
+    running = torch.ones(num_problems, dtype=torch.bool)  # of the active set; finished ones stay put
     for _ in range(max_rounds):
         checkpoint()
         heavy_load, improves, slot_a, slot_b = find_swaps(loads, width)
         group = active // group_size
         group_reached = torch.zeros(num_groups, dtype=torch.bool).index_fill_(0, group[heavy_load <= goal], True)
-        keep = improves[:, 0] & ~group_reached[group]
-        _apply_swaps([loads, items], improves & keep.unsqueeze(1), slot_a, slot_b)
-        if not bool(keep.all()):
-            done = ~keep
+        running &= improves[:, 0] & ~group_reached[group]
+        _apply_swaps([loads, items], improves & running.unsqueeze(1), slot_a, slot_b)
+        left = int(running.sum())
+        if left == 0:
+            break
+        # Compacting copies the active set: done only once an eighth of it has finished (the finished
+        # ones meanwhile compute swaps they never apply).
+        if left <= active.numel() - max(1, active.numel() // COMPACT_SHARE):
+            done = ~running
             slot_loads[active[done]] = loads[done]
             slot_items[active[done]] = items[done]
-            active, loads, items, goal = active[keep], loads[keep], items[keep], goal[keep]
-            if active.numel() == 0:
-                return
+            active, loads, items, goal = active[running], loads[running], items[running], goal[running]
+            running = running[running]
     if loads is not slot_loads:  # the active set shrank at least once: write the survivors back
         slot_loads[active] = loads
         slot_items[active] = items
