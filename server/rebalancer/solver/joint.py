@@ -6,8 +6,10 @@ copies moved from the 560 expert to the 120 ones. For every layer still above it
 round scores the moves "donor y gives one copy to receiver x, on GPU h" exactly and incrementally
 (only the GPUs hosting x or y change: O(M x G) per layer, no repacking), takes the K best, levels each
 with swap refinement, and keeps the best one when it lowers the max GPU load. Small layers also score
-every move with its copies packed afresh by LPT in rounds (exact with two slots per GPU, where that
-alone decides). Repacking every trial from scratch, as before, cost 1-2 s on 58 x 256 -> 320 slots.
+every move with its copies packed afresh by LPT in rounds. With two slots per GPU pairing the copies
+heaviest with lightest is optimal and alone decides: every move is scored by that pairing read off the
+copies sorted once per row (`paired_moves`). Repacking every trial from scratch, as before, cost 1-2 s
+on 58 x 256 -> 320 slots.
 """
 
 from __future__ import annotations
@@ -250,8 +252,8 @@ def _improve_round(
 
     Every move is scored twice, applied in place on its best GPU (keeps what earlier rounds built) and
     with its copies packed afresh (escapes it when the new copies pack differently); the `trials` best
-    of the first kind and the `fresh_trials` best of the second are refined. With two slots per GPU the
-    fresh pairing is exact and taken as it is.
+    of the first kind and the `fresh_trials` best of the second are refined. With one or two slots per
+    GPU the fresh packing (one slot: any; two: the pairing) is optimal and taken as it is.
     """
     num_rows, num_gpus, slots = gpu_experts.shape
     counts = logcnt_from_phy2log(gpu_experts.view(num_rows, -1), loads.shape[1])
@@ -268,10 +270,10 @@ def _improve_round(
         picked = [move.gather(1, pick) for move in (x, y, valid)]
         peak, chosen = paired_moves(loads, counts, *picked, num_gpus, with_experts=True, copies=copies)
         return chosen.squeeze(1), peak.squeeze(1)
-    if slots <= 2 or fresh_trials > 0:
+    if slots == 1 or fresh_trials > 0:
         fresh, fresh_peaks = fresh_packs(loads, moved_counts(counts, x, y, valid), num_gpus, slots)
         fresh_peaks = torch.where(valid, fresh_peaks, inf)
-        if slots <= 2:  # the fresh pairing is optimal for its copies: nothing left to refine
+        if slots == 1:  # one copy per GPU: every packing is the same, nothing left to refine
             peak, pick = fresh_peaks.min(1)
             return fresh.gather(1, pick.view(-1, 1, 1, 1).expand(-1, 1, num_gpus, slots)).squeeze(1), peak
         fresh_peaks, pick = fresh_peaks.topk(min(fresh_trials, x.shape[1]), dim=1, largest=False)
