@@ -8,7 +8,7 @@ import pytest
 import torch
 from placement_checks import best_reference_balancedness, reference_policies
 from rebalancer.solver import rebalance_experts, solve
-from rebalancer.solver.joint import improve_replication
+from rebalancer.solver.joint import copy_moves, fresh_packs, improve_replication, moved_counts, paired_moves
 from rebalancer.solver.packing import round_pack
 from rebalancer.solver.replication import replica_counts, slots_from_counts
 from workloads import KINDS, balancedness, lower_bound, make, max_gpu_load
@@ -167,3 +167,16 @@ def test_joint_search_never_raises_the_peak_and_keeps_every_expert(kind: str) ->
     assert bool((peak <= start_peak * (1 + 1e-12)).all())
     assert bool((torch.stack([row.bincount(minlength=12) for row in improved]) >= 1).all())
     torch.testing.assert_close(max_gpu_load(loads, improved, 6), peak, rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("kind", ["zipf", "hot", "uniformish"])
+def test_paired_move_scores_equal_the_moves_packed_afresh(kind: str) -> None:
+    # Two slots per GPU: scoring a move by index arithmetic on the sorted copies gives the peak of its
+    # copies paired afresh (heaviest with lightest), ties and invalid moves included.
+    loads = make(kind, 5, 40, seed=7).double()
+    loads[0] = loads[0].round()  # integral loads: equal copies of different experts
+    counts = replica_counts(loads, 48)
+    x, y, valid = copy_moves(loads, counts, 5)
+    _, fresh = fresh_packs(loads, moved_counts(counts, x, y, valid), 24, 2)
+    fresh = torch.where(valid, fresh, torch.full_like(fresh, float("inf")))
+    torch.testing.assert_close(paired_moves(loads, counts, x, y, valid, 24)[0], fresh, rtol=1e-12, atol=0.0)

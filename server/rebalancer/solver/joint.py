@@ -6,8 +6,10 @@ copies moved from the 560 expert to the 120 ones. For every layer still above it
 round scores the moves "donor y gives one copy to receiver x, on GPU h" exactly and incrementally
 (only the GPUs hosting x or y change: O(M x G) per layer, no repacking), takes the K best, levels each
 with swap refinement, and keeps the best one when it lowers the max GPU load. Small layers also score
-every move with its copies packed afresh by LPT in rounds (exact with two slots per GPU, where that
-alone decides). Repacking every trial from scratch, as before, cost 1-2 s on 58 x 256 -> 320 slots.
+every move with its copies packed afresh by LPT in rounds. With two slots per GPU pairing the copies
+heaviest with lightest is optimal and alone decides: every move is scored by that pairing read off the
+copies sorted once per row (`paired_moves`). Repacking every trial from scratch, as before, cost 1-2 s
+on 58 x 256 -> 320 slots.
 """
 
 from __future__ import annotations
@@ -135,6 +137,93 @@ def fresh_packs(
     return packed.view(num_rows, num_moves, num_gpus, slots), peaks
 
 
+def sorted_copies(
+    loads: torch.Tensor, counts: torch.Tensor, num_replicas: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's copies heaviest first: (per-copy loads [P, R], their experts [P, R], the first position
+    of each expert's run [P, E]). Equal loads keep the expert order, so every expert's copies form one run."""
+    num_rows = loads.shape[0]
+    experts = slots_from_counts(counts, num_replicas)  # [P, R], each expert's copies contiguous
+    ordered, order = (loads / counts.clamp_min(1)).gather(1, experts).sort(dim=1, descending=True, stable=True)
+    ordered_experts = experts.gather(1, order)
+    positions = torch.arange(num_replicas, device=loads.device).expand(num_rows, -1)
+    first = torch.full_like(counts, num_replicas).scatter_reduce_(1, ordered_experts, positions, "amin")
+    return ordered, ordered_experts, first
+
+
+def paired_moves(
+    loads: torch.Tensor,
+    counts: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    valid: torch.Tensor,
+    num_gpus: int,
+    with_experts: bool = False,
+    copies: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """With two slots per GPU, each move's copies paired heaviest with lightest (the optimal packing of
+    those copies), without repacking any of them: (max GPU load [P, M], +inf where invalid; with
+    `with_experts`, the placement [P, M, G, 2], GPU i holding the i-th heaviest and i-th lightest copy).
+
+    loads [P, E] float64, counts [P, E] (2 G copies a row), moves x, y, valid [P, M]. The copies sorted
+    once per row, s [P, R] heaviest first, hold each expert's copies as one run. A move removes the runs
+    of x and y and inserts n_x + 1 copies of w_x / (n_x + 1) and n_y - 1 copies of w_y / (n_y - 1): the
+    new sorted list is read off by index arithmetic on s ([P, M, R] elementwise work), and its pairing
+    peak is max_i new[i] + new[R - 1 - i]. Packing every move afresh sorted P x M rows instead.
+    `copies`: `sorted_copies` of these counts, when the caller has them already.
+    """
+    num_replicas, num_moves = 2 * num_gpus, x.shape[1]
+    ordered, ordered_experts, first = copies if copies is not None else sorted_copies(loads, counts, num_replicas)
+    count_x, count_y = counts.gather(1, x), counts.gather(1, y)
+    load_x, load_y = loads.gather(1, x), loads.gather(1, y)
+    old_x, old_y = load_x / count_x.clamp_min(1), load_y / count_y.clamp_min(1)
+    new_x, new_y = load_x / (count_x + 1), load_y / (count_y - 1).clamp_min(1)
+    start_x, start_y = first.gather(1, x), first.gather(1, y)
+    # The two removed runs, the earlier one first.
+    x_first = start_x < start_y
+    start_a, len_a = torch.where(x_first, start_x, start_y), torch.where(x_first, count_x, count_y)
+    start_b, len_b = torch.where(x_first, start_y, start_x), torch.where(x_first, count_y, count_x)
+    # The two inserted runs, the heavier one first.
+    x_high = new_x >= new_y
+    high, low = torch.where(x_high, new_x, new_y), torch.where(x_high, new_y, new_x)
+    len_high = torch.where(x_high, count_x + 1, count_y - 1)
+    len_low = torch.where(x_high, count_y - 1, count_x + 1)
+
+    def heavier_left(value: torch.Tensor) -> torch.Tensor:
+        """Copies left after the removal that are strictly heavier than `value` [P, M]."""
+        above = torch.searchsorted(-ordered.contiguous(), -value.contiguous(), side="left")
+        return above - count_x * (old_x > value) - count_y * (old_y > value)
+
+    above_high, above_low = heavier_left(high), heavier_left(low)
+    # Index arithmetic in int32 on [P, M, R] (half the memory traffic of int64).
+    index = torch.arange(num_replicas, device=loads.device, dtype=torch.int32).view(1, 1, -1)
+
+    def column(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.int32).unsqueeze(2)
+
+    len_high, low_start = column(len_high), column(above_low) + column(len_high)
+    after_high, after_low = index >= column(above_high), index >= low_start
+    in_high = after_high & (index < column(above_high) + len_high)
+    in_low = after_low & (index < low_start + column(len_low))
+    # Index among the copies left, then its position in s (skipping the removed runs).
+    kept = index - len_high * after_high - column(len_low) * after_low
+    kept += column(len_a) * (kept >= column(start_a))
+    kept += column(len_b) * (kept >= column(start_b))
+    kept = kept.clamp_(0, num_replicas - 1).long()
+    value = ordered.unsqueeze(1).expand(-1, num_moves, -1).gather(2, kept)
+    value = torch.where(in_high, high.unsqueeze(2), value)
+    value = torch.where(in_low, low.unsqueeze(2), value)
+    peaks = (value + value.flip(2)).amax(2)
+    peaks = torch.where(valid, peaks, torch.full_like(peaks, float("inf")))
+    if not with_experts:
+        return peaks, None
+    high_expert, low_expert = torch.where(x_high, x, y).unsqueeze(2), torch.where(x_high, y, x).unsqueeze(2)
+    placed = ordered_experts.unsqueeze(1).expand(-1, num_moves, -1).gather(2, kept)
+    placed = torch.where(in_high, high_expert, torch.where(in_low, low_expert, placed))
+    paired = torch.stack([placed[..., :num_gpus], placed[..., num_gpus:].flip(2)], 3)  # [P, M, G, 2]
+    return peaks, paired
+
+
 def refine_trials(loads: torch.Tensor, trial: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Level every trial placement by swap refinement.
 
@@ -163,8 +252,8 @@ def _improve_round(
 
     Every move is scored twice, applied in place on its best GPU (keeps what earlier rounds built) and
     with its copies packed afresh (escapes it when the new copies pack differently); the `trials` best
-    of the first kind and the `fresh_trials` best of the second are refined. With two slots per GPU the
-    fresh pairing is exact and taken as it is.
+    of the first kind and the `fresh_trials` best of the second are refined. With one or two slots per
+    GPU the fresh packing (one slot: any; two: the pairing) is optimal and taken as it is.
     """
     num_rows, num_gpus, slots = gpu_experts.shape
     counts = logcnt_from_phy2log(gpu_experts.view(num_rows, -1), loads.shape[1])
@@ -175,10 +264,16 @@ def _improve_round(
     x, y, valid = copy_moves(loads, counts, width, on_peak)
     inf = torch.tensor(float("inf"), dtype=loads.dtype, device=loads.device)
     trials_found, feasible_found = [], []
-    if slots <= 2 or fresh_trials > 0:
+    if slots == 2:  # the pairing is optimal for its copies: score every move by it, pack the best one
+        copies = sorted_copies(loads, counts, num_gpus * 2)
+        pick = paired_moves(loads, counts, x, y, valid, num_gpus, copies=copies)[0].argmin(1, keepdim=True)
+        picked = [move.gather(1, pick) for move in (x, y, valid)]
+        peak, chosen = paired_moves(loads, counts, *picked, num_gpus, with_experts=True, copies=copies)
+        return chosen.squeeze(1), peak.squeeze(1)
+    if slots == 1 or fresh_trials > 0:
         fresh, fresh_peaks = fresh_packs(loads, moved_counts(counts, x, y, valid), num_gpus, slots)
         fresh_peaks = torch.where(valid, fresh_peaks, inf)
-        if slots <= 2:  # the fresh pairing is optimal for its copies: nothing left to refine
+        if slots == 1:  # one copy per GPU: every packing is the same, nothing left to refine
             peak, pick = fresh_peaks.min(1)
             return fresh.gather(1, pick.view(-1, 1, 1, 1).expand(-1, 1, num_gpus, slots)).squeeze(1), peak
         fresh_peaks, pick = fresh_peaks.topk(min(fresh_trials, x.shape[1]), dim=1, largest=False)
