@@ -258,14 +258,17 @@ class Registry:
         except KeyError:
             raise InvalidArgument([("deployment_id", "deployment was deleted")]) from None
 
-    async def rebalance(self, command: PlanCommand, deadline: float | None = None) -> tuple[PlacementRecord, bool]:
-        """Plan a checked command; commit it unless inline or dry-run. Returns (record, committed)."""
+    async def rebalance(self, command: PlanCommand, message: pb.Placement, deadline: float | None = None) -> bool:
+        """Plan a checked command; commit it unless inline or dry-run. The placement is written into
+        `message` (the response's), encoded once for the size check and the answer. Returns whether it
+        was committed."""
         if command.inline:
             outcome = await self.batcher.submit(_inline_job(command, command.topology, deadline))
-            return self._fitting(placement_record("", command.topology, outcome)), False
+            self._fitting(placement_record("", command.topology, outcome), message)
+            return False
         deployment = self.deployments.get(command.deployment_id)
         if deployment is None:
-            return await self._rebalance_new(command, deadline)
+            return await self._rebalance_new(command, message, deadline)
         deployment.require_version(command.base_version)  # fail fast; commit checks again under the lock
         outcome = await self.plan(
             deployment,
@@ -277,11 +280,12 @@ class Registry:
             in_force=command.prev_phy2log,
         )
         if command.settings.dry_run:
-            return self._fitting(placement_record(deployment.deployment_id, deployment.topology, outcome)), False
-        record = await self.commit(deployment, outcome, trigger="request", base_version=command.base_version)
-        return record, True
+            self._fitting(placement_record(deployment.deployment_id, deployment.topology, outcome), message)
+            return False
+        await self.commit(deployment, outcome, trigger="request", base_version=command.base_version, message=message)
+        return True
 
-    async def _rebalance_new(self, command: PlanCommand, deadline: float | None) -> tuple[PlacementRecord, bool]:
+    async def _rebalance_new(self, command: PlanCommand, message: pb.Placement, deadline: float | None) -> bool:
         """A plan for a deployment not registered yet: solved first, registered only when it commits, so
         a refused or dry-run request leaves no deployment behind."""
         deployment_id, topology = command.deployment_id, command.topology
@@ -295,9 +299,11 @@ class Registry:
             )
         outcome = await self.batcher.submit(_inline_job(command, topology, deadline))
         if command.settings.dry_run:
-            return self._fitting(placement_record(deployment_id, topology, outcome)), False
+            self._fitting(placement_record(deployment_id, topology, outcome), message)
+            return False
         deployment = await self.register(deployment_id, topology)
-        return await self.commit(deployment, outcome, trigger="request"), True
+        await self.commit(deployment, outcome, trigger="request", message=message)
+        return True
 
     async def plan(
         self,
@@ -362,10 +368,10 @@ class Registry:
         outcomes = await asyncio.gather(*(self.batcher.submit(job) for job in jobs))
         return list(zip(command.slots_per_gpu, outcomes, strict=True))
 
-    def _fitting(self, record: PlacementRecord) -> PlacementRecord:
-        """`record`, once its message is known to fit in a response (validation's bound makes this hold;
-        this keeps it true for any placement the solver returns)."""
-        size = record.fill(pb.Placement()).ByteSize()
+    def _fitting(self, record: PlacementRecord, message: pb.Placement | None = None) -> PlacementRecord:
+        """`record`, once its message (written into `message` when given) is known to fit in a response
+        (validation's bound makes this hold; this keeps it true for any placement the solver returns)."""
+        size = record.fill(pb.Placement() if message is None else message).ByteSize()
         if size > self.max_message_bytes - 1024:
             raise ResourceExhausted(
                 f"the placement takes {mib(size)}, over the {mib(self.max_message_bytes)} message limit: "
@@ -374,9 +380,16 @@ class Registry:
         return record
 
     async def commit(
-        self, deployment: Deployment, outcome: PlanOutcome, *, trigger: str, base_version: int = 0
+        self,
+        deployment: Deployment,
+        outcome: PlanOutcome,
+        *,
+        trigger: str,
+        base_version: int = 0,
+        message: pb.Placement | None = None,
     ) -> PlacementRecord:
-        """Persist `outcome` as the next version, then serve it and wake the watchers."""
+        """Persist `outcome` as the next version, then serve it and wake the watchers; its placement
+        message is written into `message` when given."""
         async with deployment.lock:
             if deployment.deleted:
                 raise NotFound(f"deployment {deployment.deployment_id!r} was deleted")
@@ -388,7 +401,8 @@ class Registry:
                     outcome,
                     version=deployment.version + 1,
                     trigger=trigger,
-                )
+                ),
+                message,
             )
             await self.store.commit(record)
             deployment.current = record
