@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 
 import grpc
 import numpy as np
-from rebalancer_wire.codec import decode
+from rebalancer_wire.codec import decode, encode_ids
 
 from ..client import RebalancerClient
 from ..messages import rebalance_request
@@ -126,6 +126,14 @@ class PlanCall:
         """Slot p hosts expert p % E: the map of last resort."""
         num_layers, num_experts = self.loads.shape
         return np.tile(np.arange(self.num_replicas, dtype=np.int64) % num_experts, (num_layers, 1))
+
+
+def _narrow(loads: np.ndarray) -> np.ndarray:
+    """Integer load sums as int32 when they fit (exact, and half the bytes on the wire: the service reads
+    any integer type); anything else as it is."""
+    if loads.dtype.kind in "iu" and loads.size and loads.min() >= 0 and loads.max() <= np.iinfo(np.int32).max:
+        return loads.astype(np.int32)
+    return loads
 
 
 def planning_layout(num_groups: int, num_nodes: int, num_ranks: int) -> tuple[int, int]:
@@ -263,7 +271,7 @@ class ServiceEplbPolicy:
             commit = _is_leader(config)
         groups, nodes = planning_layout(call.num_groups, call.num_nodes, call.num_ranks)
         request = rebalance_request(
-            call.loads,
+            _narrow(call.loads),
             num_replicas=call.num_replicas,
             num_groups=groups,
             num_nodes=nodes,
@@ -271,8 +279,9 @@ class ServiceEplbPolicy:
             deployment_id=config.deployment_id,
             dry_run=bool(config.deployment_id) and not commit,
             policy=config.policy,
-            prev_phy2log=call.old,
         )
+        if call.old is not None:  # expert ids: int16 on the wire, a quarter of the int64 bytes
+            request.prev_phy2log.CopyFrom(encode_ids(call.old))
         started = time.perf_counter()
         response = cls.client().rebalance_response(request, timeout=config.deadline_s)
         cls.stats.last_round_trip_s = time.perf_counter() - started

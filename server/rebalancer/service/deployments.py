@@ -29,7 +29,7 @@ from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
 from rebalancer.solver import CostModel, maps
 
-from .admission import deployment_bytes, mib
+from .admission import deployment_bytes, mib, placement_message_bound
 from .batcher import Batcher, PlanOutcome, SolveJob
 from .budget import StateLedger
 from .commands import AdviseCommand, PlanCommand, ReportCommand
@@ -379,6 +379,21 @@ class Registry:
             )
         return record
 
+    def _surely_fits(self, record: PlacementRecord) -> bool:
+        """Whether `record`'s message fits in a response, known without encoding it: the largest
+        placement of its layout (admission's bound) plus its transfer plan, int32 [T, 5]."""
+        transfers = 0 if record.transfers is None else 4 * record.transfers.size
+        return placement_message_bound(record.topology) + transfers <= self.max_message_bytes - 1024
+
+    async def _store_while_encoding(self, record: PlacementRecord, message: pb.Placement) -> None:
+        """Write `record`'s row on the store thread while the event loop encodes it into `message`: both
+        take about a millisecond for a DeepSeek-V3 placement, and the answer waits for both."""
+        written = self.store.start_commit(record)
+        try:
+            record.fill(message)
+        finally:
+            await written
+
     async def commit(
         self,
         deployment: Deployment,
@@ -394,17 +409,13 @@ class Registry:
             if deployment.deleted:
                 raise NotFound(f"deployment {deployment.deployment_id!r} was deleted")
             deployment.require_version(base_version)
-            record = self._fitting(
-                placement_record(
-                    deployment.deployment_id,
-                    deployment.topology,
-                    outcome,
-                    version=deployment.version + 1,
-                    trigger=trigger,
-                ),
-                message,
+            record = placement_record(
+                deployment.deployment_id, deployment.topology, outcome, version=deployment.version + 1, trigger=trigger
             )
-            await self.store.commit(record)
+            if message is not None and self._surely_fits(record):
+                await self._store_while_encoding(record, message)
+            else:
+                await self.store.commit(self._fitting(record, message))
             deployment.current = record
             await self.windows.set_placement(deployment.deployment_id, record.phy2log)
         labels = deployment.deployment_id

@@ -146,10 +146,15 @@ class Store:
         self._db.execute(sql, args)
 
     async def commit(self, record: PlacementRecord) -> None:
-        """Insert `record` and prune versions older than the last `keep_versions`, in one transaction;
-        then, without waiting for it, checkpoint the WAL if it has grown past CHECKPOINT_WAL_BYTES."""
-        await self._call(self._commit, record)
+        """Insert `record` and prune versions older than the last `keep_versions`, in one transaction."""
+        await self.start_commit(record)
+
+    def start_commit(self, record: PlacementRecord) -> asyncio.Future:
+        """`commit`, handed to the store thread now (the caller may work until it awaits the future);
+        after it, without anyone waiting, the WAL is checkpointed if it has grown past CHECKPOINT_WAL_BYTES."""
+        done = asyncio.get_running_loop().run_in_executor(self._executor, self._commit, record)
         self._executor.submit(self._checkpoint_if_due)
+        return done
 
     def _checkpoint_if_due(self) -> None:
         try:
