@@ -9,6 +9,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
+from rebalancer.service.config import parse_args
 from rebalancer_wire.codec import encode
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from service_harness import TOPOLOGY, ServerThread, library, maps_of, skewed_loads, slow_solver
@@ -102,3 +104,11 @@ def test_busy_server_batches_the_requests_that_queue_up_behind_a_solve(tmp_path)
             assert np.array_equal(
                 maps_of(future.result().placement)[0], library(skewed_loads(seed), seed=seed).phy2log.numpy()
             )
+
+
+def test_batch_window_when_flag_takes_busy_or_always_from_flag_or_environment():
+    assert parse_args([], environ={}).batch_window_when == "busy"
+    assert parse_args(["--batch-window-when", "always"], environ={}).batch_window_when == "always"
+    assert parse_args([], environ={"REBALANCER_BATCH_WINDOW_WHEN": "always"}).batch_window_when == "always"
+    with pytest.raises(SystemExit):
+        parse_args(["--batch-window-when", "sometimes"], environ={})
