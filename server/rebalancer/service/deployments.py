@@ -385,14 +385,18 @@ class Registry:
         transfers = 0 if record.transfers is None else 4 * record.transfers.size
         return placement_message_bound(record.topology) + transfers <= self.max_message_bytes - 1024
 
-    async def _store_while_encoding(self, record: PlacementRecord, message: pb.Placement) -> None:
-        """Write `record`'s row on the store thread while the event loop encodes it into `message`: both
-        take about a millisecond for a DeepSeek-V3 placement, and the answer waits for both."""
+    async def _store_while_encoding(self, record: PlacementRecord, message: pb.Placement) -> Exception | None:
+        """Write `record`'s row on the store thread while the event loop encodes it into `message` (both
+        take about a millisecond for a DeepSeek-V3 placement). An encoding error is returned, not raised:
+        the row is written regardless, so the commit must be completed before the caller hears of it."""
         written = self.store.start_commit(record)
         try:
             record.fill(message)
-        finally:
-            await written
+            error = None
+        except Exception as exc:
+            error = exc
+        await written
+        return error
 
     async def commit(
         self,
@@ -412,8 +416,9 @@ class Registry:
             record = placement_record(
                 deployment.deployment_id, deployment.topology, outcome, version=deployment.version + 1, trigger=trigger
             )
+            encode_error = None
             if message is not None and self._surely_fits(record):
-                await self._store_while_encoding(record, message)
+                encode_error = await self._store_while_encoding(record, message)
             else:
                 await self.store.commit(self._fitting(record, message))
             deployment.current = record
@@ -424,6 +429,8 @@ class Registry:
         self.metrics.balancedness.labels(labels, "current").set(record.stats.balancedness_after)
         self.metrics.imbalance_ratio.labels(labels).set(record.stats.imbalance_after)
         deployment.notify()
+        if encode_error is not None:
+            raise encode_error
         return record
 
     async def quality(self, deployment: Deployment) -> Quality | None:
