@@ -8,8 +8,8 @@ connection never leaves it), so the event loop never waits on the disk.
 Durability: WAL with synchronous=NORMAL, so a commit appends to the WAL without an fsync. A committed
 placement survives the server process dying at any point (SIGKILL, OOM); an OS crash or power loss can
 lose the commits since the last checkpoint, never the database's integrity. The checkpoint (which
-fsyncs) is not left to SQLite's automatic one inside the commit that crosses the threshold: it runs on
-the store thread after that commit has been answered, so no Rebalance waits the ~20 ms it takes.
+fsyncs, ~20 ms here) is not left to SQLite's automatic one inside the commit that crosses the threshold:
+it runs on the store thread right after that commit, whose caller does not wait for it.
 """
 
 from __future__ import annotations
