@@ -3,10 +3,14 @@ answer fails is either wholly in force or not at all, so versions go on from wha
 
 from __future__ import annotations
 
+import threading
+import time
+
 import grpc
 import numpy as np
 import pytest
 from rebalancer.service.model import PlacementRecord
+from rebalancer.service.server import SERVICE_NAME
 from rebalancer_wire.codec import encode
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from service_harness import TOPOLOGY, ServerThread, maps_of, skewed_loads
@@ -50,3 +54,41 @@ def test_a_commit_whose_answer_fails_leaves_versions_that_go_on(tmp_path, monkey
     with ServerThread(str(tmp_path)) as restarted:
         stored = restarted.stub.GetPlacement(pb.GetPlacementRequest(deployment_id="written")).placement
         assert stored.version == served.version + 1
+
+
+def test_a_commit_whose_caller_goes_away_while_its_row_is_written_completes(tmp_path):
+    with ServerThread(str(tmp_path)) as server:
+        commit(server, 1)
+        store, gate, entered = server.server.store, threading.Event(), threading.Event()
+        write = store._commit
+
+        def held_write(record):
+            entered.set()
+            gate.wait(30)
+            write(record)
+
+        store._commit = held_write
+        request = pb.RebalanceRequest(deployment_id="written", loads=encode(skewed_loads(2)), topology=TOPOLOGY)
+        call = server.stub.Rebalance.future(request, timeout=30)
+        assert entered.wait(30)
+        call.cancel()
+        cancelled = server.settled_metric(
+            "grpc_server_handled_total",
+            1,
+            grpc_type="unary",
+            grpc_service=SERVICE_NAME,
+            grpc_method="Rebalance",
+            grpc_code="CANCELLED",
+        )
+        assert cancelled == 1  # the handler has gone: the row is still being written
+        gate.set()
+        store._commit = write
+        deadline = time.monotonic() + 10
+        while served_version(server) != 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert served_version(server) == 2  # the row was written, so it is the version in force
+        assert commit(server, 3).version == 3
+
+
+def served_version(server: ServerThread) -> int:
+    return server.stub.GetPlacement(pb.GetPlacementRequest(deployment_id="written")).placement.version

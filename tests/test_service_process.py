@@ -30,6 +30,7 @@ def test_process_serves_metrics_and_drains_on_sigterm(tmp_path):
         "REBALANCER_PORT": str(port),
         "REBALANCER_METRICS_PORT": str(metrics_port),
         "REBALANCER_BATCH_WINDOW_MS": "1000",
+        "REBALANCER_BATCH_WINDOW_WHEN": "always",  # the request below must still be waiting at SIGTERM
     }
     process = launch(tmp_path / "state", **env)
     try:

@@ -112,6 +112,12 @@ def _inline_job(command: PlanCommand, topology: Topology, deadline: float | None
     )
 
 
+def _retrieve(task: asyncio.Future) -> None:
+    """Mark a task's outcome as read (its awaiting caller may have been cancelled)."""
+    if not task.cancelled():
+        task.exception()
+
+
 def placement_record(
     deployment_id: str, topology: Topology, outcome: PlanOutcome, *, version: int = 0, trigger: str = "request"
 ) -> PlacementRecord:
@@ -408,7 +414,24 @@ class Registry:
         message: pb.Placement | None = None,
     ) -> PlacementRecord:
         """Persist `outcome` as the next version, then serve it and wake the watchers; its placement
-        message is written into `message` when given."""
+        message is written into `message` when given.
+
+        Shielded from the caller's cancellation (an RPC whose client goes away): the row, once handed to
+        the store thread, is written anyway, and a stored version the server did not serve would make
+        every later commit of the deployment collide with it.
+        """
+        committing = asyncio.ensure_future(self._commit(deployment, outcome, trigger, base_version, message))
+        committing.add_done_callback(_retrieve)  # nobody may be left to read its error
+        return await asyncio.shield(committing)
+
+    async def _commit(
+        self,
+        deployment: Deployment,
+        outcome: PlanOutcome,
+        trigger: str,
+        base_version: int,
+        message: pb.Placement | None,
+    ) -> PlacementRecord:
         async with deployment.lock:
             if deployment.deleted:
                 raise NotFound(f"deployment {deployment.deployment_id!r} was deleted")
