@@ -80,8 +80,8 @@ def main() -> None:
         ms = [x * 1e3 for x in overheads]
         print(
             f"shape {args.shape} (L={layers} E={experts} R={replicas} G={ranks}), {len(ms)} rebalances, "
-            f"committed version {ServiceEplbPolicy.stats.committed_version}, {os.cpu_count()} CPUs, "
-            f"server flags {args.server_flags or 'default'}"
+            f"committed version {ServiceEplbPolicy.stats.committed_version}, {os.cpu_count()} CPUs "
+            f"(load average {os.getloadavg()[0]:.1f}), server flags {args.server_flags or 'default'}"
         )
         print(f"solve (server-reported) median {statistics.median(solves) * 1e3:.1f} ms")
         print(

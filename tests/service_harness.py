@@ -80,6 +80,20 @@ def field_violations(error: grpc.RpcError) -> dict[str, str]:
     return violations
 
 
+def slow_solver(server: ServerThread) -> tuple[threading.Event, threading.Event]:
+    """Make solver calls wait for the returned gate, as a long solve would; `entered` is set when one does."""
+    batcher, gate, entered = server.server.batcher, threading.Event(), threading.Event()
+    solve_sync = batcher._solve_sync
+
+    def slow_solve(batch):
+        entered.set()
+        gate.wait(30)
+        return solve_sync(batch)
+
+    batcher._solve_sync = slow_solve
+    return gate, entered
+
+
 def report(deployment_id: str, loads: np.ndarray, **fields) -> pb.StreamLoadRequest:
     return pb.StreamLoadRequest(deployment_id=deployment_id, loads=encode(loads), **fields)
 

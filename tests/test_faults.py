@@ -45,6 +45,7 @@ from service_harness import (
     maps_of,
     report,
     skewed_loads,
+    slow_solver,
     wait_serving,
 )
 
@@ -248,7 +249,7 @@ def test_sigkill_while_committing_never_loses_or_tears_a_placement(tmp_path):
 
 
 def test_full_queue_is_resource_exhausted_and_recovers(tmp_path):
-    with ServerThread(str(tmp_path), batch_window_ms=300, max_queue=2) as server:
+    with ServerThread(str(tmp_path), batch_window_ms=300, batch_window_when="always", max_queue=2) as server:
 
         def plan(seed: int) -> grpc.StatusCode:
             request = pb.RebalanceRequest(loads=encode(skewed_loads(seed)), topology=TOPOLOGY)
@@ -266,20 +267,6 @@ def test_full_queue_is_resource_exhausted_and_recovers(tmp_path):
         assert handled(server, "Rebalance", "RESOURCE_EXHAUSTED", refused) == refused
         assert [plan(seed) for seed in range(3)] == [grpc.StatusCode.OK] * 3  # recovered
         assert server.metric("rebalancer_queue_depth") == 0
-
-
-def slow_solver(server: ServerThread) -> tuple[threading.Event, threading.Event]:
-    """Make solver calls wait for the returned gate, as a long solve would; `entered` is set when one does."""
-    batcher, gate, entered = server.server.batcher, threading.Event(), threading.Event()
-    solve_sync = batcher._solve_sync
-
-    def slow_solve(batch):
-        entered.set()
-        gate.wait(30)
-        return solve_sync(batch)
-
-    batcher._solve_sync = slow_solve
-    return gate, entered
 
 
 def test_request_expiring_in_the_queue_is_dropped_unsolved(tmp_path):

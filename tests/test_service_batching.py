@@ -1,14 +1,19 @@
-"""Batching (SPEC §4): concurrent same-shape requests share solver calls, and a layer's result does not
-depend on its batch mates."""
+"""Batching: concurrent same-shape requests share solver calls, and a layer's result does not depend on
+its batch mates. With --batch-window-when always every first request waits the window (what the window
+tests below need, to make bursts batch deterministically); by default (busy) a request alone in an idle
+server is solved at once, while requests that queue up behind a solve still batch."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
+from rebalancer.service.config import parse_args
 from rebalancer_wire.codec import encode
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
-from service_harness import TOPOLOGY, ServerThread, library, maps_of, skewed_loads
+from service_harness import TOPOLOGY, ServerThread, library, maps_of, skewed_loads, slow_solver
 
 
 def request(seed: int, **options) -> pb.RebalanceRequest:
@@ -24,7 +29,7 @@ def solver_calls(server: ServerThread) -> float:
 
 
 def test_concurrent_requests_share_solver_calls(tmp_path):
-    with ServerThread(str(tmp_path), batch_window_ms=50) as server:
+    with ServerThread(str(tmp_path), batch_window_ms=50, batch_window_when="always") as server:
         before = solver_calls(server)
         batches_before = server.metric("rebalancer_batch_requests_count")
         with ThreadPoolExecutor(16) as pool:
@@ -40,7 +45,7 @@ def test_concurrent_requests_share_solver_calls(tmp_path):
 
 
 def test_layer_result_is_the_same_alone_and_in_a_batch(tmp_path):
-    with ServerThread(str(tmp_path), batch_window_ms=50) as server:
+    with ServerThread(str(tmp_path), batch_window_ms=50, batch_window_when="always") as server:
         alone = server.stub.Rebalance(request(3))
         assert alone.placement.stats.batch_requests == 1
         with ThreadPoolExecutor(8) as pool:
@@ -53,14 +58,14 @@ def test_layer_result_is_the_same_alone_and_in_a_batch(tmp_path):
 
 
 def test_layer_cap_splits_batches(tmp_path):
-    with ServerThread(str(tmp_path), batch_window_ms=50, max_batch_layers=8) as server:
+    with ServerThread(str(tmp_path), batch_window_ms=50, batch_window_when="always", max_batch_layers=8) as server:
         with ThreadPoolExecutor(6) as pool:
             responses = list(pool.map(lambda seed: server.stub.Rebalance(request(seed), timeout=30), range(6)))
         assert all(r.placement.stats.batch_layers <= 8 for r in responses)
 
 
 def test_requests_with_and_without_prev_placement_are_not_mixed(tmp_path):
-    with ServerThread(str(tmp_path), batch_window_ms=50) as server:
+    with ServerThread(str(tmp_path), batch_window_ms=50, batch_window_when="always") as server:
         prev = maps_of(server.stub.Rebalance(request(1)).placement)[0]
         with_prev = request(2)
         with_prev.prev_phy2log.CopyFrom(encode(prev))
@@ -72,3 +77,38 @@ def test_requests_with_and_without_prev_placement_are_not_mixed(tmp_path):
         expected = library(skewed_loads(2), prev=prev, seed=2)
         assert np.array_equal(maps_of(responses[0].placement)[0], expected.phy2log.numpy())
         assert list(responses[0].placement.stats.moved_per_layer) == expected.moved_copies.tolist()
+
+
+def test_idle_server_solves_a_lone_request_without_waiting_the_window(tmp_path):
+    with ServerThread(str(tmp_path), batch_window_ms=600_000) as server:  # a window no request could outwait
+        response = server.stub.Rebalance(request(1), timeout=30)
+        assert response.placement.stats.batch_requests == 1
+        assert np.array_equal(maps_of(response.placement)[0], library(skewed_loads(1), seed=1).phy2log.numpy())
+
+
+def test_busy_server_batches_the_requests_that_queue_up_behind_a_solve(tmp_path):
+    with ServerThread(str(tmp_path), batch_window_ms=50) as server:
+        gate, entered = slow_solver(server)
+        calls = solver_calls(server)
+        first = server.stub.Rebalance.future(request(1), timeout=30)
+        assert entered.wait(30)  # dispatched at once: nothing else was in flight
+        queued = [server.stub.Rebalance.future(request(seed), timeout=30) for seed in (2, 3, 4)]
+        deadline = time.monotonic() + 10
+        while server.metric("rebalancer_queue_depth") < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.set()
+        assert first.result().placement.stats.batch_requests == 1
+        assert [f.result().placement.stats.batch_requests for f in queued] == [3, 3, 3]
+        assert solver_calls(server) == calls + 2
+        for seed, future in zip((2, 3, 4), queued, strict=True):
+            assert np.array_equal(
+                maps_of(future.result().placement)[0], library(skewed_loads(seed), seed=seed).phy2log.numpy()
+            )
+
+
+def test_batch_window_when_flag_takes_busy_or_always_from_flag_or_environment():
+    assert parse_args([], environ={}).batch_window_when == "busy"
+    assert parse_args(["--batch-window-when", "always"], environ={}).batch_window_when == "always"
+    assert parse_args([], environ={"REBALANCER_BATCH_WINDOW_WHEN": "always"}).batch_window_when == "always"
+    with pytest.raises(SystemExit):
+        parse_args(["--batch-window-when", "sometimes"], environ={})

@@ -30,6 +30,7 @@ def test_process_serves_metrics_and_drains_on_sigterm(tmp_path):
         "REBALANCER_PORT": str(port),
         "REBALANCER_METRICS_PORT": str(metrics_port),
         "REBALANCER_BATCH_WINDOW_MS": "1000",
+        "REBALANCER_BATCH_WINDOW_WHEN": "always",  # the request below must still be waiting at SIGTERM
     }
     process = launch(tmp_path / "state", **env)
     try:
@@ -37,6 +38,9 @@ def test_process_serves_metrics_and_drains_on_sigterm(tmp_path):
             wait_serving(channel, process)
             stub = rebalancer_pb2_grpc.RebalancerServiceStub(channel)
             stub.StreamLoad(iter([report("proc", skewed_loads(1), topology=TOPOLOGY)]))
+            assert stub.Rebalance(pb.RebalanceRequest(deployment_id="proc"), timeout=30).committed
+            # Scraped while serving: after SIGTERM the metrics endpoint closes with the drain.
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
 
             reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
             answer = next(
@@ -50,7 +54,6 @@ def test_process_serves_metrics_and_drains_on_sigterm(tmp_path):
             time.sleep(0.3)
             process.send_signal(signal.SIGTERM)
             assert future.result().committed
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
     except BaseException:
         process.kill()
         raise

@@ -215,7 +215,7 @@ def test_bad_input_never_kills_the_server(server):
 
 
 def test_queue_full_is_resource_exhausted(tmp_path):
-    with ServerThread(str(tmp_path), batch_window_ms=300, max_queue=2) as running:
+    with ServerThread(str(tmp_path), batch_window_ms=300, batch_window_when="always", max_queue=2) as running:
         codes, lock = [], threading.Lock()
 
         def call(seed):
@@ -237,7 +237,7 @@ def test_queue_full_is_resource_exhausted(tmp_path):
 
 
 def test_expired_request_is_dropped_not_solved(tmp_path):
-    with ServerThread(str(tmp_path), batch_window_ms=400) as running:
+    with ServerThread(str(tmp_path), batch_window_ms=400, batch_window_when="always") as running:
         calls = running.metric("rebalancer_solver_calls_total", path="torch")
         with pytest.raises(grpc.RpcError) as error:
             running.stub.Rebalance(inline(skewed_loads(11)), timeout=0.1)

@@ -139,8 +139,13 @@ class RebalancerClient(Connection):
 
     def send_rebalance(self, request: pb.RebalanceRequest, *, timeout: float | None = None) -> Placement:
         """Send a prepared RebalanceRequest (the sharded client routes these)."""
-        response = self._stub.Rebalance(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        response = self.rebalance_response(request, timeout=timeout)
         return Placement.from_proto(response.placement, committed=response.committed)
+
+    def rebalance_response(self, request: pb.RebalanceRequest, *, timeout: float | None = None) -> pb.RebalanceResponse:
+        """The undecoded answer to a prepared request, for callers that read one map of it (decoding
+        log2phy [L, E, X] into numpy costs more than the rest of the response)."""
+        return self._stub.Rebalance(request, timeout=self._deadline(timeout), metadata=self._metadata)
 
     def report_loads(
         self,

@@ -70,7 +70,7 @@ def encode(value: Any) -> pb.Tensor:
 def encode_ids(value: Any) -> pb.Tensor:
     """Integer ids (placement maps, -1 padding) in the narrowest of int16/int32/int64 that holds them."""
     array = as_numpy(value)
-    largest = int(np.abs(array).max()) if array.size else 0
+    largest = max(int(array.max()), -int(array.min())) if array.size else 0  # no |array| temporary
     for dtype in (np.int16, np.int32):
         if largest <= np.iinfo(dtype).max:
             return encode(array.astype(dtype))

@@ -34,13 +34,15 @@ import pathlib
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import grpc
 import numpy as np
+from rebalancer_wire.codec import decode, encode_ids
 
 from ..client import RebalancerClient
+from ..messages import rebalance_request
 
 logger = logging.getLogger(__name__)
 
@@ -80,29 +82,58 @@ class ServiceConfig:
 
 @dataclass
 class PolicyStats:
-    """What the policy did in this process: service plans, fallbacks and outages (a run of fallbacks)."""
+    """What the policy did in this process: how its calls were answered, and the last of each kind."""
 
     calls: int = 0
-    service_plans: int = 0
-    fallbacks: int = 0
+    service_plans: int = 0  # answered by the service
+    fallbacks: int = 0  # planned locally; `outages` counts the runs of them
     outages: int = 0
-    committed_version: int = 0
-    last_error: str = ""
-    last_fallback: str = ""
+    agreed: int = 0  # maps shared by broadcast from the EP group's rank 0
+    committed_version: int = 0  # the last version this process committed
+    # The last service plan: RPC wall time, and the solve (with transfer planning) the service reports.
     last_round_trip_s: float = 0.0
     last_solve_s: float = 0.0
-    agreed: int = 0  # maps shared by broadcast from the EP group's rank 0
+    # The last fallback: why, and what planned it ("library", "vllm" or "in force").
+    last_error: str = ""
+    last_fallback: str = ""
     in_outage: bool = field(default=False, repr=False)
 
 
-def _valid_phy2log(phy2log: np.ndarray, num_layers: int, num_replicas: int, num_experts: int) -> bool:
-    """[L, R] expert ids in [0, E) hosting every expert of every layer."""
-    if phy2log.shape != (num_layers, num_replicas) or phy2log.dtype.kind not in "iu":
-        return False
-    if ((phy2log < 0) | (phy2log >= num_experts)).any():
-        return False
-    offsets = np.arange(num_layers, dtype=np.int64)[:, None] * num_experts
-    return bool(np.bincount((phy2log + offsets).ravel(), minlength=num_layers * num_experts).all())
+@dataclass(frozen=True)
+class PlanCall:
+    """One `rebalance_experts` call as vLLM made it: `weight` as given, `loads` its numpy [L, E], and
+    `old` the map in force [L, R] int64, or None where it cannot be a starting point."""
+
+    weight: Any
+    loads: np.ndarray
+    num_replicas: int
+    num_groups: int
+    num_nodes: int
+    num_ranks: int
+    old: np.ndarray | None
+
+    def valid(self, phy2log: np.ndarray) -> bool:
+        """[L, R] integer expert ids in [0, E) hosting every expert of every layer."""
+        num_layers, num_experts = self.loads.shape
+        if phy2log.shape != (num_layers, self.num_replicas) or phy2log.dtype.kind not in "iu":
+            return False
+        if ((phy2log < 0) | (phy2log >= num_experts)).any():
+            return False
+        offsets = np.arange(num_layers, dtype=np.int64)[:, None] * num_experts
+        return bool(np.bincount((phy2log + offsets).ravel(), minlength=num_layers * num_experts).all())
+
+    def trivial(self) -> np.ndarray:
+        """Slot p hosts expert p % E: the map of last resort."""
+        num_layers, num_experts = self.loads.shape
+        return np.tile(np.arange(self.num_replicas, dtype=np.int64) % num_experts, (num_layers, 1))
+
+
+def _narrow(loads: np.ndarray) -> np.ndarray:
+    """Integer load sums as int32 when they fit (exact, and half the bytes on the wire: the service reads
+    any integer type); anything else as it is."""
+    if loads.dtype.kind in "iu" and loads.size and loads.min() >= 0 and loads.max() <= np.iinfo(np.int32).max:
+        return loads.astype(np.int32)
+    return loads
 
 
 def planning_layout(num_groups: int, num_nodes: int, num_ranks: int) -> tuple[int, int]:
@@ -194,94 +225,75 @@ class ServiceEplbPolicy:
 
         cls.stats.calls += 1
         loads = weight.detach().cpu().numpy() if hasattr(weight, "detach") else np.asarray(weight)
-        old = None
+        call = PlanCall(weight, loads, num_replicas, num_groups, num_nodes, num_ranks, None)
         if old_global_expert_indices is not None:
             old = np.asarray(old_global_expert_indices.detach().cpu().numpy(), dtype=np.int64)
-            num_layers, num_experts = loads.shape
             # Elastic scale-up pads new slots with -1: such a map cannot be a starting point.
-            if not _valid_phy2log(old, num_layers, num_replicas, num_experts):
-                old = None
-        args = (weight, loads, num_replicas, num_groups, num_nodes, num_ranks, old)
+            if call.valid(old):
+                call = replace(call, old=old)
         group = agreement_group()
         if group is None:
-            return torch.from_numpy(cls._plan(*args, commit=None))
+            return torch.from_numpy(cls._plan(call, commit=None))
         import torch.distributed as dist
 
         leader = dist.get_rank(group) == 0
         if leader:
-            shared = torch.from_numpy(cls._plan(*args, commit=True))
+            shared = torch.from_numpy(cls._plan(call, commit=True))
         else:
             shared = torch.empty((loads.shape[0], num_replicas), dtype=torch.int64)
         try:
             dist.broadcast(shared, src=dist.get_global_rank(group, 0), group=group)
         except Exception as exc:  # a broken group fails vLLM's own collectives next; plan alone meanwhile
             logger.error("could not share the EPLB map over the EP group: %s", exc)
-            return torch.from_numpy(cls._plan(*args, commit=False))
+            return torch.from_numpy(cls._plan(call, commit=False))
         cls.stats.agreed += 1
         return shared
 
     @classmethod
-    def _plan(
-        cls,
-        weight: Any,
-        loads: np.ndarray,
-        num_replicas: int,
-        num_groups: int,
-        num_nodes: int,
-        num_ranks: int,
-        old: np.ndarray | None,
-        *,
-        commit: bool | None,
-    ) -> np.ndarray:
+    def _plan(cls, call: PlanCall, *, commit: bool | None) -> np.ndarray:
         """The service's plan, else a local one: [L, R] int64. `commit` None: decided by rank."""
-        groups, nodes = planning_layout(num_groups, num_nodes, num_ranks)
         try:
-            phy2log = cls._plan_on_service(loads, num_replicas, groups, nodes, num_ranks, old, commit)
+            phy2log = cls._plan_on_service(call, commit)
         except Exception as exc:  # never into the step loop: every failure is a fallback
             cls._outage(exc)
-            phy2log = cls._plan_locally(weight, loads, num_replicas, num_groups, num_nodes, num_ranks, old)
+            phy2log = cls._plan_locally(call)
         else:
             cls._recovered()
         return np.ascontiguousarray(phy2log, dtype=np.int64)
 
     @classmethod
-    def _plan_on_service(
-        cls,
-        loads: np.ndarray,
-        num_replicas: int,
-        groups: int,
-        nodes: int,
-        num_ranks: int,
-        old: np.ndarray | None,
-        commit: bool | None,
-    ) -> np.ndarray:
+    def _plan_on_service(cls, call: PlanCall, commit: bool | None) -> np.ndarray:
+        """One Rebalance with the window and the map in force; of the answer only phy2log is decoded."""
         config = cls.config
         if config is None:
             raise RuntimeError("not configured")
         if commit is None or config.commit is not None:
             commit = _is_leader(config)
-        started = time.perf_counter()
-        placement = cls.client().rebalance(
-            loads,
-            num_replicas=num_replicas,
+        groups, nodes = planning_layout(call.num_groups, call.num_nodes, call.num_ranks)
+        request = rebalance_request(
+            _narrow(call.loads),
+            num_replicas=call.num_replicas,
             num_groups=groups,
             num_nodes=nodes,
-            num_gpus=num_ranks,
+            num_gpus=call.num_ranks,
             deployment_id=config.deployment_id,
             dry_run=bool(config.deployment_id) and not commit,
             policy=config.policy,
-            prev_phy2log=old,
-            timeout=config.deadline_s,
         )
+        if call.old is not None:  # expert ids: int16 on the wire, a quarter of the int64 bytes
+            request.prev_phy2log.CopyFrom(encode_ids(call.old))
+        started = time.perf_counter()
+        response = cls.client().rebalance_response(request, timeout=config.deadline_s)
         cls.stats.last_round_trip_s = time.perf_counter() - started
+        placement = response.placement
         cls.stats.last_solve_s = placement.stats.solve_seconds
-        num_layers, num_experts = loads.shape
-        if not _valid_phy2log(placement.phy2log, num_layers, num_replicas, num_experts):
-            raise ValueError(f"the service returned an unusable map of shape {list(placement.phy2log.shape)}")
+        phy2log = np.array(decode(placement.phy2log), dtype=np.int64)
+        if not call.valid(phy2log):
+            raise ValueError(f"the service returned an unusable map of shape {list(phy2log.shape)}")
         cls.stats.service_plans += 1
-        if placement.committed:
+        if response.committed:
             cls.stats.committed_version = placement.version
-        return placement.phy2log
+        return phy2log
 
     @classmethod
     def _outage(cls, exc: Exception) -> None:
@@ -306,31 +318,22 @@ class ServiceEplbPolicy:
             logger.warning("rebalancer service answers again (%d local plans so far)", cls.stats.fallbacks)
 
     @classmethod
-    def _plan_locally(
-        cls,
-        weight: Any,
-        loads: np.ndarray,
-        num_replicas: int,
-        num_groups: int,
-        num_nodes: int,
-        num_ranks: int,
-        old: np.ndarray | None,
-    ) -> np.ndarray:
+    def _plan_locally(cls, call: PlanCall) -> np.ndarray:
         """The library solver, else the replaced vLLM policy, else the map in force (or the trivial one)."""
         import torch
 
-        num_layers, num_experts = loads.shape
+        previous = None if call.old is None else torch.from_numpy(call.old)
         try:
             from rebalancer.solver import solve
 
             result = solve(
-                torch.as_tensor(loads, dtype=torch.float64),
-                num_replicas,
-                num_groups,
-                num_nodes,
-                num_ranks,
+                torch.as_tensor(call.loads, dtype=torch.float64),
+                call.num_replicas,
+                call.num_groups,
+                call.num_nodes,
+                call.num_ranks,
                 device="cpu",
-                prev_phy2log=None if old is None else torch.from_numpy(old),
+                prev_phy2log=previous,
             )
             cls.stats.last_fallback = "library"
             return result.phy2log.cpu().numpy()
@@ -338,20 +341,17 @@ class ServiceEplbPolicy:
             logger.debug("library fallback failed: %s", exc)
         if cls.fallback_policy is not None:
             try:
-                previous = None if old is None else torch.from_numpy(old)
                 phy2log = cls.fallback_policy.rebalance_experts(
-                    weight, num_replicas, num_groups, num_nodes, num_ranks, previous
+                    call.weight, call.num_replicas, call.num_groups, call.num_nodes, call.num_ranks, previous
                 )
                 phy2log = np.asarray(phy2log.cpu().numpy(), dtype=np.int64)
-                if _valid_phy2log(phy2log, num_layers, num_replicas, num_experts):
+                if call.valid(phy2log):
                     cls.stats.last_fallback = "vllm"
                     return phy2log
             except Exception as exc:
                 logger.debug("vLLM policy fallback failed: %s", exc)
         cls.stats.last_fallback = "in force"
-        if old is not None:
-            return old
-        return np.tile(np.arange(num_replicas, dtype=np.int64) % num_experts, (num_layers, 1))
+        return call.old if call.old is not None else call.trivial()
 
 
 def register() -> None:

@@ -6,8 +6,13 @@ the others to the large lane, so a long solve never holds up short ones; each la
 `max_layers` layers and at the lane's estimated cost (the per-job limits in the large lane,
 SMALL_BATCH_FACTOR small jobs' worth in the small one).
 
-Within a lane, requests with the same `BatchKey` that wait together (the first waits `window_s` for
-company) are concatenated along the layer axis into ONE `solve` call, and the result is split back.
+Within a lane, requests with the same `BatchKey` that wait together are concatenated along the layer
+axis into ONE `solve` call, and the result is split back. The first waits `window_s` for company only
+while the server is busy (`wait_when="busy"`): a request that finds nothing else queued or solving in
+either lane is solved at once, since on an idle server the window is pure latency (an engine's one
+rebalance per interval), while under load the requests that queue up behind a solve still batch. With
+`wait_when="always"` every first request waits the window, which batches bursts that hit an idle server
+(e.g. one request per rank at the same moment).
 Each request's layers get `layer_seeds = seed + local layer index`, so a layer's result does not depend
 on its batch mates. prev_phy2log and history are concatenated per request along the layer axis; the key
 says whether requests have a prev placement and how many history intervals T they carry, and holds the
@@ -211,10 +216,12 @@ class Batcher:
         max_queue: int,
         limits: JobLimits,
         max_queued_bytes: int,
+        wait_when: str = "busy",  # or "always" (config.BATCH_WINDOW_WHEN)
     ) -> None:
         self.metrics = metrics
         self.device = device
         self.window_s = window_s
+        self.wait_when = wait_when
         self.max_layers = max_layers
         self.max_queue = max_queue
         self.limits = limits
@@ -267,9 +274,7 @@ class Batcher:
     async def _run(self, lane: _Lane) -> None:
         while True:
             await lane.wakeup.wait()
-            # The window runs from the oldest waiting request's arrival: requests that queued up while
-            # the worker was busy have waited long enough already.
-            remaining = lane.pending[0].arrived + self.window_s - time.monotonic() if lane.pending else 0.0
+            remaining = self._window_left(lane)
             if remaining > 0:
                 await asyncio.sleep(remaining)
             lane.wakeup.clear()
@@ -284,6 +289,20 @@ class Batcher:
                 for job in pending:
                     if not job.future.done():
                         job.future.set_exception(_client_error(error))
+
+    def _window_left(self, lane: _Lane) -> float:
+        """Seconds the lane's oldest request still waits for batch mates. The window runs from its
+        arrival (requests that queued up while the worker was busy have waited long enough already);
+        with `wait_when="busy"` a request alone in an idle server does not wait at all."""
+        if not lane.pending:
+            return 0.0
+        if self.wait_when == "busy" and len(lane.pending) == 1 and not self._busy_besides(lane):
+            return 0.0
+        return lane.pending[0].arrived + self.window_s - time.monotonic()
+
+    def _busy_besides(self, lane: _Lane) -> bool:
+        """Whether another lane has work queued or solving (this lane's worker is free: it is asking)."""
+        return any(other.pending or other.current for other in self._lanes if other is not lane)
 
     def _batches(self, lane: _Lane, pending: list[SolveJob]) -> list[list[SolveJob]]:
         """Group live jobs by key, in arrival order, each group cut at the layer cap and the lane's work."""

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 ENV_PREFIX = "REBALANCER_"
+# When the first queued request waits --batch-window-ms for batch mates (batcher.py).
+BATCH_WINDOW_WHEN = ("busy", "always")
 
 
 @dataclass
@@ -24,6 +26,7 @@ class ServerConfig:
     state_dir: str = "./var"
     device: str = "auto"
     batch_window_ms: float = 2.0
+    batch_window_when: str = "busy"
     max_batch_layers: int = 4096
     max_queue: int = 256
     window: int = 64
@@ -57,6 +60,8 @@ HELP = {
     "state_dir": "directory of the SQLite state (deployments, placements)",
     "device": "solver device: auto (CUDA when present), cpu or cuda[:N]",
     "batch_window_ms": "how long the first queued request waits for batch mates",
+    "batch_window_when": "busy: the window is waited only while other solves are queued or running (an "
+    "idle server solves at once); always: every first request waits it (batches bursts to an idle server)",
     "max_batch_layers": "layer cap of one solver call",
     "max_queue": "solve requests allowed to wait; more get RESOURCE_EXHAUSTED",
     "window": "telemetry reports (slots) kept per deployment",
@@ -114,6 +119,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
             ("--max-batch-layers", config.max_batch_layers < 1),
             ("--max-queue", config.max_queue < 1),
             ("--batch-window-ms", config.batch_window_ms < 0),
+            ("--batch-window-when", config.batch_window_when not in BATCH_WINDOW_WHEN),
             ("--max-tensor-elements", config.max_tensor_elements < 1),
             ("--memory-budget-mb", config.memory_budget_mb < 0),
             ("--max-deployments", config.max_deployments < 1),

@@ -29,7 +29,7 @@ from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
 from rebalancer.solver import CostModel, maps
 
-from .admission import deployment_bytes, mib
+from .admission import deployment_bytes, mib, placement_message_bound
 from .batcher import Batcher, PlanOutcome, SolveJob
 from .budget import StateLedger
 from .commands import AdviseCommand, PlanCommand, ReportCommand
@@ -120,6 +120,12 @@ def _inline_job(command: PlanCommand, topology: Topology, deadline: float | None
         unavailable_gpus=command.unavailable_gpus,
         cost_model=command.cost_model,
     )
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """Mark a task's outcome as read (its awaiting caller may have been cancelled)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def placement_record(
@@ -268,14 +274,17 @@ class Registry:
         except KeyError:
             raise InvalidArgument([("deployment_id", "deployment was deleted")]) from None
 
-    async def rebalance(self, command: PlanCommand, deadline: float | None = None) -> tuple[PlacementRecord, bool]:
-        """Plan a checked command; commit it unless inline or dry-run. Returns (record, committed)."""
+    async def rebalance(self, command: PlanCommand, message: pb.Placement, deadline: float | None = None) -> bool:
+        """Plan a checked command; commit it unless inline or dry-run. The placement is written into
+        `message` (the response's), encoded once for the size check and the answer. Returns whether it
+        was committed."""
         if command.inline:
             outcome = await self.batcher.submit(_inline_job(command, command.topology, deadline))
-            return self._fitting(placement_record("", command.topology, outcome)), False
+            self._fitting(placement_record("", command.topology, outcome), message)
+            return False
         deployment = self.deployments.get(command.deployment_id)
         if deployment is None:
-            return await self._rebalance_new(command, deadline)
+            return await self._rebalance_new(command, message, deadline)
         deployment.require_version(command.base_version)  # fail fast; commit checks again under the lock
         planned_on = deployment.topology
         if command.checked_against is not None:
@@ -290,13 +299,19 @@ class Registry:
             in_force=command.prev_phy2log,
         )
         if command.settings.dry_run:
-            return self._fitting(placement_record(deployment.deployment_id, planned_on, outcome)), False
-        record = await self.commit(
-            deployment, outcome, trigger="request", base_version=command.base_version, planned_on=planned_on
+            self._fitting(placement_record(deployment.deployment_id, planned_on, outcome), message)
+            return False
+        await self.commit(
+            deployment,
+            outcome,
+            trigger="request",
+            base_version=command.base_version,
+            message=message,
+            planned_on=planned_on,
         )
-        return record, True
+        return True
 
-    async def _rebalance_new(self, command: PlanCommand, deadline: float | None) -> tuple[PlacementRecord, bool]:
+    async def _rebalance_new(self, command: PlanCommand, message: pb.Placement, deadline: float | None) -> bool:
         """A plan for a deployment not registered yet: solved first, registered only when it commits, so
         a refused or dry-run request leaves no deployment behind."""
         deployment_id, topology = command.deployment_id, command.topology
@@ -310,9 +325,11 @@ class Registry:
             )
         outcome = await self.batcher.submit(_inline_job(command, topology, deadline))
         if command.settings.dry_run:
-            return self._fitting(placement_record(deployment_id, topology, outcome)), False
+            self._fitting(placement_record(deployment_id, topology, outcome), message)
+            return False
         deployment = await self.register(deployment_id, topology)
-        return await self.commit(deployment, outcome, trigger="request"), True
+        await self.commit(deployment, outcome, trigger="request", message=message)
+        return True
 
     async def plan(
         self,
@@ -377,16 +394,37 @@ class Registry:
         outcomes = await asyncio.gather(*(self.batcher.submit(job) for job in jobs))
         return list(zip(command.slots_per_gpu, outcomes, strict=True))
 
-    def _fitting(self, record: PlacementRecord) -> PlacementRecord:
-        """`record`, once its message is known to fit in a response (validation's bound makes this hold;
-        this keeps it true for any placement the solver returns)."""
-        size = record.fill(pb.Placement()).ByteSize()
+    def _fitting(self, record: PlacementRecord, message: pb.Placement | None = None) -> PlacementRecord:
+        """`record`, once its message (written into `message` when given) is known to fit in a response
+        (validation's bound makes this hold; this keeps it true for any placement the solver returns)."""
+        size = record.fill(pb.Placement() if message is None else message).ByteSize()
         if size > self.max_message_bytes - 1024:
             raise ResourceExhausted(
                 f"the placement takes {mib(size)}, over the {mib(self.max_message_bytes)} message limit: "
                 "lower num_layers per deployment or the spare slots (R - E); nothing was committed"
             )
         return record
+
+    def _surely_fits(self, record: PlacementRecord) -> bool:
+        """Whether `record`'s message fits in a response, known without encoding it: the largest
+        placement of its layout (admission's bound) plus its transfer plan, int32 [T, 5]."""
+        transfers = 0 if record.transfers is None else 4 * record.transfers.size
+        return placement_message_bound(record.topology) + transfers <= self.max_message_bytes - 1024
+
+    async def _store_while_encoding(
+        self, record: PlacementRecord, message: pb.Placement, relayout: Topology | None
+    ) -> Exception | None:
+        """Write `record`'s row on the store thread while the event loop encodes it into `message` (both
+        take about a millisecond for a DeepSeek-V3 placement). An encoding error is returned, not raised:
+        the row is written regardless, so the commit must be completed before the caller hears of it."""
+        written = self.store.start_commit(record, relayout)
+        try:
+            record.fill(message)
+            error = None
+        except Exception as exc:
+            error = exc
+        await written
+        return error
 
     async def commit(
         self,
@@ -395,28 +433,48 @@ class Registry:
         *,
         trigger: str,
         base_version: int = 0,
+        message: pb.Placement | None = None,
         planned_on: Topology | None = None,
     ) -> PlacementRecord:
-        """Persist `outcome` as the next version, then serve it and wake the watchers. `planned_on` is the
-        layout the plan was made for: a commit that moved the deployment to another one meanwhile wins."""
+        """Persist `outcome` as the next version, then serve it and wake the watchers; its placement
+        message is written into `message` when given. `planned_on` is the layout the plan was made for:
+        a commit that moved the deployment to another one meanwhile wins.
+
+        Shielded from the caller's cancellation (an RPC whose client goes away): the row, once handed to
+        the store thread, is written anyway, and a stored version the server did not serve would make
+        every later commit of the deployment collide with it.
+        """
+        committing = asyncio.ensure_future(
+            self._commit(deployment, outcome, trigger, base_version, message, planned_on)
+        )
+        committing.add_done_callback(_retrieve)  # nobody may be left to read its error
+        return await asyncio.shield(committing)
+
+    async def _commit(
+        self,
+        deployment: Deployment,
+        outcome: PlanOutcome,
+        trigger: str,
+        base_version: int,
+        message: pb.Placement | None,
+        planned_on: Topology | None,
+    ) -> PlacementRecord:
         async with deployment.lock:
             if deployment.deleted:
                 raise NotFound(f"deployment {deployment.deployment_id!r} was deleted")
             deployment.require_version(base_version)
             if planned_on is not None:
                 require_layout(deployment, planned_on)
-            record = self._fitting(
-                placement_record(
-                    deployment.deployment_id,
-                    deployment.topology,
-                    outcome,
-                    version=deployment.version + 1,
-                    trigger=trigger,
-                )
+            record = placement_record(
+                deployment.deployment_id, deployment.topology, outcome, version=deployment.version + 1, trigger=trigger
             )
             relayout = record.topology if record.gpu_ids is not None else None
+            encode_error = None
             with self._recharged(deployment, relayout):
-                await self.store.commit(record, relayout)
+                if message is not None and self._surely_fits(record):
+                    encode_error = await self._store_while_encoding(record, message, relayout)
+                else:
+                    await self.store.commit(self._fitting(record, message), relayout)
             deployment.current = record
             if relayout is not None:
                 deployment.topology = relayout
@@ -427,6 +485,8 @@ class Registry:
         self.metrics.balancedness.labels(labels, "current").set(record.stats.balancedness_after)
         self.metrics.imbalance_ratio.labels(labels).set(record.stats.imbalance_after)
         deployment.notify()
+        if encode_error is not None:
+            raise encode_error
         return record
 
     @contextlib.contextmanager

@@ -93,6 +93,7 @@ class RebalancerServer:
             self.metrics,
             self.device,
             window_s=config.batch_window_ms / 1000.0,
+            wait_when=config.batch_window_when,
             max_layers=config.max_batch_layers,
             max_queue=config.max_queue,
             limits=limits,

@@ -1,8 +1,10 @@
 """`rebalancer.v1.RebalancerService`: one thin method per RPC.
 
 Each handler checks its request once into a command (commands.py), hands it to the domain
-(deployments.py) and converts the record it gets back; every ServiceError becomes its gRPC status
-through `errors.abort`, and any other exception becomes a bare INTERNAL (logged, its text never sent).
+(deployments.py) and converts the record it gets back (Rebalance lets the domain write the placement
+into its response, so the maps are encoded once for the size check and the answer); every ServiceError
+becomes its gRPC status through `errors.abort`, and any other exception becomes a bare INTERNAL
+(logged, its text never sent).
 
 A refused request or report changes no window and no placement, and registers nothing: a deployment is
 created only by a report or request that is accepted.
@@ -64,9 +66,8 @@ class RebalancerServicer(rebalancer_pb2_grpc.RebalancerServiceServicer):
     @_maps_errors
     async def Rebalance(self, request: pb.RebalanceRequest, context: grpc.aio.ServicerContext) -> pb.RebalanceResponse:
         command = self.checker.rebalance(request, self.registry.topology_of(request.deployment_id))
-        record, committed = await self.registry.rebalance(command, _deadline(context))
-        response = pb.RebalanceResponse(committed=committed)
-        record.fill(response.placement)
+        response = pb.RebalanceResponse()
+        response.committed = await self.registry.rebalance(command, response.placement, _deadline(context))
         return response
 
     @_maps_errors
