@@ -3,8 +3,8 @@
 `make bench` takes minutes on the full shapes, so a broken benchmark would otherwise be found only when
 someone wants the figures. These tests run each bench on the README-sized shape and check the keys the
 report reads, plus the pieces whose correctness the figures rest on: the vectorised lower bound, the
-published algorithm (the released module with the published packing loop), the released engine planners imported from their wheels, and the fixed
-optimality instance set.
+published algorithm (the released module with the published packing loop), the released engine planners
+imported from their wheels, and the fixed optimality instance set.
 """
 
 from __future__ import annotations
