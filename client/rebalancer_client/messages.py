@@ -102,15 +102,17 @@ def rebalance_request(
     prev_phy2log: Any = None,
     unavailable_gpus: Iterable[int] | None = None,
     cost_model: Mapping[str, float] | None = None,
+    phy2log_only: bool = False,
     **options: Any,
 ) -> pb.RebalanceRequest:
     """Build and check a RebalanceRequest; `options` are the solve options (`rebalancer_wire.options`,
     e.g. policy, num_candidates, seed, dry_run, max_moves_per_layer). `unavailable_gpus`: failed GPU ids
     (elastic EP); `cost_model`: any of bytes_per_expert, intra_node_bandwidth, inter_node_bandwidth
-    (bytes/s per GPU) for the transfer plan and budgets. See `RebalancerClient.rebalance`."""
+    (bytes/s per GPU) for the transfer plan and budgets; `phy2log_only`: the answer leaves out logcnt
+    and log2phy (the client derives them). See `RebalancerClient.rebalance`."""
     if loads is None and not deployment_id:
         raise ValueError("loads are required without deployment_id")
-    request = pb.RebalanceRequest(deployment_id=deployment_id or "")
+    request = pb.RebalanceRequest(deployment_id=deployment_id or "", phy2log_only=phy2log_only)
     array = None if loads is None else loads_array(loads)
     if array is not None:
         request.loads.CopyFrom(encode(array))

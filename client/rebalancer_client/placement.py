@@ -106,12 +106,18 @@ class Placement:
 
     @classmethod
     def from_proto(cls, message: pb.Placement, *, committed: bool = False) -> Placement:
-        maps = {
-            name: np.array(decode(getattr(message, name)), dtype=np.int64) for name in ("phy2log", "log2phy", "logcnt")
-        }
+        """The placement of a message; logcnt and log2phy (slot order) are derived from phy2log when the
+        answer left them out (`phy2log_only`)."""
+        phy2log = np.array(decode(message.phy2log), dtype=np.int64)
+        if message.HasField("log2phy"):
+            maps = {name: np.array(decode(getattr(message, name)), dtype=np.int64) for name in ("log2phy", "logcnt")}
+        else:
+            logcnt = logcnt_from_phy2log(phy2log, message.topology.num_experts)
+            maps = {"logcnt": logcnt, "log2phy": log2phy_from_phy2log(phy2log, logcnt)}
         return _from_message(
             cls,
             message,
+            phy2log=phy2log,
             **maps,
             topology=Topology.from_proto(message.topology),
             stats=PlacementStats.from_proto(message.stats),
@@ -213,3 +219,24 @@ class LoadSummary:
     @classmethod
     def from_proto(cls, message: pb.StreamLoadResponse) -> LoadSummary:
         return _from_message(cls, message, rejections=[(r.index, r.field, r.reason) for r in message.rejections])
+
+
+def logcnt_from_phy2log(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
+    """phy2log [L, R] -> copies per expert [L, E] int64."""
+    num_layers = phy2log.shape[0]
+    offsets = np.arange(num_layers, dtype=np.int64)[:, None] * num_experts
+    counts = np.bincount((phy2log + offsets).ravel(), minlength=num_layers * num_experts)
+    return counts.reshape(num_layers, num_experts).astype(np.int64)
+
+
+def log2phy_from_phy2log(phy2log: np.ndarray, logcnt: np.ndarray) -> np.ndarray:
+    """phy2log [L, R] -> log2phy [L, E, X] (X = max copies), each expert's slots in slot order, -1 padded."""
+    num_layers, num_slots = phy2log.shape
+    width = max(int(logcnt.max()), 1) if logcnt.size else 1
+    order = np.argsort(phy2log, axis=1, kind="stable")  # slots grouped by expert, in slot order
+    experts = np.take_along_axis(phy2log, order, axis=1)
+    first = np.cumsum(logcnt, axis=1) - logcnt
+    rank = np.arange(num_slots)[None, :] - np.take_along_axis(first, experts, axis=1)
+    log2phy = np.full((num_layers, logcnt.shape[1], width), -1, dtype=np.int64)
+    log2phy[np.arange(num_layers)[:, None], experts, rank] = order
+    return log2phy

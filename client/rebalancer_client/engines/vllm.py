@@ -279,6 +279,7 @@ class ServiceEplbPolicy:
             deployment_id=config.deployment_id,
             dry_run=bool(config.deployment_id) and not commit,
             policy=config.policy,
+            phy2log_only=True,  # vLLM installs phy2log and derives the rest itself
         )
         if call.old is not None:  # expert ids: int16 on the wire, a quarter of the int64 bytes
             request.prev_phy2log.CopyFrom(encode_ids(call.old))

@@ -68,6 +68,9 @@ class RebalancerServicer(rebalancer_pb2_grpc.RebalancerServiceServicer):
         command = self.checker.rebalance(request, self.registry.topology_of(request.deployment_id))
         response = pb.RebalanceResponse()
         response.committed = await self.registry.rebalance(command, response.placement, _deadline(context))
+        if request.phy2log_only:
+            response.placement.ClearField("logcnt")
+            response.placement.ClearField("log2phy")
         return response
 
     @_maps_errors

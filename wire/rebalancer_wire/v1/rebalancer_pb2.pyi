@@ -104,7 +104,7 @@ class TransferCost(_message.Message):
     def __init__(self, bytes_per_expert: _Optional[float] = ..., intra_node_bandwidth: _Optional[float] = ..., inter_node_bandwidth: _Optional[float] = ...) -> None: ...
 
 class RebalanceRequest(_message.Message):
-    __slots__ = ("deployment_id", "loads", "topology", "options", "base_version", "prev_phy2log", "cost_model", "unavailable_gpus")
+    __slots__ = ("deployment_id", "loads", "topology", "options", "base_version", "prev_phy2log", "cost_model", "unavailable_gpus", "phy2log_only")
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
     TOPOLOGY_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,7 @@ class RebalanceRequest(_message.Message):
     PREV_PHY2LOG_FIELD_NUMBER: _ClassVar[int]
     COST_MODEL_FIELD_NUMBER: _ClassVar[int]
     UNAVAILABLE_GPUS_FIELD_NUMBER: _ClassVar[int]
+    PHY2LOG_ONLY_FIELD_NUMBER: _ClassVar[int]
     deployment_id: str
     loads: Tensor
     topology: Topology
@@ -121,7 +122,8 @@ class RebalanceRequest(_message.Message):
     prev_phy2log: Tensor
     cost_model: TransferCost
     unavailable_gpus: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, deployment_id: _Optional[str] = ..., loads: _Optional[_Union[Tensor, _Mapping]] = ..., topology: _Optional[_Union[Topology, _Mapping]] = ..., options: _Optional[_Union[SolveOptions, _Mapping]] = ..., base_version: _Optional[int] = ..., prev_phy2log: _Optional[_Union[Tensor, _Mapping]] = ..., cost_model: _Optional[_Union[TransferCost, _Mapping]] = ..., unavailable_gpus: _Optional[_Iterable[int]] = ...) -> None: ...
+    phy2log_only: bool
+    def __init__(self, deployment_id: _Optional[str] = ..., loads: _Optional[_Union[Tensor, _Mapping]] = ..., topology: _Optional[_Union[Topology, _Mapping]] = ..., options: _Optional[_Union[SolveOptions, _Mapping]] = ..., base_version: _Optional[int] = ..., prev_phy2log: _Optional[_Union[Tensor, _Mapping]] = ..., cost_model: _Optional[_Union[TransferCost, _Mapping]] = ..., unavailable_gpus: _Optional[_Iterable[int]] = ..., phy2log_only: _Optional[bool] = ...) -> None: ...
 
 class PolicyLayers(_message.Message):
     __slots__ = ("policy", "layers")
