@@ -63,12 +63,12 @@ def pair_optimum(loads: torch.Tensor, num_replicas: int, num_gpus: int) -> tuple
 
     Requires `applies(E, R, G)`. GPU g hosts the g-th heaviest and the g-th lightest copy of the best
     count vector (lowest index among equals, so a row's result does not depend on its batch). On a GPU
-    every row scores the whole table at once; on the CPU `_host_optimum` scores, in NumPy, only the
+    every row scores the whole table at once; on the CPU `host_optimum` scores, in NumPy, only the
     vectors whose bound reaches a greedy score (the same optimum; among equals, the lowest index of the
     table over the experts sorted by load).
     """
     if loads.device.type == "cpu":
-        phy2log, peak = _host_optimum(loads.numpy(), num_replicas, num_gpus)
+        phy2log, peak = host_optimum(loads.numpy(), num_replicas, num_gpus)
         return torch.from_numpy(phy2log), torch.from_numpy(peak)
     counts = count_vectors(loads.shape[1], num_replicas, loads.device)  # [K, E]
     whole_table = torch.arange(counts.shape[0], device=loads.device).unsqueeze(0)  # [1, K]
@@ -108,7 +108,7 @@ def _host_table(num_experts: int, num_replicas: int) -> _HostTable:
     return _HostTable(counts, counts32, 1.0 / counts32, slot_experts, keys, prefixes, prefix_keys, prefix_ends)
 
 
-def _host_optimum(loads: np.ndarray, num_replicas: int, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
+def host_optimum(loads: np.ndarray, num_replicas: int, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
     """`pair_optimum` on the CPU: loads [P, E] float64 -> (phy2log [P, R] int64, max GPU load [P] float64).
 
     Per row, experts sorted heaviest first, a few greedy count vectors give a score V (an upper bound on
