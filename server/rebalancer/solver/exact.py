@@ -129,13 +129,13 @@ def host_optimum(loads: np.ndarray, num_replicas: int, num_gpus: int) -> tuple[n
         ceiling = _greedy_score(ranked32, num_replicas, num_gpus) * np.float32(1.0 + BOUND_MARGIN)
         ceiling = np.maximum(ceiling, np.finfo(np.float32).tiny)  # [P]; all-zero rows: every vector ties
         rows, picked = _table_ranges(table, ranked32, ceiling, num_replicas)
-        per_copy = ranked32[rows] * table.reciprocals[picked]  # [N, E]
+        per_copy = _take_rows(ranked32, rows) * _take_rows(table.reciprocals, picked)  # [N, E]
         # Reciprocal products may round 1 ulp away from the divisions the scoring does: the margin covers it.
         passed = _column_reduce(np.maximum, per_copy) + _column_reduce(np.minimum, per_copy) <= ceiling[rows]
         rows, picked = rows[passed], picked[passed]
-    per_copy = ranked32[rows] / table.counts32[picked]  # [N, E]
+    per_copy = _take_rows(ranked32, rows) / _take_rows(table.counts32, picked)  # [N, E]
     # Each expert's load per copy once per copy, experts in order: one flat repeat, no per-row gather.
-    copy_loads = np.repeat(per_copy.ravel(), table.counts[picked].ravel()).reshape(-1, num_replicas)
+    copy_loads = np.repeat(per_copy.ravel(), _take_rows(table.counts, picked).ravel()).reshape(-1, num_replicas)
     scores = _pair_peaks(copy_loads, num_gpus)
     starts = np.searchsorted(rows, np.arange(num_rows))  # rows come grouped, each at least once
     best = np.minimum.reduceat(scores, starts)
@@ -204,6 +204,12 @@ def _host_placement(
     phy2log = _gather_rows(experts, by_gpu)
     slot_loads = _gather_rows(loads / counts[winner], phy2log)  # [P, R] float64
     return phy2log, (slot_loads[:, 0::2] + slot_loads[:, 1::2]).max(1)
+
+
+def _take_rows(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """values [K, E], rows [N] -> values[rows] [N, E]: `np.take` copies whole rows, 4-6x faster than
+    indexing with an array (measured on [20000, 8] float32 from a 6435-row table)."""
+    return np.take(values, rows, axis=0)
 
 
 def _gather_rows(values: np.ndarray, index: np.ndarray) -> np.ndarray:
