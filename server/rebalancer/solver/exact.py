@@ -150,12 +150,13 @@ def _greedy_score(ranked32: np.ndarray, num_replicas: int, num_gpus: int) -> np.
     num_rows, num_experts = ranked32.shape
     extra = num_replicas - num_experts
     powered = ranked32[:, None, :] ** np.array(GREEDY_EXPONENTS, dtype=np.float32)[:, None]  # [P, X, E]
-    counts = np.ones(powered.shape, dtype=np.int64)
+    counts = np.ones((num_rows * len(GREEDY_EXPONENTS), num_experts), dtype=np.int64)
     if extra > 0:
-        shares = (powered[..., None] / np.arange(1, extra + 1, dtype=np.float32)).reshape(*powered.shape[:2], -1)
-        taken = np.argpartition(-shares, extra - 1, axis=2)[..., :extra] // extra  # [P, X, extra] experts
-        np.add.at(counts, (np.arange(num_rows)[:, None, None], np.arange(len(GREEDY_EXPONENTS))[:, None], taken), 1)
-    counts = counts.reshape(-1, num_experts)
+        shares = (powered[..., None] / np.arange(1, extra + 1, dtype=np.float32)).reshape(len(counts), -1)
+        taken = np.argpartition(-shares, extra - 1, axis=1)[:, :extra] // extra  # [P * X, extra] experts
+        counts += np.bincount(
+            (taken + np.arange(0, counts.size, num_experts)[:, None]).ravel(), minlength=counts.size
+        ).reshape(counts.shape)
     per_copy = np.repeat(ranked32, len(GREEDY_EXPONENTS), 0) / counts.astype(np.float32)  # [P * X, E]
     scores = _pair_peaks(np.repeat(per_copy.ravel(), counts.ravel()).reshape(-1, num_replicas), num_gpus)
     return scores.reshape(num_rows, -1).min(1)
