@@ -77,7 +77,9 @@ def candidate_placements(
     noisy = loads.to(torch.float32).unsqueeze(1).pow(replication_exponents(num_candidates, loads.device))
     noisy = noisy * multiplicative_noise(seeds, num_candidates, num_experts, REPLICATION_STREAM)
     counts = replica_counts(noisy, num_replicas)  # [P, C, E]
-    order_noise = multiplicative_noise(seeds, num_candidates, num_replicas, ORDER_STREAM)
+    # With two slots per GPU the packing is the optimal pairing, which takes no order.
+    paired = num_replicas == 2 * num_gpus
+    order_noise = None if paired else multiplicative_noise(seeds, num_candidates, num_replicas, ORDER_STREAM)
     phy2log, gpu_loads = place_copies(loads, counts, num_replicas, num_gpus, order_noise)
     if exact.num_count_vectors(num_experts, num_replicas) > MAX_TABLE_CANDIDATES:
         return phy2log, gpu_loads

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from rebalancer_wire.options import BY_NAME
 
+from . import small
 from .deepseek import rebalance_deepseek
 from .hierarchical import plan_hierarchical
 from .history import scenarios
@@ -81,6 +82,12 @@ def _hierarchical(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
 
 def _plan_local(loads: torch.Tensor, opts: SolveOptions, ceiling: torch.Tensor | None = None):
     """The hierarchical plan (groups kept on one node): (phy2log [L, R], max GPU load [L])."""
+    num_experts = loads.shape[1]
+    scenarios = opts.scenario_loads is not None
+    if small.applies(loads.device, num_experts, opts.num_replicas, opts.num_nodes, opts.num_gpus, scenarios):
+        return small.plan_hierarchical(
+            loads, opts.num_replicas, opts.num_groups, opts.num_nodes, opts.num_gpus, ceiling
+        )
     return plan_hierarchical(
         loads,
         opts.num_replicas,
