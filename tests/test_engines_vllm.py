@@ -174,13 +174,34 @@ from rebalancer_client.engines.vllm import ServiceConfig, ServiceEplbPolicy
 
 rank, store, scenarios, inputs, out = sys.argv[1:6]
 replicas, groups, nodes, ranks = (int(x) for x in sys.argv[6:10])
+thread = sys.argv[10]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{store}", rank=int(rank), world_size=2)
+if thread == "async":  # vLLM's async EPLB: the policy runs on a worker thread; vLLM's EPLB group exists
+    import threading, types
+    for name in ("vllm", "vllm.distributed"):
+        sys.modules[name] = types.ModuleType(name)
+    parallel_state = sys.modules["vllm.distributed.parallel_state"] = types.ModuleType("parallel_state")
+    parallel_state.get_eplb_group = lambda: types.SimpleNamespace(cpu_group=dist.group.WORLD)
 data = np.load(inputs)
 window, old = torch.from_numpy(data["window"]), torch.from_numpy(data["old"])
+
+
+def plan():
+    return ServiceEplbPolicy.rebalance_experts(window, replicas, groups, nodes, ranks, old)
+
+
+def on_worker_thread():
+    result = []
+    worker = threading.Thread(target=lambda: result.append(plan()))
+    worker.start()
+    worker.join()
+    return result[0]
+
+
 reports = []
 for index, (target, deployment) in enumerate(json.loads(scenarios)):
     ServiceEplbPolicy.configure(ServiceConfig(target=target, deployment_id=deployment, deadline_s=5.0))
-    new = ServiceEplbPolicy.rebalance_experts(window, replicas, groups, nodes, ranks, old)
+    new = on_worker_thread() if thread == "async" else plan()
     np.save(f"{out}-{index}.npy", new.numpy())
     stats = ServiceEplbPolicy.stats
     reports.append({"service": stats.service_plans, "fallbacks": stats.fallbacks, "agreed": stats.agreed,
@@ -190,13 +211,17 @@ dist.destroy_process_group()
 """
 
 
-def test_ranks_of_one_group_install_the_leaders_map_even_when_only_some_reach_the_service(vllm, server, tmp_path):
-    """Two ranks over gloo, as vLLM's synchronous rearrangement runs them: first only the leader reaches
-    the service, then only the follower."""
+@pytest.mark.parametrize("thread", ["main", "async"])
+def test_ranks_of_one_group_install_the_leaders_map_even_when_only_some_reach_the_service(
+    vllm, server, tmp_path, thread
+):
+    """Two ranks over gloo, as vLLM's synchronous rearrangement (main thread) and its asynchronous EPLB
+    worker thread (with vLLM's EPLB group) run them: first only the leader reaches the service, then only
+    the follower."""
     live, dead = f"127.0.0.1:{server.server.port}", f"127.0.0.1:{free_port()}"
     scenarios = {
-        0: [[live, "vllm-group-a"], [dead, "vllm-group-b"]],
-        1: [[dead, "vllm-group-a"], [live, "vllm-group-b"]],
+        0: [[live, f"vllm-{thread}-a"], [dead, f"vllm-{thread}-b"]],
+        1: [[dead, f"vllm-{thread}-a"], [live, f"vllm-{thread}-b"]],
     }
     script = tmp_path / "rank.py"
     script.write_text(RANK)
@@ -205,7 +230,7 @@ def test_ranks_of_one_group_install_the_leaders_map_even_when_only_some_reach_th
     ranks = [
         subprocess.Popen(
             [sys.executable, str(script), str(rank), store, json.dumps(scenarios[rank]), str(tmp_path / "inputs.npz")]
-            + [str(tmp_path / f"rank{rank}"), *map(str, (REPLICAS, GROUPS, NODES, RANKS))],
+            + [str(tmp_path / f"rank{rank}"), *map(str, (REPLICAS, GROUPS, NODES, RANKS)), thread],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -7,14 +7,15 @@ load window sum (`weight` [L, E], CPU) and the map in force ([L, R]), and instal
 accepts only the policy name "default", so `register()` puts `ServiceEplbPolicy` in that slot and keeps
 the policy it replaced as a fallback. The plugin is inert unless REBALANCER_TARGET is set.
 
-Every EP rank must install the same map, or the weight transfers that follow do not match up. In
-vLLM's synchronous rearrangement (the policy runs on the main thread, right after vLLM's own all-reduce
-of the window over the EP group) rank 0 of that group plans (service or fallback), commits, and
-broadcasts the map over the group's CPU (gloo) group: one RPC per rearrangement and exact agreement,
-even when the service answers only some ranks. In asynchronous EPLB the policy runs on a worker thread
-where a collective could interleave with the main thread's, so every rank sends the same request
-instead (window, map in force, topology): plans are a pure function of it (per-layer seeds, no window
-history when loads are given), rank 0 commits and the others ask for a dry run. When the service is
+Every EP rank must install the same map, or the weight transfers that follow do not match up. Rank 0
+of the group plans (service or fallback), commits, and broadcasts the map over a CPU (gloo) group: one
+RPC per rearrangement and exact agreement, even when the service answers only some ranks. The group is
+vLLM's EPLB group, on which vLLM runs its own EPLB collectives from both the synchronous rearrangement
+(main thread) and the asynchronous EPLB worker thread (vLLM 0.33's default); an older vLLM without it
+gets the EP group's CPU group on the main thread. Where no collective is safe (a worker thread without
+the EPLB group), every rank sends the same request (window, map in force, topology): plans are a pure
+function of it (per-layer seeds, no window history when loads are given), rank 0 commits and the others
+ask for a dry run; there, an outage that reaches only some ranks leaves those with a local plan. When the service is
 unreachable, slower than the deadline or answers something unusable, the policy plans locally (the
 library solver when importable, else the replaced vLLM policy, else the map in force), logs once per
 outage, counts it in `ServiceEplbPolicy.stats`, and never raises into vLLM's step.
@@ -155,23 +156,43 @@ def _is_leader(config: ServiceConfig) -> bool:
 
 
 def agreement_group() -> Any:
-    """The process group whose ranks must install the same map, when a collective is safe here: vLLM's
-    EP CPU group (the default group outside vLLM), on the main thread only. None otherwise."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
+    """The process group whose ranks must install the same map, when a collective is safe here, else None.
+
+    vLLM's EPLB group (`get_eplb_group().cpu_group`) first: vLLM runs its own EPLB collectives on it, from
+    the asynchronous EPLB worker thread too (the all-reduce right after the policy call), so a broadcast
+    there is ordered like them on every rank. Without it (an older vLLM, or outside vLLM), the EP CPU
+    group or the default group, on the main thread only.
+    """
     try:
         import torch.distributed as dist
     except ImportError:
         return None
     if not (dist.is_available() and dist.is_initialized()):
         return None
+    group = _eplb_cpu_group()
+    if group is None:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        group = _ep_cpu_group(dist)
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _eplb_cpu_group() -> Any:
+    try:
+        from vllm.distributed.parallel_state import get_eplb_group
+
+        return get_eplb_group().cpu_group
+    except Exception:  # no vLLM, a vLLM without the group, or EPLB off
+        return None
+
+
+def _ep_cpu_group(dist: Any) -> Any:
     try:
         from vllm.distributed.parallel_state import get_ep_group
 
-        group = get_ep_group().cpu_group
+        return get_ep_group().cpu_group
     except Exception:
-        group = dist.group.WORLD
-    return group if dist.get_world_size(group) > 1 else None
+        return dist.group.WORLD
 
 
 class ServiceEplbPolicy:
