@@ -9,6 +9,7 @@ import pytest
 import torch
 from rebalancer.solver import apply_transfers
 from rebalancer_wire.codec import decode
+from rebalancer_wire.topology import Topology
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from service_harness import EXPERTS, GPUS, LAYERS, REPLICAS, TOPOLOGY, ServerThread, maps_of, report, skewed_loads
 
@@ -67,6 +68,7 @@ def test_scaling_out_commits_the_new_layout_for_reports_plans_and_restarts(tmp_p
         restored = current(server, "grow")
         assert restored.version == later.version and restored.topology == new_topology
         assert np.array_equal(maps_of(restored)[0], maps_of(later)[0])
+        assert restored.transfers == later.transfers  # the plan to reach it is kept with the version
         server.stub.StreamLoad(iter([report("grow", skewed_loads(54), topology=new_topology)]))
         again = server.stub.Rebalance(pb.RebalanceRequest(deployment_id="grow")).placement
         assert again.version == later.version + 1 and again.topology == new_topology
@@ -77,6 +79,7 @@ def test_losing_a_gpu_commits_a_plan_on_the_healthy_ones(tmp_path):
         first = registered(server, "degraded")
         request = pb.RebalanceRequest(deployment_id="degraded", unavailable_gpus=[2])
         placement = server.stub.Rebalance(request).placement
+        assert current(server, "degraded").gpu_ids == placement.gpu_ids
         assert placement.version == first.version + 1 and list(placement.gpu_ids) == [0, 1, 3]
         assert placement.topology.num_gpus == 3 and placement.topology.num_replicas == 3 * SLOTS_PER_GPU
         assert not (decode(placement.transfers)[:, 4] == 2).any()  # nothing is read from the failed GPU
@@ -101,3 +104,46 @@ def test_a_plan_for_the_old_layout_cannot_commit_after_a_relayout(tmp_path):
             server.call(registry.commit(deployment, stale, trigger="auto", planned_on=old_layout))
         assert current(server, "raced").version == moved.version
         assert current(server, "raced").topology.num_gpus == 6
+
+
+def test_a_restarted_server_serves_the_transfers_and_gpu_ids_of_the_version_in_force(tmp_path):
+    with ServerThread(str(tmp_path)) as server:
+        registered(server, "kept")
+        request = pb.RebalanceRequest(deployment_id="kept", unavailable_gpus=[1])
+        committed = server.stub.Rebalance(request).placement
+    with ServerThread(str(tmp_path)) as server:
+        restored = current(server, "kept")
+    assert restored.version == committed.version and list(restored.gpu_ids) == [0, 2, 3]
+    assert restored.transfers == committed.transfers and decode(restored.transfers).shape[0] > 0
+
+
+def test_a_database_from_before_the_transfer_columns_is_upgraded_in_place(tmp_path):
+    import sqlite3
+
+    from rebalancer.service.store import Store
+
+    old_schema = """
+    CREATE TABLE deployments (deployment_id TEXT PRIMARY KEY, topology TEXT NOT NULL, created_unix_ms INTEGER NOT NULL);
+    CREATE TABLE placements (deployment_id TEXT NOT NULL, version INTEGER NOT NULL, phy2log BLOB NOT NULL,
+        created_unix_ms INTEGER NOT NULL, trigger TEXT NOT NULL, stats TEXT NOT NULL,
+        PRIMARY KEY (deployment_id, version));
+    """
+    with ServerThread(str(tmp_path / "new")) as server:
+        placement = registered(server, "old")
+    db = sqlite3.connect(tmp_path / "rebalancer.sqlite3")
+    db.executescript(old_schema)
+    topology = Topology.from_proto(placement.topology).to_json()
+    db.execute("INSERT INTO deployments VALUES ('old', ?, 1)", (topology,))
+    phy2log = maps_of(placement)[0].astype("<i8").tobytes()
+    db.execute("INSERT INTO placements VALUES ('old', 1, ?, 1, 'request', '{}')", (phy2log,))
+    db.commit()
+    db.close()
+    store = Store(str(tmp_path))
+    store.open()
+    _, placements = store.load()
+    store.close()
+    assert placements["old"].transfers is None and placements["old"].gpu_ids is None
+    with ServerThread(str(tmp_path)) as server:
+        assert np.array_equal(maps_of(current(server, "old"))[0], maps_of(placement)[0])
+        server.stub.StreamLoad(iter([report("old", skewed_loads(55), topology=TOPOLOGY)]))
+        assert server.stub.Rebalance(pb.RebalanceRequest(deployment_id="old")).placement.version == 2

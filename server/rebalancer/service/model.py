@@ -28,8 +28,8 @@ class PlacementRecord:
     stats: pb.PlacementStats = field(default_factory=pb.PlacementStats)
     trigger: str = "request"
     created_unix_ms: int = 0
-    # How to get here from the previous placement, [T, 5] int32 (not persisted: it is only news once),
-    # and the GPU ids of a changed GPU set.
+    # How to get here from the previous placement, [T, 5] int32, and the GPU ids of a changed GPU set
+    # (both persisted with the version, so a watcher that reconnects after a restart still gets them).
     transfers: np.ndarray | None = None
     gpu_ids: np.ndarray | None = None
 

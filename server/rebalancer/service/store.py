@@ -1,7 +1,9 @@
 """SQLite persistence (WAL) of deployments and their placement versions under --state-dir.
 
 Tables: deployments(deployment_id, topology json, created_unix_ms) and placements(deployment_id, version,
-phy2log blob, created_unix_ms, trigger, stats json). Each commit is one transaction, and only the last
+phy2log blob, created_unix_ms, trigger, stats json, transfers blob, gpu_ids json; the last two NULL
+where there are none, and added to a database written before they existed). Each commit is one
+transaction, and only the last
 `keep_versions` placements per deployment are kept. Every call runs on one dedicated thread (the
 connection never leaves it), so the event loop never waits on the disk.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import sqlite3
@@ -46,9 +49,22 @@ CREATE TABLE IF NOT EXISTS placements (
     created_unix_ms INTEGER NOT NULL,
     trigger TEXT NOT NULL,
     stats TEXT NOT NULL,
+    transfers BLOB,
+    gpu_ids TEXT,
     PRIMARY KEY (deployment_id, version)
 );
 """
+# Columns added since the first schema: (name, type), added to older databases on open.
+ADDED_PLACEMENT_COLUMNS = (("transfers", "BLOB"), ("gpu_ids", "TEXT"))
+
+
+def _transfers_from_blob(blob: bytes | None, deployment_id: str, version: int) -> np.ndarray | None:
+    """A stored transfer plan: int32 [T, 5] rows, or None where the version has none."""
+    if blob is None:
+        return None
+    if not isinstance(blob, bytes) or len(blob) % 20:
+        raise ValueError(f"placement {deployment_id!r} version {version} has no int32 [T, 5] transfer plan")
+    return np.frombuffer(blob, dtype="<i4").reshape(-1, 5).astype(np.int32)
 
 
 class StateError(RuntimeError):
@@ -84,6 +100,10 @@ class Store:
             if check != "ok":
                 raise StateError(f"state database {self.path} is corrupt: {check}")
             db.executescript(SCHEMA)
+            present = {row[1] for row in db.execute("PRAGMA table_info(placements)")}
+            for name, kind in ADDED_PLACEMENT_COLUMNS:
+                if name not in present:
+                    db.execute(f"ALTER TABLE placements ADD COLUMN {name} {kind}")
         except (OSError, sqlite3.Error) as error:
             raise StateError(f"cannot use state database {self.path}: {error}") from error
         self._db = db
@@ -108,13 +128,14 @@ class Store:
             for row in self._db.execute("SELECT deployment_id, topology FROM deployments")
         }
         rows = self._db.execute(
-            "SELECT p.deployment_id, p.version, p.phy2log, p.created_unix_ms, p.trigger, p.stats"
+            "SELECT p.deployment_id, p.version, p.phy2log, p.created_unix_ms, p.trigger, p.stats, p.transfers,"
+            " p.gpu_ids"
             " FROM placements p"
             " JOIN (SELECT deployment_id, MAX(version) AS version FROM placements GROUP BY deployment_id) m"
             " USING (deployment_id, version)"
         )
         placements = {}
-        for deployment_id, version, blob, created, trigger, stats in rows:
+        for deployment_id, version, blob, created, trigger, stats, transfers, gpu_ids in rows:
             topology = topologies[deployment_id]
             shape = (topology.num_layers, topology.num_replicas)
             if not isinstance(blob, bytes) or len(blob) != 8 * shape[0] * shape[1]:
@@ -132,6 +153,8 @@ class Store:
                 stats=json_format.Parse(stats, pb.PlacementStats()),
                 trigger=trigger,
                 created_unix_ms=created,
+                transfers=_transfers_from_blob(transfers, deployment_id, version),
+                gpu_ids=None if gpu_ids is None else np.asarray(json.loads(gpu_ids), dtype=np.int64),
             )
         return topologies, placements
 
@@ -172,8 +195,8 @@ class Store:
                     (relayout.to_json(), record.deployment_id),
                 )
             self._db.execute(
-                "INSERT INTO placements (deployment_id, version, phy2log, created_unix_ms, trigger, stats)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO placements (deployment_id, version, phy2log, created_unix_ms, trigger, stats,"
+                " transfers, gpu_ids) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.deployment_id,
                     record.version,
@@ -181,6 +204,8 @@ class Store:
                     record.created_unix_ms,
                     record.trigger,
                     json_format.MessageToJson(record.stats, indent=None),
+                    None if record.transfers is None else np.ascontiguousarray(record.transfers, dtype="<i4").tobytes(),
+                    None if record.gpu_ids is None else json.dumps([int(g) for g in record.gpu_ids]),
                 ),
             )
             self._db.execute(
