@@ -249,3 +249,24 @@ def test_ranks_of_one_group_install_the_leaders_map_even_when_only_some_reach_th
         assert reports[1][scenario] == {"service": 0, "fallbacks": 0, "agreed": 1, "version": 0}  # never asked
     assert reports[0][0] == {"service": 1, "fallbacks": 0, "agreed": 1, "version": 1}
     assert reports[0][1]["service"] == 0 and reports[0][1]["fallbacks"] == 1  # the leader's local plan, for both
+
+
+def test_an_ep_size_change_moves_the_deployment_to_the_new_layout_without_falling_back(vllm, server):
+    """vLLM's elastic EP keeps the slots per rank and changes the rank count: the registered topology then
+    no longer matches, and the plugin re-plans elastically (committed) instead of falling back."""
+    configure(f"127.0.0.1:{server.server.port}", "vllm-elastic")
+    first = ServiceEplbPolicy.rebalance_experts(window(7), REPLICAS, GROUPS, NODES, RANKS, published_start(vllm))
+    assert_vllm_accepts(vllm, first)
+    per_rank, ranks = REPLICAS // RANKS, RANKS + RANKS // NODES  # one more node
+    padded = torch.cat([first, torch.full((LAYERS, per_rank * (ranks - RANKS)), -1, dtype=torch.int64)], 1)
+    grown = ServiceEplbPolicy.rebalance_experts(window(8), per_rank * ranks, GROUPS, NODES + 1, ranks, padded)
+    stats = ServiceEplbPolicy.stats
+    assert (stats.service_plans, stats.fallbacks, stats.committed_version) == (2, 0, 2)
+    assert grown.shape == (LAYERS, per_rank * ranks)
+    assert all(set(row) == set(range(EXPERTS)) for row in grown.tolist())
+    info = {d.deployment_id: d for d in server.stub.ListDeployments(pb.ListDeploymentsRequest()).deployments}
+    assert info["vllm-elastic"].topology.num_gpus == ranks
+    again = ServiceEplbPolicy.rebalance_experts(window(9), per_rank * ranks, GROUPS, NODES + 1, ranks, grown)
+    assert ServiceEplbPolicy.stats.committed_version == 3 and again.shape == grown.shape
+    placement = server.stub.GetPlacement(pb.GetPlacementRequest(deployment_id="vllm-elastic")).placement
+    assert not placement.gpu_ids  # a plain re-plan on the new layout, not another elastic one

@@ -18,7 +18,9 @@ function of it (per-layer seeds, no window history when loads are given), rank 0
 ask for a dry run; there, an outage that reaches only some ranks leaves those with a local plan. When the service is
 unreachable, slower than the deadline or answers something unusable, the policy plans locally (the
 library solver when importable, else the replaced vLLM policy, else the map in force), logs once per
-outage, counts it in `ServiceEplbPolicy.stats`, and never raises into vLLM's step.
+outage, counts it in `ServiceEplbPolicy.stats`, and never raises into vLLM's step. When vLLM's elastic
+EP changes the rank count, the deployment refuses the old topology and the policy re-plans elastically
+(`new_num_gpus`) from the committed placement: the service moves the deployment to the new layout.
 
 Environment (read when the plugin loads): REBALANCER_TARGET (host:port; turns the plugin on),
 REBALANCER_DEPLOYMENT (commit versions to this deployment; without it plans are inline and uncommitted),
@@ -43,7 +45,7 @@ import numpy as np
 from rebalancer_wire.codec import decode, encode_ids
 
 from ..client import RebalancerClient
-from ..messages import rebalance_request
+from ..messages import field_violations, rebalance_request
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +131,23 @@ class PlanCall:
         return np.tile(np.arange(self.num_replicas, dtype=np.int64) % num_experts, (num_layers, 1))
 
 
+def _rescaled(error: grpc.RpcError, request: Any, call: PlanCall) -> Any:
+    """The request again as an elastic re-plan, when the deployment refused the topology because vLLM
+    changed its EP size (elastic EP: same slots per rank, `num_ranks` ranks now): from the committed
+    placement, for `num_ranks` GPUs, committed like the first (the service moves the deployment to the
+    new layout). None for any other refusal."""
+    if not request.deployment_id or error.code() != grpc.StatusCode.INVALID_ARGUMENT:
+        return None
+    if "topology" not in (field for field, _ in field_violations(error)):
+        return None
+    rescaled = type(request)()
+    rescaled.CopyFrom(request)
+    rescaled.ClearField("topology")
+    rescaled.ClearField("prev_phy2log")  # the engine's map is of the old size: the committed one serves
+    rescaled.options.new_num_gpus = call.num_ranks
+    return rescaled
+
+
 def _narrow(loads: np.ndarray) -> np.ndarray:
     """Integer load sums as int32 when they fit (exact, and half the bytes on the wire: the service reads
     any integer type); anything else as it is."""
@@ -203,6 +222,9 @@ class ServiceEplbPolicy:
     stats: ClassVar[PolicyStats] = PolicyStats()
     _client: ClassVar[RebalancerClient | None] = None
     _lock: ClassVar[threading.Lock] = threading.Lock()
+    # The deployment's topology as the service last answered (after an EP size change it is the layout the
+    # service moved the deployment to, whose groups and nodes vLLM's arguments do not restate).
+    _layout: ClassVar[Any] = None
 
     @classmethod
     def configure(cls, config: ServiceConfig, fallback_policy: Any = None) -> None:
@@ -211,6 +233,7 @@ class ServiceEplbPolicy:
             if cls._client is not None:
                 cls._client.close()
             cls._client = None
+            cls._layout = None
             cls.config = config
             cls.fallback_policy = fallback_policy
             cls.stats = PolicyStats()
@@ -304,10 +327,21 @@ class ServiceEplbPolicy:
         )
         if call.old is not None:  # expert ids: int16 on the wire, a quarter of the int64 bytes
             request.prev_phy2log.CopyFrom(encode_ids(call.old))
+        layout = cls._layout
+        if layout is not None and (layout.num_replicas, layout.num_gpus) == (call.num_replicas, call.num_ranks):
+            request.topology.CopyFrom(layout)  # the deployment's, as an elastic re-plan left it
         started = time.perf_counter()
-        response = cls.client().rebalance_response(request, timeout=config.deadline_s)
+        try:
+            response = cls.client().rebalance_response(request, timeout=config.deadline_s)
+        except grpc.RpcError as error:
+            rescaled = _rescaled(error, request, call)
+            if rescaled is None:
+                raise
+            response = cls.client().rebalance_response(rescaled, timeout=config.deadline_s)
         cls.stats.last_round_trip_s = time.perf_counter() - started
         placement = response.placement
+        if config.deployment_id:
+            cls._layout = placement.topology
         cls.stats.last_solve_s = placement.stats.solve_seconds
         phy2log = np.array(decode(placement.phy2log), dtype=np.int64)
         if not call.valid(phy2log):
