@@ -247,12 +247,12 @@ def _checked_request(
     num_nodes: int,
     num_gpus: int,
     *,
-    device: str | torch.device | None,
-    layer_seeds: torch.Tensor | None,
-    prev_phy2log: torch.Tensor | None,
-    history: torch.Tensor | None,
-    unavailable_gpus: Sequence[int] | None,
-    cost_model: CostModel | None,
+    device: str | torch.device | None = None,
+    layer_seeds: torch.Tensor | None = None,
+    prev_phy2log: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
+    unavailable_gpus: Sequence[int] | None = None,
+    cost_model: CostModel | None = None,
     **option_values: object,
 ) -> _Request:
     """Every argument of `solve` checked (ArgumentError names the first bad one) -> a `_Request`."""
@@ -459,26 +459,8 @@ def rebalance_experts(
     """
     if any(name not in FRESH_PLAN_OPTIONS and value is not None for name, value in options.items()):
         return solve(weight, num_replicas, num_groups, num_nodes, num_gpus, **options).triple()
-    options = {name: value for name, value in options.items() if name in FRESH_PLAN_OPTIONS}
-    device, layer_seeds, history = (
-        options.pop("device", None),
-        options.pop("layer_seeds", None),
-        options.pop("history", None),
-    )
-    request = _checked_request(
-        weight,
-        num_replicas,
-        num_groups,
-        num_nodes,
-        num_gpus,
-        device=device,
-        layer_seeds=layer_seeds,
-        prev_phy2log=None,
-        history=history,
-        unavailable_gpus=None,
-        cost_model=None,
-        **options,
-    )
+    fresh = {name: value for name, value in options.items() if name in FRESH_PLAN_OPTIONS}
+    request = _checked_request(weight, num_replicas, num_groups, num_nodes, num_gpus, **fresh)
     with cpu_threads(request.device):
         phy2log, _, stats = _plan(request)
         logcnt = maps.logcnt_from_phy2log(phy2log, request.loads.shape[1])
