@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .cost import CostModel
@@ -83,10 +83,6 @@ class Topology:
         if self != registered:
             return True
         return self.cost_model is not None and self.cost_model != registered.transfer_cost
-
-    def layout(self) -> Topology:
-        """The same layout without a cost model (for plans that do not move copies)."""
-        return replace(self, cost_model=None)
 
     @classmethod
     def from_proto(cls, message: Any) -> Topology:
