@@ -1,12 +1,9 @@
 """The engines' released EPLB planners, imported from their wheels, for side-by-side benchmarks.
 
-The project is measured against what vLLM and SGLang actually ship, not a transcription: the wheels are
-fetched with `pip download --no-deps` into a cache (REBALANCER_ENGINE_WHEELS, default
-~/.cache/moe-rebalancer/engine-wheels) and only their EPLB modules are imported, straight from the wheel
-(zipimport). The parent packages are bare namespace stubs whose `__path__` points into the archive, so
-neither engine's `__init__` (CUDA, configs, the model zoo) runs; nothing of theirs is copied here.
-Each planner is `(weight [L, E], num_replicas, num_groups, num_nodes, num_gpus) -> phy2log [L, R] int64`,
-hierarchical where groups divide over nodes, as each engine's own dispatcher decides.
+The wheels are fetched with `pip download --no-deps` into a cache (REBALANCER_ENGINE_WHEELS, default
+~/.cache/moe-rebalancer/engine-wheels) and only their EPLB modules are imported from the archive, under
+namespace stubs, so neither engine's `__init__` runs and nothing of theirs is copied here. Each planner is
+`(weight [L, E], num_replicas, num_groups, num_nodes, num_gpus) -> phy2log [L, R] int64`.
 """
 
 from __future__ import annotations
@@ -39,11 +36,8 @@ def fetch_wheel(name: str, version: str) -> Path:
 
 
 def import_from_wheel(wheel: Path, module: str) -> types.ModuleType:
-    """Import `module` (a dotted name) from `wheel` under a private top-level name, its parents stubbed.
-
-    The top package is registered as e.g. `_released_vllm_0_33_0`, so an installed engine, or another
-    loader of the same wheel, is never shadowed; the modules import their siblings relatively.
-    """
+    """Import `module` (a dotted name) from `wheel` under a private top package (e.g. `_released_vllm_0_33_0`,
+    so an installed engine is never shadowed), its parents stubbed; the modules import siblings relatively."""
     top, *rest = module.split(".")
     alias = f"_released_{wheel.name.split('-')[0]}_{wheel.name.split('-')[1].replace('.', '_')}"
     for depth in range(len(rest)):

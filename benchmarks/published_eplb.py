@@ -1,12 +1,9 @@
 """DeepSeek's published EPLB algorithm (deepseek-ai/EPLB `eplb.py`) with its Python loops, as a baseline.
 
-The solver's `deepseek` policy is the same algorithm bit for bit, vectorised across layers; benchmarks time
-the published loops, since that is what engines copy. SGLang 0.5.23 ships `eplb.py` as
-`sglang/srt/eplb/eplb_algorithms/deepseek.py` with one change: its packing loop sums Python floats where the
-published one adds float32 0-d tensors, which breaks near-ties differently (86 of 200 near-tie layers) and
-costs far less. So the released module runs as shipped, from its wheel (`peers.py`), and only its packing
-step is swapped for the published loop below: `python_floats=False` indexes 0-d tensors as published (~95 %
-of its time goes there), `python_floats=True` reads Python floats (SGLang's sums, the published writes).
+SGLang 0.5.23 ships `eplb.py` as `eplb_algorithms/deepseek.py`, except that its packing loop sums Python
+floats where the published one adds float32 0-d tensors (slower, and breaking near-ties differently). So
+the released module runs from its wheel (`peers.py`) with only its packing step swapped for the published
+loop below: `python_floats=False` as published, `True` with SGLang's sums.
 """
 
 from __future__ import annotations
@@ -21,8 +18,7 @@ import torch
 
 
 def balanced_packing(weight: torch.Tensor, num_packs: int, python_floats: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The published packing: n items into m packs of n/m, heaviest first to the lightest open pack, one
-    layer and one item at a time. weight [X, n] -> (pack_index [X, n], rank_in_pack [X, n])."""
+    """The published packing, heaviest first to the lightest open pack: weight [X, n] -> (pack [X, n], rank [X, n])."""
     num_layers, num_items = weight.shape
     assert num_items % num_packs == 0
     per_pack = num_items // num_packs
@@ -58,10 +54,7 @@ def _released(python_floats: bool) -> types.ModuleType:
 def rebalance_experts(
     weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, python_floats: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The published entry point: hierarchical when groups divide over nodes, else global.
-
-    weight [L, E] -> (phy2log [L, R], log2phy [L, E, X] padded with -1, logcnt [L, E]).
-    """
+    """Hierarchical when groups divide over nodes: weight [L, E] -> (phy2log [L, R], log2phy [L, E, X], logcnt)."""
     hierarchical = num_groups % num_nodes == 0
     return _released(python_floats).rebalance_experts(
         weight, num_replicas, num_groups, num_nodes, num_gpus, hierarchical

@@ -1,9 +1,7 @@
 """Runs every benchmark and writes benchmarks/RESULTS.md (`make bench`; `make bench-quick` for a smoke run).
 
-Each benchmark module offers the same two plain functions, `run(quick: bool) -> dict` and
-`markdown(result) -> str`; this file lists them explicitly. Every benchmark runs in its own spawned
-process under a time limit, so one that fails, hangs or leaks cannot take the others down: its section
-then says what happened and the rest of the report stands.
+Each benchmark offers `run(quick: bool) -> dict` and `markdown(result) -> str`, listed in BENCHES; each runs
+in its own spawned process under a time limit, so one that fails or hangs costs only its own section.
 """
 
 from __future__ import annotations
@@ -14,14 +12,16 @@ import datetime as dt
 import multiprocessing
 import os
 import platform
-import queue
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import gpu_bench
 import load
@@ -51,24 +51,22 @@ def fuzz_markdown(result: dict) -> str:
 
 @dataclass(frozen=True)
 class Bench:
-    """One section of the report: the benchmark's two functions, its time limit, whether it needs CUDA."""
+    """One section of the report: the benchmark (a module with `run` and `markdown`), its time limit, CUDA or not."""
 
     title: str
-    run: Callable[[bool], dict]
-    markdown: Callable[[dict], str]
+    module: Any
     timeout_s: float
     needs_cuda: bool = False
 
 
-SOLVER, MIGRATION = (solver_bench.run, solver_bench.markdown), (migration_bench.run, migration_bench.markdown)
 BENCHES: tuple[Bench, ...] = (
-    Bench("Solver: speed and quality vs the published algorithm and the engines", *SOLVER, 2400),
-    Bench("Migration: moved copies and next-window balance on a drifting series", *MIGRATION, 900),
-    Bench("Optimality (MILP gap on small hard instances)", optimality_bench.run, optimality_bench.markdown, 900),
-    Bench("Service (gRPC round trip, batching, telemetry ingest)", service_bench.run, service_bench.markdown, 600),
-    Bench("Load (sustained traffic)", load.run, load.markdown, 300),
-    Bench("GPU solve", gpu_bench.run, gpu_bench.markdown, 600, needs_cuda=True),
-    Bench("Fuzzing (malformed requests and reports)", fuzz_run, fuzz_markdown, 700),
+    Bench("Solver: speed and quality vs the published algorithm and the engines", solver_bench, 2400),
+    Bench("Migration: moved copies and next-window balance on a drifting series", migration_bench, 900),
+    Bench("Optimality (MILP gap on small hard instances)", optimality_bench, 900),
+    Bench("Service (gRPC round trip, batching, telemetry ingest)", service_bench, 600),
+    Bench("Load (sustained traffic)", load, 300),
+    Bench("GPU solve", gpu_bench, 600, needs_cuda=True),
+    Bench("Fuzzing (malformed requests and reports)", SimpleNamespace(run=fuzz_run, markdown=fuzz_markdown), 700),
 )
 
 
@@ -89,68 +87,61 @@ def machine() -> dict:
     }
 
 
-def _child(bench: Bench, quick: bool, results: multiprocessing.Queue) -> None:
-    """Runs in a spawned process: run and format one benchmark, send back (status, text, result)."""
+def _child(index: int, quick: bool, sender: Connection) -> None:
+    """Runs in a spawned process: run and format BENCHES[index], send back (status, text, result)."""
     try:
-        result = bench.run(quick)
-        results.put(("ok", bench.markdown(result), result))
+        result = BENCHES[index].module.run(quick)
+        sender.send(("ok", BENCHES[index].module.markdown(result), result))
     except Exception:
-        results.put(("failed", traceback.format_exc(limit=8), None))
+        sender.send(("failed", traceback.format_exc(limit=8), None))
 
 
 def run_bench(bench: Bench, quick: bool) -> dict:
     """One benchmark in a child process with its time limit; never raises."""
     if bench.needs_cuda and not torch.cuda.is_available():
         return {"status": "skipped", "text": "no CUDA device on this machine", "seconds": 0.0}
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    process = context.Process(target=_child, args=(bench, quick, results))
-    started = time.perf_counter()
+    context, started, outcome = multiprocessing.get_context("spawn"), time.perf_counter(), None
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(BENCHES.index(bench), quick, sender))
     process.start()
-    outcome = None
-    while outcome is None:  # poll, so a child that dies without a word is noticed at once
-        with contextlib.suppress(queue.Empty):
-            outcome = results.get(timeout=1.0)
-        if outcome is None and not process.is_alive():
-            outcome = ("failed", f"child exited with code {process.exitcode}", None)
-        elif outcome is None and time.perf_counter() - started > bench.timeout_s:
-            process.terminate()
-            outcome = ("timeout", f"no result within {bench.timeout_s:.0f} s", None)
+    sender.close()  # only the child holds it now: a child that dies without a word leaves the pipe at EOF
+    if not receiver.poll(bench.timeout_s):
+        process.terminate()
+        outcome = ("timeout", f"no result within {bench.timeout_s:.0f} s", None)
+    with contextlib.suppress(EOFError):
+        outcome = outcome or receiver.recv()
     process.join(30)
+    outcome = outcome or ("failed", f"child exited with code {process.exitcode}", None)
     return dict(zip(("status", "text", "result"), outcome, strict=True)) | {"seconds": time.perf_counter() - started}
 
 
-def solver_headline(solver: dict) -> list[str]:
-    speed, summary, cases = solver["speed"], solver["summary"], solver["cases"]
-    auto, deepseek = summary["auto"], summary["deepseek"]
-    lines = [
-        f"- Speed, {speed['shape']} zipf, default `auto` on CPU: {speed['ratio_vs_deepseek_median']:.2f}x the"
-        f" `deepseek` policy, {speed['ratio_vs_published_lists_median']:.2f}x the published loops over Python"
-        f" floats, {speed['ratio_vs_published_median']:.2f}x the published code verbatim."
-    ]
-    for vllm in solver["peer_labels"][:1]:
-        ratios = {
-            s: solver_bench.geomean_ratio([c for c in cases if c["shape"] == s], "auto", vllm) for s in solver["shapes"]
-        }
-        worst = max(ratios, key=ratios.__getitem__)
-        lines.append(
-            f"- `auto` / {vllm} time per shape, same run (geomean over kinds): {min(ratios.values()):.2f}x to"
-            f" {ratios[worst]:.2f}x ({worst}); mean balancedness {auto['mean_balancedness']:.4f} vs"
-            f" {summary[vllm]['mean_balancedness']:.4f}."
-        )
-    lines.append(
-        f"- Quality over {len(cases)} shape x kind cases: mean balancedness `auto` {auto['mean_balancedness']:.4f}"
-        f" vs `deepseek` {deepseek['mean_balancedness']:.4f}; mean max/LB `auto` {auto['mean_max_over_lb']:.4f} vs"
-        f" `deepseek` {deepseek['mean_max_over_lb']:.4f}; worst `auto` minus best reference"
-        f" {summary['auto_worst_minus_best_reference']:+.5f} ({summary['auto_worst_case']})."
-    )
-    return lines
-
-
 def headline(sections: dict) -> list[str]:
-    """The few figures a reader wants first, from the solver, optimality and migration results."""
+    """The few figures a reader wants first, from the solver, migration and optimality results."""
     solver, migration, optimality = (sections[bench.title].get("result") for bench in BENCHES[:3])
-    lines = solver_headline(solver) if solver else []
+    lines = []
+    if solver:
+        speed, summary, cases, ratios = solver["speed"], solver["summary"], solver["cases"], {}
+        auto, deepseek = summary["auto"], summary["deepseek"]
+        lines.append(
+            f"- Speed, {speed['shape']} zipf, default `auto` on CPU: {speed['ratio_vs_deepseek_median']:.2f}x the"
+            f" `deepseek` policy, {speed['ratio_vs_published_lists_median']:.2f}x the published loops over Python"
+            f" floats, {speed['ratio_vs_published_median']:.2f}x the published code verbatim."
+        )
+        for vllm in solver["peer_labels"][:1]:
+            for shape in solver["shapes"]:
+                ratios[shape] = solver_bench.geomean_ratio([c for c in cases if c["shape"] == shape], "auto", vllm)
+            worst = max(ratios, key=ratios.__getitem__)
+            lines.append(
+                f"- `auto` / {vllm} time per shape, same run (geomean over kinds): {min(ratios.values()):.2f}x to"
+                f" {ratios[worst]:.2f}x ({worst}); mean balancedness {auto['mean_balancedness']:.4f} vs"
+                f" {summary[vllm]['mean_balancedness']:.4f}."
+            )
+        lines.append(
+            f"- Quality over {len(cases)} shape x kind cases: mean balancedness `auto` {auto['mean_balancedness']:.4f}"
+            f" vs `deepseek` {deepseek['mean_balancedness']:.4f}; mean max/LB `auto` {auto['mean_max_over_lb']:.4f}"
+            f" vs `deepseek` {deepseek['mean_max_over_lb']:.4f}; worst `auto` minus best reference"
+            f" {summary['auto_worst_minus_best_reference']:+.5f} ({summary['auto_worst_case']})."
+        )
     if optimality and optimality["summary"]["auto_proven"]["count"]:
         d = optimality["summary"]["auto_proven"]
         lines.append(
@@ -168,18 +159,10 @@ def headline(sections: dict) -> list[str]:
 
 def section(title: str, result: dict) -> list[str]:
     """One benchmark's section: its markdown, or what kept it from running."""
-    if result["status"] == "ok":
-        body = [result["text"]]
-    elif result["status"] == "failed":
-        body = [
-            "**Failed** (traceback below); the other sections are unaffected.",
-            "",
-            "```",
-            result["text"].rstrip(),
-            "```",
-        ]
-    else:
-        body = [f"Not run ({result['status']}): {result['text']}."]
+    body = [result["text"]] if result["status"] == "ok" else [f"Not run ({result['status']}): {result['text']}."]
+    if result["status"] == "failed":
+        body = ["**Failed** (traceback below); the other sections are unaffected.", "", "```", result["text"].rstrip()]
+        body.append("```")
     return [f"## {title}", "", *body, "", f"_{result['seconds']:.0f} s_", ""]
 
 
@@ -217,19 +200,16 @@ def render(sections: dict, info: dict, quick: bool, load_after: Sequence[float],
     return "\n".join(out).rstrip() + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes, kinds and repeats (smoke run)")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="markdown file to write")
-    args = parser.parse_args(argv)
+    args = parser.parse_args()
     info, started, sections = machine(), time.perf_counter(), {}
     for bench in BENCHES:
-        sections[bench.title] = run_bench(bench, args.quick)
-        print(
-            f"{bench.title}: {sections[bench.title]['status']} in {sections[bench.title]['seconds']:.0f} s", flush=True
-        )
+        sections[bench.title] = result = run_bench(bench, args.quick)
+        print(f"{bench.title}: {result['status']} in {result['seconds']:.0f} s", flush=True)
     args.out.write_text(render(sections, info, args.quick, os.getloadavg(), time.perf_counter() - started))
-    return args.out
 
 
 if __name__ == "__main__":

@@ -1,16 +1,13 @@
-"""Service figures on a real `rebalancer-server` subprocess over loopback.
+"""Service figures on a real `rebalancer-server` subprocess over loopback, policy auto beside deepseek.
 
-* Rebalance round trip of the 58 x 256 -> 288 slot, 8-group, 4-node, 32-GPU problem vs the solve time the
-  server reports in its stats (bar: round trip <= solve + 5 ms).
-* 16 concurrent same-shape requests vs one (bar: < 3x, thanks to batching).
-* Telemetry ingest of full 58 x 256 float32 reports (bar: >= 200 reports/s) and the server's RSS before
-  and after (flat memory).
-
-Each solve figure is also measured with policy=deepseek in the same run and printed as a ratio.
+The 58 x 256 -> 288 slot, 32-GPU Rebalance round trip vs the solve time the server reports (bar: round trip
+<= solve + 5 ms); 16 concurrent same-shape requests vs one (bar: < 3x, thanks to batching); telemetry
+ingest of full 58 x 256 float32 reports (bar: >= 200 reports/s) with the server's RSS before and after.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import tempfile
@@ -24,7 +21,6 @@ from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from serving import Server, memory_mib, topology
 
 SHAPE = workloads.SHAPES["dsv3_prefill"]
-TOPOLOGY = topology(SHAPE)
 POLICIES = {"auto": pb.POLICY_AUTO, "deepseek": pb.POLICY_DEEPSEEK}
 ROWS = {  # result key -> row label
     "round_trip_ms": "Rebalance round trip (ms)",
@@ -43,57 +39,50 @@ def loads(seed: int) -> pb.Tensor:
 
 def request(seed: int, policy: str) -> pb.RebalanceRequest:
     options = pb.SolveOptions(policy=POLICIES[policy], seed=seed)
-    return pb.RebalanceRequest(loads=loads(seed), topology=TOPOLOGY, options=options)
+    return pb.RebalanceRequest(loads=loads(seed), topology=topology(SHAPE), options=options)
 
 
-def round_trip(stub, policy: str, repeats: int) -> dict:
-    """Median round trip, median reported solve time and the median of their per-call difference."""
-    stub.Rebalance(request(0, policy))  # first call of a policy pays its lazy start-up
-    trips, solves = [], []
-    for seed in range(repeats):
-        message, started = request(seed, policy), time.perf_counter()
-        solves.append(stub.Rebalance(message, timeout=120).placement.stats.solve_seconds)
-        trips.append(time.perf_counter() - started)
-    return {
-        "round_trip_ms": 1e3 * statistics.median(trips),
-        "solve_ms": 1e3 * statistics.median(solves),
-        "overhead_ms": 1e3 * statistics.median(t - s for t, s in zip(trips, solves, strict=True)),
-    }
+def timed(call, *args) -> tuple[object, float]:
+    started = time.perf_counter()
+    return call(*args), time.perf_counter() - started
 
 
-def concurrent(stub, policy: str, clients: int, repeats: int) -> dict:
-    """Wall time of `clients` simultaneous requests vs one request alone (medians over repeats)."""
-    requests = [request(seed, policy) for seed in range(clients)]
-    singles, bursts, batch_sizes = [], [], []
+def solves(stub, policy: str, repeats: int, concurrent_repeats: int, clients: int = 16) -> dict:
+    """Medians of the round trip, the reported solve and their per-call difference; then the wall time of
+    `clients` simultaneous requests vs one alone."""
+    rebalance = functools.partial(stub.Rebalance, timeout=120)
+    rebalance(request(0, policy))  # first call of a policy pays its lazy start-up
+    calls = [timed(rebalance, request(seed, policy)) for seed in range(repeats)]
+    trips, reported = [seconds for _, seconds in calls], [r.placement.stats.solve_seconds for r, _ in calls]
+    requests, singles, bursts, batches = [request(seed, policy) for seed in range(clients)], [], [], []
     with ThreadPoolExecutor(clients) as pool:
-        for _ in range(repeats):
-            started = time.perf_counter()
-            stub.Rebalance(requests[0], timeout=120)
-            singles.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            responses = list(pool.map(lambda r: stub.Rebalance(r, timeout=120), requests))
-            bursts.append(time.perf_counter() - started)
-            batch_sizes.append(max(r.placement.stats.batch_requests for r in responses))
+        for _ in range(concurrent_repeats):
+            singles.append(timed(rebalance, requests[0])[1])
+            responses, seconds = timed(lambda: list(pool.map(rebalance, requests)))
+            bursts.append(seconds)
+            batches.append(max(r.placement.stats.batch_requests for r in responses))
     single, burst = statistics.median(singles), statistics.median(bursts)
     return {
+        "round_trip_ms": 1e3 * statistics.median(trips),
+        "solve_ms": 1e3 * statistics.median(reported),
+        "overhead_ms": 1e3 * statistics.median(t - s for t, s in zip(trips, reported, strict=True)),
         "single_ms": 1e3 * single,
         "concurrent_ms": 1e3 * burst,
         "concurrent_ratio": burst / single,
-        "max_batch_requests": max(batch_sizes),
+        "max_batch_requests": max(batches),
     }
 
 
 def ingest(stub, pid: int, reports: int) -> dict:
     """Stream `reports` full [58, 256] float32 reports on one stream; rate and server RSS before/after."""
     messages = [pb.StreamLoadRequest(deployment_id="bench-ingest", loads=loads(100 + i)) for i in range(64)]
-    messages[0].topology.CopyFrom(TOPOLOGY)
+    messages[0].topology.CopyFrom(topology(SHAPE))
     stub.StreamLoad(iter(messages[:1] + messages[1:] * 2))  # window full: steady state from here on
-    rss_before, started = memory_mib(pid), time.perf_counter()
-    summary = stub.StreamLoad(messages[1 + i % 63] for i in range(reports))
-    elapsed = time.perf_counter() - started
+    rss_before = memory_mib(pid)
+    summary, seconds = timed(stub.StreamLoad, (messages[1 + i % 63] for i in range(reports)))
     if summary.accepted != reports:
         raise RuntimeError(f"ingest accepted {summary.accepted} of {reports}")
-    return {"ingest_reports_per_s": reports / elapsed, "rss_before_mib": rss_before, "rss_after_mib": memory_mib(pid)}
+    return {"ingest_reports_per_s": reports / seconds, "rss_before_mib": rss_before, "rss_after_mib": memory_mib(pid)}
 
 
 def run(quick: bool = False) -> dict:
@@ -101,10 +90,7 @@ def run(quick: bool = False) -> dict:
     repeats, concurrent_repeats, reports = (2, 1, 100) if quick else (5, 2, 500)
     figures: dict = {"shape": SHAPE.describe(), "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="service-bench-") as state_dir, Server(state_dir) as server:
-        for policy in POLICIES:
-            figures[policy] = round_trip(server.stub, policy, repeats) | concurrent(
-                server.stub, policy, 16, concurrent_repeats
-            )
+        figures |= {policy: solves(server.stub, policy, repeats, concurrent_repeats) for policy in POLICIES}
         figures["ingest"] = ingest(server.stub, server.process.pid, reports)
     figures["bars"] = {
         "round_trip_within_solve_plus_5ms": figures["auto"]["overhead_ms"] <= 5.0,

@@ -1,11 +1,12 @@
 """A `rebalancer-server` subprocess on loopback for the service benchmarks, and the port helper the tests share.
 
-Benchmarks drive a real server process (what an operator runs), so its RSS and its own CPU use are part
-of the figures; auto-rebalance is off so the benchmark drives every plan.
+A real server process (what an operator runs), so its RSS and CPU use are part of the figures; auto-rebalance
+is off so the benchmark drives every plan. Imports no torch: the client tests take `free_port` from here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import socket
@@ -14,15 +15,11 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from rebalancer_wire.v1 import rebalancer_pb2_grpc
-
-if TYPE_CHECKING:  # workloads imports torch, which the client tests that share `free_port` must not need
-    from workloads import Shape
 
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
@@ -34,16 +31,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def topology(shape: Shape) -> pb.Topology:
-    """The wire topology of a benchmark shape."""
-    return pb.Topology(
-        num_layers=shape.layers,
-        num_experts=shape.experts,
-        num_replicas=shape.replicas,
-        num_groups=shape.groups,
-        num_nodes=shape.nodes,
-        num_gpus=shape.gpus,
-    )
+def topology(shape) -> pb.Topology:
+    """The wire topology of a `workloads.Shape`."""
+    fields = ("layers", "experts", "replicas", "groups", "nodes", "gpus")
+    return pb.Topology(**{f"num_{field}": getattr(shape, field) for field in fields})
 
 
 def memory_mib(pid: int, field: str = "VmRSS") -> float:
@@ -66,27 +57,19 @@ class Server:
         self.target = f"127.0.0.1:{self.port}"
         self.channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self.stub = rebalancer_pb2_grpc.RebalancerServiceStub(self.channel)
-        try:
-            self._wait_serving(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_serving(self, timeout_s: float) -> None:
         health, deadline = health_pb2_grpc.HealthStub(self.channel), time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"rebalancer-server exited with {self.process.returncode}")
-            try:
+        while self.process.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(grpc.RpcError):
                 if (
                     health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
                     == health_pb2.HealthCheckResponse.SERVING
                 ):
                     return
-            except grpc.RpcError:
-                pass
             time.sleep(0.1)
-        raise RuntimeError(f"rebalancer-server not SERVING within {timeout_s:.0f} s")
+        self.stop()
+        raise RuntimeError(
+            f"rebalancer-server not SERVING within {timeout_s:.0f} s (exit code {self.process.returncode})"
+        )
 
     def metric(self, name: str) -> float:
         """The sum over every label set of metric family `name` on /metrics."""

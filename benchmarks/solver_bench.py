@@ -1,10 +1,7 @@
 """Solver speed and quality against the published DeepSeek algorithm and the engines' released planners.
 
-For every shape x load kind it times each planner (min over interleaved rounds) and scores its placement:
-mean balancedness (mean / max GPU load) and mean max GPU load over the lower bound. Planners: the
-project's policies, the published DeepSeek loops (`published_eplb.py`), and, when their wheels can be
-fetched, vLLM's default policy and SGLang's `deepseek` / `deepseek_vec` (`peers.py`). Times are ratios to
-a planner timed in the same run (`harness.interleaved_times`).
+Every shape x load kind: each planner's min time over interleaved rounds (as a ratio to `deepseek`, same
+run) and its placement's mean balancedness and max GPU load over the lower bound.
 """
 
 from __future__ import annotations
@@ -48,9 +45,8 @@ QUICK_SHAPES, QUICK_KINDS = ("tiny", "dsv3_prefill", "dsv3_ep144", "mixtral"), (
 # The cases `../shared/checks/check.py quality` scores, whose mean max/LB the bar (<= 1.005) is about.
 CHECK_SHAPES, CHECK_KINDS = ("dsv3_prefill", "dsv3_ep64", "qwen3_30b", "qwen3_235b"), ("zipf", "lognormal", "hot")
 LOAD_SEED, SPEED_SEED = 1, 5
-# Cheap cases repeat until MIN_CASE_SECONDS have passed (a 1 ms solve timed 3 times is scheduler noise);
-# slow ones stop after MAX_CASE_SECONDS once each planner has run at least once.
-MIN_CASE_SECONDS, MAX_CASE_SECONDS, MAX_ROUNDS = 1.0, 10.0, 30
+# Cheap cases repeat for 1 s (a 1 ms solve timed 3 times is scheduler noise); slow ones stop after 10 s.
+LIMITS = {"min_s": 1.0, "max_s": 10.0, "max_rounds": 30}
 
 
 def planners() -> tuple[dict[str, Planner], list[str], str]:
@@ -67,8 +63,7 @@ def bench_case(shape: workloads.Shape, kind: str, repeats: int, planner_map: dic
     """Time and score every planner on one shape x kind."""
     weight = workloads.shape_loads(shape, kind, LOAD_SEED)
     calls = {label: (lambda plan=plan: plan(weight, shape)) for label, plan in planner_map.items()}
-    limits = {"min_s": MIN_CASE_SECONDS, "max_s": MAX_CASE_SECONDS, "max_rounds": MAX_ROUNDS}
-    times, results = interleaved_times(calls, repeats, **limits)
+    times, results = interleaved_times(calls, repeats, **LIMITS)
     figures = {
         label: {
             "time_min_s": min(times[label]),
@@ -89,8 +84,8 @@ def bench_case(shape: workloads.Shape, kind: str, repeats: int, planner_map: dic
 
 
 def speed_figure(shape_name: str = "dsv3_prefill", kind: str = "zipf", runs: int = 5) -> dict:
-    """Default `auto` CPU solve vs the `deepseek` policy and the published code, verbatim and over floats
-    (the form `../shared/checks/check.py speed` times); ratios are medians of per-run ratios, as there."""
+    """Default `auto` CPU solve vs the `deepseek` policy and the published code, verbatim and over floats;
+    ratios are medians of per-run ratios, as `../shared/checks/check.py speed` takes them."""
     shape = workloads.SHAPES[shape_name]
     weight, args = workloads.shape_loads(shape, kind, SPEED_SEED), shape.args()
     calls = {
@@ -101,17 +96,16 @@ def speed_figure(shape_name: str = "dsv3_prefill", kind: str = "zipf", runs: int
     }
     interleaved_times(calls, 1)  # warm-up: first calls pay allocator and dispatcher set-up
     times, results = interleaved_times(calls, runs)
-    ratios = {
-        f"ratio_vs_{name}_median": statistics.median(a / b for a, b in zip(times["auto"], times[name], strict=True))
-        for name in list(calls)[1:]
-    }
     return {
         "shape": shape.name,
         "kind": kind,
         "runs": runs,
         "median_ms": {name: 1000.0 * statistics.median(samples) for name, samples in times.items()},
         "min_ms": {name: 1000.0 * min(samples) for name, samples in times.items()},
-        **ratios,
+        **{
+            f"ratio_vs_{name}_median": statistics.median(a / b for a, b in zip(times["auto"], times[name], strict=True))
+            for name in list(calls)[1:]
+        },
         "published_equals_deepseek_policy": bool(torch.equal(results["published"], results["deepseek"])),
     }
 
@@ -129,7 +123,8 @@ def mean(cases: Sequence[dict], label: str, key: str) -> float:
 
 def summarise(cases: Sequence[dict]) -> dict:
     """Means over all cases per planner, and the worst case of auto against the better reference policy."""
-    labels = list(cases[0]["policies"])
+    labels, worst = list(cases[0]["policies"]), min(cases, key=lambda c: c["auto_minus_best_reference"])
+    checked = [c for c in cases if c["shape"] in CHECK_SHAPES and c["kind"] in CHECK_KINDS]
     summary: dict = {
         label: {
             "mean_balancedness": mean(cases, label, "balancedness"),
@@ -138,14 +133,12 @@ def summarise(cases: Sequence[dict]) -> dict:
         }
         for label in labels
     }
-    worst = min(cases, key=lambda c: c["auto_minus_best_reference"])
-    summary["auto_worst_minus_best_reference"] = worst["auto_minus_best_reference"]
-    summary["auto_worst_case"] = f"{worst['shape']}/{worst['kind']}"
-    checked = [c for c in cases if c["shape"] in CHECK_SHAPES and c["kind"] in CHECK_KINDS]
-    summary["check_cases"] = len(checked)
-    if checked:
-        summary["check_cases_mean_max_over_lb"] = {label: mean(checked, label, "max_over_lb") for label in labels}
-    return summary
+    return summary | {
+        "auto_worst_minus_best_reference": worst["auto_minus_best_reference"],
+        "auto_worst_case": f"{worst['shape']}/{worst['kind']}",
+        "check_cases": len(checked),
+        "check_cases_mean_max_over_lb": {label: mean(checked, label, "max_over_lb") for label in labels if checked},
+    }
 
 
 def run(quick: bool = False) -> dict:
@@ -185,14 +178,12 @@ def peer_table(result: dict) -> str:
 
 def speed_markdown(speed: dict) -> str:
     ratios = [f"{speed[f'ratio_vs_{name}_median']:.2f}" for name in ("deepseek", "published", "published_lists")]
+    rows = [[name, f"{ms:.1f}", f"{speed['min_ms'][name]:.1f}"] for name, ms in speed["median_ms"].items()]
     return (
         f"**Speed** on {speed['shape']} {speed['kind']}, {speed['runs']} interleaved runs: default `auto` /"
         f" `deepseek` policy = **{ratios[0]}x** (median of per-run ratios); `auto` / published EPLB verbatim ="
         f" **{ratios[1]}x**; `auto` / published loops over Python floats = **{ratios[2]}x** (bar <= 1.0).\n\n"
-        + table(
-            ["solve", "median ms", "min ms"],
-            [[n, f"{v:.1f}", f"{speed['min_ms'][n]:.1f}"] for n, v in speed["median_ms"].items()],
-        )
+        + table(["solve", "median ms", "min ms"], rows)
         + f"\n\nPublished algorithm reproduces the `deepseek` policy: {speed['published_equals_deepseek_policy']}."
         f" Process torch threads: {torch.get_num_threads()} (a CPU solve runs on REBALANCER_CPU_THREADS, default 1)."
     )
@@ -203,11 +194,10 @@ def markdown(result: dict) -> str:
     cases, summary = result["cases"], result["summary"]
     labels = list(cases[0]["policies"])
     quality = [
-        [c["shape"], c["kind"], *(f"{p[label]['balancedness']:.4f}" for label in labels)]
-        + [f"{p[label]['max_over_lb']:.4f}" for label in ("auto", "deepseek")]
+        [c["shape"], c["kind"], *(f"{c['policies'][label]['balancedness']:.4f}" for label in labels)]
+        + [f"{c['policies'][label]['max_over_lb']:.4f}" for label in ("auto", "deepseek")]
         + [f"{c['auto_minus_best_reference']:+.4f}"]
         for c in cases
-        for p in [c["policies"]]
     ]
     times = [
         [c["shape"], c["kind"], c["rounds"], f"{1000 * c['policies']['deepseek']['time_min_s']:.1f}"]
@@ -215,16 +205,16 @@ def markdown(result: dict) -> str:
         for c in cases
     ]
     means = [
-        [label, f"{s['mean_balancedness']:.4f}", f"{s['mean_max_over_lb']:.4f}", f"{s['geomean_time_ratio']:.2f}"]
+        [label, *(f"{summary[label][key]:.4f}" for key in ("mean_balancedness", "mean_max_over_lb"))]
+        + [f"{summary[label]['geomean_time_ratio']:.2f}"]
         for label in labels
-        for s in [summary[label]]
     ]
     out = [
         speed_markdown(result["speed"]),
         "**Quality**: mean balancedness per planner (1.0 is perfect) and max GPU load / lower bound.",
         table(["shape", "kind", *labels, "auto max/LB", "deepseek max/LB", "auto - best ref"], quality),
         f"**Time**: min of at least {result['repeats']} interleaved rounds (cheap cases repeat for"
-        f" {MIN_CASE_SECONDS:.0f} s, slow ones stop after {MAX_CASE_SECONDS:.0f} s); `deepseek` in ms, every other"
+        f" {LIMITS['min_s']:.0f} s, slow ones stop after {LIMITS['max_s']:.0f} s); `deepseek` in ms, every other"
         " planner as a ratio to it.",
         table(["shape", "kind", "rounds", "deepseek ms", *(f"{label} / deepseek" for label in labels[1:])], times),
         f"**Summary over {len(cases)} cases**",

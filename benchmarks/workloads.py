@@ -1,10 +1,8 @@
 """Synthetic expert loads and placement scores, shared by the benchmarks and the tests.
 
 Routing traces are not shipped, so loads come from fixed seeds in the forms routers show: zipf skew with a
-different hot set per layer, log-normal loads, a few very hot experts, mild skew, near-uniform loads, and
-a drifting series of window sums (plan on window i, score on window i + 1). The scores are the solver's
-quality figures: balancedness (mean / max GPU load) and max GPU load over the lower bound
-max(total / G, best achievable max single-copy load).
+different hot set per layer, log-normal, a few very hot experts, mild skew, near-uniform, and a drifting
+series of window sums (plan on window i, score on window i + 1).
 """
 
 from __future__ import annotations
@@ -14,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from rebalancer.solver import maps
+from rebalancer.solver.joint import best_lower_bound
 
 
 @dataclass(frozen=True)
@@ -131,46 +130,28 @@ def drift_series(layers: int, experts: int, windows: int, *, seed: int = 0) -> t
     return torch.from_numpy(out).float()
 
 
-def copy_lower_bound(weight: torch.Tensor, num_replicas: int) -> torch.Tensor:
-    """Smallest achievable max load of a single copy, per layer [L], for weight [L, E].
-
-    Greedy replication (each extra slot to the expert with the most load per copy) is optimal for this
-    quantity and consumes exactly the R - E largest values of {w_e / k : k >= 1}; the max per-copy load
-    left is the next value, so one top-k replaces the sequential loop.
-    """
-    weight = torch.as_tensor(weight, dtype=torch.float64).cpu()
-    extra = num_replicas - weight.shape[1]
-    divisors = torch.arange(1, extra + 2, dtype=torch.float64)
-    return (weight.unsqueeze(-1) / divisors).flatten(1).topk(extra + 1, dim=1).values[:, -1]
-
-
 def lower_bound(weight: torch.Tensor, num_replicas: int, num_gpus: int) -> torch.Tensor:
-    """Lower bound on any placement's max GPU load [L]: max(total / G, best max per-copy load)."""
-    weight = torch.as_tensor(weight, dtype=torch.float64).cpu()
-    return torch.maximum(weight.sum(1) / num_gpus, copy_lower_bound(weight, num_replicas))
+    """The solver's bound on any placement's max GPU load [L]: max(total / G, best max per-copy load)."""
+    return best_lower_bound(torch.as_tensor(weight, dtype=torch.float64).cpu(), num_replicas, num_gpus)
 
 
-def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
-    """GPU loads [L, G] (float64) of placement phy2log [L, R] on loads weight [L, E]."""
-    weight = torch.as_tensor(weight, dtype=torch.float64).cpu()
-    phy2log = torch.as_tensor(phy2log).long().cpu()
-    return maps.gpu_loads(weight, phy2log, maps.logcnt_from_phy2log(phy2log, weight.shape[1]), num_gpus)
+def placed(weight: torch.Tensor, phy2log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight [L, E] float64, phy2log [L, R] int64, logcnt [L, E]) on the CPU, as the solver's `maps` take them."""
+    weight, phy2log = torch.as_tensor(weight, dtype=torch.float64).cpu(), torch.as_tensor(phy2log).long().cpu()
+    return weight, phy2log, maps.logcnt_from_phy2log(phy2log, weight.shape[1])
 
 
 def max_gpu_load(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
-    """Max GPU load per layer [L]."""
-    return gpu_loads(weight, phy2log, num_gpus).max(-1).values
+    """Max GPU load per layer [L] of placement phy2log [L, R] on loads weight [L, E]."""
+    return maps.gpu_loads(*placed(weight, phy2log), num_gpus).max(-1).values
 
 
 def balancedness(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """Mean / max GPU load per layer [L] (1.0 on all-zero layers)."""
-    loads = gpu_loads(weight, phy2log, num_gpus)
-    peak = loads.max(-1).values
-    return torch.where(peak > 0, loads.mean(-1) / peak.clamp_min(1e-300), torch.ones_like(peak))
+    return maps.balancedness(*placed(weight, phy2log), num_gpus)
 
 
 def max_over_lower_bound(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """Max GPU load / lower bound per layer [L] (1.0 = provably optimal; all-zero layers count 1.0)."""
-    peak = max_gpu_load(weight, phy2log, num_gpus)
-    bound = lower_bound(weight, phy2log.shape[1], num_gpus)
+    peak, bound = max_gpu_load(weight, phy2log, num_gpus), lower_bound(weight, phy2log.shape[1], num_gpus)
     return torch.where(bound > 0, peak / bound.clamp_min(1e-300), torch.ones_like(peak))

@@ -36,7 +36,7 @@ def test_published_algorithm_reproduces_readme_example(python_floats: bool) -> N
     assert log2phy.shape[:2] == (2, 12)
 
 
-def test_copy_lower_bound_matches_greedy_replication_loop() -> None:
+def test_lower_bound_matches_greedy_replication_loop() -> None:
     gen = torch.Generator().manual_seed(3)
     weight = torch.rand(6, 10, generator=gen, dtype=torch.float64) * 100
     weight[0] = 0.0
@@ -45,8 +45,8 @@ def test_copy_lower_bound_matches_greedy_replication_loop() -> None:
     rows = torch.arange(weight.shape[0])
     for _ in range(num_replicas - weight.shape[1]):
         counts[rows, (weight / counts).argmax(1)] += 1
-    expected = (weight / counts).max(1).values
-    assert torch.allclose(workloads.copy_lower_bound(weight, num_replicas), expected)
+    expected = torch.maximum((weight / counts).max(1).values, weight.sum(1) / num_replicas)
+    assert torch.allclose(workloads.lower_bound(weight, num_replicas, num_replicas), expected)
 
 
 def test_workloads_shapes_and_kinds() -> None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 
-import milp
 import pytest
 import torch
-from optimality_bench import CACHE, KNOWN, gap_pct, instances, policy_max_load
-from workloads import copy_lower_bound, lower_bound
+from optimality_bench import CACHE, KNOWN, gap_pct, highspy, instances, placement_max_load, policy_max_load, solve_milp
+from workloads import lower_bound
 
-needs_highs = pytest.mark.skipif(not milp.HAVE_HIGHS, reason="highspy not installed (pip install highspy)")
+needs_highs = pytest.mark.skipif(highspy is None, reason="highspy not installed (pip install highspy)")
 # Instances HiGHS proves in well under a second (the published trap and the other README layer take
 # 5-40 s, so their cached optima are checked instead): (name, loads, replicas, GPUs, optimum). Three copies
 # of the heavy expert, one per GPU beside a light one, reach the bound 13 / 3.
@@ -28,20 +27,20 @@ def _cached() -> list[dict]:
 @needs_highs
 @pytest.mark.parametrize(("name", "loads", "replicas", "gpus", "optimum"), FAST_KNOWN, ids=[k[0] for k in FAST_KNOWN])
 def test_milp_reproduces_known_optimum(name: str, loads: list[float], replicas: int, gpus: int, optimum: float) -> None:
-    res = milp.solve_milp(loads, replicas, gpus, time_limit=60)
+    res = solve_milp(loads, replicas, gpus, time_limit=60)
     assert res.status == "optimal", f"{name}: MILP did not prove optimality ({res.status})"
     assert res.optimum == pytest.approx(optimum, rel=1e-9)
     # The returned placement is a real one: R slots, R / G per GPU, every expert present, load = optimum.
     assert sorted(len(g) for g in res.gpu_experts) == [replicas // gpus] * gpus
     assert sum(res.copies) == replicas and min(res.copies) >= 1
-    assert milp.placement_max_load(loads, res.copies, res.gpu_experts) == pytest.approx(optimum, rel=1e-12)
+    assert placement_max_load(loads, res.copies, res.gpu_experts) == pytest.approx(optimum, rel=1e-12)
 
 
 def test_lower_bound_is_tight_on_trivial_cases() -> None:
     # Equal loads, one copy each: the bound total / G is reached exactly.
     assert float(lower_bound(torch.full((1, 8), 5.0), 8, 4)[0]) == 10.0
-    # One expert with all the load: best max per-copy load is w / (R - E + 1).
-    assert float(copy_lower_bound(torch.tensor([[90.0, 0.0, 0.0]]), 5)[0]) == 30.0
+    # One expert with all the load: best max per-copy load w / (R - E + 1) beats total / G.
+    assert float(lower_bound(torch.tensor([[90.0, 0.0, 0.0]]), 5, 5)[0]) == 30.0
 
 
 @pytest.mark.parametrize(("name", "loads", "optimum"), KNOWN, ids=[k[0] for k in KNOWN])
