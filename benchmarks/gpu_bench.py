@@ -1,22 +1,19 @@
-"""GPU figures: the full solve on CUDA, Triton kernels vs the torch path.
+"""GPU figures: the full solve on CUDA, Triton kernels vs the torch path, CPU baselines in the same run.
 
-Times `rebalancer.solver.rebalance_experts` (policy auto) on CUDA with CUDA events (warm-up, median of many
-runs) for
-* 58 x 256 -> 288 slots, 8 groups, 4 nodes, 32 GPUs (bar: < 3 ms at 64 candidates, aim < 1 ms),
-* 94 x 128 -> 160 slots, 1 group, 2 nodes, 16 GPUs (bar: < 3 ms),
-* a batch of 16 requests of the first shape, 928 layers in one call (bar: < 10 ms),
-at 64 and 8 candidates, on both paths (`REBALANCER_SOLVER_PATH=torch|triton`), with the `deepseek` policy
-and the torch path on this machine's CPU as baselines in the same run. Raises without a CUDA device.
+`rebalance_experts` (policy auto) at 64 and 8 candidates on both paths (`REBALANCER_SOLVER_PATH`), median
+CUDA-event ms after a warm-up, on 58 x 256 -> 288 slots / 32 GPUs (bar: < 3 ms at 64 candidates, aim < 1 ms),
+94 x 128 -> 160 / 16 GPUs (bar: < 3 ms) and 16 requests of the first in one call, 928 layers (bar: < 10 ms);
+the `deepseek` policy and the torch path on this machine's CPU beside them. Raises without a CUDA device.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from unittest import mock
 
 import torch
@@ -34,7 +31,7 @@ CASES = (
 CANDIDATES = (64, 8)
 
 
-def cuda_median_ms(call: Callable[[], object], warmup: int, runs: int) -> tuple[float, float]:
+def cuda_median_ms(call, warmup: int, runs: int) -> tuple[float, float]:
     """(median ms between CUDA events around the call, median host wall ms with a final sync)."""
     for _ in range(warmup):
         call()
@@ -52,16 +49,20 @@ def cuda_median_ms(call: Callable[[], object], warmup: int, runs: int) -> tuple[
     return statistics.median(event_ms), statistics.median(wall_ms)
 
 
-def cpu_median_ms(call: Callable[[], object], runs: int) -> float:
-    """Median wall ms of `runs` calls after one warm-up call."""
-    call()
-    return 1e3 * statistics.median(interleaved_times({"call": call}, runs)[0]["call"])
-
-
-def case(loads: torch.Tensor, shape: workloads.Shape, policy: str, candidates: int | None) -> tuple[Callable, str]:
-    """The solve call to time and the mean balancedness of its placement."""
-    quality = float(solve(loads, *shape.args(), policy=policy, num_candidates=candidates).balancedness.mean())
-    return lambda: rebalance_experts(loads, *shape.args(), policy=policy, num_candidates=candidates), f"{quality:.4f}"
+def measure(loads: torch.Tensor, shape, policy: str, candidates: int | None, path: str, runs: int, warmup: int):
+    """(ms, host wall note, mean balancedness) of one solve on the loads' device under solver path `path`."""
+    with mock.patch.dict(os.environ, {solver_kernels.PATH_ENV: path}):  # read at every solve
+        quality = float(solve(loads, *shape.args(), policy=policy, num_candidates=candidates).balancedness.mean())
+        call = functools.partial(rebalance_experts, loads, *shape.args(), policy=policy, num_candidates=candidates)
+        if loads.is_cuda:
+            event_ms, wall_ms = cuda_median_ms(call, warmup, runs)
+            return f"{event_ms:.3f}", f" (host wall {wall_ms:.2f} ms)", f"{quality:.4f}"
+        call()  # warm-up
+        return (
+            f"{1e3 * statistics.median(interleaved_times({'call': call}, runs)[0]['call']):.2f}",
+            "",
+            f"{quality:.4f}",
+        )
 
 
 def solver_rows(runs: int, warmup: int) -> list[tuple[str, ...]]:
@@ -69,21 +70,14 @@ def solver_rows(runs: int, warmup: int) -> list[tuple[str, ...]]:
     rows = []
     for name, shape, requests in CASES:
         cpu_loads = torch.cat([workloads.shape_loads(shape, "zipf", seed) for seed in range(requests)])
-        gpu_loads, cpu_runs = cpu_loads.cuda(), max(3, runs // (4 * requests))
-        call, quality = case(cpu_loads, shape, "deepseek", None)
-        rows.append((name, "-", "deepseek, CPU", f"{cpu_median_ms(call, cpu_runs):.2f}", quality))
+        cpu_runs = max(3, runs // (4 * requests))
+        ms, _, quality = measure(cpu_loads, shape, "deepseek", None, "torch", cpu_runs, warmup)
+        rows.append((name, "-", "deepseek, CPU", ms, quality))
         for candidates in CANDIDATES:
-            with mock.patch.dict(os.environ, {solver_kernels.PATH_ENV: "torch"}):  # read at every solve
-                call, quality = case(cpu_loads, shape, "auto", candidates)
-                rows.append(
-                    (name, str(candidates), "auto, torch path, CPU", f"{cpu_median_ms(call, cpu_runs):.2f}", quality)
-                )
-            for path in ("torch", "triton"):
-                with mock.patch.dict(os.environ, {solver_kernels.PATH_ENV: path}):
-                    call, quality = case(gpu_loads, shape, "auto", candidates)
-                    event_ms, wall_ms = cuda_median_ms(call, warmup, runs)
-                what = f"auto, {path} path, CUDA (host wall {wall_ms:.2f} ms)"
-                rows.append((name, str(candidates), what, f"{event_ms:.3f}", quality))
+            for path, loads in (("torch", cpu_loads), ("torch", cpu_loads.cuda()), ("triton", cpu_loads.cuda())):
+                where, repeats = ("CUDA", runs) if loads.is_cuda else ("CPU", cpu_runs)
+                ms, wall, quality = measure(loads, shape, "auto", candidates, path, repeats, warmup)
+                rows.append((name, str(candidates), f"auto, {path} path, {where}{wall}", ms, quality))
             print(f"  done: {name}, {candidates} candidates", file=sys.stderr)
     return rows
 

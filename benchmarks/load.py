@@ -1,12 +1,10 @@
 """Sustained load on a real `rebalancer-server` over loopback: throughput, latency, errors, memory.
 
-8 telemetry streams (engine ranks) report DeepSeek-V3 loads for 2 deployments at 40 reports/s each; every
-deployment has a controller that re-plans it each second (with `base_version`, reading it back) and a
-watcher that follows its versions. Figures exclude the warm-up, the time the server's window (64 slots)
-and history (8 intervals) take to fill, since until then every re-plan works on more data than the last:
-reports and rebalances per second; p50/p99 of `ingest_lag` (a stream's half-close to its summary),
-`rebalance`, `get_placement` and the server's solve time; errors (must be 0); server RSS and its slope.
-The generator shares the 2 cores with the server, so its own CPU use is part of what limits the rates.
+8 telemetry streams (engine ranks) report DeepSeek-V3 loads for 2 deployments at 40 reports/s each; each
+deployment has a controller re-planning it every second (with `base_version`, then reading it back) and a
+watcher following its versions. Figures start after the warm-up (until the server's 64-slot window and 8
+history intervals are full, every re-plan works on more data than the last). The generator shares the
+CPUs with the server, so its own CPU use is part of what limits the rates.
 """
 
 from __future__ import annotations
@@ -29,43 +27,33 @@ from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from rebalancer_wire.v1 import rebalancer_pb2_grpc
 from serving import CHANNEL_OPTIONS, Server, memory_mib, topology
 
+REPORTS_PER_CALL = 50
+
 
 @dataclass(frozen=True)
 class Settings:
-    """The traffic: ranks, deployments, rates and the problem shape (DeepSeek-V3 by default)."""
+    """The traffic: ranks, deployments, rates and the problem shape."""
 
     duration_s: float = 30.0
     streams: int = 8
     controllers: int = 2
     warmup_s: float | None = None  # default: until the server's window (64) and history (8 of it) are full
-    layers: int = 58
-    experts: int = 256
-    replicas: int = 288
-    groups: int = 8
-    nodes: int = 4
-    gpus: int = 32
+    shape: workloads.Shape = workloads.SHAPES["dsv3_prefill"]
     report_hz: float = 40.0
-    reports_per_call: int = 50
     rebalance_interval_s: float = 1.0
 
     @property
     def warmup(self) -> float:
         return min(self.duration_s / 2, 64 * (8 + 1) / self.report_hz) if self.warmup_s is None else self.warmup_s
 
-    @property
-    def shape(self) -> workloads.Shape:
-        return workloads.Shape("load", self.layers, self.experts, self.replicas, self.groups, self.nodes, self.gpus)
-
 
 class Traffic:
-    """The generator's tasks on one stub until `stop_at`, recording (time, seconds) per operation, counts and
-    errors by kind; figures count from `warm_at` on."""
+    """The generator's tasks on one stub until `stop_at`: (time, seconds) per operation, counts, errors by kind."""
 
     def __init__(self, stub, cfg: Settings, started: float) -> None:
         self.stub, self.cfg, self.stop_at, self.warm_at = stub, cfg, started + cfg.duration_s, started + cfg.warmup
         self.latencies: dict[str, list[tuple[float, float]]] = defaultdict(list)
-        self.counts: Counter = Counter()
-        self.errors: Counter = Counter()
+        self.counts, self.errors = Counter(), Counter()
 
     def latency(self, operation: str, began: float, seconds: float | None = None) -> None:
         now = time.monotonic()
@@ -77,15 +65,15 @@ class Traffic:
         return {"count": len(values), "p50_ms": 1e3 * p50, "p99_ms": 1e3 * p99}
 
     async def stream_reports(self, deployment_id: str, rank: int, pool: list) -> None:
-        """One engine rank: StreamLoad calls of `reports_per_call` reports, paced at `report_hz`."""
-        step, cfg = itertools.count(1), self.cfg
+        """One engine rank: StreamLoad calls of REPORTS_PER_CALL reports paced at `report_hz`; `ingest_lag` is a
+        stream's half-close to its summary."""
+        step, pause = itertools.count(1), 1.0 / self.cfg.report_hz
 
         async def reports(half_closed: list[float]):
-            for _ in range(cfg.reports_per_call):
+            for index in itertools.islice(step, REPORTS_PER_CALL):
                 if time.monotonic() >= self.stop_at:
                     break
-                await asyncio.sleep(1.0 / cfg.report_hz)
-                index = next(step)
+                await asyncio.sleep(pause)
                 yield pb.StreamLoadRequest(
                     deployment_id=deployment_id, loads=pool[index % len(pool)], rank=rank, step=index
                 )
@@ -97,7 +85,7 @@ class Traffic:
                 summary = await self.stub.StreamLoad(reports(half_closed), timeout=60)
             except grpc.RpcError as error:
                 self.errors[f"StreamLoad {error.code().name}"] += 1
-                await asyncio.sleep(1.0 / cfg.report_hz)
+                await asyncio.sleep(pause)
                 continue
             self.latency("ingest_lag", half_closed[0])
             self.counts["reports"] += summary.accepted
@@ -110,15 +98,16 @@ class Traffic:
         while time.monotonic() + self.cfg.rebalance_interval_s < self.stop_at:
             await asyncio.sleep(self.cfg.rebalance_interval_s)
             try:
-                began = time.monotonic()
-                request = pb.RebalanceRequest(deployment_id=deployment_id, base_version=version)
+                began, request = (
+                    time.monotonic(),
+                    pb.RebalanceRequest(deployment_id=deployment_id, base_version=version),
+                )
                 placement = (await self.stub.Rebalance(request, timeout=60)).placement
                 self.latency("rebalance", began)
                 self.latency("solve (server stats)", began, placement.stats.solve_seconds)
                 self.errors["version skipped"] += placement.version != version + 1
-                version = placement.version
+                version, began = placement.version, time.monotonic()
                 self.counts["rebalances"] += 1
-                began = time.monotonic()
                 self.errors["stale read"] += (
                     await self.stub.GetPlacement(read, timeout=30)
                 ).placement.version != version
@@ -157,19 +146,19 @@ def rss_figures(samples: list[tuple[float, float]], warm_at: float) -> dict:
 async def drive(target: str, pid: int, cfg: Settings) -> dict:
     """Register the deployments, run every task for `duration_s`, gather the figures."""
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-        stub = rebalancer_pb2_grpc.RebalancerServiceStub(channel)
-        deployments = [f"load-{index}" for index in range(cfg.controllers)]
+        stub, count = rebalancer_pb2_grpc.RebalancerServiceStub(channel), cfg.controllers
+        deployments = [f"load-{index}" for index in range(count)]
         # Pre-encoded loads, so the generator spends its CPU on RPCs, not on random numbers.
         pools = [
             [encode(workloads.shape_loads(cfg.shape, "zipf", 16 * n + i).numpy()) for i in range(16)]
-            for n in range(cfg.controllers)
+            for n in range(count)
         ]
         for d, pool in zip(deployments, pools, strict=True):  # register, fill the window a little, commit version 1
             await stub.StreamLoad(
                 iter([pb.StreamLoadRequest(deployment_id=d, topology=topology(cfg.shape), loads=pool[0])])
             )
             await stub.Rebalance(pb.RebalanceRequest(deployment_id=d), timeout=120)
-        started, rss, count = time.monotonic(), [], cfg.controllers
+        started, rss = time.monotonic(), []
         traffic = Traffic(stub, cfg, started)
         watchers = [asyncio.create_task(traffic.watch(d)) for d in deployments]
         # Stream i is rank i // controllers of deployment i % controllers: ranks of one deployment add up.
@@ -182,7 +171,7 @@ async def drive(target: str, pid: int, cfg: Settings) -> dict:
         for watcher in watchers:
             watcher.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
-    errors, counts = {kind: count for kind, count in traffic.errors.items() if count}, traffic.counts
+    errors, counts = {kind: n for kind, n in traffic.errors.items() if n}, traffic.counts
     return {
         "settings": cfg,
         "duration_s": elapsed,
@@ -209,7 +198,7 @@ def run(quick: bool = False, **settings) -> dict:
 
 def markdown(figures: dict) -> str:
     """One row per figure."""
-    cfg = figures["settings"]
+    cfg, latency = figures["settings"], figures["latency"]
     rows = [
         ("shape", cfg.shape.describe()),
         ("streams x report rate", f"{cfg.streams} x {cfg.report_hz:g}/s"),
@@ -218,9 +207,11 @@ def markdown(figures: dict) -> str:
         ("reports accepted per s", f"{figures['reports_per_s']:.1f}"),
         ("rebalances committed per s", f"{figures['rebalances_per_s']:.2f}"),
         ("errors", f"{figures['errors']} {figures['error_kinds'] or ''}".strip()),
+        *(
+            (f"{op} p50 / p99 (ms)", f"{q['p50_ms']:.1f} / {q['p99_ms']:.1f} (n={q['count']})")
+            for op, q in latency.items()
+        ),
     ]
-    for operation, q in figures["latency"].items():
-        rows.append((f"{operation} p50 / p99 (ms)", f"{q['p50_ms']:.1f} / {q['p99_ms']:.1f} (n={q['count']})"))
     if "rss_warm_mib" in figures:
         rss = f"{figures['rss_warm_mib']:.0f} -> {figures['rss_end_mib']:.0f} ({figures['rss_growth_pct']:+.1f} %,"
         rows.append(("server RSS warm -> end (MiB)", f"{rss} slope {figures['rss_slope']:+.1f} MiB/min)"))

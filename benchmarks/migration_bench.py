@@ -1,13 +1,11 @@
 """Moved copies and next-window balancedness on a drifting load series.
 
-A controller rebalances every window: it plans on window i's loads and lives with the plan during window
-i + 1. Replanning from scratch (what every engine does) ships most expert copies every time; the solver's
-`prev_phy2log` keeps the placement in force where that costs (almost) no balance, and `history` plans for
-the next window rather than the last. Variants, per window on the same series: `deepseek` (published
-algorithm with the shape's hierarchy) and `deepseek_global` (flat: the better-balanced baseline whenever
-the hierarchy collapses) from scratch; `auto` from scratch, with the previous plan (default and 0.002
-balance tolerance), with previous plan and the last 4 windows as history, and with history only.
-Whether history helps is answered by paired per-window differences with and without it.
+A controller plans on window i's loads and lives with the plan during window i + 1. Replanning from scratch
+(what every engine does) ships most copies every time; `prev_phy2log` keeps the placement in force where
+that costs (almost) no balance, and `history` plans for the next window rather than the last. Variants on
+the same series: `deepseek` (hierarchical) and `deepseek_global` (flat) from scratch, and `auto` fresh,
+with the previous plan (default and 0.002 balance tolerance), with it and the last 4 windows, with history
+only; paired per-window differences say whether history helps.
 """
 
 from __future__ import annotations
@@ -20,13 +18,12 @@ from dataclasses import dataclass
 
 import workloads
 from harness import main, table
-from rebalancer.solver import CostModel, maps, solve
+from rebalancer.solver import DEFAULT_BALANCE_TOLERANCE, CostModel, maps, solve
 from rebalancer.solver.elastic import elastic_moves
 from rebalancer.solver.transfers import plan_transfers, same_node_share, transfer_stats
 
-MIGRATION_SHAPES = ("dsv3_prefill", "qwen3_235b", "kimi_k2")
+MIGRATION_SHAPES, BASELINES = ("dsv3_prefill", "qwen3_235b", "kimi_k2"), ("deepseek_global", "deepseek")
 HISTORY_WINDOWS = 4
-BASELINES = ("deepseek_global", "deepseek")
 HISTORY_PAIRS = (("auto_prev_hist", "auto_prev"), ("auto_hist", "auto_fresh"))  # (with history, without)
 BAR = {"moves_ratio": 0.25, "aim": 0.1, "balancedness_slack": 0.005}
 COST = CostModel()  # DeepSeek-V3 FP8 experts, NVLink 450 GB/s and a 400 Gb/s NIC per GPU
@@ -43,19 +40,15 @@ class Variant:
     flat: bool = False
     use_prev: bool = False
     use_history: bool = False
-    balance_tolerance: float | None = None
+    balance_tolerance: float = DEFAULT_BALANCE_TOLERANCE
 
     def plan(self, series, window: int, shape: workloads.Shape, prev_phy2log):
         """Plan on `series[window]`; history is the last HISTORY_WINDOWS windows up to it."""
-        options: dict = {"policy": self.policy, "device": "cpu"}
-        if self.use_prev and prev_phy2log is not None:
-            options["prev_phy2log"] = prev_phy2log
-        if self.use_history:
-            options["history"] = series[max(0, window - HISTORY_WINDOWS + 1) : window + 1]
-        if self.balance_tolerance is not None:
-            options["balance_tolerance"] = self.balance_tolerance
+        options: dict = {"policy": self.policy, "device": "cpu", "balance_tolerance": self.balance_tolerance}
+        options["prev_phy2log"] = prev_phy2log if self.use_prev else None
+        options["history"] = series[max(0, window - HISTORY_WINDOWS + 1) : window + 1] if self.use_history else None
         groups, nodes = (1, 1) if self.flat else (shape.groups, shape.nodes)
-        return solve(series[window], shape.replicas, groups, nodes, shape.gpus, **options)
+        return solve(series[window], shape.replicas, groups, nodes, shape.gpus, **options).phy2log.cpu()
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -70,8 +63,8 @@ VARIANTS: tuple[Variant, ...] = (
 
 
 def rearrangement(prev_phy2log, phy2log, shape: workloads.Shape) -> dict[str, float]:
-    """The transfers from one plan to the next under COST and the shape's real nodes. Every variant is
-    costed alike: a re-plan keeps experts already on a GPU (vLLM-style), so only new arrivals use a link."""
+    """The transfers from one plan to the next under COST and the shape's nodes, costed alike for every variant:
+    a re-plan keeps experts already on a GPU (vLLM-style), so only new arrivals use a link."""
     per_node = shape.gpus // shape.nodes
     rows = plan_transfers(prev_phy2log, phy2log, shape.experts, shape.replicas // shape.gpus, per_node)
     cost = transfer_stats(rows, shape.layers, shape.gpus, per_node, COST)
@@ -82,8 +75,7 @@ def rearrangement(prev_phy2log, phy2log, shape: workloads.Shape) -> dict[str, fl
 
 
 def relative(figures: dict[str, dict]) -> dict[str, dict]:
-    """Add to every variant's figures its moved-copies and transfer-time ratios and balancedness delta to each
-    baseline, and its pooled intra-node shares."""
+    """Add to every variant's figures its ratios and balancedness delta to each baseline and its pooled shares."""
     for entry in figures.values():
         entry["intra_node_share"] = entry["intra_copies"] / max(entry["network_copies"], 1.0)
         entry["intra_where_possible"] = entry["possible_intra_copies"] / max(entry["possible_copies"], 1.0)
@@ -101,23 +93,21 @@ def run_series(shape: workloads.Shape, windows: int, seed: int) -> dict:
     """Every variant over one drift series: plan on window 0, then replan on windows 1 .. T-2, each scored on
     the window after it; moves count against that variant's own previous plan."""
     series = workloads.drift_series(shape.layers, shape.experts, windows, seed=seed)
-    placements = {v.label: v.plan(series, 0, shape, None).phy2log.cpu() for v in VARIANTS}
+    placements = {v.label: v.plan(series, 0, shape, None) for v in VARIANTS}
     tracks = {v.label: {"moves": [], "next": [], "seconds": [], "transfers": []} for v in VARIANTS}
     for window in range(1, windows - 1):
         for variant in VARIANTS:
-            started, prev = time.perf_counter(), placements[variant.label]
-            phy2log, track = variant.plan(series, window, shape, prev).phy2log.cpu(), tracks[variant.label]
+            started, prev, track = time.perf_counter(), placements[variant.label], tracks[variant.label]
+            placements[variant.label] = phy2log = variant.plan(series, window, shape, prev)
             track["seconds"].append(time.perf_counter() - started)
             track["moves"].append(int(maps.moved_copies(prev, phy2log, shape.experts, shape.gpus).sum()))
             track["next"].append(float(workloads.balancedness(series[window + 1], phy2log, shape.gpus).mean()))
             track["transfers"].append(rearrangement(prev, phy2log, shape))
-            placements[variant.label] = phy2log
-    slots = (windows - 2) * shape.layers * shape.replicas
     figures = {
         label: {
             "next_balancedness": track["next"],
             "total_moves": sum(track["moves"]),
-            "moved_share": sum(track["moves"]) / slots,
+            "moved_share": sum(track["moves"]) / ((windows - 2) * shape.layers * shape.replicas),
             "mean_next_balancedness": statistics.fmean(track["next"]),
             "mean_solve_s": statistics.fmean(track["seconds"]),
             **{key: sum(step[key] for step in track["transfers"]) for key in TRANSFER_SUMS},
@@ -128,15 +118,12 @@ def run_series(shape: workloads.Shape, windows: int, seed: int) -> dict:
 
 
 def paired_difference(runs: Sequence[dict], with_history: str, without: str) -> dict:
-    """Per-window next-window balancedness of `with_history` minus `without`, pooled over `runs`.
-
-    Windows of one series are correlated, so the standard error is optimistic; the per-run means beside it
-    show whether the sign holds on every shape and seed.
-    """
-    pairs = [
-        (r["variants"][with_history]["next_balancedness"], r["variants"][without]["next_balancedness"]) for r in runs
-    ]
-    per_run = [[a - b for a, b in zip(*pair, strict=True)] for pair in pairs]
+    """Per-window next-window balancedness of `with_history` minus `without`, pooled over `runs`; windows of one
+    series are correlated, so the per-run means beside the (optimistic) standard error tell whether the sign holds."""
+    per_run = []
+    for r in runs:
+        paired = (r["variants"][label]["next_balancedness"] for label in (with_history, without))
+        per_run.append([a - b for a, b in zip(*paired, strict=True)])
     diffs, means = [d for run_diffs in per_run for d in run_diffs], [statistics.fmean(d) for d in per_run]
     return {
         "mean_diff": statistics.fmean(diffs),
@@ -152,8 +139,10 @@ def summarise(runs: Sequence[dict]) -> dict:
     totals = {}
     for label in (v.label for v in VARIANTS):
         figures = [r["variants"][label] for r in runs]
-        pooled = {key: statistics.fmean(f[key] for f in figures) for key in ("mean_next_balancedness", "mean_solve_s")}
-        totals[label] = pooled | {key: sum(f[key] for f in figures) for key in ("total_moves", *TRANSFER_SUMS)}
+        totals[label] = {
+            key: statistics.fmean(f[key] for f in figures) for key in ("mean_next_balancedness", "mean_solve_s")
+        }
+        totals[label] |= {key: sum(f[key] for f in figures) for key in ("total_moves", *TRANSFER_SUMS)}
     return {
         "windows": runs[0]["windows"],
         "seeds": sorted({r["seed"] for r in runs}),
@@ -165,8 +154,8 @@ def summarise(runs: Sequence[dict]) -> dict:
 
 
 def run_elastic(seed: int, shape_name: str = "dsv3_prefill", lost_gpu: int = 5, scale_to: int = 40) -> dict:
-    """Elastic EP from a placement planned on the same zipf loads: lose GPU `lost_gpu`, and scale to
-    `scale_to` GPUs; each beside a fresh plan on the new GPU set (what re-planning on the active ranks gives)."""
+    """Elastic EP from a placement planned on the same zipf loads: lose GPU `lost_gpu`, and scale to `scale_to`
+    GPUs; each beside a fresh plan on the new GPU set (what re-planning on the active ranks gives)."""
     shape = workloads.SHAPES[shape_name]
     slots, weight = shape.replicas // shape.gpus, workloads.shape_loads(shape, "zipf", seed)
     prev = solve(weight, *shape.args(), device="cpu").phy2log
@@ -195,8 +184,7 @@ def run_elastic(seed: int, shape_name: str = "dsv3_prefill", lost_gpu: int = 5, 
 
 
 def run(quick: bool = False) -> dict:
-    """All shapes x seeds (quick: one shape, one seed, 5 windows); per-run figures, pooled totals, history
-    pairs, and the elastic EP figures."""
+    """All shapes x seeds (quick: one shape, one seed, 5 windows), pooled totals, history pairs, elastic EP."""
     names, windows, seeds = (("qwen3_235b",), 5, (21,)) if quick else (MIGRATION_SHAPES, 8, (21, 22))
     result = summarise([run_series(workloads.SHAPES[name], windows, seed) for name in names for seed in seeds])
     return result | {"elastic": [run_elastic(seed) for seed in seeds]}
@@ -211,29 +199,19 @@ def figures(fig: dict, bases: Sequence[str]) -> list[str]:
     )
 
 
-def elastic_markdown(rows: Sequence[dict]) -> str:
-    head = ["seed", "lose 1: moved/layer mean (max)", "bar (2 x slots)", "fresh re-plan moved/layer", "bal. vs fresh"]
-    head += ["worst layer gap", f"scale to {rows[0]['scale_to']}: kept share", "bal. vs fresh"]
-    body = [
-        [
-            r["seed"],
-            f"{r['lost_moves_mean']:.1f} ({r['lost_moves_max']})",
-            r["lost_bar"],
-            f"{r['fresh_moves_mean']:.1f}",
-        ]
-        + [f"{r['lost_balancedness']:.4f} vs {r['fresh_balancedness']:.4f}", f"{r['lost_worst_gap']:.4f}"]
-        + [f"{r['scaled_kept_share']:.3f}", f"{r['scaled_balancedness']:.4f} vs {r['fresh_scaled_balancedness']:.4f}"]
-        for r in rows
-    ]
-    return f"**Elastic EP** on {rows[0]['shape']} (zipf loads, GPU {rows[0]['lost_gpu']} lost)\n\n" + table(head, body)
-
-
 def markdown(result: dict) -> str:
     """Per shape x seed, pooled totals, the history effect and elastic EP."""
-    flat, bar = BASELINES[:1], result["bar"]
+    bar, elastic = result["bar"], result["elastic"]
     head = ["shape", "seed", "variant", "moved copies", "share of slots", "x deepseek_global", "next-window bal."]
     per_run = [
-        [r["shape"], r["seed"], label, fig["total_moves"], f"{fig['moved_share']:.3f}", *figures(fig, flat)[1:]]
+        [
+            r["shape"],
+            r["seed"],
+            label,
+            fig["total_moves"],
+            f"{fig['moved_share']:.3f}",
+            *figures(fig, BASELINES[:1])[1:],
+        ]
         for r in result["runs"]
         for label, fig in r["variants"].items()
     ]
@@ -250,20 +228,41 @@ def markdown(result: dict) -> str:
         + [", ".join(f"{d:+.5f}" for d in h["per_run_mean"]), f"{h['runs_positive']}/{len(h['per_run_mean'])}"]
         for pair, h in result["history_effect"].items()
     ]
-    out = [
-        f"Drift series, {result['windows']} windows (plan on window i, score on i + 1), seeds {result['seeds']},"
-        f" history = last {HISTORY_WINDOWS} windows. Ratios and deltas are against `deepseek_global` (flat"
-        " published algorithm, the check's baseline); `deepseek` with the shape's hierarchy is listed too.",
-        table([*head, "delta vs deepseek_global", "mean solve ms"], per_run),
-        "**Pooled over all shapes and seeds**",
-        table(pooled_head, pooled),
-        f"Bar: moved copies <= {bar['moves_ratio']}x the reference (aim {bar['aim']}x) at next-window"
-        f" balancedness within {bar['balancedness_slack']} of it.",
-        "**Does history help?** Paired per-window differences of next-window balancedness.",
-        table(["pair", "mean diff", "std. error", "windows", "per shape x seed", "runs > 0"], history),
-        "Windows of one series are correlated, so the standard error understates the noise; read the per-run signs.",
+    elastic_head = ["seed", "lose 1: moved/layer mean (max)", "bar (2 x slots)", "fresh re-plan moved/layer"]
+    elastic_head += [
+        "bal. vs fresh",
+        "worst layer gap",
+        f"scale to {elastic[0]['scale_to']}: kept share",
+        "bal. vs fresh",
     ]
-    return "\n\n".join(out + ([elastic_markdown(result["elastic"])] if result.get("elastic") else []))
+    elastic_rows = [
+        [
+            r["seed"],
+            f"{r['lost_moves_mean']:.1f} ({r['lost_moves_max']})",
+            r["lost_bar"],
+            f"{r['fresh_moves_mean']:.1f}",
+        ]
+        + [f"{r['lost_balancedness']:.4f} vs {r['fresh_balancedness']:.4f}", f"{r['lost_worst_gap']:.4f}"]
+        + [f"{r['scaled_kept_share']:.3f}", f"{r['scaled_balancedness']:.4f} vs {r['fresh_scaled_balancedness']:.4f}"]
+        for r in elastic
+    ]
+    return "\n\n".join(
+        [
+            f"Drift series, {result['windows']} windows (plan on window i, score on i + 1), seeds {result['seeds']},"
+            f" history = last {HISTORY_WINDOWS} windows. Ratios and deltas are against `deepseek_global` (flat"
+            " published algorithm, the check's baseline); `deepseek` with the shape's hierarchy is listed too.",
+            table([*head, "delta vs deepseek_global", "mean solve ms"], per_run),
+            "**Pooled over all shapes and seeds**",
+            table(pooled_head, pooled),
+            f"Bar: moved copies <= {bar['moves_ratio']}x the reference (aim {bar['aim']}x) at next-window"
+            f" balancedness within {bar['balancedness_slack']} of it.",
+            "**Does history help?** Paired per-window differences of next-window balancedness.",
+            table(["pair", "mean diff", "std. error", "windows", "per shape x seed", "runs > 0"], history),
+            "Windows of one series are correlated, so the standard error understates the noise: read per-run signs.",
+            f"**Elastic EP** on {elastic[0]['shape']} (zipf loads, GPU {elastic[0]['lost_gpu']} lost)",
+            table(elastic_head, elastic_rows),
+        ]
+    )
 
 
 if __name__ == "__main__":
