@@ -1,7 +1,7 @@
 """What the benchmarks share: markdown tables, interleaved timing and the command line.
 
-A benchmark module offers `run(quick: bool, ...) -> dict` and `markdown(result) -> str`; `report.py`
-lists them, and `main` gives each the same `python benchmarks/<name>.py [--quick] [--flag V]` entry point.
+A benchmark module offers `run(quick: bool, ...) -> dict` and `markdown(result) -> str`; `report.py` lists
+them and `main` gives each the same `python benchmarks/<name>.py [--quick] [--flag V]` entry point.
 """
 
 from __future__ import annotations
@@ -9,13 +9,19 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 
-def table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+def table(head: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     """A markdown table; cells are shown with str()."""
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
+def filled(head: str, row: str, items: Iterable[Mapping[str, object]]) -> str:
+    """A markdown table of fixed columns: `head` names them ("a | b"), `row` formats one item ("{a} | {b:.3f}")."""
+    lines = [f"| {head} |", "|" + "---|" * (head.count(" | ") + 1)]
+    return "\n".join(lines + [f"| {row.format_map(item)} |" for item in items])
 
 
 def interleaved_times(
@@ -46,7 +52,7 @@ def interleaved_times(
     return times, results
 
 
-def main(run: Callable[..., dict], markdown: Callable[[dict], str], doc: str, **flags: float | int) -> None:
+def main(run: Callable[..., dict], markdown: Callable[[dict], str], doc: str, **flags: object) -> None:
     """Parse `--quick` and one flag per keyword (type and shown default from its value; passed on only when
     given, so `run`'s own defaults stand), run and print the markdown."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import workloads
-from harness import main, table
+from harness import filled, main
 from rebalancer.solver import DEFAULT_BALANCE_TOLERANCE, CostModel, maps, solve
 from rebalancer.solver.elastic import elastic_moves
 from rebalancer.solver.transfers import plan_transfers, same_node_share, transfer_stats
@@ -109,7 +109,7 @@ def run_series(shape: workloads.Shape, windows: int, seed: int) -> dict:
             "total_moves": sum(track["moves"]),
             "moved_share": sum(track["moves"]) / ((windows - 2) * shape.layers * shape.replicas),
             "mean_next_balancedness": statistics.fmean(track["next"]),
-            "mean_solve_s": statistics.fmean(track["seconds"]),
+            "mean_solve_ms": 1e3 * statistics.fmean(track["seconds"]),
             **{key: sum(step[key] for step in track["transfers"]) for key in TRANSFER_SUMS},
         }
         for label, track in tracks.items()
@@ -140,7 +140,7 @@ def summarise(runs: Sequence[dict]) -> dict:
     for label in (v.label for v in VARIANTS):
         figures = [r["variants"][label] for r in runs]
         totals[label] = {
-            key: statistics.fmean(f[key] for f in figures) for key in ("mean_next_balancedness", "mean_solve_s")
+            key: statistics.fmean(f[key] for f in figures) for key in ("mean_next_balancedness", "mean_solve_ms")
         }
         totals[label] |= {key: sum(f[key] for f in figures) for key in ("total_moves", *TRANSFER_SUMS)}
     return {
@@ -190,79 +190,59 @@ def run(quick: bool = False) -> dict:
     return result | {"elastic": [run_elastic(seed) for seed in seeds]}
 
 
-def figures(fig: dict, bases: Sequence[str]) -> list[str]:
-    """Moved copies, ratio(s), next-window balancedness, delta(s) and solve ms of one variant."""
-    return (
-        [str(fig["total_moves"]), *(f"{fig[f'moves_ratio_vs_{base}']:.3f}" for base in bases)]
-        + [f"{fig['mean_next_balancedness']:.4f}", *(f"{fig[f'balancedness_delta_vs_{base}']:+.4f}" for base in bases)]
-        + [f"{1000 * fig['mean_solve_s']:.0f}"]
-    )
+PER_RUN = (
+    "shape | seed | variant | moved copies | share of slots | x deepseek_global | next-window bal. |"
+    " delta vs deepseek_global | mean solve ms",
+    "{shape} | {seed} | {label} | {total_moves} | {moved_share:.3f} | {moves_ratio_vs_deepseek_global:.3f} |"
+    " {mean_next_balancedness:.4f} | {balancedness_delta_vs_deepseek_global:+.4f} | {mean_solve_ms:.0f}",
+)
+POOLED = (
+    "variant | moved copies | x deepseek_global | x deepseek | next-window bal. | delta vs deepseek_global |"
+    " delta vs deepseek | mean solve ms | est. transfer s | transfer x deepseek_global | intra-node share |"
+    " intra where on-node source",
+    "{label} | {total_moves} | {moves_ratio_vs_deepseek_global:.3f} | {moves_ratio_vs_deepseek:.3f} |"
+    " {mean_next_balancedness:.4f} | {balancedness_delta_vs_deepseek_global:+.4f} |"
+    " {balancedness_delta_vs_deepseek:+.4f} | {mean_solve_ms:.0f} | {transfer_seconds:.3f} |"
+    " {transfer_ratio_vs_deepseek_global:.3f} | {intra_node_share:.3f} | {intra_where_possible:.3f}",
+)
+HISTORY = (
+    "pair | mean diff | std. error | windows | per shape x seed | runs > 0",
+    "{pair} | {mean_diff:+.5f} | {stderr:.5f} | {windows} | {signs} | {runs_positive}/{runs}",
+)
+ELASTIC = (
+    "seed | lose 1: moved/layer mean (max) | bar (2 x slots) | fresh re-plan moved/layer | bal. vs fresh |"
+    " worst layer gap | scale to {scale_to}: kept share | bal. vs fresh",
+    "{seed} | {lost_moves_mean:.1f} ({lost_moves_max}) | {lost_bar} | {fresh_moves_mean:.1f} |"
+    " {lost_balancedness:.4f} vs {fresh_balancedness:.4f} | {lost_worst_gap:.4f} | {scaled_kept_share:.3f} |"
+    " {scaled_balancedness:.4f} vs {fresh_scaled_balancedness:.4f}",
+)
 
 
 def markdown(result: dict) -> str:
     """Per shape x seed, pooled totals, the history effect and elastic EP."""
-    bar, elastic = result["bar"], result["elastic"]
-    head = ["shape", "seed", "variant", "moved copies", "share of slots", "x deepseek_global", "next-window bal."]
-    per_run = [
-        [
-            r["shape"],
-            r["seed"],
-            label,
-            fig["total_moves"],
-            f"{fig['moved_share']:.3f}",
-            *figures(fig, BASELINES[:1])[1:],
-        ]
-        for r in result["runs"]
-        for label, fig in r["variants"].items()
-    ]
-    pooled_head = ["variant", "moved copies", "x deepseek_global", "x deepseek", "next-window bal."]
-    pooled_head += ["delta vs deepseek_global", "delta vs deepseek", "mean solve ms", "est. transfer s"]
-    pooled_head += ["transfer x deepseek_global", "intra-node share", "intra where on-node source"]
-    pooled = [
-        [label, *figures(t, BASELINES), f"{t['transfer_seconds']:.3f}", f"{t['transfer_ratio_vs_deepseek_global']:.3f}"]
-        + [f"{t['intra_node_share']:.3f}", f"{t['intra_where_possible']:.3f}"]
-        for label, t in result["totals"].items()
-    ]
+    bar, elastic = result["bar"], result.get("elastic")
+    per_run = [r | fig | {"label": label} for r in result["runs"] for label, fig in r["variants"].items()]
     history = [
-        [pair, f"{h['mean_diff']:+.5f}", f"{h['stderr']:.5f}", h["windows"]]
-        + [", ".join(f"{d:+.5f}" for d in h["per_run_mean"]), f"{h['runs_positive']}/{len(h['per_run_mean'])}"]
+        h | {"pair": pair, "signs": ", ".join(f"{d:+.5f}" for d in h["per_run_mean"]), "runs": len(h["per_run_mean"])}
         for pair, h in result["history_effect"].items()
     ]
-    elastic_head = ["seed", "lose 1: moved/layer mean (max)", "bar (2 x slots)", "fresh re-plan moved/layer"]
-    elastic_head += [
-        "bal. vs fresh",
-        "worst layer gap",
-        f"scale to {elastic[0]['scale_to']}: kept share",
-        "bal. vs fresh",
+    out = [
+        f"Drift series, {result['windows']} windows (plan on window i, score on i + 1), seeds {result['seeds']},"
+        f" history = last {HISTORY_WINDOWS} windows. Ratios and deltas are against `deepseek_global` (flat"
+        " published algorithm, the check's baseline); `deepseek` with the shape's hierarchy is listed too.",
+        filled(*PER_RUN, per_run),
+        "**Pooled over all shapes and seeds**",
+        filled(*POOLED, [t | {"label": label} for label, t in result["totals"].items()]),
+        f"Bar: moved copies <= {bar['moves_ratio']}x the reference (aim {bar['aim']}x) at next-window"
+        f" balancedness within {bar['balancedness_slack']} of it.",
+        "**Does history help?** Paired per-window differences of next-window balancedness.",
+        filled(*HISTORY, history),
+        "Windows of one series are correlated, so the standard error understates the noise; read the per-run signs.",
     ]
-    elastic_rows = [
-        [
-            r["seed"],
-            f"{r['lost_moves_mean']:.1f} ({r['lost_moves_max']})",
-            r["lost_bar"],
-            f"{r['fresh_moves_mean']:.1f}",
-        ]
-        + [f"{r['lost_balancedness']:.4f} vs {r['fresh_balancedness']:.4f}", f"{r['lost_worst_gap']:.4f}"]
-        + [f"{r['scaled_kept_share']:.3f}", f"{r['scaled_balancedness']:.4f} vs {r['fresh_scaled_balancedness']:.4f}"]
-        for r in elastic
-    ]
-    return "\n\n".join(
-        [
-            f"Drift series, {result['windows']} windows (plan on window i, score on i + 1), seeds {result['seeds']},"
-            f" history = last {HISTORY_WINDOWS} windows. Ratios and deltas are against `deepseek_global` (flat"
-            " published algorithm, the check's baseline); `deepseek` with the shape's hierarchy is listed too.",
-            table([*head, "delta vs deepseek_global", "mean solve ms"], per_run),
-            "**Pooled over all shapes and seeds**",
-            table(pooled_head, pooled),
-            f"Bar: moved copies <= {bar['moves_ratio']}x the reference (aim {bar['aim']}x) at next-window"
-            f" balancedness within {bar['balancedness_slack']} of it.",
-            "**Does history help?** Paired per-window differences of next-window balancedness.",
-            table(["pair", "mean diff", "std. error", "windows", "per shape x seed", "runs > 0"], history),
-            "Windows of one series are correlated, so the standard error understates the noise: read per-run signs.",
-            f"**Elastic EP** on {elastic[0]['shape']} (zipf loads, GPU {elastic[0]['lost_gpu']} lost)",
-            table(elastic_head, elastic_rows),
-        ]
-    )
+    if elastic:
+        out.append(f"**Elastic EP** on {elastic[0]['shape']} (zipf loads, GPU {elastic[0]['lost_gpu']} lost)")
+        out.append(filled(ELASTIC[0].format(scale_to=elastic[0]["scale_to"]), ELASTIC[1], elastic))
+    return "\n\n".join(out)
 
 
 if __name__ == "__main__":

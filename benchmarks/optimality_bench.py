@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import workloads
-from harness import main, table
+from harness import filled, main
 from rebalancer.solver import rebalance_experts
 
 try:  # a benchmark/test-only dependency
@@ -278,43 +278,31 @@ def run(quick: bool = False, time_limit: float | None = None, save: bool = False
     return {"rows": rows, "summary": summary, "instances": len(rows), "proven": sum(r["proven"] for r in rows)}
 
 
+INSTANCES = (
+    "instance | E | G | R | optimum | auto max | gap % | deepseek max | gap % | MILP s | MILP status",
+    "{instance} | {E} | {G} | {R} | {optimum:.2f} | {auto_max:.2f} | {auto_gap_pct:.2f} | {deepseek_max:.2f} |"
+    " {deepseek_gap_pct:.2f} | {milp_seconds:.1f} | {milp_outcome}",
+)
+GAPS = (
+    "policy / optima | instances | mean | p50 | p90 | worst | exactly optimal",
+    "{optima} | {count} | {mean:.3f} | {p50:.3f} | {p90:.3f} | {worst:.3f} | {exact}",
+)
+
+
 def markdown(result: dict) -> str:
     """The per-instance table (proven first), then the gap distributions."""
-    cells = [
-        [r["instance"], r["E"], r["G"], r["R"], f"{r['optimum']:.2f}"]
-        + [f"{r[f'{p}_{field}']:.2f}" for p in POLICIES for field in ("max", "gap_pct")]
-        + [
-            f"{r['milp_seconds']:.1f}",
-            "optimal" if r["proven"] else f"{r['milp_status']} (bound within {r['milp_gap_pct']:.2f} %)",
-        ]
+    rows = [
+        r
+        | {"milp_outcome": "optimal" if r["proven"] else f"{r['milp_status']} (bound within {r['milp_gap_pct']:.2f} %)"}
         for r in sorted(result["rows"], key=lambda r: not r["proven"])
     ]
-    head = [
-        "instance",
-        "E",
-        "G",
-        "R",
-        "optimum",
-        *(h for p in POLICIES for h in (f"{p} max", "gap %")),
-        "MILP s",
-        "MILP status",
-    ]
-    distributions = [
-        [
-            key.replace("_", " ", 1),
-            d["count"],
-            *(f"{d[name]:.3f}" for name in ("mean", "p50", "p90", "worst")),
-            d["exact"],
-        ]
-        for key, d in result["summary"].items()
-        if d["count"]
-    ]
+    gaps = [d | {"optima": key.replace("_", " ", 1)} for key, d in result["summary"].items() if d["count"]]
     return "\n\n".join(
         [
-            table(head, cells),
+            filled(*INSTANCES, rows),
             f"{result['instances']} instances, {result['proven']} solved to proven optimality.",
             "**Gap to the optimum, %** (time-limited: to the best placement known, which may not be optimal)",
-            table(["policy / optima", "instances", "mean", "p50", "p90", "worst", "exactly optimal"], distributions),
+            filled(*GAPS, gaps),
         ]
     )
 

@@ -32,7 +32,6 @@ import solver_bench
 import torch
 
 HERE = Path(__file__).resolve().parent
-REPRODUCE = ("solver_bench", "migration_bench", "optimality_bench", "service_bench", "load")
 
 
 def fuzz_run(quick: bool = False) -> dict:
@@ -70,21 +69,25 @@ BENCHES: tuple[Bench, ...] = (
 )
 
 
-def machine() -> dict:
+def machine(load_before: Sequence[float], load_after: Sequence[float]) -> list[str]:
     """What the figures were measured on; the load average says whether other jobs shared the CPUs."""
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
         cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "solver_cpu_threads": os.environ.get("REBALANCER_CPU_THREADS", "1 (default)"),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-        "python": platform.python_version(),
-        "load_average": os.getloadavg(),
-    }
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    averages = [", ".join(f"{v:.2f}" for v in loads) for loads in (load_before, load_after)]
+    lines = [
+        f"- CPU: {cpu}, {os.cpu_count()} cores; GPU: {gpu}; Python {platform.python_version()}",
+        f"- torch {torch.__version__}, {torch.get_num_threads()} intra-op threads in the benchmark process; CPU solves"
+        f" run on REBALANCER_CPU_THREADS = {os.environ.get('REBALANCER_CPU_THREADS', '1 (default)')} thread(s)",
+        f"- Load average (1/5/15 min) before: {averages[0]}; after: {averages[1]}",
+    ]
+    if max(load_before[0], load_after[0]) > 1.0:
+        lines.append(
+            "- **The machine was shared with other jobs during this run**: absolute times are noisy (2-5x swings);"
+            " timings are therefore ratios to a planner measured interleaved in the same run, with min-of-N times."
+        )
+    return lines
 
 
 def _child(index: int, quick: bool, sender: Connection) -> None:
@@ -166,35 +169,23 @@ def section(title: str, result: dict) -> list[str]:
     return [f"## {title}", "", *body, "", f"_{result['seconds']:.0f} s_", ""]
 
 
-def render(sections: dict, info: dict, quick: bool, load_after: Sequence[float], total_seconds: float) -> str:
+def render(sections: dict, quick: bool, load_before: Sequence[float], total_seconds: float) -> str:
     """The whole RESULTS.md."""
     now, flag = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), " --quick" if quick else ""
-    averages = [", ".join(f"{v:.2f}" for v in loads) for loads in (info["load_average"], load_after)]
     out = [
         "# Benchmark results",
         "",
-        f"Generated {now} by `benchmarks/report.py{flag}` in {total_seconds / 60:.1f} min."
-        + (" **Quick run: fewer shapes, kinds and repeats; not the reference figures.**" if quick else ""),
-        "",
-        "## Machine",
-        "",
-        f"- CPU: {info['cpu']}, {info['cores']} cores; GPU: {info['gpu']}; Python {info['python']}",
-        f"- torch {info['torch']}, {info['torch_threads']} intra-op threads in the benchmark process; CPU solves run"
-        f" on REBALANCER_CPU_THREADS = {info['solver_cpu_threads']} thread(s)",
-        f"- Load average (1/5/15 min) before: {averages[0]}; after: {averages[1]}",
+        f"Generated {now} by `benchmarks/report.py{flag}` in {total_seconds / 60:.1f} min.",
     ]
-    if max(info["load_average"][0], load_after[0]) > 1.0:
-        out.append(
-            "- **The machine was shared with other jobs during this run**: absolute times are noisy (2-5x swings);"
-            " timings are therefore ratios to a planner measured interleaved in the same run, with min-of-N times."
-        )
-    out += ["", "## Reproduce", "", "```", f".venv/bin/python benchmarks/report.py{flag}   # writes this file"]
-    out += [f".venv/bin/python benchmarks/{name}.py" for name in REPRODUCE]
+    out[-1] += " **Quick run: fewer shapes, kinds and repeats; not the reference figures.**" if quick else ""
+    out += ["", "## Machine", "", *machine(load_before, os.getloadavg()), "", "## Reproduce", "", "```"]
+    out += [f".venv/bin/python benchmarks/report.py{flag}   # writes this file"]
+    out += [f".venv/bin/python benchmarks/{bench.module.__name__}.py" for bench in BENCHES[:5]] + ["```"]
     try:
         lines = headline(sections)
     except Exception as error:  # a headline bug must not cost the figures below it
         lines = [f"- (headline failed: {type(error).__name__}: {error})"]
-    out += ["```", "", "## Headline", "", *lines, ""]
+    out += ["", "## Headline", "", *lines, ""]
     for title, result in sections.items():
         out += section(title, result)
     return "\n".join(out).rstrip() + "\n"
@@ -205,11 +196,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes, kinds and repeats (smoke run)")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="markdown file to write")
     args = parser.parse_args()
-    info, started, sections = machine(), time.perf_counter(), {}
+    load_before, started, sections = os.getloadavg(), time.perf_counter(), {}
     for bench in BENCHES:
         sections[bench.title] = result = run_bench(bench, args.quick)
         print(f"{bench.title}: {result['status']} in {result['seconds']:.0f} s", flush=True)
-    args.out.write_text(render(sections, info, args.quick, os.getloadavg(), time.perf_counter() - started))
+    args.out.write_text(render(sections, args.quick, load_before, time.perf_counter() - started))
 
 
 if __name__ == "__main__":

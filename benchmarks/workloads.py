@@ -1,9 +1,4 @@
-"""Synthetic expert loads and placement scores, shared by the benchmarks and the tests.
-
-Routing traces are not shipped, so loads come from fixed seeds in the forms routers show: zipf skew with a
-different hot set per layer, log-normal, a few very hot experts, mild skew, near-uniform, and a drifting
-series of window sums (plan on window i, score on window i + 1).
-"""
+"""Synthetic expert loads (routing traces are not shipped) and placement scores, shared by benchmarks and tests."""
 
 from __future__ import annotations
 
@@ -32,8 +27,8 @@ class Shape:
         return self.replicas, self.groups, self.nodes, self.gpus
 
     def describe(self) -> str:
-        groups = f"{self.groups} groups, {self.nodes} nodes, {self.gpus} GPUs"
-        return f"{self.layers}x{self.experts} -> {self.replicas} slots, {groups}"
+        where = f"{self.groups} groups, {self.nodes} nodes, {self.gpus} GPUs"
+        return f"{self.layers}x{self.experts} -> {self.replicas} slots, {where}"
 
 
 SHAPES: dict[str, Shape] = {
@@ -110,12 +105,8 @@ def shape_loads(shape: Shape | str, kind: str, seed: int = 0) -> torch.Tensor:
 
 
 def drift_series(layers: int, experts: int, windows: int, *, seed: int = 0) -> torch.Tensor:
-    """Window-summed loads [T, L, E] float32 of a slowly drifting router.
-
-    A stable zipf skew (s = 1.1, permuted per layer, 0.3 log-space noise); each window every expert's log
-    popularity takes a N(0, 0.15) step; every 4th window 3 random experts per layer gain 1.5 in log space
-    (a topic shift); each window's counts are a multinomial sample of 200,000 tokens per layer.
-    """
+    """Window sums [T, L, E] float32 of a drifting router: zipf 1.1 whose log popularity takes N(0, 0.15) steps,
+    3 experts per layer gaining 1.5 every 4th window (a topic shift), 200,000 tokens sampled per layer."""
     rng = np.random.default_rng(seed)
     order = np.argsort(rng.random((layers, experts)), axis=1)
     logp = (-1.1 * np.log(np.arange(1, experts + 1)))[order] + 0.3 * rng.standard_normal((layers, experts))

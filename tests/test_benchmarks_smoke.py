@@ -142,7 +142,7 @@ def test_report_renders_with_a_failed_section() -> None:
     optimality = {"summary": {"auto_proven": optimality_bench.distribution([0.0, 0.5, 2.0])}}
     sections[titles[2]] = {"status": "ok", "text": "-", "seconds": 1.0, "result": optimality}
     sections[titles[3]] = {"status": "failed", "text": "Traceback: boom", "seconds": 0.0}
-    text = report.render(sections, report.machine(), quick=True, load_after=(0.0, 0.0, 0.0), total_seconds=3.0)
+    text = report.render(sections, quick=True, load_before=(0.0, 0.0, 0.0), total_seconds=3.0)
     assert "## Machine" in text and "## Reproduce" in text and "## Headline" in text
     assert "**Failed**" in text and "| shape | kind |" in text and "Not run: not loaded in this test" in text
     assert "headline failed" not in text and "MILP gap of `auto` on 3 proven optima" in text

@@ -14,13 +14,9 @@ longer `benchmarks/load.py` run, which reports the RSS slope.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import load
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import load  # noqa: E402
+import workloads
 
 
 @pytest.mark.slow
@@ -30,14 +26,8 @@ def test_a_minute_of_load_has_no_errors_and_flat_memory(pytestconfig):
         streams=4,
         controllers=2,
         warmup_s=15.0,
-        layers=8,
-        experts=32,
-        replicas=40,
-        groups=4,
-        nodes=2,
-        gpus=8,
+        shape=workloads.Shape("soak", 8, 32, 40, 4, 2, 8),
         report_hz=50.0,
-        reports_per_call=50,
         rebalance_interval_s=0.25,
     )
     capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
