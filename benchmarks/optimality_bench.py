@@ -1,9 +1,8 @@
 """How far the solver's placements are from the exact optimum on small hard layers, by MILP (HiGHS).
 
-One layer per instance: 8-16 experts on G GPUs with 2-4 slots each, where a bad copy choice leaves the
-least room to even out; integer loads from the shared generators over seeds, plus three hand-checked
-optima. Optima are cached in `milp_optima.json` keyed by a hash of the instance, so reruns pay only for
-new ones; the gaps of proven and time-limited optima are reported apart.
+One layer per instance: 8-16 experts on G GPUs with 2-4 slots each, where a bad copy choice leaves the least
+room to even out; integer loads from the shared generators, plus three hand-checked optima. Optima are cached
+in `milp_optima.json` keyed by a hash of the instance, so reruns pay only for new ones.
 
 The MILP (linear because the copy count is picked from a menu, not a variable divisor), S = R / G slots:
   z[e,k] in {0,1}: expert e has k copies; sum_k z[e,k] = 1; sum_{e,k} k z[e,k] = R
@@ -20,7 +19,6 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,18 +46,6 @@ SIZES = ((8, 4, 3), (8, 5, 2), (8, 6, 2), (10, 4, 3), (10, 6, 2), (12, 4, 4), (1
 SEEDS = (1, 2, 3)
 
 
-@dataclass
-class MilpResult:
-    """Best placement found: `optimum` is its exact max GPU load, `bound` HiGHS's proven lower bound."""
-
-    optimum: float
-    bound: float
-    status: str  # "optimal" when proven, else HiGHS's model status (e.g. "time_limit")
-    seconds: float
-    copies: list[int]
-    gpu_experts: list[list[int]]
-
-
 def placement_max_load(loads: Sequence[float], copies: Sequence[int], gpu_experts: Sequence[Sequence[int]]) -> float:
     """Exact max GPU load of a placement (computed from the loads, free of solver tolerances)."""
     return max(sum(loads[e] / copies[e] for e in experts) for experts in gpu_experts)
@@ -67,9 +53,8 @@ def placement_max_load(loads: Sequence[float], copies: Sequence[int], gpu_expert
 
 def solver_placement(loads: Sequence[float], num_replicas: int, num_gpus: int, policy: str) -> Placement:
     """The project solver's placement of one layer (flat: one group, one node) under `policy`."""
-    phy2log, _, logcnt = rebalance_experts(
-        torch.tensor([list(loads)], dtype=torch.float64), num_replicas, 1, 1, num_gpus, policy=policy
-    )
+    weight = torch.tensor([list(loads)], dtype=torch.float64)
+    phy2log, _, logcnt = rebalance_experts(weight, num_replicas, 1, 1, num_gpus, policy=policy)
     return logcnt[0].tolist(), phy2log[0].view(num_gpus, -1).tolist()
 
 
@@ -83,24 +68,20 @@ class Model:
 
     def __init__(self, loads: list[float], num_replicas: int, num_gpus: int, lb: float, ub: float) -> None:
         self.loads, self.gpus, self.slots = loads, num_gpus, num_replicas // num_gpus
-        self.ks, self.highs, integer = (
-            range(1, num_replicas - len(loads) + 2),
-            highspy.Highs(),
-            highspy.HighsVarType.kInteger,
-        )
+        self.ks, self.highs = range(1, num_replicas - len(loads) + 2), highspy.Highs()
         self.highs.setOptionValue("output_flag", False)
         # Level cuts only where m_v >= 2 can beat the lower bound; distinct piece loads only.
         self.levels: list[float] = []
         for v in sorted({w / k for w in loads for k in self.ks}, reverse=True):
             if lb / self.slots < v <= ub and 2 * v > lb and (not self.levels or v < self.levels[-1] * (1 - 1e-9)):
                 self.levels.append(v)
-        add, qsum, gpus = self.highs.addVariable, highspy.qsum, range(num_gpus)
+        add, integer, gpus = self.highs.addVariable, highspy.HighsVarType.kInteger, range(num_gpus)
         self.t = add(lb=lb, ub=ub, obj=1.0)
         # A piece heavier than the incumbent can never be part of a better placement.
         self.z = [{k: add(0, 0.0 if w / k > ub else 1.0, type=integer) for k in self.ks} for w in loads]
         self.x = [[{k: add(0, min(k, self.slots), type=integer) for k in self.ks} for _ in gpus] for _ in loads]
         self.m = [add(0, min(self.slots, math.floor(ub / v + 1e-9)), type=integer) for v in self.levels]
-        add = self.highs.addConstr
+        add, qsum = self.highs.addConstr, highspy.qsum
         add(qsum(k * z[k] for z in self.z for k in self.ks) == num_replicas)
         for z, x in zip(self.z, self.x, strict=True):
             add(qsum(z.values()) == 1)
@@ -137,12 +118,10 @@ class Model:
 
     def placement(self) -> Placement:
         """Copies per expert and experts per GPU read back from HiGHS's solution."""
-        values = np.asarray(self.highs.getSolution().col_value)
+        values, gpus = np.asarray(self.highs.getSolution().col_value), range(self.gpus)
         copies = [max(z, key=lambda k, z=z: values[z[k].index]) for z in self.z]
-        count = [
-            [int(np.rint(values[x[g][c].index])) for g in range(self.gpus)] for x, c in zip(self.x, copies, strict=True)
-        ]
-        return copies, [[e for e in range(len(copies)) for _ in range(count[e][g])] for g in range(self.gpus)]
+        count = [[int(np.rint(values[x[g][c].index])) for g in gpus] for x, c in zip(self.x, copies, strict=True)]
+        return copies, [[e for e in range(len(copies)) for _ in range(count[e][g])] for g in gpus]
 
     def search(self, incumbent: Placement, lb: float, time_limit: float) -> tuple[bool, Placement, float, str]:
         """Run HiGHS from the incumbent: (proven, best placement, proven lower bound, HiGHS's status name)."""
@@ -158,47 +137,30 @@ class Model:
         return proven, best, bound, self.highs.modelStatusToString(status).lower().replace(" ", "_")
 
 
-def solve_milp(
-    loads: Sequence[float],
-    num_replicas: int,
-    num_gpus: int,
-    *,
-    time_limit: float = 60.0,
-    starts: Sequence[Placement] = (),
-) -> MilpResult:
-    """Solve one layer exactly (or to `time_limit` seconds); the best of the `starts` (valid placements, e.g. the
-    policies') and the `deepseek` policy's placement is the incumbent, which prunes the search."""
+def solve_milp(loads: Sequence[float], num_replicas: int, num_gpus: int, time_limit: float = 60.0, starts=()) -> dict:
+    """One layer solved exactly (or to `time_limit` s): the best placement's exact max load `optimum`, the proven
+    `bound`, `status` ("optimal" or HiGHS's), `seconds`, `copies` and `gpu_experts`. The best of the `starts`
+    (valid placements) and the `deepseek` policy's placement is the incumbent, which prunes the search."""
     if highspy is None:
         raise RuntimeError("highspy is not installed: pip install highspy")
     loads, started = [float(w) for w in loads], time.perf_counter()
     lb = float(workloads.lower_bound(torch.tensor([loads]), num_replicas, num_gpus)[0])
     known = [solver_placement(loads, num_replicas, num_gpus, "deepseek"), *starts]
-    incumbent = min(known, key=lambda p: placement_max_load(loads, *p))
-    ub = placement_max_load(loads, *incumbent)
-    if ub <= lb * (1 + 1e-12) or num_gpus == 1:
-        return MilpResult(ub, lb, "optimal", time.perf_counter() - started, *incumbent)
-    proven, best, bound, status = Model(loads, num_replicas, num_gpus, lb, ub).search(incumbent, lb, time_limit)
-    seconds = time.perf_counter() - started
-    return MilpResult(placement_max_load(loads, *best), bound, "optimal" if proven else status, seconds, *best)
+    best = min(known, key=lambda p: placement_max_load(loads, *p))
+    proven, bound, status, ub = True, lb, "optimal", placement_max_load(loads, *best)
+    if ub > lb * (1 + 1e-12) and num_gpus > 1:
+        proven, best, bound, status = Model(loads, num_replicas, num_gpus, lb, ub).search(best, lb, time_limit)
+    found = {"optimum": placement_max_load(loads, *best), "bound": bound, "status": "optimal" if proven else status}
+    return found | {"seconds": time.perf_counter() - started, "copies": best[0], "gpu_experts": best[1]}
 
 
-@dataclass(frozen=True)
-class Instance:
-    """One layer to place; loads are integers (token counts), which keeps the cache key exact."""
-
-    name: str
-    loads: tuple[float, ...]
-    num_replicas: int
-    num_gpus: int
-
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps([list(self.loads), self.num_replicas, self.num_gpus]).encode()).hexdigest()[
-            :16
-        ]
+def instance_key(inst: dict) -> str:
+    """The cache key: loads are integers (token counts), which keeps it exact."""
+    text = json.dumps([inst["loads"], inst["num_replicas"], inst["num_gpus"]])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def layer_loads(kind: str, experts: int, seed: int) -> tuple[float, ...]:
+def layer_loads(kind: str, experts: int, seed: int) -> list[float]:
     """One layer of `kind`, scaled to about 100 tokens per expert and rounded to counts (at least 1)."""
     rng = np.random.default_rng(seed)
     raw = {
@@ -206,32 +168,18 @@ def layer_loads(kind: str, experts: int, seed: int) -> tuple[float, ...]:
         "lognormal": lambda: workloads.lognormal(1, experts, rng, sigma=rng.uniform(1.0, 1.5)),
         "two_hot": lambda: workloads.hot_experts(1, experts, rng, hot=2, factor=rng.uniform(4.0, 12.0)),
     }[kind]()[0]
-    return tuple(float(v) for v in np.maximum(1, np.rint(raw / raw.sum() * 100 * experts)))
+    return [float(v) for v in np.maximum(1, np.rint(raw / raw.sum() * 100 * experts))]
 
 
-def instances() -> list[Instance]:
-    """The fixed benchmark set: the known instances, then every kind x size x seed."""
-    out = [Instance(name, tuple(float(w) for w in loads), 16, 8) for name, loads, _ in KNOWN]
+def instances() -> list[dict]:
+    """The fixed benchmark set of {name, loads, num_replicas, num_gpus}: the known ones, then kind x size x seed."""
+    out = [{"name": name, "loads": list(map(float, w)), "num_replicas": 16, "num_gpus": 8} for name, w, _ in KNOWN]
     for kind in ("zipf", "lognormal", "two_hot"):
         for (experts, gpus, slots), seed in ((size, seed) for size in SIZES for seed in SEEDS):
             loads = layer_loads(kind, experts, 100 * seed + experts + gpus)
-            out.append(Instance(f"{kind}-e{experts}-g{gpus}x{slots}-s{seed}", loads, gpus * slots, gpus))
+            out.append({"name": f"{kind}-e{experts}-g{gpus}x{slots}-s{seed}", "loads": loads, "num_gpus": gpus})
+            out[-1]["num_replicas"] = gpus * slots
     return out
-
-
-def milp_entry(inst: Instance, cache: dict[str, dict], time_limit: float, starts: list, save: bool) -> dict:
-    """Cached MILP result, re-solved only when missing, or unproven under a shorter time limit."""
-    entry = cache.get(inst.key)
-    if entry and (entry["status"] == "optimal" or entry["time_limit"] >= time_limit):
-        return entry
-    found = asdict(solve_milp(inst.loads, inst.num_replicas, inst.num_gpus, time_limit=time_limit, starts=starts))
-    found = {key: value for key, value in found.items() if key != "gpu_experts"} | {
-        "seconds": round(found["seconds"], 3)
-    }
-    cache[inst.key] = entry = asdict(inst) | {"loads": list(inst.loads), "time_limit": time_limit} | found
-    if save:  # after every solve, so an interrupted run keeps what it paid for
-        CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
-    return entry
 
 
 def gap_pct(value: float, optimum: float) -> float:
@@ -243,21 +191,28 @@ def distribution(gaps: list[float]) -> dict:
     if not gaps:
         return {"count": 0}
     p50, p90 = np.percentile(gaps, [50, 90])
-    return {"count": len(gaps), "mean": np.mean(gaps), "p50": p50, "p90": p90, "worst": max(gaps)} | {
-        "exact": sum(g <= 1e-9 for g in gaps)
-    }
+    figures = {"mean": np.mean(gaps), "p50": p50, "p90": p90, "worst": max(gaps)}
+    return {"count": len(gaps), **figures, "exact": sum(g <= 1e-9 for g in gaps)}
 
 
-def score(inst: Instance, cache: dict[str, dict], time_limit: float, save: bool) -> dict:
-    """One row: the optimum (or, time-limited, the best placement known, a policy's when better) and each
-    policy's max load and gap to it; the policies' placements seed the MILP as incumbents."""
-    placements = {p: solver_placement(inst.loads, inst.num_replicas, inst.num_gpus, p) for p in POLICIES}
-    peaks = {p: placement_max_load(inst.loads, *placement) for p, placement in placements.items()}
-    entry = milp_entry(inst, cache, time_limit, list(placements.values()), save)
+def score(inst: dict, cache: dict[str, dict], time_limit: float, save: bool) -> dict:
+    """One row: the optimum (or, time-limited, the best placement known, a policy's when better) and each policy's
+    max load and gap to it. The MILP runs only on a cache miss or an unproven entry of a shorter time limit,
+    with the policies' placements as incumbents; `save` writes the cache after every solve."""
+    loads, replicas, gpus, key = inst["loads"], inst["num_replicas"], inst["num_gpus"], instance_key(inst)
+    placements = {p: solver_placement(loads, replicas, gpus, p) for p in POLICIES}
+    entry = cache.get(key)
+    if not entry or (entry["status"] != "optimal" and entry["time_limit"] < time_limit):
+        found = solve_milp(loads, replicas, gpus, time_limit, list(placements.values()))
+        del found["gpu_experts"]
+        cache[key] = entry = inst | {"time_limit": time_limit} | found | {"seconds": round(found["seconds"], 3)}
+        if save:  # after every solve, so an interrupted run keeps what it paid for
+            CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
+    peaks = {p: placement_max_load(loads, *placed) for p, placed in placements.items()}
     proven = entry["status"] == "optimal"
     optimum = entry["optimum"] if proven else min(entry["optimum"], *peaks.values())
-    row = {"instance": inst.name, "E": len(inst.loads), "G": inst.num_gpus, "R": inst.num_replicas, "optimum": optimum}
-    row |= {"proven": proven, "milp_status": entry["status"], "milp_seconds": entry["seconds"]}
+    row = {"instance": inst["name"], "E": len(loads), "G": gpus, "R": replicas, "optimum": optimum, "proven": proven}
+    row |= {"milp_status": entry["status"], "milp_seconds": entry["seconds"]}
     for policy, peak in peaks.items():
         row |= {f"{policy}_max": peak, f"{policy}_gap_pct": gap_pct(peak, optimum)}
     return row | {"milp_gap_pct": gap_pct(optimum, entry["bound"])}
@@ -268,7 +223,7 @@ def run(quick: bool = False, time_limit: float | None = None, save: bool = False
     (default 2 quick, 20 full) and `save` writes the cache."""
     current = instances()
     cached = json.loads(CACHE.read_text()) if CACHE.exists() else {}
-    cache = {inst.key: cached[inst.key] for inst in current if inst.key in cached}  # drops retired instances
+    cache = {key: cached[key] for key in map(instance_key, current) if key in cached}  # drops retired instances
     rows = [score(inst, cache, time_limit or (2.0 if quick else 20.0), save) for inst in current]
     summary = {
         f"{policy}_{label}": distribution([r[f"{policy}_gap_pct"] for r in rows if r["proven"] == proven])
@@ -291,20 +246,16 @@ GAPS = (
 
 def markdown(result: dict) -> str:
     """The per-instance table (proven first), then the gap distributions."""
-    rows = [
-        r
-        | {"milp_outcome": "optimal" if r["proven"] else f"{r['milp_status']} (bound within {r['milp_gap_pct']:.2f} %)"}
-        for r in sorted(result["rows"], key=lambda r: not r["proven"])
-    ]
+    rows = sorted(result["rows"], key=lambda r: not r["proven"])
+    for r in rows:
+        r["milp_outcome"] = "optimal" if r["proven"] else f"{r['milp_status']} (bound within {r['milp_gap_pct']:.2f} %)"
     gaps = [d | {"optima": key.replace("_", " ", 1)} for key, d in result["summary"].items() if d["count"]]
-    return "\n\n".join(
-        [
-            filled(*INSTANCES, rows),
-            f"{result['instances']} instances, {result['proven']} solved to proven optimality.",
-            "**Gap to the optimum, %** (time-limited: to the best placement known, which may not be optimal)",
-            filled(*GAPS, gaps),
-        ]
-    )
+    out = [
+        filled(*INSTANCES, rows),
+        f"{result['instances']} instances, {result['proven']} solved to proven optimality.",
+    ]
+    out += ["**Gap to the optimum, %** (time-limited: to the best placement known, which may not be optimal)"]
+    return "\n\n".join([*out, filled(*GAPS, gaps)])
 
 
 if __name__ == "__main__":  # the command line saves what it solves and defaults to 60 s per uncached instance

@@ -115,11 +115,12 @@ def test_migration_bench_runs_on_tiny_shape() -> None:
 
 def test_optimality_instances_are_small_hard_and_fixed() -> None:
     instances = optimality_bench.instances()
-    assert len(instances) >= 60 and len({inst.key for inst in instances}) == len(instances)
+    keys = [optimality_bench.instance_key(inst) for inst in instances]
+    assert len(instances) >= 60 and len(set(keys)) == len(instances)
     for inst in instances[len(optimality_bench.KNOWN) :]:
-        slots = inst.num_replicas // inst.num_gpus
-        assert 8 <= len(inst.loads) <= 16 and 2 <= slots <= 4 and inst.num_replicas > len(inst.loads), inst.name
-    assert [inst.key for inst in optimality_bench.instances()] == [inst.key for inst in instances]
+        slots, experts = inst["num_replicas"] // inst["num_gpus"], len(inst["loads"])
+        assert 8 <= experts <= 16 and 2 <= slots <= 4 and inst["num_replicas"] > experts, inst["name"]
+    assert [optimality_bench.instance_key(inst) for inst in optimality_bench.instances()] == keys
 
 
 def test_report_renders_with_a_failed_section() -> None:

@@ -28,12 +28,12 @@ def _cached() -> list[dict]:
 @pytest.mark.parametrize(("name", "loads", "replicas", "gpus", "optimum"), FAST_KNOWN, ids=[k[0] for k in FAST_KNOWN])
 def test_milp_reproduces_known_optimum(name: str, loads: list[float], replicas: int, gpus: int, optimum: float) -> None:
     res = solve_milp(loads, replicas, gpus, time_limit=60)
-    assert res.status == "optimal", f"{name}: MILP did not prove optimality ({res.status})"
-    assert res.optimum == pytest.approx(optimum, rel=1e-9)
+    assert res["status"] == "optimal", f"{name}: MILP did not prove optimality ({res['status']})"
+    assert res["optimum"] == pytest.approx(optimum, rel=1e-9)
     # The returned placement is a real one: R slots, R / G per GPU, every expert present, load = optimum.
-    assert sorted(len(g) for g in res.gpu_experts) == [replicas // gpus] * gpus
-    assert sum(res.copies) == replicas and min(res.copies) >= 1
-    assert placement_max_load(loads, res.copies, res.gpu_experts) == pytest.approx(optimum, rel=1e-12)
+    assert sorted(len(g) for g in res["gpu_experts"]) == [replicas // gpus] * gpus
+    assert sum(res["copies"]) == replicas and min(res["copies"]) >= 1
+    assert placement_max_load(loads, res["copies"], res["gpu_experts"]) == pytest.approx(optimum, rel=1e-12)
 
 
 def test_lower_bound_is_tight_on_trivial_cases() -> None:
@@ -52,7 +52,7 @@ def test_auto_within_one_percent_of_known_optimum(name: str, loads: list[float],
 
 def test_cache_covers_the_benchmark() -> None:
     by_key = {(tuple(e["loads"]), e["num_replicas"], e["num_gpus"]): e for e in _cached()}
-    missing = [i.name for i in instances() if (i.loads, i.num_replicas, i.num_gpus) not in by_key]
+    missing = [i["name"] for i in instances() if (tuple(i["loads"]), i["num_replicas"], i["num_gpus"]) not in by_key]
     assert not missing, f"run benchmarks/optimality_bench.py to fill milp_optima.json: {missing}"
     assert sum(e["status"] == "optimal" for e in by_key.values()) >= 60
     for name, loads, optimum in KNOWN:
