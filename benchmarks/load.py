@@ -3,8 +3,7 @@
 8 telemetry streams (engine ranks) report DeepSeek-V3 loads for 2 deployments at 40 reports/s each; each
 deployment has a controller re-planning it every second (with `base_version`, then reading it back) and a
 watcher following its versions. Figures start after the warm-up (until the server's 64-slot window and 8
-history intervals are full, every re-plan works on more data than the last). The generator shares the
-CPUs with the server, so its own CPU use is part of what limits the rates.
+history intervals are full, every re-plan works on more data than the last).
 """
 
 from __future__ import annotations
@@ -50,19 +49,14 @@ class Settings:
 class Traffic:
     """The generator's tasks on one stub until `stop_at`: (time, seconds) per operation, counts, errors by kind."""
 
-    def __init__(self, stub, cfg: Settings, started: float) -> None:
-        self.stub, self.cfg, self.stop_at, self.warm_at = stub, cfg, started + cfg.duration_s, started + cfg.warmup
+    def __init__(self, stub, cfg: Settings) -> None:
+        self.stub, self.cfg, self.stop_at = stub, cfg, time.monotonic() + cfg.duration_s
         self.latencies: dict[str, list[tuple[float, float]]] = defaultdict(list)
-        self.counts, self.errors = Counter(), Counter()
+        self.counts, self.errors, self.rss = Counter(), Counter(), []
 
     def latency(self, operation: str, began: float, seconds: float | None = None) -> None:
         now = time.monotonic()
         self.latencies[operation].append((now, now - began if seconds is None else seconds))
-
-    def quantiles(self, operation: str) -> dict:
-        values = [seconds for at, seconds in self.latencies[operation] if at >= self.warm_at]
-        p50, p99 = np.percentile(values, [50, 99]) if values else (float("nan"),) * 2
-        return {"count": len(values), "p50_ms": 1e3 * p50, "p99_ms": 1e3 * p99}
 
     async def stream_reports(self, deployment_id: str, rank: int, pool: list) -> None:
         """One engine rank: StreamLoad calls of REPORTS_PER_CALL reports paced at `report_hz`; `ingest_lag` is a
@@ -108,9 +102,8 @@ class Traffic:
                 self.errors["version skipped"] += placement.version != version + 1
                 version, began = placement.version, time.monotonic()
                 self.counts["rebalances"] += 1
-                self.errors["stale read"] += (
-                    await self.stub.GetPlacement(read, timeout=30)
-                ).placement.version != version
+                read_back = await self.stub.GetPlacement(read, timeout=30)
+                self.errors["stale read"] += read_back.placement.version != version
                 self.latency("get_placement", began)
             except grpc.RpcError as error:
                 self.errors[f"control {error.code().name}"] += 1
@@ -127,20 +120,25 @@ class Traffic:
             if error.code() != grpc.StatusCode.CANCELLED:
                 self.errors[f"watch {error.code().name}"] += 1
 
-    async def sample_rss(self, pid: int, samples: list[tuple[float, float]]) -> None:
+    async def sample_rss(self, pid: int) -> None:
         while time.monotonic() < self.stop_at:
-            samples.append((time.monotonic(), memory_mib(pid)))
+            self.rss.append((time.monotonic(), memory_mib(pid)))
             await asyncio.sleep(0.5)
 
-
-def rss_figures(samples: list[tuple[float, float]], warm_at: float) -> dict:
-    """RSS when the warm-up ends, at the end, the growth in between and the post-warm-up slope."""
-    after = np.array([(t, rss) for t, rss in samples if t >= warm_at])
-    if len(after) < 2:
-        return {}
-    warm, end = statistics.median(after[:3, 1]), statistics.median(after[-3:, 1])
-    slope = float(np.polyfit(after[:, 0] - after[0, 0], after[:, 1], 1)[0]) * 60.0
-    return {"rss_warm_mib": warm, "rss_end_mib": end, "rss_growth_pct": 100 * (end - warm) / warm, "rss_slope": slope}
+    def figures(self, warm_at: float) -> dict:
+        """Latency quantiles of each operation, and the RSS at warm-up end and at the end, its growth and slope."""
+        out: dict = {"latency": {}}
+        for operation, samples in self.latencies.items():
+            values = [seconds for at, seconds in samples if at >= warm_at]
+            p50, p99 = 1e3 * np.percentile(values, [50, 99]) if values else (float("nan"),) * 2
+            out["latency"][operation] = {"count": len(values), "p50_ms": p50, "p99_ms": p99}
+        after = np.array([(t, rss) for t, rss in self.rss if t >= warm_at])
+        if len(after) >= 2:
+            warm, end = statistics.median(after[:3, 1]), statistics.median(after[-3:, 1])
+            slope = float(np.polyfit(after[:, 0] - after[0, 0], after[:, 1], 1)[0]) * 60.0
+            out |= {"rss_warm_mib": warm, "rss_end_mib": end, "rss_growth_pct": 100 * (end - warm) / warm}
+            out["rss_slope"] = slope
+        return out
 
 
 async def drive(target: str, pid: int, cfg: Settings) -> dict:
@@ -149,43 +147,29 @@ async def drive(target: str, pid: int, cfg: Settings) -> dict:
         stub, count = rebalancer_pb2_grpc.RebalancerServiceStub(channel), cfg.controllers
         deployments = [f"load-{index}" for index in range(count)]
         # Pre-encoded loads, so the generator spends its CPU on RPCs, not on random numbers.
-        pools = [
-            [encode(workloads.shape_loads(cfg.shape, "zipf", 16 * n + i).numpy()) for i in range(16)]
-            for n in range(count)
-        ]
+        loads = [encode(workloads.shape_loads(cfg.shape, "zipf", seed).numpy()) for seed in range(16 * count)]
+        pools = [loads[16 * n : 16 * n + 16] for n in range(count)]
         for d, pool in zip(deployments, pools, strict=True):  # register, fill the window a little, commit version 1
-            await stub.StreamLoad(
-                iter([pb.StreamLoadRequest(deployment_id=d, topology=topology(cfg.shape), loads=pool[0])])
-            )
+            first = pb.StreamLoadRequest(deployment_id=d, topology=topology(cfg.shape), loads=pool[0])
+            await stub.StreamLoad(iter([first]))
             await stub.Rebalance(pb.RebalanceRequest(deployment_id=d), timeout=120)
-        started, rss = time.monotonic(), []
-        traffic = Traffic(stub, cfg, started)
-        watchers = [asyncio.create_task(traffic.watch(d)) for d in deployments]
+        traffic = Traffic(stub, cfg)
+        started, watchers = time.monotonic(), [asyncio.create_task(traffic.watch(d)) for d in deployments]
         # Stream i is rank i // controllers of deployment i % controllers: ranks of one deployment add up.
-        streams = [
+        tasks = [
             traffic.stream_reports(deployments[i % count], i // count, pools[i % count]) for i in range(cfg.streams)
         ]
-        await asyncio.gather(*streams, *map(traffic.control, deployments), traffic.sample_rss(pid, rss))
+        await asyncio.gather(*tasks, *map(traffic.control, deployments), traffic.sample_rss(pid))
         elapsed = time.monotonic() - started
         await asyncio.sleep(0.2)  # the last pushes
         for watcher in watchers:
             watcher.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
     errors, counts = {kind: n for kind, n in traffic.errors.items() if n}, traffic.counts
-    return {
-        "settings": cfg,
-        "duration_s": elapsed,
-        "offered_reports_per_s": cfg.streams * cfg.report_hz,
-        "reports_per_s": counts["reports"] / elapsed,
-        "rebalances": counts["rebalances"],
-        "rebalances_per_s": counts["rebalances"] / elapsed,
-        "watch_pushes": counts["pushes"],
-        "errors": sum(errors.values()),
-        "error_kinds": errors,
-        "latency": {operation: traffic.quantiles(operation) for operation in list(traffic.latencies)},
-        "load_average": os.getloadavg(),
-        **rss_figures(rss, started + cfg.warmup),
-    }
+    figures = {"settings": cfg, "duration_s": elapsed, "offered_reports_per_s": cfg.streams * cfg.report_hz}
+    figures |= {"reports_per_s": counts["reports"] / elapsed, "rebalances_per_s": counts["rebalances"] / elapsed}
+    figures |= {"rebalances": counts["rebalances"], "watch_pushes": counts["pushes"], "errors": sum(errors.values())}
+    return figures | {"error_kinds": errors, "load_average": os.getloadavg(), **traffic.figures(started + cfg.warmup)}
 
 
 def run(quick: bool = False, **settings) -> dict:
@@ -207,11 +191,9 @@ def markdown(figures: dict) -> str:
         ("reports accepted per s", f"{figures['reports_per_s']:.1f}"),
         ("rebalances committed per s", f"{figures['rebalances_per_s']:.2f}"),
         ("errors", f"{figures['errors']} {figures['error_kinds'] or ''}".strip()),
-        *(
-            (f"{op} p50 / p99 (ms)", f"{q['p50_ms']:.1f} / {q['p99_ms']:.1f} (n={q['count']})")
-            for op, q in latency.items()
-        ),
     ]
+    for op, q in latency.items():
+        rows.append((f"{op} p50 / p99 (ms)", f"{q['p50_ms']:.1f} / {q['p99_ms']:.1f} (n={q['count']})"))
     if "rss_warm_mib" in figures:
         rss = f"{figures['rss_warm_mib']:.0f} -> {figures['rss_end_mib']:.0f} ({figures['rss_growth_pct']:+.1f} %,"
         rows.append(("server RSS warm -> end (MiB)", f"{rss} slope {figures['rss_slope']:+.1f} MiB/min)"))

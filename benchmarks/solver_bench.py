@@ -6,6 +6,7 @@ run) and its placement's mean balancedness and max GPU load over the lower bound
 
 from __future__ import annotations
 
+import operator
 import statistics
 from collections.abc import Callable, Sequence
 
@@ -64,22 +65,19 @@ def bench_case(shape: workloads.Shape, kind: str, repeats: int, planner_map: dic
     weight = workloads.shape_loads(shape, kind, LOAD_SEED)
     calls = {label: (lambda plan=plan: plan(weight, shape)) for label, plan in planner_map.items()}
     times, results = interleaved_times(calls, repeats, **LIMITS)
-    figures = {
-        label: {
-            "time_min_s": min(times[label]),
-            "time_ratio": min(times[label]) / min(times["deepseek"]),
-            "balancedness": float(workloads.balancedness(weight, results[label], shape.gpus).mean()),
-            "max_over_lb": float(workloads.max_over_lower_bound(weight, results[label], shape.gpus).mean()),
-        }
-        for label in calls
-    }
-    best_reference = max(figures[name]["balancedness"] for name in REFERENCES)
+    figures = {}
+    for label, placed in results.items():
+        figures[label] = {"time_min_s": min(times[label]), "time_ratio": min(times[label]) / min(times["deepseek"])}
+        figures[label]["balancedness"] = float(workloads.balancedness(weight, placed, shape.gpus).mean())
+        figures[label]["max_over_lb"] = float(workloads.max_over_lower_bound(weight, placed, shape.gpus).mean())
+    margin = figures["auto"]["balancedness"] - max(figures[name]["balancedness"] for name in REFERENCES)
+    rounds = len(times["deepseek"])
     return {
         "shape": shape.name,
         "kind": kind,
-        "rounds": len(times["deepseek"]),
+        "rounds": rounds,
         "policies": figures,
-        "auto_minus_best_reference": figures["auto"]["balancedness"] - best_reference,
+        "auto_minus_best_reference": margin,
     }
 
 
@@ -96,18 +94,11 @@ def speed_figure(shape_name: str = "dsv3_prefill", kind: str = "zipf", runs: int
     }
     interleaved_times(calls, 1)  # warm-up: first calls pay allocator and dispatcher set-up
     times, results = interleaved_times(calls, runs)
-    return {
-        "shape": shape.name,
-        "kind": kind,
-        "runs": runs,
-        "median_ms": {name: 1000.0 * statistics.median(samples) for name, samples in times.items()},
-        "min_ms": {name: 1000.0 * min(samples) for name, samples in times.items()},
-        **{
-            f"ratio_vs_{name}_median": statistics.median(a / b for a, b in zip(times["auto"], times[name], strict=True))
-            for name in list(calls)[1:]
-        },
-        "published_equals_deepseek_policy": bool(torch.equal(results["published"], results["deepseek"])),
-    }
+    figures = {"shape": shape.name, "kind": kind, "runs": runs, "min_ms": {n: 1e3 * min(t) for n, t in times.items()}}
+    figures["median_ms"] = {name: 1e3 * statistics.median(samples) for name, samples in times.items()}
+    for name in list(calls)[1:]:
+        figures[f"ratio_vs_{name}_median"] = statistics.median(map(operator.truediv, times["auto"], times[name]))
+    return figures | {"published_equals_deepseek_policy": bool(torch.equal(results["published"], results["deepseek"]))}
 
 
 def geomean_ratio(cases: Sequence[dict], label: str, base: str) -> float:
@@ -125,20 +116,14 @@ def summarise(cases: Sequence[dict]) -> dict:
     """Means over all cases per planner, and the worst case of auto against the better reference policy."""
     labels, worst = list(cases[0]["policies"]), min(cases, key=lambda c: c["auto_minus_best_reference"])
     checked = [c for c in cases if c["shape"] in CHECK_SHAPES and c["kind"] in CHECK_KINDS]
-    summary: dict = {
-        label: {
-            "mean_balancedness": mean(cases, label, "balancedness"),
-            "mean_max_over_lb": mean(cases, label, "max_over_lb"),
-            "geomean_time_ratio": geomean_ratio(cases, label, "deepseek"),
-        }
-        for label in labels
+    summary: dict = {"auto_worst_case": f"{worst['shape']}/{worst['kind']}", "check_cases": len(checked)}
+    for label in labels:
+        summary[label] = {f"mean_{key}": mean(cases, label, key) for key in ("balancedness", "max_over_lb")}
+        summary[label]["geomean_time_ratio"] = geomean_ratio(cases, label, "deepseek")
+    summary["check_cases_mean_max_over_lb"] = {
+        label: mean(checked, label, "max_over_lb") for label in labels if checked
     }
-    return summary | {
-        "auto_worst_minus_best_reference": worst["auto_minus_best_reference"],
-        "auto_worst_case": f"{worst['shape']}/{worst['kind']}",
-        "check_cases": len(checked),
-        "check_cases_mean_max_over_lb": {label: mean(checked, label, "max_over_lb") for label in labels if checked},
-    }
+    return summary | {"auto_worst_minus_best_reference": worst["auto_minus_best_reference"]}
 
 
 def run(quick: bool = False) -> dict:
