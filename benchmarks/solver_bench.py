@@ -11,7 +11,6 @@ import statistics
 from collections.abc import Callable, Sequence
 
 import peers
-import published_eplb
 import torch
 import workloads
 from harness import interleaved_times, main, table
@@ -38,7 +37,7 @@ PROJECT: dict[str, Planner] = {
     "auto_c64": project("auto", 64),
     "global": project("global"),
     "hierarchical": project("hierarchical"),
-    "published_loops": lambda w, s: published_eplb.rebalance_experts(w, *s.args(), python_floats=True)[0],
+    "published_loops": lambda w, s: peers.published_rebalance_experts(w, *s.args(), python_floats=True)[0],
 }
 REFERENCES = ("deepseek", "deepseek_global")
 PEER_ROWS = ("auto", "deepseek", "published_loops")  # the project's rows of the peer table, beside the peers
@@ -89,8 +88,8 @@ def speed_figure(shape_name: str = "dsv3_prefill", kind: str = "zipf", runs: int
     calls = {
         "auto": lambda: solve(weight, *args, device="cpu").phy2log,
         "deepseek": lambda: solve(weight, *args, policy="deepseek", device="cpu").phy2log,
-        "published": lambda: published_eplb.rebalance_experts(weight, *args)[0],
-        "published_lists": lambda: published_eplb.rebalance_experts(weight, *args, python_floats=True)[0],
+        "published": lambda: peers.published_rebalance_experts(weight, *args)[0],
+        "published_lists": lambda: peers.published_rebalance_experts(weight, *args, python_floats=True)[0],
     }
     interleaved_times(calls, 1)  # warm-up: first calls pay allocator and dispatcher set-up
     times, results = interleaved_times(calls, runs)

@@ -15,7 +15,6 @@ import time
 import migration_bench
 import optimality_bench
 import peers
-import published_eplb
 import pytest
 import report
 import solver_bench
@@ -28,7 +27,7 @@ TIME_LIMIT_S = 20.0
 
 @pytest.mark.parametrize("python_floats", [False, True])
 def test_published_algorithm_reproduces_readme_example(python_floats: bool) -> None:
-    phy2log, log2phy, logcnt = published_eplb.rebalance_experts(
+    phy2log, log2phy, logcnt = peers.published_rebalance_experts(
         torch.tensor(README_WEIGHT), 16, 4, 2, 8, python_floats=python_floats
     )
     assert phy2log.tolist() == README_PHY2LOG

@@ -18,7 +18,7 @@ from rebalancer.solver import POLICIES, rebalance_experts
 from released_engines import load_vllm
 
 _spec = importlib.util.spec_from_file_location(
-    "published_eplb", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "published_eplb.py"
+    "peers", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py"
 )
 published = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(published)
@@ -49,7 +49,7 @@ def outcome(function, *args):
 @given(published_inputs())
 def test_every_input_the_published_function_accepts_gives_a_valid_map_with_every_policy(case):
     weight, replicas, groups, nodes, gpus = case
-    reference, rejected = outcome(published.rebalance_experts, weight, replicas, groups, nodes, gpus)
+    reference, rejected = outcome(published.published_rebalance_experts, weight, replicas, groups, nodes, gpus)
     vllm_map, vllm_rejected = outcome(
         load_vllm().policy.DefaultEplbPolicy.rebalance_experts, weight, replicas, groups, nodes, gpus
     )
@@ -72,7 +72,7 @@ def test_every_input_the_published_function_accepts_gives_a_valid_map_with_every
 def test_groups_that_do_not_split_over_nodes_plan_globally_like_the_published_function():
     weight = torch.tensor([[90.0, 5, 5, 40, 1, 1, 30, 2, 2, 60, 3, 3]])  # 12 experts
     for groups, nodes, gpus in ((5, 2, 4), (3, 2, 4), (8, 3, 3)):  # 5 does not divide 12; groups % nodes != 0
-        reference = published.rebalance_experts(weight, 12, groups, nodes, gpus)
+        reference = published.published_rebalance_experts(weight, 12, groups, nodes, gpus)
         ours = rebalance_experts(weight, 12, groups, nodes, gpus, policy="deepseek")
         assert torch.equal(ours[0], reference[0]) and torch.equal(ours[2], reference[2])
         rebalance_experts(weight, 12, groups, nodes, gpus)  # and the default policy plans it too
