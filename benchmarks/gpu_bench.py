@@ -1,9 +1,7 @@
-"""GPU figures: the full solve on CUDA, Triton kernels vs the torch path, CPU baselines in the same run.
+"""GPU figures: `rebalance_experts` (policy auto) on CUDA, Triton kernels vs the torch path, CPU baselines beside.
 
-`rebalance_experts` (policy auto) at 64 and 8 candidates on both paths (`REBALANCER_SOLVER_PATH`), median
-CUDA-event ms after a warm-up, on 58 x 256 -> 288 slots / 32 GPUs (bar: < 3 ms at 64 candidates, aim < 1 ms),
-94 x 128 -> 160 / 16 GPUs (bar: < 3 ms) and 16 requests of the first in one call, 928 layers (bar: < 10 ms);
-the `deepseek` policy and the torch path on this machine's CPU beside them. Raises without a CUDA device.
+Bars: 58 x 256 -> 288 slots < 3 ms at 64 candidates (aim < 1 ms), 94 x 128 -> 160 < 3 ms, 16 requests of the
+first in one call < 10 ms; median CUDA-event ms after a warm-up. Raises without a CUDA device.
 """
 
 from __future__ import annotations

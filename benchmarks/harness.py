@@ -32,12 +32,9 @@ def interleaved_times(
     max_s: float = math.inf,
     max_rounds: int = 0,
 ) -> tuple[dict[str, list[float]], dict[str, object]]:
-    """Run every call in rounds, order rotated each round: (label -> seconds per round, label -> last result).
-
-    At least `rounds` rounds, more until `min_s` seconds have passed (up to `max_rounds`), none started after
-    `max_s`. The development machine is shared and absolute times drift 2-5x from one minute to the next;
-    interleaved calls see the same drift, so ratios of their minima or medians survive it.
-    """
+    """Every call in at least `rounds` rounds (more until `min_s`, up to `max_rounds`, none after `max_s`), order
+    rotated: interleaved calls see the same 2-5x drift of a shared machine, so ratios survive it. Returns
+    (label -> seconds per round, label -> last result)."""
     times: dict[str, list[float]] = {label: [] for label in calls}
     results: dict[str, object] = {}
     labels, started = list(calls), time.perf_counter()
@@ -53,8 +50,7 @@ def interleaved_times(
 
 
 def main(run: Callable[..., dict], markdown: Callable[[dict], str], doc: str, **flags: object) -> None:
-    """Parse `--quick` and one flag per keyword (type and shown default from its value; passed on only when
-    given, so `run`'s own defaults stand), run and print the markdown."""
+    """`--quick` and a flag per keyword (typed by its value, passed on only when given); prints the markdown."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer cases and repeats (smoke run)")
     for name, default in flags.items():

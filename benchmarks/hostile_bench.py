@@ -1,11 +1,9 @@
 """What a hostile or careless client can do to a `rebalancer-server` subprocess, measured over loopback.
 
-flood: 3,000 new deployments of 58 x 256 on one stream, the server's peak RSS against --memory-budget-mb
-(bar: budget + 10 %), then a restart serving every accepted one (bar: all work). lanes: a small Rebalance
-beside the largest job the default limits admit (bar: round trip <= its solve + 1 s). deadline: that job
-with a 1 s deadline, seconds until the server counts it dropped (bar: 1 s). sigterm: exit code and seconds
-to exit under load with --grace-period-s 1 (bar: 0, grace + 1 s). estimates: the cost model's time and
-memory beside a measured solve of a few shapes, each in a fresh process.
+Bars: a flood of new deployments stays within --memory-budget-mb + 10 % and every accepted one works after a
+restart; a small Rebalance beside the largest admitted job takes <= its solve + 1 s; that job stops <= 1 s
+after its deadline; SIGTERM under load exits 0 within grace + 1 s. Plus the cost model's estimates beside
+measured solves.
 """
 
 from __future__ import annotations

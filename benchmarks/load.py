@@ -1,9 +1,7 @@
 """Sustained load on a real `rebalancer-server` over loopback: throughput, latency, errors, memory.
 
-8 telemetry streams (engine ranks) report DeepSeek-V3 loads for 2 deployments at 40 reports/s each; each
-deployment has a controller re-planning it every second (with `base_version`, then reading it back) and a
-watcher following its versions. Figures start after the warm-up (until the server's 64-slot window and 8
-history intervals are full, every re-plan works on more data than the last).
+Engine ranks stream DeepSeek-V3 reports for 2 deployments, each re-planned every second by a controller and
+followed by a watcher; figures start once the server's window and history are full.
 """
 
 from __future__ import annotations
@@ -59,8 +57,7 @@ class Traffic:
         self.latencies[operation].append((now, now - began if seconds is None else seconds))
 
     async def stream_reports(self, deployment_id: str, rank: int, pool: list) -> None:
-        """One engine rank: StreamLoad calls of REPORTS_PER_CALL reports paced at `report_hz`; `ingest_lag` is a
-        stream's half-close to its summary."""
+        """One engine rank: paced StreamLoad calls; `ingest_lag` is a call's half-close to its summary."""
         step, pause = itertools.count(1), 1.0 / self.cfg.report_hz
 
         async def reports(half_closed: list[float]):

@@ -1,11 +1,7 @@
-"""Moved copies and next-window balancedness on a drifting load series.
+"""Moved copies and next-window balancedness on a drifting load series (plan on window i, live with it on i + 1).
 
-A controller plans on window i's loads and lives with the plan during window i + 1. Replanning from scratch
-(what every engine does) ships most copies every time; `prev_phy2log` keeps the placement in force where
-that costs (almost) no balance, and `history` plans for the next window rather than the last. Variants on
-the same series: `deepseek` (hierarchical) and `deepseek_global` (flat) from scratch, and `auto` fresh,
-with the previous plan (default and 0.002 balance tolerance), with it and the last 4 windows, with history
-only; paired per-window differences say whether history helps.
+Replanning from scratch (what the engines do) ships most copies every time; `prev_phy2log` keeps the plan in
+force where that costs (almost) no balance, `history` plans for the next window. Plus elastic EP.
 """
 
 from __future__ import annotations
@@ -63,8 +59,7 @@ VARIANTS: tuple[Variant, ...] = (
 
 
 def rearrangement(prev_phy2log, phy2log, shape: workloads.Shape) -> dict[str, float]:
-    """The transfers from one plan to the next under COST and the shape's nodes, costed alike for every variant:
-    a re-plan keeps experts already on a GPU (vLLM-style), so only new arrivals use a link."""
+    """Transfer sums from one plan to the next, costed alike for every variant (experts already on a GPU stay)."""
     per_node = shape.gpus // shape.nodes
     rows = plan_transfers(prev_phy2log, phy2log, shape.experts, shape.replicas // shape.gpus, per_node)
     cost = transfer_stats(rows, shape.layers, shape.gpus, per_node, COST)
@@ -90,8 +85,7 @@ def relative(figures: dict[str, dict]) -> dict[str, dict]:
 
 
 def run_series(shape: workloads.Shape, windows: int, seed: int) -> dict:
-    """Every variant over one drift series: plan on window 0, then replan on windows 1 .. T-2, each scored on
-    the window after it; moves count against that variant's own previous plan."""
+    """Every variant on one series: replans on windows 1 .. T-2, each scored on the next, moves vs its own plan."""
     series = workloads.drift_series(shape.layers, shape.experts, windows, seed=seed)
     placements = {v.label: v.plan(series, 0, shape, None) for v in VARIANTS}
     tracks = {v.label: {"moves": [], "next": [], "seconds": [], "transfers": []} for v in VARIANTS}
@@ -118,8 +112,7 @@ def run_series(shape: workloads.Shape, windows: int, seed: int) -> dict:
 
 
 def paired_difference(runs: Sequence[dict], with_history: str, without: str) -> dict:
-    """Per-window next-window balancedness of `with_history` minus `without`, pooled over `runs`; windows of one
-    series are correlated, so the per-run means beside the (optimistic) standard error tell whether the sign holds."""
+    """Next-window balancedness of `with_history` minus `without`, per window pooled over `runs`, and per run."""
     per_run = []
     for r in runs:
         paired = (r["variants"][label]["next_balancedness"] for label in (with_history, without))
@@ -154,8 +147,7 @@ def summarise(runs: Sequence[dict]) -> dict:
 
 
 def run_elastic(seed: int, shape_name: str = "dsv3_prefill", lost_gpu: int = 5, scale_to: int = 40) -> dict:
-    """Elastic EP from a placement planned on the same zipf loads: lose GPU `lost_gpu`, and scale to `scale_to`
-    GPUs; each beside a fresh plan on the new GPU set (what re-planning on the active ranks gives)."""
+    """Lose GPU `lost_gpu`, and scale to `scale_to` GPUs, from a plan in force; each beside a fresh plan."""
     shape = workloads.SHAPES[shape_name]
     slots, weight = shape.replicas // shape.gpus, workloads.shape_loads(shape, "zipf", seed)
     prev = solve(weight, *shape.args(), device="cpu").phy2log

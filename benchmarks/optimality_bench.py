@@ -1,15 +1,11 @@
 """How far the solver's placements are from the exact optimum on small hard layers, by MILP (HiGHS).
 
-One layer per instance: 8-16 experts on G GPUs with 2-4 slots each, where a bad copy choice leaves the least
-room to even out; integer loads from the shared generators, plus three hand-checked optima. Optima are cached
-in `milp_optima.json` keyed by a hash of the instance, so reruns pay only for new ones.
-
-The MILP (linear because the copy count is picked from a menu, not a variable divisor), S = R / G slots:
-  z[e,k] in {0,1}: expert e has k copies; sum_k z[e,k] = 1; sum_{e,k} k z[e,k] = R
-  x[e,g,k] in Z+: copies of e on GPU g; sum_g x[e,g,k] = k z[e,k] (x[e,g,k] <= S z[e,k] when k > S)
-  per GPU: sum_{e,k} x[e,g,k] = S and sum_{e,k} (w_e / k) x[e,g,k] <= T; minimise T
-  level cuts: if N_v pieces weigh >= v, some GPU holds m_v >= ceil(N_v / G) of them, so T >= v m_v
-T lies between the lower bound and the best known placement, which HiGHS gets as its incumbent.
+Layers of 8-16 experts with 2-4 slots per GPU, plus three hand-checked optima; optima are cached in
+`milp_optima.json` by a hash of the instance. The MILP, S = R / G slots per GPU, minimises T:
+  z[e,k] in {0,1}: expert e has k copies; sum_k z[e,k] = 1; sum_{e,k} k z[e,k] = R (a menu of copy counts
+  keeps it linear); x[e,g,k] in Z+ copies on GPU g: sum_g x[e,g,k] = k z[e,k], x[e,g,k] <= S z[e,k] if k > S;
+  per GPU sum_{e,k} x[e,g,k] = S and sum_{e,k} (w_e / k) x[e,g,k] <= T; level cuts: if N_v pieces weigh
+  >= v, some GPU holds m_v >= ceil(N_v / G) of them, so T >= v m_v. The best known placement is the incumbent.
 """
 
 from __future__ import annotations
@@ -138,9 +134,8 @@ class Model:
 
 
 def solve_milp(loads: Sequence[float], num_replicas: int, num_gpus: int, time_limit: float = 60.0, starts=()) -> dict:
-    """One layer solved exactly (or to `time_limit` s): the best placement's exact max load `optimum`, the proven
-    `bound`, `status` ("optimal" or HiGHS's), `seconds`, `copies` and `gpu_experts`. The best of the `starts`
-    (valid placements) and the `deepseek` policy's placement is the incumbent, which prunes the search."""
+    """One layer to optimality or `time_limit` s, from the best of `starts` and the `deepseek` placement: optimum,
+    bound, status ("optimal" or HiGHS's), seconds, copies, gpu_experts."""
     if highspy is None:
         raise RuntimeError("highspy is not installed: pip install highspy")
     loads, started = [float(w) for w in loads], time.perf_counter()
@@ -196,9 +191,8 @@ def distribution(gaps: list[float]) -> dict:
 
 
 def score(inst: dict, cache: dict[str, dict], time_limit: float, save: bool) -> dict:
-    """One row: the optimum (or, time-limited, the best placement known, a policy's when better) and each policy's
-    max load and gap to it. The MILP runs only on a cache miss or an unproven entry of a shorter time limit,
-    with the policies' placements as incumbents; `save` writes the cache after every solve."""
+    """One row: the optimum (or the best placement known) and each policy's max load and gap; the MILP runs on a
+    cache miss or an unproven entry of a shorter time limit, and `save` writes the cache."""
     loads, replicas, gpus, key = inst["loads"], inst["num_replicas"], inst["num_gpus"], instance_key(inst)
     placements = {p: solver_placement(loads, replicas, gpus, p) for p in POLICIES}
     entry = cache.get(key)
@@ -219,8 +213,7 @@ def score(inst: dict, cache: dict[str, dict], time_limit: float, save: bool) -> 
 
 
 def run(quick: bool = False, time_limit: float | None = None, save: bool = False) -> dict:
-    """Solve (or read) every optimum and score the policies; uncached instances get `time_limit` seconds
-    (default 2 quick, 20 full) and `save` writes the cache."""
+    """Every instance scored; uncached ones get `time_limit` seconds (default 2 quick, 20 full)."""
     current = instances()
     cached = json.loads(CACHE.read_text()) if CACHE.exists() else {}
     cache = {key: cached[key] for key in map(instance_key, current) if key in cached}  # drops retired instances

@@ -1,15 +1,10 @@
-"""The baselines other people ship, imported from their wheels: the engines' EPLB planners and DeepSeek's
-published algorithm.
+"""The baselines others ship, from their released wheels: the engines' EPLB planners and DeepSeek's algorithm.
 
-The wheels are fetched with `pip download --no-deps` into a cache (REBALANCER_ENGINE_WHEELS, default
-~/.cache/moe-rebalancer/engine-wheels) and only their EPLB modules are imported from the archive, under
-namespace stubs, so neither engine's `__init__` runs and nothing of theirs is copied here. Each planner is
-`(weight [L, E], num_replicas, num_groups, num_nodes, num_gpus) -> phy2log [L, R] int64`.
-
-The published `eplb.py` ships in SGLang 0.5.23 as `deepseek.py` except that its packing loop sums Python
-floats where the published one adds float32 0-d tensors (slower, and breaking near-ties differently): so it
-runs from the wheel with only its packing step swapped for the published loop, `python_floats=False` as
-published, `True` with SGLang's sums.
+Wheels are fetched with `pip download --no-deps` into REBALANCER_ENGINE_WHEELS (default
+~/.cache/moe-rebalancer/engine-wheels); only their EPLB modules are imported, under namespace stubs, so no
+engine `__init__` runs and nothing of theirs is copied. SGLang ships the published `eplb.py` as `deepseek.py`
+but packs summing Python floats, not float32 0-d tensors (faster, near-ties break differently), so the
+published algorithm is that module with the published packing loop swapped in.
 """
 
 from __future__ import annotations
@@ -45,8 +40,7 @@ def fetch_wheel(name: str, version: str) -> Path:
 
 
 def import_from_wheel(wheel: Path, module: str) -> types.ModuleType:
-    """Import `module` (a dotted name) from `wheel` under a private top package (e.g. `_released_vllm_0_33_0`,
-    so an installed engine is never shadowed), its parents stubbed; the modules import siblings relatively."""
+    """Import `module` from `wheel` under a private top package (an installed engine is never shadowed)."""
     top, *rest = module.split(".")
     alias = f"_released_{wheel.name.split('-')[0]}_{wheel.name.split('-')[1].replace('.', '_')}"
     for depth in range(len(rest)):

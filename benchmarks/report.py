@@ -1,7 +1,6 @@
 """Runs every benchmark and writes benchmarks/RESULTS.md (`make bench`; `make bench-quick` for a smoke run).
 
-Each benchmark offers `run(quick: bool) -> dict` and `markdown(result) -> str`, listed in BENCHES; each runs
-in its own spawned process under a time limit, so one that fails or hangs costs only its own section.
+Each runs in its own spawned process under a time limit, so one that fails or hangs costs only its section.
 """
 
 from __future__ import annotations

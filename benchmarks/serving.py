@@ -1,8 +1,5 @@
-"""A `rebalancer-server` subprocess on loopback for the service benchmarks, and the port helper the tests share.
-
-A real server process (what an operator runs), so its RSS and CPU use are part of the figures; auto-rebalance
-is off so the benchmark drives every plan. Imports no torch: the client tests take `free_port` from here.
-"""
+"""A `rebalancer-server` subprocess on loopback for the service benchmarks (its RSS and CPU are part of the
+figures), and `free_port`, which the client tests share: this module imports no torch."""
 
 from __future__ import annotations
 
@@ -44,8 +41,7 @@ def memory_mib(pid: int, field: str = "VmRSS") -> float:
 
 
 class Server:
-    """`rebalancer-server` on 127.0.0.1 with its channel and stub, SERVING once constructed; `flags` come after
-    the defaults (metrics on a free port, auto-rebalance off, quiet), so they override them."""
+    """`rebalancer-server` on 127.0.0.1, SERVING once constructed; `flags` override the defaults."""
 
     def __init__(self, state_dir: str, *flags: str, timeout_s: float = 120.0) -> None:
         self.port, self.metrics_port = free_port(), free_port()

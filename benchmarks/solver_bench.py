@@ -1,7 +1,6 @@
 """Solver speed and quality against the published DeepSeek algorithm and the engines' released planners.
 
-Every shape x load kind: each planner's min time over interleaved rounds (as a ratio to `deepseek`, same
-run) and its placement's mean balancedness and max GPU load over the lower bound.
+Per shape x load kind: each planner's min time over interleaved rounds, its balancedness and max load / bound.
 """
 
 from __future__ import annotations
@@ -81,8 +80,7 @@ def bench_case(shape: workloads.Shape, kind: str, repeats: int, planner_map: dic
 
 
 def speed_figure(shape_name: str = "dsv3_prefill", kind: str = "zipf", runs: int = 5) -> dict:
-    """Default `auto` CPU solve vs the `deepseek` policy and the published code, verbatim and over floats;
-    ratios are medians of per-run ratios, as `../shared/checks/check.py speed` takes them."""
+    """Default `auto` CPU solve vs `deepseek` and the published code; ratios are medians of per-run ratios."""
     shape = workloads.SHAPES[shape_name]
     weight, args = workloads.shape_loads(shape, kind, SPEED_SEED), shape.args()
     calls = {

@@ -1,8 +1,6 @@
 """What a rebalance through the vLLM policy plugin costs beyond the solve, on loopback (target <= 10 ms).
 
-`ServiceEplbPolicy.rebalance_experts` is called as vLLM calls it (int64 window sum, the map in force, CPU
-tensors back) on drifting windows against a `rebalancer-server` process, committing every version;
-overhead = wall time of the call - the solve seconds the server reports (encoding, RPC, queue, checks).
+`ServiceEplbPolicy.rebalance_experts` called as vLLM calls it, on drifting windows, against a server process.
 """
 
 from __future__ import annotations

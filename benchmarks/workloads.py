@@ -105,8 +105,7 @@ def shape_loads(shape: Shape | str, kind: str, seed: int = 0) -> torch.Tensor:
 
 
 def drift_series(layers: int, experts: int, windows: int, *, seed: int = 0) -> torch.Tensor:
-    """Window sums [T, L, E] float32 of a drifting router: zipf 1.1 whose log popularity takes N(0, 0.15) steps,
-    3 experts per layer gaining 1.5 every 4th window (a topic shift), 200,000 tokens sampled per layer."""
+    """Window sums [T, L, E] of a drifting router: zipf 1.1, N(0, 0.15) log steps, a topic shift every 4th."""
     rng = np.random.default_rng(seed)
     order = np.argsort(rng.random((layers, experts)), axis=1)
     logp = (-1.1 * np.log(np.arange(1, experts + 1)))[order] + 0.3 * rng.standard_normal((layers, experts))
