@@ -49,10 +49,8 @@ def small_request(topology: pb.Topology, seed: int) -> pb.RebalanceRequest:
 
 def flood(state_dir: str, ids: int) -> dict:
     """`ids` new deployments on one stream under the budget, then a restart that serves every accepted one."""
-    budget, loads = (
-        ("--memory-budget-mb", str(BUDGET_MB)),
-        encode(workloads.shape_loads("dsv3_prefill", "zipf").numpy()),
-    )
+    budget = ("--memory-budget-mb", str(BUDGET_MB))
+    loads = encode(workloads.shape_loads("dsv3_prefill", "zipf").numpy())
     with Server(state_dir, *budget) as server:
         started = time.monotonic()
         reports = (pb.StreamLoadRequest(deployment_id=f"flood-{i:05d}", loads=loads, topology=DSV3) for i in range(ids))
@@ -126,10 +124,8 @@ def measure_solve(name: str) -> tuple[float, float]:
     """(seconds, MiB of peak RSS growth) of one solve of ESTIMATED_SHAPES[name], after a warm-up solve."""
     s = ESTIMATED_SHAPES[name]
     solve(torch.rand(2, 16), 32, 4, 2, 4, num_candidates=2)
-    baseline, weight = (
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        torch.rand(s.num_layers, s.num_experts) ** 4 * 1000,
-    )
+    baseline, weight = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, torch.rand(s.num_layers, s.num_experts)
+    weight = weight**4 * 1000
     started = time.perf_counter()
     solve(weight, s.num_replicas, s.num_groups, s.num_nodes, s.num_gpus, num_candidates=s.candidates)
     return time.perf_counter() - started, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
@@ -143,10 +139,8 @@ def estimates() -> dict:
             seconds, mib = pool.submit(measure_solve, name).result()
         cost = solve_cost(shape, "cpu")
         figures |= {f"estimate_{name}_measured_s": seconds, f"estimate_{name}_measured_mib": mib}
-        figures |= {
-            f"estimate_{name}_estimated_s": cost.work_seconds,
-            f"estimate_{name}_estimated_mib": cost.peak_bytes / 2**20,
-        }
+        figures[f"estimate_{name}_estimated_s"] = cost.work_seconds
+        figures[f"estimate_{name}_estimated_mib"] = cost.peak_bytes / 2**20
     return figures
 
 
@@ -156,21 +150,18 @@ def run(quick: bool = False) -> dict:
         f = estimates() | lanes_and_deadline(f"{root}/lanes") | sigterm(f"{root}/sigterm")
         f |= flood(f"{root}/flood", 300 if quick else 3000)
     restarted = (f["flood_accepted"], f["flood_restart_reports_accepted"], f["flood_restart_rebalances_committed"])
+    small = all(f[f"{n}_round_trip_s"] <= f[f"{n}_solve_s"] + 1.0 for n in ("small_4x16", "small_58x256"))
     return f | {
         "bar_flood_rss_within_budget_plus_10pct": f["flood_peak_rss_mib"] <= 1.1 * BUDGET_MB,
         "bar_every_accepted_works_after_restart": len(set(restarted)) == 1,
-        "bar_small_within_solve_plus_1s": all(
-            f[f"{n}_round_trip_s"] <= f[f"{n}_solve_s"] + 1.0 for n in ("small_4x16", "small_58x256")
-        ),
+        "bar_small_within_solve_plus_1s": small,
         "bar_deadline_stops_within_1s": f["deadline_stop_after_deadline_s"] <= 1.0,
         "bar_sigterm_exit_0_within_grace_plus_1s": f["sigterm_exit_code"] == 0 and f["sigterm_exit_s"] <= GRACE_S + 1.0,
     }
 
 
 def markdown(figures: dict) -> str:
-    return table(
-        ["figure", "value"], [(name, f"{v:.3f}" if isinstance(v, float) else v) for name, v in figures.items()]
-    )
+    return table(["figure", "value"], [(k, f"{v:.3f}" if isinstance(v, float) else v) for k, v in figures.items()])
 
 
 if __name__ == "__main__":

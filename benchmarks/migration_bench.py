@@ -69,18 +69,19 @@ def rearrangement(prev_phy2log, phy2log, shape: workloads.Shape) -> dict[str, fl
     return dict(zip(TRANSFER_SUMS, (*sums, copies * possible * share), strict=True))
 
 
+def ratio(value: float, base: float) -> float:
+    return value / base if base else math.nan
+
+
 def relative(figures: dict[str, dict]) -> dict[str, dict]:
     """Add to every variant's figures its ratios and balancedness delta to each baseline and its pooled shares."""
     for entry in figures.values():
         entry["intra_node_share"] = entry["intra_copies"] / max(entry["network_copies"], 1.0)
         entry["intra_where_possible"] = entry["possible_intra_copies"] / max(entry["possible_copies"], 1.0)
         for base, of in ((base, figures[base]) for base in BASELINES):
-            entry[f"moves_ratio_vs_{base}"] = (
-                entry["total_moves"] / of["total_moves"] if of["total_moves"] else math.nan
-            )
+            entry[f"moves_ratio_vs_{base}"] = ratio(entry["total_moves"], of["total_moves"])
             entry[f"balancedness_delta_vs_{base}"] = entry["mean_next_balancedness"] - of["mean_next_balancedness"]
-            seconds = of["transfer_seconds"]
-            entry[f"transfer_ratio_vs_{base}"] = entry["transfer_seconds"] / seconds if seconds else math.nan
+            entry[f"transfer_ratio_vs_{base}"] = ratio(entry["transfer_seconds"], of["transfer_seconds"])
     return figures
 
 
@@ -97,17 +98,13 @@ def run_series(shape: workloads.Shape, windows: int, seed: int) -> dict:
             track["moves"].append(int(maps.moved_copies(prev, phy2log, shape.experts, shape.gpus).sum()))
             track["next"].append(float(workloads.balancedness(series[window + 1], phy2log, shape.gpus).mean()))
             track["transfers"].append(rearrangement(prev, phy2log, shape))
-    figures = {
-        label: {
-            "next_balancedness": track["next"],
-            "total_moves": sum(track["moves"]),
-            "moved_share": sum(track["moves"]) / ((windows - 2) * shape.layers * shape.replicas),
-            "mean_next_balancedness": statistics.fmean(track["next"]),
-            "mean_solve_ms": 1e3 * statistics.fmean(track["seconds"]),
-            **{key: sum(step[key] for step in track["transfers"]) for key in TRANSFER_SUMS},
-        }
-        for label, track in tracks.items()
-    }
+    figures = {}
+    for label, track in tracks.items():
+        moves, next_balance = sum(track["moves"]), track["next"]
+        figures[label] = {key: sum(step[key] for step in track["transfers"]) for key in TRANSFER_SUMS}
+        figures[label] |= {"next_balancedness": next_balance, "mean_next_balancedness": statistics.fmean(next_balance)}
+        figures[label] |= {"total_moves": moves, "mean_solve_ms": 1e3 * statistics.fmean(track["seconds"])}
+        figures[label]["moved_share"] = moves / ((windows - 2) * shape.layers * shape.replicas)
     return {"shape": shape.name, "seed": seed, "windows": windows, "variants": relative(figures)}
 
 
@@ -118,13 +115,9 @@ def paired_difference(runs: Sequence[dict], with_history: str, without: str) -> 
         paired = (r["variants"][label]["next_balancedness"] for label in (with_history, without))
         per_run.append([a - b for a, b in zip(*paired, strict=True)])
     diffs, means = [d for run_diffs in per_run for d in run_diffs], [statistics.fmean(d) for d in per_run]
-    return {
-        "mean_diff": statistics.fmean(diffs),
-        "stderr": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan,
-        "windows": len(diffs),
-        "per_run_mean": means,
-        "runs_positive": sum(d > 0 for d in means),
-    }
+    stderr = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    figures = {"mean_diff": statistics.fmean(diffs), "stderr": stderr, "windows": len(diffs), "per_run_mean": means}
+    return figures | {"runs_positive": sum(d > 0 for d in means)}
 
 
 def summarise(runs: Sequence[dict]) -> dict:
@@ -132,18 +125,12 @@ def summarise(runs: Sequence[dict]) -> dict:
     totals = {}
     for label in (v.label for v in VARIANTS):
         figures = [r["variants"][label] for r in runs]
-        totals[label] = {
-            key: statistics.fmean(f[key] for f in figures) for key in ("mean_next_balancedness", "mean_solve_ms")
-        }
-        totals[label] |= {key: sum(f[key] for f in figures) for key in ("total_moves", *TRANSFER_SUMS)}
-    return {
-        "windows": runs[0]["windows"],
-        "seeds": sorted({r["seed"] for r in runs}),
-        "runs": runs,
-        "totals": relative(totals),
-        "history_effect": {f"{a} - {b}": paired_difference(runs, a, b) for a, b in HISTORY_PAIRS},
-        "bar": BAR,
-    }
+        totals[label] = {key: sum(f[key] for f in figures) for key in ("total_moves", *TRANSFER_SUMS)}
+        for key in ("mean_next_balancedness", "mean_solve_ms"):
+            totals[label][key] = statistics.fmean(f[key] for f in figures)
+    history = {f"{a} - {b}": paired_difference(runs, a, b) for a, b in HISTORY_PAIRS}
+    summary = {"windows": runs[0]["windows"], "seeds": sorted({r["seed"] for r in runs}), "runs": runs, "bar": BAR}
+    return summary | {"totals": relative(totals), "history_effect": history}
 
 
 def run_elastic(seed: int, shape_name: str = "dsv3_prefill", lost_gpu: int = 5, scale_to: int = 40) -> dict:
@@ -157,22 +144,14 @@ def run_elastic(seed: int, shape_name: str = "dsv3_prefill", lost_gpu: int = 5, 
     scaled = solve(weight, *shape.args(), device="cpu", prev_phy2log=prev, new_num_gpus=scale_to)
     _, kept = elastic_moves(prev, scaled.phy2log, shape.experts, slots, scaled.gpu_ids)
     fresh_scaled = solve(weight, slots * scale_to, 1, 1, scale_to, device="cpu")
-    return {
-        "shape": shape_name,
-        "seed": seed,
-        "lost_gpu": lost_gpu,
-        "scale_to": scale_to,
-        "lost_moves_mean": float(lost.moved_copies.double().mean()),
-        "lost_moves_max": int(lost.moved_copies.max()),
-        "lost_bar": 2 * slots,
-        "fresh_moves_mean": float(fresh_moves.double().mean()),
-        "lost_balancedness": float(lost.balancedness.mean()),
-        "fresh_balancedness": float(fresh.balancedness.mean()),
-        "lost_worst_gap": float((fresh.balancedness - lost.balancedness).max()),
-        "scaled_kept_share": float(kept.sum()) / prev.numel(),
-        "scaled_balancedness": float(scaled.balancedness.mean()),
-        "fresh_scaled_balancedness": float(fresh_scaled.balancedness.mean()),
-    }
+    figures = {"shape": shape_name, "seed": seed, "lost_gpu": lost_gpu, "scale_to": scale_to}
+    moved, worst_gap = lost.moved_copies.double(), (fresh.balancedness - lost.balancedness).max()
+    figures |= {"lost_moves_mean": moved.mean().item(), "lost_moves_max": int(moved.max()), "lost_bar": 2 * slots}
+    figures |= {"fresh_moves_mean": fresh_moves.double().mean().item(), "lost_worst_gap": worst_gap.item()}
+    figures["scaled_kept_share"] = float(kept.sum()) / prev.numel()
+    for name, result in (("lost", lost), ("fresh", fresh), ("scaled", scaled), ("fresh_scaled", fresh_scaled)):
+        figures[f"{name}_balancedness"] = float(result.balancedness.mean())
+    return figures
 
 
 def run(quick: bool = False) -> dict:
