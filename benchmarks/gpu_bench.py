@@ -56,11 +56,8 @@ def measure(loads: torch.Tensor, shape, policy: str, candidates: int | None, pat
             event_ms, wall_ms = cuda_median_ms(call, warmup, runs)
             return f"{event_ms:.3f}", f" (host wall {wall_ms:.2f} ms)", f"{quality:.4f}"
         call()  # warm-up
-        return (
-            f"{1e3 * statistics.median(interleaved_times({'call': call}, runs)[0]['call']):.2f}",
-            "",
-            f"{quality:.4f}",
-        )
+        seconds = statistics.median(interleaved_times({"call": call}, runs)[0]["call"])
+        return f"{1e3 * seconds:.2f}", "", f"{quality:.4f}"
 
 
 def solver_rows(runs: int, warmup: int) -> list[tuple[str, ...]]:

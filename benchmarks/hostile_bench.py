@@ -56,23 +56,15 @@ def flood(state_dir: str, ids: int) -> dict:
         reports = (pb.StreamLoadRequest(deployment_id=f"flood-{i:05d}", loads=loads, topology=DSV3) for i in range(ids))
         summary = server.stub.StreamLoad(reports, timeout=600)
         figures = {"flood_ids": ids, "flood_accepted": summary.accepted, "flood_rejected": summary.rejected}
-        figures |= {
-            "flood_seconds": time.monotonic() - started,
-            "flood_peak_rss_mib": memory_mib(server.process.pid, "VmHWM"),
-        }
+        figures["flood_seconds"] = time.monotonic() - started
+        figures["flood_peak_rss_mib"] = memory_mib(server.process.pid, "VmHWM")
         accepted = [d.deployment_id for d in server.stub.ListDeployments(pb.ListDeploymentsRequest()).deployments]
     with Server(state_dir, *budget) as server:
-        again = server.stub.StreamLoad(
-            (pb.StreamLoadRequest(deployment_id=d, loads=loads) for d in accepted), timeout=600
-        )
-        working = sum(
-            server.stub.Rebalance(pb.RebalanceRequest(deployment_id=d), timeout=120).committed for d in accepted
-        )
-    return figures | {
-        "flood_budget_mib": BUDGET_MB,
-        "flood_restart_reports_accepted": again.accepted,
-        "flood_restart_rebalances_committed": working,
-    }
+        reports = (pb.StreamLoadRequest(deployment_id=d, loads=loads) for d in accepted)
+        again = server.stub.StreamLoad(reports, timeout=600)
+        working = [server.stub.Rebalance(pb.RebalanceRequest(deployment_id=d), timeout=120) for d in accepted]
+    figures |= {"flood_budget_mib": BUDGET_MB, "flood_restart_reports_accepted": again.accepted}
+    return figures | {"flood_restart_rebalances_committed": sum(response.committed for response in working)}
 
 
 def wait_dropped(server: Server, before: float, poll_s: float) -> None:

@@ -65,9 +65,8 @@ class Traffic:
                 if time.monotonic() >= self.stop_at:
                     break
                 await asyncio.sleep(pause)
-                yield pb.StreamLoadRequest(
-                    deployment_id=deployment_id, loads=pool[index % len(pool)], rank=rank, step=index
-                )
+                loads = pool[index % len(pool)]
+                yield pb.StreamLoadRequest(deployment_id=deployment_id, loads=loads, rank=rank, step=index)
             half_closed.append(time.monotonic())
 
         while time.monotonic() < self.stop_at:
@@ -89,10 +88,8 @@ class Traffic:
         while time.monotonic() + self.cfg.rebalance_interval_s < self.stop_at:
             await asyncio.sleep(self.cfg.rebalance_interval_s)
             try:
-                began, request = (
-                    time.monotonic(),
-                    pb.RebalanceRequest(deployment_id=deployment_id, base_version=version),
-                )
+                request = pb.RebalanceRequest(deployment_id=deployment_id, base_version=version)
+                began = time.monotonic()
                 placement = (await self.stub.Rebalance(request, timeout=60)).placement
                 self.latency("rebalance", began)
                 self.latency("solve (server stats)", began, placement.stats.solve_seconds)
@@ -153,10 +150,9 @@ async def drive(target: str, pid: int, cfg: Settings) -> dict:
         traffic = Traffic(stub, cfg)
         started, watchers = time.monotonic(), [asyncio.create_task(traffic.watch(d)) for d in deployments]
         # Stream i is rank i // controllers of deployment i % controllers: ranks of one deployment add up.
-        tasks = [
-            traffic.stream_reports(deployments[i % count], i // count, pools[i % count]) for i in range(cfg.streams)
-        ]
-        await asyncio.gather(*tasks, *map(traffic.control, deployments), traffic.sample_rss(pid))
+        ranks = [(deployments[i % count], i // count, pools[i % count]) for i in range(cfg.streams)]
+        streams = itertools.starmap(traffic.stream_reports, ranks)
+        await asyncio.gather(*streams, *map(traffic.control, deployments), traffic.sample_rss(pid))
         elapsed = time.monotonic() - started
         await asyncio.sleep(0.2)  # the last pushes
         for watcher in watchers:

@@ -243,10 +243,8 @@ def markdown(result: dict) -> str:
     for r in rows:
         r["milp_outcome"] = "optimal" if r["proven"] else f"{r['milp_status']} (bound within {r['milp_gap_pct']:.2f} %)"
     gaps = [d | {"optima": key.replace("_", " ", 1)} for key, d in result["summary"].items() if d["count"]]
-    out = [
-        filled(*INSTANCES, rows),
-        f"{result['instances']} instances, {result['proven']} solved to proven optimality.",
-    ]
+    proven = f"{result['instances']} instances, {result['proven']} solved to proven optimality."
+    out = [filled(*INSTANCES, rows), proven]
     out += ["**Gap to the optimum, %** (time-limited: to the best placement known, which may not be optimal)"]
     return "\n\n".join([*out, filled(*GAPS, gaps)])
 

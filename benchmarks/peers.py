@@ -55,9 +55,8 @@ def load_released_planners() -> dict[str, Planner]:
     """vLLM's default policy and SGLang's `deepseek` and `deepseek_vec`, from the released wheels."""
     vllm, sglang = fetch_wheel("vllm", ENGINES["vllm"]), fetch_wheel("sglang", ENGINES["sglang"])
     default = import_from_wheel(vllm, "vllm.distributed.eplb.policy.default").DefaultEplbPolicy
-    deepseek, vec = (
-        import_from_wheel(sglang, f"sglang.srt.eplb.eplb_algorithms.{name}") for name in ("deepseek", "deepseek_vec")
-    )
+    package = "sglang.srt.eplb.eplb_algorithms"
+    deepseek, vec = (import_from_wheel(sglang, f"{package}.{name}") for name in ("deepseek", "deepseek_vec"))
     return {
         f"vllm {ENGINES['vllm']} default": lambda w, r, g, n, p: default.rebalance_experts(w, r, g, n, p).long(),
         f"sglang {ENGINES['sglang']} deepseek": lambda w, r, g, n, p: deepseek.rebalance_experts(

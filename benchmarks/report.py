@@ -171,12 +171,8 @@ def section(title: str, result: dict) -> list[str]:
 def render(sections: dict, quick: bool, load_before: Sequence[float], total_seconds: float) -> str:
     """The whole RESULTS.md."""
     now, flag = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), " --quick" if quick else ""
-    out = [
-        "# Benchmark results",
-        "",
-        f"Generated {now} by `benchmarks/report.py{flag}` in {total_seconds / 60:.1f} min.",
-    ]
-    out[-1] += " **Quick run: fewer shapes, kinds and repeats; not the reference figures.**" if quick else ""
+    out = ["# Benchmark results", "", f"Generated {now} by `benchmarks/report.py{flag}` in {total_seconds / 60:.1f}"]
+    out[-1] += " min. **Quick run: fewer shapes, kinds and repeats; not the reference figures.**" if quick else " min."
     out += ["", "## Machine", "", *machine(load_before, os.getloadavg()), "", "## Reproduce", "", "```"]
     out += [f".venv/bin/python benchmarks/report.py{flag}   # writes this file"]
     out += [f".venv/bin/python benchmarks/{bench.module.__name__}.py" for bench in BENCHES[:5]] + ["```"]

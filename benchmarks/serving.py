@@ -63,9 +63,7 @@ class Server:
                     return
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(
-            f"rebalancer-server not SERVING within {timeout_s:.0f} s (exit code {self.process.returncode})"
-        )
+        raise RuntimeError(f"rebalancer-server not SERVING within {timeout_s:.0f} s (exit {self.process.returncode})")
 
     def metric(self, name: str) -> float:
         """The sum over every label set of metric family `name` on /metrics."""

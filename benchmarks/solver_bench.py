@@ -70,13 +70,8 @@ def bench_case(shape: workloads.Shape, kind: str, repeats: int, planner_map: dic
         figures[label]["max_over_lb"] = float(workloads.max_over_lower_bound(weight, placed, shape.gpus).mean())
     margin = figures["auto"]["balancedness"] - max(figures[name]["balancedness"] for name in REFERENCES)
     rounds = len(times["deepseek"])
-    return {
-        "shape": shape.name,
-        "kind": kind,
-        "rounds": rounds,
-        "policies": figures,
-        "auto_minus_best_reference": margin,
-    }
+    case = {"shape": shape.name, "kind": kind, "rounds": rounds, "policies": figures}
+    return case | {"auto_minus_best_reference": margin}
 
 
 def speed_figure(shape_name: str = "dsv3_prefill", kind: str = "zipf", runs: int = 5) -> dict:
@@ -100,9 +95,8 @@ def speed_figure(shape_name: str = "dsv3_prefill", kind: str = "zipf", runs: int
 
 def geomean_ratio(cases: Sequence[dict], label: str, base: str) -> float:
     """Geometric mean over `cases` of planner `label`'s min time over planner `base`'s, same run."""
-    return statistics.geometric_mean(
-        c["policies"][label]["time_min_s"] / c["policies"][base]["time_min_s"] for c in cases
-    )
+    ratios = (c["policies"][label]["time_min_s"] / c["policies"][base]["time_min_s"] for c in cases)
+    return statistics.geometric_mean(ratios)
 
 
 def mean(cases: Sequence[dict], label: str, key: str) -> float:
@@ -117,9 +111,8 @@ def summarise(cases: Sequence[dict]) -> dict:
     for label in labels:
         summary[label] = {f"mean_{key}": mean(cases, label, key) for key in ("balancedness", "max_over_lb")}
         summary[label]["geomean_time_ratio"] = geomean_ratio(cases, label, "deepseek")
-    summary["check_cases_mean_max_over_lb"] = {
-        label: mean(checked, label, "max_over_lb") for label in labels if checked
-    }
+    if checked:
+        summary["check_cases_mean_max_over_lb"] = {label: mean(checked, label, "max_over_lb") for label in labels}
     return summary | {"auto_worst_minus_best_reference": worst["auto_minus_best_reference"]}
 
 

@@ -23,9 +23,8 @@ def windows(layers: int, experts: int, rounds: int) -> list[torch.Tensor]:
     """Zipf-like int64 window sums that drift a few percent per round."""
     rng = np.random.default_rng(0)
     base = 1e5 / (np.argsort(rng.random((layers, experts)), axis=1) + 1) ** 1.1
-    return [
-        torch.from_numpy(np.rint(base * rng.uniform(0.95, 1.05, base.shape)).astype(np.int64)) for _ in range(rounds)
-    ]
+    sums = (np.rint(base * rng.uniform(0.95, 1.05, base.shape)).astype(np.int64) for _ in range(rounds))
+    return [torch.from_numpy(window) for window in sums]
 
 
 def run(quick: bool = False, rounds: int = 20, shape: str = "deepseek") -> dict:
