@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import peers
 import torch
 import workloads
-from harness import interleaved_times, main, table
+from harness import filled, interleaved_times, main, table
 from rebalancer.solver import solve
 
 Planner = Callable[[torch.Tensor, workloads.Shape], torch.Tensor]  # (weight [L, E], shape) -> phy2log [L, R]
@@ -164,6 +164,12 @@ def speed_markdown(speed: dict) -> str:
     )
 
 
+SUMMARY = (
+    "planner | mean balancedness | mean max/LB | geomean time / deepseek",
+    "{label} | {mean_balancedness:.4f} | {mean_max_over_lb:.4f} | {geomean_time_ratio:.2f}",
+)
+
+
 def markdown(result: dict) -> str:
     """Speed figure, quality, time, summary, and the peer table."""
     cases, summary = result["cases"], result["summary"]
@@ -179,11 +185,7 @@ def markdown(result: dict) -> str:
         + [f"{c['policies'][label]['time_ratio']:.2f}" for label in labels[1:]]
         for c in cases
     ]
-    means = [
-        [label, *(f"{summary[label][key]:.4f}" for key in ("mean_balancedness", "mean_max_over_lb"))]
-        + [f"{summary[label]['geomean_time_ratio']:.2f}"]
-        for label in labels
-    ]
+    means = [summary[label] | {"label": label} for label in labels]
     out = [
         speed_markdown(result["speed"]),
         "**Quality**: mean balancedness per planner (1.0 is perfect) and max GPU load / lower bound.",
@@ -193,7 +195,7 @@ def markdown(result: dict) -> str:
         " planner as a ratio to it.",
         table(["shape", "kind", "rounds", "deepseek ms", *(f"{label} / deepseek" for label in labels[1:])], times),
         f"**Summary over {len(cases)} cases**",
-        table(["planner", "mean balancedness", "mean max/LB", "geomean time / deepseek"], means),
+        filled(*SUMMARY, means),
         f"Worst case of `auto` minus the better reference policy (deepseek hierarchical or global): "
         f"{summary['auto_worst_minus_best_reference']:+.5f} on {summary['auto_worst_case']} (must be >= 0).",
     ]
