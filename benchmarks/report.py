@@ -89,11 +89,12 @@ def machine(load_before: Sequence[float], load_after: Sequence[float]) -> list[s
     return lines
 
 
-def _child(index: int, quick: bool, sender: Connection) -> None:
-    """Runs in a spawned process: run and format BENCHES[index], send back (status, text, result)."""
+def _child(title: str, quick: bool, sender: Connection) -> None:
+    """Runs in a spawned process: run and format the bench of `title`, send back (status, text, result)."""
     try:
-        result = BENCHES[index].module.run(quick)
-        sender.send(("ok", BENCHES[index].module.markdown(result), result))
+        module = next(bench.module for bench in BENCHES if bench.title == title)
+        result = module.run(quick)
+        sender.send(("ok", module.markdown(result), result))
     except Exception:
         sender.send(("failed", traceback.format_exc(limit=8), None))
 
@@ -104,7 +105,7 @@ def run_bench(bench: Bench, quick: bool) -> dict:
         return {"status": "skipped", "text": "no CUDA device on this machine", "seconds": 0.0}
     context, started, outcome = multiprocessing.get_context("spawn"), time.perf_counter(), None
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(BENCHES.index(bench), quick, sender))
+    process = context.Process(target=_child, args=(bench.title, quick, sender))
     process.start()
     sender.close()  # only the child holds it now: a child that dies without a word leaves the pipe at EOF
     if not receiver.poll(bench.timeout_s):
