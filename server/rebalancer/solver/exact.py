@@ -29,6 +29,8 @@ GREEDY_EXPONENTS = (1.0, 0.75, 0.5)
 WHOLE_TABLE = 64
 PRUNED_EXPERTS = 3
 BOUND_MARGIN = 1e-5
+# Up to this many rows a row-wise reduction is one NumPy call; beyond, one call per column.
+FEW_ROWS = 48
 
 
 def num_count_vectors(num_experts: int, num_replicas: int) -> int:
@@ -194,7 +196,10 @@ def pair_peaks(copy_loads: np.ndarray, num_gpus: int) -> np.ndarray:
 
 def _column_reduce(ufunc: np.ufunc, values: np.ndarray) -> np.ndarray:
     """values [N, k] -> ufunc over each row [N], as k - 1 elementwise ops on columns: NumPy reduces a
-    short last axis row by row (measured 30x slower on [23496, 8])."""
+    short last axis row by row (measured 30x slower on [23496, 8]). Few rows are reduced in one call,
+    where the k - 1 calls' fixed cost is the larger (2 x 12 -> 16 slots: ~20 rows)."""
+    if len(values) <= FEW_ROWS:
+        return ufunc.reduce(values, axis=1)
     return functools.reduce(ufunc, values.T)
 
 
@@ -202,7 +207,8 @@ def pair_placement(loads: np.ndarray, counts: np.ndarray, num_gpus: int) -> tupl
     """The placement of counts [P, E] on loads [P, E] float64, GPU g holding the g-th heaviest and the
     g-th lightest copy (slot order among equal copies) -> (phy2log [P, R], exact max GPU load [P])."""
     num_rows, num_experts = counts.shape
-    experts = np.repeat(np.tile(np.arange(num_experts), num_rows), counts.ravel()).reshape(num_rows, -1)  # [P, R]
+    every_expert = np.broadcast_to(np.arange(num_experts), counts.shape).ravel()
+    experts = np.repeat(every_expert, counts.ravel()).reshape(num_rows, -1)  # [P, R], each expert's copies in a run
     copy32 = _gather_rows(loads.astype(np.float32) / counts.astype(np.float32), experts)
     order = np.argsort(-copy32, axis=1, kind="stable")  # heaviest first, slot order among equals
     by_gpu = np.empty_like(order)
