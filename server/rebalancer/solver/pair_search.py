@@ -3,12 +3,12 @@ exactly by its optimal packing.
 
 With two slots per GPU, pairing the i-th heaviest copy with the i-th lightest is the best packing of
 given copies (exact.py), so the problem is the choice of copies per expert. Where the count vectors are
-too many to score all (16 experts on 32 slots: 3e8), this module climbs from greedy count vectors: each
-round tries every move "expert y gives one copy to expert x" (E (E - 1) moves, each scored by its
-pairing) and keeps the best while it lowers the max GPU load. Every row and start runs as one NumPy
-batch, a round being a dozen NumPy calls on [rows, moves, R]; the torch search (joint.py), built for
-the GPU, issues ~200 small tensor ops per round (measured ~1.3 ms a round on 2 x 16 -> 32 slots, 6
-rounds), and scores only 16 moves where this scores all 240.
+too many to score all (16 experts on 32 slots: 3e8), this module climbs from several greedy count
+vectors: each round scores W x W moves "donor y gives one copy to receiver x" by their pairing and
+keeps the best while it lowers the max GPU load (or, on a plateau, the spread of the GPU loads). Every
+row and start runs as one NumPy batch, a round being a few dozen NumPy calls on [rows, W^2, R]; the
+torch search (joint.py), built for the GPU, issues ~200 small tensor ops per round (measured ~1.3 ms
+a round on 2 x 16 -> 32 slots) and adds noisy LPT candidates that the pairing makes moot.
 """
 
 from __future__ import annotations
