@@ -125,7 +125,7 @@ def _moved(loads: np.ndarray, counts: np.ndarray, width: int) -> tuple[np.ndarra
     giving = np.where(counts > 1, loads / np.maximum(counts - 1, 1), np.inf)
     donors = np.argpartition(giving, width - 1, axis=1)[:, :width]
     moves = (receivers[:, :, None] * num_experts + donors[:, None, :]).reshape(len(counts), -1)  # [A, W * W]
-    spare = np.take_along_axis(counts, donors, 1) > 1  # [A, W], move r * W + d has donor d
+    spare = counts[np.arange(len(counts))[:, None], donors] > 1  # [A, W], move r * W + d has donor d
     return counts[:, None, :] + _move_deltas(num_experts)[moves], np.tile(spare, (1, width))
 
 
