@@ -7,7 +7,7 @@ trust their inputs.
 from __future__ import annotations
 
 import contextlib
-import inspect
+import functools
 import math
 import os
 import time
@@ -33,19 +33,16 @@ from .transfers import CostModel
 class SolveResult:
     """A placement plus what a controller wants to know about it. Tensors live on the solver's device.
 
-    phy2log [L, R], log2phy [L, E, X], logcnt [L, E] (int64); per-layer figures [L] on the planning loads.
+    phy2log [L, R] int64. log2phy [L, E, X], logcnt [L, E] (int64) and the per-layer figures [L] on the
+    planning loads (balancedness; balancedness before and moved copies against the placement in force;
+    the group locality in `stats`) are computed on first read: on small problems (2 x 12 -> 16 slots)
+    they cost as much as the plan, and many callers (a drop-in planner, a benchmark) read phy2log only.
     """
 
     phy2log: torch.Tensor
-    log2phy: torch.Tensor
-    logcnt: torch.Tensor
-    balancedness: torch.Tensor
-    balancedness_before: torch.Tensor | None
-    moved_copies: torch.Tensor
     policy_per_layer: list[str]
     device: str
     solve_seconds: float
-    stats: dict = field(default_factory=dict)
     # With a placement in force: the copies to ship, [T, 5] rows (layer, expert, destination GPU,
     # destination slot, source GPU), see transfers.py, and their cost under the cost model.
     transfers: torch.Tensor | None = None
@@ -56,9 +53,58 @@ class SolveResult:
     gpu_ids: torch.Tensor | None = None
     # Layers a transfer budget held back on the placement in force (their plan follows next time).
     deferred_layers: int = 0
+    # What the figures are computed from: the checked request and the planner's own stats.
+    request: _Request | None = field(default=None, repr=False)
+    plan_stats: dict = field(default_factory=dict, repr=False)
 
     def triple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.phy2log, self.log2phy, self.logcnt
+
+    @functools.cached_property
+    def logcnt(self) -> torch.Tensor:
+        return maps.logcnt_from_phy2log(self.phy2log, self.request.loads.shape[1])
+
+    @functools.cached_property
+    def log2phy(self) -> torch.Tensor:
+        with cpu_threads(self.phy2log.device):
+            return maps.log2phy_from_phy2log(self.phy2log, self.logcnt, self.plan_stats.get("phy_rank"))
+
+    @functools.cached_property
+    def balancedness(self) -> torch.Tensor:
+        request = self.request
+        num_gpus = request.options.num_gpus if request.gpu_ids is None else request.gpu_ids.numel()
+        # Scoring runs under the solve's thread setting: on tiny tensors a 2-thread reduction waits for a
+        # descheduled worker on a busy host (measured: `max` at 1-2 ms per call).
+        with cpu_threads(self.phy2log.device):
+            return maps.balancedness(request.loads, self.phy2log, self.logcnt, num_gpus)
+
+    @property
+    def moved_copies(self) -> torch.Tensor:
+        return self._against_placement_in_force[0]
+
+    @property
+    def balancedness_before(self) -> torch.Tensor | None:
+        return self._against_placement_in_force[1]
+
+    @functools.cached_property
+    def _against_placement_in_force(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with cpu_threads(self.phy2log.device):
+            return _against_placement_in_force(self.request, self.phy2log)
+
+    @functools.cached_property
+    def stats(self) -> dict:
+        """The planner's figures, the kernel path and, with groups kept on nodes, their locality [L]."""
+        request = self.request
+        stats = {name: value for name, value in self.plan_stats.items() if name != "phy_rank"}
+        if request.gpu_ids is None and request.options.hierarchy_applies:
+            options = request.options
+            with cpu_threads(self.phy2log.device):
+                locality = group_locality(
+                    request.loads, self.phy2log, self.logcnt, options.num_groups, options.num_nodes
+                )
+            stats.update(locality)
+        stats.setdefault("path", solver_path(request.device))
+        return stats
 
 
 DEFAULT_BALANCE_TOLERANCE: float = BY_NAME["balance_tolerance"].default
@@ -207,14 +253,11 @@ def solve(
             phy2log = rearranged.phy2log
             kept = zip(policy_per_layer, rearranged.chosen, strict=True)
             policy_per_layer = [name if chosen else "kept" for name, chosen in kept]
-        # Scoring runs under the same thread setting: on tiny tensors a 2-thread reduction waits for a
-        # descheduled worker on a busy host (measured: `max` at 1-2 ms per call).
-        result = _describe(request, phy2log, stats)
+    result = SolveResult(phy2log, policy_per_layer, str(request.device), 0.0, request=request, plan_stats=stats)
     if rearranged is not None:
         rearranged.fill(result)
     elif request.gpu_ids is not None:
         result.gpu_ids = request.gpu_ids
-    result.policy_per_layer = policy_per_layer
     result.solve_seconds = time.perf_counter() - started
     return result
 
@@ -396,33 +439,6 @@ def _checked_history(history: object, num_layers: int, num_experts: int, device:
     return history.to(device, torch.float64)
 
 
-def _describe(request: _Request, phy2log: torch.Tensor, stats: dict) -> SolveResult:
-    """Maps and figures of a plan: log2phy/logcnt from phy2log [L, R], balancedness on the loads [L, E],
-    and moved copies and balancedness before against the placement in force. With a changed GPU set
-    (elastic) phy2log describes the GPUs `request.gpu_ids` [G_new]."""
-    loads, options, gpu_ids = request.loads, request.options, request.gpu_ids
-    num_experts, num_gpus = loads.shape[1], options.num_gpus
-    logcnt = maps.logcnt_from_phy2log(phy2log, num_experts)
-    log2phy = maps.log2phy_from_phy2log(phy2log, logcnt, stats.pop("phy_rank", None))
-    moved, before = _against_placement_in_force(request, phy2log)
-    out_gpus = num_gpus if gpu_ids is None else gpu_ids.numel()
-    if gpu_ids is None and options.hierarchy_applies:
-        stats.update(group_locality(loads, phy2log, logcnt, options.num_groups, options.num_nodes))
-    stats.setdefault("path", solver_path(loads.device))
-    return SolveResult(
-        phy2log=phy2log,
-        log2phy=log2phy,
-        logcnt=logcnt,
-        balancedness=maps.balancedness(loads, phy2log, logcnt, out_gpus),
-        balancedness_before=before,
-        moved_copies=moved,
-        policy_per_layer=[],
-        device=str(loads.device),
-        solve_seconds=0.0,
-        stats=stats,
-    )
-
-
 def _against_placement_in_force(request: _Request, phy2log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(moved copies [L], balancedness of the placement in force [L] or None without one)."""
     loads, prev_phy2log, num_gpus = request.loads, request.prev_phy2log, request.options.num_gpus
@@ -454,29 +470,5 @@ def rebalance_experts(
     """Drop-in for DeepSeek/vLLM `rebalance_experts`: returns (phy2log [L, R], log2phy [L, E, X], logcnt [L, E]).
 
     Keyword options are those of `solve` (policy, num_candidates, seed, device, prev_phy2log, history, ...).
-    A fresh plan (no placement in force) skips the figures `solve` adds: on small problems (2 x 12 -> 16
-    slots) they cost as much as the plan.
     """
-    if any(name not in FRESH_PLAN_OPTIONS and value is not None for name, value in options.items()):
-        return solve(weight, num_replicas, num_groups, num_nodes, num_gpus, **options).triple()
-    fresh = {name: value for name, value in options.items() if name in FRESH_PLAN_OPTIONS}
-    request = _checked_request(weight, num_replicas, num_groups, num_nodes, num_gpus, **fresh)
-    with cpu_threads(request.device):
-        phy2log, _, stats = _plan(request)
-        logcnt = maps.logcnt_from_phy2log(phy2log, request.loads.shape[1])
-        return phy2log, maps.log2phy_from_phy2log(phy2log, logcnt, stats.get("phy_rank")), logcnt
-
-
-# The keywords of `solve` a fresh plan takes; any other (a placement in force, a changed GPU set, a
-# cost model or budget) goes through `solve`, which checks it.
-FRESH_PLAN_OPTIONS = frozenset(
-    name for name, parameter in inspect.signature(solve).parameters.items() if parameter.kind is parameter.KEYWORD_ONLY
-) - {
-    "prev_phy2log",
-    "unavailable_gpus",
-    "new_num_gpus",
-    "max_transfer_seconds",
-    "max_incoming_copies_per_gpu",
-    "cost_model",
-    "plan_transfers",
-}
+    return solve(weight, num_replicas, num_groups, num_nodes, num_gpus, **options).triple()

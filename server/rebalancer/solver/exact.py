@@ -29,6 +29,8 @@ GREEDY_EXPONENTS = (1.0, 0.75, 0.5)
 WHOLE_TABLE = 64
 PRUNED_EXPERTS = 3
 BOUND_MARGIN = 1e-5
+# Up to this many rows a row-wise reduction is one NumPy call; beyond, one call per column.
+FEW_ROWS = 48
 
 
 def num_count_vectors(num_experts: int, num_replicas: int) -> int:
@@ -78,7 +80,7 @@ def pair_optimum(loads: torch.Tensor, num_replicas: int, num_gpus: int) -> tuple
 @dataclass(frozen=True)
 class _HostTable:
     """The count table as NumPy arrays, for the CPU search: counts [K, E] int64 and float32, their
-    reciprocals [K, E] float32 and the expert of each slot [K, R]. The table is in lexicographic order,
+    reciprocals [K, E] float32. The table is in lexicographic order,
     so the entries sharing their first D - 1 counts (a prefix, M of them) form a block, ordered by the
     next count: `keys` [K] (the first D counts in base R + 1, non-decreasing), each prefix's counts
     [M, D - 1], its key with a next count of 0, [M], and the end of its block [M] turn lower bounds on
@@ -87,7 +89,6 @@ class _HostTable:
     counts: np.ndarray
     counts32: np.ndarray
     reciprocals: np.ndarray
-    slot_experts: np.ndarray
     keys: np.ndarray
     prefixes: np.ndarray
     prefix_keys: np.ndarray
@@ -98,14 +99,13 @@ class _HostTable:
 def _host_table(num_experts: int, num_replicas: int) -> _HostTable:
     counts = _count_table(num_experts, num_replicas).numpy()
     counts32 = counts.astype(np.float32)
-    slot_experts = slots_from_counts(torch.from_numpy(counts), num_replicas).numpy()
     depth = max(1, min(PRUNED_EXPERTS, num_experts - 1))
     powers = (num_replicas + 1) ** np.arange(depth - 1, -1, -1)
     keys = counts[:, :depth] @ powers
     prefixes = np.unique(counts[:, : depth - 1], axis=0)
     prefix_keys = prefixes @ powers[:-1] if depth > 1 else np.zeros(1, dtype=np.int64)
     prefix_ends = np.searchsorted(keys, prefix_keys + num_replicas + 1)
-    return _HostTable(counts, counts32, 1.0 / counts32, slot_experts, keys, prefixes, prefix_keys, prefix_ends)
+    return _HostTable(counts, counts32, 1.0 / counts32, keys, prefixes, prefix_keys, prefix_ends)
 
 
 def host_optimum(loads: np.ndarray, num_replicas: int, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
@@ -136,11 +136,11 @@ def host_optimum(loads: np.ndarray, num_replicas: int, num_gpus: int) -> tuple[n
     per_copy = _take_rows(ranked32, rows) / _take_rows(table.counts32, picked)  # [N, E]
     # Each expert's load per copy once per copy, experts in order: one flat repeat, no per-row gather.
     copy_loads = np.repeat(per_copy.ravel(), _take_rows(table.counts, picked).ravel()).reshape(-1, num_replicas)
-    scores = _pair_peaks(copy_loads, num_gpus)
+    scores = pair_peaks(copy_loads, num_gpus)
     starts = np.searchsorted(rows, np.arange(num_rows))  # rows come grouped, each at least once
     best = np.minimum.reduceat(scores, starts)
     winner = np.minimum.reduceat(np.where(scores == best[rows], picked, len(table.counts)), starts)
-    phy2log, peak = _host_placement(ranked, table.counts, table.slot_experts, winner, num_gpus)
+    phy2log, peak = pair_placement(ranked, table.counts[winner], num_gpus)
     return _gather_rows(order, phy2log), peak
 
 
@@ -148,18 +148,26 @@ def _greedy_score(ranked32: np.ndarray, num_replicas: int, num_gpus: int) -> np.
     """The best score [P] of greedy replication (each extra copy to the largest load per copy) on the
     loads raised to each of GREEDY_EXPONENTS: a cheap upper bound on the optimum."""
     num_rows, num_experts = ranked32.shape
+    counts = greedy_counts(ranked32, num_replicas, GREEDY_EXPONENTS).reshape(-1, num_experts)  # [P * X, E]
+    per_copy = np.repeat(ranked32, len(GREEDY_EXPONENTS), 0) / counts.astype(np.float32)  # [P * X, E]
+    scores = pair_peaks(np.repeat(per_copy.ravel(), counts.ravel()).reshape(-1, num_replicas), num_gpus)
+    return scores.reshape(num_rows, -1).min(1)
+
+
+def greedy_counts(loads: np.ndarray, num_replicas: int, exponents: tuple[float, ...]) -> np.ndarray:
+    """Greedy replication (each extra copy to the largest load per copy) on loads [P, E] raised to each
+    of `exponents` -> counts [P, X, E] int64 (each >= 1, summing to R)."""
+    num_rows, num_experts = loads.shape
     extra = num_replicas - num_experts
-    powered = ranked32[:, None, :] ** np.array(GREEDY_EXPONENTS, dtype=np.float32)[:, None]  # [P, X, E]
-    counts = np.ones((num_rows * len(GREEDY_EXPONENTS), num_experts), dtype=np.int64)
+    powered = loads[:, None, :] ** np.array(exponents, dtype=loads.dtype)[:, None]  # [P, X, E]
+    counts = np.ones((num_rows * len(exponents), num_experts), dtype=np.int64)
     if extra > 0:
-        shares = (powered[..., None] / np.arange(1, extra + 1, dtype=np.float32)).reshape(len(counts), -1)
+        shares = (powered[..., None] / np.arange(1, extra + 1, dtype=loads.dtype)).reshape(len(counts), -1)
         taken = np.argpartition(-shares, extra - 1, axis=1)[:, :extra] // extra  # [P * X, extra] experts
         counts += np.bincount(
             (taken + np.arange(0, counts.size, num_experts)[:, None]).ravel(), minlength=counts.size
         ).reshape(counts.shape)
-    per_copy = np.repeat(ranked32, len(GREEDY_EXPONENTS), 0) / counts.astype(np.float32)  # [P * X, E]
-    scores = _pair_peaks(np.repeat(per_copy.ravel(), counts.ravel()).reshape(-1, num_replicas), num_gpus)
-    return scores.reshape(num_rows, -1).min(1)
+    return counts.reshape(num_rows, len(exponents), num_experts)
 
 
 def _table_ranges(
@@ -180,7 +188,7 @@ def _table_ranges(
     return rows, picked
 
 
-def _pair_peaks(copy_loads: np.ndarray, num_gpus: int) -> np.ndarray:
+def pair_peaks(copy_loads: np.ndarray, num_gpus: int) -> np.ndarray:
     """copy loads [N, R] float32 -> max pair load [N], the i-th heaviest copy with the i-th lightest."""
     ordered = np.sort(copy_loads, axis=1)
     return _column_reduce(np.maximum, ordered[:, :num_gpus] + ordered[:, num_gpus:][:, ::-1])
@@ -188,22 +196,25 @@ def _pair_peaks(copy_loads: np.ndarray, num_gpus: int) -> np.ndarray:
 
 def _column_reduce(ufunc: np.ufunc, values: np.ndarray) -> np.ndarray:
     """values [N, k] -> ufunc over each row [N], as k - 1 elementwise ops on columns: NumPy reduces a
-    short last axis row by row (measured 30x slower on [23496, 8])."""
+    short last axis row by row (measured 30x slower on [23496, 8]). Few rows are reduced in one call,
+    where the k - 1 calls' fixed cost is the larger (2 x 12 -> 16 slots: ~20 rows)."""
+    if len(values) <= FEW_ROWS:
+        return ufunc.reduce(values, axis=1)
     return functools.reduce(ufunc, values.T)
 
 
-def _host_placement(
-    loads: np.ndarray, counts: np.ndarray, slot_experts: np.ndarray, winner: np.ndarray, num_gpus: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The placement of count vector winner[p] on row p, GPU g holding the g-th heaviest and the g-th
-    lightest copy (slot order among equal copies) -> (phy2log [P, R], exact max GPU load [P])."""
-    experts = slot_experts[winner]  # [P, R]
-    copy32 = _gather_rows(loads.astype(np.float32) / counts[winner].astype(np.float32), experts)
+def pair_placement(loads: np.ndarray, counts: np.ndarray, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
+    """The placement of counts [P, E] on loads [P, E] float64, GPU g holding the g-th heaviest and the
+    g-th lightest copy (slot order among equal copies) -> (phy2log [P, R], exact max GPU load [P])."""
+    num_rows, num_experts = counts.shape
+    every_expert = np.broadcast_to(np.arange(num_experts), counts.shape).ravel()
+    experts = np.repeat(every_expert, counts.ravel()).reshape(num_rows, -1)  # [P, R], each expert's copies in a run
+    copy32 = _gather_rows(loads.astype(np.float32) / counts.astype(np.float32), experts)
     order = np.argsort(-copy32, axis=1, kind="stable")  # heaviest first, slot order among equals
     by_gpu = np.empty_like(order)
     by_gpu[:, 0::2], by_gpu[:, 1::2] = order[:, :num_gpus], order[:, num_gpus:][:, ::-1]
     phy2log = _gather_rows(experts, by_gpu)
-    slot_loads = _gather_rows(loads / counts[winner], phy2log)  # [P, R] float64
+    slot_loads = _gather_rows(loads / counts, phy2log)  # [P, R] float64
     return phy2log, (slot_loads[:, 0::2] + slot_loads[:, 1::2]).max(1)
 
 

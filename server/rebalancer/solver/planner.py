@@ -1,7 +1,8 @@
 """The multi-candidate solver for one flat problem per row: copies, noisy LPT, swaps, best candidate,
 then joint replication moves on the rows still above their lower bound, and on small layers with three
 or more slots per GPU three-GPU repartitions (repartition.py). With two slots per GPU the packing step
-is the optimal pairing, and small such rows are solved exactly (exact.py).
+is the optimal pairing, and small such rows are solved exactly (exact.py) or, on the CPU where their
+count table is too large, by a climb over copy counts (pair_search.py).
 
 Every row of `loads` is an independent problem (a layer, or a layer's node in the hierarchical policy);
 all rows and all C candidates run together as B = rows x C batched problems.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import exact, repartition
+from . import exact, pair_search, repartition
 from .candidates import multiplicative_noise
 from .history import scenario_imbalance
 from .joint import improve_replication
@@ -131,10 +132,14 @@ def plan(
 
     scenario_loads [P, S, E] (see history.py) make the choice among candidates favour placements that
     stay balanced when the loads move as they have been moving. Without them, small rows with two
-    slots per GPU are solved exactly (exact.py).
+    slots per GPU are solved exactly (exact.py), or on the CPU by a climb over copy counts
+    (pair_search.py) where the count table is too large.
     """
     if scenario_loads is None and exact.applies(loads.shape[1], num_replicas, num_gpus):
         return exact.pair_optimum(loads, num_replicas, num_gpus)
+    scenarios = scenario_loads is not None
+    if pair_search.applies(loads.device, loads.shape[1], num_replicas, num_gpus, num_candidates, scenarios):
+        return pair_search.pair_plan(loads, num_replicas, num_gpus)
     phy2log_c, gpu_loads_c = candidate_placements(loads, num_replicas, num_gpus, seeds, num_candidates)
     phy2log, peak = best_candidate(phy2log_c, gpu_loads_c)
     improved, improved_peak = improve_replication(loads, phy2log, peak, num_gpus)

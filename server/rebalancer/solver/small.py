@@ -72,7 +72,7 @@ def _pair_groups(group_loads: np.ndarray, num_nodes: int) -> np.ndarray:
     num_layers = group_loads.shape[0]
     order = np.argsort(-group_loads, axis=1, kind="stable")
     heavy, light = order[:, :num_nodes], order[:, num_nodes:]
-    lightest_first = np.argsort(np.take_along_axis(group_loads, heavy, 1), axis=1, kind="stable")
+    lightest_first = np.argsort(group_loads[np.arange(num_layers)[:, None], heavy], axis=1, kind="stable")
     node_groups = np.empty((num_layers, num_nodes, 2), dtype=np.int64)
     node_groups[:, :, 0] = heavy
     node_groups[np.arange(num_layers)[:, None], lightest_first, 1] = light
