@@ -115,10 +115,11 @@ def _heaviest_swaps(slot_loads: torch.Tensor, num_partners: int) -> tuple[torch.
     improves, heavy_rank, flat_rank = _closest_swaps(
         heavy_load, heavy_items, light_loads.unsqueeze(1), light_items.unsqueeze(1)
     )
-    partner = flat_rank // capacity
-    if num_partners != num_packs:
-        partner = light.gather(1, partner)
-    return heavy_load[:, 0], improves, heavy * capacity + heavy_rank, partner * capacity + flat_rank % capacity
+    slot_a = heavy * capacity + heavy_rank
+    if num_partners == num_packs:  # partner m, item j: flat rank m * K + j is already the flat slot
+        return heavy_load[:, 0], improves, slot_a, flat_rank
+    partner = light.gather(1, flat_rank // capacity)
+    return heavy_load[:, 0], improves, slot_a, partner * capacity + flat_rank % capacity
 
 
 def _closest_swaps(
@@ -137,15 +138,16 @@ def _closest_swaps(
     num_problems, num_pairs, capacity = heavy_items.shape
     num_partners, width = light_items.shape[2], light_items.shape[3]
     flat = (num_problems, num_pairs, 1, num_partners * width)  # the partners' items in one row
-    # Each item's partner load, contiguous: broadcasting [B, q, M] over J inside the big operations
-    # instead runs 5-6x slower on the CPU.
-    partner_loads = light_loads.unsqueeze(3).expand(-1, -1, -1, width).reshape(flat)
-    heavy = heavy_loads.view(num_problems, num_pairs, 1, 1)
+    # Half gap and middle per partner, then spread over its J items, contiguous: broadcasting [B, q, M]
+    # over J inside the big operations instead runs 5-6x slower on the CPU.
+    heavy = heavy_loads.unsqueeze(2)  # [B, q, 1]
+    half_gap = ((heavy - light_loads) / 2).unsqueeze(3).expand(-1, -1, -1, width).reshape(flat)
+    middle = ((heavy + light_loads) / 2).unsqueeze(3).expand(-1, -1, -1, width).reshape(flat)
     miss = heavy_items.unsqueeze(3) - light_items.reshape(flat)  # [B, q, K, M * J]
-    miss = miss.sub_((heavy - partner_loads) / 2).abs_().add_((heavy + partner_loads) / 2)
+    miss = miss.sub_(half_gap).abs_().add_(middle)
     best_value, heavy_rank = miss.amin(3).min(2)  # the best of each heavy item, then the best item
     # That item's row, picked as whole rows (a gather along the last axis is ~8x slower here).
-    rows = torch.arange(num_problems * num_pairs, device=miss.device) * capacity + heavy_rank.view(-1)
+    rows = torch.arange(0, num_problems * num_pairs * capacity, capacity, device=miss.device) + heavy_rank.view(-1)
     flat_rank = miss.view(-1, flat[3]).index_select(0, rows).view(num_problems, num_pairs, -1).min(2).indices
     improves = best_value < heavy_loads * (1.0 - IMPROVEMENT)
     return improves, heavy_rank, flat_rank
@@ -154,14 +156,14 @@ def _closest_swaps(
 def _apply_swaps(tensors: list[torch.Tensor], improves: torch.Tensor, slot_a: torch.Tensor, slot_b: torch.Tensor):
     """Exchange the contents of flat slots a and b [B, q], per problem and pair, where `improves`. In place.
 
-    Where a pair does not improve, b is pointed at a, so the exchange writes a's value back to a.
+    Where a pair does not improve, b is pointed at a, so the exchange writes a's value back to a. The
+    pairs' slots are distinct, so one gather of every value read and one scatter of them is the exchange.
     """
     slot_b = torch.where(improves, slot_b, slot_a)
+    written, read = torch.cat([slot_a, slot_b], 1), torch.cat([slot_b, slot_a], 1)
     for tensor in tensors:
         flat = tensor.view(tensor.shape[0], -1)
-        value_a, value_b = flat.gather(1, slot_a), flat.gather(1, slot_b)
-        flat.scatter_(1, slot_a, value_b)
-        flat.scatter_(1, slot_b, value_a)
+        flat.scatter_(1, written, flat.gather(1, read))
 
 
 COMPACT_SHARE = 8
@@ -187,10 +189,10 @@ def _refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_
     active = torch.arange(num_problems)
     loads, items, goal = slot_loads, slot_items, targets
     running = torch.ones(num_problems, dtype=torch.bool)  # of the active set; finished ones stay put
+    group = active // group_size
     for _ in range(max_rounds):
         checkpoint()
         heavy_load, improves, slot_a, slot_b = find_swaps(loads, width)
-        group = active // group_size
         group_reached = torch.zeros(num_groups, dtype=torch.bool).index_fill_(0, group[heavy_load <= goal], True)
         running &= improves[:, 0] & ~group_reached[group]
         _apply_swaps([loads, items], improves & running.unsqueeze(1), slot_a, slot_b)
@@ -204,6 +206,7 @@ def _refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_
             slot_loads[active[done]] = loads[done]
             slot_items[active[done]] = items[done]
             active, loads, items, goal = active[running], loads[running], items[running], goal[running]
+            group = active // group_size
             running = running[running]
     if loads is not slot_loads:  # the active set shrank at least once: write the survivors back
         slot_loads[active] = loads
