@@ -75,16 +75,19 @@ def round_pack(item_loads: torch.Tensor, num_packs: int) -> torch.Tensor:
     return slot_items
 
 
-def _pair_swaps(slot_loads: torch.Tensor, num_pairs: int) -> tuple[torch.Tensor, ...]:
+def _pair_swaps(
+    slot_loads: torch.Tensor, num_pairs: int, pack_loads: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
     """Pair the q heaviest packs with the q lightest (heaviest with lightest, and so on) and find, per
     pair, the item swap that lowers the larger of the two the most. The pairs are disjoint, so all
     their swaps apply at once: a fast first phase that levels many packs per round.
 
-    slot_loads [B, G, K] -> (heaviest load [B], improves [B, q], flat slots in the heavy packs [B, q],
-    flat slots in the light packs [B, q]); pair 0 holds the heaviest pack.
+    slot_loads [B, G, K], pack_loads [B, G] (their sums, computed when None) -> (heaviest load [B],
+    improves [B, q], flat slots in the heavy packs [B, q], flat slots in the light packs [B, q]); pair 0
+    holds the heaviest pack.
     """
     capacity = slot_loads.shape[2]
-    pack_loads = slot_loads.sum(-1)
+    pack_loads = slot_loads.sum(-1) if pack_loads is None else pack_loads
     heavy_loads, heavy = pack_loads.topk(num_pairs, dim=1)
     light_loads, light = pack_loads.topk(num_pairs, dim=1, largest=False)
     heavy_items = slot_loads.gather(1, heavy.unsqueeze(-1).expand(-1, -1, capacity))  # [B, q, K]
@@ -96,7 +99,9 @@ def _pair_swaps(slot_loads: torch.Tensor, num_pairs: int) -> tuple[torch.Tensor,
     return heavy_loads[:, 0], improves, heavy * capacity + heavy_rank, light * capacity + light_rank
 
 
-def _heaviest_swaps(slot_loads: torch.Tensor, num_partners: int) -> tuple[torch.Tensor, ...]:
+def _heaviest_swaps(
+    slot_loads: torch.Tensor, num_partners: int, pack_loads: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
     """The swap between the heaviest pack and any of its M lightest partners that lowers the larger
     of the two the most: the thorough second phase. Same outputs as `_pair_swaps`, with q = 1.
 
@@ -104,7 +109,7 @@ def _heaviest_swaps(slot_loads: torch.Tensor, num_partners: int) -> tuple[torch.
     never improves).
     """
     num_problems, num_packs, capacity = slot_loads.shape
-    pack_loads = slot_loads.sum(-1)
+    pack_loads = slot_loads.sum(-1) if pack_loads is None else pack_loads
     heavy_load, heavy = pack_loads.max(1, keepdim=True)
     heavy_items = slot_loads.gather(1, heavy.unsqueeze(-1).expand(-1, -1, capacity))  # [B, 1, K]
     if num_partners == num_packs:
@@ -115,10 +120,11 @@ def _heaviest_swaps(slot_loads: torch.Tensor, num_partners: int) -> tuple[torch.
     improves, heavy_rank, flat_rank = _closest_swaps(
         heavy_load, heavy_items, light_loads.unsqueeze(1), light_items.unsqueeze(1)
     )
-    partner = flat_rank // capacity
-    if num_partners != num_packs:
-        partner = light.gather(1, partner)
-    return heavy_load[:, 0], improves, heavy * capacity + heavy_rank, partner * capacity + flat_rank % capacity
+    slot_a = heavy * capacity + heavy_rank
+    if num_partners == num_packs:  # partner m, item j: flat rank m * K + j is already the flat slot
+        return heavy_load[:, 0], improves, slot_a, flat_rank
+    partner = light.gather(1, flat_rank // capacity)
+    return heavy_load[:, 0], improves, slot_a, partner * capacity + flat_rank % capacity
 
 
 def _closest_swaps(
@@ -137,15 +143,16 @@ def _closest_swaps(
     num_problems, num_pairs, capacity = heavy_items.shape
     num_partners, width = light_items.shape[2], light_items.shape[3]
     flat = (num_problems, num_pairs, 1, num_partners * width)  # the partners' items in one row
-    # Each item's partner load, contiguous: broadcasting [B, q, M] over J inside the big operations
-    # instead runs 5-6x slower on the CPU.
-    partner_loads = light_loads.unsqueeze(3).expand(-1, -1, -1, width).reshape(flat)
-    heavy = heavy_loads.view(num_problems, num_pairs, 1, 1)
+    # Half gap and middle per partner, then spread over its J items, contiguous: broadcasting [B, q, M]
+    # over J inside the big operations instead runs 5-6x slower on the CPU.
+    heavy = heavy_loads.unsqueeze(2)  # [B, q, 1]
+    half_gap = ((heavy - light_loads) / 2).unsqueeze(3).expand(-1, -1, -1, width).reshape(flat)
+    middle = ((heavy + light_loads) / 2).unsqueeze(3).expand(-1, -1, -1, width).reshape(flat)
     miss = heavy_items.unsqueeze(3) - light_items.reshape(flat)  # [B, q, K, M * J]
-    miss = miss.sub_((heavy - partner_loads) / 2).abs_().add_((heavy + partner_loads) / 2)
+    miss = miss.sub_(half_gap).abs_().add_(middle)
     best_value, heavy_rank = miss.amin(3).min(2)  # the best of each heavy item, then the best item
     # That item's row, picked as whole rows (a gather along the last axis is ~8x slower here).
-    rows = torch.arange(num_problems * num_pairs, device=miss.device) * capacity + heavy_rank.view(-1)
+    rows = torch.arange(0, num_problems * num_pairs * capacity, capacity, device=miss.device) + heavy_rank.view(-1)
     flat_rank = miss.view(-1, flat[3]).index_select(0, rows).view(num_problems, num_pairs, -1).min(2).indices
     improves = best_value < heavy_loads * (1.0 - IMPROVEMENT)
     return improves, heavy_rank, flat_rank
@@ -154,14 +161,25 @@ def _closest_swaps(
 def _apply_swaps(tensors: list[torch.Tensor], improves: torch.Tensor, slot_a: torch.Tensor, slot_b: torch.Tensor):
     """Exchange the contents of flat slots a and b [B, q], per problem and pair, where `improves`. In place.
 
-    Where a pair does not improve, b is pointed at a, so the exchange writes a's value back to a.
+    Where a pair does not improve, b is pointed at a, so the exchange writes a's value back to a. The
+    pairs' slots are distinct, so one gather of every value read and one scatter of them is the exchange.
     """
     slot_b = torch.where(improves, slot_b, slot_a)
+    written, read = torch.cat([slot_a, slot_b], 1), torch.cat([slot_b, slot_a], 1)
     for tensor in tensors:
         flat = tensor.view(tensor.shape[0], -1)
-        value_a, value_b = flat.gather(1, slot_a), flat.gather(1, slot_b)
-        flat.scatter_(1, slot_a, value_b)
-        flat.scatter_(1, slot_b, value_a)
+        flat.scatter_(1, written, flat.gather(1, read))
+
+
+def _resum_packs(pack_loads: torch.Tensor, slot_loads: torch.Tensor, slot_a: torch.Tensor, slot_b: torch.Tensor):
+    """Recompute, in place, the loads [B, G] of the packs holding flat slots a and b [B, q] after a
+    round's exchanges. Each is one row sum of K slots, bit for bit the float32 sum a full
+    `slot_loads.sum(-1)` gives that row (the row's reduction order depends on K alone; checked over
+    B, G, K up to 500, 72, 13), at ~2q / G of its work: the full sum was ~1/10 of a CPU round."""
+    capacity = slot_loads.shape[2]
+    packs = torch.cat([slot_a, slot_b], 1) // capacity
+    rows = slot_loads.gather(1, packs.unsqueeze(-1).expand(-1, -1, capacity))  # [B, 2q, K]
+    pack_loads.scatter_(1, packs, rows.sum(-1))
 
 
 COMPACT_SHARE = 8
@@ -170,8 +188,9 @@ COMPACT_SHARE = 8
 def _refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_swaps, width):
     """Rounds of `find_swaps` until no problem's heaviest pack improves or every group met its target.
 
-    On the CPU finished problems leave the active set every round; on a GPU the loop runs a fixed number
-    of masked rounds so it never waits for the host. Works in place.
+    On the CPU finished problems leave the active set every round and pack loads are kept up to date
+    round by round (`_resum_packs`); on a GPU the loop runs a fixed number of masked rounds so it never
+    waits for the host. Works in place.
     """
     num_problems = slot_loads.shape[0]
     num_groups = num_problems // group_size
@@ -185,15 +204,16 @@ def _refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_
     if max_rounds == 0:
         return
     active = torch.arange(num_problems)
-    loads, items, goal = slot_loads, slot_items, targets
+    loads, items, goal, pack_loads = slot_loads, slot_items, targets, slot_loads.sum(-1)
     running = torch.ones(num_problems, dtype=torch.bool)  # of the active set; finished ones stay put
+    group = active // group_size
     for _ in range(max_rounds):
         checkpoint()
-        heavy_load, improves, slot_a, slot_b = find_swaps(loads, width)
-        group = active // group_size
+        heavy_load, improves, slot_a, slot_b = find_swaps(loads, width, pack_loads)
         group_reached = torch.zeros(num_groups, dtype=torch.bool).index_fill_(0, group[heavy_load <= goal], True)
         running &= improves[:, 0] & ~group_reached[group]
         _apply_swaps([loads, items], improves & running.unsqueeze(1), slot_a, slot_b)
+        _resum_packs(pack_loads, loads, slot_a, slot_b)
         left = int(running.sum())
         if left == 0:
             break
@@ -204,6 +224,7 @@ def _refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_
             slot_loads[active[done]] = loads[done]
             slot_items[active[done]] = items[done]
             active, loads, items, goal = active[running], loads[running], items[running], goal[running]
+            group, pack_loads = active // group_size, pack_loads[running]
             running = running[running]
     if loads is not slot_loads:  # the active set shrank at least once: write the survivors back
         slot_loads[active] = loads
