@@ -29,6 +29,8 @@ GREEDY_EXPONENTS = (1.0, 0.75, 0.5)
 WHOLE_TABLE = 64
 PRUNED_EXPERTS = 3
 BOUND_MARGIN = 1e-5
+# Float32 scores this close (relative, a few ulps) are ties: the same max GPU load summed in another order.
+TIE_MARGIN = 1e-6
 # Up to this many rows a row-wise reduction is one NumPy call; beyond, one call per column.
 FEW_ROWS = 48
 
@@ -64,10 +66,10 @@ def pair_optimum(loads: torch.Tensor, num_replicas: int, num_gpus: int) -> tuple
     """loads [P, E] float64 -> (phy2log [P, R], max GPU load [P]), optimal for two slots per GPU.
 
     Requires `applies(E, R, G)`. GPU g hosts the g-th heaviest and the g-th lightest copy of the best
-    count vector (lowest index among equals, so a row's result does not depend on its batch). On a GPU
-    every row scores the whole table at once; on the CPU `host_optimum` scores, in NumPy, only the
-    vectors whose bound reaches a greedy score (the same optimum; among equals, the lowest index of the
-    table over the experts sorted by load).
+    count vector (among equals the one with the lightest heaviest copy, then the lowest index, so a row's
+    result does not depend on its batch). On a GPU every row scores the whole table at once; on the CPU
+    `host_optimum` scores, in NumPy, only the vectors whose bound reaches a greedy score (the same
+    optimum and tie rule, table indices over the experts sorted by load).
     """
     if loads.device.type == "cpu":
         phy2log, peak = host_optimum(loads.numpy(), num_replicas, num_gpus)
@@ -138,8 +140,11 @@ def host_optimum(loads: np.ndarray, num_replicas: int, num_gpus: int) -> tuple[n
     copy_loads = np.repeat(per_copy.ravel(), _take_rows(table.counts, picked).ravel()).reshape(-1, num_replicas)
     scores = pair_peaks(copy_loads, num_gpus)
     starts = np.searchsorted(rows, np.arange(num_rows))  # rows come grouped, each at least once
-    best = np.minimum.reduceat(scores, starts)
-    winner = np.minimum.reduceat(np.where(scores == best[rows], picked, len(table.counts)), starts)
+    tied = scores <= np.minimum.reduceat(scores, starts)[rows] * np.float32(1.0 + TIE_MARGIN)
+    # Among equal scores the lightest heaviest copy (copies where the load is), then the lowest index.
+    heaviest = _column_reduce(np.maximum, per_copy)
+    tied &= heaviest == np.minimum.reduceat(np.where(tied, heaviest, np.inf), starts)[rows]
+    winner = np.minimum.reduceat(np.where(tied, picked, len(table.counts)), starts)
     phy2log, peak = pair_placement(ranked, table.counts[winner], num_gpus)
     return _gather_rows(order, phy2log), peak
 
@@ -234,7 +239,8 @@ def _score(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The best of the `picked` count vectors ([P, J] or [1, J] for every row: indices into counts
     [K, E]) per row, scored by the max pair load of heaviest-with-lightest in float32 -> (phy2log [P, R],
-    exact max GPU load [P] float64, winning float32 score [P]). Among equal scores the lowest index wins."""
+    exact max GPU load [P] float64, winning float32 score [P]). Among equal scores the lightest heaviest
+    copy wins, then the lowest index."""
     num_rows, num_experts = loads.shape
     num_replicas = 2 * num_gpus
     picked_counts = counts[picked]  # [P or 1, J, E]
@@ -247,7 +253,10 @@ def _score(
     pair_peaks = (ordered[..., :num_gpus] + ordered[..., num_gpus:].flip(2)).max(2).values  # [P, J]
     best_score = pair_peaks.min(1, keepdim=True).values
     # Lowest table index among the equal best (a shortlist is in bound order, not index order).
-    tie_key = torch.where(pair_peaks == best_score, picked, counts.shape[0])
+    tied = pair_peaks <= best_score * (1.0 + TIE_MARGIN)
+    heaviest = per_copy.amax(2)  # among equal scores, the lightest heaviest copy, then the lowest index
+    tied &= heaviest == torch.where(tied, heaviest, torch.inf).min(1, keepdim=True).values
+    tie_key = torch.where(tied, picked, counts.shape[0])
     best = tie_key.argmin(1, keepdim=True)  # [P, 1]
     chosen = order.gather(1, best.unsqueeze(2).expand(-1, 1, num_replicas)).squeeze(1)  # [P, R] slot ids
     by_gpu = torch.stack([chosen[:, :num_gpus], chosen[:, num_gpus:].flip(1)], 2).view(num_rows, num_replicas)

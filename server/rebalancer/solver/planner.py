@@ -27,6 +27,8 @@ MIN_EXPONENT_DROP = 0.5
 # small layers with proven optima of benchmarks/optimality_bench.py, with the three-GPU repartition, the
 # mean gap to the optimum falls from 0.17 % to 0.007 %, the worst from 2.6 % to 0.17 %.
 MAX_TABLE_CANDIDATES = 1365
+# Max GPU loads this close (relative) count as equal when choosing among candidates: float64 rounding.
+TIE_TOLERANCE = 1e-12
 
 
 def place_copies(
@@ -102,22 +104,53 @@ def replication_exponents(num_candidates: int, device: torch.device) -> torch.Te
 
 
 def best_candidate(
-    phy2log: torch.Tensor, gpu_loads: torch.Tensor, scenario_loads: torch.Tensor | None = None
+    phy2log: torch.Tensor,
+    gpu_loads: torch.Tensor,
+    scenario_loads: torch.Tensor | None = None,
+    loads: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the candidate with the lowest max GPU load (lowest index on ties); with scenarios, the
-    lowest mean of the max/mean ratio on the last window and on the scenarios' average.
+    """Per row, the candidate with the lowest max GPU load; with scenarios, the lowest mean of the
+    max/mean ratio on the last window and on the scenarios' average.
 
-    phy2log [P, C, R], gpu_loads [P, C, G], scenario_loads [P, S, E] -> (phy2log [P, R], max load [P]).
+    Given `loads` [P, E], candidates tied on the max GPU load go to the one whose heaviest copy is the
+    lightest (`tie_break`), else to the lowest index. phy2log [P, C, R], gpu_loads [P, C, G],
+    scenario_loads [P, S, E] -> (phy2log [P, R], max load [P]).
     """
     peaks = gpu_loads.max(-1).values
-    if scenario_loads is None:
-        winner = peaks.argmin(-1)
-    else:
+    if scenario_loads is not None:
         now = peaks / gpu_loads.mean(-1).clamp_min(1e-300)
         winner = (now + scenario_imbalance(phy2log, scenario_loads, gpu_loads.shape[-1])).argmin(-1)
+    elif loads is not None:
+        winner = tie_break(peaks, copy_peaks(loads, phy2log))
+    else:
+        winner = peaks.argmin(-1)
     peak = peaks.gather(1, winner.unsqueeze(1)).squeeze(1)
     chosen = phy2log.gather(1, winner.view(-1, 1, 1).expand(-1, 1, phy2log.shape[-1])).squeeze(1)
     return chosen, peak
+
+
+def copy_peaks(loads: torch.Tensor, phy2log: torch.Tensor) -> torch.Tensor:
+    """The load of the heaviest copy of each candidate: loads [P, E], phy2log [P, C, R] -> [P, C]."""
+    num_rows, num_candidates, _ = phy2log.shape
+    counts = torch.zeros(num_rows, num_candidates, loads.shape[1], dtype=loads.dtype, device=loads.device)
+    counts.scatter_add_(2, phy2log, torch.ones_like(phy2log, dtype=loads.dtype))
+    return (loads.unsqueeze(1) / counts.clamp_min(1)).amax(-1)
+
+
+def tie_break(peaks: torch.Tensor, copy_peak: torch.Tensor) -> torch.Tensor:
+    """peaks, copy_peak [P, C] -> per row the index [P] of the lowest peak; among peaks equal to it (up to
+    float64 rounding) the lightest heaviest copy, then the lowest index.
+
+    Many count vectors often reach the same max GPU load (integer loads, layers at their lower bound);
+    the one that spreads the hottest experts widest replicates where the load is, as operators and the
+    engines' own tests expect, rather than giving spare copies to cold experts, and stays better balanced
+    when the loads shift.
+    """
+    best = peaks.min(-1, keepdim=True).values
+    tied = peaks <= best * (1.0 + TIE_TOLERANCE)
+    lightest = torch.where(tied, copy_peak, torch.inf).min(-1, keepdim=True).values
+    index = torch.arange(peaks.shape[1], device=peaks.device).expand_as(peaks)
+    return torch.where(tied & (copy_peak <= lightest), index, peaks.shape[1]).min(-1).values
 
 
 def plan(
@@ -141,7 +174,7 @@ def plan(
     if pair_search.applies(loads.device, loads.shape[1], num_replicas, num_gpus, num_candidates, scenarios):
         return pair_search.pair_plan(loads, num_replicas, num_gpus)
     phy2log_c, gpu_loads_c = candidate_placements(loads, num_replicas, num_gpus, seeds, num_candidates)
-    phy2log, peak = best_candidate(phy2log_c, gpu_loads_c)
+    phy2log, peak = best_candidate(phy2log_c, gpu_loads_c, loads=loads)
     improved, improved_peak = improve_replication(loads, phy2log, peak, num_gpus)
     if repartition.applies(num_replicas, num_gpus):
         improved, improved_peak = repartition.repartition(loads, improved, improved_peak, num_gpus)
