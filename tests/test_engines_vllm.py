@@ -270,3 +270,15 @@ def test_an_ep_size_change_moves_the_deployment_to_the_new_layout_without_fallin
     assert ServiceEplbPolicy.stats.committed_version == 3 and again.shape == grown.shape
     placement = server.stub.GetPlacement(pb.GetPlacementRequest(deployment_id="vllm-elastic")).placement
     assert not placement.gpu_ids  # a plain re-plan on the new layout, not another elastic one
+
+
+@pytest.mark.parametrize("replicas, ranks", [(18, 4), (12, 4)])  # not a whole number per rank; too few
+def test_slots_no_plan_can_fill_raise_as_vllms_own_policy_does(vllm, replicas, ranks):
+    configure(f"127.0.0.1:{free_port()}", None, deadline_s=0.5)
+    weight = torch.arange(1.0, 17.0).unsqueeze(0)  # 16 experts
+    with pytest.raises(AssertionError):
+        vllm.policy.DefaultEplbPolicy.rebalance_experts(weight, replicas, 1, 1, ranks)
+    with pytest.raises(AssertionError) as raised:
+        ServiceEplbPolicy.rebalance_experts(weight, replicas, 1, 1, ranks)
+    assert isinstance(raised.value, ValueError) and ServiceEplbPolicy.stats.calls == 1
+    assert ServiceEplbPolicy.stats.fallbacks == 0 and ServiceEplbPolicy.stats.outages == 0

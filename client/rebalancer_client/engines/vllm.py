@@ -18,7 +18,8 @@ function of it (per-layer seeds, no window history when loads are given), rank 0
 ask for a dry run; there, an outage that reaches only some ranks leaves those with a local plan. When the service is
 unreachable, slower than the deadline or answers something unusable, the policy plans locally (the
 library solver when importable, else the replaced vLLM policy, else the map in force), logs once per
-outage, counts it in `ServiceEplbPolicy.stats`, and never raises into vLLM's step. When vLLM's elastic
+outage, counts it in `ServiceEplbPolicy.stats`, and never raises into vLLM's step (only slots that no plan
+can fill raise, an AssertionError as from vLLM's own policy). When vLLM's elastic
 EP changes the rank count, the deployment refuses the old topology and the policy re-plans elastically
 (`new_num_gpus`) from the committed placement: the service moves the deployment to the new layout.
 
@@ -43,6 +44,8 @@ from typing import Any, ClassVar
 import grpc
 import numpy as np
 from rebalancer_wire.codec import decode, encode_ids
+from rebalancer_wire.options import ArgumentError
+from rebalancer_wire.topology import topology_violations
 
 from ..client import RebalancerClient
 from ..messages import field_violations, rebalance_request
@@ -269,6 +272,15 @@ class ServiceEplbPolicy:
 
         cls.stats.calls += 1
         loads = weight.detach().cpu().numpy() if hasattr(weight, "detach") else np.asarray(weight)
+        # Slots no plan can fill (fewer than the experts, or not a whole number per rank) are a configuration
+        # error that vLLM's own policy asserts against, not an outage: raised the same way (an AssertionError)
+        # before any planning, rather than answered with a map of last resort. Groups and nodes that do not
+        # split stay lenient: the plan is global (`planning_layout`).
+        if loads.ndim != 2:
+            raise ArgumentError("weight", f"must be 2-D [layers, experts], got shape {loads.shape}")
+        violations = topology_violations(*loads.shape, num_replicas, 1, 1, num_ranks)
+        if violations:
+            raise ArgumentError(*violations[0])
         call = PlanCall(weight, loads, num_replicas, num_groups, num_nodes, num_ranks, None)
         if old_global_expert_indices is not None:
             old = np.asarray(old_global_expert_indices.detach().cpu().numpy(), dtype=np.int64)
