@@ -12,6 +12,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import peers
+import torch
 import workloads
 from harness import filled, main
 from rebalancer.solver import DEFAULT_BALANCE_TOLERANCE, CostModel, maps, solve
@@ -22,6 +24,8 @@ MIGRATION_SHAPES, BASELINES = ("dsv3_prefill", "qwen3_235b", "kimi_k2"), ("deeps
 HISTORY_WINDOWS = 4
 HISTORY_PAIRS = (("auto_prev_hist", "auto_prev"), ("auto_hist", "auto_fresh"))  # (with history, without)
 BAR = {"moves_ratio": 0.25, "aim": 0.1, "balancedness_slack": 0.005}
+# A tighter balance tolerance for the lost-GPU plan, to set beside SGLang's fresh elasticity_aware plan.
+LOST_TIGHT = {"balance_tolerance": 0.002}
 COST = CostModel()  # DeepSeek-V3 FP8 experts, NVLink 450 GB/s and a 400 Gb/s NIC per GPU
 # Raw per-run sums of the rearrangement figures; shares are pooled from them.
 TRANSFER_SUMS = ("transfer_seconds", "network_copies", "intra_copies", "possible_copies", "possible_intra_copies")
@@ -145,6 +149,11 @@ def run_elastic(seed: int, shape_name: str = "dsv3_prefill", lost_gpu: int = 5, 
     _, kept = elastic_moves(prev, scaled.phy2log, shape.experts, slots, scaled.gpu_ids)
     fresh_scaled = solve(weight, slots * scale_to, 1, 1, scale_to, device="cpu")
     figures = {"shape": shape_name, "seed": seed, "lost_gpu": lost_gpu, "scale_to": scale_to}
+    # The same loss under a tighter balance tolerance, and SGLang's elasticity_aware planner beside it.
+    tight = solve(weight, *shape.args(), **LOST_TIGHT, device="cpu", prev_phy2log=prev, unavailable_gpus=[lost_gpu])
+    figures |= {"tight_moves_mean": tight.moved_copies.double().mean().item()}
+    figures |= {"tight_balancedness": float(tight.balancedness.mean()), **LOST_TIGHT}
+    figures |= sglang_elastic(weight, prev, shape, lost.gpu_ids)
     moved, worst_gap = lost.moved_copies.double(), (fresh.balancedness - lost.balancedness).max()
     figures |= {"lost_moves_mean": moved.mean().item(), "lost_moves_max": int(moved.max()), "lost_bar": 2 * slots}
     figures |= {"fresh_moves_mean": fresh_moves.double().mean().item(), "lost_worst_gap": worst_gap.item()}
@@ -152,6 +161,23 @@ def run_elastic(seed: int, shape_name: str = "dsv3_prefill", lost_gpu: int = 5, 
     for name, result in (("lost", lost), ("fresh", fresh), ("scaled", scaled), ("fresh_scaled", fresh_scaled)):
         figures[f"{name}_balancedness"] = float(result.balancedness.mean())
     return figures
+
+
+def sglang_elastic(weight, prev, shape: workloads.Shape, gpu_ids: list[int]) -> dict:
+    """SGLang 0.5.23's `elasticity_aware` plan for the same loss (a fresh plan on the healthy ranks): its
+    moved copies per layer and balancedness over the healthy GPUs; NaN when the wheel cannot be had."""
+    try:
+        planner = peers.load_elasticity_aware()
+    except Exception:  # no registry and no cache: the project's figures still stand
+        return {"sglang_moves_mean": math.nan, "sglang_balancedness": math.nan}
+    active = torch.zeros(shape.gpus, dtype=torch.bool)
+    active[gpu_ids] = True
+    phy2log = planner(weight, *shape.args(), active).view(shape.layers, shape.gpus, -1)[:, gpu_ids]
+    healthy, slots = phy2log.reshape(shape.layers, -1), phy2log.shape[-1]
+    moves, _ = elastic_moves(prev, healthy, shape.experts, slots, gpu_ids)
+    counts = maps.logcnt_from_phy2log(healthy, shape.experts)
+    balance = maps.balancedness(weight, healthy, counts, len(gpu_ids))
+    return {"sglang_moves_mean": moves.double().mean().item(), "sglang_balancedness": balance.mean().item()}
 
 
 def run(quick: bool = False) -> dict:
@@ -182,9 +208,12 @@ HISTORY = (
 )
 ELASTIC = (
     "seed | lose 1: moved/layer mean (max) | bar (2 x slots) | fresh re-plan moved/layer | bal. vs fresh |"
-    " worst layer gap | scale to {scale_to}: kept share | bal. vs fresh",
+    " worst layer gap | tolerance {balance_tolerance}: moved/layer, bal. | SGLang elasticity_aware: moved/layer, bal. |"
+    " scale to {scale_to}: kept share | bal. vs fresh",
     "{seed} | {lost_moves_mean:.1f} ({lost_moves_max}) | {lost_bar} | {fresh_moves_mean:.1f} |"
-    " {lost_balancedness:.4f} vs {fresh_balancedness:.4f} | {lost_worst_gap:.4f} | {scaled_kept_share:.3f} |"
+    " {lost_balancedness:.4f} vs {fresh_balancedness:.4f} | {lost_worst_gap:.4f} |"
+    " {tight_moves_mean:.1f}, {tight_balancedness:.4f} |"
+    " {sglang_moves_mean:.1f}, {sglang_balancedness:.4f} | {scaled_kept_share:.3f} |"
     " {scaled_balancedness:.4f} vs {fresh_scaled_balancedness:.4f}",
 )
 
@@ -212,7 +241,7 @@ def markdown(result: dict) -> str:
     ]
     if elastic:
         out.append(f"**Elastic EP** on {elastic[0]['shape']} (zipf loads, GPU {elastic[0]['lost_gpu']} lost)")
-        out.append(filled(ELASTIC[0].format(scale_to=elastic[0]["scale_to"]), ELASTIC[1], elastic))
+        out.append(filled(ELASTIC[0].format(**elastic[0]), ELASTIC[1], elastic))
     return "\n\n".join(out)
 
 

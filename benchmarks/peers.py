@@ -69,6 +69,31 @@ def load_released_planners() -> dict[str, Planner]:
     }
 
 
+def load_elasticity_aware() -> Callable[..., torch.Tensor]:
+    """SGLang's `elasticity_aware` planner, for GPUs lost mid-serving: (weight [L, E], num_replicas, num_groups,
+    num_nodes, num_gpus, active_ranks [G] bool) -> phy2log [L, R], the slots of inactive ranks holding 0.
+
+    Its one absolute import (`sglang...deepseek`) is answered by the released `deepseek` module during the
+    load only; sys.modules is then restored, so an installed SGLang is never shadowed.
+    """
+    wheel, package = fetch_wheel("sglang", ENGINES["sglang"]), "sglang.srt.eplb.eplb_algorithms"
+    parents = [".".join(package.split(".")[:depth]) for depth in range(1, 5)]
+    saved = {name: sys.modules.get(name) for name in [*parents, f"{package}.deepseek"]}
+    try:
+        for name in parents:
+            sys.modules[name] = stub = types.ModuleType(name)
+            stub.__path__ = []
+        sys.modules[f"{package}.deepseek"] = import_from_wheel(wheel, f"{package}.deepseek")
+        module = import_from_wheel(wheel, f"{package}.elasticity_aware")
+    finally:
+        for name, previous in saved.items():
+            if previous is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = previous
+    return lambda w, r, g, n, p, active: module.rebalance_experts(w, r, g, n, p, g % n == 0, active)[0].long()
+
+
 def balanced_packing(weight: torch.Tensor, num_packs: int, python_floats: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The published packing, heaviest first to the lightest open pack: weight [X, n] -> (pack [X, n], rank [X, n])."""
     num_layers, num_items = weight.shape
