@@ -34,6 +34,7 @@ from .cancel import checkpoint
 from .maps import expert_histogram, logcnt_from_phy2log
 from .migration import migrate
 from .planner import plan
+from .pullback import pull_back
 from .shedding import rehost_by_chains, shed_excess
 from .transfers import old_content
 
@@ -131,11 +132,15 @@ def plan_elastic(
     mean = loads.sum(-1) / num_gpus
     targets = mean / (mean / fresh_peak.clamp_min(1e-300) - balance_tolerance).clamp_min(1e-6)
     budget = ELASTIC_MOVES_PER_GPU * num_gpus
-    seed = best_repair(loads, seed, old_content(prev_phy2log, slots_per_gpu, gpu_ids), num_gpus, targets, budget)
+    before = old_content(prev_phy2log, slots_per_gpu, gpu_ids)
+    seed = best_repair(loads, seed, before, num_gpus, targets, budget)
     no_locality = torch.zeros(num_layers, dtype=torch.bool, device=loads.device)
     # Layers the shedding left short continue with the migration's swaps and copy moves, else take the
-    # fresh plan relabelled.
-    return migrate(loads, seed, fresh, fresh_peak, num_gpus, balance_tolerance, None, no_locality, 1, 1, budget)
+    # fresh plan relabelled; either way swaps then take back the copies shipped without need.
+    phy2log, origins = migrate(
+        loads, seed, fresh, fresh_peak, num_gpus, balance_tolerance, None, no_locality, 1, 1, budget
+    )
+    return pull_back(loads, phy2log, before, num_gpus, targets), origins
 
 
 def best_repair(

@@ -1,0 +1,90 @@
+"""Swap copies back towards the placement in force while every GPU stays under its target.
+
+A plan built by moves (elastic.py's re-hosting and shedding) or taken fresh (a layer no move could
+balance) ships copies that a later look shows to be unnecessary: two GPUs can often exchange a copy so
+that one or both land on a GPU that held them before, at loads both GPUs can take. Each round, per
+layer, scores every swap of a copy that was shipped in (slot s on GPU g) with any slot t on another
+GPU h; the swap ships `keep_t - had(g, t) - had(h, s)` more copies (had: the old placement hosted that
+expert on that GPU), so -2 or -1 where it helps, and the best one whose two GPUs stay at or under the
+target (fewest copies, then the lower of the two loads) is applied. Copy counts never change, so no
+other GPU's load does. On drifting windows the incremental plan only ships copies it needs, so only
+the elastic path uses this.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cancel import checkpoint
+from .maps import expert_histogram, logcnt_from_phy2log
+
+# Weight of the busier of the two GPUs (over its target) beside the copies a swap saves.
+LOAD_TIE = 1e-3
+
+
+def pull_back(
+    loads: torch.Tensor, phy2log: torch.Tensor, before: torch.Tensor, num_gpus: int, targets: torch.Tensor
+) -> torch.Tensor:
+    """loads [L, E] float64, phy2log [L, R], before [L, R] what each slot held (-1: a new GPU, nothing),
+    targets [L] max GPU loads -> phy2log [L, R] shipping fewer copies, each GPU's load at or under
+    max(its load, target). Rounds: until no swap saves a copy (each saves at least one, so at most R).
+    Memory O(L * M * R), M the most copies shipped into a layer.
+    """
+    num_layers, num_slots = phy2log.shape
+    num_experts = loads.shape[1]
+    slots_per_gpu = num_slots // num_gpus
+    device = phy2log.device
+    slot_gpu = torch.arange(num_slots, device=device) // slots_per_gpu
+    old = torch.where(before < 0, num_experts, before)
+    had = expert_histogram(old, num_experts + 1, num_gpus)[..., :num_experts] > 0  # [L, G, E]
+    per_copy = loads / logcnt_from_phy2log(phy2log, num_experts).clamp_min(1)
+    phy2log = phy2log.clone()
+    active = torch.arange(num_layers, device=device)
+    for _ in range(num_slots):
+        checkpoint()
+        phy, layer_had, cap = phy2log[active], had[active], targets[active].view(-1, 1, 1)
+        rows = active.numel()
+        slot_load = per_copy[active].gather(1, phy)
+        gpu_load = slot_load.view(rows, num_gpus, slots_per_gpu).sum(-1)
+        hosts = expert_histogram(phy, num_experts, num_gpus) > 0
+        by_slot = phy.unsqueeze(1).expand(-1, num_gpus, -1)
+        had_slot = layer_had.gather(2, by_slot)  # [A, G, R]: GPU g held slot t's expert before
+        hosts_slot = hosts.gather(2, by_slot)
+        kept = had_slot.gather(1, slot_gpu.view(1, 1, -1).expand(rows, 1, -1)).squeeze(1)  # [A, R]
+        shipped = (~kept).sum(1)
+        width = int(shipped.max())
+        if width == 0:
+            break
+        # Shipped-in slots first in slot order (so a layer's choice does not depend on its batch), the
+        # rest padded with kept slots, which no swap below can use.
+        moved_in = kept.to(torch.int8).sort(dim=1, stable=True).indices[:, :width]  # [A, M]
+        usable = ~kept.gather(1, moved_in)
+        source_gpu = slot_gpu[moved_in]  # [A, M]
+        gather_gpu = source_gpu.unsqueeze(2).expand(-1, -1, num_slots)
+        gets_back = had_slot.gather(1, gather_gpu)  # [A, M, R]: g held t's expert before
+        crowded = hosts_slot.gather(1, gather_gpu)  # g hosts t's expert already
+        by_moved = phy.gather(1, moved_in).unsqueeze(1).expand(-1, num_gpus, -1)
+        partner_gpu = slot_gpu.view(1, -1, 1).expand(rows, -1, width)
+        returns = layer_had.gather(2, by_moved).gather(1, partner_gpu).transpose(1, 2)  # h held s's expert
+        partner_crowded = hosts.gather(2, by_moved).gather(1, partner_gpu).transpose(1, 2)
+        saved = gets_back.long() + returns.long() - kept.unsqueeze(1).long()  # copies the swap saves
+        moved_load = slot_load.gather(1, moved_in).unsqueeze(2)
+        source_after = gpu_load.gather(1, source_gpu).unsqueeze(2) - moved_load + slot_load.unsqueeze(1)
+        partner_after = gpu_load.gather(1, slot_gpu.expand(rows, -1)).unsqueeze(1) - slot_load.unsqueeze(1) + moved_load
+        fits = (source_after <= cap) & (partner_after <= cap)
+        allowed = usable.unsqueeze(2) & ~crowded & ~partner_crowded & (source_gpu.unsqueeze(2) != slot_gpu) & fits
+        score = torch.where(
+            allowed & (saved > 0), saved - LOAD_TIE * torch.maximum(source_after, partner_after) / cap, -torch.inf
+        )
+        best, index = score.flatten(1).max(1)
+        found = best > -torch.inf
+        if not bool(found.any()):
+            break
+        layers, index = active[found], index[found]
+        first = moved_in[found].gather(1, (index // num_slots).unsqueeze(1)).squeeze(1)
+        second = index % num_slots
+        first_expert = phy2log[layers, first]
+        phy2log[layers, first] = phy2log[layers, second]
+        phy2log[layers, second] = first_expert
+        active = layers
+    return phy2log
