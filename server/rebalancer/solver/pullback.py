@@ -20,6 +20,8 @@ from .maps import expert_histogram, logcnt_from_phy2log
 
 # Weight of the busier of the two GPUs (over its target) beside the copies a swap saves.
 LOAD_TIE = 1e-3
+# Swaps on disjoint GPU pairs one round may apply per layer.
+SWAPS_PER_ROUND = 8
 
 
 def pull_back(
@@ -76,15 +78,29 @@ def pull_back(
         score = torch.where(
             allowed & (saved > 0), saved - LOAD_TIE * torch.maximum(source_after, partner_after) / cap, -torch.inf
         )
-        best, index = score.flatten(1).max(1)
-        found = best > -torch.inf
+        # Swaps on disjoint GPU pairs do not interact: each round applies the best swap of each of the
+        # `SWAPS_PER_ROUND` best shipped-in slots whose GPUs no better-ranked one of them touches.
+        per_slot, partner = score.max(2)  # [A, M]
+        if width < SWAPS_PER_ROUND:  # a fixed K, so that a layer's choice does not depend on its batch
+            pad = SWAPS_PER_ROUND - width
+            per_slot = torch.cat([per_slot, per_slot.new_full((rows, pad), -torch.inf)], 1)
+            partner, moved_in = (torch.cat([t, t.new_zeros(rows, pad)], 1) for t in (partner, moved_in))
+        best, rank = per_slot.sort(dim=1, descending=True, stable=True)
+        best, rank = best[:, :SWAPS_PER_ROUND], rank[:, :SWAPS_PER_ROUND]  # [A, K]
+        first = moved_in.gather(1, rank)
+        second = partner.gather(1, rank)
+        pair = torch.stack([slot_gpu[first], slot_gpu[second]], 2)  # [A, K, 2]
+        shares = (pair.unsqueeze(2).unsqueeze(4) == pair.unsqueeze(1).unsqueeze(3)).flatten(3).any(3)  # [A, K, K]
+        earlier = torch.ones_like(shares[0]).tril(-1)
+        apply = (best > -torch.inf) & ~(shares & earlier & (best > -torch.inf).unsqueeze(1)).any(2)
+        found = apply.any(1)
         if not bool(found.any()):
             break
-        layers, index = active[found], index[found]
-        first = moved_in[found].gather(1, (index // num_slots).unsqueeze(1)).squeeze(1)
-        second = index % num_slots
-        first_expert = phy2log[layers, first]
-        phy2log[layers, first] = phy2log[layers, second]
-        phy2log[layers, second] = first_expert
-        active = layers
+        layer, which = apply.nonzero(as_tuple=True)
+        layer_id = active[layer]
+        first, second = first[layer, which], second[layer, which]
+        first_expert = phy2log[layer_id, first]
+        phy2log[layer_id, first] = phy2log[layer_id, second]
+        phy2log[layer_id, second] = first_expert
+        active = active[found]
     return phy2log
