@@ -22,6 +22,8 @@ from .maps import expert_histogram, logcnt_from_phy2log
 LOAD_TIE = 1e-3
 # Swaps on disjoint GPU pairs one round may apply per layer.
 SWAPS_PER_ROUND = 8
+# Layers scored together (the swap scores are [PULL_ROWS, M, R]).
+PULL_ROWS = 32
 
 
 def pull_back(
@@ -30,8 +32,19 @@ def pull_back(
     """loads [L, E] float64, phy2log [L, R], before [L, R] what each slot held (-1: a new GPU, nothing),
     targets [L] max GPU loads -> phy2log [L, R] shipping fewer copies, each GPU's load at or under
     max(its load, target). Rounds: until no swap saves a copy (each saves at least one, so at most R).
-    Memory O(L * M * R), M the most copies shipped into a layer.
+    Layers go in blocks of `PULL_ROWS`: memory O(PULL_ROWS * M * R), M the most copies shipped into a
+    layer.
     """
+    if phy2log.shape[0] == 0:
+        return phy2log.clone()
+    blocks = torch.arange(phy2log.shape[0], device=phy2log.device).split(PULL_ROWS)
+    return torch.cat([_pull_back_block(loads[b], phy2log[b], before[b], num_gpus, targets[b]) for b in blocks])
+
+
+def _pull_back_block(
+    loads: torch.Tensor, phy2log: torch.Tensor, before: torch.Tensor, num_gpus: int, targets: torch.Tensor
+) -> torch.Tensor:
+    """`pull_back` on one block of layers."""
     num_layers, num_slots = phy2log.shape
     num_experts = loads.shape[1]
     slots_per_gpu = num_slots // num_gpus
