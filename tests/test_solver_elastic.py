@@ -121,3 +121,22 @@ def test_elastic_moves_count_new_gpus_in_full() -> None:
     moved, kept = elastic_moves(prev, new, 4, 2, torch.arange(3))
     assert moved.tolist() == [3] and kept.tolist() == [3]
     assert maps.logcnt_from_phy2log(new, 4).tolist() == [[2, 2, 1, 1]]
+
+
+def test_losing_a_whole_node_plans_on_the_other_nodes_near_a_fresh_plan_with_fewer_copies() -> None:
+    # 64 experts in 8 groups, 96 slots on 4 nodes x 4 GPUs (6 slots each); node 2 (GPUs 8-11) fails.
+    layers, experts, replicas, groups, nodes, gpus = 4, 64, 96, 8, 4, 16
+    slots, lost = replicas // gpus, [8, 9, 10, 11]
+    weight = make("zipf", layers, experts, seed=73)
+    prev = solve(weight, replicas, groups, nodes, gpus).phy2log
+    result = solve(weight, replicas, groups, nodes, gpus, prev_phy2log=prev, unavailable_gpus=lost)
+    healthy = gpus - len(lost)
+    assert_valid_maps(*result.triple(), layers, experts, slots * healthy, healthy)
+    assert bool((result.logcnt > 0).all())
+    fresh = solve(weight, slots * healthy, 1, 1, healthy)
+    assert bool((result.balancedness >= fresh.balancedness - 0.01 - 1e-9).all())
+    assert not bool(torch.isin(result.transfers[:, SRC_GPU], torch.tensor(lost)).any())
+    replayed = apply_transfers(prev, result.transfers, slots, healthy, result.gpu_ids)
+    assert torch.equal(replayed, result.phy2log)
+    fresh_moves, _ = elastic_moves(prev, fresh.phy2log, experts, slots, result.gpu_ids)
+    assert int(result.moved_copies.sum()) < int(fresh_moves.sum()), (result.moved_copies.tolist(), fresh_moves.tolist())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from rebalancer.solver import maps
-from rebalancer.solver.shedding import excess, rehost_experts, shed_excess
+from rebalancer.solver.shedding import excess, rehost_by_chains, shed_excess
 from workloads import make
 
 
@@ -69,7 +69,31 @@ def test_rehosting_gives_every_homeless_expert_one_slot_from_a_spare_copy() -> N
     homeless = maps.logcnt_from_phy2log(seed, experts) == 0
     assert bool(homeless.any())
     targets = loads.sum(-1) / (gpus - 1) * 1.01
-    result = rehost_experts(loads, seed, gpus - 1, targets)
-    assert bool((maps.logcnt_from_phy2log(result, experts) > 0).all())
-    # One shipped copy per homeless expert, nothing else changes.
-    assert torch.equal((result != seed).sum(1), homeless.sum(1))
+    for move_cost, over_cost in [(0.0, 0.0), (1e9, 0.0), (0.0, 0.5)]:
+        costs = (
+            torch.full((layers,), move_cost, dtype=torch.float64),
+            torch.full((layers,), over_cost, dtype=torch.float64),
+        )
+        result = rehost_by_chains(loads, seed, gpus - 1, targets, *costs)
+        assert bool((maps.logcnt_from_phy2log(result, experts) > 0).all())
+        # One or two changed slots (a direct placement or a chain) per homeless expert.
+        changed = (result != seed).sum(1)
+        assert bool((changed >= homeless.sum(1)).all()) and bool((changed <= 2 * homeless.sum(1)).all())
+        if move_cost > 0:
+            # Copies priced far above any load: never a chain, one shipped copy per homeless expert.
+            assert torch.equal(changed, homeless.sum(1))
+
+
+def test_rehosting_chains_a_copy_where_every_direct_placement_leaves_a_gpu_over_the_target() -> None:
+    # 3 GPUs x 2 slots; expert 4 (load 3) is homeless, expert 0 (load 4) has copies on GPUs 0 and 1.
+    # Taking either copy's slot directly leaves GPU 1 at 9 or 8, over the target of 7; moving a copy
+    # out of one GPU into the freed slot and expert 4 into its place keeps every GPU at 7 or less.
+    loads = torch.tensor([[4.0, 5.0, 5.0, 1.0, 3.0, 1.0]], dtype=torch.float64)
+    seed = torch.tensor([[0, 3, 0, 1, 2, 5]])
+    targets = torch.tensor([7.0], dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
+    result = rehost_by_chains(loads, seed, 3, targets, zero, zero)
+    counts = maps.logcnt_from_phy2log(result, 6)
+    assert bool((counts > 0).all())
+    assert int((result != seed).sum()) == 2
+    assert float(maps.gpu_loads(loads, result, counts, 3).max()) <= 7.0

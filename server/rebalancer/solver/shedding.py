@@ -1,6 +1,7 @@
 """Bring a placement under a max GPU load per layer with as few shipped copies as possible.
 
-Used where the GPU set changed (elastic.py): after a GPU is lost and its homeless experts re-hosted,
+Used where the GPU set changed (elastic.py). Homeless experts are re-hosted first
+(`rehost_by_chains`). After a GPU is lost and its homeless experts re-hosted,
 about half of the GPUs are over the target at once (15 of 31 on DeepSeek-V3 zipf loads), so the
 objective is the excess over the target, sum over GPUs of max(0, load - target): zero exactly when the
 layer's max GPU load meets it, and, unlike the peak alone, it credits a move that fixes any GPU over
@@ -28,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from .cancel import checkpoint
-from .maps import logcnt_from_phy2log
+from .maps import expert_histogram, logcnt_from_phy2log
 
 # GPUs (heaviest first) whose slots the moves of a round start from.
 SOURCE_GPUS = 2
@@ -42,8 +43,8 @@ SPARE_SLOTS = 16
 MIN_GAIN = 1e-9
 # Handovers per layer and round scored exactly, of those the proxy ranks best.
 EXACT_HANDOVERS = 32
-# Weight of the resulting peak beside the excess when re-hosting experts.
-TIE_WEIGHT = 1e-3
+# Spare copies per layer and round that a homeless expert may take the slot of (directly or by a chain).
+FREED_SLOTS = 32
 # On a GPU the host looks at the layers' progress every this many rounds.
 SYNC_EVERY = 8
 
@@ -120,7 +121,6 @@ def _handover_moves(
     new_expert: torch.Tensor,
     num_gpus: int,
     targets: torch.Tensor,
-    tie_peak: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best handover per layer among (slot, new_expert) [A, M]: (excess removed [A], index in M [A]).
 
@@ -128,7 +128,7 @@ def _handover_moves(
     + [g = h] (x' - y'), with n the copies per GPU and x, y, x', y' the loads per copy before and after.
     That costs O(G) per move, so every move is first ranked by a proxy that looks at three GPUs only
     (the slot's, the busiest host of x and the busiest host of y), and the `EXACT_HANDOVERS` best are
-    scored exactly. With `tie_peak`, equal excess goes to the lower resulting max GPU load.
+    scored exactly.
     """
     num_layers, num_slots = phy2log.shape
     num_experts = loads.shape[1]
@@ -169,42 +169,122 @@ def _handover_moves(
         + (gpus == (slot // slots_per_gpu).unsqueeze(1)) * (x_after - y_after).unsqueeze(1)
     )
     gain = excess(gpu_load, cap).unsqueeze(1) - excess(after.transpose(1, 2), cap.unsqueeze(2))
-    if tie_peak:
-        gain = gain - TIE_WEIGHT * after.amax(1)
     best, index = torch.where(valid.gather(1, pick), gain, -torch.inf).max(1)
     return best, pick.gather(1, index.unsqueeze(1)).squeeze(1)
 
 
-def rehost_experts(loads: torch.Tensor, seed: torch.Tensor, num_gpus: int, targets: torch.Tensor) -> torch.Tensor:
-    """Give every expert without a copy one slot, taken from an expert with several, one per layer and round
-    (heaviest homeless expert first), choosing the slot whose handover leaves least excess over `targets`.
+def _penalty(over: torch.Tensor, over_cost: torch.Tensor) -> torch.Tensor:
+    """Load over the target plus `over_cost` [A] for every GPU over it: over [A, ...] -> [A, ...].
 
-    loads [L, E] float64, seed [L, R] (every slot holding an expert) -> [L, R], every expert hosted.
-    Rounds: the most homeless experts of any layer.
+    Each GPU left over the target costs at least one more shipped copy to fix, however little it is
+    over, so a plan that leaves few GPUs over beats one that leaves a little over on many."""
+    return over.clamp_min(0) + over_cost.view([-1] + [1] * (over.dim() - 1)) * (over > 0)
+
+
+def _freed_loads(
+    loads: torch.Tensor, phy2log: torch.Tensor, counts: torch.Tensor, gpu_load: torch.Tensor, freed: torch.Tensor
+) -> torch.Tensor:
+    """GPU loads once the copy in slot `freed` [A, K] is gone (its expert keeps its other copies, which
+    each carry more): [A, K, G]."""
+    num_layers, num_gpus = gpu_load.shape
+    slots_per_gpu = phy2log.shape[1] // num_gpus
+    expert = phy2log.gather(1, freed)
+    load, count = loads.gather(1, expert), counts.gather(1, expert).to(loads.dtype)
+    after = load / (count - 1).clamp_min(1)
+    hist = expert_histogram(phy2log, loads.shape[1], num_gpus).to(loads.dtype)  # [A, G, E]
+    copies = hist.gather(2, expert.unsqueeze(1).expand(-1, num_gpus, -1)).transpose(1, 2)  # [A, K, G]
+    gpus = torch.arange(num_gpus, device=loads.device)
+    on_freed = (gpus == (freed // slots_per_gpu).unsqueeze(2)).to(loads.dtype)
+    return gpu_load.unsqueeze(1) + copies * (after - load / count).unsqueeze(2) - on_freed * after.unsqueeze(2)
+
+
+def rehost_by_chains(
+    loads: torch.Tensor,
+    seed: torch.Tensor,
+    num_gpus: int,
+    targets: torch.Tensor,
+    move_cost: torch.Tensor,
+    over_cost: torch.Tensor,
+) -> torch.Tensor:
+    """Give every expert without a copy a slot, heaviest first, one per layer and round.
+
+    A homeless expert y needs a slot that a spare copy (of an expert x with several) gives up. Either y
+    takes that slot (one copy shipped), or a copy z from any GPU h moves into it and y takes z's slot
+    on h (two copies): a chain that carries z's load to the freed slot's GPU and relieves h, so the
+    lost GPU's load spreads over more GPUs than the freed slots' and x's. Per round and layer every
+    freed slot among the `FREED_SLOTS` spare copies whose loss raises their siblings least, and every z,
+    is scored exactly in O(1) from the GPU loads after the freeing ([A, K, G]); the choice minimises
+    `_penalty` over all GPUs plus `move_cost` per shipped copy.
+
+    loads [A, E] float64, seed [A, R] (every slot holding an expert), targets / move_cost / over_cost
+    [A] -> [A, R], every expert hosted. Rounds: the most homeless experts of any layer. Memory
+    O(A * FREED_SLOTS * R).
     """
     num_layers, num_slots = seed.shape
-    slots = torch.arange(num_slots, device=seed.device).expand(num_layers, -1)
-    homeless = logcnt_from_phy2log(seed, loads.shape[1]) == 0
-    for _ in range(int(homeless.sum(1).max()) if num_layers else 0):
+    slots_per_gpu = num_slots // num_gpus
+    slot_gpu = torch.arange(num_slots, device=seed.device) // slots_per_gpu
+    rows = torch.arange(num_layers, device=seed.device)
+    cap = targets.view(-1, 1)
+    rounds = int((logcnt_from_phy2log(seed, loads.shape[1]) == 0).sum(1).max()) if num_layers else 0
+    for _ in range(rounds):
         checkpoint()
         counts = logcnt_from_phy2log(seed, loads.shape[1])
         missing = counts == 0
-        if not bool(missing.any()):
+        active = missing.any(1)
+        if not bool(active.any()):
             break
-        expert = torch.where(missing, loads, -1.0).argmax(1, keepdim=True)  # [L, 1]
+        homeless = torch.where(missing, loads, -1.0).argmax(1)  # [A]
+        homeless_load = loads.gather(1, homeless.unsqueeze(1))  # [A, 1]
         slot_load = (loads / counts.clamp_min(1)).gather(1, seed)
-        gpu_load = slot_load.view(num_layers, num_gpus, -1).sum(-1)
-        _, index = _handover_moves(
-            loads, seed, counts, gpu_load, slots, expert.expand(-1, num_slots), num_gpus, targets, tie_peak=True
+        gpu_load = slot_load.view(num_layers, num_gpus, slots_per_gpu).sum(-1)
+        copies = counts.gather(1, seed)
+        rise = torch.where(copies > 1, slot_load / (copies - 1).clamp_min(1), torch.inf)
+        rise, freed = rise.topk(min(FREED_SLOTS, num_slots), dim=1, largest=False)  # [A, K]
+        usable = rise.isfinite()
+        after = _freed_loads(loads, seed, counts, gpu_load, freed)  # [A, K, G]
+        total = _penalty(after - cap.unsqueeze(2), over_cost).sum(2)  # [A, K]
+        at_freed = after.gather(2, (freed // slots_per_gpu).unsqueeze(2)).squeeze(2)
+        rest = total - _penalty(at_freed - cap, over_cost)
+        direct = rest + _penalty(at_freed + homeless_load - cap, over_cost) + move_cost.view(-1, 1)
+        direct = torch.where(usable, direct, torch.inf)
+        # Chains: z in slot q (GPU h) moves into the freed slot, y takes slot q.
+        at_h = after.gather(2, slot_gpu.view(1, 1, -1).expand(num_layers, after.shape[1], -1))  # [A, K, R]
+        moved = slot_load.unsqueeze(1)
+        chain = (
+            (rest.unsqueeze(2) - _penalty(at_h - cap.unsqueeze(2), over_cost))
+            + _penalty(at_freed.unsqueeze(2) + moved - cap.unsqueeze(2), over_cost)
+            + _penalty(at_h - moved + homeless_load.unsqueeze(2) - cap.unsqueeze(2), over_cost)
+            + 2 * move_cost.view(-1, 1, 1)
         )
-        chosen = seed.clone()
-        chosen.scatter_(1, index.unsqueeze(1), expert)
-        seed = torch.where(missing.any(1, keepdim=True), chosen, seed)
+        freed_gpu = (freed // slots_per_gpu).unsqueeze(2)
+        hist = expert_histogram(seed, loads.shape[1], num_gpus)
+        already_there = hist.gather(1, freed_gpu.expand(-1, -1, loads.shape[1])).gather(
+            2, seed.unsqueeze(1).expand_as(at_h)
+        )
+        forbidden = (slot_gpu.view(1, 1, -1) == freed_gpu) | (already_there > 0) | ~usable.unsqueeze(2)
+        forbidden |= seed.unsqueeze(1) == seed.gather(1, freed).unsqueeze(2)
+        chain = torch.where(forbidden, torch.inf, chain)
+        best_direct, direct_index = direct.min(1)
+        best_chain, chain_index = chain.flatten(1).min(1)
+        use_chain = active & (best_chain < best_direct)
+        use_direct = active & ~use_chain
+        direct_slot = freed.gather(1, direct_index.unsqueeze(1)).squeeze(1)
+        chain_slot = freed.gather(1, (chain_index // num_slots).unsqueeze(1)).squeeze(1)
+        relocated = chain_index % num_slots
+        result = seed.clone()
+        result[rows[use_direct], direct_slot[use_direct]] = homeless[use_direct]
+        result[rows[use_chain], chain_slot[use_chain]] = seed[rows[use_chain], relocated[use_chain]]
+        result[rows[use_chain], relocated[use_chain]] = homeless[use_chain]
+        seed = result
     return seed
 
 
 def _round(
-    loads: torch.Tensor, phy2log: torch.Tensor, num_gpus: int, targets: torch.Tensor, left: torch.Tensor
+    loads: torch.Tensor,
+    phy2log: torch.Tensor,
+    num_gpus: int,
+    targets: torch.Tensor,
+    left: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One move per layer: (phy2log [A, R], copies shipped [A] (0: none helped), excess after [A])."""
     num_layers, num_slots = phy2log.shape
@@ -242,7 +322,11 @@ def _round(
 
 
 def shed_excess(
-    loads: torch.Tensor, phy2log: torch.Tensor, num_gpus: int, targets: torch.Tensor, budget: torch.Tensor | int
+    loads: torch.Tensor,
+    phy2log: torch.Tensor,
+    num_gpus: int,
+    targets: torch.Tensor,
+    budget: torch.Tensor | int,
 ) -> torch.Tensor:
     """loads [L, E] float64, phy2log [L, R], targets [L] max GPU loads, budget ([L] or one int) copies
     a layer may ship -> phy2log [L, R], every expert still hosted, moved towards the targets."""
