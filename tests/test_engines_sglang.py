@@ -139,3 +139,30 @@ def test_sglang_file_is_refused_without_the_layer_numbering(server, tmp_path, ca
     assert "numbers its maps by decoder layer" in capsys.readouterr().err and not out.exists()
     with pytest.raises(ValueError, match="has 4 MoE layers but the layer numbering names 5"):
         init_expert_location(np.zeros((4, 32), np.int64), 16, LayerNumbering.dense_prefix(5, 3))
+
+
+def test_a_lost_gpu_ships_far_fewer_copies_than_sglangs_elasticity_aware_and_can_balance_better(sglang):
+    """SGLang's released policy for failed ranks re-plans from scratch on the healthy ones; the solver keeps
+    what it can: at the default tolerance a fraction of SGLang's copies, at 0.002 fewer copies and better
+    balance too."""
+    from rebalancer.solver import maps, solve
+    from rebalancer.solver.elastic import elastic_moves
+    from sglang.srt.eplb.eplb_algorithms import elasticity_aware
+
+    layers, experts, replicas, groups, nodes, gpus, lost = 6, 64, 96, 8, 2, 16, 5
+    weight = torch.from_numpy(skewed_loads(3, layers, experts)).float()
+    prev = solve(weight, replicas, groups, nodes, gpus).phy2log
+    active = torch.ones(gpus, dtype=torch.bool)
+    active[lost] = False
+    healthy = active.nonzero().squeeze(1)
+    theirs = elasticity_aware.rebalance_experts(weight, replicas, groups, nodes, gpus, True, active)[0]
+    theirs = theirs.view(layers, gpus, -1)[:, healthy].reshape(layers, -1)
+    their_moves = elastic_moves(prev, theirs, experts, replicas // gpus, healthy)[0].sum()
+    their_balance = maps.balancedness(weight, theirs, maps.logcnt_from_phy2log(theirs, experts), len(healthy)).mean()
+    ours = solve(weight, replicas, groups, nodes, gpus, prev_phy2log=prev, unavailable_gpus=[lost])
+    tight = solve(
+        weight, replicas, groups, nodes, gpus, prev_phy2log=prev, unavailable_gpus=[lost], balance_tolerance=0.002
+    )
+    assert torch.equal(ours.gpu_ids, healthy) and torch.equal(tight.gpu_ids, healthy)
+    assert ours.moved_copies.sum() < 0.5 * their_moves
+    assert tight.moved_copies.sum() < their_moves and tight.balancedness.mean() > their_balance
