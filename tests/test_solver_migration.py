@@ -260,3 +260,28 @@ def test_bad_history_shape_raises(history: torch.Tensor) -> None:
     layers, experts, replicas, groups, nodes, gpus = SMALL
     with pytest.raises(ValueError, match="history"):
         solve(make("zipf", layers, experts), replicas, groups, nodes, gpus, history=history)
+
+
+def test_layers_taken_fresh_swap_back_the_copies_they_do_not_need() -> None:
+    from rebalancer.solver.migration import align_slots, migrate
+    from rebalancer.solver.planner import plan
+
+    layers, experts, replicas, gpus = 6, 64, 80, 16
+    before, now = make("zipf", layers, experts, seed=3).double(), make("zipf", layers, experts, seed=4).double()
+    seeds = torch.arange(layers)
+    prev, _ = plan(before, replicas, gpus, seeds, 4)
+    fresh, fresh_peak = plan(now, replicas, gpus, seeds, 4)
+    local = torch.zeros(layers, dtype=torch.bool)
+    # A budget of two copies leaves the incremental plan short on most layers, which take the fresh plan.
+    phy2log, origins = migrate(now, prev, fresh, fresh_peak, gpus, 0.01, None, local, 1, 1, incremental_budget=2)
+    taken_fresh = torch.tensor([origin == "fresh" for origin in origins])
+    assert taken_fresh.sum() >= 3
+    aligned = align_slots(prev, fresh, experts, gpus)
+    counts = maps.logcnt_from_phy2log(phy2log, experts)
+    assert torch.equal(counts[taken_fresh], maps.logcnt_from_phy2log(fresh, experts)[taken_fresh])
+    pulled, unpulled = (maps.moved_copies(prev, p, experts, gpus)[taken_fresh] for p in (phy2log, aligned))
+    assert (pulled <= unpulled).all() and pulled.sum() < unpulled.sum()
+    mean = now.sum(-1) / gpus
+    allowed = mean / (mean / fresh_peak - 0.01)
+    peak = maps.gpu_loads(now, phy2log, counts, gpus).max(-1).values
+    assert (peak <= allowed * (1 + 1e-9)).all()

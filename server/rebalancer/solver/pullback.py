@@ -7,8 +7,9 @@ layer, scores every swap of a copy that was shipped in (slot s on GPU g) with an
 GPU h; the swap ships `keep_t - had(g, t) - had(h, s)` more copies (had: the old placement hosted that
 expert on that GPU), so -2 or -1 where it helps, and the best one whose two GPUs stay at or under the
 target (fewest copies, then the lower of the two loads) is applied. Copy counts never change, so no
-other GPU's load does. On drifting windows the incremental plan only ships copies it needs, so only
-the elastic path uses this.
+other GPU's load does. On drifting windows the incremental plan only ships copies it needs (pulling
+its copies back up to its peak measured worse on the next window), so there only the layers taken
+fresh use this.
 """
 
 from __future__ import annotations
