@@ -79,8 +79,9 @@ def _pair_swaps(
     slot_loads: torch.Tensor, num_pairs: int, pack_loads: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, ...]:
     """Pair the q heaviest packs with the q lightest (heaviest with lightest, and so on) and find, per
-    pair, the item swap that lowers the larger of the two the most. The pairs are disjoint, so all
-    their swaps apply at once: a fast first phase that levels many packs per round.
+    pair, the item swap that lowers the larger of the two the most. The improving pairs are disjoint
+    (see `_apply_swaps`), so all their swaps apply at once: a fast first phase that levels many packs
+    per round.
 
     slot_loads [B, G, K], pack_loads [B, G] (their sums, computed when None) -> (heaviest load [B],
     improves [B, q], flat slots in the heavy packs [B, q], flat slots in the light packs [B, q]); pair 0
@@ -161,9 +162,22 @@ def _closest_swaps(
 def _apply_swaps(tensors: list[torch.Tensor], improves: torch.Tensor, slot_a: torch.Tensor, slot_b: torch.Tensor):
     """Exchange the contents of flat slots a and b [B, q], per problem and pair, where `improves`. In place.
 
-    Where a pair does not improve, b is pointed at a, so the exchange writes a's value back to a. The
-    pairs' slots are distinct, so one gather of every value read and one scatter of them is the exchange.
+    The improving pairs touch distinct packs (pair i of `_pair_swaps` improves only when the i-th
+    lightest pack is strictly lighter than the i-th heaviest, so no pack can be the improving heavy
+    pack of one pair and the improving light pack of another), so one gather of every value read and
+    one scatter of them is the exchange. A pair that does not improve must write nothing: with tied
+    pack loads a pack can be among both the q heaviest and the q lightest, and a write of its old value
+    could land on a slot an improving pair fills (one item copied, another lost). Such a pair repeats
+    the first improving pair's exchange (the same values to the same slots) or, where none improves,
+    writes slot a of pair 0 its own value.
     """
+    if improves.shape[1] > 1:
+        first = improves.to(torch.uint8).argmax(1, keepdim=True)  # the first improving pair, else 0
+        swaps = improves.gather(1, first).expand_as(improves)
+        first_a, first_b = slot_a.gather(1, first).expand_as(slot_a), slot_b.gather(1, first).expand_as(slot_b)
+        slot_a = torch.where(improves, slot_a, first_a)
+        slot_b = torch.where(improves, slot_b, first_b)
+        improves = improves | swaps
     slot_b = torch.where(improves, slot_b, slot_a)
     written, read = torch.cat([slot_a, slot_b], 1), torch.cat([slot_b, slot_a], 1)
     for tensor in tensors:

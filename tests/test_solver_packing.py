@@ -1,0 +1,61 @@
+"""Swap refinement on the torch path: exchanges move items between packs, never copy or drop one, even
+where pack loads tie (integer token counts tie often), and a problem's result does not depend on the
+rest of the batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from rebalancer.solver import packing
+from rebalancer.solver.refinement import RefineLimits
+
+
+def tied_problems(seed: int, num_problems: int = 64) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Small integer slot loads (many equal pack loads) and a distinct item id per slot."""
+    generator = torch.Generator().manual_seed(seed)
+    num_packs = int(torch.randint(4, 12, (1,), generator=generator))
+    capacity = int(torch.randint(2, 5, (1,), generator=generator))
+    slot_loads = torch.randint(0, 4, (num_problems, num_packs, capacity), generator=generator).float()
+    slot_items = torch.stack([torch.randperm(num_packs * capacity, generator=generator) for _ in range(num_problems)])
+    return slot_loads, slot_items.view(num_problems, num_packs, capacity), num_packs, capacity
+
+
+def assert_items_moved_not_copied(before_loads, before_items, after_loads, after_items) -> None:
+    """Every problem keeps its multiset of items, and each slot's load is the load its item came with."""
+    num_problems = before_items.shape[0]
+    flat_before, flat_after = before_items.view(num_problems, -1), after_items.view(num_problems, -1)
+    assert torch.equal(flat_before.sort(1).values, flat_after.sort(1).values)
+    flat_loads = before_loads.view(num_problems, -1)
+    load_of_item = torch.empty_like(flat_loads).scatter_(1, flat_before, flat_loads)
+    assert torch.equal(load_of_item.gather(1, flat_after), after_loads.view(num_problems, -1))
+
+
+def test_pair_round_with_a_pack_among_the_heaviest_and_the_lightest_keeps_every_item():
+    # Packs 1-3 tie at 3: one of them can be both among the two heaviest and the two lightest. The
+    # heaviest pair swaps 3 for a 2 of that pack, whose own pair (3 against 3) does not improve.
+    slot_loads = torch.tensor([[[3.0, 2.0], [2.0, 1.0], [2.0, 1.0], [2.0, 1.0]]])
+    slot_items = torch.arange(8).view(1, 4, 2)
+    limits = RefineLimits(pair_rounds=1, heaviest_rounds=0)
+    loads, items = packing.swap_refine(slot_loads, slot_items, torch.zeros(1), limits)
+    assert_items_moved_not_copied(slot_loads, slot_items, loads, items)
+    assert loads.sum(-1).max() == 4.0
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_refinement_on_tied_loads_moves_items_and_never_raises_the_max(seed: int):
+    slot_loads, slot_items, _, _ = tied_problems(seed)
+    loads, items = packing.swap_refine(slot_loads, slot_items, torch.zeros(slot_loads.shape[0]))
+    assert_items_moved_not_copied(slot_loads, slot_items, loads, items)
+    assert (loads.sum(-1).max(-1).values <= slot_loads.sum(-1).max(-1).values).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_each_problem_refines_alone_as_in_the_batch(seed: int):
+    slot_loads, slot_items, _, _ = tied_problems(100 + seed, num_problems=12)
+    slot_loads = slot_loads + torch.rand(slot_loads.shape, generator=torch.Generator().manual_seed(seed))
+    targets = torch.zeros(slot_loads.shape[0])
+    batch_loads, batch_items = packing.swap_refine(slot_loads, slot_items, targets)
+    for problem in range(slot_loads.shape[0]):
+        alone = slice(problem, problem + 1)
+        loads, items = packing.swap_refine(slot_loads[alone], slot_items[alone], targets[alone])
+        assert torch.equal(loads, batch_loads[alone]) and torch.equal(items, batch_items[alone])
