@@ -406,9 +406,10 @@ class Batcher:
         device = self.device
 
         def cat(parts, dim=0, dtype=torch.float64):
-            return torch.cat([_tensor(p).to(device, dtype) for p in parts], dim=dim)
+            tensors = [_tensor(p).to(device, dtype) for p in parts]
+            return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)  # a lone job: no copy
 
-        layer_seeds = torch.cat([job.settings.seed + torch.arange(job.num_layers, dtype=torch.int64) for job in batch])
+        layer_seeds = cat([job.settings.seed + torch.arange(job.num_layers) for job in batch], dtype=torch.int64)
         prev = cat([job.prev_phy2log for job in batch], dtype=torch.int64) if first.prev_phy2log is not None else None
         history = cat([job.history for job in batch], dim=1) if first.history is not None else None
         try:

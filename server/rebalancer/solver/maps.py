@@ -32,14 +32,17 @@ def log2phy_from_phy2log(
     num_experts = logcnt.shape[1]
     max_copies = int(logcnt.max()) if logcnt.numel() else 1
     slots = torch.arange(num_slots, dtype=torch.int64, device=phy2log.device)
+    log2phy = torch.full((num_layers, num_experts * max_copies), -1, dtype=dtype, device=phy2log.device)
     if phy_rank is None:
-        # Sorting by (expert, slot) lists each expert's slots in order; a slot's rank is its offset in that run.
+        # Sorting by (expert, slot) lists each expert's slots in order: the j-th of the sorted slots is
+        # copy j - (its expert's first position) of that expert.
         order = _by_expert_then_slot(phy2log, num_experts)
         sorted_experts = phy2log.gather(1, order)
         first_of_expert = torch.cumsum(logcnt, -1) - logcnt
-        phy_rank = torch.empty_like(phy2log).scatter_(1, order, slots - first_of_expert.gather(1, sorted_experts))
-    log2phy = torch.full((num_layers, num_experts * max_copies), -1, dtype=dtype, device=phy2log.device)
-    log2phy.scatter_(1, phy2log * max_copies + phy_rank, slots.to(dtype).expand(num_layers, -1))
+        entry = sorted_experts * max_copies + slots - first_of_expert.gather(1, sorted_experts)
+        log2phy.scatter_(1, entry, order.to(dtype))
+    else:
+        log2phy.scatter_(1, phy2log * max_copies + phy_rank, slots.to(dtype).expand(num_layers, -1))
     return log2phy.view(num_layers, num_experts, max_copies)
 
 
