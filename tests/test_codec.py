@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from rebalancer_wire.codec import TensorDecodeError, decode, encode
+from rebalancer_wire.codec import TensorDecodeError, decode, encode, encode_ids, narrowest_ids
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
 
@@ -30,3 +30,14 @@ def test_a_size_that_does_not_match_the_bytes_is_refused():
     message = pb.Tensor(shape=[1000, 1000], dtype=pb.ELEMENT_TYPE_BFLOAT16, data=b"\x00" * 10)
     with pytest.raises(TensorDecodeError, match="needs 2000000"):
         decode(message)
+
+
+@pytest.mark.parametrize(
+    ("largest", "wire"), [(0, np.int16), (2**15 - 1, np.int16), (2**15, np.int32), (2**31, np.int64)]
+)
+def test_ids_travel_in_the_narrowest_type_that_holds_them_whatever_type_they_come_in(largest, wire):
+    assert narrowest_ids(largest) == wire
+    ids = np.array([[-1, 0], [largest, 3]])
+    for given in {np.dtype(np.int64), narrowest_ids(largest)}:
+        decoded = decode(encode_ids(ids.astype(given)))
+        assert decoded.dtype == wire and np.array_equal(decoded, ids)

@@ -67,14 +67,24 @@ def encode(value: Any) -> pb.Tensor:
     return pb.Tensor(shape=list(array.shape), dtype=_FROM_NUMPY[name], data=np.ascontiguousarray(little).tobytes())
 
 
-def encode_ids(value: Any) -> pb.Tensor:
-    """Integer ids (placement maps, -1 padding) in the narrowest of int16/int32/int64 that holds them."""
-    array = as_numpy(value)
-    largest = max(int(array.max()), -int(array.min())) if array.size else 0  # no |array| temporary
+def narrowest_ids(largest: int) -> np.dtype:
+    """The narrowest of int16/int32/int64 that holds every id in [-largest, largest]."""
     for dtype in (np.int16, np.int32):
         if largest <= np.iinfo(dtype).max:
-            return encode(array.astype(dtype))
-    return encode(array.astype(np.int64))
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
+def encode_ids(value: Any) -> pb.Tensor:
+    """Integer ids (placement maps, -1 padding) in the narrowest of int16/int32/int64 that holds them.
+
+    An int16 array is sent as it is: no narrower type exists, so its range needs no scan.
+    """
+    array = as_numpy(value)
+    if array.dtype == np.int16:
+        return encode(array)
+    largest = max(int(array.max()), -int(array.min())) if array.size else 0  # no |array| temporary
+    return encode(array.astype(narrowest_ids(largest)))
 
 
 def decode(message: pb.Tensor, *, max_elements: int | None = None, max_dims: int = 8) -> np.ndarray:

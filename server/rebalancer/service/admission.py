@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rebalancer_wire.codec import narrowest_ids
 from rebalancer_wire.topology import FIELDS as LAYOUT_FIELDS
 
 from ..solver.policies import DEFAULT_CANDIDATES
@@ -168,7 +169,7 @@ def placement_message_bound(topology: Topology) -> int:
     [L, E, X] padded to X = R - E + 1 (one expert may hold every spare copy), in the narrowest id type
     that holds R, plus stats and envelope."""
     t = topology
-    id_bytes = 2 if t.num_replicas < 2**15 else 4 if t.num_replicas < 2**31 else 8
+    id_bytes = narrowest_ids(t.num_replicas).itemsize
     maps = t.num_layers * (t.num_replicas + t.num_experts * (t.num_replicas - t.num_experts + 2))
     return id_bytes * maps + PLACEMENT_STATS_BYTES_PER_LAYER * t.num_layers + PLACEMENT_ENVELOPE_BYTES
 

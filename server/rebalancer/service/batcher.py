@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from rebalancer_wire.codec import narrowest_ids
 from rebalancer_wire.options import ArgumentError, SolveSettings
 
 from rebalancer.solver import CostModel, maps, solve
@@ -405,9 +406,10 @@ class Batcher:
         device = self.device
 
         def cat(parts, dim=0, dtype=torch.float64):
-            return torch.cat([_tensor(p).to(device, dtype) for p in parts], dim=dim)
+            tensors = [_tensor(p).to(device, dtype) for p in parts]
+            return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)  # a lone job: no copy
 
-        layer_seeds = torch.cat([job.settings.seed + torch.arange(job.num_layers, dtype=torch.int64) for job in batch])
+        layer_seeds = cat([job.settings.seed + torch.arange(job.num_layers) for job in batch], dtype=torch.int64)
         prev = cat([job.prev_phy2log for job in batch], dtype=torch.int64) if first.prev_phy2log is not None else None
         history = cat([job.history for job in batch], dim=1) if first.history is not None else None
         try:
@@ -436,21 +438,23 @@ class Batcher:
             ) from None
 
     def _observe(self, result: SolveResult, requests: int) -> None:
-        path = str(result.stats.get("path", "torch"))
+        path = result.path
         self.metrics.solve_duration.labels(result.device, path).observe(result.solve_seconds)
         self.metrics.solver_calls.labels(path).inc()
         self.metrics.batch_layers.observe(int(result.phy2log.shape[0]))
         self.metrics.batch_requests.observe(requests)
 
     def _split(self, result: SolveResult, batch: list[SolveJob]) -> list[PlanOutcome]:
-        """Each job's rows of the batch result, as numpy, with its own log2phy width."""
+        """Each job's rows of the batch result, as numpy, with its own log2phy width; log2phy is built in
+        the narrowest integer type of its slot ids, the type it is sent in."""
         phy2log = result.phy2log.cpu().numpy()
-        log2phy = result.log2phy.cpu().numpy()
+        slot_ids = getattr(torch, narrowest_ids(phy2log.shape[1] - 1).name)
+        log2phy = result.log2phy_as(slot_ids).cpu().numpy()
         logcnt = result.logcnt.cpu().numpy()
         balancedness = result.balancedness.double().cpu().numpy()
         before = None if result.balancedness_before is None else result.balancedness_before.double().cpu().numpy()
         moved = result.moved_copies.cpu().numpy()
-        path = str(result.stats.get("path", "torch"))
+        path = result.path
         outcomes, start = [], 0
         for job in batch:
             rows = slice(start, start + job.num_layers)

@@ -396,8 +396,13 @@ class Registry:
 
     def _fitting(self, record: PlacementRecord, message: pb.Placement | None = None) -> PlacementRecord:
         """`record`, once its message (written into `message` when given) is known to fit in a response
-        (validation's bound makes this hold; this keeps it true for any placement the solver returns)."""
-        size = record.fill(pb.Placement() if message is None else message).ByteSize()
+        (validation's bound makes this hold; this keeps it true for any placement the solver returns).
+        The layout's bound decides without measuring the message: ByteSize encodes it all once more."""
+        if message is not None:
+            record.fill(message)
+        if self._surely_fits(record):
+            return record
+        size = (record.fill(pb.Placement()) if message is None else message).ByteSize()
         if size > self.max_message_bytes - 1024:
             raise ResourceExhausted(
                 f"the placement takes {mib(size)}, over the {mib(self.max_message_bytes)} message limit: "

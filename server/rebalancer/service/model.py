@@ -17,7 +17,8 @@ __all__ = ["PlacementRecord", "Topology"]
 
 @dataclass
 class PlacementRecord:
-    """One placement version: maps as int64 numpy arrays, phy2log [L, R], logcnt [L, E], log2phy [L, E, X]."""
+    """One placement version: maps as integer numpy arrays, phy2log [L, R], logcnt [L, E], log2phy [L, E, X]
+    (a fresh plan's log2phy comes in the narrowest type of its slot ids, the one it is sent in)."""
 
     deployment_id: str
     version: int

@@ -66,8 +66,15 @@ class SolveResult:
 
     @functools.cached_property
     def log2phy(self) -> torch.Tensor:
+        return self.log2phy_as(torch.int64)
+
+    def log2phy_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """log2phy [L, E, X] of `dtype` (slot ids must fit; not kept): built narrow, a wire answer in int16
+        writes and encodes a quarter of the int64 bytes."""
+        if "log2phy" in vars(self):
+            return self.log2phy.to(dtype)
         with cpu_threads(self.phy2log.device):
-            return maps.log2phy_from_phy2log(self.phy2log, self.logcnt, self.plan_stats.get("phy_rank"))
+            return maps.log2phy_from_phy2log(self.phy2log, self.logcnt, self.plan_stats.get("phy_rank"), dtype)
 
     @functools.cached_property
     def balancedness(self) -> torch.Tensor:
@@ -91,6 +98,12 @@ class SolveResult:
         with cpu_threads(self.phy2log.device):
             return _against_placement_in_force(self.request, self.phy2log)
 
+    @property
+    def path(self) -> str:
+        """Which implementation ran the hot loops, "triton" or "torch": what a caller labels its metrics
+        with, without the locality scoring reading `stats` costs (~0.7 ms on 58 x 256 -> 288 slots)."""
+        return str(self.plan_stats.get("path", solver_path(self.request.device)))
+
     @functools.cached_property
     def stats(self) -> dict:
         """The planner's figures, the kernel path and, with groups kept on nodes, their locality [L]."""
@@ -103,7 +116,7 @@ class SolveResult:
                     request.loads, self.phy2log, self.logcnt, options.num_groups, options.num_nodes
                 )
             stats.update(locality)
-        stats.setdefault("path", solver_path(request.device))
+        stats.setdefault("path", self.path)
         return stats
 
 

@@ -5,6 +5,7 @@ Every function works on a batch of layers and stays on the tensors' device.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -16,25 +17,46 @@ def logcnt_from_phy2log(phy2log: torch.Tensor, num_experts: int) -> torch.Tensor
 
 
 def log2phy_from_phy2log(
-    phy2log: torch.Tensor, logcnt: torch.Tensor, phy_rank: torch.Tensor | None = None
+    phy2log: torch.Tensor,
+    logcnt: torch.Tensor,
+    phy_rank: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.int64,
 ) -> torch.Tensor:
-    """phy2log [L, R] -> log2phy [L, E, X] (X = max copies) padded with -1.
+    """phy2log [L, R] -> log2phy [L, E, X] (X = max copies) padded with -1, of `dtype` (R - 1 must fit).
 
     Copies are listed in slot order, or by `phy_rank` [L, R] (each slot's replica index) when given.
+    A narrow `dtype` (int16 for the wire) writes a quarter of the int64 bytes: X is the hottest expert's
+    copies, so most of the map is padding (58 x 256 x 19 on DeepSeek-V3 with 288 slots).
     """
     num_layers, num_slots = phy2log.shape
     num_experts = logcnt.shape[1]
     max_copies = int(logcnt.max()) if logcnt.numel() else 1
     slots = torch.arange(num_slots, dtype=torch.int64, device=phy2log.device)
+    log2phy = torch.full((num_layers, num_experts * max_copies), -1, dtype=dtype, device=phy2log.device)
     if phy_rank is None:
-        # Sorting by (expert, slot) lists each expert's slots in order; a slot's rank is its offset in that run.
-        order = (phy2log * num_slots + slots).argsort(-1)
+        # Sorting by (expert, slot) lists each expert's slots in order: the j-th of the sorted slots is
+        # copy j - (its expert's first position) of that expert.
+        order = _by_expert_then_slot(phy2log, num_experts)
         sorted_experts = phy2log.gather(1, order)
         first_of_expert = torch.cumsum(logcnt, -1) - logcnt
-        phy_rank = torch.empty_like(phy2log).scatter_(1, order, slots - first_of_expert.gather(1, sorted_experts))
-    log2phy = torch.full((num_layers, num_experts * max_copies), -1, dtype=torch.int64, device=phy2log.device)
-    log2phy.scatter_(1, phy2log * max_copies + phy_rank, slots.expand(num_layers, -1))
+        entry = sorted_experts * max_copies + slots - first_of_expert.gather(1, sorted_experts)
+        log2phy.scatter_(1, entry, order.to(dtype))
+    else:
+        log2phy.scatter_(1, phy2log * max_copies + phy_rank, slots.to(dtype).expand(num_layers, -1))
     return log2phy.view(num_layers, num_experts, max_copies)
+
+
+def _by_expert_then_slot(phy2log: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The slot order [L, R] int64 that sorts each layer by expert id, ties in slot order.
+
+    On the CPU, NumPy's stable sort of 16-bit keys (a radix sort) takes ~0.1 ms on 58 x 288 slots where
+    torch's row sort takes ~0.8 ms, which a service answer pays after every solve.
+    """
+    if phy2log.device.type == "cpu" and num_experts <= np.iinfo(np.int16).max:
+        keys = phy2log.numpy().astype(np.int16)
+        return torch.from_numpy(np.argsort(keys, axis=-1, kind="stable").astype(np.int64, copy=False))
+    num_slots = phy2log.shape[1]
+    return (phy2log * num_slots + torch.arange(num_slots, device=phy2log.device)).argsort(-1)
 
 
 def slot_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor) -> torch.Tensor:
