@@ -143,9 +143,9 @@ def tie_break(peaks: torch.Tensor, loads: torch.Tensor, phy2log: torch.Tensor) -
 
     Many count vectors often reach the same max GPU load (integer loads, layers at their lower bound);
     the one that spreads the hottest experts widest replicates where the load is, as operators and the
-    engines' own tests expect, rather than giving spare copies to cold experts, and stays better balanced
-    when the loads shift. On the CPU only rows with a tie are scored (the copy loads cost ~2 ms on the
-    DeepSeek-V3 shape, and ties are rare on measured loads); on a GPU every row is, with no host sync.
+    engines' own tests expect, rather than giving spare copies to cold experts. On the CPU only rows
+    with a tie are scored (the copy loads cost ~2 ms on the DeepSeek-V3 shape, and ties are rare on
+    measured loads); on a GPU every row is, with no host sync.
     """
     num_rows, num_candidates = peaks.shape
     tied = peaks <= peaks.min(-1, keepdim=True).values * (1.0 + TIE_TOLERANCE)
