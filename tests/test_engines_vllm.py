@@ -282,3 +282,16 @@ def test_slots_no_plan_can_fill_raise_as_vllms_own_policy_does(vllm, replicas, r
         ServiceEplbPolicy.rebalance_experts(weight, replicas, 1, 1, ranks)
     assert isinstance(raised.value, ValueError) and ServiceEplbPolicy.stats.calls == 1
     assert ServiceEplbPolicy.stats.fallbacks == 0 and ServiceEplbPolicy.stats.outages == 0
+
+
+def test_the_local_plan_follows_the_policy_chosen_for_the_service(vllm):
+    from rebalancer.solver import solve
+
+    configure(f"127.0.0.1:{free_port()}", None, deadline_s=0.5, policy="deepseek")
+    old = published_start(vllm)
+    new = ServiceEplbPolicy.rebalance_experts(window(5), REPLICAS, GROUPS, NODES, RANKS, old)
+    assert ServiceEplbPolicy.stats.last_fallback == "library"
+    options = {"device": "cpu", "prev_phy2log": old}
+    expected = solve(window(5).double(), REPLICAS, GROUPS, NODES, RANKS, policy="deepseek", **options).phy2log
+    assert torch.equal(new, expected)
+    assert not torch.equal(new, solve(window(5).double(), REPLICAS, GROUPS, NODES, RANKS, **options).phy2log)

@@ -26,8 +26,8 @@ EP changes the rank count, the deployment refuses the old topology and the polic
 Environment (read when the plugin loads): REBALANCER_TARGET (host:port; turns the plugin on),
 REBALANCER_DEPLOYMENT (commit versions to this deployment; without it plans are inline and uncommitted),
 REBALANCER_DEADLINE_S (default 2), REBALANCER_TOKEN, REBALANCER_TLS_CA, REBALANCER_POLICY (solver
-policy; the server's default otherwise), REBALANCER_COMMIT (1/0: force whether this process commits),
-REBALANCER_VLLM=off (keep vLLM's own policy although REBALANCER_TARGET is set).
+policy, for the local fallback plan too; the server's default otherwise), REBALANCER_COMMIT (1/0: force
+whether this process commits), REBALANCER_VLLM=off (keep vLLM's own policy although REBALANCER_TARGET is set).
 """
 
 from __future__ import annotations
@@ -391,6 +391,8 @@ class ServiceEplbPolicy:
         import torch
 
         previous = None if call.old is None else torch.from_numpy(call.old)
+        # The policy the operator chose for the service (REBALANCER_POLICY) holds for the local plan too.
+        chosen = {"policy": cls.config.policy} if cls.config is not None and cls.config.policy else {}
         try:
             from rebalancer.solver import solve
 
@@ -402,6 +404,7 @@ class ServiceEplbPolicy:
                 call.num_ranks,
                 device="cpu",
                 prev_phy2log=previous,
+                **chosen,
             )
             cls.stats.last_fallback = "library"
             return result.phy2log.cpu().numpy()
