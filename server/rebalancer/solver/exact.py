@@ -234,6 +234,15 @@ def _gather_rows(values: np.ndarray, index: np.ndarray) -> np.ndarray:
     return values[np.arange(index.shape[0])[:, None], index]
 
 
+def tie_winner(scores: torch.Tensor, heaviest: torch.Tensor, keys: torch.Tensor, margin: float) -> torch.Tensor:
+    """The position [P] of each row's winner among J candidates: the lowest score; among scores within
+    `margin` (relative) of it, the lightest heaviest copy, then the lowest key. scores, heaviest [P, J],
+    keys [P or 1, J] int64 (table indices, or positions)."""
+    tied = scores <= scores.min(-1, keepdim=True).values * (1.0 + margin)
+    tied &= heaviest <= torch.where(tied, heaviest, torch.inf).min(-1, keepdim=True).values
+    return torch.where(tied, keys, torch.iinfo(torch.int64).max).argmin(-1)
+
+
 def _score(
     loads: torch.Tensor, counts: torch.Tensor, picked: torch.Tensor, num_gpus: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -252,12 +261,8 @@ def _score(
     ordered, order = copy_loads.sort(dim=2, descending=True, stable=True)
     pair_peaks = (ordered[..., :num_gpus] + ordered[..., num_gpus:].flip(2)).max(2).values  # [P, J]
     best_score = pair_peaks.min(1, keepdim=True).values
-    # Lowest table index among the equal best (a shortlist is in bound order, not index order).
-    tied = pair_peaks <= best_score * (1.0 + TIE_MARGIN)
-    heaviest = per_copy.amax(2)  # among equal scores, the lightest heaviest copy, then the lowest index
-    tied &= heaviest == torch.where(tied, heaviest, torch.inf).min(1, keepdim=True).values
-    tie_key = torch.where(tied, picked, counts.shape[0])
-    best = tie_key.argmin(1, keepdim=True)  # [P, 1]
+    # Among the equal best, the lowest table index (a shortlist is in bound order, not index order).
+    best = tie_winner(pair_peaks, per_copy.amax(2), picked, TIE_MARGIN).unsqueeze(1)  # [P, 1]
     chosen = order.gather(1, best.unsqueeze(2).expand(-1, 1, num_replicas)).squeeze(1)  # [P, R] slot ids
     by_gpu = torch.stack([chosen[:, :num_gpus], chosen[:, num_gpus:].flip(1)], 2).view(num_rows, num_replicas)
     phy2log = experts.gather(1, best.unsqueeze(2).expand(-1, 1, num_replicas)).squeeze(1).gather(1, by_gpu)

@@ -156,10 +156,9 @@ def tie_break(peaks: torch.Tensor, loads: torch.Tensor, phy2log: torch.Tensor) -
             return winner
     else:
         rows = torch.arange(num_rows, device=peaks.device)
-    heaviest, tied = copy_peaks(loads[rows], phy2log[rows]), tied[rows]
-    lightest = torch.where(tied, heaviest, torch.inf).min(-1, keepdim=True).values
-    index = torch.arange(num_candidates, device=peaks.device).expand_as(tied)
-    return winner.index_copy(0, rows, torch.where(tied & (heaviest <= lightest), index, num_candidates).min(-1).values)
+    index = torch.arange(num_candidates, device=peaks.device).unsqueeze(0)
+    heaviest = copy_peaks(loads[rows], phy2log[rows])
+    return winner.index_copy(0, rows, exact.tie_winner(peaks[rows], heaviest, index, TIE_TOLERANCE))
 
 
 def plan(
