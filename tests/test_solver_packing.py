@@ -59,3 +59,40 @@ def test_each_problem_refines_alone_as_in_the_batch(seed: int):
         alone = slice(problem, problem + 1)
         loads, items = packing.swap_refine(slot_loads[alone], slot_items[alone], targets[alone])
         assert torch.equal(loads, batch_loads[alone]) and torch.equal(items, batch_items[alone])
+
+
+def reference_greedy(item_loads: list[float], order: list[int], num_packs: int) -> list[list[int]]:
+    """LPT with capacity in plain Python: each item in `order` to the first lightest pack with a free slot."""
+    capacity = len(item_loads) // num_packs
+    totals, packs = [0.0] * num_packs, [[] for _ in range(num_packs)]
+    for item in order:
+        pack = min((p for p in range(num_packs) if len(packs[p]) < capacity), key=totals.__getitem__)
+        packs[pack].append(item)
+        totals[pack] = float(torch.tensor(totals[pack], dtype=torch.float32) + item_loads[item])
+    return packs
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_on_the_cpu_fills_the_slots_plain_lpt_fills(seed: int):
+    slot_loads, _, num_packs, capacity = tied_problems(200 + seed, num_problems=6)
+    item_loads = slot_loads.view(6, -1) + (seed % 2) * torch.rand(6, num_packs * capacity)  # ties and no ties
+    order = item_loads.sort(dim=1, descending=True, stable=True).indices
+    slot_items = packing.greedy_pack(item_loads, order, num_packs)
+    for problem in range(6):
+        expected = reference_greedy(item_loads[problem].tolist(), order[problem].tolist(), num_packs)
+        assert slot_items[problem].tolist() == expected
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_heaviest_phase_on_the_cpu_matches_the_masked_torch_rounds(seed: int):
+    # The CPU (NumPy) path stops problems early; the GPU loop runs every round masked. In the heaviest-pack
+    # phase a stopped problem could never move again, so both must end bit for bit alike.
+    slot_loads, slot_items, num_packs, capacity = tied_problems(300 + seed, num_problems=16)
+    slot_loads = slot_loads + torch.rand(slot_loads.shape, generator=torch.Generator().manual_seed(seed))
+    targets = slot_loads.sum(-1).mean(-1) * 1.02
+    limits = RefineLimits(group_size=4, pair_rounds=0, heaviest_rounds=12)
+    host_loads, host_items = packing.swap_refine(slot_loads, slot_items, targets, limits)
+    loads, items = slot_loads.clone(), slot_items.clone()
+    partners = limits.partners(num_packs, capacity)
+    packing._refine_phase(loads, items, targets, 4, 12, packing._heaviest_swaps, partners)
+    assert torch.equal(host_items, items) and torch.equal(host_loads, loads)

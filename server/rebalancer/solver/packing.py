@@ -2,14 +2,15 @@
 
 A problem puts N items (expert copies) into G packs (GPUs) of exactly K = N / G slots. Both steps run
 for every problem of the batch at once (B = layers x candidates); they never build an N x N matrix:
-refinement compares the K items of the heaviest pack with the K items of a few partner packs.
+refinement compares the K items of the heaviest pack with the K items of a few partner packs. On the
+CPU both run in NumPy (host_packing.py), with the same arithmetic and the same placements.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import kernels
+from . import host_packing, kernels
 from .cancel import checkpoint
 from .refinement import DEFAULT_LIMITS, IMPROVEMENT, RefineLimits
 
@@ -22,6 +23,8 @@ def greedy_pack(item_loads: torch.Tensor, order: torch.Tensor, num_packs: int) -
     """
     if kernels.use_triton(item_loads):
         return kernels.greedy_pack(item_loads, order, num_packs)
+    if item_loads.device.type == "cpu":
+        return torch.from_numpy(host_packing.greedy_pack(item_loads.numpy(), order.numpy(), num_packs))
     num_problems, num_items = item_loads.shape
     capacity = num_items // num_packs
     device = item_loads.device
@@ -75,20 +78,18 @@ def round_pack(item_loads: torch.Tensor, num_packs: int) -> torch.Tensor:
     return slot_items
 
 
-def _pair_swaps(
-    slot_loads: torch.Tensor, num_pairs: int, pack_loads: torch.Tensor | None = None
-) -> tuple[torch.Tensor, ...]:
+def _pair_swaps(slot_loads: torch.Tensor, num_pairs: int) -> tuple[torch.Tensor, ...]:
     """Pair the q heaviest packs with the q lightest (heaviest with lightest, and so on) and find, per
     pair, the item swap that lowers the larger of the two the most. The improving pairs are disjoint
     (see `_apply_swaps`), so all their swaps apply at once: a fast first phase that levels many packs
     per round.
 
-    slot_loads [B, G, K], pack_loads [B, G] (their sums, computed when None) -> (heaviest load [B],
+    slot_loads [B, G, K] -> (heaviest load [B],
     improves [B, q], flat slots in the heavy packs [B, q], flat slots in the light packs [B, q]); pair 0
     holds the heaviest pack.
     """
     capacity = slot_loads.shape[2]
-    pack_loads = slot_loads.sum(-1) if pack_loads is None else pack_loads
+    pack_loads = slot_loads.sum(-1)
     heavy_loads, heavy = pack_loads.topk(num_pairs, dim=1)
     light_loads, light = pack_loads.topk(num_pairs, dim=1, largest=False)
     heavy_items = slot_loads.gather(1, heavy.unsqueeze(-1).expand(-1, -1, capacity))  # [B, q, K]
@@ -100,9 +101,7 @@ def _pair_swaps(
     return heavy_loads[:, 0], improves, heavy * capacity + heavy_rank, light * capacity + light_rank
 
 
-def _heaviest_swaps(
-    slot_loads: torch.Tensor, num_partners: int, pack_loads: torch.Tensor | None = None
-) -> tuple[torch.Tensor, ...]:
+def _heaviest_swaps(slot_loads: torch.Tensor, num_partners: int) -> tuple[torch.Tensor, ...]:
     """The swap between the heaviest pack and any of its M lightest partners that lowers the larger
     of the two the most: the thorough second phase. Same outputs as `_pair_swaps`, with q = 1.
 
@@ -110,7 +109,7 @@ def _heaviest_swaps(
     never improves).
     """
     num_problems, num_packs, capacity = slot_loads.shape
-    pack_loads = slot_loads.sum(-1) if pack_loads is None else pack_loads
+    pack_loads = slot_loads.sum(-1)
     heavy_load, heavy = pack_loads.max(1, keepdim=True)
     heavy_items = slot_loads.gather(1, heavy.unsqueeze(-1).expand(-1, -1, capacity))  # [B, 1, K]
     if num_partners == num_packs:
@@ -185,64 +184,15 @@ def _apply_swaps(tensors: list[torch.Tensor], improves: torch.Tensor, slot_a: to
         flat.scatter_(1, written, flat.gather(1, read))
 
 
-def _resum_packs(pack_loads: torch.Tensor, slot_loads: torch.Tensor, slot_a: torch.Tensor, slot_b: torch.Tensor):
-    """Recompute, in place, the loads [B, G] of the packs holding flat slots a and b [B, q] after a
-    round's exchanges. Each is one row sum of K slots, bit for bit the float32 sum a full
-    `slot_loads.sum(-1)` gives that row (the row's reduction order depends on K alone; checked over
-    B, G, K up to 500, 72, 13), at ~2q / G of its work: the full sum was ~1/10 of a CPU round."""
-    capacity = slot_loads.shape[2]
-    packs = torch.cat([slot_a, slot_b], 1) // capacity
-    rows = slot_loads.gather(1, packs.unsqueeze(-1).expand(-1, -1, capacity))  # [B, 2q, K]
-    pack_loads.scatter_(1, packs, rows.sum(-1))
-
-
-COMPACT_SHARE = 8
-
-
 def _refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_swaps, width):
-    """Rounds of `find_swaps` until no problem's heaviest pack improves or every group met its target.
-
-    On the CPU finished problems leave the active set every round and pack loads are kept up to date
-    round by round (`_resum_packs`); on a GPU the loop runs a fixed number of masked rounds so it never
-    waits for the host. Works in place.
-    """
-    num_problems = slot_loads.shape[0]
-    num_groups = num_problems // group_size
-    if slot_loads.device.type != "cpu":
-        for _ in range(max_rounds):
-            checkpoint()
-            heavy_load, improves, slot_a, slot_b = find_swaps(slot_loads, width)
-            going = (heavy_load > targets).view(num_groups, group_size).all(1).repeat_interleave(group_size)
-            _apply_swaps([slot_loads, slot_items], improves & going.unsqueeze(1), slot_a, slot_b)
-        return
-    if max_rounds == 0:
-        return
-    active = torch.arange(num_problems)
-    loads, items, goal, pack_loads = slot_loads, slot_items, targets, slot_loads.sum(-1)
-    running = torch.ones(num_problems, dtype=torch.bool)  # of the active set; finished ones stay put
-    group = active // group_size
+    """Rounds of `find_swaps` on a GPU: a fixed number of masked rounds (a problem stops applying swaps once
+    its group met its target), so the loop never waits for the host. Works in place."""
+    num_groups = slot_loads.shape[0] // group_size
     for _ in range(max_rounds):
         checkpoint()
-        heavy_load, improves, slot_a, slot_b = find_swaps(loads, width, pack_loads)
-        group_reached = torch.zeros(num_groups, dtype=torch.bool).index_fill_(0, group[heavy_load <= goal], True)
-        running &= improves[:, 0] & ~group_reached[group]
-        _apply_swaps([loads, items], improves & running.unsqueeze(1), slot_a, slot_b)
-        _resum_packs(pack_loads, loads, slot_a, slot_b)
-        left = int(running.sum())
-        if left == 0:
-            break
-        # Compacting copies the active set: done only once an eighth of it has finished (the finished
-        # ones meanwhile compute swaps they never apply).
-        if left <= active.numel() - max(1, active.numel() // COMPACT_SHARE):
-            done = ~running
-            slot_loads[active[done]] = loads[done]
-            slot_items[active[done]] = items[done]
-            active, loads, items, goal = active[running], loads[running], items[running], goal[running]
-            group, pack_loads = active // group_size, pack_loads[running]
-            running = running[running]
-    if loads is not slot_loads:  # the active set shrank at least once: write the survivors back
-        slot_loads[active] = loads
-        slot_items[active] = items
+        heavy_load, improves, slot_a, slot_b = find_swaps(slot_loads, width)
+        going = (heavy_load > targets).view(num_groups, group_size).all(1).repeat_interleave(group_size)
+        _apply_swaps([slot_loads, slot_items], improves & going.unsqueeze(1), slot_a, slot_b)
 
 
 def grouped_limits(slot_loads: torch.Tensor, group_size: int) -> RefineLimits:
@@ -273,6 +223,11 @@ def swap_refine(
         raise ValueError(f"group_size ({limits.group_size}) must divide the number of problems ({num_problems})")
     if limits.group_size == 1 and kernels.use_triton(slot_loads):
         return kernels.swap_refine(slot_loads, slot_items, targets, limits)
+    if slot_loads.device.type == "cpu":
+        loads, items = slot_loads.numpy().copy(), slot_items.numpy().copy()
+        if num_packs >= 2:
+            host_packing.swap_refine(loads, items, targets.numpy(), limits)
+        return torch.from_numpy(loads), torch.from_numpy(items)
     slot_loads, slot_items = slot_loads.clone(), slot_items.clone()
     if num_packs < 2 or num_problems == 0:
         return slot_loads, slot_items
