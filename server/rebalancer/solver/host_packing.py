@@ -28,21 +28,25 @@ def greedy_pack(item_loads: np.ndarray, order: np.ndarray, num_packs: int) -> np
     num_problems, num_items = item_loads.shape
     capacity = num_items // num_packs
     sorted_loads = np.take_along_axis(item_loads, order, 1)
-    pack_of_step = np.empty((num_problems, num_items), dtype=np.int64)
+    pack_of_step = np.empty((num_items, num_problems), dtype=np.int64)  # step-major
     first = min(num_packs, num_items)  # the first G items open the packs in order
-    pack_of_step[:, :first] = np.arange(first)
+    pack_of_step[:first] = np.arange(first)[:, None]
     key = sorted_loads[:, :num_packs].copy()  # pack load, +inf once the pack is full
     counts = np.ones(key.shape, dtype=np.int64)
     if capacity == 1:
         key.fill(np.inf)
-    rows = np.arange(num_problems)
+    # Flat indices and step-major loads: each step is a handful of 1-D operations on B values.
+    flat_key, flat_counts, base = key.reshape(-1), counts.reshape(-1), np.arange(num_problems) * num_packs
+    step_loads = np.ascontiguousarray(sorted_loads.T)
     for step in range(first, num_items):
         checkpoint()
         pack = key.argmin(1)
-        pack_of_step[:, step] = pack
-        counts[rows, pack] += 1
-        key[rows, pack] += np.where(counts[rows, pack] == capacity, np.inf, sorted_loads[:, step])
-    by_pack = (pack_of_step * num_items + np.arange(num_items)).argsort(1)
+        pack_of_step[step] = pack
+        index = base + pack
+        filled = flat_counts[index] + 1
+        flat_counts[index] = filled
+        flat_key[index] += np.where(filled == capacity, np.inf, step_loads[step])
+    by_pack = (pack_of_step.T * num_items + np.arange(num_items)).argsort(1)
     return np.take_along_axis(order, by_pack, 1).reshape(num_problems, num_packs, capacity)
 
 
@@ -115,22 +119,16 @@ def heaviest_swaps(slot_loads, num_partners, pack_loads):
     return heavy_load[:, 0], improves, slot_a, partner * capacity + flat_rank % capacity
 
 
-def apply_swaps(arrays, improves, slot_a, slot_b) -> None:
-    """Exchange flat slots a and b [B, q] where `improves`, in place; improving pairs touch distinct packs."""
+def exchange(loads, items, pack_loads, improves, slot_a, slot_b) -> None:
+    """Exchange flat slots a and b [B, q] of `loads` and `items` where `improves` (improving pairs touch
+    distinct packs), and recompute the loads [B, G] of the packs they touched. In place."""
     problem, pair = np.nonzero(improves)
     a, b = slot_a[problem, pair], slot_b[problem, pair]
-    for array in arrays:
+    for array in (loads, items):
         flat = array.reshape(array.shape[0], -1)
         flat[problem, a], flat[problem, b] = flat[problem, b], flat[problem, a]
-
-
-def resum_packs(pack_loads, slot_loads, slot_a, slot_b, improves) -> None:
-    """Recompute, in place, the loads [B, G] of the packs whose slots a round exchanged."""
-    problem, pair = np.nonzero(improves)
-    capacity = slot_loads.shape[2]
-    for slots in (slot_a, slot_b):
-        packs = slots[problem, pair] // capacity
-        pack_loads[problem, packs] = row_sums(slot_loads[problem, packs])
+    problems, packs = np.concatenate([problem, problem]), np.concatenate([a, b]) // loads.shape[2]
+    pack_loads[problems, packs] = row_sums(loads[problems, packs])
 
 
 def refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_swaps, width) -> None:
@@ -151,8 +149,7 @@ def refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_s
         group_reached[group[heavy_load <= goal]] = True
         running &= improves[:, 0] & ~group_reached[group]
         improves &= running[:, None]
-        apply_swaps([loads, items], improves, slot_a, slot_b)
-        resum_packs(pack_loads, loads, slot_a, slot_b, improves)
+        exchange(loads, items, pack_loads, improves, slot_a, slot_b)
         left = int(running.sum())
         if left == 0:
             break
