@@ -57,8 +57,18 @@ def row_sums(slot_loads: np.ndarray) -> np.ndarray:
 
 
 def smallest(pack_loads: np.ndarray, count: int, largest: bool = False) -> np.ndarray:
-    """Indices of the `count` lightest (or heaviest) packs per row, in torch.topk's order, ties included."""
-    return torch.from_numpy(pack_loads).topk(count, dim=1, largest=largest).indices.numpy()
+    """Indices [B, count] of the `count` lightest (or heaviest) packs per row, in load order, the lowest
+    index first among equal loads. Float32 loads sort as int64 keys (the bits of a non-negative float
+    order like its value; the pack index below them breaks ties): 3-4x faster than torch.topk here."""
+    if pack_loads.dtype != np.float32:
+        order = np.argsort(-pack_loads if largest else pack_loads, axis=1, kind="stable")
+        return order[:, :count]
+    bits = (pack_loads + np.float32(0.0)).view(np.int32).astype(np.int64)  # -0.0 -> +0.0
+    if largest:
+        bits = np.iinfo(np.int32).max - bits
+    shift = max(1, (pack_loads.shape[1] - 1).bit_length())
+    keys = np.sort((bits << shift) | np.arange(pack_loads.shape[1]), axis=1)[:, :count]
+    return keys & ((1 << shift) - 1)
 
 
 def closest_swaps(heavy_loads, heavy_items, light_loads, light_items):
@@ -73,8 +83,10 @@ def closest_swaps(heavy_loads, heavy_items, light_loads, light_items):
     heavy = heavy_loads[:, :, None]
     half_gap = np.repeat((heavy - light_loads) / 2, width, axis=2)[:, :, None, :]  # [B, q, 1, M * J]
     middle = np.repeat((heavy + light_loads) / 2, width, axis=2)[:, :, None, :]
-    miss = heavy_items[:, :, :, None] - light_items.reshape(num_problems, num_pairs, 1, -1)
-    miss -= half_gap
+    # |(b - a) + gap| is |(a - b) - gap| bit for bit (rounding is symmetric), and NumPy subtracts a
+    # broadcast column from contiguous rows ~1.5x faster than the other way round.
+    miss = light_items.reshape(num_problems, num_pairs, 1, -1) - heavy_items[:, :, :, None]
+    miss += half_gap
     np.abs(miss, out=miss)
     miss += middle
     flat = miss.reshape(num_problems, num_pairs, -1)
@@ -85,13 +97,21 @@ def closest_swaps(heavy_loads, heavy_items, light_loads, light_items):
     return improves, best // row_width, best % row_width
 
 
+def pick(values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """values [B, G, ...] at index [B, m] -> [B, m, ...]: `np.take` on flat rows, ~3x faster than
+    indexing with broadcast row numbers."""
+    num_problems, num_packs = values.shape[:2]
+    flat = index + (np.arange(num_problems) * num_packs)[:, None]
+    return np.take(values.reshape(num_problems * num_packs, *values.shape[2:]), flat, axis=0)
+
+
 def pair_swaps(slot_loads, num_pairs, pack_loads):
     """The q heaviest packs paired with the q lightest, the best swap per pair (`packing._pair_swaps`):
     -> (heaviest load [B], improves [B, q], flat slots in the heavy packs [B, q], in the light ones)."""
-    capacity, rows = slot_loads.shape[2], np.arange(slot_loads.shape[0])[:, None]
+    capacity = slot_loads.shape[2]
     heavy, light = smallest(pack_loads, num_pairs, largest=True), smallest(pack_loads, num_pairs)
-    heavy_loads, light_loads = pack_loads[rows, heavy], pack_loads[rows, light]
-    heavy_items, light_items = slot_loads[rows, heavy], slot_loads[rows, light]  # [B, q, K]
+    heavy_loads, light_loads = pick(pack_loads, heavy), pick(pack_loads, light)
+    heavy_items, light_items = pick(slot_loads, heavy), pick(slot_loads, light)  # [B, q, K]
     improves, heavy_rank, light_rank = closest_swaps(
         heavy_loads, heavy_items, light_loads[:, :, None], light_items[:, :, None]
     )
@@ -102,20 +122,19 @@ def pair_swaps(slot_loads, num_pairs, pack_loads):
 def heaviest_swaps(slot_loads, num_partners, pack_loads):
     """The best swap of the heaviest pack with any of its M lightest partners (`packing._heaviest_swaps`);
     M = G means every pack in index order. Same outputs as `pair_swaps`, with q = 1."""
-    num_problems, num_packs, capacity = slot_loads.shape
-    rows = np.arange(num_problems)[:, None]
+    num_packs, capacity = slot_loads.shape[1:]
     heavy = pack_loads.argmax(1)[:, None]  # the first heaviest, as torch's max
-    heavy_load, heavy_items = pack_loads[rows, heavy], slot_loads[rows, heavy]  # [B, 1], [B, 1, K]
+    heavy_load, heavy_items = pick(pack_loads, heavy), pick(slot_loads, heavy)  # [B, 1], [B, 1, K]
     if num_partners == num_packs:
         light_loads, light_items = pack_loads, slot_loads
     else:
         light = smallest(pack_loads, num_partners)
-        light_loads, light_items = pack_loads[rows, light], slot_loads[rows, light]  # [B, M], [B, M, K]
+        light_loads, light_items = pick(pack_loads, light), pick(slot_loads, light)  # [B, M], [B, M, K]
     improves, heavy_rank, flat_rank = closest_swaps(heavy_load, heavy_items, light_loads[:, None], light_items[:, None])
     slot_a = heavy * capacity + heavy_rank
     if num_partners == num_packs:
         return heavy_load[:, 0], improves, slot_a, flat_rank
-    partner = light[rows, flat_rank // capacity]
+    partner = pick(light[:, :, None], flat_rank // capacity)[:, :, 0]
     return heavy_load[:, 0], improves, slot_a, partner * capacity + flat_rank % capacity
 
 
