@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from placement_checks import best_reference_balancedness, reference_policies
-from rebalancer.solver import rebalance_experts, solve
+from rebalancer.solver import joint, rebalance_experts, solve
 from rebalancer.solver.joint import copy_moves, fresh_packs, improve_replication, moved_counts, paired_moves
 from rebalancer.solver.packing import round_pack
 from rebalancer.solver.replication import replica_counts, slots_from_counts
@@ -180,3 +180,16 @@ def test_paired_move_scores_equal_the_moves_packed_afresh(kind: str) -> None:
     _, fresh = fresh_packs(loads, moved_counts(counts, x, y, valid), 24, 2)
     fresh = torch.where(valid, fresh, torch.full_like(fresh, float("inf")))
     torch.testing.assert_close(paired_moves(loads, counts, x, y, valid, 24)[0], fresh, rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("kind", ["zipf", "hot"])
+def test_paired_move_scores_on_the_cpu_equal_the_torch_path(kind: str, monkeypatch) -> None:
+    # The CPU scores moves in NumPy (host_pairing), a GPU in torch: same peaks and placements, bit for bit.
+    loads = make(kind, 6, 40, seed=11).double()
+    loads[1] = loads[1].round()
+    counts = replica_counts(loads, 48)
+    x, y, valid = copy_moves(loads, counts, 5)
+    host = paired_moves(loads, counts, x, y, valid, 24, with_experts=True)
+    monkeypatch.setattr(joint.host_pairing, "paired_peaks", joint.torch_paired_peaks)
+    on_torch = paired_moves(loads, counts, x, y, valid, 24, with_experts=True)
+    assert torch.equal(host[0], on_torch[0]) and torch.equal(host[1], on_torch[1])

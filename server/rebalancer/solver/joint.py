@@ -18,6 +18,7 @@ import dataclasses
 
 import torch
 
+from . import host_pairing
 from .cancel import checkpoint
 from .maps import logcnt_from_phy2log
 from .packing import grouped_limits, round_pack, swap_refine
@@ -151,6 +152,45 @@ def sorted_copies(
     return ordered, ordered_experts, first
 
 
+def paired_peaks(
+    ordered: torch.Tensor, high: torch.Tensor, low: torch.Tensor, runs: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each move's new sorted copy list read off the old one, and its pairing peak: ordered [P, R] copy
+    loads heaviest first, high / low [P, M] the inserted per-copy loads, `runs` the [P, M] bounds of the
+    inserted (above_high, above_low, len_high, len_low) and removed runs (start_a, len_a, start_b, len_b,
+    the earlier first) -> (max pair load [P, M], positions in the old list [P, M, R] int64, in the heavier
+    inserted run [P, M, R] bool, in the lighter one). The CPU runs it in NumPy (`host_pairing`)."""
+    if ordered.device.type == "cpu":
+        return host_pairing.paired_peaks(ordered, high, low, runs)
+    return torch_paired_peaks(ordered, high, low, runs)
+
+
+def torch_paired_peaks(
+    ordered: torch.Tensor, high: torch.Tensor, low: torch.Tensor, runs: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`paired_peaks` in torch, the path of GPU tensors."""
+    num_replicas = ordered.shape[1]
+    # Index arithmetic in int32 on [P, M, R] (half the memory traffic of int64).
+    index = torch.arange(num_replicas, device=ordered.device, dtype=torch.int32).view(1, 1, -1)
+
+    def column(name: str) -> torch.Tensor:
+        return runs[name].to(torch.int32).unsqueeze(2)
+
+    len_high, low_start = column("len_high"), column("above_low") + column("len_high")
+    after_high, after_low = index >= column("above_high"), index >= low_start
+    in_high = after_high & (index < column("above_high") + len_high)
+    in_low = after_low & (index < low_start + column("len_low"))
+    # Index among the copies left, then its position in s (skipping the removed runs).
+    kept = index - len_high * after_high - column("len_low") * after_low
+    kept += column("len_a") * (kept >= column("start_a"))
+    kept += column("len_b") * (kept >= column("start_b"))
+    kept = kept.clamp_(0, num_replicas - 1).long()
+    value = ordered.unsqueeze(1).expand(-1, high.shape[1], -1).gather(2, kept)
+    value = torch.where(in_high, high.unsqueeze(2), value)
+    value = torch.where(in_low, low.unsqueeze(2), value)
+    return (value + value.flip(2)).amax(2), kept, in_high, in_low
+
+
 def paired_moves(
     loads: torch.Tensor,
     counts: torch.Tensor,
@@ -195,25 +235,9 @@ def paired_moves(
         return above - count_x * (old_x > value) - count_y * (old_y > value)
 
     above_high, above_low = heavier_left(high), heavier_left(low)
-    # Index arithmetic in int32 on [P, M, R] (half the memory traffic of int64).
-    index = torch.arange(num_replicas, device=loads.device, dtype=torch.int32).view(1, 1, -1)
-
-    def column(t: torch.Tensor) -> torch.Tensor:
-        return t.to(torch.int32).unsqueeze(2)
-
-    len_high, low_start = column(len_high), column(above_low) + column(len_high)
-    after_high, after_low = index >= column(above_high), index >= low_start
-    in_high = after_high & (index < column(above_high) + len_high)
-    in_low = after_low & (index < low_start + column(len_low))
-    # Index among the copies left, then its position in s (skipping the removed runs).
-    kept = index - len_high * after_high - column(len_low) * after_low
-    kept += column(len_a) * (kept >= column(start_a))
-    kept += column(len_b) * (kept >= column(start_b))
-    kept = kept.clamp_(0, num_replicas - 1).long()
-    value = ordered.unsqueeze(1).expand(-1, num_moves, -1).gather(2, kept)
-    value = torch.where(in_high, high.unsqueeze(2), value)
-    value = torch.where(in_low, low.unsqueeze(2), value)
-    peaks = (value + value.flip(2)).amax(2)
+    runs = {"above_high": above_high, "above_low": above_low, "len_high": len_high, "len_low": len_low}
+    runs |= {"start_a": start_a, "len_a": len_a, "start_b": start_b, "len_b": len_b}
+    peaks, kept, in_high, in_low = paired_peaks(ordered, high, low, runs)
     peaks = torch.where(valid, peaks, torch.full_like(peaks, float("inf")))
     if not with_experts:
         return peaks, None
