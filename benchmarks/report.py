@@ -170,7 +170,6 @@ def section(title: str, result: dict) -> list[str]:
 
 
 def render(sections: dict, quick: bool, load_before: Sequence[float], total_seconds: float) -> str:
-    """The whole RESULTS.md."""
     now, flag = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), " --quick" if quick else ""
     out = ["# Benchmark results", "", f"Generated {now} by `benchmarks/report.py{flag}` in {total_seconds / 60:.1f}"]
     out[-1] += " min. **Quick run: fewer shapes, kinds and repeats; not the reference figures.**" if quick else " min."

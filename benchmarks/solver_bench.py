@@ -19,14 +19,8 @@ Planner = Callable[[torch.Tensor, workloads.Shape], torch.Tensor]  # (weight [L,
 
 
 def project(policy: str, candidates: int | None = None, flat: bool = False) -> Planner:
-    """The project's solver on CPU; `flat` plans as if there were one group on one node."""
-
-    def plan(weight: torch.Tensor, shape: workloads.Shape) -> torch.Tensor:
-        groups, nodes = (1, 1) if flat else (shape.groups, shape.nodes)
-        options = {"policy": policy, "num_candidates": candidates, "device": "cpu"}
-        return solve(weight, shape.replicas, groups, nodes, shape.gpus, **options).phy2log
-
-    return plan
+    """The project's solver on CPU."""
+    return lambda w, s: solve(w, *s.args(flat), policy=policy, num_candidates=candidates, device="cpu").phy2log
 
 
 PROJECT: dict[str, Planner] = {
@@ -69,8 +63,7 @@ def bench_case(shape: workloads.Shape, kind: str, repeats: int, planner_map: dic
         figures[label]["balancedness"] = float(workloads.balancedness(weight, placed, shape.gpus).mean())
         figures[label]["max_over_lb"] = float(workloads.max_over_lower_bound(weight, placed, shape.gpus).mean())
     margin = figures["auto"]["balancedness"] - max(figures[name]["balancedness"] for name in REFERENCES)
-    rounds = len(times["deepseek"])
-    case = {"shape": shape.name, "kind": kind, "rounds": rounds, "policies": figures}
+    case = {"shape": shape.name, "kind": kind, "rounds": len(times["deepseek"]), "policies": figures}
     return case | {"auto_minus_best_reference": margin}
 
 
@@ -171,7 +164,6 @@ SUMMARY = (
 
 
 def markdown(result: dict) -> str:
-    """Speed figure, quality, time, summary, and the peer table."""
     cases, summary = result["cases"], result["summary"]
     labels = list(cases[0]["policies"])
     quality = [
