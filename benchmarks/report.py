@@ -16,11 +16,10 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import gpu_bench
 import load
@@ -47,8 +46,7 @@ def fuzz_markdown(result: dict) -> str:
     return "\n".join(f"- {line}" for line in result["totals"]) + f"\n- pytest: {result['outcome']}"
 
 
-@dataclass(frozen=True)
-class Bench:
+class Bench(NamedTuple):
     """One section of the report: the benchmark (a module with `run` and `markdown`), its time limit, CUDA or not."""
 
     title: str
@@ -132,7 +130,8 @@ def headline(sections: dict) -> list[str]:
         )
         for vllm in solver["peer_labels"][:1]:
             for shape in solver["shapes"]:
-                ratios[shape] = solver_bench.geomean_ratio([c for c in cases if c["shape"] == shape], "auto", vllm)
+                of = [c for c in cases if c["shape"] == shape]
+                ratios[shape] = solver_bench.aggregate(of, "auto", vllm)["geomean_time_ratio"]
             worst = max(ratios, key=ratios.__getitem__)
             lines.append(
                 f"- `auto` / {vllm} time per shape, same run (geomean over kinds): {min(ratios.values()):.2f}x to"
