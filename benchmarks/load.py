@@ -10,7 +10,6 @@ import asyncio
 import itertools
 import os
 import statistics
-import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -129,15 +128,14 @@ class Traffic:
         after = np.array([(t, rss) for t, rss in self.rss if t >= warm_at])
         if len(after) >= 2:
             warm, end = statistics.median(after[:3, 1]), statistics.median(after[-3:, 1])
-            slope = float(np.polyfit(after[:, 0] - after[0, 0], after[:, 1], 1)[0]) * 60.0
             out |= {"rss_warm_mib": warm, "rss_end_mib": end, "rss_growth_pct": 100 * (end - warm) / warm}
-            out["rss_slope"] = slope
+            out["rss_slope"] = float(np.polyfit(after[:, 0] - after[0, 0], after[:, 1], 1)[0]) * 60.0
         return out
 
 
-async def drive(target: str, pid: int, cfg: Settings) -> dict:
+async def drive(server: Server, cfg: Settings) -> dict:
     """Register the deployments, run every task for `duration_s`, gather the figures."""
-    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+    async with grpc.aio.insecure_channel(server.target, options=CHANNEL_OPTIONS) as channel:
         stub, count = rebalancer_pb2_grpc.RebalancerServiceStub(channel), cfg.controllers
         deployments = [f"load-{index}" for index in range(count)]
         # Pre-encoded loads, so the generator spends its CPU on RPCs, not on random numbers.
@@ -152,7 +150,7 @@ async def drive(target: str, pid: int, cfg: Settings) -> dict:
         # Stream i is rank i // controllers of deployment i % controllers: ranks of one deployment add up.
         ranks = [(deployments[i % count], i // count, pools[i % count]) for i in range(cfg.streams)]
         streams = itertools.starmap(traffic.stream_reports, ranks)
-        await asyncio.gather(*streams, *map(traffic.control, deployments), traffic.sample_rss(pid))
+        await asyncio.gather(*streams, *map(traffic.control, deployments), traffic.sample_rss(server.process.pid))
         elapsed = time.monotonic() - started
         await asyncio.sleep(0.2)  # the last pushes
         for watcher in watchers:
@@ -168,13 +166,12 @@ async def drive(target: str, pid: int, cfg: Settings) -> dict:
 def run(quick: bool = False, **settings) -> dict:
     """Start a server, drive it (5 s quick, 30 s full, or `Settings(**settings)`), stop it; returns the figures."""
     cfg = Settings(**{"duration_s": 5.0 if quick else 30.0, **settings})
-    with tempfile.TemporaryDirectory(prefix="load-") as state_dir, Server(state_dir) as server:
-        figures = asyncio.run(drive(server.target, server.process.pid, cfg))
+    with Server() as server:
+        figures = asyncio.run(drive(server, cfg))
     return {**figures, "server_exit_code": server.process.returncode}
 
 
 def markdown(figures: dict) -> str:
-    """One row per figure."""
     cfg, latency = figures["settings"], figures["latency"]
     rows = [
         ("shape", cfg.shape.describe()),

@@ -24,8 +24,8 @@ MIGRATION_SHAPES, BASELINES = ("dsv3_prefill", "qwen3_235b", "kimi_k2"), ("deeps
 HISTORY_WINDOWS = 4
 HISTORY_PAIRS = (("auto_prev_hist", "auto_prev"), ("auto_hist", "auto_fresh"))  # (with history, without)
 BAR = {"moves_ratio": 0.25, "aim": 0.1, "balancedness_slack": 0.005}
-# A tighter balance tolerance for the lost-GPU plan, to set beside SGLang's fresh elasticity_aware plan.
-LOST_TIGHT = {"balance_tolerance": 0.002}
+# Elastic EP: a GPU lost and a scale-out; the loss again under a tighter tolerance, beside SGLang's fresh plan.
+ELASTIC_SHAPE, LOST_GPU, SCALE_TO, LOST_TIGHT = "dsv3_prefill", 5, 40, {"balance_tolerance": 0.002}
 COST = CostModel()  # DeepSeek-V3 FP8 experts, NVLink 450 GB/s and a 400 Gb/s NIC per GPU
 # Raw per-run sums of the rearrangement figures; shares are pooled from them.
 TRANSFER_SUMS = ("transfer_seconds", "network_copies", "intra_copies", "possible_copies", "possible_intra_copies")
@@ -47,8 +47,7 @@ class Variant:
         options: dict = {"policy": self.policy, "device": "cpu", "balance_tolerance": self.balance_tolerance}
         options["prev_phy2log"] = prev_phy2log if self.use_prev else None
         options["history"] = series[max(0, window - HISTORY_WINDOWS + 1) : window + 1] if self.use_history else None
-        groups, nodes = (1, 1) if self.flat else (shape.groups, shape.nodes)
-        return solve(series[window], shape.replicas, groups, nodes, shape.gpus, **options).phy2log.cpu()
+        return solve(series[window], *shape.args(self.flat), **options).phy2log.cpu()
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -137,30 +136,28 @@ def summarise(runs: Sequence[dict]) -> dict:
     return summary | {"totals": relative(totals), "history_effect": history}
 
 
-def run_elastic(seed: int, shape_name: str = "dsv3_prefill", lost_gpu: int = 5, scale_to: int = 40) -> dict:
-    """Lose GPU `lost_gpu`, and scale to `scale_to` GPUs, from a plan in force; each beside a fresh plan."""
-    shape = workloads.SHAPES[shape_name]
+def run_elastic(seed: int) -> dict:
+    """Lose a GPU (also under a tighter tolerance), and scale out, from a plan in force; each beside a fresh plan."""
+    shape = workloads.SHAPES[ELASTIC_SHAPE]
     slots, weight = shape.replicas // shape.gpus, workloads.shape_loads(shape, "zipf", seed)
     prev = solve(weight, *shape.args(), device="cpu").phy2log
-    lost = solve(weight, *shape.args(), device="cpu", prev_phy2log=prev, unavailable_gpus=[lost_gpu])
-    fresh = solve(weight, slots * (shape.gpus - 1), 1, 1, shape.gpus - 1, device="cpu")
+    lost, tight = (
+        solve(weight, *shape.args(), **options, device="cpu", prev_phy2log=prev, unavailable_gpus=[LOST_GPU])
+        for options in ({}, LOST_TIGHT)
+    )
+    scaled = solve(weight, *shape.args(), device="cpu", prev_phy2log=prev, new_num_gpus=SCALE_TO)
+    fresh, fresh_scaled = (solve(weight, slots * gpus, 1, 1, gpus, device="cpu") for gpus in (shape.gpus - 1, SCALE_TO))
     fresh_moves, _ = elastic_moves(prev, fresh.phy2log, shape.experts, slots, lost.gpu_ids)
-    scaled = solve(weight, *shape.args(), device="cpu", prev_phy2log=prev, new_num_gpus=scale_to)
     _, kept = elastic_moves(prev, scaled.phy2log, shape.experts, slots, scaled.gpu_ids)
-    fresh_scaled = solve(weight, slots * scale_to, 1, 1, scale_to, device="cpu")
-    figures = {"shape": shape_name, "seed": seed, "lost_gpu": lost_gpu, "scale_to": scale_to}
-    # The same loss under a tighter balance tolerance, and SGLang's elasticity_aware planner beside it.
-    tight = solve(weight, *shape.args(), **LOST_TIGHT, device="cpu", prev_phy2log=prev, unavailable_gpus=[lost_gpu])
-    figures |= {"tight_moves_mean": tight.moved_copies.double().mean().item()}
-    figures |= {"tight_balancedness": float(tight.balancedness.mean()), **LOST_TIGHT}
-    figures |= sglang_elastic(weight, prev, shape, lost.gpu_ids)
     moved, worst_gap = lost.moved_copies.double(), (fresh.balancedness - lost.balancedness).max()
+    figures = {"shape": ELASTIC_SHAPE, "seed": seed, "lost_gpu": LOST_GPU, "scale_to": SCALE_TO, **LOST_TIGHT}
+    figures["tight_moves_mean"] = tight.moved_copies.double().mean().item()
     figures |= {"lost_moves_mean": moved.mean().item(), "lost_moves_max": int(moved.max()), "lost_bar": 2 * slots}
     figures |= {"fresh_moves_mean": fresh_moves.double().mean().item(), "lost_worst_gap": worst_gap.item()}
     figures["scaled_kept_share"] = float(kept.sum()) / prev.numel()
-    for name, result in (("lost", lost), ("fresh", fresh), ("scaled", scaled), ("fresh_scaled", fresh_scaled)):
-        figures[f"{name}_balancedness"] = float(result.balancedness.mean())
-    return figures
+    plans = {"lost": lost, "tight": tight, "fresh": fresh, "scaled": scaled, "fresh_scaled": fresh_scaled}
+    figures |= {f"{name}_balancedness": float(result.balancedness.mean()) for name, result in plans.items()}
+    return figures | sglang_elastic(weight, prev, shape, lost.gpu_ids)
 
 
 def sglang_elastic(weight, prev, shape: workloads.Shape, gpu_ids: list[int]) -> dict:
@@ -170,14 +167,12 @@ def sglang_elastic(weight, prev, shape: workloads.Shape, gpu_ids: list[int]) -> 
         planner = peers.load_elasticity_aware()
     except Exception:  # no registry and no cache: the project's figures still stand
         return {"sglang_moves_mean": math.nan, "sglang_balancedness": math.nan}
-    active = torch.zeros(shape.gpus, dtype=torch.bool)
-    active[gpu_ids] = True
+    active = torch.isin(torch.arange(shape.gpus), torch.as_tensor(gpu_ids))
     phy2log = planner(weight, *shape.args(), active).view(shape.layers, shape.gpus, -1)[:, gpu_ids]
-    healthy, slots = phy2log.reshape(shape.layers, -1), phy2log.shape[-1]
-    moves, _ = elastic_moves(prev, healthy, shape.experts, slots, gpu_ids)
-    counts = maps.logcnt_from_phy2log(healthy, shape.experts)
-    balance = maps.balancedness(weight, healthy, counts, len(gpu_ids))
-    return {"sglang_moves_mean": moves.double().mean().item(), "sglang_balancedness": balance.mean().item()}
+    healthy = phy2log.reshape(shape.layers, -1)
+    moves, _ = elastic_moves(prev, healthy, shape.experts, phy2log.shape[-1], gpu_ids)
+    balance = workloads.balancedness(weight, healthy, len(gpu_ids)).mean().item()
+    return {"sglang_moves_mean": moves.double().mean().item(), "sglang_balancedness": balance}
 
 
 def run(quick: bool = False) -> dict:
@@ -219,7 +214,6 @@ ELASTIC = (
 
 
 def markdown(result: dict) -> str:
-    """Per shape x seed, pooled totals, the history effect and elastic EP."""
     bar, elastic = result["bar"], result.get("elastic")
     per_run = [r | fig | {"label": label} for r in result["runs"] for label, fig in r["variants"].items()]
     history = [

@@ -55,7 +55,6 @@ def solver_placement(loads: Sequence[float], num_replicas: int, num_gpus: int, p
 
 
 def policy_max_load(loads: Sequence[float], num_replicas: int, num_gpus: int, policy: str) -> float:
-    """Max GPU load of the solver's placement for one layer under `policy`."""
     return placement_max_load(loads, *solver_placement(loads, num_replicas, num_gpus, policy))
 
 
@@ -151,8 +150,7 @@ def solve_milp(loads: Sequence[float], num_replicas: int, num_gpus: int, time_li
 
 def instance_key(inst: dict) -> str:
     """The cache key: loads are integers (token counts), which keeps it exact."""
-    text = json.dumps([inst["loads"], inst["num_replicas"], inst["num_gpus"]])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([inst["loads"], inst["num_replicas"], inst["num_gpus"]]).encode()).hexdigest()[:16]
 
 
 def layer_loads(kind: str, experts: int, seed: int) -> list[float]:
@@ -238,7 +236,6 @@ GAPS = (
 
 
 def markdown(result: dict) -> str:
-    """The per-instance table (proven first), then the gap distributions."""
     rows = sorted(result["rows"], key=lambda r: not r["proven"])
     for r in rows:
         r["milp_outcome"] = "optimal" if r["proven"] else f"{r['milp_status']} (bound within {r['milp_gap_pct']:.2f} %)"

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import os
 import subprocess
 import sys
 import types
-import zipimport
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 ENGINES = {"vllm": "0.33.0", "sglang": "0.5.23"}
+SGLANG_EPLB = "sglang.srt.eplb.eplb_algorithms"
 Planner = Callable[[torch.Tensor, int, int, int, int], torch.Tensor]
 
 
@@ -39,10 +39,10 @@ def fetch_wheel(name: str, version: str) -> Path:
     return found[0]
 
 
-def import_from_wheel(wheel: Path, module: str) -> types.ModuleType:
-    """Import `module` from `wheel` under a private top package (an installed engine is never shadowed)."""
+def import_from_wheel(wheel: Path, module: str, alias: str = "") -> types.ModuleType:
+    """Import `module` from `wheel` under a private top package `alias` (an installed engine is never shadowed)."""
     top, *rest = module.split(".")
-    alias = f"_released_{wheel.name.split('-')[0]}_{wheel.name.split('-')[1].replace('.', '_')}"
+    alias = alias or f"_released_{wheel.name.split('-')[0]}_{wheel.name.split('-')[1].replace('.', '_')}"
     for depth in range(len(rest)):
         package = ".".join([alias, *rest[:depth]])
         if package not in sys.modules:
@@ -53,19 +53,17 @@ def import_from_wheel(wheel: Path, module: str) -> types.ModuleType:
 
 def load_released_planners() -> dict[str, Planner]:
     """vLLM's default policy and SGLang's `deepseek` and `deepseek_vec`, from the released wheels."""
-    vllm, sglang = fetch_wheel("vllm", ENGINES["vllm"]), fetch_wheel("sglang", ENGINES["sglang"])
+    (vllm, v), (sglang, s) = ((fetch_wheel(name, version), version) for name, version in ENGINES.items())
     default = import_from_wheel(vllm, "vllm.distributed.eplb.policy.default").DefaultEplbPolicy
-    package = "sglang.srt.eplb.eplb_algorithms"
-    deepseek, vec = (import_from_wheel(sglang, f"{package}.{name}") for name in ("deepseek", "deepseek_vec"))
+    deepseek, vec = (import_from_wheel(sglang, f"{SGLANG_EPLB}.{name}") for name in ("deepseek", "deepseek_vec"))
+
+    def vec_plan(w: torch.Tensor, r: int, g: int, n: int, p: int) -> torch.Tensor:  # takes counts [steps, L, E]
+        return vec.rebalance_experts(w[None], r, r // p, g, n, g % n == 0)[0].long()
+
     return {
-        f"vllm {ENGINES['vllm']} default": lambda w, r, g, n, p: default.rebalance_experts(w, r, g, n, p).long(),
-        f"sglang {ENGINES['sglang']} deepseek": lambda w, r, g, n, p: deepseek.rebalance_experts(
-            w, r, g, n, p, g % n == 0
-        )[0].long(),
-        # deepseek_vec takes per-step counts [steps, L, E]; one step holds the whole window.
-        f"sglang {ENGINES['sglang']} deepseek_vec": lambda w, r, g, n, p: vec.rebalance_experts(
-            w.unsqueeze(0), r, r // p, g, n, g % n == 0
-        )[0].long(),
+        f"vllm {v} default": lambda w, r, g, n, p: default.rebalance_experts(w, r, g, n, p).long(),
+        f"sglang {s} deepseek": lambda w, r, g, n, p: deepseek.rebalance_experts(w, r, g, n, p, g % n == 0)[0].long(),
+        f"sglang {s} deepseek_vec": vec_plan,
     }
 
 
@@ -74,23 +72,11 @@ def load_elasticity_aware() -> Callable[..., torch.Tensor]:
     num_nodes, num_gpus, active_ranks [G] bool) -> phy2log [L, R], the slots of inactive ranks holding 0.
 
     Its one absolute import (`sglang...deepseek`) is answered by the released `deepseek` module during the
-    load only; sys.modules is then restored, so an installed SGLang is never shadowed.
+    load only, so an installed SGLang is never shadowed.
     """
-    wheel, package = fetch_wheel("sglang", ENGINES["sglang"]), "sglang.srt.eplb.eplb_algorithms"
-    parents = [".".join(package.split(".")[:depth]) for depth in range(1, 5)]
-    saved = {name: sys.modules.get(name) for name in [*parents, f"{package}.deepseek"]}
-    try:
-        for name in parents:
-            sys.modules[name] = stub = types.ModuleType(name)
-            stub.__path__ = []
-        sys.modules[f"{package}.deepseek"] = import_from_wheel(wheel, f"{package}.deepseek")
-        module = import_from_wheel(wheel, f"{package}.elasticity_aware")
-    finally:
-        for name, previous in saved.items():
-            if previous is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = previous
+    wheel = fetch_wheel("sglang", ENGINES["sglang"])
+    with mock.patch.dict(sys.modules, {f"{SGLANG_EPLB}.deepseek": import_from_wheel(wheel, f"{SGLANG_EPLB}.deepseek")}):
+        module = import_from_wheel(wheel, f"{SGLANG_EPLB}.elasticity_aware")
     return lambda w, r, g, n, p, active: module.rebalance_experts(w, r, g, n, p, g % n == 0, active)[0].long()
 
 
@@ -120,12 +106,10 @@ def balanced_packing(weight: torch.Tensor, num_packs: int, python_floats: bool) 
 @functools.cache
 def _published(python_floats: bool) -> types.ModuleType:
     """A private instance of SGLang's released `deepseek.py` whose steps pack with the published loop."""
-    wheel = fetch_wheel("sglang", ENGINES["sglang"])
-    spec = zipimport.zipimporter(f"{wheel}/sglang/srt/eplb/eplb_algorithms/").find_spec("deepseek")
-    module = importlib.util.module_from_spec(spec)  # not in sys.modules: the released planners' instance stays
-    spec.loader.exec_module(module)
-    module.balanced_packing = functools.partial(balanced_packing, python_floats=python_floats)
-    return module
+    wheel, alias = fetch_wheel("sglang", ENGINES["sglang"]), f"_published_{'floats' if python_floats else 'tensors'}"
+    published = import_from_wheel(wheel, f"{SGLANG_EPLB}.deepseek", alias)
+    published.balanced_packing = functools.partial(balanced_packing, python_floats=python_floats)
+    return published
 
 
 def published_rebalance_experts(weight: torch.Tensor, *args: int, python_floats: bool = False) -> tuple:

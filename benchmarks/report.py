@@ -16,11 +16,10 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import gpu_bench
 import load
@@ -47,8 +46,7 @@ def fuzz_markdown(result: dict) -> str:
     return "\n".join(f"- {line}" for line in result["totals"]) + f"\n- pytest: {result['outcome']}"
 
 
-@dataclass(frozen=True)
-class Bench:
+class Bench(NamedTuple):
     """One section of the report: the benchmark (a module with `run` and `markdown`), its time limit, CUDA or not."""
 
     title: str
@@ -132,7 +130,8 @@ def headline(sections: dict) -> list[str]:
         )
         for vllm in solver["peer_labels"][:1]:
             for shape in solver["shapes"]:
-                ratios[shape] = solver_bench.geomean_ratio([c for c in cases if c["shape"] == shape], "auto", vllm)
+                of = [c for c in cases if c["shape"] == shape]
+                ratios[shape] = solver_bench.aggregate(of, "auto", vllm)["geomean_time_ratio"]
             worst = max(ratios, key=ratios.__getitem__)
             lines.append(
                 f"- `auto` / {vllm} time per shape, same run (geomean over kinds): {min(ratios.values()):.2f}x to"
@@ -170,7 +169,6 @@ def section(title: str, result: dict) -> list[str]:
 
 
 def render(sections: dict, quick: bool, load_before: Sequence[float], total_seconds: float) -> str:
-    """The whole RESULTS.md."""
     now, flag = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), " --quick" if quick else ""
     out = ["# Benchmark results", "", f"Generated {now} by `benchmarks/report.py{flag}` in {total_seconds / 60:.1f}"]
     out[-1] += " min. **Quick run: fewer shapes, kinds and repeats; not the reference figures.**" if quick else " min."

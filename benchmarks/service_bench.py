@@ -10,7 +10,6 @@ import functools
 import operator
 import os
 import statistics
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -83,7 +82,7 @@ def run(quick: bool = False) -> dict:
     """Start a server, measure every figure for policy auto and deepseek, stop it; returns the figures."""
     repeats, concurrent_repeats, reports = (2, 1, 100) if quick else (5, 2, 500)
     figures: dict = {"shape": SHAPE.describe(), "cpus": os.cpu_count()}
-    with tempfile.TemporaryDirectory(prefix="service-bench-") as state_dir, Server(state_dir) as server:
+    with Server() as server:
         figures |= {policy: solves(server.stub, policy, repeats, concurrent_repeats) for policy in POLICIES}
         figures["ingest"] = ingest(server.stub, server.process.pid, reports)
     figures["bars"] = {

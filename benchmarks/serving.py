@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -41,25 +42,26 @@ def memory_mib(pid: int, field: str = "VmRSS") -> float:
 
 
 class Server:
-    """`rebalancer-server` on 127.0.0.1, SERVING once constructed; `flags` override the defaults."""
+    """`rebalancer-server` on 127.0.0.1, SERVING once constructed; `flags` override the defaults. Without a
+    `state_dir` it keeps its state in a temporary directory removed at `stop`."""
 
-    def __init__(self, state_dir: str, *flags: str, timeout_s: float = 120.0) -> None:
+    def __init__(self, state_dir: str | None = None, *flags: str, timeout_s: float = 120.0) -> None:
         self.port, self.metrics_port = free_port(), free_port()
+        self.scratch = None if state_dir else tempfile.TemporaryDirectory(prefix="rebalancer-bench-")
         script = Path(sys.executable).parent / "rebalancer-server"
         command = [str(script)] if script.is_file() else [sys.executable, "-m", "rebalancer.service.main"]
         command += ["--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port)]
-        command += ["--state-dir", state_dir, "--auto-rebalance-threshold", "0", "--log-level", "WARNING", *flags]
+        command += ["--state-dir", state_dir or self.scratch.name, "--auto-rebalance-threshold", "0"]
+        command += ["--log-level", "WARNING", *flags]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.target = f"127.0.0.1:{self.port}"
         self.channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self.stub = rebalancer_pb2_grpc.RebalancerServiceStub(self.channel)
         health, deadline = health_pb2_grpc.HealthStub(self.channel), time.monotonic() + timeout_s
+        serving = health_pb2.HealthCheckResponse.SERVING
         while self.process.poll() is None and time.monotonic() < deadline:
             with contextlib.suppress(grpc.RpcError):
-                if (
-                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == serving:
                     return
             time.sleep(0.1)
         self.stop()
@@ -77,6 +79,8 @@ class Server:
             self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=60)
         self.channel.close()
+        if self.scratch:
+            self.scratch.cleanup()
         return self.process.returncode, time.monotonic() - started
 
     def __enter__(self) -> Server:

@@ -19,14 +19,8 @@ Planner = Callable[[torch.Tensor, workloads.Shape], torch.Tensor]  # (weight [L,
 
 
 def project(policy: str, candidates: int | None = None, flat: bool = False) -> Planner:
-    """The project's solver on CPU; `flat` plans as if there were one group on one node."""
-
-    def plan(weight: torch.Tensor, shape: workloads.Shape) -> torch.Tensor:
-        groups, nodes = (1, 1) if flat else (shape.groups, shape.nodes)
-        options = {"policy": policy, "num_candidates": candidates, "device": "cpu"}
-        return solve(weight, shape.replicas, groups, nodes, shape.gpus, **options).phy2log
-
-    return plan
+    """The project's solver on CPU."""
+    return lambda w, s: solve(w, *s.args(flat), policy=policy, num_candidates=candidates, device="cpu").phy2log
 
 
 PROJECT: dict[str, Planner] = {
@@ -69,8 +63,7 @@ def bench_case(shape: workloads.Shape, kind: str, repeats: int, planner_map: dic
         figures[label]["balancedness"] = float(workloads.balancedness(weight, placed, shape.gpus).mean())
         figures[label]["max_over_lb"] = float(workloads.max_over_lower_bound(weight, placed, shape.gpus).mean())
     margin = figures["auto"]["balancedness"] - max(figures[name]["balancedness"] for name in REFERENCES)
-    rounds = len(times["deepseek"])
-    case = {"shape": shape.name, "kind": kind, "rounds": rounds, "policies": figures}
+    case = {"shape": shape.name, "kind": kind, "rounds": len(times["deepseek"]), "policies": figures}
     return case | {"auto_minus_best_reference": margin}
 
 
@@ -93,14 +86,13 @@ def speed_figure(shape_name: str = "dsv3_prefill", kind: str = "zipf", runs: int
     return figures | {"published_equals_deepseek_policy": bool(torch.equal(results["published"], results["deepseek"]))}
 
 
-def geomean_ratio(cases: Sequence[dict], label: str, base: str) -> float:
-    """Geometric mean over `cases` of planner `label`'s min time over planner `base`'s, same run."""
-    ratios = (c["policies"][label]["time_min_s"] / c["policies"][base]["time_min_s"] for c in cases)
-    return statistics.geometric_mean(ratios)
-
-
-def mean(cases: Sequence[dict], label: str, key: str) -> float:
-    return statistics.fmean(c["policies"][label][key] for c in cases)
+def aggregate(cases: Sequence[dict], label: str, base: str) -> dict:
+    """Planner `label` over `cases`: mean quality, median min-time and geomean time ratio to planner `base`."""
+    figures = [c["policies"][label] for c in cases]
+    ratios = (f["time_min_s"] / c["policies"][base]["time_min_s"] for f, c in zip(figures, cases, strict=True))
+    means = {f"mean_{key}": statistics.fmean(f[key] for f in figures) for key in ("balancedness", "max_over_lb")}
+    median_ms = 1e3 * statistics.median(f["time_min_s"] for f in figures)
+    return means | {"median_ms": median_ms, "geomean_time_ratio": statistics.geometric_mean(ratios)}
 
 
 def summarise(cases: Sequence[dict]) -> dict:
@@ -108,11 +100,10 @@ def summarise(cases: Sequence[dict]) -> dict:
     labels, worst = list(cases[0]["policies"]), min(cases, key=lambda c: c["auto_minus_best_reference"])
     checked = [c for c in cases if c["shape"] in CHECK_SHAPES and c["kind"] in CHECK_KINDS]
     summary: dict = {"auto_worst_case": f"{worst['shape']}/{worst['kind']}", "check_cases": len(checked)}
-    for label in labels:
-        summary[label] = {f"mean_{key}": mean(cases, label, key) for key in ("balancedness", "max_over_lb")}
-        summary[label]["geomean_time_ratio"] = geomean_ratio(cases, label, "deepseek")
+    summary |= {label: aggregate(cases, label, "deepseek") for label in labels}
     if checked:
-        summary["check_cases_mean_max_over_lb"] = {label: mean(checked, label, "max_over_lb") for label in labels}
+        check = {label: aggregate(checked, label, "deepseek")["mean_max_over_lb"] for label in labels}
+        summary["check_cases_mean_max_over_lb"] = check
     return summary | {"auto_worst_minus_best_reference": worst["auto_minus_best_reference"]}
 
 
@@ -138,17 +129,14 @@ def peer_table(result: dict) -> str:
     """Per shape (means over kinds): each engine planner and the project's rows, time / vLLM default."""
     if not result["peer_labels"]:
         return f"Not run: {result['peer_note']}."
-    vllm, rows = result["peer_labels"][0], []
-    for shape in result["shapes"]:
-        cases = [c for c in result["cases"] if c["shape"] == shape]
-        for label in [*result["peer_labels"], *PEER_ROWS]:
-            median_ms = statistics.median(1000 * c["policies"][label]["time_min_s"] for c in cases)
-            rows.append([shape, label, f"{median_ms:.1f}", f"{geomean_ratio(cases, label, vllm):.2f}"])
-            rows[-1] += [f"{mean(cases, label, key):.4f}" for key in ("balancedness", "max_over_lb")]
-    kinds = sorted({c["kind"] for c in result["cases"]})
-    head = ["shape", "planner", "median ms", f"time / {vllm} (geomean)", "mean balancedness", "mean max/LB"]
+    vllm, kinds = result["peer_labels"][0], sorted({c["kind"] for c in result["cases"]})
+    rows = [
+        aggregate([c for c in result["cases"] if c["shape"] == shape], label, vllm) | {"shape": shape, "label": label}
+        for shape in result["shapes"]
+        for label in [*result["peer_labels"], *PEER_ROWS]
+    ]
     note = f"Released planners from their wheels (`benchmarks/peers.py`), same run, interleaved; means over {kinds}."
-    return note + "\n\n" + table(head, rows)
+    return note + "\n\n" + filled(PEERS[0].format(vllm=vllm), PEERS[1], rows)
 
 
 def speed_markdown(speed: dict) -> str:
@@ -164,6 +152,10 @@ def speed_markdown(speed: dict) -> str:
     )
 
 
+PEERS = (
+    "shape | planner | median ms | time / {vllm} (geomean) | mean balancedness | mean max/LB",
+    "{shape} | {label} | {median_ms:.1f} | {geomean_time_ratio:.2f} | {mean_balancedness:.4f} | {mean_max_over_lb:.4f}",
+)
 SUMMARY = (
     "planner | mean balancedness | mean max/LB | geomean time / deepseek",
     "{label} | {mean_balancedness:.4f} | {mean_max_over_lb:.4f} | {geomean_time_ratio:.2f}",
@@ -171,7 +163,6 @@ SUMMARY = (
 
 
 def markdown(result: dict) -> str:
-    """Speed figure, quality, time, summary, and the peer table."""
     cases, summary = result["cases"], result["summary"]
     labels = list(cases[0]["policies"])
     quality = [

@@ -22,9 +22,10 @@ class Shape:
     nodes: int
     gpus: int
 
-    def args(self) -> tuple[int, int, int, int]:
-        """The solver's positional arguments after the weight: (num_replicas, num_groups, num_nodes, num_gpus)."""
-        return self.replicas, self.groups, self.nodes, self.gpus
+    def args(self, flat: bool = False) -> tuple[int, int, int, int]:
+        """The solver's arguments after the weight: (num_replicas, num_groups, num_nodes, num_gpus); `flat` plans
+        as if there were one group on one node."""
+        return self.replicas, *((1, 1) if flat else (self.groups, self.nodes)), self.gpus
 
     def describe(self) -> str:
         where = f"{self.groups} groups, {self.nodes} nodes, {self.gpus} GPUs"
