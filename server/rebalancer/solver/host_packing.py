@@ -38,7 +38,7 @@ def greedy_pack(item_loads: np.ndarray, order: np.ndarray, num_packs: int) -> np
         key.fill(np.inf)
     # Flat indices and step-major loads: each step is a handful of 1-D operations on B values.
     flat_key, flat_counts, base = key.reshape(-1), counts.reshape(-1), np.arange(num_problems) * num_packs
-    step_loads = np.ascontiguousarray(sorted_loads.T)
+    step_loads, full = np.ascontiguousarray(sorted_loads.T), key.dtype.type(np.inf)  # +inf in the loads' dtype
     for step in range(first, num_items):
         checkpoint()
         pack = key.argmin(1)
@@ -46,7 +46,7 @@ def greedy_pack(item_loads: np.ndarray, order: np.ndarray, num_packs: int) -> np
         index = base + pack
         filled = flat_counts[index] + 1
         flat_counts[index] = filled
-        flat_key[index] += np.where(filled == capacity, np.inf, step_loads[step])
+        flat_key[index] += np.where(filled == capacity, full, step_loads[step])
     by_pack = (pack_of_step.T * num_items + np.arange(num_items)).argsort(1)
     return np.take_along_axis(order, by_pack, 1).reshape(num_problems, num_packs, capacity)
 
