@@ -11,6 +11,8 @@ equal those of the torch loop but for such exact ties.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -83,7 +85,9 @@ def extremes(pack_loads: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray
     return heavy.numpy(), light.numpy()
 
 
-def closest_swaps(heavy_loads, heavy_items, light_loads, light_items):
+def closest_swaps(
+    heavy_loads: np.ndarray, heavy_items: np.ndarray, light_loads: np.ndarray, light_items: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Best single swap per heavy pack H against its M partner packs P (see `packing._closest_swaps`).
 
     heavy_loads [B, q], heavy_items [B, q, K], light_loads [B, q, M], light_items [B, q, M, J] ->
@@ -117,7 +121,7 @@ def pick(values: np.ndarray, index: np.ndarray) -> np.ndarray:
     return np.take(values.reshape(num_problems * num_packs, *values.shape[2:]), flat, axis=0)
 
 
-def pair_swaps(slot_loads, num_pairs, pack_loads):
+def pair_swaps(slot_loads: np.ndarray, num_pairs: int, pack_loads: np.ndarray) -> tuple[np.ndarray, ...]:
     """The q heaviest packs paired with the q lightest, the best swap per pair (`packing._pair_swaps`):
     -> (heaviest load [B], improves [B, q], flat slots in the heavy packs [B, q], in the light ones)."""
     capacity = slot_loads.shape[2]
@@ -131,7 +135,7 @@ def pair_swaps(slot_loads, num_pairs, pack_loads):
     return heavy_loads[:, 0], improves, heavy * capacity + heavy_rank, light * capacity + light_rank
 
 
-def heaviest_swaps(slot_loads, num_partners, pack_loads):
+def heaviest_swaps(slot_loads: np.ndarray, num_partners: int, pack_loads: np.ndarray) -> tuple[np.ndarray, ...]:
     """The best swap of the heaviest pack with any of its M lightest partners (`packing._heaviest_swaps`);
     M = G means every pack in index order. Same outputs as `pair_swaps`, with q = 1."""
     num_packs, capacity = slot_loads.shape[1:]
@@ -150,7 +154,14 @@ def heaviest_swaps(slot_loads, num_partners, pack_loads):
     return heavy_load[:, 0], improves, slot_a, partner * capacity + flat_rank % capacity
 
 
-def exchange(loads, items, pack_loads, improves, slot_a, slot_b) -> None:
+def exchange(
+    loads: np.ndarray,
+    items: np.ndarray,
+    pack_loads: np.ndarray,
+    improves: np.ndarray,
+    slot_a: np.ndarray,
+    slot_b: np.ndarray,
+) -> None:
     """Exchange flat slots a and b [B, q] of `loads` and `items` where `improves` (improving pairs touch
     distinct packs), and recompute the loads [B, G] of the packs they touched. In place, on flat indices
     (1-D fancy indexing is several times cheaper than 2-D)."""
@@ -166,7 +177,15 @@ def exchange(loads, items, pack_loads, improves, slot_a, slot_b) -> None:
     np.put(pack_loads, packs, row_sums(np.take(loads.reshape(-1, capacity), packs, axis=0)))
 
 
-def refine_phase(slot_loads, slot_items, targets, group_size, max_rounds, find_swaps, width) -> None:
+def refine_phase(
+    slot_loads: np.ndarray,
+    slot_items: np.ndarray,
+    targets: np.ndarray,
+    group_size: int,
+    max_rounds: int,
+    find_swaps: Callable[..., tuple[np.ndarray, ...]],
+    width: int,
+) -> None:
     """Rounds of `find_swaps` until no problem's heaviest pack improves or every group met its target;
     finished problems leave the active set. Works in place on the NumPy arrays."""
     num_problems = slot_loads.shape[0]
