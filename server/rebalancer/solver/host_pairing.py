@@ -2,9 +2,9 @@
 
 Scoring every copy move of a two-slot layer reads the new sorted copy list off the old one by index
 arithmetic: ~20 elementwise operations on [P, M, R] arrays whose per-move operands broadcast along R.
-Torch runs those broadcasts several times slower than NumPy on the CPU (58 x 16 moves x 288 slots:
-~8 ms a call against ~3 ms); the integer steps are exact and the float steps the same IEEE operations,
-so both paths give the same peaks bit for bit.
+Torch runs those broadcasts about twice as slow as NumPy on the CPU (58 x 16 moves x 288 slots: 3.8 ms
+a call against 1.95 ms, min of 40 interleaved calls); the integer steps are exact and the float steps
+the same IEEE operations, so both paths give the same peaks bit for bit.
 """
 
 from __future__ import annotations
