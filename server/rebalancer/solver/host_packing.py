@@ -22,6 +22,8 @@ from .refinement import IMPROVEMENT, RefineLimits
 # Compacting copies the active set: done only once an eighth of it has finished (the finished ones
 # meanwhile compute swaps they never apply).
 COMPACT_SHARE = 8
+# Integer views whose order is that of non-negative floats of the same width.
+BIT_VIEWS = {np.float32: np.int32, np.float64: np.int64}
 
 
 def greedy_pack(item_loads: np.ndarray, order: np.ndarray, num_packs: int) -> np.ndarray:
@@ -32,19 +34,23 @@ def greedy_pack(item_loads: np.ndarray, order: np.ndarray, num_packs: int) -> np
     num_problems, num_items = item_loads.shape
     capacity = num_items // num_packs
     sorted_loads = np.take_along_axis(item_loads, order, 1)
+    key_type = sorted_loads.dtype.type
     pack_of_step = np.empty((num_items, num_problems), dtype=np.int64)  # step-major
     first = min(num_packs, num_items)  # the first G items open the packs in order
     pack_of_step[:first] = np.arange(first)[:, None]
-    key = sorted_loads[:, :num_packs].copy()  # pack load, +inf once the pack is full
+    key = sorted_loads[:, :num_packs] + key_type(0)  # pack load, +inf once the pack is full; -0.0 -> +0.0
     counts = np.ones(key.shape, dtype=np.int64)
     if capacity == 1:
         key.fill(np.inf)
     # Flat indices and step-major loads: each step is a handful of 1-D operations on B values.
     flat_key, flat_counts, base = key.reshape(-1), counts.reshape(-1), np.arange(num_problems) * num_packs
-    step_loads, full = np.ascontiguousarray(sorted_loads.T), key.dtype.type(np.inf)  # +inf in the loads' dtype
+    step_loads, full = np.ascontiguousarray(sorted_loads.T), key_type(np.inf)
+    # Non-negative floats (and +inf) order like their bits as integers, and an integer argmin is ~1.5x
+    # faster: the same first lightest pack.
+    key_bits = key.view(BIT_VIEWS[key.dtype.type]) if key.dtype.type in BIT_VIEWS else key
     for step in range(first, num_items):
         checkpoint()
-        pack = key.argmin(1)
+        pack = key_bits.argmin(1)
         pack_of_step[step] = pack
         index = base + pack
         filled = flat_counts[index] + 1
