@@ -4,6 +4,7 @@ rest of the batch."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from rebalancer.solver import packing
@@ -96,3 +97,14 @@ def test_heaviest_phase_on_the_cpu_matches_the_masked_torch_rounds(seed: int):
     partners = limits.partners(num_packs, capacity)
     packing._refine_phase(loads, items, targets, 4, 12, packing._heaviest_swaps, partners)
     assert torch.equal(host_items, items) and torch.equal(host_loads, loads)
+
+
+def test_partner_selection_orders_by_load_then_pack_index():
+    from rebalancer.solver import host_packing
+
+    loads = np.array([[3.0, 1.0, 2.0, 1.0, 0.0, 2.0], [0.0, 0.0, 5.0, 0.0, 4.0, -0.0]], dtype=np.float32)
+    expected = [sorted(range(6), key=lambda g, row=row: (row[g], g)) for row in loads.tolist()]
+    assert host_packing.smallest(loads, 4).tolist() == [row[:4] for row in expected]
+    heaviest = [sorted(range(6), key=lambda g, row=row: (-row[g], g))[:3] for row in loads.tolist()]
+    assert host_packing.smallest(loads, 3, largest=True).tolist() == heaviest
+    assert host_packing.smallest(loads.astype(np.float64), 4).tolist() == [row[:4] for row in expected]
