@@ -1,6 +1,6 @@
-"""Swap refinement on the torch path: exchanges move items between packs, never copy or drop one, even
-where pack loads tie (integer token counts tie often), and a problem's result does not depend on the
-rest of the batch."""
+"""Greedy LPT and swap refinement (the CPU's NumPy path, checked against plain LPT and the torch rounds):
+exchanges move items between packs, never copy or drop one, even where pack loads tie (integer token
+counts tie often), and a problem's result does not depend on the rest of the batch."""
 
 from __future__ import annotations
 
