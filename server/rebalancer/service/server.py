@@ -21,6 +21,7 @@ from rebalancer_wire.options import SolveSettings
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from rebalancer_wire.v1 import rebalancer_pb2_grpc
 
+from ..solver import host_packing
 from .admission import JobLimits
 from .autorebalance import AutoRebalancer
 from .batcher import Batcher, SolveJob
@@ -159,7 +160,10 @@ class RebalancerServer:
         )
 
     async def _warm_up(self) -> None:
-        """One small solve on the device, so the first real request pays no start-up cost."""
+        """One small solve on the device, so the first real request pays no start-up cost; on the CPU
+        also every dtype of the compiled loops (seconds the first time, until Numba's disk cache has them)."""
+        if self.device.type == "cpu":
+            await asyncio.to_thread(host_packing.warm_up)
         topology = Topology(num_layers=2, num_experts=16, num_replicas=32, num_groups=4, num_nodes=2, num_gpus=4)
         loads = np.random.default_rng(0).random((2, 16))
         await self.batcher.submit(SolveJob(topology=topology, settings=SolveSettings(), loads=loads))

@@ -1,234 +1,243 @@
-"""Greedy LPT and swap refinement on the CPU, in NumPy: the host paths of `packing`.
+"""Greedy LPT and swap refinement on the CPU, compiled with Numba: the host paths of `packing`.
 
-Both are loops of small array operations (one step per item, one round per swap), and late refinement
-rounds see only a handful of problems: there torch's ~5 us per operation was most of the time (0.15 ms
-per round against NumPy's 0.03 ms on 4 problems of 72 packs x 4 slots; 0.95 ms against 0.5 ms on 232).
-The rules are those of `packing`: the same float32 operations in the same order and the same stops;
-the heaviest-pack phase takes its partners among equal loads lowest index first (torch.topk leaves
-that order open), the pairing phase in torch.topk's order. On the benchmark shapes the placements
-equal those of the torch loop but for such exact ties.
+Both are sequential loops (one step per item, one swap per round) over small arrays. Vectorised over the
+problems of a batch, every round paid NumPy's or torch's fixed cost per operation (1-5 us) on a shrinking
+set of problems; compiled, each problem runs its rounds to the end in a tight loop (DeepSeek-V3 on 72
+GPUs: 24 ms of refinement per solve against 61 ms vectorised in NumPy). The rules are those of
+`packing`: the same float32 operations in the same order and the same stops (the candidates of a group
+stop together, at the round one of them meets its target). Two things differ from the torch loop, and
+so can its placements: pack loads are summed slot by slot (torch sums 5 or more slots in another order,
+a last-bit difference), and packs of equal load are ordered by index, where torch.topk leaves the order
+open. With up to four slots per pack and distinct loads the placements are the torch loop's bit for bit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
-import torch
 
 from .cancel import checkpoint
+from .jit import compiled
 from .refinement import IMPROVEMENT, RefineLimits
 
-# Compacting copies the active set: done only once an eighth of it has finished (the finished ones
-# meanwhile compute swaps they never apply).
-COMPACT_SHARE = 8
-# Integer views whose order is that of non-negative floats of the same width.
-BIT_VIEWS = {np.float32: np.int32, np.float64: np.int64}
+# Work per compiled call between cancellation checkpoints: about this many item visits (~10-50 ms).
+CHUNK_WORK = 1 << 22
+
+
+@compiled()
+def _greedy_steps(item_loads, order, begin, end, key, filled, slot_items):  # pragma: no cover - compiled
+    """Steps [begin, end) of greedy LPT for every row: key [B, G] (pack load, +inf once full) and
+    filled [B, G] carry the state from one call to the next."""
+    num_problems, num_packs = key.shape
+    capacity = slot_items.shape[2]
+    for problem in range(num_problems):
+        for step in range(begin, end):
+            item = order[problem, step]
+            if step < num_packs:  # the first G items open the packs in order
+                pack = step
+                key[problem, pack] = item_loads[problem, item] + 0.0  # -0.0 -> +0.0
+            else:
+                pack = 0
+                for candidate in range(1, num_packs):  # the first lightest open pack
+                    if key[problem, candidate] < key[problem, pack]:
+                        pack = candidate
+                key[problem, pack] += item_loads[problem, item]
+            slot_items[problem, pack, filled[problem, pack]] = item
+            filled[problem, pack] += 1
+            if filled[problem, pack] == capacity:
+                key[problem, pack] = np.inf
 
 
 def greedy_pack(item_loads: np.ndarray, order: np.ndarray, num_packs: int) -> np.ndarray:
     """`packing.greedy_pack`: items in `order` each go to the first lightest pack with a free slot.
 
     item_loads [B, N], order [B, N] -> slot_items [B, G, K], slots filled in the order items arrived.
+    Compiled calls of about CHUNK_WORK pack visits each, with a cancellation checkpoint between them.
     """
     num_problems, num_items = item_loads.shape
-    capacity = num_items // num_packs
-    sorted_loads = np.take_along_axis(item_loads, order, 1)
-    key_type = sorted_loads.dtype.type
-    pack_of_step = np.empty((num_items, num_problems), dtype=np.int64)  # step-major
-    first = min(num_packs, num_items)  # the first G items open the packs in order
-    pack_of_step[:first] = np.arange(first)[:, None]
-    key = sorted_loads[:, :num_packs] + key_type(0)  # pack load, +inf once the pack is full; -0.0 -> +0.0
-    counts = np.ones(key.shape, dtype=np.int64)
-    if capacity == 1:
-        key.fill(np.inf)
-    # Flat indices and step-major loads: each step is a handful of 1-D operations on B values.
-    flat_key, flat_counts, base = key.reshape(-1), counts.reshape(-1), np.arange(num_problems) * num_packs
-    step_loads, full = np.ascontiguousarray(sorted_loads.T), key_type(np.inf)
-    # Non-negative floats (and +inf) order like their bits as integers, and an integer argmin is ~1.5x
-    # faster: the same first lightest pack.
-    key_bits = key.view(BIT_VIEWS[key.dtype.type]) if key.dtype.type in BIT_VIEWS else key
-    for step in range(first, num_items):
-        checkpoint()
-        pack = key_bits.argmin(1)
-        pack_of_step[step] = pack
-        index = base + pack
-        filled = flat_counts[index] + 1
-        flat_counts[index] = filled
-        flat_key[index] += np.where(filled == capacity, full, step_loads[step])
-    by_pack = (pack_of_step.T * num_items + np.arange(num_items)).argsort(1)
-    return np.take_along_axis(order, by_pack, 1).reshape(num_problems, num_packs, capacity)
+    item_loads = np.ascontiguousarray(item_loads)
+    order = np.ascontiguousarray(order, dtype=np.int64)
+    slot_items = np.empty((num_problems, num_packs, num_items // num_packs), dtype=np.int64)
+    key = np.empty((num_problems, num_packs), dtype=item_loads.dtype)
+    filled = np.zeros((num_problems, num_packs), dtype=np.int64)
+    rows = max(1, CHUNK_WORK // max(1, num_items * num_packs))
+    steps = max(1, CHUNK_WORK // num_packs)
+    for start in range(0, num_problems, rows):
+        chunk = slice(start, start + rows)
+        for begin in range(0, num_items, steps):
+            checkpoint()
+            end = min(num_items, begin + steps)
+            _greedy_steps(item_loads[chunk], order[chunk], begin, end, key[chunk], filled[chunk], slot_items[chunk])
+    return slot_items
 
 
-def row_sums(slot_loads: np.ndarray) -> np.ndarray:
-    """Sums over the last axis in torch's order, which differs from NumPy's in the last bit from 5 slots
-    on: the host path then takes the decisions of the torch loop, bit for bit."""
-    return torch.from_numpy(np.ascontiguousarray(slot_loads)).sum(-1).numpy()
+@compiled(inline="always")
+def _pack_sum(loads, problem, pack):  # pragma: no cover - compiled
+    total = loads[problem, pack, 0]
+    for slot in range(1, loads.shape[2]):
+        total += loads[problem, pack, slot]
+    return total
 
 
-def smallest(pack_loads: np.ndarray, count: int, largest: bool = False) -> np.ndarray:
-    """Indices [B, count] of the `count` lightest (or heaviest) packs per row, in load order, the lowest
-    index first among equal loads. Float32 loads sort as int64 keys (the bits of a non-negative float
-    order like its value; the pack index below them breaks ties): 3-4x faster than torch.topk here."""
-    if pack_loads.dtype != np.float32:
-        order = np.argsort(-pack_loads if largest else pack_loads, axis=1, kind="stable")
-        return order[:, :count]
-    bits = (pack_loads + np.float32(0.0)).view(np.int32).astype(np.int64)  # -0.0 -> +0.0
-    if largest:
-        bits = np.iinfo(np.int32).max - bits
-    shift = max(1, (pack_loads.shape[1] - 1).bit_length())
-    keys = np.sort((bits << shift) | np.arange(pack_loads.shape[1]), axis=1)[:, :count]
-    return keys & ((1 << shift) - 1)
-
-
-def extremes(pack_loads: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The `count` heaviest and the `count` lightest packs per row [B, count], in torch.topk's order. The
-    pairing of the first phase is sensitive to how equal loads are ordered (token counts tie often): in
-    this order the drifting benchmark's next-window balancedness measured 0.0004-0.0007 higher than with
-    the pack-index order of `smallest`, on seeds 21-22 and 23-25 alike. Two small topk calls a round."""
-    loads = torch.from_numpy(pack_loads)
-    heavy, light = loads.topk(count, dim=1).indices, loads.topk(count, dim=1, largest=False).indices
-    return heavy.numpy(), light.numpy()
-
-
-def closest_swaps(
-    heavy_loads: np.ndarray, heavy_items: np.ndarray, light_loads: np.ndarray, light_items: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Best single swap per heavy pack H against its M partner packs P (see `packing._closest_swaps`).
-
-    heavy_loads [B, q], heavy_items [B, q, K], light_loads [B, q, M], light_items [B, q, M, J] ->
-    (improves [B, q], rank in heavy [B, q], flat rank m * J + j among the partners' items [B, q]); the
-    lowest heavy rank, then the lowest flat rank, wins ties.
-    """
-    num_problems, num_pairs, capacity = heavy_items.shape
-    width = light_items.shape[3]
-    heavy = heavy_loads[:, :, None]
-    half_gap = np.repeat((heavy - light_loads) / 2, width, axis=2)[:, :, None, :]  # [B, q, 1, M * J]
-    middle = np.repeat((heavy + light_loads) / 2, width, axis=2)[:, :, None, :]
-    # |(b - a) + gap| is |(a - b) - gap| bit for bit (rounding is symmetric), and NumPy subtracts a
-    # broadcast column from contiguous rows ~1.5x faster than the other way round.
-    miss = light_items.reshape(num_problems, num_pairs, 1, -1) - heavy_items[:, :, :, None]
-    miss += half_gap
-    np.abs(miss, out=miss)
-    miss += middle
-    flat = miss.reshape(num_problems, num_pairs, -1)
-    best = flat.argmin(2)
-    best_value = flat[np.arange(num_problems)[:, None], np.arange(num_pairs), best]
-    improves = best_value < heavy_loads * np.float32(1.0 - IMPROVEMENT)
-    row_width = miss.shape[3]
-    return improves, best // row_width, best % row_width
-
-
-def pick(values: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """values [B, G, ...] at index [B, m] -> [B, m, ...]: `np.take` on flat rows, ~3x faster than
-    indexing with broadcast row numbers."""
-    num_problems, num_packs = values.shape[:2]
-    flat = index + (np.arange(num_problems) * num_packs)[:, None]
-    return np.take(values.reshape(num_problems * num_packs, *values.shape[2:]), flat, axis=0)
-
-
-def pair_swaps(slot_loads: np.ndarray, num_pairs: int, pack_loads: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The q heaviest packs paired with the q lightest, the best swap per pair (`packing._pair_swaps`):
-    -> (heaviest load [B], improves [B, q], flat slots in the heavy packs [B, q], in the light ones)."""
-    capacity = slot_loads.shape[2]
-    heavy, light = extremes(pack_loads, num_pairs)
-    heavy_loads, light_loads = pick(pack_loads, heavy), pick(pack_loads, light)
-    heavy_items, light_items = pick(slot_loads, heavy), pick(slot_loads, light)  # [B, q, K]
-    improves, heavy_rank, light_rank = closest_swaps(
-        heavy_loads, heavy_items, light_loads[:, :, None], light_items[:, :, None]
-    )
-    improves &= heavy != light
-    return heavy_loads[:, 0], improves, heavy * capacity + heavy_rank, light * capacity + light_rank
-
-
-def heaviest_swaps(slot_loads: np.ndarray, num_partners: int, pack_loads: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The best swap of the heaviest pack with any of its M lightest partners (`packing._heaviest_swaps`);
-    M = G means every pack in index order. Same outputs as `pair_swaps`, with q = 1."""
-    num_packs, capacity = slot_loads.shape[1:]
-    heavy = pack_loads.argmax(1)[:, None]  # the first heaviest, as torch's max
-    heavy_load, heavy_items = pick(pack_loads, heavy), pick(slot_loads, heavy)  # [B, 1], [B, 1, K]
-    if num_partners == num_packs:
-        light_loads, light_items = pack_loads, slot_loads
-    else:
-        light = smallest(pack_loads, num_partners)
-        light_loads, light_items = pick(pack_loads, light), pick(slot_loads, light)  # [B, M], [B, M, K]
-    improves, heavy_rank, flat_rank = closest_swaps(heavy_load, heavy_items, light_loads[:, None], light_items[:, None])
-    slot_a = heavy * capacity + heavy_rank
-    if num_partners == num_packs:
-        return heavy_load[:, 0], improves, slot_a, flat_rank
-    partner = pick(light[:, :, None], flat_rank // capacity)[:, :, 0]
-    return heavy_load[:, 0], improves, slot_a, partner * capacity + flat_rank % capacity
-
-
-def exchange(
-    loads: np.ndarray,
-    items: np.ndarray,
-    pack_loads: np.ndarray,
-    improves: np.ndarray,
-    slot_a: np.ndarray,
-    slot_b: np.ndarray,
-) -> None:
-    """Exchange flat slots a and b [B, q] of `loads` and `items` where `improves` (improving pairs touch
-    distinct packs), and recompute the loads [B, G] of the packs they touched. In place, on flat indices
-    (1-D fancy indexing is several times cheaper than 2-D)."""
-    num_problems, num_packs, capacity = loads.shape
-    problem, pair = np.nonzero(improves)
-    a = slot_a[problem, pair] + problem * (num_packs * capacity)
-    b = slot_b[problem, pair] + problem * (num_packs * capacity)
-    for array in (loads, items):  # np.take / np.put index the flat array in place, contiguous or not
-        at_a, at_b = np.take(array, a), np.take(array, b)
-        np.put(array, a, at_b)
-        np.put(array, b, at_a)
-    packs = np.concatenate([a, b]) // capacity  # flat pack indices, problem * G + pack
-    np.put(pack_loads, packs, row_sums(np.take(loads.reshape(-1, capacity), packs, axis=0)))
-
-
-def refine_phase(
-    slot_loads: np.ndarray,
-    slot_items: np.ndarray,
-    targets: np.ndarray,
-    group_size: int,
-    max_rounds: int,
-    find_swaps: Callable[..., tuple[np.ndarray, ...]],
-    width: int,
-) -> None:
-    """Rounds of `find_swaps` until no problem's heaviest pack improves or every group met its target;
-    finished problems leave the active set. Works in place on the NumPy arrays."""
-    num_problems = slot_loads.shape[0]
-    if max_rounds == 0 or num_problems == 0:
-        return
-    num_groups = num_problems // group_size
-    active = np.arange(num_problems)
-    loads, items, goal, pack_loads = slot_loads, slot_items, targets, row_sums(slot_loads)
-    running = np.ones(num_problems, dtype=bool)  # of the active set; finished ones stay put
-    group = active // group_size
-    for _ in range(max_rounds):
-        checkpoint()
-        heavy_load, improves, slot_a, slot_b = find_swaps(loads, width, pack_loads)
-        group_reached = np.zeros(num_groups, dtype=bool)
-        group_reached[group[heavy_load <= goal]] = True
-        running &= improves[:, 0] & ~group_reached[group]
-        improves &= running[:, None]
-        exchange(loads, items, pack_loads, improves, slot_a, slot_b)
-        left = int(running.sum())
-        if left == 0:
+@compiled()
+def _best_swap(loads, problem, heavy, partners, by_index, pack_loads, consts):  # pragma: no cover - compiled
+    """The improving swap of heavy pack H with one of `partners` (packs lightest first) that lowers
+    max(H - d, P + d) = (H + P) / 2 + |d - (H - P) / 2| the most: (found, heavy slot, partner, partner
+    slot). Ties go as in `packing._closest_swaps`: the lowest heavy slot, then the first partner (in
+    index order when `by_index`, else in the given order), then the lowest slot. A partner's middle
+    (H + P) / 2 is the least any of its swaps leaves and grows along the list, so the scan stops at
+    the first partner whose middle exceeds the best found (or reaches the improvement threshold)."""
+    two, heavy_load = consts[0], pack_loads[heavy]
+    best_value = heavy_load * consts[1]  # an improving swap leaves both packs under this
+    best_a, best_rank, best_partner, best_b = -1, 0, 0, 0
+    capacity = loads.shape[2]
+    for rank in range(partners.shape[0]):
+        partner = partners[rank]
+        middle = (heavy_load + pack_loads[partner]) / two
+        if middle > best_value or (best_a < 0 and middle >= best_value):
             break
-        if left <= active.size - max(1, active.size // COMPACT_SHARE):
-            done = ~running
-            slot_loads[active[done]] = loads[done]
-            slot_items[active[done]] = items[done]
-            active, loads, items, goal = active[running], loads[running], items[running], goal[running]
-            group, pack_loads = active // group_size, pack_loads[running]
-            running = running[running]
-    if loads is not slot_loads:  # the active set shrank at least once: write the survivors back
-        slot_loads[active] = loads
-        slot_items[active] = items
+        half_gap = (heavy_load - pack_loads[partner]) / two
+        position = partner if by_index else rank
+        for a in range(capacity):
+            item_a = loads[problem, heavy, a]
+            for b in range(capacity):
+                miss = abs(loads[problem, partner, b] - item_a + half_gap) + middle
+                if miss < best_value or (
+                    miss == best_value and best_a >= 0 and (a, position, b) < (best_a, best_rank, best_b)
+                ):
+                    best_value, best_a, best_rank, best_partner, best_b = miss, a, position, partner, b
+    return best_a >= 0, best_a, best_partner, best_b
+
+
+@compiled()
+def _reorder(order, pack_loads, pack):  # pragma: no cover - compiled
+    """Move `pack` to its place in `order` [G] (packs by load, then index) after its load changed."""
+    num_packs = order.shape[0]
+    at = 0
+    while order[at] != pack:
+        at += 1
+    load = pack_loads[pack]
+    while at > 0:  # lighter now: shift heavier ones up
+        other = order[at - 1]
+        if pack_loads[other] < load or (pack_loads[other] == load and other < pack):
+            break
+        order[at] = other
+        at -= 1
+    while at < num_packs - 1:  # heavier now: shift lighter ones down
+        other = order[at + 1]
+        if load < pack_loads[other] or (load == pack_loads[other] and pack < other):
+            break
+        order[at] = other
+        at += 1
+    order[at] = pack
+
+
+@compiled()
+def _exchange(loads, items, pack_loads, order, problem, heavy, a, light, b):  # pragma: no cover - compiled
+    """Swap slot a of pack `heavy` with slot b of pack `light`; re-sum both packs and keep `order`."""
+    loads[problem, heavy, a], loads[problem, light, b] = loads[problem, light, b], loads[problem, heavy, a]
+    items[problem, heavy, a], items[problem, light, b] = items[problem, light, b], items[problem, heavy, a]
+    for pack in (heavy, light):
+        pack_loads[pack] = _pack_sum(loads, problem, pack)
+        _reorder(order, pack_loads, pack)
+
+
+@compiled()
+def _pair_round(loads, items, pack_loads, order, problem, num_pairs, consts, swaps):  # pragma: no cover
+    """One round of the pairing phase: the q heaviest packs against the q lightest, i-th with i-th
+    (`order` lists the packs by load, then index). Applies every improving swap when the heaviest
+    pack's pair improves; returns whether it did."""
+    num_packs = pack_loads.shape[0]
+    count = 0
+    for pair in range(num_pairs):
+        heavy = order[num_packs - 1 - pair]
+        found, a, light, b = _best_swap(loads, problem, heavy, order[pair : pair + 1], False, pack_loads, consts)
+        if found:
+            swaps[count, 0], swaps[count, 1], swaps[count, 2], swaps[count, 3] = heavy, a, light, b
+            count += 1
+        elif pair == 0:
+            return False
+    for index in range(count):
+        heavy, a, light, b = swaps[index, 0], swaps[index, 1], swaps[index, 2], swaps[index, 3]
+        _exchange(loads, items, pack_loads, order, problem, heavy, a, light, b)
+    return True
+
+
+@compiled()
+def _heaviest_round(loads, items, pack_loads, order, problem, num_partners, consts):  # pragma: no cover
+    """One round of the heaviest-pack phase: its best swap with any of its M lightest partners (every
+    pack in index order when M = G), applied when it improves; returns whether it did."""
+    heavy = np.argmax(pack_loads)
+    every = num_partners >= pack_loads.shape[0]
+    found, a, light, b = _best_swap(loads, problem, heavy, order[:num_partners], every, pack_loads, consts)
+    if found:
+        _exchange(loads, items, pack_loads, order, problem, heavy, a, light, b)
+    return found
+
+
+@compiled()
+def _refine_groups(loads, items, targets, group_size, phases, consts):  # pragma: no cover - compiled
+    """Both phases for each group of consecutive problems, in lockstep rounds within a group: a problem
+    stops when its heaviest pack stops improving, the group when one of its problems meets its target
+    (that round's swaps are not applied)."""
+    num_problems, num_packs, capacity = loads.shape
+    pack_loads = np.empty((group_size, num_packs), dtype=loads.dtype)
+    orders = np.empty((group_size, num_packs), dtype=np.int64)
+    swaps = np.empty((max(1, phases[0, 1]), 4), dtype=np.int64)
+    running = np.empty(group_size, dtype=np.bool_)
+    for start in range(0, num_problems, group_size):
+        for member in range(group_size):
+            for pack in range(num_packs):
+                pack_loads[member, pack] = _pack_sum(loads, start + member, pack)
+            orders[member] = np.argsort(pack_loads[member], kind="mergesort")
+        for phase in range(2):
+            max_rounds, width = phases[phase, 0], phases[phase, 1]
+            running[:] = True
+            for _ in range(max_rounds):
+                reached = False
+                for member in range(group_size):
+                    if running[member] and pack_loads[member].max() <= targets[start + member]:
+                        reached = True
+                if reached:
+                    break
+                left = 0
+                for member in range(group_size):
+                    if not running[member]:
+                        continue
+                    state = (loads, items, pack_loads[member], orders[member], start + member, width, consts)
+                    improves = _pair_round(*state, swaps) if phase == 0 else _heaviest_round(*state)
+                    running[member] = improves
+                    left += improves
+                if left == 0:
+                    break
 
 
 def swap_refine(slot_loads: np.ndarray, slot_items: np.ndarray, targets: np.ndarray, limits: RefineLimits) -> None:
     """Both phases of `packing.swap_refine` on NumPy arrays [B, G, K], in place."""
-    num_packs, capacity = slot_loads.shape[1:]
-    group, pairs = limits.group_size, limits.pairs(num_packs)
-    refine_phase(slot_loads, slot_items, targets, group, limits.pair_rounds, pair_swaps, pairs)
-    partners = limits.partners(num_packs, capacity)
-    refine_phase(slot_loads, slot_items, targets, group, limits.heaviest_rounds, heaviest_swaps, partners)
+    num_problems, num_packs, capacity = slot_loads.shape
+    group = limits.group_size
+    phases = np.array(
+        [
+            [limits.pair_rounds, limits.pairs(num_packs)],
+            [limits.heaviest_rounds, limits.partners(num_packs, capacity)],
+        ],
+        dtype=np.int64,
+    )
+    work = max(1, num_packs * capacity * capacity * (limits.pair_rounds + limits.heaviest_rounds) * group)
+    step = group * max(1, CHUNK_WORK // work)
+    targets = np.ascontiguousarray(targets, dtype=slot_loads.dtype)
+    # Halving and the improvement factor in the loads' own precision, as the vectorised paths compute them.
+    consts = np.array([2.0, 1.0 - IMPROVEMENT], dtype=slot_loads.dtype)
+    for start in range(0, num_problems, step):
+        checkpoint()
+        rows = slice(start, start + step)
+        _refine_groups(slot_loads[rows], slot_items[rows], targets[rows], group, phases, consts)
+
+
+def warm_up() -> None:
+    """Compile (or load from the disk cache) both loops for float32 and float64 loads, so that no
+    request pays the first compilation (about 10 s without a cache)."""
+    for dtype in (np.float32, np.float64):
+        loads = np.arange(8, 0, -1, dtype=dtype).reshape(1, 8)
+        items = greedy_pack(loads, np.arange(8).reshape(1, 8), 2)
+        slot_loads = np.take_along_axis(loads, items.reshape(1, 8), 1).reshape(1, 2, 4)
+        swap_refine(slot_loads, items, np.zeros(1, dtype=dtype), RefineLimits())

@@ -3,8 +3,7 @@
 A problem puts N items (expert copies) into G packs (GPUs) of exactly K = N / G slots. Both steps run
 for every problem of the batch at once (B = layers x candidates); they never build an N x N matrix:
 refinement compares the K items of the heaviest pack with the K items of a few partner packs. On the
-CPU both run in NumPy (host_packing.py), with the same arithmetic and the same placements but where
-pack loads tie exactly (see there).
+CPU both run compiled, one problem at a time (host_packing.py), with the same arithmetic and stops.
 """
 
 from __future__ import annotations
