@@ -1,7 +1,7 @@
 """What a solve and a deployment cost before they exist, and the limits derived from those estimates.
 
 The solver's memory and time grow with the problem's shape in ways a request's byte size does not show:
-a 30-byte topology with 2**19 slots on one GPU is 2**19 sequential greedy steps (~9 s here), and
+a 30-byte topology with 2**19 slots on 2,048 GPUs is 2**19 greedy steps over 2,048 packs (~5 s here), and
 layers x candidates x experts x (slots - experts) is the replication table. So every job is costed from
 (L, E, R, G, nodes, C, T, prev) before it is queued, and the same model sets the validation limits: a
 topology is refused when even its cheapest solve (one candidate) or its largest possible placement
@@ -59,8 +59,9 @@ class DeviceSpeed:
     element_seconds: float
 
 
-# cpu: fitted on the 2-core development machine when the CPU loops ran in torch, rounded up; they now run
-# in NumPy, 1.5-4x faster, so CPU estimates err high (DeepSeek-V3 prefill: 155 ms for ~30 ms). cuda:
+# cpu: fitted on the 2-core development machine when the CPU loops ran in torch, rounded up; LPT and
+# refinement now run compiled (Numba), the rest partly in NumPy, so CPU estimates err high (DeepSeek-V3
+# prefill: 155 ms for ~15 ms; one expert on 2**19 slots of 2,048 GPUs: far above its ~5 s). cuda:
 # per-step launch cost and element throughput assumed from the GPU solver figures (sub-millisecond
 # DeepSeek-V3 solves), not fitted.
 SPEEDS = {"cpu": DeviceSpeed(10e-6, 0.5e-9), "cuda": DeviceSpeed(20e-6, 2.5e-11)}

@@ -24,7 +24,7 @@ CHUNK_WORK = 1 << 22
 
 
 @compiled()
-def _greedy_steps(item_loads, order, begin, end, key, filled, slot_items):  # pragma: no cover - compiled
+def _greedy_steps(item_loads, order, begin, end, key, filled, slot_items):
     """Steps [begin, end) of greedy LPT for every row: key [B, G] (pack load, +inf once full) and
     filled [B, G] carry the state from one call to the next."""
     num_problems, num_packs = key.shape
@@ -71,7 +71,7 @@ def greedy_pack(item_loads: np.ndarray, order: np.ndarray, num_packs: int) -> np
 
 
 @compiled(inline="always")
-def _pack_sum(loads, problem, pack):  # pragma: no cover - compiled
+def _pack_sum(loads, problem, pack):
     total = loads[problem, pack, 0]
     for slot in range(1, loads.shape[2]):
         total += loads[problem, pack, slot]
@@ -79,7 +79,7 @@ def _pack_sum(loads, problem, pack):  # pragma: no cover - compiled
 
 
 @compiled()
-def _best_swap(loads, problem, heavy, partners, by_index, pack_loads, consts):  # pragma: no cover - compiled
+def _best_swap(loads, problem, heavy, partners, by_index, pack_loads, consts):
     """The improving swap of heavy pack H with one of `partners` (packs lightest first) that lowers
     max(H - d, P + d) = (H + P) / 2 + |d - (H - P) / 2| the most: (found, heavy slot, partner, partner
     slot). Ties go as in `packing._closest_swaps`: the lowest heavy slot, then the first partner (in
@@ -109,7 +109,7 @@ def _best_swap(loads, problem, heavy, partners, by_index, pack_loads, consts):  
 
 
 @compiled()
-def _reorder(order, pack_loads, pack):  # pragma: no cover - compiled
+def _reorder(order, pack_loads, pack):
     """Move `pack` to its place in `order` [G] (packs by load, then index) after its load changed."""
     num_packs = order.shape[0]
     at = 0
@@ -132,7 +132,7 @@ def _reorder(order, pack_loads, pack):  # pragma: no cover - compiled
 
 
 @compiled()
-def _exchange(loads, items, pack_loads, order, problem, heavy, a, light, b):  # pragma: no cover - compiled
+def _exchange(loads, items, pack_loads, order, problem, heavy, a, light, b):
     """Swap slot a of pack `heavy` with slot b of pack `light`; re-sum both packs and keep `order`."""
     loads[problem, heavy, a], loads[problem, light, b] = loads[problem, light, b], loads[problem, heavy, a]
     items[problem, heavy, a], items[problem, light, b] = items[problem, light, b], items[problem, heavy, a]
@@ -142,7 +142,7 @@ def _exchange(loads, items, pack_loads, order, problem, heavy, a, light, b):  # 
 
 
 @compiled()
-def _pair_round(loads, items, pack_loads, order, problem, num_pairs, consts, swaps):  # pragma: no cover
+def _pair_round(loads, items, pack_loads, order, problem, num_pairs, consts, swaps):
     """One round of the pairing phase: the q heaviest packs against the q lightest, i-th with i-th
     (`order` lists the packs by load, then index). Applies every improving swap when the heaviest
     pack's pair improves; returns whether it did."""
@@ -163,7 +163,7 @@ def _pair_round(loads, items, pack_loads, order, problem, num_pairs, consts, swa
 
 
 @compiled()
-def _heaviest_round(loads, items, pack_loads, order, problem, num_partners, consts):  # pragma: no cover
+def _heaviest_round(loads, items, pack_loads, order, problem, num_partners, consts):
     """One round of the heaviest-pack phase: its best swap with any of its M lightest partners (every
     pack in index order when M = G), applied when it improves; returns whether it did."""
     heavy = np.argmax(pack_loads)
@@ -175,7 +175,7 @@ def _heaviest_round(loads, items, pack_loads, order, problem, num_partners, cons
 
 
 @compiled()
-def _refine_groups(loads, items, targets, group_size, phases, consts):  # pragma: no cover - compiled
+def _refine_groups(loads, items, targets, group_size, phases, consts):
     """Both phases for each group of consecutive problems, in lockstep rounds within a group: a problem
     stops when its heaviest pack stops improving, the group when one of its problems meets its target
     (that round's swaps are not applied)."""
