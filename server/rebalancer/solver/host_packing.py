@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import pair_phase
 from .cancel import checkpoint
 from .jit import compiled
 from .refinement import IMPROVEMENT, RefineLimits
@@ -227,6 +228,8 @@ def swap_refine(slot_loads: np.ndarray, slot_items: np.ndarray, targets: np.ndar
     targets = np.ascontiguousarray(targets, dtype=slot_loads.dtype)
     # Halving and the improvement factor in the loads' own precision, as the vectorised paths compute them.
     consts = np.array([2.0, 1.0 - IMPROVEMENT], dtype=slot_loads.dtype)
+    pair_phase.refine_pairs(slot_loads, slot_items, targets, group, limits.pair_rounds, limits.pairs(num_packs))
+    phases[0, 0] = 0  # the pairing phase ran vectorised, in torch.topk's order among equal loads (pair_phase.py)
     for start in range(0, num_problems, step):
         checkpoint()
         rows = slice(start, start + step)
