@@ -1,4 +1,5 @@
-"""Greedy LPT and swap refinement on the CPU, compiled with Numba: the host paths of `packing`.
+"""Greedy LPT and swap refinement's heaviest-pack phase on the CPU, compiled with Numba (the pairing phase
+before it runs in NumPy, pair_phase.py, for its tie order): the host paths of `packing`.
 
 Both are sequential loops (one step per item, one swap per round) over small arrays. Vectorised over the
 problems of a batch, every round paid NumPy's or torch's fixed cost per operation (1-5 us) on a shrinking
@@ -7,8 +8,8 @@ GPUs: 24 ms of refinement per solve against 61 ms vectorised in NumPy). The rule
 `packing`: the same float32 operations in the same order and the same stops (the candidates of a group
 stop together, at the round one of them meets its target). Two things differ from the torch loop, and
 so can its placements: pack loads are summed slot by slot (torch sums 5 or more slots in another order,
-a last-bit difference), and packs of equal load are ordered by index, where torch.topk leaves the order
-open. With up to four slots per pack and distinct loads the placements are the torch loop's bit for bit.
+a last-bit difference), and partners of equal load are ordered by index, where torch.topk leaves the
+order open. With up to four slots per pack and distinct loads the placements are the torch loop's bit for bit.
 """
 
 from __future__ import annotations
@@ -143,27 +144,6 @@ def _exchange(loads, items, pack_loads, order, problem, heavy, a, light, b):
 
 
 @compiled()
-def _pair_round(loads, items, pack_loads, order, problem, num_pairs, consts, swaps):
-    """One round of the pairing phase: the q heaviest packs against the q lightest, i-th with i-th
-    (`order` lists the packs by load, then index). Applies every improving swap when the heaviest
-    pack's pair improves; returns whether it did."""
-    num_packs = pack_loads.shape[0]
-    count = 0
-    for pair in range(num_pairs):
-        heavy = order[num_packs - 1 - pair]
-        found, a, light, b = _best_swap(loads, problem, heavy, order[pair : pair + 1], False, pack_loads, consts)
-        if found:
-            swaps[count, 0], swaps[count, 1], swaps[count, 2], swaps[count, 3] = heavy, a, light, b
-            count += 1
-        elif pair == 0:
-            return False
-    for index in range(count):
-        heavy, a, light, b = swaps[index, 0], swaps[index, 1], swaps[index, 2], swaps[index, 3]
-        _exchange(loads, items, pack_loads, order, problem, heavy, a, light, b)
-    return True
-
-
-@compiled()
 def _heaviest_round(loads, items, pack_loads, order, problem, num_partners, consts):
     """One round of the heaviest-pack phase: its best swap with any of its M lightest partners (every
     pack in index order when M = G), applied when it improves; returns whether it did."""
@@ -176,64 +156,53 @@ def _heaviest_round(loads, items, pack_loads, order, problem, num_partners, cons
 
 
 @compiled()
-def _refine_groups(loads, items, targets, group_size, phases, consts):
-    """Both phases for each group of consecutive problems, in lockstep rounds within a group: a problem
-    stops when its heaviest pack stops improving, the group when one of its problems meets its target
-    (that round's swaps are not applied)."""
-    num_problems, num_packs, capacity = loads.shape
+def _refine_groups(loads, items, targets, group_size, max_rounds, num_partners, consts):
+    """The heaviest-pack phase for each group of consecutive problems, in lockstep rounds within a group:
+    a problem stops when its heaviest pack stops improving, the group when one of its problems meets its
+    target (that round's swaps are not applied)."""
+    num_problems, num_packs, _ = loads.shape
     pack_loads = np.empty((group_size, num_packs), dtype=loads.dtype)
     orders = np.empty((group_size, num_packs), dtype=np.int64)
-    swaps = np.empty((max(1, phases[0, 1]), 4), dtype=np.int64)
-    running = np.empty(group_size, dtype=np.bool_)
+    running = np.ones(group_size, dtype=np.bool_)
     for start in range(0, num_problems, group_size):
         for member in range(group_size):
             for pack in range(num_packs):
                 pack_loads[member, pack] = _pack_sum(loads, start + member, pack)
             orders[member] = np.argsort(pack_loads[member], kind="mergesort")
-        for phase in range(2):
-            max_rounds, width = phases[phase, 0], phases[phase, 1]
-            running[:] = True
-            for _ in range(max_rounds):
-                reached = False
-                for member in range(group_size):
-                    if running[member] and pack_loads[member].max() <= targets[start + member]:
-                        reached = True
-                if reached:
-                    break
-                left = 0
-                for member in range(group_size):
-                    if not running[member]:
-                        continue
-                    state = (loads, items, pack_loads[member], orders[member], start + member, width, consts)
-                    improves = _pair_round(*state, swaps) if phase == 0 else _heaviest_round(*state)
-                    running[member] = improves
-                    left += improves
-                if left == 0:
-                    break
+        running[:] = True
+        for _ in range(max_rounds):
+            reached = False
+            for member in range(group_size):
+                if running[member] and pack_loads[member].max() <= targets[start + member]:
+                    reached = True
+            if reached:
+                break
+            left = 0
+            for member in range(group_size):
+                if running[member]:
+                    state = (pack_loads[member], orders[member], start + member, num_partners, consts)
+                    running[member] = _heaviest_round(loads, items, *state)
+                    left += running[member]
+            if left == 0:
+                break
 
 
 def swap_refine(slot_loads: np.ndarray, slot_items: np.ndarray, targets: np.ndarray, limits: RefineLimits) -> None:
-    """Both phases of `packing.swap_refine` on NumPy arrays [B, G, K], in place."""
+    """Both phases of `packing.swap_refine` on NumPy arrays [B, G, K], in place: the pairing phase in
+    NumPy (pair_phase.py, torch.topk's order among equal loads), then the heaviest-pack phase compiled."""
     num_problems, num_packs, capacity = slot_loads.shape
-    group = limits.group_size
-    phases = np.array(
-        [
-            [limits.pair_rounds, limits.pairs(num_packs)],
-            [limits.heaviest_rounds, limits.partners(num_packs, capacity)],
-        ],
-        dtype=np.int64,
-    )
-    work = max(1, num_packs * capacity * capacity * (limits.pair_rounds + limits.heaviest_rounds) * group)
-    step = group * max(1, CHUNK_WORK // work)
+    group, partners = limits.group_size, limits.partners(num_packs, capacity)
     targets = np.ascontiguousarray(targets, dtype=slot_loads.dtype)
+    pair_phase.refine_pairs(slot_loads, slot_items, targets, group, limits.pair_rounds, limits.pairs(num_packs))
+    work = max(1, min(num_packs, partners) * capacity * capacity * limits.heaviest_rounds * group)
+    step = group * max(1, CHUNK_WORK // work)
     # Halving and the improvement factor in the loads' own precision, as the vectorised paths compute them.
     consts = np.array([2.0, 1.0 - IMPROVEMENT], dtype=slot_loads.dtype)
-    pair_phase.refine_pairs(slot_loads, slot_items, targets, group, limits.pair_rounds, limits.pairs(num_packs))
-    phases[0, 0] = 0  # the pairing phase ran vectorised, in torch.topk's order among equal loads (pair_phase.py)
     for start in range(0, num_problems, step):
         checkpoint()
         rows = slice(start, start + step)
-        _refine_groups(slot_loads[rows], slot_items[rows], targets[rows], group, phases, consts)
+        rounds = limits.heaviest_rounds
+        _refine_groups(slot_loads[rows], slot_items[rows], targets[rows], group, rounds, partners, consts)
 
 
 def warm_up() -> None:
