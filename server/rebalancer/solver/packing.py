@@ -3,7 +3,8 @@
 A problem puts N items (expert copies) into G packs (GPUs) of exactly K = N / G slots. Both steps run
 for every problem of the batch at once (B = layers x candidates); they never build an N x N matrix:
 refinement compares the K items of the heaviest pack with the K items of a few partner packs. On the
-CPU both run compiled, one problem at a time (host_packing.py), with the same arithmetic and stops.
+CPU, LPT and the heaviest-pack phase run compiled, one problem at a time (host_packing.py), and the
+pairing phase in NumPy (pair_phase.py), with the same arithmetic and stops.
 """
 
 from __future__ import annotations

@@ -27,10 +27,8 @@ def row_sums(slot_loads: np.ndarray) -> np.ndarray:
 
 
 def extremes(pack_loads: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The `count` heaviest and the `count` lightest packs per row [B, count], in torch.topk's order. The
-    pairing of the first phase is sensitive to how equal loads are ordered (token counts tie often): in
-    this order the drifting benchmark's next-window balancedness measured 0.0004-0.0007 higher than with
-    the pack-index order of `smallest`, on seeds 21-22 and 23-25 alike. Two small topk calls a round."""
+    """The `count` heaviest and the `count` lightest packs per row [B, count], in torch.topk's order (see
+    the module's docstring for why this order). Two small topk calls a round."""
     loads = torch.from_numpy(pack_loads)
     heavy, light = loads.topk(count, dim=1).indices, loads.topk(count, dim=1, largest=False).indices
     return heavy.numpy(), light.numpy()
