@@ -32,8 +32,6 @@ PRUNED_EXPERTS = 3
 BOUND_MARGIN = 1e-5
 # Float32 scores this close (relative, a few ulps) are ties: the same max GPU load summed in another order.
 TIE_MARGIN = 1e-6
-# Up to this many rows a row-wise reduction is one NumPy call; beyond, one call per column.
-FEW_ROWS = 48
 
 
 def num_count_vectors(num_experts: int, num_replicas: int) -> int:
@@ -119,91 +117,158 @@ def host_optimum(loads: np.ndarray, num_replicas: int, num_gpus: int) -> tuple[n
     only vectors of bound up to V can win, and their copies are at most V: every expert needs at least
     load / V copies. On the PRUNED_EXPERTS heaviest that cuts the table to index ranges per row; the
     bound is computed there and the vectors that pass it are scored (32 x 8 -> 16 slots: ~500-900 and
-    ~170 of the 6435 vectors per row). Scores are float32, as on the GPU, the winner's peak exact.
+    ~170 of the 6435 vectors per row). Scores are float32, as on the GPU, the winner's peak exact. Any V
+    at or above the optimum gives the same winner, so the greedy vectors need not be those of the GPU.
+    The whole search runs compiled, row by row (`_row_optima`), and skips a vector whose bound can no
+    longer tie the best score found so far.
     """
-    num_rows, num_experts = loads.shape
-    table = _host_table(num_experts, num_replicas)
-    order = np.argsort(-loads, axis=1, kind="stable")  # [P, E] heaviest first
-    ranked = _gather_rows(loads, order)
-    ranked32 = ranked.astype(np.float32)
-    if len(table.counts) <= WHOLE_TABLE:
-        rows, picked = np.divmod(np.arange(num_rows * len(table.counts)), len(table.counts))
-        ceiling = np.full(num_rows, np.inf, dtype=np.float32)
-    else:
-        ceiling = _greedy_score(ranked32, num_replicas, num_gpus) * np.float32(1.0 + BOUND_MARGIN)
-        ceiling = np.maximum(ceiling, np.finfo(np.float32).tiny)  # [P]; all-zero rows: every vector ties
-        rows, picked = _table_ranges(table, ranked32, ceiling, num_replicas)
-    winner = np.empty(num_rows, dtype=np.int64)
-    tie = np.float32(1.0 + TIE_MARGIN)
-    copies = np.empty(num_replicas, dtype=np.float32)  # the kernel's scratch: one vector's copy loads
-    _best_vectors(ranked32, table.counts, table.counts32, table.reciprocals, rows, picked, ceiling, tie, winner, copies)
-    phy2log, peak = pair_placement(ranked, table.counts[winner], num_gpus)
-    return _gather_rows(order, phy2log), peak
+    table = _host_table(loads.shape[1], num_replicas)
+    phy2log = np.empty((loads.shape[0], num_replicas), dtype=np.int64)
+    peak = np.empty(loads.shape[0], dtype=np.float64)
+    tiny = np.finfo(np.float32).tiny  # the least ceiling: on all-zero rows every vector ties
+    scalars = np.array([1.0 + BOUND_MARGIN, 1.0 - BOUND_MARGIN, 1.0 + TIE_MARGIN, tiny], dtype=np.float32)
+    exponents = np.array(GREEDY_EXPONENTS, dtype=np.float32)
+    arrays = (table.counts, table.counts32, table.reciprocals, table.keys, table.prefixes, table.prefix_keys)
+    whole = len(table.counts) <= WHOLE_TABLE
+    rows = np.ascontiguousarray(loads, dtype=np.float64)
+    _row_optima(rows, *arrays, table.prefix_ends, whole, exponents, scalars, phy2log, peak)
+    return phy2log, peak
 
 
 @compiled()
-def _best_vectors(ranked32, counts, counts32, reciprocals, rows, picked, ceiling, tie, winner, copies):
-    """Score the count vectors `picked` [N] of rows `rows` [N] (grouped by row) and write each row's
-    best table index to winner [P] (`copies` [R] is scratch). A vector whose bound (largest + smallest
-    copy, from reciprocal products that may round 1 ulp away from the divisions: BOUND_MARGIN covers
-    it) exceeds its row's ceiling is skipped; the others score the max pair load of their copies in
-    float32. Among scores within `tie` (relative) of the best, the lightest heaviest copy wins, then the
-    lowest index."""
-    num_rows, num_experts = ranked32.shape
-    num_vectors = rows.shape[0]
-    scores = np.full(num_vectors, np.inf, dtype=np.float32)
-    heaviest = np.full(num_vectors, np.inf, dtype=np.float32)
+def _vector_score(ranked32, counts, counts32, vector, values, runs, copies):
+    """(max pair load, heaviest copy) of count vector `vector` on ranked32 [E]: the copies sorted (values,
+    runs [E] and copies [R] are scratch), the i-th lightest with the i-th heaviest, in float32."""
+    num_experts = ranked32.shape[0]
+    for expert in range(num_experts):  # per-copy loads, lightest first (insertion sort of E)
+        value, at = ranked32[expert] / counts32[vector, expert], expert
+        while at > 0 and values[at - 1] > value:
+            values[at], runs[at] = values[at - 1], runs[at - 1]
+            at -= 1
+        values[at], runs[at] = value, counts[vector, expert]
+    slot = 0
+    for expert in range(num_experts):  # each expert's copies in a run
+        for _ in range(runs[expert]):
+            copies[slot] = values[expert]
+            slot += 1
+    num_replicas = copies.shape[0]
+    peak = copies[0] + copies[num_replicas - 1]
+    for pair in range(1, num_replicas // 2):
+        peak = max(peak, copies[pair] + copies[num_replicas - 1 - pair])
+    return peak, values[num_experts - 1]
+
+
+@compiled()
+def _greedy_ceiling(ranked32, exponents, greedy, values, runs, copies):
+    """The best score of greedy replication (each extra copy to the largest load per copy) on the loads
+    raised to each exponent: an upper bound on the optimum. `greedy` [1, E] is scratch."""
+    num_experts, num_replicas = ranked32.shape[0], copies.shape[0]
+    counts32 = np.empty((1, num_experts), dtype=np.float32)
+    best = np.float32(np.inf)
+    for exponent in exponents:
+        powered = ranked32**exponent
+        greedy[0, :] = 1
+        for _ in range(num_replicas - num_experts):
+            target = 0
+            for expert in range(1, num_experts):
+                if powered[expert] / greedy[0, expert] > powered[target] / greedy[0, target]:
+                    target = expert
+            greedy[0, target] += 1
+        counts32[0, :] = greedy[0, :]
+        best = min(best, _vector_score(ranked32, greedy, counts32, 0, values, runs, copies)[0])
+    return best
+
+
+@compiled()
+def _row_optima(loads, counts, counts32, reciprocals, keys, prefixes, prefix_keys, prefix_ends, whole, *outputs):
+    """`host_optimum` for every row (`_HostTable`'s arrays; outputs: exponents, scalars, then phy2log [P, R]
+    and peak [P] written): the greedy ceiling, the table cut, the scores, the winner and its placement."""
+    exponents, scalars, phy2log, peak = outputs
+    num_rows, num_experts = loads.shape
+    num_vectors, num_replicas = counts.shape[0], phy2log.shape[1]
+    num_gpus, depth = num_replicas // 2, prefixes.shape[1] + 1
     values, runs = np.empty(num_experts, dtype=np.float32), np.empty(num_experts, dtype=np.int64)
-    num_gpus = copies.shape[0] // 2
-    for n in range(num_vectors):
-        row, vector = rows[n], picked[n]
-        high = low = ranked32[row, 0] * reciprocals[vector, 0]
-        for expert in range(1, num_experts):
-            value = ranked32[row, expert] * reciprocals[vector, expert]
-            high, low = max(high, value), min(low, value)
-        if not high + low <= ceiling[row]:
-            continue
-        for expert in range(num_experts):  # per-copy loads, lightest first (insertion sort of E)
-            value, at = ranked32[row, expert] / counts32[vector, expert], expert
-            while at > 0 and values[at - 1] > value:
-                values[at], runs[at] = values[at - 1], runs[at - 1]
-                at -= 1
-            values[at], runs[at] = value, counts[vector, expert]
-        heaviest[n] = values[num_experts - 1]
-        slot = 0
-        for expert in range(num_experts):  # each expert's copies in a run
-            for _ in range(runs[expert]):
-                copies[slot] = values[expert]
-                slot += 1
-        peak = copies[0] + copies[-1]
-        for pair in range(1, num_gpus):
-            peak = max(peak, copies[pair] + copies[copies.shape[0] - 1 - pair])
-        scores[n] = peak
-    begin = 0
+    copies, greedy = np.empty(num_replicas, dtype=np.float32), np.empty((1, num_experts), dtype=np.int64)
+    picked = np.empty(num_vectors, dtype=np.int64)
+    scores, heaviest = np.empty(num_vectors, dtype=np.float32), np.empty(num_vectors, dtype=np.float32)
+    needed = np.empty(depth, dtype=np.int64)
     for row in range(num_rows):
-        end = begin
-        while end < num_vectors and rows[end] == row:
-            end += 1
-        limit = scores[begin:end].min() * tie
+        order = np.argsort(-loads[row], kind="mergesort")  # heaviest first, index order among equals
+        ranked = loads[row][order]
+        ranked32 = ranked.astype(np.float32)
+        ceiling, found, best = np.float32(np.inf), 0, np.float32(np.inf)
+        state = (ranked32, counts, counts32, reciprocals, scalars, picked, scores, heaviest, values, runs, copies)
+        if whole:
+            found, best = _scan(0, num_vectors, ceiling, found, best, *state)
+        else:
+            ceiling = _greedy_ceiling(ranked32, exponents, greedy, values, runs, copies) * scalars[0]
+            ceiling = max(ceiling, scalars[3])
+            for d in range(depth):  # every expert needs load / V copies; the first D cut the table
+                needed[d] = min(max(int(np.ceil(ranked32[d] / ceiling * scalars[1])), 1), num_replicas)
+            for prefix in range(prefixes.shape[0]):
+                viable = True
+                for d in range(depth - 1):
+                    viable &= prefixes[prefix, d] >= needed[d]
+                if viable:
+                    begin = np.searchsorted(keys, prefix_keys[prefix] + needed[depth - 1])
+                    found, best = _scan(begin, prefix_ends[prefix], ceiling, found, best, *state)
+        # Among scores within the tie margin of the best, the lightest heaviest copy, then the lowest index.
+        limit = scores[:found].min() * scalars[2]
         lightest = np.inf
-        for n in range(begin, end):
+        for n in range(found):
             if scores[n] <= limit:
                 lightest = min(lightest, heaviest[n])
-        winner[row] = counts.shape[0]
-        for n in range(begin, end):
+        winner = num_vectors
+        for n in range(found):
             if scores[n] <= limit and heaviest[n] == lightest:
-                winner[row] = min(winner[row], picked[n])
-        begin = end
+                winner = min(winner, picked[n])
+        peak[row] = _place_row(ranked, order, counts[winner], num_gpus, phy2log[row])
 
 
-def _greedy_score(ranked32: np.ndarray, num_replicas: int, num_gpus: int) -> np.ndarray:
-    """The best score [P] of greedy replication (each extra copy to the largest load per copy) on the
-    loads raised to each of GREEDY_EXPONENTS: a cheap upper bound on the optimum."""
-    num_rows, num_experts = ranked32.shape
-    counts = greedy_counts(ranked32, num_replicas, GREEDY_EXPONENTS).reshape(-1, num_experts)  # [P * X, E]
-    per_copy = np.repeat(ranked32, len(GREEDY_EXPONENTS), 0) / counts.astype(np.float32)  # [P * X, E]
-    scores = pair_peaks(np.repeat(per_copy.ravel(), counts.ravel()).reshape(-1, num_replicas), num_gpus)
-    return scores.reshape(num_rows, -1).min(1)
+@compiled()
+def _scan(begin, end, ceiling, found, best, *state):
+    """Score table entries [begin, end) whose bound, largest + smallest copy, is within `ceiling` and
+    could still tie the best score so far (a vector's score is at least its bound); keep those within
+    the tie margin of the running best: -> (entries kept, best score). The bound comes from reciprocal
+    products, which may round 1 ulp away from the score's divisions: BOUND_MARGIN covers it."""
+    ranked32, counts, counts32, reciprocals, scalars, picked, scores, heaviest, values, runs, copies = state
+    num_experts = ranked32.shape[0]
+    for vector in range(begin, end):
+        high = low = ranked32[0] * reciprocals[vector, 0]
+        for expert in range(1, num_experts):
+            value = ranked32[expert] * reciprocals[vector, expert]
+            high, low = max(high, value), min(low, value)
+        if high + low > ceiling or high + low > best * scalars[2] * scalars[0]:
+            continue
+        score, top = _vector_score(ranked32, counts, counts32, vector, values, runs, copies)
+        if score <= best * scalars[2]:
+            picked[found], scores[found], heaviest[found] = vector, score, top
+            found += 1
+            best = min(best, score)
+    return found, best
+
+
+@compiled()
+def _place_row(ranked, order, counts, num_gpus, phy2log):
+    """`pair_placement` of one row (experts ranked heaviest first, `order` their ids) into phy2log [R];
+    returns the exact max GPU load."""
+    num_replicas = phy2log.shape[0]
+    experts = np.empty(num_replicas, dtype=np.int64)
+    slot = 0
+    for expert in range(ranked.shape[0]):
+        for _ in range(counts[expert]):
+            experts[slot] = expert
+            slot += 1
+    copy32 = np.empty(num_replicas, dtype=np.float32)
+    for slot in range(num_replicas):
+        copy32[slot] = np.float32(ranked[experts[slot]]) / np.float32(counts[experts[slot]])
+    by_load = np.argsort(-copy32, kind="mergesort")  # heaviest first, slot order among equals
+    peak = 0.0
+    for gpu in range(num_gpus):
+        first, second = experts[by_load[gpu]], experts[by_load[num_replicas - 1 - gpu]]
+        phy2log[2 * gpu], phy2log[2 * gpu + 1] = order[first], order[second]
+        peak = max(peak, ranked[first] / counts[first] + ranked[second] / counts[second])
+    return peak
 
 
 def greedy_counts(loads: np.ndarray, num_replicas: int, exponents: tuple[float, ...]) -> np.ndarray:
@@ -220,39 +285,6 @@ def greedy_counts(loads: np.ndarray, num_replicas: int, exponents: tuple[float, 
             (taken + np.arange(0, counts.size, num_experts)[:, None]).ravel(), minlength=counts.size
         ).reshape(counts.shape)
     return counts.reshape(num_rows, len(exponents), num_experts)
-
-
-def _table_ranges(
-    table: _HostTable, ranked32: np.ndarray, ceiling: np.ndarray, num_replicas: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The table entries whose first D counts give each of the D heaviest experts copies of at most
-    `ceiling` [P]: (rows [N], table indices [N]), grouped by row."""
-    num_rows = ranked32.shape[0]
-    depth = table.prefixes.shape[1] + 1
-    needed = np.ceil(ranked32[:, :depth] / ceiling[:, None] * np.float32(1.0 - BOUND_MARGIN)).astype(np.int64)
-    needed = np.clip(needed, 1, num_replicas)  # [P, D]
-    begin = np.searchsorted(table.keys, table.prefix_keys + needed[:, -1:])  # [P, M]
-    viable = (table.prefixes[None] >= needed[:, None, :-1]).all(2)
-    lengths = np.where(viable, np.maximum(table.prefix_ends - begin, 0), 0).ravel()
-    offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    picked = np.arange(lengths.sum()) - offsets + np.repeat(begin.ravel(), lengths)
-    rows = np.repeat(np.arange(num_rows).repeat(len(table.prefixes)), lengths)
-    return rows, picked
-
-
-def pair_peaks(copy_loads: np.ndarray, num_gpus: int) -> np.ndarray:
-    """copy loads [N, R] float32 -> max pair load [N], the i-th heaviest copy with the i-th lightest."""
-    ordered = np.sort(copy_loads, axis=1)
-    return _column_reduce(np.maximum, ordered[:, :num_gpus] + ordered[:, num_gpus:][:, ::-1])
-
-
-def _column_reduce(ufunc: np.ufunc, values: np.ndarray) -> np.ndarray:
-    """values [N, k] -> ufunc over each row [N], as k - 1 elementwise ops on columns: NumPy reduces a
-    short last axis row by row (measured 30x slower on [23496, 8]). Few rows are reduced in one call,
-    where the k - 1 calls' fixed cost is the larger (2 x 12 -> 16 slots: ~20 rows)."""
-    if len(values) <= FEW_ROWS:
-        return ufunc.reduce(values, axis=1)
-    return functools.reduce(ufunc, values.T)
 
 
 def pair_placement(loads: np.ndarray, counts: np.ndarray, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
