@@ -184,12 +184,15 @@ def test_paired_move_scores_equal_the_moves_packed_afresh(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", ["zipf", "hot"])
 def test_paired_move_scores_on_the_cpu_equal_the_torch_path(kind: str, monkeypatch) -> None:
-    # The CPU scores moves in NumPy (host_pairing), a GPU in torch: same peaks and placements, bit for bit.
+    # The CPU scores moves compiled (host_pairing), a GPU in torch: same peaks and placements, bit for bit,
+    # with the placements asked for or not (the CPU then computes the peaks only).
     loads = make(kind, 6, 40, seed=11).double()
     loads[1] = loads[1].round()
     counts = replica_counts(loads, 48)
     x, y, valid = copy_moves(loads, counts, 5)
     host = paired_moves(loads, counts, x, y, valid, 24, with_experts=True)
+    host_peaks, no_placement = paired_moves(loads, counts, x, y, valid, 24)
     monkeypatch.setattr(joint.host_pairing, "paired_peaks", joint.torch_paired_peaks)
     on_torch = paired_moves(loads, counts, x, y, valid, 24, with_experts=True)
     assert torch.equal(host[0], on_torch[0]) and torch.equal(host[1], on_torch[1])
+    assert torch.equal(host_peaks, on_torch[0]) and no_placement is None

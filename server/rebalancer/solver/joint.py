@@ -153,22 +153,23 @@ def sorted_copies(
 
 
 def paired_peaks(
-    ordered: torch.Tensor, high: torch.Tensor, low: torch.Tensor, runs: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ordered: torch.Tensor, high: torch.Tensor, low: torch.Tensor, runs: dict[str, torch.Tensor], with_slots: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Each move's new sorted copy list read off the old one, and its pairing peak: ordered [P, R] copy
     loads heaviest first, high / low [P, M] the inserted per-copy loads, `runs` the [P, M] bounds of the
     inserted (above_high, above_low, len_high, len_low) and removed runs (start_a, len_a, start_b, len_b,
     the earlier first) -> (max pair load [P, M], positions in the old list [P, M, R] int64, in the heavier
-    inserted run [P, M, R] bool, in the lighter one). The CPU runs it in NumPy (`host_pairing`)."""
+    inserted run [P, M, R] bool, in the lighter one; the CPU leaves those None without `with_slots`). The
+    CPU runs it compiled (`host_pairing`)."""
     if ordered.device.type == "cpu":
-        return host_pairing.paired_peaks(ordered, high, low, runs)
-    return torch_paired_peaks(ordered, high, low, runs)
+        return host_pairing.paired_peaks(ordered, high, low, runs, with_slots)
+    return torch_paired_peaks(ordered, high, low, runs, with_slots)
 
 
 def torch_paired_peaks(
-    ordered: torch.Tensor, high: torch.Tensor, low: torch.Tensor, runs: dict[str, torch.Tensor]
+    ordered: torch.Tensor, high: torch.Tensor, low: torch.Tensor, runs: dict[str, torch.Tensor], with_slots: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`paired_peaks` in torch, the path of GPU tensors."""
+    """`paired_peaks` in torch, the path of GPU tensors (the slots come along either way)."""
     num_replicas = ordered.shape[1]
     # Index arithmetic in int32 on [P, M, R] (half the memory traffic of int64).
     index = torch.arange(num_replicas, device=ordered.device, dtype=torch.int32).view(1, 1, -1)
@@ -237,7 +238,7 @@ def paired_moves(
     above_high, above_low = heavier_left(high), heavier_left(low)
     runs = {"above_high": above_high, "above_low": above_low, "len_high": len_high, "len_low": len_low}
     runs |= {"start_a": start_a, "len_a": len_a, "start_b": start_b, "len_b": len_b}
-    peaks, kept, in_high, in_low = paired_peaks(ordered, high, low, runs)
+    peaks, kept, in_high, in_low = paired_peaks(ordered, high, low, runs, with_experts)
     peaks = torch.where(valid, peaks, torch.full_like(peaks, float("inf")))
     if not with_experts:
         return peaks, None
