@@ -140,8 +140,10 @@ def _vector_score(ranked32, counts, counts32, vector, values, runs, copies):
     """(max pair load, heaviest copy) of count vector `vector` on ranked32 [E]: the copies sorted (values,
     runs [E] and copies [R] are scratch), the i-th lightest with the i-th heaviest, in float32."""
     num_experts = ranked32.shape[0]
-    for expert in range(num_experts):  # per-copy loads, lightest first (insertion sort of E)
-        value, at = ranked32[expert] / counts32[vector, expert], expert
+    # Per-copy loads, lightest first: an insertion sort of E, lightest expert first (single copies then
+    # arrive in order; only the experts with copies to split move far).
+    for placed, expert in enumerate(range(num_experts - 1, -1, -1)):
+        value, at = ranked32[expert] / counts32[vector, expert], placed
         while at > 0 and values[at - 1] > value:
             values[at], runs[at] = values[at - 1], runs[at - 1]
             at -= 1
