@@ -115,7 +115,6 @@ def _sorted_copies(loads, counts, values, runs, experts):
             counts[expert],
             expert,
         )
-    return order
 
 
 @compiled()
