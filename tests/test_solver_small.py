@@ -42,3 +42,22 @@ def test_small_path_only_where_exact_solves_the_nodes():
     assert not small.applies(cpu, 256, 288, 4, 32, False)  # 9 slots per GPU
     assert not small.applies(cpu, 12, 16, 2, 8, True)  # scenarios steer a candidate choice
     assert not small.applies(torch.device("meta"), 12, 16, 2, 8, False)
+
+
+@pytest.mark.parametrize("shape", [(12, 16, 4, 2, 8), (16, 32, 4, 2, 16), (16, 32, 8, 4, 16), (12, 24, 6, 3, 12)])
+def test_host_auto_path_places_as_the_torch_route(shape, monkeypatch):
+    """`small.plan_auto` (flat by exact or the climb, local host-side, the choice in NumPy) gives the
+    placements and policy names of the general route through `planner.plan` and the hierarchical plan."""
+    from rebalancer.solver import solve
+
+    num_experts, num_replicas, num_groups, num_nodes, num_gpus = shape
+    assert small.serves_auto(torch.device("cpu"), num_experts, num_replicas, num_nodes, num_gpus, 4, False)
+    rng = np.random.default_rng(num_experts + num_groups)
+    loads = torch.from_numpy(np.exp(1.3 * rng.standard_normal((6, num_experts))))
+    loads[1] = 0.0
+    loads[2] = 1.0
+    host = solve(loads, num_replicas, num_groups, num_nodes, num_gpus, device="cpu")
+    monkeypatch.setattr(small, "serves_auto", lambda *args: False)
+    general = solve(loads, num_replicas, num_groups, num_nodes, num_gpus, device="cpu")
+    assert torch.equal(host.phy2log, general.phy2log)
+    assert host.policy_per_layer == general.policy_per_layer

@@ -52,26 +52,81 @@ def applies(
 
 
 def pair_plan(loads: torch.Tensor, num_replicas: int, num_gpus: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """loads [P, E] float64 on the CPU -> (phy2log [P, R] int64, max GPU load [P] float64).
+    """loads [P, E] float64 on the CPU -> (phy2log [P, R] int64, max GPU load [P] float64): `host_plan`."""
+    phy2log, peak = host_plan(loads.numpy(), num_replicas, num_gpus)
+    return torch.from_numpy(phy2log), torch.from_numpy(peak)
+
+
+def host_plan(loads: np.ndarray, num_replicas: int, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
+    """loads [P, E] float64 -> (phy2log [P, R] int64, max GPU load [P] float64).
 
     Each row climbs from every start of START_EXPONENTS until no move lowers its score; the lowest score
     wins (the earliest start among equals), placed heaviest copy with lightest. Deterministic, and a
-    row's result does not depend on the other rows.
+    row's result does not depend on the other rows. The whole row runs compiled (`_plan_rows`).
     """
-    weights = loads.numpy()
-    num_rows, num_experts = weights.shape
-    num_starts = len(START_EXPONENTS)
-    starts = exact.greedy_counts(weights, num_replicas, START_EXPONENTS)  # [P, X, E]
-    counts = np.ascontiguousarray(starts.reshape(num_rows * num_starts, num_experts))
-    row_loads = np.ascontiguousarray(np.repeat(weights, num_starts, 0))  # [P * X, E]
-    scores = np.empty(len(counts), dtype=np.float64)
-    width = min(MOVE_WIDTH, num_experts)
-    limits = np.array([width, min(SHARED_RECEIVERS, width - 1), MAX_ROUNDS], dtype=np.int64)
-    _climb(row_loads, counts, scores, np.array([MIN_GAIN, PEAK_TIE]), limits, np.empty(num_replicas))
-    best = scores.reshape(num_rows, num_starts).argmin(1)  # first start among equal scores
-    chosen = counts.reshape(num_rows, num_starts, num_experts)[np.arange(num_rows), best]  # [P, E]
-    phy2log, peak = exact.pair_placement(weights, chosen, num_gpus)
-    return torch.from_numpy(phy2log), torch.from_numpy(peak)
+    rows = np.ascontiguousarray(loads, dtype=np.float64)
+    width = min(MOVE_WIDTH, rows.shape[1])
+    limits = np.array([width, min(SHARED_RECEIVERS, width - 1), MAX_ROUNDS, num_replicas], dtype=np.int64)
+    phy2log = np.empty((rows.shape[0], num_replicas), dtype=np.int64)
+    peak = np.empty(rows.shape[0], dtype=np.float64)
+    exponents = np.array(START_EXPONENTS, dtype=np.float64)
+    _plan_rows(rows, exponents, np.array([MIN_GAIN, PEAK_TIE]), limits, phy2log, peak)
+    return phy2log, peak
+
+
+@compiled()
+def _plan_rows(loads, exponents, gains, limits, phy2log, peak):
+    """`host_plan` row by row: the greedy starts, their climbs, the winner and its pairing."""
+    num_rows, num_experts = loads.shape
+    num_starts, num_replicas = exponents.shape[0], limits[3]
+    counts = np.empty((num_starts, num_experts), dtype=np.int64)
+    scores, copies = np.empty(num_starts), np.empty(num_replicas)
+    for row in range(num_rows):
+        for start in range(num_starts):
+            greedy_start(loads[row], exponents[start], num_replicas, counts[start])
+        _climb(loads[row], counts, scores, gains, limits, copies)
+        best = 0
+        for start in range(1, num_starts):  # the first start among equal scores
+            if scores[start] < scores[best]:
+                best = start
+        peak[row] = place_pairs(loads[row], counts[best], phy2log[row])
+
+
+@compiled()
+def greedy_start(load, exponent, num_replicas, counts):
+    """Greedy replication on load ** exponent: one copy each, every extra copy to the largest load per
+    copy (lowest index among equals), into counts [E]."""
+    powered = load**exponent
+    counts[:] = 1
+    for _ in range(num_replicas - load.shape[0]):
+        target = 0
+        for expert in range(1, load.shape[0]):
+            if powered[expert] / counts[expert] > powered[target] / counts[target]:
+                target = expert
+        counts[target] += 1
+
+
+@compiled()
+def place_pairs(load, counts, phy2log):
+    """GPU g holds the g-th heaviest and the g-th lightest copy of counts [E] (slot order among equal
+    float32 copies; each expert's copies in a run, experts in index order) into phy2log [R]; returns the
+    exact max GPU load."""
+    num_replicas = phy2log.shape[0]
+    experts = np.empty(num_replicas, dtype=np.int64)
+    copy32 = np.empty(num_replicas, dtype=np.float32)
+    slot = 0
+    for expert in range(load.shape[0]):
+        for _ in range(counts[expert]):
+            experts[slot] = expert
+            copy32[slot] = np.float32(load[expert]) / np.float32(counts[expert])
+            slot += 1
+    by_load = np.argsort(-copy32, kind="mergesort")  # heaviest first, slot order among equals
+    peak = -np.inf
+    for gpu in range(num_replicas // 2):
+        first, second = experts[by_load[gpu]], experts[by_load[num_replicas - 1 - gpu]]
+        phy2log[2 * gpu], phy2log[2 * gpu + 1] = first, second
+        peak = max(peak, load[first] / counts[first] + load[second] / counts[second])
+    return peak
 
 
 @compiled()
@@ -132,50 +187,61 @@ def _top(keys, count, chosen):
 
 
 @compiled()
-def _climb(loads, counts, scores, gains, limits, copies):
-    """Best-move hill climbing, row by row: loads [N, E] float64, counts [N, E] (climbed in place) ->
-    scores [N], the local optima's max GPU loads. Each round tries the W x W moves "donor y gives one copy
-    to receiver x": receivers carry the heaviest copies (W - shared of them) or the heaviest among
-    experts already copied (`shared`: a plateau, 2, 2 -> 3, 1 copies, can be crossed); donors lose the
-    least load per copy giving one up. A move is better when it lowers the max GPU load, or keeps it and
-    lowers the sum of squared GPU loads; a row stops when none is. A row's moves are scored off its
-    sorted copies with only the two changed experts re-inserted."""
-    num_rows, num_experts = loads.shape
+def _climb(load, counts, scores, gains, limits, copies):
+    """Best-move hill climbing of one row from each start: load [E] float64, counts [X, E] (climbed in
+    place) -> scores [X], the local optima's max GPU loads. Each round tries the W x W moves "donor y
+    gives one copy to receiver x": receivers carry the heaviest copies (W - shared of them) or the
+    heaviest among experts already copied (`shared`: a plateau, 2, 2 -> 3, 1 copies, can be crossed);
+    donors lose the least load per copy giving one up. A move is better when it lowers the max GPU load,
+    or keeps it and lowers the sum of squared GPU loads; a climb stops when none is. Moves are scored off
+    the row's sorted copies with only the two changed experts re-inserted.
+
+    A climb's path depends on its count vector only, so a start that reaches a vector an earlier start's
+    finished climb passed through ends where that one did: it takes that result without climbing on
+    (starts from equal greedy vectors, common on even loads, climb once)."""
+    num_starts, num_experts = counts.shape
     width, shared, max_rounds = limits[0], limits[1], limits[2]
     min_gain, peak_tie = gains[0], gains[1]
     values, runs = np.empty(num_experts), np.empty(num_experts, dtype=np.int64)
     experts, where = np.empty(num_experts, dtype=np.int64), np.empty(num_experts, dtype=np.int64)
     receivers, donors = np.empty(width, dtype=np.int64), np.empty(width, dtype=np.int64)
     move_peak, move_spread = np.empty(width * width), np.empty(width * width)
-    for row in range(num_rows):
-        load, count = loads[row], counts[row]
+    # Every vector a finished climb passed through, and the start that climbed it.
+    path = np.empty((num_starts * (max_rounds + 1), num_experts), dtype=np.int64)
+    path_start, path_length = np.empty(num_starts * (max_rounds + 1), dtype=np.int64), 0
+    for start in range(num_starts):
+        count, begin, merged = counts[start], path_length, -1
         _sorted_copies(load, count, values, runs, experts)
         peak, spread = _score(values, runs, -1, -1, 0.0, 0, 0.0, 0, copies)
+        finished = False
         for _ in range(max_rounds):
+            merged = _seen(path, begin, count)
+            if merged >= 0:
+                break
+            path[path_length], path_start[path_length] = count, start
+            path_length += 1
             per_copy = load / count
             _top(per_copy, width - shared, receivers)
             _top(np.where(count > 1, per_copy, -np.inf), shared, receivers[width - shared :])
             _top(-np.where(count > 1, load / np.maximum(count - 1, 1), np.inf), width, donors)
             for position in range(num_experts):
                 where[experts[position]] = position
+            lowest = np.inf
             for move in range(width * width):
                 x, y = receivers[move // width], donors[move % width]
                 move_peak[move], move_spread[move] = np.inf, np.inf
                 if count[y] > 1 and x != y:
+                    value_x, value_y = load[x] / (count[x] + 1), load[y] / (count[y] - 1)
+                    # The pairing's peak is at least lightest + heaviest copy: a move whose bound is
+                    # above the lowest peak so far cannot be picked.
+                    if _ends(values, where[x], where[y], value_x, value_y) > lowest * (1.0 + peak_tie):
+                        continue
                     move_peak[move], move_spread[move] = _score(
-                        values,
-                        runs,
-                        where[x],
-                        where[y],
-                        load[x] / (count[x] + 1),
-                        count[x] + 1,
-                        load[y] / (count[y] - 1),
-                        count[y] - 1,
-                        copies,
+                        values, runs, where[x], where[y], value_x, count[x] + 1, value_y, count[y] - 1, copies
                     )
                 elif count[y] > 1:
                     move_peak[move], move_spread[move] = peak, spread
-            lowest = move_peak.min()
+                lowest = min(lowest, move_peak[move])
             pick = -1
             for move in range(width * width):  # among (almost) the lowest peaks the lowest spread, first
                 if move_peak[move] <= lowest * (1.0 + peak_tie) and (pick < 0 or move_spread[move] < move_spread[pick]):
@@ -184,12 +250,47 @@ def _climb(loads, counts, scores, gains, limits, copies):
             if not (
                 new_peak < peak * (1.0 - min_gain) or (new_peak <= peak and new_spread < spread * (1.0 - min_gain))
             ):
+                finished = True
                 break
             count[receivers[pick // width]] += 1
             count[donors[pick % width]] -= 1
             peak, spread = new_peak, new_spread
             _sorted_copies(load, count, values, runs, experts)
-        scores[row] = peak
+        if merged >= 0:
+            counts[start], peak = counts[path_start[merged]], scores[path_start[merged]]
+        if merged < 0 and not finished:  # stopped by the round limit: a later climb may not end here
+            path_length = begin
+        scores[start] = peak
+
+
+@compiled()
+def _ends(values, skip_a, skip_b, value_a, value_b):
+    """Lightest + heaviest copy once entries skip_a and skip_b of `values` [E] (ascending) take value_a
+    and value_b: the first pair `_score` adds, so never above its peak."""
+    low, high = min(value_a, value_b), max(value_a, value_b)
+    for entry in range(values.shape[0]):
+        if entry != skip_a and entry != skip_b:
+            low = min(low, values[entry])
+            break
+    for entry in range(values.shape[0] - 1, -1, -1):
+        if entry != skip_a and entry != skip_b:
+            high = max(high, values[entry])
+            break
+    return low + high
+
+
+@compiled()
+def _seen(path, end, count):
+    """The entry of path[:end] equal to count [E], else -1."""
+    for entry in range(end):
+        equal = True
+        for expert in range(count.shape[0]):
+            if path[entry, expert] != count[expert]:
+                equal = False
+                break
+        if equal:
+            return entry
+    return -1
 
 
 def pair_scores(loads: np.ndarray, counts: np.ndarray, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:

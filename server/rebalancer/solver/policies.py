@@ -103,6 +103,13 @@ def _plan_local(loads: torch.Tensor, opts: SolveOptions, ceiling: torch.Tensor |
 
 def _auto(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
     candidates = opts.candidates(loads.device)
+    scenarios = opts.scenario_loads is not None
+    shape = (loads.shape[1], opts.num_replicas, opts.num_nodes, opts.num_gpus)
+    if opts.hierarchy_applies and small.serves_auto(loads.device, *shape, candidates, scenarios):
+        phy2log, names = small.plan_auto(
+            loads, opts.num_replicas, opts.num_groups, opts.num_nodes, opts.num_gpus, opts.locality_tolerance
+        )
+        return phy2log, names, {}
     flat, flat_peak = plan(loads, opts.num_replicas, opts.num_gpus, opts.layer_seeds, candidates, opts.scenario_loads)
     if not opts.hierarchy_applies:
         return flat, ["global"] * loads.shape[0], {}
