@@ -160,13 +160,17 @@ class RebalancerServer:
         )
 
     async def _warm_up(self) -> None:
-        """One small solve on the device, so the first real request pays no start-up cost; on the CPU
-        also every dtype of the compiled loops (seconds the first time, until Numba's disk cache has them)."""
+        """Small solves on the device, so the first real request pays no start-up cost; on the CPU also every
+        dtype of the compiled loops (seconds the first time, until Numba's disk cache has them)."""
         if self.device.type == "cpu":
             await asyncio.to_thread(host_packing.warm_up)
-        topology = Topology(num_layers=2, num_experts=16, num_replicas=32, num_groups=4, num_nodes=2, num_gpus=4)
-        loads = np.random.default_rng(0).random((2, 16))
-        await self.batcher.submit(SolveJob(topology=topology, settings=SolveSettings(), loads=loads))
+        # Eight slots per GPU, then two (the exact search, and the climb beyond its table: compiled here).
+        for experts, replicas, gpus in ((16, 32, 4), (12, 16, 8), (16, 32, 16)):
+            topology = Topology(
+                num_layers=2, num_experts=experts, num_replicas=replicas, num_groups=4, num_nodes=2, num_gpus=gpus
+            )
+            loads = np.random.default_rng(0).random((2, experts))
+            await self.batcher.submit(SolveJob(topology=topology, settings=SolveSettings(), loads=loads))
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, stop accepting, let in-flight RPCs finish within the grace period, release all."""
