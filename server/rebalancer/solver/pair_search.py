@@ -9,8 +9,9 @@ keeps the best while it lowers the max GPU load (or, on a plateau, the spread of
 climb runs compiled, starts, climbs and pairing of a row in one call, each move scored off the row's
 sorted copies with only its two experts re-inserted, unless its lightest + heaviest copy already exceeds
 the best move's peak; a start reaching a vector an earlier climb passed through takes its result (2 x 16
--> 32 slots: 0.02-0.18 ms against ~0.8 ms as NumPy batches); the torch search (joint.py), built for the GPU, issues ~200 small tensor ops per round (measured ~1.3 ms
-a round there) and adds noisy LPT candidates that the pairing makes moot.
+-> 32 slots: 0.02-0.18 ms against ~0.8 ms as NumPy batches); the torch search (joint.py), built for
+the GPU, issues ~200 small tensor ops per round (measured ~1.3 ms a round there) and adds noisy LPT
+candidates that the pairing makes moot.
 """
 
 from __future__ import annotations
