@@ -4,6 +4,8 @@ the greedy starts."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -79,7 +81,9 @@ def test_never_above_its_greedy_starts_and_close_to_the_exact_optimum() -> None:
     loads = _loads(40, 8, 3)
     _, peak = pair_search.pair_plan(loads, 16, 8)
     _, optimum = exact.pair_optimum(loads, 16, 8)
-    starts = exact.greedy_counts(loads.numpy(), 16, pair_search.START_EXPONENTS).reshape(-1, 8)
+    starts = np.empty((40 * len(pair_search.START_EXPONENTS), 8), dtype=np.int64)
+    for index, (row, exponent) in enumerate(itertools.product(loads.numpy(), pair_search.START_EXPONENTS)):
+        pair_search.greedy_start(row, exponent, 16, starts[index])
     start_peak, _ = pair_search.pair_scores(np.repeat(loads.numpy(), len(pair_search.START_EXPONENTS), 0), starts, 8)
     best_start = start_peak.reshape(40, -1).min(1)
     assert bool((peak >= optimum * (1 - 1e-9)).all())

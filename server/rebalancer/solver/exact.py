@@ -224,7 +224,7 @@ def _row_optima(loads, counts, counts32, reciprocals, keys, prefixes, prefix_key
         for n in range(found):
             if scores[n] <= limit and heaviest[n] == lightest:
                 winner = min(winner, picked[n])
-        peak[row] = _place_row(ranked, order, counts[winner], num_gpus, phy2log[row])
+        peak[row] = place_pairs(ranked, order, counts[winner], num_gpus, phy2log[row])
 
 
 @compiled()
@@ -251,9 +251,10 @@ def _scan(begin, end, ceiling, found, best, *state):
 
 
 @compiled()
-def _place_row(ranked, order, counts, num_gpus, phy2log):
-    """`pair_placement` of one row (experts ranked heaviest first, `order` their ids) into phy2log [R];
-    returns the exact max GPU load."""
+def place_pairs(ranked, order, counts, num_gpus, phy2log):
+    """GPU g holds the g-th heaviest and the g-th lightest copy of counts [E] (float32 per-copy loads,
+    slot order among equals; each expert's copies in a run) of experts `ranked` [E] (loads, in any
+    order; `order` [E] their ids) into phy2log [R]; returns the exact max GPU load."""
     num_replicas = phy2log.shape[0]
     experts = np.empty(num_replicas, dtype=np.int64)
     slot = 0
@@ -271,42 +272,6 @@ def _place_row(ranked, order, counts, num_gpus, phy2log):
         phy2log[2 * gpu], phy2log[2 * gpu + 1] = order[first], order[second]
         peak = max(peak, ranked[first] / counts[first] + ranked[second] / counts[second])
     return peak
-
-
-def greedy_counts(loads: np.ndarray, num_replicas: int, exponents: tuple[float, ...]) -> np.ndarray:
-    """Greedy replication (each extra copy to the largest load per copy) on loads [P, E] raised to each
-    of `exponents` -> counts [P, X, E] int64 (each >= 1, summing to R)."""
-    num_rows, num_experts = loads.shape
-    extra = num_replicas - num_experts
-    powered = loads[:, None, :] ** np.array(exponents, dtype=loads.dtype)[:, None]  # [P, X, E]
-    counts = np.ones((num_rows * len(exponents), num_experts), dtype=np.int64)
-    if extra > 0:
-        shares = (powered[..., None] / np.arange(1, extra + 1, dtype=loads.dtype)).reshape(len(counts), -1)
-        taken = np.argpartition(-shares, extra - 1, axis=1)[:, :extra] // extra  # [P * X, extra] experts
-        counts += np.bincount(
-            (taken + np.arange(0, counts.size, num_experts)[:, None]).ravel(), minlength=counts.size
-        ).reshape(counts.shape)
-    return counts.reshape(num_rows, len(exponents), num_experts)
-
-
-def pair_placement(loads: np.ndarray, counts: np.ndarray, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
-    """The placement of counts [P, E] on loads [P, E] float64, GPU g holding the g-th heaviest and the
-    g-th lightest copy (slot order among equal copies) -> (phy2log [P, R], exact max GPU load [P])."""
-    num_rows, num_experts = counts.shape
-    every_expert = np.broadcast_to(np.arange(num_experts), counts.shape).ravel()
-    experts = np.repeat(every_expert, counts.ravel()).reshape(num_rows, -1)  # [P, R], each expert's copies in a run
-    copy32 = _gather_rows(loads.astype(np.float32) / counts.astype(np.float32), experts)
-    order = np.argsort(-copy32, axis=1, kind="stable")  # heaviest first, slot order among equals
-    by_gpu = np.empty_like(order)
-    by_gpu[:, 0::2], by_gpu[:, 1::2] = order[:, :num_gpus], order[:, num_gpus:][:, ::-1]
-    phy2log = _gather_rows(experts, by_gpu)
-    slot_loads = _gather_rows(loads / counts, phy2log)  # [P, R] float64
-    return phy2log, (slot_loads[:, 0::2] + slot_loads[:, 1::2]).max(1)
-
-
-def _gather_rows(values: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """values [N, k], index [N, m] -> values[n, index[n, j]]: [N, m] (take_along_axis without its checks)."""
-    return values[np.arange(index.shape[0])[:, None], index]
 
 
 def tie_winner(scores: torch.Tensor, heaviest: torch.Tensor, keys: torch.Tensor, margin: float) -> torch.Tensor:

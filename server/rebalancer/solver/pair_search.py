@@ -83,6 +83,7 @@ def _plan_rows(loads, exponents, gains, limits, phy2log, peak):
     num_starts, num_replicas = exponents.shape[0], limits[3]
     counts = np.empty((num_starts, num_experts), dtype=np.int64)
     scores, copies = np.empty(num_starts), np.empty(num_replicas)
+    identity = np.arange(num_experts)
     for row in range(num_rows):
         for start in range(num_starts):
             greedy_start(loads[row], exponents[start], num_replicas, counts[start])
@@ -91,7 +92,7 @@ def _plan_rows(loads, exponents, gains, limits, phy2log, peak):
         for start in range(1, num_starts):  # the first start among equal scores
             if scores[start] < scores[best]:
                 best = start
-        peak[row] = place_pairs(loads[row], counts[best], phy2log[row])
+        peak[row] = exact.place_pairs(loads[row], identity, counts[best], num_replicas // 2, phy2log[row])
 
 
 @compiled()
@@ -106,29 +107,6 @@ def greedy_start(load, exponent, num_replicas, counts):
             if powered[expert] / counts[expert] > powered[target] / counts[target]:
                 target = expert
         counts[target] += 1
-
-
-@compiled()
-def place_pairs(load, counts, phy2log):
-    """GPU g holds the g-th heaviest and the g-th lightest copy of counts [E] (slot order among equal
-    float32 copies; each expert's copies in a run, experts in index order) into phy2log [R]; returns the
-    exact max GPU load."""
-    num_replicas = phy2log.shape[0]
-    experts = np.empty(num_replicas, dtype=np.int64)
-    copy32 = np.empty(num_replicas, dtype=np.float32)
-    slot = 0
-    for expert in range(load.shape[0]):
-        for _ in range(counts[expert]):
-            experts[slot] = expert
-            copy32[slot] = np.float32(load[expert]) / np.float32(counts[expert])
-            slot += 1
-    by_load = np.argsort(-copy32, kind="mergesort")  # heaviest first, slot order among equals
-    peak = -np.inf
-    for gpu in range(num_replicas // 2):
-        first, second = experts[by_load[gpu]], experts[by_load[num_replicas - 1 - gpu]]
-        phy2log[2 * gpu], phy2log[2 * gpu + 1] = first, second
-        peak = max(peak, load[first] / counts[first] + load[second] / counts[second])
-    return peak
 
 
 @compiled()
