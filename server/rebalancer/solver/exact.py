@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,9 +25,6 @@ MAX_TABLE = 1 << 17
 # ones spread copies to mid-sized experts, which pairs better), and the relative margin on the bounds
 # that covers their float32 rounding.
 GREEDY_EXPONENTS = (1.0, 0.75, 0.5)
-# Tables this small are scored whole; larger ones are cut by the counts of their PRUNED_EXPERTS heaviest.
-WHOLE_TABLE = 64
-PRUNED_EXPERTS = 3
 BOUND_MARGIN = 1e-5
 # Float32 scores this close (relative, a few ulps) are ties: the same max GPU load summed in another order.
 TIE_MARGIN = 1e-6
@@ -78,61 +74,34 @@ def pair_optimum(loads: torch.Tensor, num_replicas: int, num_gpus: int) -> tuple
     return _score(loads, counts, whole_table, num_gpus)[:2]
 
 
-@dataclass(frozen=True)
-class _HostTable:
-    """The count table as NumPy arrays, for the CPU search: counts [K, E] int64 and float32, their
-    reciprocals [K, E] float32. The table is in lexicographic order,
-    so the entries sharing their first D - 1 counts (a prefix, M of them) form a block, ordered by the
-    next count: `keys` [K] (the first D counts in base R + 1, non-decreasing), each prefix's counts
-    [M, D - 1], its key with a next count of 0, [M], and the end of its block [M] turn lower bounds on
-    the first D counts into one index range per prefix."""
-
-    counts: np.ndarray
-    counts32: np.ndarray
-    reciprocals: np.ndarray
-    keys: np.ndarray
-    prefixes: np.ndarray
-    prefix_keys: np.ndarray
-    prefix_ends: np.ndarray
-
-
-@functools.cache
-def _host_table(num_experts: int, num_replicas: int) -> _HostTable:
-    counts = _count_table(num_experts, num_replicas).numpy()
-    counts32 = counts.astype(np.float32)
-    depth = max(1, min(PRUNED_EXPERTS, num_experts - 1))
-    powers = (num_replicas + 1) ** np.arange(depth - 1, -1, -1)
-    keys = counts[:, :depth] @ powers
-    prefixes = np.unique(counts[:, : depth - 1], axis=0)
-    prefix_keys = prefixes @ powers[:-1] if depth > 1 else np.zeros(1, dtype=np.int64)
-    prefix_ends = np.searchsorted(keys, prefix_keys + num_replicas + 1)
-    return _HostTable(counts, counts32, 1.0 / counts32, keys, prefixes, prefix_keys, prefix_ends)
-
-
 def host_optimum(loads: np.ndarray, num_replicas: int, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
     """`pair_optimum` on the CPU: loads [P, E] float64 -> (phy2log [P, R] int64, max GPU load [P] float64).
 
     Per row, experts sorted heaviest first, a few greedy count vectors give a score V (an upper bound on
-    the optimum). A vector's score (max pair load) is at least its bound, largest + smallest copy, so
-    only vectors of bound up to V can win, and their copies are at most V: every expert needs at least
-    load / V copies. On the PRUNED_EXPERTS heaviest that cuts the table to index ranges per row; the
-    bound is computed there and the vectors that pass it are scored (32 x 8 -> 16 slots: ~500-900 and
-    ~170 of the 6435 vectors per row). Scores are float32, as on the GPU, the winner's peak exact. Any V
-    at or above the optimum gives the same winner, so the greedy vectors need not be those of the GPU.
-    The whole search runs compiled, row by row (`_row_optima`), and skips a vector whose bound can no
-    longer tie the best score found so far.
+    the optimum), and a depth-first search over the counts, heaviest expert first and each count in
+    increasing order (the table's order), visits only what can still reach V: a count vector's score
+    (max pair load) is at least its largest + smallest copy, and above the limit once more than G copies
+    exceed half of it (two of them share a GPU). Both bounds hold for partial vectors (the smallest copy
+    to come is at least each later expert's load over the most copies it can get), so whole subtrees are
+    skipped (8 experts on 16 slots: a few dozen of the 6,435 vectors scored per row). Scores are float32,
+    as on the GPU, the winner's peak exact; among ties the same winner as the table's rule. The search
+    runs compiled, row by row (`_row_optima`).
     """
-    table = _host_table(loads.shape[1], num_replicas)
-    phy2log = np.empty((loads.shape[0], num_replicas), dtype=np.int64)
-    peak = np.empty(loads.shape[0], dtype=np.float64)
-    tiny = np.finfo(np.float32).tiny  # the least ceiling: on all-zero rows every vector ties
-    scalars = np.array([1.0 + BOUND_MARGIN, 1.0 - BOUND_MARGIN, 1.0 + TIE_MARGIN, tiny], dtype=np.float32)
-    exponents = np.array(GREEDY_EXPONENTS, dtype=np.float32)
-    arrays = (table.counts, table.counts32, table.reciprocals, table.keys, table.prefixes, table.prefix_keys)
-    whole = len(table.counts) <= WHOLE_TABLE
+    num_rows, num_experts = loads.shape
+    phy2log = np.empty((num_rows, num_replicas), dtype=np.int64)
+    peak = np.empty(num_rows, dtype=np.float64)
     rows = np.ascontiguousarray(loads, dtype=np.float64)
-    _row_optima(rows, *arrays, table.prefix_ends, whole, exponents, scalars, phy2log, peak)
+    capacity = num_count_vectors(num_experts, num_replicas)  # every vector may tie (all-zero rows)
+    _row_optima(rows, _HOST_EXPONENTS, _HOST_SCALARS, capacity, phy2log, peak)
     return phy2log, peak
+
+
+# Float32 constants of the CPU search: the margins on its bounds and ties, and the least ceiling (on an
+# all-zero row every vector ties at 0).
+_HOST_SCALARS = np.array(
+    [1.0 + BOUND_MARGIN, 1.0 - BOUND_MARGIN, 1.0 + TIE_MARGIN, np.finfo(np.float32).tiny], dtype=np.float32
+)
+_HOST_EXPONENTS = np.array(GREEDY_EXPONENTS, dtype=np.float32)
 
 
 @compiled()
@@ -182,72 +151,98 @@ def _greedy_ceiling(ranked32, exponents, greedy, values, runs, copies):
 
 
 @compiled()
-def _row_optima(loads, counts, counts32, reciprocals, keys, prefixes, prefix_keys, prefix_ends, whole, *outputs):
-    """`host_optimum` for every row (`_HostTable`'s arrays; outputs: exponents, scalars, then phy2log [P, R]
-    and peak [P] written): the greedy ceiling, the table cut, the scores, the winner and its placement."""
-    exponents, scalars, phy2log, peak = outputs
+def _row_optima(loads, exponents, scalars, capacity, phy2log, peak):
+    """`host_optimum` for every row, into phy2log [P, R] and peak [P]: the greedy ceiling, the search
+    (`_branch`), the winner and its placement. `capacity`: the most vectors a row may keep."""
     num_rows, num_experts = loads.shape
-    num_vectors, num_replicas = counts.shape[0], phy2log.shape[1]
-    num_gpus, depth = num_replicas // 2, prefixes.shape[1] + 1
+    num_replicas = phy2log.shape[1]
     values, runs = np.empty(num_experts, dtype=np.float32), np.empty(num_experts, dtype=np.int64)
     copies, greedy = np.empty(num_replicas, dtype=np.float32), np.empty((1, num_experts), dtype=np.int64)
-    picked = np.empty(num_vectors, dtype=np.int64)
-    scores, heaviest = np.empty(num_vectors, dtype=np.float32), np.empty(num_vectors, dtype=np.float32)
-    needed = np.empty(depth, dtype=np.int64)
+    kept = np.empty((capacity, num_experts), dtype=np.int64)
+    scores, heaviest = np.empty(capacity, dtype=np.float32), np.empty(capacity, dtype=np.float32)
     for row in range(num_rows):
         order = np.argsort(-loads[row], kind="mergesort")  # heaviest first, index order among equals
         ranked = loads[row][order]
         ranked32 = ranked.astype(np.float32)
-        ceiling, found, best = np.float32(np.inf), 0, np.float32(np.inf)
-        state = (ranked32, counts, counts32, reciprocals, scalars, picked, scores, heaviest, values, runs, copies)
-        if whole:
-            found, best = _scan(0, num_vectors, ceiling, found, best, *state)
-        else:
-            ceiling = _greedy_ceiling(ranked32, exponents, greedy, values, runs, copies) * scalars[0]
-            ceiling = max(ceiling, scalars[3])
-            for d in range(depth):  # every expert needs load / V copies; the first D cut the table
-                needed[d] = min(max(int(np.ceil(ranked32[d] / ceiling * scalars[1])), 1), num_replicas)
-            for prefix in range(prefixes.shape[0]):
-                viable = True
-                for d in range(depth - 1):
-                    viable &= prefixes[prefix, d] >= needed[d]
-                if viable:
-                    begin = np.searchsorted(keys, prefix_keys[prefix] + needed[depth - 1])
-                    found, best = _scan(begin, prefix_ends[prefix], ceiling, found, best, *state)
-        # Among scores within the tie margin of the best, the lightest heaviest copy, then the lowest index.
+        ceiling = _greedy_ceiling(ranked32, exponents, greedy, values, runs, copies) * scalars[0]
+        found = _branch(ranked32, max(ceiling, scalars[3]), scalars, kept, scores, heaviest, values, runs, copies)
+        # Among scores within the tie margin of the best, the lightest heaviest copy, then the first found
+        # (the lowest table index: the search visits vectors in the table's order).
         limit = scores[:found].min() * scalars[2]
         lightest = np.inf
         for n in range(found):
             if scores[n] <= limit:
                 lightest = min(lightest, heaviest[n])
-        winner = num_vectors
-        for n in range(found):
-            if scores[n] <= limit and heaviest[n] == lightest:
-                winner = min(winner, picked[n])
-        peak[row] = place_pairs(ranked, order, counts[winner], num_gpus, phy2log[row])
+        winner = 0
+        while scores[winner] > limit or heaviest[winner] != lightest:
+            winner += 1
+        peak[row] = place_pairs(ranked, order, kept[winner], num_replicas // 2, phy2log[row])
 
 
 @compiled()
-def _scan(begin, end, ceiling, found, best, *state):
-    """Score table entries [begin, end) whose bound, largest + smallest copy, is within `ceiling` and
-    could still tie the best score so far (a vector's score is at least its bound); keep those within
-    the tie margin of the running best: -> (entries kept, best score). The bound comes from reciprocal
-    products, which may round 1 ulp away from the score's divisions: BOUND_MARGIN covers it."""
-    ranked32, counts, counts32, reciprocals, scalars, picked, scores, heaviest, values, runs, copies = state
-    num_experts = ranked32.shape[0]
-    for vector in range(begin, end):
-        high = low = ranked32[0] * reciprocals[vector, 0]
-        for expert in range(1, num_experts):
-            value = ranked32[expert] * reciprocals[vector, expert]
-            high, low = max(high, value), min(low, value)
-        if high + low > ceiling or high + low > best * scalars[2] * scalars[0]:
+def _branch(ranked32, ceiling, scalars, kept, scores, heaviest, values, runs, copies):
+    """Depth-first search over count vectors of ranked32 [E] (heaviest first) with a score within
+    `ceiling` that could still tie the best so far; keeps, in visit order, those within the tie margin of
+    the running best into kept [K, E], scores and heaviest [K] -> how many were kept.
+
+    Depth d holds expert d's count, from the least that keeps its copies within the ceiling up to what the
+    later experts' least counts leave. A partial vector is cut when more than G copies already exceed half
+    the limit, or when its largest copy plus the least its smallest copy can become (this expert's copy, or
+    a later expert's load over the most copies it can get) exceeds the limit. The limit is the ceiling or
+    the best score so far (with the bound margin): a vector's score is at least either bound."""
+    num_experts, num_replicas = ranked32.shape[0], copies.shape[0]
+    num_gpus = num_replicas // 2
+    least = np.empty(num_experts, dtype=np.int64)  # every copy within the ceiling
+    for expert in range(num_experts):
+        least[expert] = min(max(int(np.ceil(ranked32[expert] / ceiling * scalars[1])), 1), num_replicas)
+    later = np.zeros(num_experts, dtype=np.int64)  # the least counts of the experts after d, summed
+    for expert in range(num_experts - 2, -1, -1):
+        later[expert] = later[expert + 1] + least[expert + 1]
+    vector, vector32 = np.empty((1, num_experts), dtype=np.int64), np.empty((1, num_experts), dtype=np.float32)
+    used = np.zeros(num_experts, dtype=np.int64)
+    above = np.zeros(num_experts, dtype=np.int64)
+    high = np.zeros(num_experts, dtype=np.float32)
+    low = np.full(num_experts, np.inf, dtype=np.float32)
+    best, found, depth = np.float32(np.inf), 0, 0
+    vector[0, 0] = least[0]
+    while depth >= 0:
+        last = depth == num_experts - 1
+        count = vector[0, depth]
+        if count > num_replicas - used[depth] - later[depth]:  # this depth's counts are exhausted
+            depth -= 1
+            if depth >= 0:
+                vector[0, depth] += 1
             continue
-        score, top = _vector_score(ranked32, counts, counts32, vector, values, runs, copies)
-        if score <= best * scalars[2]:
-            picked[found], scores[found], heaviest[found] = vector, score, top
-            found += 1
-            best = min(best, score)
-    return found, best
+        value = ranked32[depth] / np.float32(count)
+        limit = min(ceiling, best * scalars[2] * scalars[0])
+        top, bottom = max(high[depth], value), min(low[depth], value)
+        exceeding = above[depth] + count * (value > limit * np.float32(0.5))
+        floor = bottom
+        spare = num_replicas - used[depth] - count - later[depth]  # slots beyond the later least counts
+        for expert in range(depth + 1, num_experts):
+            floor = min(floor, ranked32[expert] / np.float32(least[expert] + spare))
+        if exceeding <= num_gpus and top + floor <= limit:
+            if last:
+                vector32[0, :] = vector[0, :]
+                score, heaviest_copy = _vector_score(ranked32, vector, vector32, 0, values, runs, copies)
+                if score <= best * scalars[2]:
+                    kept[found, :], scores[found], heaviest[found] = vector[0, :], score, heaviest_copy
+                    found += 1
+                    best = min(best, score)
+            else:
+                used[depth + 1], above[depth + 1] = used[depth] + count, exceeding
+                high[depth + 1], low[depth + 1] = top, bottom
+                depth += 1
+                last = depth == num_experts - 1
+                vector[0, depth] = num_replicas - used[depth] if last else least[depth]
+                continue
+        if last:  # the last expert takes every slot left: one count only
+            depth -= 1
+            if depth >= 0:
+                vector[0, depth] += 1
+        else:
+            vector[0, depth] += 1
+    return found
 
 
 @compiled()
