@@ -216,12 +216,21 @@ def _branch(ranked32, ceiling, scalars, kept, scores, heaviest, values, runs, co
         value = ranked32[depth] / np.float32(count)
         limit = min(ceiling, best * scalars[2] * scalars[0])
         top, bottom = max(high[depth], value), min(low[depth], value)
-        exceeding = above[depth] + count * (value > limit * np.float32(0.5))
+        half = limit * np.float32(0.5)
+        exceeding = above[depth] + count * (value > half)
         floor = bottom
         spare = num_replicas - used[depth] - count - later[depth]  # slots beyond the later least counts
+        forced, rate = 0, 0.0
         for expert in range(depth + 1, num_experts):
             floor = min(floor, ranked32[expert] / np.float32(least[expert] + spare))
-        if exceeding <= num_gpus and top + floor <= limit:
+            # At its least count a later expert's copies may all exceed half; taking it under half costs
+            # `below - least` more slots for `least` fewer such copies (`below` rounded down: a weaker cut).
+            below = int(np.ceil(ranked32[expert] / half * scalars[1])) if half > 0 else num_replicas + 1
+            if below > least[expert] and ranked32[expert] / np.float32(least[expert]) > half:
+                forced += least[expert]
+                rate = max(rate, least[expert] / (below - least[expert]))
+        exceeding_at_least = exceeding + max(0.0, forced - spare * rate)
+        if exceeding_at_least <= num_gpus and top + floor <= limit:
             if last:
                 vector32[0, :] = vector[0, :]
                 score, heaviest_copy = _vector_score(ranked32, vector, vector32, 0, values, runs, copies)

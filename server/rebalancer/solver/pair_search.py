@@ -141,15 +141,15 @@ def _score(values, runs, skip_a, skip_b, value_a, run_a, value_b, run_b, copies)
 
 @compiled()
 def _sorted_copies(loads, counts, values, runs, experts):
-    """Each expert's per-copy load, ascending (ties by expert), into values / runs / experts [E]."""
-    order = np.argsort(loads / np.maximum(counts, 1), kind="mergesort")
-    for position in range(order.shape[0]):
-        expert = order[position]
-        values[position], runs[position], experts[position] = (
-            loads[expert] / max(counts[expert], 1),
-            counts[expert],
-            expert,
-        )
+    """Each expert's per-copy load, ascending (ties by expert), into values / runs / experts [E]: an
+    insertion sort from the order `experts` holds (after one move, two entries out of place)."""
+    for position in range(experts.shape[0]):
+        expert = experts[position]
+        value, at = loads[expert] / max(counts[expert], 1), position
+        while at > 0 and (values[at - 1] > value or (values[at - 1] == value and experts[at - 1] > expert)):
+            values[at], runs[at], experts[at] = values[at - 1], runs[at - 1], experts[at - 1]
+            at -= 1
+        values[at], runs[at], experts[at] = value, counts[expert], expert
 
 
 @compiled()
@@ -186,11 +186,13 @@ def _climb(load, counts, scores, gains, limits, copies):
     experts, where = np.empty(num_experts, dtype=np.int64), np.empty(num_experts, dtype=np.int64)
     receivers, donors = np.empty(width, dtype=np.int64), np.empty(width, dtype=np.int64)
     move_peak, move_spread = np.empty(width * width), np.empty(width * width)
+    per_copy, keys = np.empty(num_experts), np.empty(num_experts)
     # Every vector a finished climb passed through, and the start that climbed it.
     path = np.empty((num_starts * (max_rounds + 1), num_experts), dtype=np.int64)
     path_start, path_length = np.empty(num_starts * (max_rounds + 1), dtype=np.int64), 0
     for start in range(num_starts):
         count, begin, merged = counts[start], path_length, -1
+        experts[:] = np.arange(num_experts)
         _sorted_copies(load, count, values, runs, experts)
         peak, spread = _score(values, runs, -1, -1, 0.0, 0, 0.0, 0, copies)
         finished = False
@@ -200,10 +202,14 @@ def _climb(load, counts, scores, gains, limits, copies):
                 break
             path[path_length], path_start[path_length] = count, start
             path_length += 1
-            per_copy = load / count
+            for expert in range(num_experts):
+                per_copy[expert] = load[expert] / count[expert]
+                keys[expert] = per_copy[expert] if count[expert] > 1 else -np.inf
             _top(per_copy, width - shared, receivers)
-            _top(np.where(count > 1, per_copy, -np.inf), shared, receivers[width - shared :])
-            _top(-np.where(count > 1, load / np.maximum(count - 1, 1), np.inf), width, donors)
+            _top(keys, shared, receivers[width - shared :])
+            for expert in range(num_experts):  # donors: the least load per copy lost giving one up
+                keys[expert] = -load[expert] / (count[expert] - 1) if count[expert] > 1 else -np.inf
+            _top(keys, width, donors)
             for position in range(num_experts):
                 where[experts[position]] = position
             lowest = np.inf
@@ -287,5 +293,6 @@ def _pair_scores(loads, counts, peak, spread, num_gpus):
     values, runs = np.empty(num_experts), np.empty(num_experts, dtype=np.int64)
     experts, copies = np.empty(num_experts, dtype=np.int64), np.empty(2 * num_gpus)
     for row in range(loads.shape[0]):
+        experts[:] = np.arange(num_experts)
         _sorted_copies(loads[row], counts[row], values, runs, experts)
         peak[row], spread[row] = _score(values, runs, -1, -1, 0.0, 0, 0.0, 0, copies)
