@@ -11,10 +11,11 @@ import functools
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from rebalancer_wire.options import BY_NAME, ArgumentError
 from rebalancer_wire.options import check as check_options
@@ -122,32 +123,46 @@ class SolveResult:
 
 DEFAULT_BALANCE_TOLERANCE: float = BY_NAME["balance_tolerance"].default
 DEFAULT_LOCALITY_TOLERANCE: float = BY_NAME["locality_tolerance"].default
+_DEFAULT_COST = CostModel().validate()
 
 
-@contextlib.contextmanager
-def cpu_threads(device: torch.device) -> Iterator[None]:
+class cpu_threads(contextlib.AbstractContextManager):  # noqa: N801 - used like a function
     """Run a CPU solve on REBALANCER_CPU_THREADS intra-op threads (default 1), restoring the setting after.
 
     The solver issues thousands of small tensor ops; OpenMP fork/join on them gains nothing and, on a
     busy host, one descheduled worker stalls every op (measured: a 2-thread solve 5-30x slower than a
-    1-thread one while other processes load the two cores here).
+    1-thread one while other processes load the two cores here). A class, not a generator: entered
+    several times per solve, and on README-sized problems a solve takes ~0.1 ms.
     """
-    wanted = int(os.environ.get("REBALANCER_CPU_THREADS", "1"))
-    current = torch.get_num_threads()
-    if device.type != "cpu" or wanted <= 0 or wanted == current:
-        yield
-        return
-    torch.set_num_threads(wanted)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(current)
+
+    def __init__(self, device: torch.device) -> None:
+        self.restore = None
+        wanted = int(os.environ.get("REBALANCER_CPU_THREADS", "1"))
+        if device.type == "cpu" and wanted > 0 and wanted != (current := torch.get_num_threads()):
+            self.wanted, self.restore = wanted, current
+
+    def __enter__(self) -> None:
+        if self.restore is not None:
+            torch.set_num_threads(self.wanted)
+
+    def __exit__(self, *_: object) -> None:
+        if self.restore is not None:
+            torch.set_num_threads(self.restore)
 
 
 def per_layer_scale(loads: torch.Tensor) -> torch.Tensor:
     """The largest load of each layer, 1 for an all-zero layer: [L, 1]."""
     peak = loads.amax(-1, keepdim=True)
     return torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
+def scaled_to_unit_peak(loads: torch.Tensor) -> torch.Tensor:
+    """loads [L, E] / `per_layer_scale`; on the CPU in NumPy (the same float64 division, half the time)."""
+    if loads.device.type != "cpu":
+        return loads / per_layer_scale(loads)
+    values = loads.numpy()
+    peak = values.max(-1, keepdims=True)
+    return torch.from_numpy(values / np.where(peak > 0, peak, 1.0))
 
 
 def solver_path(device: torch.device) -> str:
@@ -315,7 +330,7 @@ def _checked_request(
     weight = validate(weight, num_replicas, num_groups, num_nodes, num_gpus)
     num_groups, num_nodes = planning_layout(num_groups, num_nodes)
     settings = check_options(**option_values)
-    cost = (cost_model or CostModel()).validate()
+    cost = _DEFAULT_COST if cost_model is None else cost_model.validate()
     num_layers, num_experts = weight.shape
     target = resolve_device(weight, device)
     if prev_phy2log is not None:
@@ -347,7 +362,7 @@ def _plan(request: _Request) -> tuple[torch.Tensor, list[str], dict]:
     loads, options, policy = request.loads, request.options, request.settings.policy
     if request.gpu_ids is not None:
         phy2log, origins = plan_elastic(
-            loads / per_layer_scale(loads),
+            scaled_to_unit_peak(loads),
             options.prev_phy2log,
             options.num_replicas // options.num_gpus,
             request.gpu_ids.to(loads.device),
@@ -358,7 +373,7 @@ def _plan(request: _Request) -> tuple[torch.Tensor, list[str], dict]:
         return phy2log, [f"elastic/{origin}" for origin in origins], {}
     # Planning is scale-free; per-layer scaling to a max of 1 keeps float32 sums of huge loads finite.
     # The published algorithm is left to see the loads exactly as given.
-    planning_loads = loads if policy == "deepseek" else loads / per_layer_scale(loads)
+    planning_loads = loads if policy == "deepseek" else scaled_to_unit_peak(loads)
     phy2log, policy_per_layer, stats = run_policy(policy, planning_loads, options)
     if options.prev_phy2log is not None and policy == "deepseek":
         # The published plan orders slots its own way; keeping old slots makes the same placement
@@ -415,7 +430,9 @@ def _checked_layer_seeds(
     layer_seeds: torch.Tensor | None, seed: int, num_layers: int, device: torch.device
 ) -> torch.Tensor:
     """Per-layer seeds [L] (default seed + layer index) on `device`."""
-    if layer_seeds is None:
+    if layer_seeds is None and seed + num_layers <= torch.iinfo(torch.int64).max:
+        return torch.arange(seed, seed + num_layers, dtype=torch.int64, device=device)
+    if layer_seeds is None:  # int64 wraps past the top
         return (seed + torch.arange(num_layers, dtype=torch.int64)).to(device)
     layer_seeds = torch.as_tensor(layer_seeds, dtype=torch.int64)
     if layer_seeds.shape != (num_layers,):
