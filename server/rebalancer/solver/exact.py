@@ -74,8 +74,12 @@ def pair_optimum(loads: torch.Tensor, num_replicas: int, num_gpus: int) -> tuple
     return _score(loads, counts, whole_table, num_gpus)[:2]
 
 
-def host_optimum(loads: np.ndarray, num_replicas: int, num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
+def host_optimum(
+    loads: np.ndarray, num_replicas: int, num_gpus: int, ceiling: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """`pair_optimum` on the CPU: loads [P, E] float64 -> (phy2log [P, R] int64, max GPU load [P] float64).
+    With `ceiling` [P], a row whose optimum exceeds its ceiling gets peak +inf (phy2log zeros): a caller
+    that only wants plans within a bound lets the search cut by it from the start.
 
     Per row, experts sorted heaviest first, a few greedy count vectors give a score V (an upper bound on
     the optimum), and a depth-first search over the counts, heaviest expert first and each count in
@@ -92,7 +96,8 @@ def host_optimum(loads: np.ndarray, num_replicas: int, num_gpus: int) -> tuple[n
     peak = np.empty(num_rows, dtype=np.float64)
     rows = np.ascontiguousarray(loads, dtype=np.float64)
     capacity = num_count_vectors(num_experts, num_replicas)  # every vector may tie (all-zero rows)
-    _row_optima(rows, _HOST_EXPONENTS, _HOST_SCALARS, capacity, phy2log, peak)
+    ceilings = np.full(num_rows, np.inf) if ceiling is None else np.ascontiguousarray(ceiling, dtype=np.float64)
+    _row_optima(rows, ceilings, _HOST_EXPONENTS, _HOST_SCALARS, capacity, phy2log, peak)
     return phy2log, peak
 
 
@@ -151,9 +156,10 @@ def _greedy_ceiling(ranked32, exponents, greedy, values, runs, copies):
 
 
 @compiled()
-def _row_optima(loads, exponents, scalars, capacity, phy2log, peak):
-    """`host_optimum` for every row, into phy2log [P, R] and peak [P]: the greedy ceiling, the search
-    (`_branch`), the winner and its placement. `capacity`: the most vectors a row may keep."""
+def _row_optima(loads, ceilings, exponents, scalars, capacity, phy2log, peak):
+    """`host_optimum` for every row, into phy2log [P, R] and peak [P]: the greedy ceiling (or the row's
+    own, if lower), the search (`_branch`), the winner and its placement. `capacity`: the most vectors a
+    row may keep."""
     num_rows, num_experts = loads.shape
     num_replicas = phy2log.shape[1]
     values, runs = np.empty(num_experts, dtype=np.float32), np.empty(num_experts, dtype=np.int64)
@@ -164,8 +170,12 @@ def _row_optima(loads, exponents, scalars, capacity, phy2log, peak):
         order = np.argsort(-loads[row], kind="mergesort")  # heaviest first, index order among equals
         ranked = loads[row][order]
         ranked32 = ranked.astype(np.float32)
-        ceiling = _greedy_ceiling(ranked32, exponents, greedy, values, runs, copies) * scalars[0]
-        found = _branch(ranked32, max(ceiling, scalars[3]), scalars, kept, scores, heaviest, values, runs, copies)
+        ceiling = min(_greedy_ceiling(ranked32, exponents, greedy, values, runs, copies), ceilings[row])
+        ceiling = max(np.float32(ceiling) * scalars[0], scalars[3])
+        found = _branch(ranked32, ceiling, scalars, kept, scores, heaviest, values, runs, copies)
+        if found == 0:  # nothing within the row's ceiling
+            peak[row], phy2log[row] = np.inf, 0
+            continue
         # Among scores within the tie margin of the best, the lightest heaviest copy, then the first found
         # (the lowest table index: the search visits vectors in the table's order).
         limit = scores[:found].min() * scalars[2]

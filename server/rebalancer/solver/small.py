@@ -96,7 +96,8 @@ def host_hierarchical(
 ) -> tuple[np.ndarray, np.ndarray]:
     """weights [L, E] float64 -> (phy2log [L, R] int64, max GPU load [L] float64), every group's copies
     on one node; with `ceiling` [L], a layer whose node loads already exceed it is not solved (peak +inf,
-    phy2log zeros), as in `hierarchical.plan_hierarchical`. Requires `applies`."""
+    phy2log zeros), as in `hierarchical.plan_hierarchical`, and the node searches cut by it (a layer
+    whose plan cannot stay within it gets peak +inf, its phy2log unspecified). Requires `applies`."""
     num_layers, num_experts = weights.shape
     group_size = num_experts // num_groups
     group_loads = weights.reshape(num_layers, num_groups, group_size).sum(-1)
@@ -117,7 +118,7 @@ def host_hierarchical(
     if layers.size:
         rows = (layers[:, None] * num_nodes + np.arange(num_nodes)).ravel()
         node_phy2local, node_peak = exact.host_optimum(
-            node_loads[rows], num_replicas // num_nodes, num_gpus // num_nodes
+            node_loads[rows], num_replicas // num_nodes, num_gpus // num_nodes, limits[rows // num_nodes]
         )
         _join_nodes(rows, num_nodes, node_experts, node_phy2local, node_peak, phy2log, peak)
     return phy2log, peak
