@@ -63,8 +63,8 @@ def pair_optimum(loads: torch.Tensor, num_replicas: int, num_gpus: int) -> tuple
     Requires `applies(E, R, G)`. GPU g hosts the g-th heaviest and the g-th lightest copy of the best
     count vector (among equals the one with the lightest heaviest copy, then the lowest index, so a row's
     result does not depend on its batch). On a GPU every row scores the whole table at once; on the CPU
-    `host_optimum` scores, compiled, only the vectors whose bound reaches a greedy score (the same
-    optimum and tie rule, table indices over the experts sorted by load).
+    `host_optimum` searches the counts depth first, compiled, cutting what cannot reach a greedy score
+    (the same optimum and tie rule, in the table's order over the experts sorted by load).
     """
     if loads.device.type == "cpu":
         phy2log, peak = host_optimum(loads.numpy(), num_replicas, num_gpus)
