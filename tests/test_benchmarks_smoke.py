@@ -10,7 +10,6 @@ imported from their wheels, and the fixed optimality instance set.
 from __future__ import annotations
 
 import subprocess
-import time
 
 import migration_bench
 import optimality_bench
@@ -22,7 +21,8 @@ import torch
 import workloads
 from workloads import README_PHY2LOG, README_WEIGHT
 
-TIME_LIMIT_S = 20.0
+# A bound against hangs, not a performance figure: a fresh clone compiles the Numba kernels on first use.
+BENCH_TIMEOUT = pytest.mark.timeout(180)
 
 
 @pytest.mark.parametrize("python_floats", [False, True])
@@ -58,11 +58,10 @@ def test_workloads_shapes_and_kinds() -> None:
     assert series.sum((1, 2)).tolist() == [2 * 200_000.0] * 4
 
 
+@BENCH_TIMEOUT
 def test_solver_bench_scores_every_planner_on_tiny_shape() -> None:
-    started = time.perf_counter()
     planners = {label: solver_bench.PROJECT[label] for label in ("deepseek", "deepseek_global", "auto")}
     cases = [solver_bench.bench_case(workloads.SHAPES["tiny"], kind, 1, planners) for kind in ("zipf", "hot")]
-    assert time.perf_counter() - started < TIME_LIMIT_S
     for case in cases:
         assert set(case["policies"]) == {"deepseek", "deepseek_global", "auto"}
         for figures in case["policies"].values():
@@ -73,10 +72,9 @@ def test_solver_bench_scores_every_planner_on_tiny_shape() -> None:
     assert summary["auto"]["mean_balancedness"] >= summary["deepseek"]["mean_balancedness"]
 
 
+@BENCH_TIMEOUT
 def test_speed_figure_keys_on_tiny_shape() -> None:
-    started = time.perf_counter()
     speed = solver_bench.speed_figure("tiny", runs=1)
-    assert time.perf_counter() - started < TIME_LIMIT_S
     assert {"ratio_vs_deepseek_median", "ratio_vs_published_median", "ratio_vs_published_lists_median"} <= set(speed)
     assert speed["published_equals_deepseek_policy"]
 
@@ -99,10 +97,9 @@ def test_released_planners_import_from_the_wheels_and_match_the_published_algori
         assert planners[label](weight, 16, 4, 2, 8).tolist() == README_PHY2LOG, label
 
 
+@BENCH_TIMEOUT
 def test_migration_bench_runs_on_tiny_shape() -> None:
-    started = time.perf_counter()
     result = migration_bench.summarise([migration_bench.run_series(workloads.SHAPES["tiny"], 4, 1)])
-    assert time.perf_counter() - started < TIME_LIMIT_S
     assert {"runs", "totals", "history_effect", "bar"} <= set(result)
     labels = {variant.label for variant in migration_bench.VARIANTS}
     assert set(result["totals"]) == labels

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from rebalancer.solver import maps
+from rebalancer.solver import maps, solve
 from rebalancer_client.engines.vllm import ServiceConfig, ServiceEplbPolicy, planning_layout
 from rebalancer_wire.codec import decode
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
@@ -138,6 +138,9 @@ def test_every_rank_gets_the_same_map_and_only_the_leader_commits(vllm, server):
 def test_stopped_server_falls_back_within_the_deadline_and_never_raises(vllm, caplog):
     configure(f"127.0.0.1:{free_port()}", "vllm-down", deadline_s=1.0)
     old = published_start(vllm)
+    # The bound is on waiting for the service: the local plan's one-time Numba compile (seconds on a fresh
+    # clone) happens first, outside it.
+    solve(window(0).double(), REPLICAS, GROUPS, NODES, RANKS, device="cpu", prev_phy2log=old)
     for seed in range(3):
         started = time.perf_counter()
         new = ServiceEplbPolicy.rebalance_experts(window(seed), REPLICAS, GROUPS, NODES, RANKS, old)
