@@ -21,11 +21,12 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform(layer_seeds: torch.Tensor, num_candidates: int, num_items: int, stream: int) -> torch.Tensor:
-    """Uniform numbers in [-1, 1): [L, C, N], a pure function of (seed, candidate, item, stream)."""
+def uniform(layer_seeds: torch.Tensor, candidates: torch.Tensor, num_items: int, stream: int) -> torch.Tensor:
+    """Uniform numbers in [-1, 1): [L, C, N] for the candidate indices `candidates` [C], a pure function
+    of (seed, candidate, item, stream)."""
     device = layer_seeds.device
     seeds = _mix32((layer_seeds.to(torch.int64) & _MASK32) ^ (stream * 0x9E3779B9 & _MASK32))
-    cand = torch.arange(num_candidates, dtype=torch.int64, device=device)
+    cand = candidates.to(device=device, dtype=torch.int64)
     item = torch.arange(num_items, dtype=torch.int64, device=device)
     x = _mix32(seeds.view(-1, 1, 1) ^ _mix32(cand.view(1, -1, 1) * 0x01000193 + 0x5BD1E995))
     x = _mix32(x ^ _mix32(item.view(1, 1, -1) + 0x68E31DA4))
@@ -39,7 +40,12 @@ def noise_scales(num_candidates: int, device: torch.device) -> torch.Tensor:
     return torch.linspace(0.0, MAX_NOISE_SCALE, num_candidates, device=device)
 
 
-def multiplicative_noise(layer_seeds: torch.Tensor, num_candidates: int, num_items: int, stream: int) -> torch.Tensor:
-    """Factors 1 + scale_c * u, u uniform in [-1, 1): [L, C, N]; exactly 1 for candidate 0."""
-    scales = noise_scales(num_candidates, layer_seeds.device).view(1, -1, 1)
-    return 1.0 + scales * uniform(layer_seeds, num_candidates, num_items, stream)
+def multiplicative_noise(
+    layer_seeds: torch.Tensor, num_candidates: int, num_items: int, stream: int, candidates: slice = slice(None)
+) -> torch.Tensor:
+    """Factors 1 + scale_c * u, u uniform in [-1, 1): [L, C', N] for the candidates `candidates` of the
+    C = `num_candidates` (all by default); exactly 1 for candidate 0."""
+    device = layer_seeds.device
+    chosen = torch.arange(num_candidates, device=device)[candidates]
+    scales = noise_scales(num_candidates, device)[candidates].view(1, -1, 1)
+    return 1.0 + scales * uniform(layer_seeds, chosen, num_items, stream)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import exact, pair_search, repartition
+from .cancel import checkpoint
 from .candidates import multiplicative_noise
 from .history import scenario_imbalance
 from .joint import improve_replication
@@ -27,6 +28,9 @@ MIN_EXPONENT_DROP = 0.5
 # small layers with proven optima of benchmarks/optimality_bench.py, with the three-GPU repartition, the
 # mean gap to the optimum falls from 0.17 % to 0.007 %, the worst from 2.6 % to 0.17 %.
 MAX_TABLE_CANDIDATES = 1365
+# Copies (rows x candidates x R) built and packed at once by `candidate_placements`: a sort of 25M
+# copies takes about 1 s on a CPU, one of 2M about 0.1 s.
+CANDIDATE_BLOCK_ITEMS = 2**21
 # Max GPU loads this close (relative) count as equal when choosing among candidates: float64 rounding.
 TIE_TOLERANCE = 1e-12
 
@@ -76,20 +80,47 @@ def candidate_placements(
     loads under a second such noise; candidate 0 is plain greedy replication + LPT. Where the vectors
     of copy counts are few (MAX_TABLE_CANDIDATES), each of them is one more candidate.
     """
-    num_experts = loads.shape[1]
-    noisy = loads.to(torch.float32).unsqueeze(1).pow(replication_exponents(num_candidates, loads.device))
-    noisy = noisy * multiplicative_noise(seeds, num_candidates, num_experts, REPLICATION_STREAM)
-    counts = replica_counts(noisy, num_replicas)  # [P, C, E]
-    # With two slots per GPU the packing is the optimal pairing, which takes no order.
-    paired = num_replicas == 2 * num_gpus
-    order_noise = None if paired else multiplicative_noise(seeds, num_candidates, num_replicas, ORDER_STREAM)
-    phy2log, gpu_loads = place_copies(loads, counts, num_replicas, num_gpus, order_noise)
+    num_rows, num_experts = loads.shape
+    # Blocks of candidates (then of rows) hold at most CANDIDATE_BLOCK_ITEMS copies: memory and the time
+    # between cancellation checkpoints stay bounded on huge layers. The candidate block (the group whose
+    # refinement stops together) depends on R and C alone, and rows are independent problems, so a
+    # layer's result never depends on the batch it is solved in.
+    candidate_step = max(1, min(num_candidates, CANDIDATE_BLOCK_ITEMS // num_replicas))
+    row_step = max(1, CANDIDATE_BLOCK_ITEMS // (candidate_step * num_replicas))
+    blocks = []
+    for first_row in range(0, num_rows, row_step):
+        rows = slice(first_row, first_row + row_step)
+        row_blocks = []
+        for first in range(0, num_candidates, candidate_step):
+            checkpoint()
+            candidates = slice(first, min(num_candidates, first + candidate_step))
+            block = _candidate_block(loads[rows], num_replicas, num_gpus, seeds[rows], num_candidates, candidates)
+            row_blocks.append(block)
+        blocks.append([torch.cat(parts, 1) for parts in zip(*row_blocks, strict=True)])
+    phy2log, gpu_loads = (torch.cat(parts, 0) for parts in zip(*blocks, strict=True))
     if exact.num_count_vectors(num_experts, num_replicas) > MAX_TABLE_CANDIDATES:
         return phy2log, gpu_loads
     # Few count vectors: every one of them is a candidate too, packed by plain LPT.
     table = exact.count_vectors(num_experts, num_replicas, loads.device).expand(loads.shape[0], -1, -1)
     table_phy2log, table_gpu_loads = place_copies(loads, table, num_replicas, num_gpus)
     return torch.cat([phy2log, table_phy2log], 1), torch.cat([gpu_loads, table_gpu_loads], 1)
+
+
+def _candidate_block(
+    loads: torch.Tensor, num_replicas: int, num_gpus: int, seeds: torch.Tensor, num_candidates: int, candidates: slice
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The placements of candidates `candidates` of the C = `num_candidates` of each row (see
+    `candidate_placements`): loads [P, E] -> (phy2log [P, C', R], gpu_loads [P, C', G])."""
+    num_experts = loads.shape[1]
+    exponents = replication_exponents(num_candidates, loads.device)[candidates]
+    noisy = loads.to(torch.float32).unsqueeze(1).pow(exponents)
+    noisy = noisy * multiplicative_noise(seeds, num_candidates, num_experts, REPLICATION_STREAM, candidates)
+    counts = replica_counts(noisy, num_replicas)  # [P, C', E]
+    # With two slots per GPU the packing is the optimal pairing, which takes no order.
+    if num_replicas == 2 * num_gpus:
+        return place_copies(loads, counts, num_replicas, num_gpus)
+    order_noise = multiplicative_noise(seeds, num_candidates, num_replicas, ORDER_STREAM, candidates)
+    return place_copies(loads, counts, num_replicas, num_gpus, order_noise)
 
 
 def replication_exponents(num_candidates: int, device: torch.device) -> torch.Tensor:
