@@ -2,13 +2,13 @@
 
 The solver's memory and time grow with the problem's shape in ways a request's byte size does not show:
 a 30-byte topology with 2**19 slots on 2,048 GPUs is 2**19 greedy steps over 2,048 packs (~5 s here), and
-layers x candidates x experts x (slots - experts) is the replication table. So every job is costed from
+layers x candidates x the replication table (replication.table_cost) is memory too. So every job is costed from
 (L, E, R, G, nodes, C, T, prev) before it is queued, and the same model sets the validation limits: a
 topology is refused when even its cheapest solve (one candidate) or its largest possible placement
 message could never pass.
 
 The model follows the solver's own tensors (see planner.py, packing.py, joint.py, migration.py):
-* multi-candidate plan of P rows: B = P x C problems; replication table B x E x (R - E); greedy LPT and
+* multi-candidate plan of P rows: B = P x C problems; replication table B x table_cost(E, R); greedy LPT and
   its bookkeeping B x R; swap refinement [B, M, K, M x K] with M <= 8 partners and K = R / G slots per
   GPU; the joint-replication rounds re-pack up to T x T = 25 variants of every row; history scenarios
   [P, C, S, R].
@@ -29,6 +29,7 @@ from rebalancer_wire.codec import narrowest_ids
 from rebalancer_wire.topology import FIELDS as LAYOUT_FIELDS
 
 from ..solver.policies import DEFAULT_CANDIDATES
+from ..solver.replication import table_cost
 from .errors import ResourceExhausted
 from .model import Topology
 
@@ -97,11 +98,11 @@ def _plan(rows: int, experts: int, replicas: int, gpus: int, candidates: int, sc
     slots_per_gpu = replicas // gpus
     partners = min(MAX_PARTNERS, max(gpus - 1, 0))
     variants = rows * min(MOVE_WIDTH, experts) ** 2
-    table = problems * experts * (replicas - experts)
+    table = problems * table_cost(experts, replicas)
     refine = problems * partners * slots_per_gpu**2
     refine_variants = variants * partners * slots_per_gpu**2
     memory = (
-        8 * table  # shares [B, E * (R - E)] and the top-k over them
+        8 * table  # the replication table's shares and the top-k over them
         + 64 * problems * replicas  # noise, item experts and loads, the LPT order, greedy bookkeeping
         + 8 * refine  # two [B, M, K, M * K] float32 swap tables
         + 16 * problems * scenarios * (experts + replicas)  # scenario loads per candidate and slot

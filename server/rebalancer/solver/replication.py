@@ -28,9 +28,20 @@ def replica_counts(loads: torch.Tensor, num_replicas: int) -> torch.Tensor:
     extra = num_replicas - num_experts
     if extra == 0:
         return torch.ones(loads.shape, dtype=torch.int64, device=loads.device)
-    if min(extra, num_experts) * extra <= DENSE_COST_RATIO * (num_replicas + 2 * num_experts):
+    if _dense_shares(num_experts, num_replicas) <= table_cost(num_experts, num_replicas):
         return _dense_counts(loads, num_replicas)
     return _pruned_counts(loads, num_replicas)
+
+
+def table_cost(num_experts: int, num_replicas: int) -> int:
+    """The cost of one row's replication table, in dense shares: the cheaper of the two tables (the
+    admission model of the service charges it)."""
+    return min(_dense_shares(num_experts, num_replicas), DENSE_COST_RATIO * (num_replicas + 2 * num_experts))
+
+
+def _dense_shares(num_experts: int, num_replicas: int) -> int:
+    extra = num_replicas - num_experts
+    return min(extra, num_experts) * extra
 
 
 def _dense_counts(loads: torch.Tensor, num_replicas: int) -> torch.Tensor:
