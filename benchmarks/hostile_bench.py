@@ -27,11 +27,18 @@ from serving import Server, memory_mib, topology
 
 BUDGET_MB, GRACE_S, DROPPED = 1000, 1.0, "rebalancer_dropped_requests_total"
 SMALL = {"small_4x16": workloads.Shape("small", 4, 16, 32, 4, 2, 4), "small_58x256": workloads.SHAPES["dsv3_prefill"]}
-# One expert on 3 x 2**16 slots: the largest job the default limits admit, estimated just under --max-job-seconds.
+# One expert on 3 x 2**16 slots of one GPU, 128 candidates: estimated just under --max-job-seconds (9.9 of 10 s) and
+# at 1.8 GiB within the default per-job memory of a host with >= 12 GB. Candidates are the lever: the estimate
+# counts sequential steps, which do not grow with them, while the solve does (6.4 s here, 0.13 s at 4).
+LARGEST_SHAPE = Shape(1, 1, 3 * 2**16, 1, 1, 1, candidates=128)
 LARGEST = pb.RebalanceRequest(
-    loads=encode(np.ones((1, 1), np.float32)), topology=topology(workloads.Shape("largest", 1, 1, 3 * 2**16, 1, 1, 1))
+    loads=encode(np.ones((1, 1), np.float32)),
+    topology=topology(workloads.Shape("largest", 1, 1, LARGEST_SHAPE.num_replicas, 1, 1, 1)),
+    options=pb.SolveOptions(num_candidates=LARGEST_SHAPE.candidates),
 )
+DROP_WAIT_S = 30.0  # a job still running this long after its cancel or deadline counts as never stopped
 ESTIMATED_SHAPES = {
+    "largest_admitted": LARGEST_SHAPE,
     "dsv3_c4": Shape(58, 256, 288, 8, 4, 32, candidates=4),
     "dsv3_c64": Shape(58, 256, 288, 8, 4, 32, candidates=64),
     "kimi_c4": Shape(61, 384, 416, 1, 4, 32, candidates=4),
@@ -65,9 +72,14 @@ def flood(state_dir: str, ids: int) -> dict:
     return figures | {"flood_restart_rebalances_committed": sum(response.committed for response in working)}
 
 
-def wait_dropped(server: Server, before: float) -> None:
+def wait_dropped(server: Server, before: float) -> bool:
+    """Whether the server counted a dropped request (above `before`) within DROP_WAIT_S."""
+    give_up = time.monotonic() + DROP_WAIT_S
     while server.metric(DROPPED) == before:
+        if time.monotonic() > give_up:
+            return False
         time.sleep(0.005)
+    return True
 
 
 def lanes_and_deadline(state_dir: str) -> dict:
@@ -84,14 +96,14 @@ def lanes_and_deadline(state_dir: str) -> dict:
             figures[f"{name}_solve_s"] = response.placement.stats.solve_seconds
             figures[f"{name}_largest_still_running"], dropped = not largest.done(), server.metric(DROPPED)
             largest.cancel()
-            wait_dropped(server, dropped)
+            figures[f"{name}_largest_dropped_after_cancel"] = wait_dropped(server, dropped)
         dropped, deadline = server.metric(DROPPED), time.monotonic() + 1.0
         try:
             server.stub.Rebalance(LARGEST, timeout=1.0)
             figures["deadline_code"] = "OK"
         except grpc.RpcError as error:
             figures["deadline_code"] = error.code().name
-        wait_dropped(server, dropped)
+        figures["deadline_dropped"] = wait_dropped(server, dropped)
         figures["deadline_stop_after_deadline_s"] = time.monotonic() - deadline
     return figures
 
@@ -132,6 +144,12 @@ def estimates() -> dict:
     return figures
 
 
+def small_beside_largest(f: dict, name: str) -> bool:
+    """The small request's bar, counted only if the largest job really ran beside it and its cancel stopped it."""
+    beside = f[f"{name}_largest_still_running"] and f[f"{name}_largest_dropped_after_cancel"]
+    return beside and f[f"{name}_round_trip_s"] <= f[f"{name}_solve_s"] + 1.0
+
+
 def run(quick: bool = False) -> dict:
     """Every figure (300 ids in the quick flood instead of 3,000) and whether each bar holds."""
     with tempfile.TemporaryDirectory() as root:
@@ -141,8 +159,8 @@ def run(quick: bool = False) -> dict:
     return f | {
         "bar_flood_rss_within_budget_plus_10pct": f["flood_peak_rss_mib"] <= 1.1 * BUDGET_MB,
         "bar_every_accepted_works_after_restart": len(set(restarted)) == 1,
-        "bar_small_within_solve_plus_1s": all(f[f"{n}_round_trip_s"] <= f[f"{n}_solve_s"] + 1.0 for n in SMALL),
-        "bar_deadline_stops_within_1s": f["deadline_stop_after_deadline_s"] <= 1.0,
+        "bar_small_within_solve_plus_1s": all(small_beside_largest(f, name) for name in SMALL),
+        "bar_deadline_stops_within_1s": f["deadline_dropped"] and f["deadline_stop_after_deadline_s"] <= 1.0,
         "bar_sigterm_exit_0_within_grace_plus_1s": f["sigterm_exit_code"] == 0 and f["sigterm_exit_s"] <= GRACE_S + 1.0,
     }
 
