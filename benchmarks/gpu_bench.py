@@ -12,6 +12,7 @@ import platform
 import statistics
 import sys
 import time
+from importlib.metadata import version
 from unittest import mock
 
 import torch
@@ -64,7 +65,7 @@ def solver_rows(runs: int, warmup: int) -> list[tuple[str, ...]]:
     """(shape, candidates, what, ms, mean balancedness) rows for the table."""
     rows = []
     for name, shape, requests in CASES:
-        cpu_loads = torch.cat([workloads.shape_loads(shape, "zipf", seed) for seed in range(requests)])
+        cpu_loads = torch.cat([shape.loads("zipf", seed) for seed in range(requests)])
         cpu_runs = max(3, runs // (4 * requests))
         ms, _, quality = measure(cpu_loads, shape, "deepseek", None, "torch", cpu_runs, warmup)
         rows.append((name, "-", "deepseek, CPU", ms, quality))
@@ -86,7 +87,7 @@ def run(quick: bool = False, runs: int | None = None, warmup: int = 5) -> dict:
     runs = runs or (10 if quick else 50)
     return {
         "card": torch.cuda.get_device_name(),
-        "setup": f"torch {torch.__version__}, triton {__import__('triton').__version__}, CPU"
+        "setup": f"torch {torch.__version__}, triton {version('triton')}, CPU"
         f" {platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch"
         f" threads); CUDA figures: median CUDA-event ms over {runs} runs after {warmup} warm-up runs; CPU figures:"
         " median wall ms.",

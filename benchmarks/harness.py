@@ -19,8 +19,13 @@ def table(head: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
 
 def filled(head: str, row: str, items: Iterable[Mapping[str, object]]) -> str:
     """A markdown table of fixed columns: `head` names them ("a | b"), `row` formats one item ("{a} | {b:.3f}")."""
-    lines = [f"| {head} |", "|" + "---|" * (head.count(" | ") + 1)]
-    return "\n".join(lines + [f"| {row.format_map(item)} |" for item in items])
+    return table(head.split(" | "), ([row.format_map(item)] for item in items))
+
+
+def timed(call: Callable[..., object], *args: object, **kwargs: object) -> tuple[object, float]:
+    """(what `call` returns, seconds it took)."""
+    started = time.perf_counter()
+    return call(*args, **kwargs), time.perf_counter() - started
 
 
 def interleaved_times(
@@ -42,9 +47,8 @@ def interleaved_times(
         if index and (elapsed > max_s or (index >= rounds and elapsed > min_s)):
             break
         for label in labels[index % len(labels) :] + labels[: index % len(labels)]:
-            began = time.perf_counter()
-            results[label] = calls[label]()
-            times[label].append(time.perf_counter() - began)
+            results[label], seconds = timed(calls[label])
+            times[label].append(seconds)
     return times, results
 
 

@@ -18,10 +18,9 @@ import grpc
 import numpy as np
 import workloads
 from harness import main, table
-from rebalancer_wire.codec import encode
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from rebalancer_wire.v1 import rebalancer_pb2_grpc
-from serving import CHANNEL_OPTIONS, Server, memory_mib, topology
+from serving import CHANNEL_OPTIONS, Server, memory_mib, topology, zipf_loads
 
 REPORTS_PER_CALL = 50
 
@@ -139,8 +138,7 @@ async def drive(server: Server, cfg: Settings) -> dict:
         stub, count = rebalancer_pb2_grpc.RebalancerServiceStub(channel), cfg.controllers
         deployments = [f"load-{index}" for index in range(count)]
         # Pre-encoded loads, so the generator spends its CPU on RPCs, not on random numbers.
-        loads = [encode(workloads.shape_loads(cfg.shape, "zipf", seed).numpy()) for seed in range(16 * count)]
-        pools = [loads[16 * n : 16 * n + 16] for n in range(count)]
+        pools = [[zipf_loads(cfg.shape, 16 * n + i) for i in range(16)] for n in range(count)]
         for d, pool in zip(deployments, pools, strict=True):  # register, fill the window a little, commit version 1
             first = pb.StreamLoadRequest(deployment_id=d, topology=topology(cfg.shape), loads=pool[0])
             await stub.StreamLoad(iter([first]))

@@ -6,6 +6,7 @@ force where that costs (almost) no balance, `history` plans for the next window.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -72,19 +73,15 @@ def rearrangement(prev_phy2log, phy2log, shape: workloads.Shape) -> dict[str, fl
     return dict(zip(TRANSFER_SUMS, (*sums, copies * possible * share), strict=True))
 
 
-def ratio(value: float, base: float) -> float:
-    return value / base if base else math.nan
-
-
 def relative(figures: dict[str, dict]) -> dict[str, dict]:
     """Add to every variant's figures its ratios and balancedness delta to each baseline and its pooled shares."""
     for entry in figures.values():
         entry["intra_node_share"] = entry["intra_copies"] / max(entry["network_copies"], 1.0)
         entry["intra_where_possible"] = entry["possible_intra_copies"] / max(entry["possible_copies"], 1.0)
         for base, of in ((base, figures[base]) for base in BASELINES):
-            entry[f"moves_ratio_vs_{base}"] = ratio(entry["total_moves"], of["total_moves"])
+            for name, key in (("moves_ratio", "total_moves"), ("transfer_ratio", "transfer_seconds")):
+                entry[f"{name}_vs_{base}"] = entry[key] / of[key] if of[key] else math.nan
             entry[f"balancedness_delta_vs_{base}"] = entry["mean_next_balancedness"] - of["mean_next_balancedness"]
-            entry[f"transfer_ratio_vs_{base}"] = ratio(entry["transfer_seconds"], of["transfer_seconds"])
     return figures
 
 
@@ -139,13 +136,12 @@ def summarise(runs: Sequence[dict]) -> dict:
 def run_elastic(seed: int) -> dict:
     """Lose a GPU (also under a tighter tolerance), and scale out, from a plan in force; each beside a fresh plan."""
     shape = workloads.SHAPES[ELASTIC_SHAPE]
-    slots, weight = shape.replicas // shape.gpus, workloads.shape_loads(shape, "zipf", seed)
-    prev = solve(weight, *shape.args(), device="cpu").phy2log
-    lost, tight = (
-        solve(weight, *shape.args(), **options, device="cpu", prev_phy2log=prev, unavailable_gpus=[LOST_GPU])
-        for options in ({}, LOST_TIGHT)
-    )
-    scaled = solve(weight, *shape.args(), device="cpu", prev_phy2log=prev, new_num_gpus=SCALE_TO)
+    slots, weight = shape.replicas // shape.gpus, shape.loads("zipf", seed)
+    replan = functools.partial(solve, weight, *shape.args(), device="cpu")
+    prev = replan().phy2log
+    lost = replan(prev_phy2log=prev, unavailable_gpus=[LOST_GPU])
+    tight = replan(prev_phy2log=prev, unavailable_gpus=[LOST_GPU], **LOST_TIGHT)
+    scaled = replan(prev_phy2log=prev, new_num_gpus=SCALE_TO)
     fresh, fresh_scaled = (solve(weight, slots * gpus, 1, 1, gpus, device="cpu") for gpus in (shape.gpus - 1, SCALE_TO))
     fresh_moves, _ = elastic_moves(prev, fresh.phy2log, shape.experts, slots, lost.gpu_ids)
     _, kept = elastic_moves(prev, scaled.phy2log, shape.experts, slots, scaled.gpu_ids)

@@ -54,10 +54,6 @@ def solver_placement(loads: Sequence[float], num_replicas: int, num_gpus: int, p
     return logcnt[0].tolist(), phy2log[0].view(num_gpus, -1).tolist()
 
 
-def policy_max_load(loads: Sequence[float], num_replicas: int, num_gpus: int, policy: str) -> float:
-    return placement_max_load(loads, *solver_placement(loads, num_replicas, num_gpus, policy))
-
-
 class Model:
     """The MILP of the module docstring in HiGHS's modelling API: T, z[e][k], x[e][g][k] and one m per level."""
 

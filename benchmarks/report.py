@@ -30,6 +30,7 @@ import solver_bench
 import torch
 
 HERE = Path(__file__).resolve().parent
+FAILED = "**Failed** (traceback below); the other sections are unaffected.\n\n```\n{}\n```"
 
 
 def fuzz_run(quick: bool = False) -> dict:
@@ -121,17 +122,16 @@ def headline(sections: dict) -> list[str]:
     solver, migration, optimality = (sections[bench.title].get("result") for bench in BENCHES[:3])
     lines = []
     if solver:
-        speed, summary, cases, ratios = solver["speed"], solver["summary"], solver["cases"], {}
+        speed, summary, cases = solver["speed"], solver["summary"], solver["cases"]
         auto, deepseek = summary["auto"], summary["deepseek"]
         lines.append(
             f"- Speed, {speed['shape']} zipf, default `auto` on CPU: {speed['ratio_vs_deepseek_median']:.2f}x the"
             f" `deepseek` policy, {speed['ratio_vs_published_lists_median']:.2f}x the published loops over Python"
             f" floats, {speed['ratio_vs_published_median']:.2f}x the published code verbatim."
         )
-        for vllm in solver["peer_labels"][:1]:
-            for shape in solver["shapes"]:
-                of = [c for c in cases if c["shape"] == shape]
-                ratios[shape] = solver_bench.aggregate(of, "auto", vllm)["geomean_time_ratio"]
+        if solver["peer_labels"]:
+            vllm, rows = solver["peer_labels"][0], solver_bench.peer_rows(solver)
+            ratios = {row["shape"]: row["geomean_time_ratio"] for row in rows if row["label"] == "auto"}
             worst = max(ratios, key=ratios.__getitem__)
             lines.append(
                 f"- `auto` / {vllm} time per shape, same run (geomean over kinds): {min(ratios.values()):.2f}x to"
@@ -159,15 +159,6 @@ def headline(sections: dict) -> list[str]:
     return lines
 
 
-def section(title: str, result: dict) -> list[str]:
-    """One benchmark's section: its markdown, or what kept it from running."""
-    body = [result["text"]] if result["status"] == "ok" else [f"Not run ({result['status']}): {result['text']}."]
-    if result["status"] == "failed":
-        body = ["**Failed** (traceback below); the other sections are unaffected.", "", "```", result["text"].rstrip()]
-        body.append("```")
-    return [f"## {title}", "", *body, "", f"_{result['seconds']:.0f} s_", ""]
-
-
 def render(sections: dict, quick: bool, load_before: Sequence[float], total_seconds: float) -> str:
     now, flag = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), " --quick" if quick else ""
     out = ["# Benchmark results", "", f"Generated {now} by `benchmarks/report.py{flag}` in {total_seconds / 60:.1f}"]
@@ -181,7 +172,10 @@ def render(sections: dict, quick: bool, load_before: Sequence[float], total_seco
         lines = [f"- (headline failed: {type(error).__name__}: {error})"]
     out += ["", "## Headline", "", *lines, ""]
     for title, result in sections.items():
-        out += section(title, result)
+        body = result["text"] if result["status"] == "ok" else f"Not run ({result['status']}): {result['text']}."
+        if result["status"] == "failed":
+            body = FAILED.format(result["text"].rstrip())
+        out += [f"## {title}", "", body, "", f"_{result['seconds']:.0f} s_", ""]
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -10,14 +10,12 @@ import functools
 import operator
 import os
 import statistics
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import workloads
-from harness import main
-from rebalancer_wire.codec import encode
+from harness import main, timed
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
-from serving import Server, memory_mib, topology
+from serving import Server, memory_mib, rebalance_request, topology, zipf_loads
 
 SHAPE = workloads.SHAPES["dsv3_prefill"]
 POLICIES = {"auto": pb.POLICY_AUTO, "deepseek": pb.POLICY_DEEPSEEK}
@@ -32,18 +30,8 @@ ROWS = {  # result key -> row label
 }
 
 
-def loads(seed: int) -> pb.Tensor:
-    return encode(workloads.shape_loads(SHAPE, "zipf", seed).numpy())
-
-
 def request(seed: int, policy: str) -> pb.RebalanceRequest:
-    options = pb.SolveOptions(policy=POLICIES[policy], seed=seed)
-    return pb.RebalanceRequest(loads=loads(seed), topology=topology(SHAPE), options=options)
-
-
-def timed(call, *args) -> tuple[object, float]:
-    started = time.perf_counter()
-    return call(*args), time.perf_counter() - started
+    return rebalance_request(SHAPE, seed, policy=POLICIES[policy], seed=seed)
 
 
 def solves(stub, policy: str, repeats: int, concurrent_repeats: int, clients: int = 16) -> dict:
@@ -68,7 +56,7 @@ def solves(stub, policy: str, repeats: int, concurrent_repeats: int, clients: in
 
 def ingest(stub, pid: int, reports: int) -> dict:
     """Stream `reports` full [58, 256] float32 reports on one stream; rate and server RSS before/after."""
-    messages = [pb.StreamLoadRequest(deployment_id="bench-ingest", loads=loads(100 + i)) for i in range(64)]
+    messages = [pb.StreamLoadRequest(deployment_id="bench-ingest", loads=zipf_loads(SHAPE, 100 + i)) for i in range(64)]
     messages[0].topology.CopyFrom(topology(SHAPE))
     stub.StreamLoad(iter(messages[:1] + messages[1:] * 2))  # window full: steady state from here on
     rss_before = memory_mib(pid)

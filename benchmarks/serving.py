@@ -16,9 +16,12 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rebalancer_wire.codec import encode
+from rebalancer_wire.topology import FIELDS
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from rebalancer_wire.v1 import rebalancer_pb2_grpc
 
+START_TIMEOUT_S = 120
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
@@ -30,9 +33,19 @@ def free_port() -> int:
 
 
 def topology(shape) -> pb.Topology:
-    """The wire topology of a `workloads.Shape`."""
-    fields = ("layers", "experts", "replicas", "groups", "nodes", "gpus")
-    return pb.Topology(**{f"num_{field}": getattr(shape, field) for field in fields})
+    """The wire topology of a `workloads.Shape`, its fields in the wire's own order."""
+    return pb.Topology(**dict(zip(FIELDS, (shape.layers, shape.experts, *shape.args()), strict=True)))
+
+
+def zipf_loads(shape, seed: int) -> pb.Tensor:
+    """Seeded zipf loads [L, E] of a `workloads.Shape` as a wire tensor."""
+    return encode(shape.loads("zipf", seed).numpy())
+
+
+def rebalance_request(shape, load_seed: int, **options: object) -> pb.RebalanceRequest:
+    """A stateless Rebalance of `shape` on its zipf loads of `load_seed`; `options` are SolveOptions fields."""
+    options = pb.SolveOptions(**options)
+    return pb.RebalanceRequest(loads=zipf_loads(shape, load_seed), topology=topology(shape), options=options)
 
 
 def memory_mib(pid: int, field: str = "VmRSS") -> float:
@@ -45,7 +58,7 @@ class Server:
     """`rebalancer-server` on 127.0.0.1, SERVING once constructed; `flags` override the defaults. Without a
     `state_dir` it keeps its state in a temporary directory removed at `stop`."""
 
-    def __init__(self, state_dir: str | None = None, *flags: str, timeout_s: float = 120.0) -> None:
+    def __init__(self, state_dir: str | None = None, *flags: str) -> None:
         self.port, self.metrics_port = free_port(), free_port()
         self.scratch = None if state_dir else tempfile.TemporaryDirectory(prefix="rebalancer-bench-")
         script = Path(sys.executable).parent / "rebalancer-server"
@@ -57,7 +70,7 @@ class Server:
         self.target = f"127.0.0.1:{self.port}"
         self.channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self.stub = rebalancer_pb2_grpc.RebalancerServiceStub(self.channel)
-        health, deadline = health_pb2_grpc.HealthStub(self.channel), time.monotonic() + timeout_s
+        health, deadline = health_pb2_grpc.HealthStub(self.channel), time.monotonic() + START_TIMEOUT_S
         serving = health_pb2.HealthCheckResponse.SERVING
         while self.process.poll() is None and time.monotonic() < deadline:
             with contextlib.suppress(grpc.RpcError):
@@ -65,7 +78,7 @@ class Server:
                     return
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"rebalancer-server not SERVING within {timeout_s:.0f} s (exit {self.process.returncode})")
+        raise RuntimeError(f"rebalancer-server not SERVING within {START_TIMEOUT_S} s (exit {self.process.returncode})")
 
     def metric(self, name: str) -> float:
         """The sum over every label set of metric family `name` on /metrics."""

@@ -42,19 +42,9 @@ LOAD_SEED, SPEED_SEED = 1, 5
 LIMITS = {"min_s": 1.0, "max_s": 10.0, "max_rounds": 30}
 
 
-def planners() -> tuple[dict[str, Planner], list[str], str]:
-    """Every planner, the labels of the released ones, and a note saying why those are missing if they are."""
-    try:
-        released = peers.load_released_planners()
-    except Exception as error:  # no registry and no cache: the project's figures still stand
-        return dict(PROJECT), [], f"released planners unavailable: {type(error).__name__}: {error}"
-    wrapped = {label: (lambda w, s, p=p: p(w, *s.args())) for label, p in released.items()}
-    return {**PROJECT, **wrapped}, list(released), ""
-
-
 def bench_case(shape: workloads.Shape, kind: str, repeats: int, planner_map: dict[str, Planner]) -> dict:
     """Time and score every planner on one shape x kind."""
-    weight = workloads.shape_loads(shape, kind, LOAD_SEED)
+    weight = shape.loads(kind, LOAD_SEED)
     calls = {label: (lambda plan=plan: plan(weight, shape)) for label, plan in planner_map.items()}
     times, results = interleaved_times(calls, repeats, **LIMITS)
     figures = {}
@@ -70,7 +60,7 @@ def bench_case(shape: workloads.Shape, kind: str, repeats: int, planner_map: dic
 def speed_figure(shape_name: str = "dsv3_prefill", kind: str = "zipf", runs: int = 5) -> dict:
     """Default `auto` CPU solve vs `deepseek` and the published code; ratios are medians of per-run ratios."""
     shape = workloads.SHAPES[shape_name]
-    weight, args = workloads.shape_loads(shape, kind, SPEED_SEED), shape.args()
+    weight, args = shape.loads(kind, SPEED_SEED), shape.args()
     calls = {
         "auto": lambda: solve(weight, *args, device="cpu").phy2log,
         "deepseek": lambda: solve(weight, *args, policy="deepseek", device="cpu").phy2log,
@@ -110,7 +100,11 @@ def summarise(cases: Sequence[dict]) -> dict:
 def run(quick: bool = False) -> dict:
     """Every shape x kind with every planner, the summary and the speed figure."""
     shapes, kinds = (QUICK_SHAPES, QUICK_KINDS) if quick else (tuple(workloads.SHAPES), workloads.KINDS)
-    planner_map, peer_labels, peer_note = planners()
+    try:
+        released, peer_note = peers.load_released_planners(), ""
+    except Exception as error:  # no registry and no cache: the project's figures still stand
+        released, peer_note = {}, f"released planners unavailable: {type(error).__name__}: {error}"
+    planner_map = PROJECT | {label: (lambda w, s, p=p: p(w, *s.args())) for label, p in released.items()}
     for name in ("tiny", "tiny_ep16"):  # warm-up of one-off set-up costs (compiled loops of both two-slot paths)
         bench_case(workloads.SHAPES[name], "zipf", 1, planner_map)
     repeats = 1 if quick else 3
@@ -120,24 +114,28 @@ def run(quick: bool = False) -> dict:
         "repeats": repeats,
         "cases": cases,
         "summary": summarise(cases),
-        "peer_labels": peer_labels,
+        "peer_labels": list(released),
         "peer_note": peer_note,
         "speed": speed_figure(runs=3 if quick else 5),
     }
 
 
-def peer_table(result: dict) -> str:
-    """Per shape (means over kinds): each engine planner and the project's rows, time / vLLM default."""
-    if not result["peer_labels"]:
-        return f"Not run: {result['peer_note']}."
-    vllm, kinds = result["peer_labels"][0], sorted({c["kind"] for c in result["cases"]})
-    rows = [
+def peer_rows(result: dict) -> list[dict]:
+    """Per shape, each engine planner and the project's rows: means over kinds, time / vLLM's default."""
+    vllm = result["peer_labels"][0]
+    return [
         aggregate([c for c in result["cases"] if c["shape"] == shape], label, vllm) | {"shape": shape, "label": label}
         for shape in result["shapes"]
         for label in [*result["peer_labels"], *PEER_ROWS]
     ]
+
+
+def peer_table(result: dict) -> str:
+    if not result["peer_labels"]:
+        return f"Not run: {result['peer_note']}."
+    kinds = sorted({c["kind"] for c in result["cases"]})
     note = f"Released planners from their wheels (`benchmarks/peers.py`), same run, interleaved; means over {kinds}."
-    return note + "\n\n" + filled(PEERS[0].format(vllm=vllm), PEERS[1], rows)
+    return note + "\n\n" + filled(PEERS[0].format(vllm=result["peer_labels"][0]), PEERS[1], peer_rows(result))
 
 
 def speed_markdown(speed: dict) -> str:

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 
 import torch
 import workloads
-from harness import main
+from harness import main, timed
 from rebalancer_client.engines.vllm import ServiceConfig, ServiceEplbPolicy
 from serving import Server
 
@@ -27,9 +26,7 @@ def run(quick: bool = False, rounds: int = 20, shape: str = "deepseek") -> dict:
         ServiceEplbPolicy.configure(config)  # a fresh `stats`
         stats, old = ServiceEplbPolicy.stats, (torch.arange(s.replicas) % s.experts).repeat(s.layers, 1)
         for round_, window in enumerate(series):
-            started = time.perf_counter()
-            old = ServiceEplbPolicy.rebalance_experts(window, s.replicas, s.groups, s.nodes, s.gpus, old)
-            wall = time.perf_counter() - started
+            old, wall = timed(ServiceEplbPolicy.rebalance_experts, window, s.replicas, s.groups, s.nodes, s.gpus, old)
             if stats.fallbacks:
                 raise RuntimeError(f"fell back: {stats.last_error}")
             if round_ >= 2:  # the first calls open the channel and warm the solver up

@@ -2,12 +2,50 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from rebalancer.solver import maps
 from rebalancer.solver.joint import best_lower_bound
+
+
+def zipf(layers: int, experts: int, s: float, rng: np.random.Generator, tokens: float = 1e6) -> np.ndarray:
+    """Popularity rank^-s in a random expert order per layer, log-space noise 0.3, scaled to `tokens`: [L, E]."""
+    base = np.arange(1, experts + 1, dtype=np.float64) ** -s
+    order = np.argsort(rng.random((layers, experts)), axis=1)
+    loads = base[order] * np.exp(0.3 * rng.standard_normal((layers, experts)))
+    return loads / loads.sum(1, keepdims=True) * tokens
+
+
+def lognormal(layers: int, experts: int, rng: np.random.Generator, sigma: float = 1.0) -> np.ndarray:
+    """exp(N(0, sigma)) * 1000: heavy-tailed loads without a rank structure. [L, E]."""
+    return np.exp(sigma * rng.standard_normal((layers, experts))) * 1000.0
+
+
+def hot_experts(layers: int, experts: int, rng: np.random.Generator, hot: int = 4, factor: float = 20.0) -> np.ndarray:
+    """Uniform 0.5-1.5 loads with `hot` random experts per layer `factor` times heavier: replication decides. [L, E]."""
+    loads = rng.random((layers, experts)) + 0.5
+    picks = np.argsort(rng.random((layers, experts)), axis=1)[:, : min(hot, experts)]
+    np.put_along_axis(loads, picks, np.take_along_axis(loads, picks, 1) * factor, 1)
+    return loads * 1000.0
+
+
+# Every load kind, in the order the tables list them: (layers, experts, rng) -> loads [L, E].
+GENERATORS: dict[str, Callable[[int, int, np.random.Generator], np.ndarray]] = {
+    "zipf": lambda layers, experts, rng: zipf(layers, experts, 1.0, rng),
+    "lognormal": lognormal,
+    "hot": hot_experts,
+    "zipf_mild": lambda layers, experts, rng: zipf(layers, experts, 0.5, rng),
+    "uniformish": lambda layers, experts, rng: (rng.random((layers, experts)) * 0.2 + 1.0) * 1000.0,
+}
+KINDS: tuple[str, ...] = tuple(GENERATORS)
+
+
+def make(kind: str, layers: int, experts: int, seed: int = 0) -> torch.Tensor:
+    """Loads [L, E] float32 of one kind, reproducible from `seed`."""
+    return torch.from_numpy(GENERATORS[kind](layers, experts, np.random.default_rng(seed))).float()
 
 
 @dataclass(frozen=True)
@@ -26,6 +64,9 @@ class Shape:
         """The solver's arguments after the weight: (num_replicas, num_groups, num_nodes, num_gpus); `flat` plans
         as if there were one group on one node."""
         return self.replicas, *((1, 1) if flat else (self.groups, self.nodes)), self.gpus
+
+    def loads(self, kind: str, seed: int = 0) -> torch.Tensor:
+        return make(kind, self.layers, self.experts, seed)
 
     def describe(self) -> str:
         where = f"{self.groups} groups, {self.nodes} nodes, {self.gpus} GPUs"
@@ -59,50 +100,6 @@ README_PHY2LOG = [
     [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
     [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
 ]
-
-KINDS: tuple[str, ...] = ("zipf", "lognormal", "hot", "zipf_mild", "uniformish")
-
-
-def zipf(layers: int, experts: int, s: float, rng: np.random.Generator, tokens: float = 1e6) -> np.ndarray:
-    """Popularity rank^-s in a random expert order per layer, log-space noise 0.3, scaled to `tokens`: [L, E]."""
-    base = np.arange(1, experts + 1, dtype=np.float64) ** -s
-    order = np.argsort(rng.random((layers, experts)), axis=1)
-    loads = base[order] * np.exp(0.3 * rng.standard_normal((layers, experts)))
-    return loads / loads.sum(1, keepdims=True) * tokens
-
-
-def lognormal(layers: int, experts: int, rng: np.random.Generator, sigma: float = 1.0) -> np.ndarray:
-    """exp(N(0, sigma)) * 1000: heavy-tailed loads without a rank structure. [L, E]."""
-    return np.exp(sigma * rng.standard_normal((layers, experts))) * 1000.0
-
-
-def hot_experts(layers: int, experts: int, rng: np.random.Generator, hot: int = 4, factor: float = 20.0) -> np.ndarray:
-    """Uniform 0.5-1.5 loads with `hot` random experts per layer `factor` times heavier: replication decides. [L, E]."""
-    loads = rng.random((layers, experts)) + 0.5
-    picks = np.argsort(rng.random((layers, experts)), axis=1)[:, : min(hot, experts)]
-    np.put_along_axis(loads, picks, np.take_along_axis(loads, picks, 1) * factor, 1)
-    return loads * 1000.0
-
-
-def make(kind: str, layers: int, experts: int, seed: int = 0) -> torch.Tensor:
-    """Loads [L, E] float32 of one kind, reproducible from `seed`."""
-    rng = np.random.default_rng(seed)
-    generators = {
-        "zipf": lambda: zipf(layers, experts, 1.0, rng),
-        "zipf_mild": lambda: zipf(layers, experts, 0.5, rng),
-        "lognormal": lambda: lognormal(layers, experts, rng),
-        "hot": lambda: hot_experts(layers, experts, rng),
-        "uniformish": lambda: (rng.random((layers, experts)) * 0.2 + 1.0) * 1000.0,
-    }
-    if kind not in generators:
-        raise ValueError(f"unknown load kind {kind!r}; expected one of {KINDS}")
-    return torch.from_numpy(generators[kind]()).float()
-
-
-def shape_loads(shape: Shape | str, kind: str, seed: int = 0) -> torch.Tensor:
-    """Loads [L, E] for a named or given shape."""
-    shape = SHAPES[shape] if isinstance(shape, str) else shape
-    return make(kind, shape.layers, shape.experts, seed)
 
 
 def drift_series(layers: int, experts: int, windows: int, *, seed: int = 0) -> torch.Tensor:

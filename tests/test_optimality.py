@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from optimality_bench import CACHE, KNOWN, gap_pct, highspy, instances, placement_max_load, policy_max_load, solve_milp
+from optimality_bench import CACHE, KNOWN, gap_pct, highspy, instances, placement_max_load, solve_milp, solver_placement
 from workloads import lower_bound
 
 needs_highs = pytest.mark.skipif(highspy is None, reason="highspy not installed (pip install highspy)")
@@ -18,6 +18,10 @@ FAST_KNOWN = [
     ("one-heavy-expert", [10.0, 1.0, 1.0, 1.0], 6, 3, 13 / 3),
     *((name, loads, 16, 8, optimum) for name, loads, optimum in KNOWN if name == "deepseek-readme-l1"),
 ]
+
+
+def policy_max_load(loads: list[float], num_replicas: int, num_gpus: int, policy: str) -> float:
+    return placement_max_load(loads, *solver_placement(loads, num_replicas, num_gpus, policy))
 
 
 def _cached() -> list[dict]:
