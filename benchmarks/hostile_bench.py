@@ -44,6 +44,7 @@ ESTIMATED_SHAPES = {
     "kimi_c4": Shape(61, 384, 416, 1, 4, 32, candidates=4),
     "512_slots_per_gpu": Shape(8, 64, 1024, 1, 1, 2, candidates=4),
     "one_expert_2^16_slots": Shape(1, 1, 2**16, 1, 1, 1, candidates=4),
+    "4096_experts_8192_slots_c16": Shape(8, 4096, 8192, 1, 8, 64, candidates=16),  # a quadratic table once
 }
 
 
