@@ -4,14 +4,28 @@ placement, so watchers, later reports, later plans and a restarted server all se
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import grpc
 import numpy as np
 import pytest
 import torch
+from rebalancer.service.admission import Shape, solve_cost
 from rebalancer.solver import apply_transfers
 from rebalancer_wire.codec import decode
 from rebalancer_wire.topology import Topology
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
-from service_harness import EXPERTS, GPUS, LAYERS, REPLICAS, TOPOLOGY, ServerThread, maps_of, report, skewed_loads
+from service_harness import (
+    EXPERTS,
+    GPUS,
+    LAYERS,
+    REPLICAS,
+    TOPOLOGY,
+    ServerThread,
+    maps_of,
+    report,
+    skewed_loads,
+)
 
 SLOTS_PER_GPU = REPLICAS // GPUS
 
@@ -86,6 +100,29 @@ def test_losing_a_gpu_commits_a_plan_on_the_healthy_ones(tmp_path):
         assert_reached_by_its_transfers(first, placement)
         assert current(server, "degraded").topology == placement.topology
         assert server.metric("rebalancer_state_bytes") > 0
+
+
+def test_a_gpu_loss_is_costed_as_the_elastic_plan_it_runs(tmp_path):
+    """The elastic plan's shedding rounds cost more than a migration (35 ms against about 1 ms a layer on
+    DeepSeek-V3 prefill): admission charges them, so a limit that lets the migration through refuses it."""
+    layout = dict(num_layers=8, num_experts=64, num_replicas=128, num_groups=4, num_nodes=2, num_gpus=16)
+    shape = Shape(*layout.values(), candidates=4, has_prev=True)
+    migration, elastic = (solve_cost(replace(shape, elastic=lost), "cpu").work_seconds for lost in (False, True))
+    assert elastic > 2 * migration
+    with ServerThread(str(tmp_path)) as server:
+        loads = [skewed_loads(seed, 8, 64) for seed in (61, 62, 63)]
+        server.stub.StreamLoad(iter([report("costly", loads[0], topology=pb.Topology(**layout))]))
+        first = server.stub.Rebalance(pb.RebalanceRequest(deployment_id="costly")).placement
+        server.server.batcher.limits = replace(
+            server.server.batcher.limits, max_job_seconds=(migration * elastic) ** 0.5
+        )
+        lost = pb.RebalanceRequest(deployment_id="costly", loads=report("costly", loads[1]).loads, unavailable_gpus=[2])
+        with pytest.raises(grpc.RpcError) as error:
+            server.stub.Rebalance(lost)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert current(server, "costly").version == first.version  # nothing committed
+        drifted = pb.RebalanceRequest(deployment_id="costly", loads=report("costly", loads[2]).loads)
+        assert server.stub.Rebalance(drifted).placement.version == first.version + 1
 
 
 def test_a_plan_for_the_old_layout_cannot_commit_after_a_relayout(tmp_path):

@@ -14,6 +14,8 @@ The model follows the solver's own tensors (see planner.py, packing.py, joint.py
   [P, C, S, R].
 * `auto` runs the global plan and the hierarchical one (L x nodes rows of R / nodes slots) in turn.
 * a placement in force adds the migration step: [L, 25, R] trial maps and [L, G, K, K] slot matching.
+* failed GPUs add the elastic repair (elastic.py): L x 5 weightings of re-hosting and shedding, up to
+  8 x G rounds each, on top of a flat plan and the migration.
 Time is sequential steps x a per-step cost (each step is a handful of small tensor ops) plus touched
 elements x a per-element cost, per device kind. Both are upper bounds in spirit (refinement rounds are
 counted as typical, replication tables as full), calibrated on the development CPU so that the shipped
@@ -28,8 +30,10 @@ from dataclasses import dataclass
 from rebalancer_wire.codec import narrowest_ids
 from rebalancer_wire.topology import FIELDS as LAYOUT_FIELDS
 
+from ..solver.elastic import ELASTIC_MOVES_PER_GPU, REPAIR_ROWS, REPAIR_WEIGHTS
 from ..solver.policies import DEFAULT_CANDIDATES
 from ..solver.replication import table_cost
+from ..solver.shedding import FREED_SLOTS
 from .errors import ResourceExhausted
 from .model import Topology
 
@@ -42,6 +46,11 @@ JOINT_ROUNDS = 4  # improve_replication rounds, each re-packing every move varia
 MAX_PARTNERS = 8  # swap partners per heavy pack
 MOVE_WIDTH = 5  # receivers x donors of one joint round: up to 25 variants per row
 MAX_SCENARIOS = 8
+# Elements an elastic shedding round touches per slot of each repair row (moves scored around the source
+# GPUs, chains through freed slots). One GPU lost, random loads, on the development CPU: DeepSeek-V3
+# prefill (58-580 layers) measured 34-37 ms per layer, estimated 61; 16 x 64 -> 96 on 8 GPUs 119 ms,
+# estimated 116; 8 x 64 -> 128 on 16 GPUs 84 ms, estimated 147.
+ELASTIC_ELEMENTS_PER_SLOT = 320
 ID_BYTES = 8
 # Host bytes of one greedy step's bookkeeping (a small tensor per placed item, kept until the pack ends).
 STEP_OBJECT_BYTES = 512
@@ -90,6 +99,7 @@ class Shape:
     history_intervals: int = 0
     has_prev: bool = False
     policy: str = "auto"
+    elastic: bool = False  # a changed GPU set (failed GPUs): the elastic plan, not the policy
 
 
 def _plan(rows: int, experts: int, replicas: int, gpus: int, candidates: int, scenarios: int) -> tuple[int, int, int]:
@@ -121,6 +131,15 @@ def _plan(rows: int, experts: int, replicas: int, gpus: int, candidates: int, sc
     return memory, steps, elements
 
 
+def _elastic(layers: int, replicas: int, gpus: int) -> tuple[int, int, int]:
+    """(bytes, steps, elements) of `elastic.plan_elastic` beyond its fresh plan and migration: the
+    re-hosting and shedding rounds (up to the move budget) of every repair weighting of every layer."""
+    rows = layers * len(REPAIR_WEIGHTS)
+    rounds = ELASTIC_MOVES_PER_GPU * gpus
+    memory = 64 * rows * replicas + 8 * REPAIR_ROWS * FREED_SLOTS * replicas
+    return memory, rounds * REFINE_OPS, rows * rounds * replicas * ELASTIC_ELEMENTS_PER_SLOT
+
+
 def _migration(layers: int, experts: int, replicas: int, gpus: int) -> tuple[int, int, int]:
     """(bytes, steps, elements) of `migration.migrate` against a placement in force."""
     slots_per_gpu = replicas // gpus
@@ -141,14 +160,15 @@ def solve_cost(shape: Shape, device_type: str) -> SolveCost:
     speed = SPEEDS.get(device_type, SPEEDS["cuda"])
     base = 8 * s.num_layers * (s.num_experts * (3 + s.history_intervals) + 6 * s.num_replicas)
     log2phy = ID_BYTES * s.num_layers * s.num_experts * (s.num_replicas - s.num_experts + 1)
-    if s.policy == "deepseek":  # the published loops: one step per slot and per extra copy
+    if s.policy == "deepseek" and not s.elastic:  # the published loops: one step per slot and per extra copy
         steps = 2 * s.num_replicas
         memory, elements = 48 * s.num_layers * s.num_replicas, steps * s.num_layers * s.num_gpus
     else:
         scenarios = min(MAX_SCENARIOS, 2 * (s.history_intervals - 1)) if s.history_intervals > 1 else 0
         scenarios = 0 if s.has_prev else scenarios
         plans = [_plan(s.num_layers, s.num_experts, s.num_replicas, s.num_gpus, s.candidates, scenarios)]
-        if s.policy != "global" and s.num_nodes > 1 and s.num_groups % s.num_nodes == 0:
+        hierarchical = s.policy != "global" and s.num_nodes > 1 and s.num_groups % s.num_nodes == 0
+        if hierarchical and not s.elastic:  # the elastic plan is flat
             nodes = s.num_nodes
             rows, experts = s.num_layers * nodes, s.num_experts // nodes
             plans.append(_plan(rows, experts, s.num_replicas // nodes, s.num_gpus // nodes, s.candidates, scenarios))
@@ -156,6 +176,8 @@ def solve_cost(shape: Shape, device_type: str) -> SolveCost:
             plans.append(groups_to_nodes)
         if s.has_prev:
             plans.append(_migration(s.num_layers, s.num_experts, s.num_replicas, s.num_gpus))
+        if s.elastic:
+            plans.append(_elastic(s.num_layers, s.num_replicas, s.num_gpus))
         memory = max(plan[0] for plan in plans)
         steps = sum(plan[1] for plan in plans)
         elements = sum(plan[2] for plan in plans)

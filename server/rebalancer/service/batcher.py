@@ -122,6 +122,7 @@ class SolveJob:
             history_intervals=self.history_intervals,
             has_prev=self.prev_phy2log is not None,
             policy=s.policy,
+            elastic=bool(self.unavailable_gpus),
         )
 
     @property
