@@ -96,14 +96,19 @@ def candidate_placements(
             candidates = slice(first, min(num_candidates, first + candidate_step))
             block = _candidate_block(loads[rows], num_replicas, num_gpus, seeds[rows], num_candidates, candidates)
             row_blocks.append(block)
-        blocks.append([torch.cat(parts, 1) for parts in zip(*row_blocks, strict=True)])
-    phy2log, gpu_loads = (torch.cat(parts, 0) for parts in zip(*blocks, strict=True))
+        blocks.append([_joined(parts, 1) for parts in zip(*row_blocks, strict=True)])
+    phy2log, gpu_loads = (_joined(parts, 0) for parts in zip(*blocks, strict=True))
     if exact.num_count_vectors(num_experts, num_replicas) > MAX_TABLE_CANDIDATES:
         return phy2log, gpu_loads
     # Few count vectors: every one of them is a candidate too, packed by plain LPT.
     table = exact.count_vectors(num_experts, num_replicas, loads.device).expand(loads.shape[0], -1, -1)
     table_phy2log, table_gpu_loads = place_copies(loads, table, num_replicas, num_gpus)
     return torch.cat([phy2log, table_phy2log], 1), torch.cat([gpu_loads, table_gpu_loads], 1)
+
+
+def _joined(parts: tuple[torch.Tensor, ...], dim: int) -> torch.Tensor:
+    """torch.cat, without the copy of a lone part (one block: every usual shape)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def _candidate_block(
