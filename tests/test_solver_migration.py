@@ -285,3 +285,18 @@ def test_layers_taken_fresh_swap_back_the_copies_they_do_not_need() -> None:
     allowed = mean / (mean / fresh_peak - 0.01)
     peak = maps.gpu_loads(now, phy2log, counts, gpus).max(-1).values
     assert (peak <= allowed * (1 + 1e-9)).all()
+
+
+def test_copy_handovers_in_blocks_of_layers_plan_as_all_at_once(monkeypatch):
+    """Layers are independent problems: the handover step's layer blocks (bounding its trial tensors and
+    the time between cancellation checkpoints) leave every plan as it is."""
+    from rebalancer.solver import migration
+
+    series = drift_series(8, 64, 3, seed=11)
+    args = DRIFT_SHAPE[2:]
+    prev = solve(series[0], *args, device="cpu").phy2log
+    whole = solve(series[1], *args, device="cpu", prev_phy2log=prev)
+    monkeypatch.setattr(migration, "HANDOVER_BLOCK_ITEMS", 1)  # one layer per block
+    blocked = solve(series[1], *args, device="cpu", prev_phy2log=prev)
+    assert torch.equal(whole.phy2log, blocked.phy2log)
+    assert int(whole.moved_copies.sum()) > 0  # the step had work to do
