@@ -140,3 +140,16 @@ def test_losing_a_whole_node_plans_on_the_other_nodes_near_a_fresh_plan_with_few
     assert torch.equal(replayed, result.phy2log)
     fresh_moves, _ = elastic_moves(prev, fresh.phy2log, experts, slots, result.gpu_ids)
     assert int(result.moved_copies.sum()) < int(fresh_moves.sum()), (result.moved_copies.tolist(), fresh_moves.tolist())
+
+
+def test_repair_blocks_leave_the_elastic_plan_as_it_is(in_force, monkeypatch) -> None:
+    """Re-hosting and shedding run in row blocks (memory and the time between cancellation checkpoints);
+    rows are independent problems, so blocks of one row plan what one block of every row plans."""
+    from rebalancer.solver import elastic
+
+    weight, prev = in_force
+    whole = solve(weight, REPLICAS, GROUPS, NODES, GPUS, prev_phy2log=prev, unavailable_gpus=[4])
+    monkeypatch.setattr(elastic, "SHED_ROWS", 1)
+    monkeypatch.setattr(elastic, "REPAIR_ROWS", 1)
+    blocked = solve(weight, REPLICAS, GROUPS, NODES, GPUS, prev_phy2log=prev, unavailable_gpus=[4])
+    assert torch.equal(whole.phy2log, blocked.phy2log)
