@@ -18,10 +18,11 @@ import traceback
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any, NamedTuple
 
 import gpu_bench
+import hostile_bench
 import load
 import migration_bench
 import optimality_bench
@@ -62,6 +63,7 @@ BENCHES: tuple[Bench, ...] = (
     Bench("Optimality (MILP gap on small hard instances)", optimality_bench, 900),
     Bench("Service (gRPC round trip, batching, telemetry ingest)", service_bench, 600),
     Bench("Load (sustained traffic)", load, 300),
+    Bench("Hostile clients (memory flood, lanes, deadlines, SIGTERM, cost estimates)", hostile_bench, 900),
     Bench("GPU solve", gpu_bench, 600, needs_cuda=True),
     Bench("Fuzzing (malformed requests and reports)", SimpleNamespace(run=fuzz_run, markdown=fuzz_markdown), 700),
 )
@@ -165,7 +167,8 @@ def render(sections: dict, quick: bool, load_before: Sequence[float], total_seco
     out[-1] += " min. **Quick run: fewer shapes, kinds and repeats; not the reference figures.**" if quick else " min."
     out += ["", "## Machine", "", *machine(load_before, os.getloadavg()), "", "## Reproduce", "", "```"]
     out += [f".venv/bin/python benchmarks/report.py{flag}   # writes this file"]
-    out += [f".venv/bin/python benchmarks/{bench.module.__name__}.py" for bench in BENCHES[:5]] + ["```"]
+    scripts = [b.module.__name__ for b in BENCHES if isinstance(b.module, ModuleType) and not b.needs_cuda]
+    out += [f".venv/bin/python benchmarks/{script}.py" for script in scripts] + ["```"]
     try:
         lines = headline(sections)
     except Exception as error:  # a headline bug must not cost the figures below it
