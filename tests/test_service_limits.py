@@ -200,6 +200,19 @@ def test_costs_grow_with_every_dimension():
         assert (bigger.peak_bytes, bigger.work_seconds) != (cost.peak_bytes, cost.work_seconds), field
 
 
+def test_small_layers_are_charged_their_repartition_and_count_vector_candidates():
+    """Small layers get more work than their size says: every count vector as a candidate (12 experts on
+    15 slots: 364 more) and, with 3 slots per GPU, the three-GPU repartition (8 GPUs: 52,920 scored
+    elements a row and round). 4,000 such layers were admitted at an estimated 0.2 s and ran 28 s."""
+    repartitioned = Shape(4000, 12, 24, 1, 1, 8, candidates=4)
+    with pytest.raises(ResourceExhausted):
+        LIMITS.check(repartitioned)
+    tabled = LIMITS.cost(Shape(4000, 12, 15, 1, 1, 5, candidates=4))
+    assert tabled.peak_bytes >= 4000 * (4 + 364) * 15 * 8  # the candidates' maps alone
+    no_table = LIMITS.cost(Shape(4000, 12, 15, 1, 1, 5, candidates=4, policy="deepseek"))
+    assert tabled.work_seconds > 10 * no_table.work_seconds
+
+
 def test_topology_whose_solve_can_never_be_admitted_is_invalid(tmp_path):
     huge = pb.Topology(num_layers=1, num_experts=1, num_replicas=2**19, num_groups=1, num_nodes=1, num_gpus=2048)
     with ServerThread(str(tmp_path)) as server:

@@ -53,3 +53,20 @@ def test_repartition_applies_to_small_layers_of_three_or_more_slots(
     num_replicas: int, num_gpus: int, expected: bool
 ) -> None:
     assert repartition.applies(num_replicas, num_gpus) is expected
+
+
+def test_row_blocks_leave_every_layer_as_all_at_once(monkeypatch) -> None:
+    """Layers are independent problems: blocks of one row (which bound the [P, T, W, 3S] tables and the
+    time between cancellation checkpoints) plan what one block of every row plans."""
+    from rebalancer.solver import solve
+
+    weight = torch.rand(6, 12, generator=torch.Generator().manual_seed(8), dtype=torch.float64) ** 3
+    calls = []
+    rows = repartition._repartition_rows
+    monkeypatch.setattr(repartition, "_repartition_rows", lambda p, *a: calls.append(p.shape[0]) or rows(p, *a))
+    whole = solve(weight, 24, 1, 1, 8, device="cpu").phy2log
+    assert calls and max(calls) > 1
+    calls.clear()
+    monkeypatch.setattr(repartition, "BLOCK_ELEMENTS", 1)
+    assert torch.equal(solve(weight, 24, 1, 1, 8, device="cpu").phy2log, whole)
+    assert calls and max(calls) == 1

@@ -12,6 +12,8 @@ The model follows the solver's own tensors (see planner.py, packing.py, joint.py
   its bookkeeping B x R; swap refinement [B, M, K, M x K] with M <= 8 partners and K = R / G slots per
   GPU; the joint-replication rounds re-pack up to T x T = 25 variants of every row; history scenarios
   [P, C, S, R].
+* small layers: every count vector one more candidate (when at most planner.MAX_TABLE_CANDIDATES), and
+  with 3+ slots per GPU the three-GPU repartition, ROUNDS x its neighbourhood per row.
 * `auto` runs the global plan and the hierarchical one (L x nodes rows of R / nodes slots) in turn.
 * a placement in force adds the migration step: [L, 25, R] trial maps and [L, G, K, K] slot matching.
 * failed GPUs add the elastic repair (elastic.py): L x 5 weightings of re-hosting and shedding, up to
@@ -30,7 +32,9 @@ from dataclasses import dataclass
 from rebalancer_wire.codec import narrowest_ids
 from rebalancer_wire.topology import FIELDS as LAYOUT_FIELDS
 
+from ..solver import exact, repartition
 from ..solver.elastic import ELASTIC_MOVES_PER_GPU, REPAIR_ROWS, REPAIR_WEIGHTS
+from ..solver.planner import MAX_TABLE_CANDIDATES
 from ..solver.policies import DEFAULT_CANDIDATES
 from ..solver.replication import table_cost
 from ..solver.shedding import FREED_SLOTS
@@ -46,6 +50,11 @@ JOINT_ROUNDS = 4  # improve_replication rounds, each re-packing every move varia
 MAX_PARTNERS = 8  # swap partners per heavy pack
 MOVE_WIDTH = 5  # receivers x donors of one joint round: up to 25 variants per row
 MAX_SCENARIOS = 8
+# The three-GPU repartition of small layers: tensor ops per scored element (gathers, sums, max, min) and
+# bytes per element of one block's tables. 4,000 layers of 12 experts on 8 GPUs x 3 slots ran 28 s when
+# admitted at an estimated 0.18 s; measured 3.4 ms a layer, estimated 3.4.
+REPARTITION_OPS = 16
+REPARTITION_BYTES = 40
 # Elements an elastic shedding round touches per slot of each repair row (moves scored around the source
 # GPUs, chains through freed slots). One GPU lost, random loads, on the development CPU: DeepSeek-V3
 # prefill (58-580 layers) measured 34-37 ms per layer, estimated 61; 16 x 64 -> 96 on 8 GPUs 119 ms,
@@ -104,7 +113,8 @@ class Shape:
 
 def _plan(rows: int, experts: int, replicas: int, gpus: int, candidates: int, scenarios: int) -> tuple[int, int, int]:
     """(bytes, sequential steps, touched elements) of `planner.plan` on [rows, experts] loads."""
-    problems = rows * candidates
+    table_candidates = exact.num_count_vectors(experts, replicas)  # one more candidate each, when few
+    problems = rows * (candidates + (table_candidates if table_candidates <= MAX_TABLE_CANDIDATES else 0))
     slots_per_gpu = replicas // gpus
     partners = min(MAX_PARTNERS, max(gpus - 1, 0))
     variants = rows * min(MOVE_WIDTH, experts) ** 2
@@ -128,6 +138,11 @@ def _plan(rows: int, experts: int, replicas: int, gpus: int, candidates: int, sc
         + problems * scenarios * replicas
         + JOINT_ROUNDS * (variants * gpus * replicas + REFINE_ROUNDS_TYPICAL * refine_variants)
     )
+    if repartition.applies(replicas, gpus):  # every open row, ROUNDS rounds over its neighbourhood
+        scored = rows * repartition.neighbourhood(replicas, gpus)
+        memory += REPARTITION_BYTES * min(scored, repartition.BLOCK_ELEMENTS)
+        steps += repartition.ROUNDS * REFINE_OPS
+        elements += repartition.ROUNDS * REPARTITION_OPS * scored
     return memory, steps, elements
 
 

@@ -81,29 +81,45 @@ def candidate_placements(
     of copy counts are few (MAX_TABLE_CANDIDATES), each of them is one more candidate.
     """
     num_rows, num_experts = loads.shape
+    table = None
+    if exact.num_count_vectors(num_experts, num_replicas) <= MAX_TABLE_CANDIDATES:
+        table = exact.count_vectors(num_experts, num_replicas, loads.device)  # [T, E]
     # Blocks of candidates (then of rows) hold at most CANDIDATE_BLOCK_ITEMS copies: memory and the time
     # between cancellation checkpoints stay bounded on huge layers. The candidate block (the group whose
     # refinement stops together) depends on R and C alone, and rows are independent problems, so a
     # layer's result never depends on the batch it is solved in.
     candidate_step = max(1, min(num_candidates, CANDIDATE_BLOCK_ITEMS // num_replicas))
-    row_step = max(1, CANDIDATE_BLOCK_ITEMS // (candidate_step * num_replicas))
-    blocks = []
-    for first_row in range(0, num_rows, row_step):
-        rows = slice(first_row, first_row + row_step)
-        row_blocks = []
-        for first in range(0, num_candidates, candidate_step):
-            checkpoint()
-            candidates = slice(first, min(num_candidates, first + candidate_step))
-            block = _candidate_block(loads[rows], num_replicas, num_gpus, seeds[rows], num_candidates, candidates)
-            row_blocks.append(block)
-        blocks.append([_joined(parts, 1) for parts in zip(*row_blocks, strict=True)])
+    per_row = (candidate_step + (0 if table is None else table.shape[0])) * num_replicas
+    row_step = max(1, CANDIDATE_BLOCK_ITEMS // per_row)
+    blocks = [
+        _row_block(loads[rows], num_replicas, num_gpus, seeds[rows], num_candidates, candidate_step, table)
+        for rows in (slice(first, first + row_step) for first in range(0, num_rows, row_step))
+    ]
     phy2log, gpu_loads = (_joined(parts, 0) for parts in zip(*blocks, strict=True))
-    if exact.num_count_vectors(num_experts, num_replicas) > MAX_TABLE_CANDIDATES:
-        return phy2log, gpu_loads
-    # Few count vectors: every one of them is a candidate too, packed by plain LPT.
-    table = exact.count_vectors(num_experts, num_replicas, loads.device).expand(loads.shape[0], -1, -1)
-    table_phy2log, table_gpu_loads = place_copies(loads, table, num_replicas, num_gpus)
-    return torch.cat([phy2log, table_phy2log], 1), torch.cat([gpu_loads, table_gpu_loads], 1)
+    return phy2log, gpu_loads
+
+
+def _row_block(
+    loads: torch.Tensor,
+    num_replicas: int,
+    num_gpus: int,
+    seeds: torch.Tensor,
+    num_candidates: int,
+    candidate_step: int,
+    table: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every candidate of a block of rows, `candidate_step` at a time, then the count-vector table's:
+    loads [P, E] -> (phy2log [P, C + T, R], gpu_loads [P, C + T, G])."""
+    parts = []
+    for first in range(0, num_candidates, candidate_step):
+        checkpoint()
+        candidates = slice(first, min(num_candidates, first + candidate_step))
+        parts.append(_candidate_block(loads, num_replicas, num_gpus, seeds, num_candidates, candidates))
+    if table is not None:  # few count vectors: every one of them is a candidate too, packed by plain LPT
+        checkpoint()
+        parts.append(place_copies(loads, table.expand(loads.shape[0], -1, -1), num_replicas, num_gpus))
+    phy2log, gpu_loads = (_joined(columns, 1) for columns in zip(*parts, strict=True))
+    return phy2log, gpu_loads
 
 
 def _joined(parts: tuple[torch.Tensor, ...], dim: int) -> torch.Tensor:

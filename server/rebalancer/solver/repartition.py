@@ -25,6 +25,9 @@ from .maps import logcnt_from_phy2log
 # 6 GPUs x 3 slots is 10 x 280 x 9; 10 GPUs x 3 slots (36 x 280 x 9) is already past it.
 MAX_NEIGHBOURHOOD = 1 << 16
 ROUNDS = 8
+# Scored elements of one block of rows (its [P, T, W, 3S] tables): memory and the time between
+# cancellation checkpoints stay bounded (4,000 layers of 12 experts on 8 GPUs x 3 slots at once: ~5 GB).
+BLOCK_ELEMENTS = 1 << 21
 # A kept re-split lowers the largest of its three GPUs by at least this relative amount.
 MIN_GAIN = 1e-9
 
@@ -34,12 +37,17 @@ def num_ways(slots_per_gpu: int) -> int:
     return math.factorial(3 * slots_per_gpu) // (math.factorial(slots_per_gpu) ** 3 * 6)
 
 
+def neighbourhood(num_replicas: int, num_gpus: int) -> int:
+    """Elements one row's round scores: pairs of other GPUs x ways x copies."""
+    slots = num_replicas // num_gpus
+    return math.comb(num_gpus - 1, 2) * num_ways(slots) * 3 * slots
+
+
 def applies(num_replicas: int, num_gpus: int) -> bool:
     """Whether layers of R slots on G GPUs get the repartition: 3+ slots per GPU, a small neighbourhood."""
-    slots = num_replicas // num_gpus
-    if slots < 3 or num_gpus < 3:
+    if num_replicas // num_gpus < 3 or num_gpus < 3:
         return False
-    return math.comb(num_gpus - 1, 2) * num_ways(slots) * 3 * slots <= MAX_NEIGHBOURHOOD
+    return neighbourhood(num_replicas, num_gpus) <= MAX_NEIGHBOURHOOD
 
 
 @functools.cache
@@ -83,18 +91,24 @@ def repartition(
     rows = open_rows.nonzero().squeeze(1) if on_cpu else torch.arange(num_rows, device=loads.device)
     if rows.numel() == 0:
         return phy2log, peak
-    gpu_experts = phy2log[rows].view(-1, num_gpus, slots)
-    sub_per_copy = per_copy[rows]
+    phy2log, peak = phy2log.clone(), peak.clone()
+    # Rows in blocks of at most BLOCK_ELEMENTS scored elements (layers are independent problems).
+    for block in rows.split(max(1, BLOCK_ELEMENTS // neighbourhood(num_replicas, num_gpus))):
+        gpu_experts = _repartition_rows(per_copy[block], phy2log[block].view(-1, num_gpus, slots), on_cpu)
+        phy2log[block] = gpu_experts.reshape(-1, num_replicas)
+        gpu_loads = per_copy[block].gather(1, phy2log[block]).view(-1, num_gpus, slots).sum(-1)
+        peak[block] = gpu_loads.max(1).values
+    return phy2log, peak
+
+
+def _repartition_rows(per_copy: torch.Tensor, gpu_experts: torch.Tensor, on_cpu: bool) -> torch.Tensor:
+    """The rounds of one block of rows: per_copy [P, E], gpu_experts [P, G, S] -> gpu_experts."""
     for _ in range(ROUNDS):
         checkpoint()
-        gpu_experts, improved = _round(sub_per_copy, gpu_experts, slots)
+        gpu_experts, improved = _round(per_copy, gpu_experts, gpu_experts.shape[2])
         if on_cpu and not bool(improved.any()):
             break
-    phy2log, peak = phy2log.clone(), peak.clone()
-    phy2log[rows] = gpu_experts.reshape(-1, num_replicas)
-    gpu_loads = sub_per_copy.gather(1, phy2log[rows]).view(-1, num_gpus, slots).sum(-1)
-    peak[rows] = gpu_loads.max(1).values
-    return phy2log, peak
+    return gpu_experts
 
 
 def _round(per_copy: torch.Tensor, gpu_experts: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
