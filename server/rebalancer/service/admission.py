@@ -34,6 +34,7 @@ from rebalancer_wire.topology import FIELDS as LAYOUT_FIELDS
 
 from ..solver import exact, repartition
 from ..solver.elastic import ELASTIC_MOVES_PER_GPU, REPAIR_ROWS, REPAIR_WEIGHTS
+from ..solver.joint import search_effort
 from ..solver.planner import MAX_TABLE_CANDIDATES
 from ..solver.policies import DEFAULT_CANDIDATES
 from ..solver.replication import table_cost
@@ -55,6 +56,9 @@ MAX_SCENARIOS = 8
 # admitted at an estimated 0.18 s; measured 3.4 ms a layer, estimated 3.4.
 REPARTITION_OPS = 16
 REPARTITION_BYTES = 40
+# Elements per copy of each move a small layer's joint round packs afresh (sort, LPT by rounds, trials
+# refined): 2,000 layers of 24 experts on 12 GPUs x 3 slots measured 0.31 s, estimated 0.13 s without it.
+FRESH_PACK_OPS = 64
 # Elements an elastic shedding round touches per slot of each repair row (moves scored around the source
 # GPUs, chains through freed slots). One GPU lost, random loads, on the development CPU: DeepSeek-V3
 # prefill (58-580 layers) measured 34-37 ms per layer, estimated 61; 16 x 64 -> 96 on 8 GPUs 119 ms,
@@ -138,6 +142,9 @@ def _plan(rows: int, experts: int, replicas: int, gpus: int, candidates: int, sc
         + problems * scenarios * replicas
         + JOINT_ROUNDS * (variants * gpus * replicas + REFINE_ROUNDS_TYPICAL * refine_variants)
     )
+    effort = search_effort(replicas)
+    if effort.fresh_trials:  # small layers: every move of every joint round also packed afresh
+        elements += effort.rounds * rows * effort.width**2 * replicas * FRESH_PACK_OPS
     if repartition.applies(replicas, gpus):  # every open row, ROUNDS rounds over its neighbourhood
         scored = rows * repartition.neighbourhood(replicas, gpus)
         memory += REPARTITION_BYTES * min(scored, repartition.BLOCK_ELEMENTS)
