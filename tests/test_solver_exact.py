@@ -4,6 +4,8 @@ may pick different placements (the CPU indexes the table over experts sorted by 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -29,3 +31,13 @@ def test_cpu_search_equals_scoring_the_whole_table(num_experts: int, num_replica
     gpu_loads = loads[np.arange(len(loads))[:, None], phy2log] / np.take_along_axis(counts_per_row, phy2log, 1)
     assert np.allclose(gpu_loads.reshape(len(loads), num_gpus, 2).sum(-1).max(1), peak, rtol=1e-12, atol=0)
     assert expected.shape == phy2log.shape
+
+
+def test_few_count_vectors_agrees_with_the_binomial_without_computing_it_whole():
+    for experts in range(1, 25):
+        for replicas in range(experts, 50):
+            for limit in (0, 1, 9, 1365, 10**6):
+                expected = math.comb(replicas - 1, experts - 1) <= limit
+                assert exact.few_count_vectors(experts, replicas, limit) == expected, (experts, replicas, limit)
+    # A shape the service costs on its event loop: answered from the first terms of the product.
+    assert not exact.few_count_vectors(2**16, 2**19, 1365)

@@ -117,8 +117,8 @@ class Shape:
 
 def _plan(rows: int, experts: int, replicas: int, gpus: int, candidates: int, scenarios: int) -> tuple[int, int, int]:
     """(bytes, sequential steps, touched elements) of `planner.plan` on [rows, experts] loads."""
-    table_candidates = exact.num_count_vectors(experts, replicas)  # one more candidate each, when few
-    problems = rows * (candidates + (table_candidates if table_candidates <= MAX_TABLE_CANDIDATES else 0))
+    few = exact.few_count_vectors(experts, replicas, MAX_TABLE_CANDIDATES)  # one more candidate each, then
+    problems = rows * (candidates + (exact.num_count_vectors(experts, replicas) if few else 0))
     slots_per_gpu = replicas // gpus
     partners = min(MAX_PARTNERS, max(gpus - 1, 0))
     variants = rows * min(MOVE_WIDTH, experts) ** 2

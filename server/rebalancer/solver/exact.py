@@ -35,11 +35,25 @@ def num_count_vectors(num_experts: int, num_replicas: int) -> int:
     return math.comb(num_replicas - 1, num_experts - 1)
 
 
+def few_count_vectors(num_experts: int, num_replicas: int, limit: int) -> bool:
+    """Whether C(R - 1, E - 1) <= `limit`, without the whole number: it grows term by term up to the middle,
+    so the product stops once past the limit (the exact value for 65,536 experts on 2**19 slots, a
+    shape the service must cost without blocking, takes 0.2 s)."""
+    n = num_replicas - 1
+    k = min(num_experts - 1, n - (num_experts - 1))
+    value = 1
+    for i in range(1, k + 1):
+        value = value * (n - k + i) // i  # C(n - k + i, i), exact at every step
+        if value > limit:
+            return False
+    return value <= limit
+
+
 def applies(num_experts: int, num_replicas: int, num_gpus: int) -> bool:
     """Whether `pair_optimum` solves this shape: two slots per GPU and a small enough table."""
     if num_replicas != 2 * num_gpus:
         return False
-    return num_count_vectors(num_experts, num_replicas) * num_replicas <= MAX_TABLE
+    return few_count_vectors(num_experts, num_replicas, MAX_TABLE // num_replicas)
 
 
 @functools.cache

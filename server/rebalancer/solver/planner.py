@@ -82,7 +82,7 @@ def candidate_placements(
     """
     num_rows, num_experts = loads.shape
     table = None
-    if exact.num_count_vectors(num_experts, num_replicas) <= MAX_TABLE_CANDIDATES:
+    if exact.few_count_vectors(num_experts, num_replicas, MAX_TABLE_CANDIDATES):
         table = exact.count_vectors(num_experts, num_replicas, loads.device)  # [T, E]
     # Blocks of candidates (then of rows) hold at most CANDIDATE_BLOCK_ITEMS copies: memory and the time
     # between cancellation checkpoints stay bounded on huge layers. The candidate block (the group whose
