@@ -70,3 +70,15 @@ def test_row_blocks_leave_every_layer_as_all_at_once(monkeypatch) -> None:
     monkeypatch.setattr(repartition, "BLOCK_ELEMENTS", 1)
     assert torch.equal(solve(weight, 24, 1, 1, 8, device="cpu").phy2log, whole)
     assert calls and max(calls) == 1
+
+
+def test_applies_is_the_neighbourhood_rule_and_cheap_on_huge_shapes() -> None:
+    import math
+
+    for gpus in range(1, 12):
+        for slots in range(1, 7):
+            hood = math.comb(gpus - 1, 2) * repartition.num_ways(slots) * 3 * slots if gpus >= 1 else 0
+            expected = slots >= 3 and gpus >= 3 and hood <= repartition.MAX_NEIGHBOURHOOD
+            assert repartition.applies(slots * gpus, gpus) == expected, (slots, gpus)
+    # 2**17 slots per GPU: (3S)! would take seconds; the admission model asks this on the event loop.
+    assert not repartition.applies(2**19, 4)

@@ -44,10 +44,17 @@ def neighbourhood(num_replicas: int, num_gpus: int) -> int:
 
 
 def applies(num_replicas: int, num_gpus: int) -> bool:
-    """Whether layers of R slots on G GPUs get the repartition: 3+ slots per GPU, a small neighbourhood."""
-    if num_replicas // num_gpus < 3 or num_gpus < 3:
+    """Whether layers of R slots on G GPUs get the repartition: 3+ slots per GPU, a small neighbourhood.
+    Cheap for any shape (the admission model asks on the service's event loop): past MAX_SLOTS_PER_GPU the
+    ways alone are too many, and (3S)! is never computed for them (S = 2**17: 7 s)."""
+    slots = num_replicas // num_gpus
+    if not 3 <= slots <= MAX_SLOTS_PER_GPU or num_gpus < 3:
         return False
     return neighbourhood(num_replicas, num_gpus) <= MAX_NEIGHBOURHOOD
+
+
+# The most slots per GPU whose ways fit the neighbourhood with a single pair of other GPUs.
+MAX_SLOTS_PER_GPU = next(s for s in itertools.count(3) if 3 * s * num_ways(s) > MAX_NEIGHBOURHOOD) - 1
 
 
 @functools.cache
