@@ -289,6 +289,32 @@ def test_small_request_is_not_held_up_by_a_long_solve_which_a_cancel_stops(tmp_p
         assert dropped(server) == 1
 
 
+def adversarial_request(layers: int = 58) -> pb.RebalanceRequest:
+    """DeepSeek-V3 prefill with its hottest experts all on the first GPUs of the placement in force: the
+    copy moves cannot balance any layer, so every one takes the fresh plan and its long pull-back (about 3 s
+    here against 0.1 s for a drifting window, where admission expects the latter)."""
+    experts, replicas = 256, 288
+    loads = np.tile(1000.0 / np.arange(1, experts + 1) ** 1.2, (layers, 1)).astype(np.float32)
+    prev = np.tile(np.concatenate([np.arange(experts), np.arange(replicas - experts)]), (layers, 1))
+    topology = pb.Topology(
+        num_layers=layers, num_experts=experts, num_replicas=replicas, num_groups=8, num_nodes=4, num_gpus=32
+    )
+    return pb.RebalanceRequest(loads=encode(loads), topology=topology, prev_phy2log=encode(prev.astype(np.int64)))
+
+
+def test_a_solve_far_over_its_estimate_is_stopped_at_three_times_the_limit(tmp_path):
+    """Admission runs on estimates; a request that makes the solver do far more (here a placement in force
+    that sends every layer to the fresh plan) holds the solver at most 3x --max-job-seconds."""
+    with ServerThread(str(tmp_path), batch_window_ms=0, max_job_seconds=0.3, small_job_seconds=0.01) as server:
+        with pytest.raises(grpc.RpcError) as error:
+            server.stub.Rebalance(adversarial_request(), timeout=60)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "ran past 0.9 s" in error.value.details()  # stopped there, not solved to its end
+        assert server.metric("rebalancer_dropped_requests_total", reason="overrun") == 1
+        small = pb.RebalanceRequest(loads=encode(skewed_loads(1)), topology=TOPOLOGY)
+        assert server.stub.Rebalance(small, timeout=30).placement.stats.balancedness_after > 0  # solver free again
+
+
 def test_deadline_stops_a_long_solve(tmp_path):
     with ServerThread(str(tmp_path), batch_window_ms=0, max_job_seconds=LONG_LIMIT_S) as server:
         warm_up_calls = server.metric("rebalancer_solver_calls_total", path="torch")

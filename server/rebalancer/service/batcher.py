@@ -62,6 +62,10 @@ log = logging.getLogger(__name__)
 
 # How often, at most, a running solve asks whether its callers are still there.
 STOP_POLL_S = 0.005
+# A solve may run this many times --max-job-seconds before it is stopped (RESOURCE_EXHAUSTED): admission
+# runs on estimates, and whatever a request makes the solver do beyond them (a crafted placement in force
+# that sends every layer to the fresh plan, say) costs at most this, not the solver thread for minutes.
+OVERRUN_FACTOR = 3.0
 # Small-lane batches may add up to this many times the small-job bound: batching many small requests is
 # far cheaper than solving them one by one, and the lane's wait stays a few small solves long.
 SMALL_BATCH_FACTOR = 4
@@ -171,14 +175,18 @@ def _tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 class _StopCondition:
-    """The solver's `should_stop` for one batch: true once every job is gone or the server closes.
+    """The solver's `should_stop` for one batch: true once every job is gone, the server closes, or the
+    solve has run past `limit_s` (then `overran` says so).
 
-    Called from the solver thread at every checkpoint; looks at the jobs at most every STOP_POLL_S.
+    Called from the solver thread at every checkpoint; looks at the jobs and the clock at most every
+    STOP_POLL_S.
     """
 
-    def __init__(self, batch: list[SolveJob], closing: threading.Event) -> None:
+    def __init__(self, batch: list[SolveJob], closing: threading.Event, limit_s: float) -> None:
         self.batch = batch
         self.closing = closing
+        self.stop_at = time.monotonic() + limit_s
+        self.overran = False
         self._next_look = 0.0
 
     def __call__(self) -> bool:
@@ -188,7 +196,8 @@ class _StopCondition:
         if now < self._next_look:
             return False
         self._next_look = now + STOP_POLL_S
-        return all(job.gone(now) for job in self.batch)
+        self.overran = now >= self.stop_at
+        return self.overran or all(job.gone(now) for job in self.batch)
 
 
 class _Lane:
@@ -343,7 +352,8 @@ class Batcher:
         batch = [job for job in batch if not self._drop_if_gone(job, now)]
         if not batch:
             return
-        run = functools.partial(self._solve_stoppable, batch, _StopCondition(batch, self._closing))
+        stop = _StopCondition(batch, self._closing, OVERRUN_FACTOR * self.limits.max_job_seconds)
+        run = functools.partial(self._solve_stoppable, batch, stop)
         lane.current = batch
         try:
             outcomes = await asyncio.get_running_loop().run_in_executor(lane.executor, run)
@@ -354,7 +364,7 @@ class Batcher:
                 return
             outcomes = [error]
         except SolveCancelled:
-            self._fail_stopped(batch)
+            self._fail_stopped(batch, stop.overran)
             return
         except Exception as error:  # the worker must survive anything a request can trigger
             log.exception("solver call failed")
@@ -369,13 +379,24 @@ class Batcher:
             else:
                 job.future.set_result(outcome)
 
-    def _fail_stopped(self, batch: list[SolveJob]) -> None:
-        """Answer the jobs of an abandoned solve: shutting down, or each gone by cancel or deadline."""
+    def _fail_stopped(self, batch: list[SolveJob], overran: bool) -> None:
+        """Answer the jobs of an abandoned solve: shutting down, run past its limit, or each gone by cancel
+        or deadline."""
         for job in batch:
             if self._closing.is_set():
                 reason, error = "shutdown", Unavailable("server is shutting down")
             elif job.future.done():
                 reason, error = "cancelled", None
+            elif overran:
+                limit = OVERRUN_FACTOR * self.limits.max_job_seconds
+                reason, error = (
+                    "overrun",
+                    ResourceExhausted(
+                        f"the solve ran past {limit:.1f} s ({OVERRUN_FACTOR:g}x the per-job limit) and was stopped: "
+                        "lower the layers per request or options.num_candidates, or send a placement in force "
+                        "closer to the loads"
+                    ),
+                )
             else:
                 reason, error = "deadline", DeadlineExceeded("deadline passed during the solve")
             self.metrics.dropped_requests.labels(reason).inc()

@@ -37,7 +37,7 @@ BATCH_REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 TRANSFER_BUCKETS = (0.0, 1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 TRIGGERS = ("request", "auto")
-DROP_REASONS = ("cancelled", "deadline", "shutdown")
+DROP_REASONS = ("cancelled", "deadline", "shutdown", "overrun")
 
 
 class Metrics:
@@ -103,7 +103,7 @@ class Metrics:
         self.dropped_requests = counter(
             "rebalancer_dropped_requests_total",
             "Solve requests dropped unsolved, before or during their solve: the caller had gone (cancelled), "
-            "its deadline passed, or the server shut down.",
+            "its deadline passed, the server shut down, or the solve ran far past the per-job limit (overrun).",
             ("reason",),
         )
 

@@ -21,8 +21,18 @@ from .maps import expert_histogram, logcnt_from_phy2log
 
 # Weight of the busier of the two GPUs (over its target) beside the copies a swap saves.
 LOAD_TIE = 1e-3
-# Swaps on disjoint GPU pairs one round may apply per layer.
+# Swaps on disjoint GPU pairs one round may apply per layer: at least this many, and one per this many
+# GPUs on wide layouts (a property of the shape, so a layer's choice does not depend on its batch). On
+# DeepSeek-V3 on 144 GPUs x 3 slots taken fresh, 8 a round took ~55 rounds of [M, R] scores a layer.
 SWAPS_PER_ROUND = 8
+GPUS_PER_SWAP = 4
+
+
+def swaps_per_round(num_gpus: int) -> int:
+    """How many swaps one round applies per layer on G GPUs."""
+    return max(SWAPS_PER_ROUND, num_gpus // GPUS_PER_SWAP)
+
+
 # Layers scored together (the swap scores are [PULL_ROWS, M, R]).
 PULL_ROWS = 32
 
@@ -51,6 +61,7 @@ def _pull_back_block(
     slots_per_gpu = num_slots // num_gpus
     device = phy2log.device
     slot_gpu = torch.arange(num_slots, device=device) // slots_per_gpu
+    swaps = swaps_per_round(num_gpus)
     old = torch.where(before < 0, num_experts, before)
     had = expert_histogram(old, num_experts + 1, num_gpus)[..., :num_experts] > 0  # [L, G, E]
     per_copy = loads / logcnt_from_phy2log(phy2log, num_experts).clamp_min(1)
@@ -93,14 +104,14 @@ def _pull_back_block(
             allowed & (saved > 0), saved - LOAD_TIE * torch.maximum(source_after, partner_after) / cap, -torch.inf
         )
         # Swaps on disjoint GPU pairs do not interact: each round applies the best swap of each of the
-        # `SWAPS_PER_ROUND` best shipped-in slots whose GPUs no better-ranked one of them touches.
+        # `swaps` best shipped-in slots whose GPUs no better-ranked one of them touches.
         per_slot, partner = score.max(2)  # [A, M]
-        if width < SWAPS_PER_ROUND:  # a fixed K, so that a layer's choice does not depend on its batch
-            pad = SWAPS_PER_ROUND - width
+        if width < swaps:  # a fixed K, so that a layer's choice does not depend on its batch
+            pad = swaps - width
             per_slot = torch.cat([per_slot, per_slot.new_full((rows, pad), -torch.inf)], 1)
             partner, moved_in = (torch.cat([t, t.new_zeros(rows, pad)], 1) for t in (partner, moved_in))
         best, rank = per_slot.sort(dim=1, descending=True, stable=True)
-        best, rank = best[:, :SWAPS_PER_ROUND], rank[:, :SWAPS_PER_ROUND]  # [A, K]
+        best, rank = best[:, :swaps], rank[:, :swaps]  # [A, K]
         first = moved_in.gather(1, rank)
         second = partner.gather(1, rank)
         pair = torch.stack([slot_gpu[first], slot_gpu[second]], 2)  # [A, K, 2]
