@@ -185,6 +185,7 @@ class _StopCondition:
     def __init__(self, batch: list[SolveJob], closing: threading.Event, limit_s: float) -> None:
         self.batch = batch
         self.closing = closing
+        self.limit_s = limit_s
         self.stop_at = time.monotonic() + limit_s
         self.overran = False
         self._next_look = 0.0
@@ -364,7 +365,7 @@ class Batcher:
                 return
             outcomes = [error]
         except SolveCancelled:
-            self._fail_stopped(batch, stop.overran)
+            self._fail_stopped(batch, stop)
             return
         except Exception as error:  # the worker must survive anything a request can trigger
             log.exception("solver call failed")
@@ -379,7 +380,7 @@ class Batcher:
             else:
                 job.future.set_result(outcome)
 
-    def _fail_stopped(self, batch: list[SolveJob], overran: bool) -> None:
+    def _fail_stopped(self, batch: list[SolveJob], stop: _StopCondition) -> None:
         """Answer the jobs of an abandoned solve: shutting down, run past its limit, or each gone by cancel
         or deadline."""
         for job in batch:
@@ -387,14 +388,13 @@ class Batcher:
                 reason, error = "shutdown", Unavailable("server is shutting down")
             elif job.future.done():
                 reason, error = "cancelled", None
-            elif overran:
-                limit = OVERRUN_FACTOR * self.limits.max_job_seconds
+            elif stop.overran:
                 reason, error = (
                     "overrun",
                     ResourceExhausted(
-                        f"the solve ran past {limit:.1f} s ({OVERRUN_FACTOR:g}x the per-job limit) and was stopped: "
-                        "lower the layers per request or options.num_candidates, or send a placement in force "
-                        "closer to the loads"
+                        f"the solve ran past {stop.limit_s:.1f} s ({OVERRUN_FACTOR:g}x the per-job limit) and was "
+                        "stopped: lower the layers per request or options.num_candidates, or send a placement in "
+                        "force closer to the loads"
                     ),
                 )
             else:

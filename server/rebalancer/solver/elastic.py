@@ -36,6 +36,7 @@ from collections.abc import Sequence
 import torch
 from rebalancer_wire.options import ArgumentError
 
+from .blocks import in_row_blocks
 from .cancel import checkpoint
 from .maps import expert_histogram, logcnt_from_phy2log
 from .migration import migrate
@@ -177,22 +178,11 @@ def best_repair(
     all_loads, all_targets = loads.repeat(tries, 1), targets.repeat(tries)
     move_cost = (weights[:, :1] * mean).flatten()
     over_cost = (weights[:, 1:] * mean).flatten()
-    all_seeds = seed.repeat(tries, 1)
-    # Row blocks bound the chain scoring's memory (REPAIR_ROWS x FREED_SLOTS x R).
-    repaired = torch.cat(
-        [
-            rehost_by_chains(
-                all_loads[rows], all_seeds[rows], num_gpus, all_targets[rows], move_cost[rows], over_cost[rows]
-            )
-            for rows in torch.arange(tries * num_layers, device=loads.device).split(REPAIR_ROWS)
-        ]
-    )
-    repaired = torch.cat(
-        [
-            shed_excess(all_loads[rows], repaired[rows], num_gpus, all_targets[rows], budget)
-            for rows in torch.arange(tries * num_layers, device=loads.device).split(SHED_ROWS)
-        ]
-    )
+    # Row blocks bound the chain scoring's memory (REPAIR_ROWS x FREED_SLOTS x R) and the shedding's rounds.
+    per_try = {"loads": all_loads, "targets": all_targets}
+    chains = {**per_try, "seed": seed.repeat(tries, 1), "move_cost": move_cost, "over_cost": over_cost}
+    repaired = in_row_blocks(rehost_by_chains, REPAIR_ROWS, chains, num_gpus=num_gpus)
+    repaired = in_row_blocks(shed_excess, SHED_ROWS, {**per_try, "phy2log": repaired}, num_gpus=num_gpus, budget=budget)
     counts = logcnt_from_phy2log(repaired, num_experts)
     peak = (all_loads / counts).gather(1, repaired).view(tries * num_layers, num_gpus, -1).sum(-1).amax(-1)
     before = torch.where(before < 0, num_experts, before).repeat(tries, 1)

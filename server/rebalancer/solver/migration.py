@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import maps
+from .blocks import in_row_blocks
 from .cancel import checkpoint
 from .joint import SearchEffort, copy_moves, improve_replication, moved_counts
 from .maps import expert_histogram, logcnt_from_phy2log
@@ -123,15 +124,9 @@ def hand_over_copies(
     target. One move ships one copy. loads [L, E] float64, phy2log [L, R], targets [L] -> phy2log [L, R].
     Layers go in blocks of at most HANDOVER_BLOCK_ITEMS trial slots (layers are independent problems).
     """
-    num_layers, num_slots = phy2log.shape
-    block = max(1, HANDOVER_BLOCK_ITEMS // (min(width, loads.shape[1]) ** 2 * num_slots))
-    if num_layers > block:
-        parts = [
-            _hand_over(loads[rows], phy2log[rows], num_gpus, targets[rows], rounds, width)
-            for rows in torch.arange(num_layers, device=phy2log.device).split(block)
-        ]
-        return torch.cat(parts)
-    return _hand_over(loads, phy2log, num_gpus, targets, rounds, width)
+    block = HANDOVER_BLOCK_ITEMS // (min(width, loads.shape[1]) ** 2 * phy2log.shape[1])
+    rows = {"loads": loads, "phy2log": phy2log, "targets": targets}
+    return in_row_blocks(_hand_over, block, rows, num_gpus=num_gpus, rounds=rounds, width=width)
 
 
 def _hand_over(

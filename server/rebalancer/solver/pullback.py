@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .blocks import in_row_blocks
 from .cancel import checkpoint
 from .maps import expert_histogram, logcnt_from_phy2log
 
@@ -48,8 +49,8 @@ def pull_back(
     """
     if phy2log.shape[0] == 0:
         return phy2log.clone()
-    blocks = torch.arange(phy2log.shape[0], device=phy2log.device).split(PULL_ROWS)
-    return torch.cat([_pull_back_block(loads[b], phy2log[b], before[b], num_gpus, targets[b]) for b in blocks])
+    rows = {"loads": loads, "phy2log": phy2log, "before": before, "targets": targets}
+    return in_row_blocks(_pull_back_block, PULL_ROWS, rows, num_gpus=num_gpus)
 
 
 def _pull_back_block(
