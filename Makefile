@@ -32,8 +32,8 @@ protos: install
 	$(BIN)/python -m rebalancer_wire.protogen
 
 lint: install
-	$(BIN)/ruff check server client wire tests benchmarks deploy
-	$(BIN)/ruff format --check server client wire tests benchmarks deploy
+	$(BIN)/ruff check server client wire testkit tests benchmarks deploy
+	$(BIN)/ruff format --check server client wire testkit tests benchmarks deploy
 	$(BIN)/buf lint
 	$(BIN)/hadolint Dockerfile
 

@@ -17,13 +17,13 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 import grpc
 import numpy as np
 import torch
-import workloads
 from harness import main, table, timed
 from rebalancer.service.admission import Shape, solve_cost
 from rebalancer.solver import solve
+from rebalancer_testkit import workloads
+from rebalancer_testkit.serving import Server, memory_mib, rebalance_request, topology, zipf_loads
 from rebalancer_wire.codec import encode
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
-from serving import Server, memory_mib, rebalance_request, topology, zipf_loads
 
 BUDGET_MB, GRACE_S, DROPPED = 1000, 1.0, "rebalancer_dropped_requests_total"
 DROP_WAIT_S = 30.0  # a job still running this long after its cancel or deadline counts as never stopped

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-import workloads
 from harness import main, table
+from rebalancer_testkit import workloads
+from rebalancer_testkit.serving import CHANNEL_OPTIONS, Server, memory_mib, topology, zipf_loads
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from rebalancer_wire.v1 import rebalancer_pb2_grpc
-from serving import CHANNEL_OPTIONS, Server, memory_mib, topology, zipf_loads
 
 REPORTS_PER_CALL = 50
 

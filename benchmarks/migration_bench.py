@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import peers
 import torch
-import workloads
 from harness import filled, main
 from rebalancer.solver import DEFAULT_BALANCE_TOLERANCE, CostModel, maps, solve
 from rebalancer.solver.elastic import elastic_moves
 from rebalancer.solver.transfers import plan_transfers, same_node_share, transfer_stats
+from rebalancer_testkit import workloads
 
 MIGRATION_SHAPES, BASELINES = ("dsv3_prefill", "qwen3_235b", "kimi_k2"), ("deepseek_global", "deepseek")
 HISTORY_WINDOWS = 4

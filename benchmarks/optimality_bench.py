@@ -17,16 +17,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import highspy  # a dev dependency (make install), for the benchmark and its tests
 import numpy as np
 import torch
-import workloads
 from harness import filled, main
 from rebalancer.solver import rebalance_experts
-
-try:  # a benchmark/test-only dependency
-    import highspy
-except ImportError:  # pragma: no cover - exercised only where highspy is absent
-    highspy = None
+from rebalancer_testkit import workloads
 
 Placement = tuple[list[int], list[list[int]]]  # (copies per expert, per GPU the expert of each of its S slots)
 CACHE = Path(__file__).resolve().parent / "milp_optima.json"
@@ -131,8 +127,6 @@ class Model:
 def solve_milp(loads: Sequence[float], num_replicas: int, num_gpus: int, time_limit: float = 60.0, starts=()) -> dict:
     """One layer to optimality or `time_limit` s, from the best of `starts` and the `deepseek` placement: optimum,
     bound, status ("optimal" or HiGHS's), seconds, copies, gpu_experts."""
-    if highspy is None:
-        raise RuntimeError("highspy is not installed: pip install highspy")
     loads, started = [float(w) for w in loads], time.perf_counter()
     lb = float(workloads.lower_bound(torch.tensor([loads]), num_replicas, num_gpus)[0])
     known = [solver_placement(loads, num_replicas, num_gpus, "deepseek"), *starts]

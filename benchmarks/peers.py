@@ -1,54 +1,24 @@
 """The baselines others ship, from their released wheels: the engines' EPLB planners and DeepSeek's algorithm.
 
-Wheels are fetched with `pip download --no-deps` into REBALANCER_ENGINE_WHEELS (default
-~/.cache/moe-rebalancer/engine-wheels); only their EPLB modules are imported, under namespace stubs, so no
-engine `__init__` runs and nothing of theirs is copied. SGLang ships the published `eplb.py` as `deepseek.py`
-but packs summing Python floats, not float32 0-d tensors (faster, near-ties break differently), so the
-published algorithm is that module with the published packing loop swapped in.
+Wheels come from `rebalancer_testkit.wheels` (fetched once, cached); only their EPLB modules are imported,
+under namespace stubs, so no engine `__init__` runs and nothing of theirs is copied. SGLang ships the published
+`eplb.py` as `deepseek.py` but packs summing Python floats, not float32 0-d tensors (faster, near-ties break
+differently), so the published algorithm is that module with the published packing loop swapped in.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-import os
-import subprocess
 import sys
 import types
 from collections.abc import Callable
-from pathlib import Path
 from unittest import mock
 
 import torch
+from rebalancer_testkit.wheels import ENGINES, fetch_wheel, import_from_wheel
 
-ENGINES = {"vllm": "0.33.0", "sglang": "0.5.23"}
 SGLANG_EPLB = "sglang.srt.eplb.eplb_algorithms"
 Planner = Callable[[torch.Tensor, int, int, int, int], torch.Tensor]
-
-
-def fetch_wheel(name: str, version: str) -> Path:
-    """The cached wheel of `name==version`, downloaded (no dependencies) when missing."""
-    directory = Path(os.environ.get("REBALANCER_ENGINE_WHEELS") or Path.home() / ".cache/moe-rebalancer/engine-wheels")
-    if not sorted(directory.glob(f"{name}-{version}-*.whl")):
-        directory.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", f"{name}=={version}", "-d"]
-        subprocess.run([*command, str(directory)], check=True, timeout=900)
-    found = sorted(directory.glob(f"{name}-{version}-*.whl"))
-    if not found:
-        raise FileNotFoundError(f"pip download left no {name}-{version} wheel in {directory}")
-    return found[0]
-
-
-def import_from_wheel(wheel: Path, module: str, alias: str = "") -> types.ModuleType:
-    """Import `module` from `wheel` under a private top package `alias` (an installed engine is never shadowed)."""
-    top, *rest = module.split(".")
-    alias = alias or f"_released_{wheel.name.split('-')[0]}_{wheel.name.split('-')[1].replace('.', '_')}"
-    for depth in range(len(rest)):
-        package = ".".join([alias, *rest[:depth]])
-        if package not in sys.modules:
-            sys.modules[package] = stub = types.ModuleType(package)
-            stub.__path__ = [str(wheel / Path(top, *rest[:depth]))]
-    return importlib.import_module(".".join([alias, *rest]))
 
 
 def load_released_planners() -> dict[str, Planner]:

@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 
 import peers
 import torch
-import workloads
 from harness import filled, interleaved_times, main, table
 from rebalancer.solver import solve
+from rebalancer_testkit import workloads
 
 Planner = Callable[[torch.Tensor, workloads.Shape], torch.Tensor]  # (weight [L, E], shape) -> phy2log [L, R]
 

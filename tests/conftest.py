@@ -1,7 +1,7 @@
 """Test-suite settings shared by every module.
 
-benchmarks/ goes on the import path: its `workloads` (load generators, placement scores) and `serving`
-(the port helper) are shared by the tests and the benchmarks.
+benchmarks/ goes on the import path, for the tests that run the benchmarks on small shapes; what tests and
+benchmarks share (loads, scores, the port helper, the engines' wheels) is the `rebalancer_testkit` package.
 
 Hypothesis runs derandomized by default so CI is repeatable (the same examples every run, no example
 database); `HYPOTHESIS_PROFILE=explore` draws fresh examples for a local bug hunt.

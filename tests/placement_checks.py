@@ -1,7 +1,7 @@
 """Checks of placement maps and the reference policies the solver tests compare against.
 
-Loads and scores (balancedness, max GPU load, lower bound) come from benchmarks/workloads.py, which the
-benchmarks share; what stays here is test-only: the published algorithm's hierarchical and global policies
+Loads and scores (balancedness, max GPU load, lower bound) come from `rebalancer_testkit.workloads`, which
+the benchmarks share; what stays here is test-only: the published algorithm's hierarchical and global policies
 as references, and the invariants every DeepSeek-compatible placement triple must satisfy.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from rebalancer.solver import deepseek
-from workloads import balancedness
+from rebalancer_testkit.workloads import balancedness
 
 
 def reference_policies(

@@ -1,10 +1,10 @@
 """The released vLLM and SGLang EPLB code, imported from their wheels without their dependency trees.
 
-The wheels are fetched once with `pip download --no-deps` into REBALANCER_ENGINE_WHEELS (default
-~/.cache/moe-rebalancer/engine-wheels), so reruns are offline. Only their EPLB folders are extracted
-(next to the wheels) and imported as namespace packages: no `vllm/__init__.py` or `sglang/__init__.py`
-runs. The modules that EPLB code imports but the tested paths never execute (distributed groups,
-platforms, model registries) are stubbed by name below; everything the tests call is the engines' code.
+The wheels come from `rebalancer_testkit.wheels` (fetched once, cached, so reruns are offline). Only their
+EPLB folders are extracted (next to the wheels) and imported as namespace packages: no `vllm/__init__.py`
+or `sglang/__init__.py` runs. The modules that EPLB code imports but the tested paths never execute
+(distributed groups, platforms, model registries) are stubbed by name below; everything the tests call is
+the engines' code.
 When the registry cannot be reached the tests skip, saying so.
 """
 
@@ -12,53 +12,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import pathlib
-import subprocess
 import sys
 import types
-import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pytest
+from rebalancer_testkit import wheels
 
-VLLM = ("vllm", "0.33.0", ("vllm/distributed/eplb/", "vllm/plugins/__init__.py"))
-SGLANG = ("sglang", "0.5.23", ("sglang/srt/eplb/",))
-
-
-def wheel_dir() -> pathlib.Path:
-    default = pathlib.Path.home() / ".cache" / "moe-rebalancer" / "engine-wheels"
-    return pathlib.Path(os.environ.get("REBALANCER_ENGINE_WHEELS", default))
-
-
-def fetch_wheel(name: str, version: str) -> pathlib.Path:
-    """The cached wheel, downloaded without dependencies when missing; skips when the registry is away."""
-    folder = wheel_dir()
-    found = sorted(folder.glob(f"{name}-{version}-*.whl"))
-    if found:
-        return found[0]
-    folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", f"{name}=={version}", "-d", str(folder)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    found = sorted(folder.glob(f"{name}-{version}-*.whl"))
-    if not found:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        pytest.skip(f"cannot fetch {name}=={version} from the package registry: {tail[0]}")
-    return found[0]
+VLLM = ("vllm", wheels.ENGINES["vllm"], ("vllm/distributed/eplb/", "vllm/plugins/__init__.py"))
+SGLANG = ("sglang", wheels.ENGINES["sglang"], ("sglang/srt/eplb/",))
 
 
 def extract(name: str, version: str, members: tuple[str, ...]) -> pathlib.Path:
-    """The wheel's `members` (folders or files) under a cache folder that goes on sys.path."""
-    root = wheel_dir() / "extracted" / f"{name}-{version}"
-    marker = root / ".complete"
-    if not marker.exists():
-        with zipfile.ZipFile(fetch_wheel(name, version)) as archive:
-            for member in archive.namelist():
-                if member.startswith(members) and member.endswith(".py"):
-                    archive.extract(member, root)
-        marker.touch()
-    return root
+    """The wheel's EPLB files extracted (`rebalancer_testkit.wheels`); skips when the registry is away."""
+    try:
+        return wheels.extract(name, version, members)
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
 
 
 def _placeholder(module: str, attribute: str) -> type:

@@ -31,10 +31,10 @@ from grpc_status import rpc_status
 from rebalancer.service.config import ServerConfig
 from rebalancer.service.server import SERVICE_NAME, RebalancerServer
 from rebalancer.solver import solve
+from rebalancer_testkit.serving import free_port as free_port  # re-exported: the service tests take it from here
 from rebalancer_wire.codec import decode, encode
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from rebalancer_wire.v1 import rebalancer_pb2_grpc
-from serving import free_port as free_port  # re-exported: the service tests take it from here
 
 # A small topology that keeps every test fast: 4 layers of 16 experts on 32 slots, 4 groups, 2 nodes, 4 GPUs.
 LAYERS, EXPERTS, REPLICAS, GROUPS, NODES, GPUS = 4, 16, 32, 4, 2, 4

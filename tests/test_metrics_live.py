@@ -28,10 +28,10 @@ if find_spec("rebalancer.service.main") is None:
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from rebalancer_testkit.serving import free_port  # noqa: E402
 from rebalancer_wire.codec import encode  # noqa: E402
 from rebalancer_wire.v1 import rebalancer_pb2 as pb  # noqa: E402
 from rebalancer_wire.v1.rebalancer_pb2_grpc import RebalancerServiceStub  # noqa: E402
-from serving import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE = "rebalancer.v1.RebalancerService"

@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
-from optimality_bench import CACHE, KNOWN, gap_pct, highspy, instances, placement_max_load, solve_milp, solver_placement
-from workloads import lower_bound
+from optimality_bench import CACHE, KNOWN, gap_pct, instances, placement_max_load, solve_milp, solver_placement
+from rebalancer_testkit.workloads import lower_bound
 
-needs_highs = pytest.mark.skipif(highspy is None, reason="highspy not installed (pip install highspy)")
 # Instances HiGHS proves in well under a second (the published trap and the other README layer take
 # 5-40 s, so their cached optima are checked instead): (name, loads, replicas, GPUs, optimum). Three copies
 # of the heavy expert, one per GPU beside a light one, reach the bound 13 / 3.
@@ -28,7 +27,6 @@ def _cached() -> list[dict]:
     return list(json.loads(CACHE.read_text()).values()) if CACHE.exists() else []
 
 
-@needs_highs
 @pytest.mark.parametrize(("name", "loads", "replicas", "gpus", "optimum"), FAST_KNOWN, ids=[k[0] for k in FAST_KNOWN])
 def test_milp_reproduces_known_optimum(name: str, loads: list[float], replicas: int, gpus: int, optimum: float) -> None:
     res = solve_milp(loads, replicas, gpus, time_limit=60)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import load
 import pytest
-import workloads
+from rebalancer_testkit import workloads
 
 
 @pytest.mark.slow

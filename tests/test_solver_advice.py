@@ -6,7 +6,7 @@ import pytest
 import torch
 from rebalancer.solver import advise_slots, solve
 from rebalancer.solver.planner import TARGET_SLACK
-from workloads import lower_bound, make
+from rebalancer_testkit.workloads import lower_bound, make
 
 SHAPE = dict(num_groups=4, num_nodes=2, num_gpus=8)
 

@@ -9,7 +9,7 @@ from placement_checks import assert_valid_maps
 from rebalancer.solver import apply_transfers, maps, solve
 from rebalancer.solver.elastic import elastic_moves
 from rebalancer.solver.transfers import SRC_GPU
-from workloads import make
+from rebalancer_testkit.workloads import make
 
 # DeepSeek-V3 layout on few layers: 256 experts in 8 groups, 288 slots, 4 nodes x 8 GPUs (9 slots each).
 LAYERS, EXPERTS, REPLICAS, GROUPS, NODES, GPUS = 4, 256, 288, 8, 4, 32

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from placement_checks import assert_groups_on_one_node, assert_valid_maps
 from rebalancer.solver import POLICIES, deepseek, rebalance_experts, solve
-from workloads import KINDS, README_PHY2LOG, README_WEIGHT, make, max_gpu_load
+from rebalancer_testkit.workloads import KINDS, README_PHY2LOG, README_WEIGHT, make, max_gpu_load
 
 ALL_POLICIES = ("auto", "deepseek", "global", "hierarchical")
 SOLVER_POLICIES = ("auto", "global", "hierarchical")

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from placement_checks import assert_groups_on_one_node, assert_valid_maps
 from rebalancer.solver import DEFAULT_BALANCE_TOLERANCE, maps, rebalance_experts, solve
-from workloads import balancedness, drift_series, make
+from rebalancer_testkit.workloads import balancedness, drift_series, make
 
 SOLVER_POLICIES = ("auto", "global", "hierarchical")
 # Mid-size DeepSeek-like shape scaled down: 8 layers, 64 experts in 8 groups, 72 slots, 2 nodes x 4 GPUs.

@@ -8,7 +8,7 @@ import torch
 from rebalancer.solver import maps, pullback
 from rebalancer.solver.elastic import elastic_moves
 from rebalancer.solver.pullback import pull_back
-from workloads import make
+from rebalancer_testkit.workloads import make
 
 
 def _gpu_loads(loads: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from rebalancer.solver import joint, rebalance_experts, solve
 from rebalancer.solver.joint import copy_moves, fresh_packs, improve_replication, moved_counts, paired_moves
 from rebalancer.solver.packing import round_pack
 from rebalancer.solver.replication import replica_counts, slots_from_counts
-from workloads import KINDS, balancedness, lower_bound, make, max_gpu_load
+from rebalancer_testkit.workloads import KINDS, balancedness, lower_bound, make, max_gpu_load
 
 # (layers, experts, replicas, groups, nodes, gpus): few slots per GPU, groups per node from 1 to 4,
 # hierarchy on and off, and one mid-size case.

@@ -7,7 +7,7 @@ import pytest
 import torch
 from rebalancer.solver import maps
 from rebalancer.solver.shedding import excess, rehost_by_chains, shed_excess
-from workloads import make
+from rebalancer_testkit.workloads import make
 
 
 def _peaks(loads: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:

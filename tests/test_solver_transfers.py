@@ -18,7 +18,7 @@ from rebalancer.solver.transfers import (
     same_node_share,
     transfer_stats,
 )
-from workloads import drift_series, make
+from rebalancer_testkit.workloads import drift_series, make
 
 # 6 layers, 64 experts in 8 groups, 80 slots, 2 nodes x 4 GPUs (10 slots per GPU).
 SHAPE = (6, 64, 80, 8, 2, 8)
