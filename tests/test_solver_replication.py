@@ -31,25 +31,18 @@ def test_both_tables_give_the_sequential_greedy_copies(path, experts, replicas):
     assert torch.equal(getattr(replication, path)(loads, replicas), sequential_greedy(loads, replicas))
 
 
+@pytest.mark.parametrize("path", ["_harmonic_counts", "_pruned_counts"])
 @pytest.mark.parametrize("loads", [[3.0, 3.0, 3.0, 3.0], [0.0, 0.0, 0.0], [4.0, 2.0, 2.0, 1.0, 1.0], [6.0, 0.0, 3.0]])
-def test_harmonic_table_reaches_the_greedy_optimum_on_ties_and_zero_rows(loads):
+def test_both_tables_reach_the_greedy_optimum_on_ties_and_zero_rows(path, loads):
+    """Both keep the greedy's largest load per copy (the optimum of replication); the pruned table also
+    breaks ties towards the lowest experts, as the sequential greedy does."""
     weight = torch.tensor([loads], dtype=torch.float64)
     for replicas in range(len(loads) + 1, 3 * len(loads) + 2):
-        counts = replication._harmonic_counts(weight, replicas)
+        counts = getattr(replication, path)(weight, replicas)
         assert int(counts.sum()) == replicas and bool((counts >= 1).all())
-        assert float((weight / counts).max()) == float((weight / sequential_greedy(weight, replicas)).max())
-
-
-@pytest.mark.parametrize("loads", [[3.0, 3.0, 3.0, 3.0], [0.0, 0.0, 0.0], [4.0, 2.0, 2.0, 1.0, 1.0], [6.0, 0.0, 3.0]])
-def test_pruned_table_breaks_ties_towards_the_lowest_experts_and_handles_zero_rows(loads):
-    weight = torch.tensor([loads], dtype=torch.float64)
-    for replicas in range(len(loads) + 1, 3 * len(loads) + 2):
-        counts = replication._pruned_counts(weight, replicas)
-        assert int(counts.sum()) == replicas and bool((counts >= 1).all())
-        # The largest load per copy is the greedy's, the optimum of replication.
         greedy = sequential_greedy(weight, replicas)
         assert float((weight / counts).max()) == float((weight / greedy).max())
-        if weight.any():
+        if path == "_pruned_counts" and weight.any():
             assert torch.equal(counts, greedy)
 
 
