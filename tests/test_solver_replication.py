@@ -79,3 +79,12 @@ def test_deepseek_v3_on_64_gpus_takes_the_harmonic_table_of_280_shares(monkeypat
     counts = replica_counts(loads, 320)
     assert widths == [256, replication._harmonic_shares(256, 320)] and widths[1] < 300
     assert torch.equal(counts, sequential_greedy(loads, 320))
+
+
+def test_only_small_harmonic_tables_are_cached():
+    """One expert on 70,001 slots takes a harmonic table of 70,000 shares: built, used, not kept."""
+    replication._cached_table.cache_clear()
+    assert replica_counts(torch.ones(1, 1), 70_001).tolist() == [[70_001]]
+    assert replication._cached_table.cache_info().currsize == 0
+    replica_counts(torch.rand(2, 256, generator=torch.Generator().manual_seed(3)), 320)
+    assert replication._cached_table.cache_info().currsize == 1

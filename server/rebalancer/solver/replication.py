@@ -21,6 +21,9 @@ import torch
 # share costs about two harmonic ones (scatter, cumsum and gathers against a gather and the top-k of the
 # takers; measured on the CPU on 4096 experts -> 8192 slots, 64 -> 1024 and 256 -> 512).
 PRUNED_COST_RATIO = 2
+# Harmonic tables up to this many shares (1 MiB of indices) are cached, 64 of them at most: the cache
+# stays bounded whatever shapes clients send.
+CACHED_TABLE_SHARES = 2**16
 
 
 def replica_counts(loads: torch.Tensor, num_replicas: int) -> torch.Tensor:
@@ -57,13 +60,22 @@ def _harmonic_shares(num_experts: int, num_replicas: int) -> int:
     return total
 
 
-@functools.lru_cache(maxsize=64)
 def _harmonic_table(takers: int, extra: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """(rank [H], k [H] in `dtype`) of the harmonic table's shares: rank r (from 0) holds k = 1 .. extra // (r + 1)."""
+    """(rank [H], k [H] in `dtype`) of the harmonic table's shares: rank r (from 0) holds k = 1 .. extra // (r + 1).
+    Small tables are kept (`_cached_table`): on a README-sized layer building one costs a tenth of the solve."""
+    if _harmonic_shares(takers, takers + extra) <= CACHED_TABLE_SHARES:
+        return _cached_table(takers, extra, device, dtype)
+    return _built_table(takers, extra, device, dtype)
+
+
+def _built_table(takers: int, extra: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     per_rank = extra // torch.arange(1, takers + 1, device=device)
     rank = torch.repeat_interleave(torch.arange(takers, device=device), per_rank)
     starts = per_rank.cumsum(0) - per_rank
     return rank, (torch.arange(rank.numel(), device=device) - starts[rank] + 1).to(dtype)
+
+
+_cached_table = functools.lru_cache(maxsize=64)(_built_table)
 
 
 def _harmonic_counts(loads: torch.Tensor, num_replicas: int) -> torch.Tensor:
