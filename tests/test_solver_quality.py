@@ -169,6 +169,19 @@ def test_joint_search_never_raises_the_peak_and_keeps_every_expert(kind: str) ->
     torch.testing.assert_close(max_gpu_load(loads, improved, 6), peak, rtol=1e-12, atol=0.0)
 
 
+@pytest.mark.parametrize(
+    "rows, gpus, slots, experts, moves", [(3, 8, 4, 20, 4), (2, 5, 300, 40, 3), (4, 72, 4, 256, 16), (2, 3, 2, 500, 2)]
+)
+def test_copies_on_gpus_equal_a_count_of_every_slot(rows, gpus, slots, experts, moves) -> None:
+    # Both ways of counting (the per-GPU histogram, bytes or int32, and the slot comparison for many experts).
+    generator = torch.Generator().manual_seed(gpus)
+    gpu_experts = torch.randint(0, experts, (rows, gpus, slots), generator=generator)
+    asked = torch.randint(0, experts, (rows, 2 * moves), generator=generator)
+    counted = (gpu_experts.unsqueeze(1) == asked[..., None, None]).sum(-1).split(moves, 1)
+    for got, expected in zip(joint._copies_on_gpus(gpu_experts, asked, experts), counted, strict=True):
+        assert torch.equal(got.long(), expected)
+
+
 @pytest.mark.parametrize("kind", ["zipf", "hot", "uniformish"])
 def test_paired_move_scores_equal_the_moves_packed_afresh(kind: str) -> None:
     # Two slots per GPU: scoring a move by index arithmetic on the sorted copies gives the peak of its
