@@ -168,6 +168,15 @@ def test_moved_copies_counts_new_experts_per_gpu() -> None:
     assert _moves(torch.tensor([[0, 1, 2, 2]]), torch.tensor([[0, 0, 2, 1]]), 3, 2).tolist() == [2]
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_moved_copies_equal_the_positive_part_of_the_histogram_change(dtype: torch.dtype) -> None:
+    # Random placements with many duplicate copies per GPU, against the definition in int64 histograms.
+    generator = torch.Generator().manual_seed(5)
+    prev, new = (torch.randint(0, 6, (7, 48), generator=generator).to(dtype) for _ in range(2))
+    change = maps.expert_histogram(new, 6, 4) - maps.expert_histogram(prev, 6, 4)
+    assert torch.equal(maps.moved_copies(prev, new, 6, 4), change.clamp_min(0).sum((1, 2)))
+
+
 @pytest.mark.parametrize("tolerance", [DEFAULT_BALANCE_TOLERANCE, 0.0], ids=["default-tolerance", "zero-tolerance"])
 @pytest.mark.parametrize("policy", ("auto", "hierarchical"))
 def test_hierarchical_plans_keep_groups_on_their_node_with_a_placement_in_force(policy: str, tolerance: float) -> None:

@@ -64,8 +64,8 @@ def match_gpus(
     With num_nodes > 1 whole nodes are matched first and GPUs only within matched nodes, so a plan
     that keeps groups on one node still does after relabelling.
     """
-    new = expert_histogram(phy2log, num_experts, num_gpus).clamp_max(1).to(torch.float32)
-    old = expert_histogram(prev_phy2log, num_experts, num_gpus).clamp_max(1).to(torch.float32)
+    new = expert_histogram(phy2log, num_experts, num_gpus, compact=True).clamp_max(1).to(torch.float32)
+    old = expert_histogram(prev_phy2log, num_experts, num_gpus, compact=True).clamp_max(1).to(torch.float32)
     overlap = torch.bmm(new, old.transpose(1, 2))  # [L, G_new, G_old]
     # Ties broken towards the identity so that unchanged GPUs keep their label.
     overlap += torch.eye(num_gpus, device=overlap.device) * 1e-3

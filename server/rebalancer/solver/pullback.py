@@ -64,7 +64,7 @@ def _pull_back_block(
     slot_gpu = torch.arange(num_slots, device=device) // slots_per_gpu
     swaps = swaps_per_round(num_gpus)
     old = torch.where(before < 0, num_experts, before)
-    had = expert_histogram(old, num_experts + 1, num_gpus)[..., :num_experts] > 0  # [L, G, E]
+    had = expert_histogram(old, num_experts + 1, num_gpus, compact=True)[..., :num_experts] > 0  # [L, G, E]
     per_copy = loads / logcnt_from_phy2log(phy2log, num_experts).clamp_min(1)
     phy2log = phy2log.clone()
     active = torch.arange(num_layers, device=device)
@@ -74,7 +74,7 @@ def _pull_back_block(
         rows = active.numel()
         slot_load = per_copy[active].gather(1, phy)
         gpu_load = slot_load.view(rows, num_gpus, slots_per_gpu).sum(-1)
-        hosts = expert_histogram(phy, num_experts, num_gpus) > 0
+        hosts = expert_histogram(phy, num_experts, num_gpus, compact=True) > 0
         by_slot = phy.unsqueeze(1).expand(-1, num_gpus, -1)
         had_slot = layer_had.gather(2, by_slot)  # [A, G, R]: GPU g held slot t's expert before
         hosts_slot = hosts.gather(2, by_slot)
@@ -95,7 +95,8 @@ def _pull_back_block(
         partner_gpu = slot_gpu.view(1, -1, 1).expand(rows, -1, width)
         returns = layer_had.gather(2, by_moved).gather(1, partner_gpu).transpose(1, 2)  # h held s's expert
         partner_crowded = hosts.gather(2, by_moved).gather(1, partner_gpu).transpose(1, 2)
-        saved = gets_back.long() + returns.long() - kept.unsqueeze(1).long()  # copies the swap saves
+        # Copies the swap saves, in {-1, ..., 2}: int8 (the [A, M, R] tensors here are the round's cost).
+        saved = gets_back.to(torch.int8) + returns.to(torch.int8) - kept.unsqueeze(1).to(torch.int8)
         moved_load = slot_load.gather(1, moved_in).unsqueeze(2)
         source_after = gpu_load.gather(1, source_gpu).unsqueeze(2) - moved_load + slot_load.unsqueeze(1)
         partner_after = gpu_load.gather(1, slot_gpu.expand(rows, -1)).unsqueeze(1) - slot_load.unsqueeze(1) + moved_load

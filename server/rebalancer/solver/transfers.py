@@ -68,7 +68,7 @@ def plan_transfers(
     layer, slot = (phy2log != before).nonzero(as_tuple=True)
     expert = phy2log[layer, slot]
     dst = gpu_ids[slot // slots_per_gpu]
-    hosts = expert_histogram(prev_phy2log, num_experts, old_num_gpus) > 0  # [L, G_old, E]
+    hosts = expert_histogram(prev_phy2log, num_experts, old_num_gpus, compact=True) > 0  # [L, G_old, E]
     if usable_sources is None:
         usable_sources = torch.ones(old_num_gpus, dtype=torch.bool, device=device)
     candidates = hosts[layer, :, expert] & usable_sources.to(device).view(1, -1)  # [T, G_old]
@@ -186,7 +186,7 @@ def same_node_share(
     network = transfers[(transfers[:, SRC_GPU] != transfers[:, DST_GPU])]
     if network.shape[0] == 0:
         return 1.0, 0.0
-    held = expert_histogram(prev_phy2log, num_experts, num_gpus) > 0  # [L, G, E]
+    held = expert_histogram(prev_phy2log, num_experts, num_gpus, compact=True) > 0  # [L, G, E]
     num_nodes = num_gpus // gpus_per_node
     node_held = held.view(held.shape[0], num_nodes, gpus_per_node, num_experts).any(2)  # [L, N, E]
     dst_node = network[:, DST_GPU] // gpus_per_node
