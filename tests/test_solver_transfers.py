@@ -14,8 +14,10 @@ from rebalancer.solver.transfers import (
     EXPERT,
     LAYER,
     SRC_GPU,
+    choose_sources,
     plan_transfers,
     same_node_share,
+    torch_choose_sources,
     transfer_stats,
 )
 from rebalancer_testkit.workloads import drift_series, make
@@ -203,3 +205,17 @@ def test_bad_budgets_and_cost_models_raise_naming_the_argument(kwargs: dict, nam
     prev, weight = _shifted(61)
     with pytest.raises(ValueError, match=name):
         solve(weight, replicas, groups, nodes, gpus, prev_phy2log=prev, **kwargs)
+
+
+def test_compiled_source_choice_equals_the_tensor_one() -> None:
+    # The CPU picks sources in a compiled loop, a GPU in tensor rounds: the same sources, ties included
+    # (few candidates, equal loads, destinations on GPUs the old layout did not have).
+    generator = torch.Generator().manual_seed(8)
+    for _ in range(60):
+        transfers = int(torch.randint(0, 300, (1,), generator=generator))
+        gpus = int(torch.randint(1, 33, (1,), generator=generator))
+        per_node = max(d for d in range(1, 9) if gpus % d == 0)
+        candidates = torch.rand(transfers, gpus, generator=generator) < float(torch.rand(1, generator=generator))
+        dst = torch.randint(0, gpus + 4, (transfers,), generator=generator)
+        expected = torch_choose_sources(candidates, dst, per_node)
+        assert torch.equal(choose_sources(candidates, dst, per_node), expected)

@@ -21,7 +21,7 @@ from rebalancer_wire.options import SolveSettings
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from rebalancer_wire.v1 import rebalancer_pb2_grpc
 
-from ..solver import host_packing
+from ..solver import host_packing, host_transfers
 from .admission import JobLimits
 from .autorebalance import AutoRebalancer
 from .batcher import Batcher, SolveJob
@@ -164,6 +164,7 @@ class RebalancerServer:
         dtype of the compiled loops (seconds the first time, until Numba's disk cache has them)."""
         if self.device.type == "cpu":
             await asyncio.to_thread(host_packing.warm_up)
+            await asyncio.to_thread(host_transfers.warm_up)
         # Eight slots per GPU, then two (the exact search, and the climb beyond its table: compiled here).
         for experts, replicas, gpus in ((16, 32, 4), (12, 16, 8), (16, 32, 16)):
             topology = Topology(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from rebalancer_wire.cost import CostModel
 
+from . import host_transfers
 from .maps import expert_histogram
 
 LAYER, EXPERT, DST_GPU, DST_SLOT, SRC_GPU = range(5)
@@ -86,6 +87,13 @@ def choose_sources(candidates: torch.Tensor, dst: torch.Tensor, gpus_per_node: i
     Transfers with the fewest choices go first, in SOURCE_ROUNDS rounds; within a round ties are broken
     by a per-transfer offset so that equal candidates share the work.
     """
+    if candidates.device.type == "cpu":
+        return host_transfers.choose_sources(candidates, dst, gpus_per_node, SOURCE_ROUNDS, INTRA, INTER, FROM_HOST)
+    return torch_choose_sources(candidates, dst, gpus_per_node)
+
+
+def torch_choose_sources(candidates: torch.Tensor, dst: torch.Tensor, gpus_per_node: int) -> torch.Tensor:
+    """`choose_sources` in tensor operations (on a GPU; the CPU runs the compiled loop, same answer)."""
     num_transfers, num_gpus = candidates.shape
     device = candidates.device
     gpu = torch.arange(num_gpus, device=device)
