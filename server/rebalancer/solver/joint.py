@@ -122,9 +122,8 @@ def _copies_on_gpus(gpu_experts: torch.Tensor, experts: torch.Tensor, num_expert
     count_type = torch.uint8 if slots < 256 else torch.int32
     hosted = torch.zeros(num_rows, num_gpus, num_experts, dtype=count_type, device=gpu_experts.device)
     hosted.scatter_add_(2, gpu_experts, torch.ones_like(gpu_experts, dtype=count_type))
-    return (
-        hosted.gather(2, experts.unsqueeze(1).expand(-1, num_gpus, -1)).transpose(1, 2).contiguous().split(num_moves, 1)
-    )
+    counted = hosted.gather(2, experts.unsqueeze(1).expand(-1, num_gpus, -1))  # [P, G, 2M]
+    return counted.transpose(1, 2).contiguous().split(num_moves, 1)
 
 
 def apply_moves(
