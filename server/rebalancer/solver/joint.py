@@ -20,7 +20,7 @@ import torch
 
 from . import host_pairing
 from .cancel import checkpoint
-from .maps import logcnt_from_phy2log
+from .maps import expert_histogram, logcnt_from_phy2log
 from .packing import grouped_limits, round_pack, swap_refine
 from .replication import replica_counts, slots_from_counts
 
@@ -112,16 +112,14 @@ def move_peaks(
 
 def _copies_on_gpus(gpu_experts: torch.Tensor, experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
     """How many copies of each of 2M experts [P, 2M] every GPU holds: the first M and the last M, each
-    [P, M, G]. Read off a per-GPU expert histogram (bytes while a GPU has < 256 slots; 3x faster than
-    comparing every slot on DeepSeek-V3 EP72) unless it would be over HISTOGRAM_RATIO times the size of
-    the comparison (many experts and GPUs, few slots each: memory stays linear in the problem)."""
+    [P, M, G]. Read off the compact per-GPU expert histogram (0.38 ms against 0.73 for comparing every slot on
+    DeepSeek-V3 EP72) unless it would be over HISTOGRAM_RATIO times the size of the comparison (many
+    experts and GPUs, few slots each: memory stays linear in the problem)."""
     num_rows, num_gpus, slots = gpu_experts.shape
     num_moves = experts.shape[1] // 2
     if num_experts > HISTOGRAM_RATIO * experts.shape[1] * slots:  # G x E against 2M x G x S elements
         return (gpu_experts.unsqueeze(1) == experts[..., None, None]).sum(-1).split(num_moves, 1)
-    count_type = torch.uint8 if slots < 256 else torch.int32
-    hosted = torch.zeros(num_rows, num_gpus, num_experts, dtype=count_type, device=gpu_experts.device)
-    hosted.scatter_add_(2, gpu_experts, torch.ones_like(gpu_experts, dtype=count_type))
+    hosted = expert_histogram(gpu_experts.view(num_rows, -1), num_experts, num_gpus, compact=True)  # [P, G, E]
     counted = hosted.gather(2, experts.unsqueeze(1).expand(-1, num_gpus, -1))  # [P, G, 2M]
     return counted.transpose(1, 2).contiguous().split(num_moves, 1)
 

@@ -62,7 +62,8 @@ def _harmonic_shares(num_experts: int, num_replicas: int) -> int:
 
 def _harmonic_table(takers: int, extra: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """(rank [H], k [H] in `dtype`) of the harmonic table's shares: rank r (from 0) holds k = 1 .. extra // (r + 1).
-    Small tables are kept (`_cached_table`): on a README-sized layer building one costs a tenth of the solve."""
+    Small tables are kept (`_cached_table`): building one costs as much as the rest of a small layer's replication
+    (8 experts -> 16 slots, 128 rows: 73 us built, 46 us cached)."""
     if _harmonic_shares(takers, takers + extra) <= CACHED_TABLE_SHARES:
         return _cached_table(takers, extra, device, dtype)
     return _built_table(takers, extra, device, dtype)
