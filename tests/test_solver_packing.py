@@ -84,6 +84,23 @@ def test_greedy_on_the_cpu_fills_the_slots_plain_lpt_fills(seed: int):
         assert slot_items[problem].tolist() == expected
 
 
+@pytest.mark.parametrize("chunk_work", [1 << 22, 50])
+def test_greedy_tree_over_many_packs_picks_the_packs_plain_lpt_picks(chunk_work: int, monkeypatch):
+    # From TREE_MIN_PACKS packs the lightest open pack comes from a tournament tree; integer loads tie
+    # often, and a small CHUNK_WORK splits every problem's steps over many compiled calls.
+    from rebalancer.solver import host_packing
+
+    monkeypatch.setattr(host_packing, "CHUNK_WORK", chunk_work)
+    generator = torch.Generator().manual_seed(7)
+    for num_packs, capacity in ((host_packing.TREE_MIN_PACKS, 3), (72, 4), (144, 2), (45, 1)):
+        item_loads = torch.randint(0, 6, (3, num_packs * capacity), generator=generator).float()
+        order = item_loads.sort(dim=1, descending=True, stable=True).indices
+        slot_items = host_packing.greedy_pack(item_loads.numpy(), order.numpy(), num_packs)
+        for problem in range(3):
+            expected = reference_greedy(item_loads[problem].tolist(), order[problem].tolist(), num_packs)
+            assert slot_items[problem].tolist() == expected
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_heaviest_phase_on_the_cpu_matches_the_masked_torch_rounds(seed: int):
     # The CPU (compiled) path stops problems early; the GPU loop runs every round masked. In the heaviest-pack

@@ -24,6 +24,11 @@ from .refinement import IMPROVEMENT, RefineLimits
 
 # Work per compiled call between cancellation checkpoints: about this many item visits (~10-50 ms).
 CHUNK_WORK = 1 << 22
+# From this many packs the greedy LPT finds the lightest open pack in a tournament tree (log G per item)
+# instead of a scan (G per item); the same pack, ties included. Measured per call on 464 problems:
+# 72 packs x 4 slots 7.1 -> 4.7 ms, 144 x 2 7.2 -> 3.5 ms, 32 x 9 5.1 -> 3.9 ms; but 16 x 2 (16 problems)
+# 8 -> 11 us, where the scan stays.
+TREE_MIN_PACKS = 32
 
 
 @compiled()
@@ -50,6 +55,52 @@ def _greedy_steps(item_loads, order, begin, end, key, filled, slot_items):
                 key[problem, pack] = np.inf
 
 
+@compiled()
+def _greedy_steps_tree(item_loads, order, begin, end, key, filled, slot_items):
+    """`_greedy_steps` with the lightest open pack kept in a tournament tree over the packs (leaves padded
+    to a power of two with +inf; a node holds the lighter child, the lower index on a tie: the scan's
+    "first lightest"), rebuilt at the start of each call from `key`."""
+    num_problems, num_packs = key.shape
+    capacity = slot_items.shape[2]
+    size = 1
+    while size < num_packs:
+        size *= 2
+    tree = np.empty(2 * size, dtype=np.int64)
+    padded = np.empty(size, dtype=key.dtype)
+    for problem in range(num_problems):
+        pack_keys = key[problem]
+        built = False
+        for step in range(begin, end):
+            item = order[problem, step]
+            if step < num_packs:  # the first G items open the packs in order
+                pack = step
+                pack_keys[pack] = item_loads[problem, item] + 0.0  # -0.0 -> +0.0
+            else:
+                if not built:
+                    for leaf in range(size):
+                        padded[leaf] = pack_keys[leaf] if leaf < num_packs else np.inf
+                        tree[size + leaf] = leaf
+                    for node in range(size - 1, 0, -1):
+                        a, b = tree[2 * node], tree[2 * node + 1]
+                        tree[node] = a if padded[a] < padded[b] or (padded[a] == padded[b] and a < b) else b
+                    built = True
+                pack = tree[1]
+                padded[pack] += item_loads[problem, item]
+                pack_keys[pack] = padded[pack]
+            slot_items[problem, pack, filled[problem, pack]] = item
+            filled[problem, pack] += 1
+            if filled[problem, pack] == capacity:
+                pack_keys[pack] = np.inf
+                if built:
+                    padded[pack] = np.inf
+            if built:
+                node = (size + pack) // 2
+                while node >= 1:
+                    a, b = tree[2 * node], tree[2 * node + 1]
+                    tree[node] = a if padded[a] < padded[b] or (padded[a] == padded[b] and a < b) else b
+                    node //= 2
+
+
 def greedy_pack(item_loads: np.ndarray, order: np.ndarray, num_packs: int) -> np.ndarray:
     """`packing.greedy_pack`: items in `order` each go to the first lightest pack with a free slot.
 
@@ -64,12 +115,13 @@ def greedy_pack(item_loads: np.ndarray, order: np.ndarray, num_packs: int) -> np
     filled = np.zeros((num_problems, num_packs), dtype=np.int64)
     rows = max(1, CHUNK_WORK // max(1, num_items * num_packs))
     steps = max(1, CHUNK_WORK // num_packs)
+    greedy_steps = _greedy_steps_tree if num_packs >= TREE_MIN_PACKS else _greedy_steps
     for start in range(0, num_problems, rows):
         chunk = slice(start, start + rows)
         for begin in range(0, num_items, steps):
             checkpoint()
             end = min(num_items, begin + steps)
-            _greedy_steps(item_loads[chunk], order[chunk], begin, end, key[chunk], filled[chunk], slot_items[chunk])
+            greedy_steps(item_loads[chunk], order[chunk], begin, end, key[chunk], filled[chunk], slot_items[chunk])
     return slot_items
 
 
@@ -211,6 +263,8 @@ def warm_up() -> None:
     request pays the first compilation (about 10 s without a cache)."""
     for dtype in (np.float32, np.float64):
         loads = np.arange(8, 0, -1, dtype=dtype).reshape(1, 8)
+        wide = np.arange(2 * TREE_MIN_PACKS, 0, -1, dtype=dtype).reshape(1, -1)
+        greedy_pack(wide, np.arange(wide.shape[1]).reshape(1, -1), TREE_MIN_PACKS)
         items = greedy_pack(loads, np.arange(8).reshape(1, 8), 2)
         slot_loads = np.take_along_axis(loads, items.reshape(1, 8), 1).reshape(1, 2, 4)
         swap_refine(slot_loads, items, np.zeros(1, dtype=dtype), RefineLimits())
