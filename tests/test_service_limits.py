@@ -36,11 +36,14 @@ from rebalancer_wire.codec import encode
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from service_harness import EXPERTS, LAYERS, TOPOLOGY, ServerThread, field_violations, report, skewed_loads
 
-# One expert on 2**19 slots of 2,048 GPUs: a 30-byte request whose solve is 2**19 greedy steps over 2,048
-# packs (about 5 s here), estimated far higher: the servers that take it raise the per-job limit to LONG_LIMIT_S.
-LONG = pb.Topology(num_layers=1, num_experts=1, num_replicas=2**19, num_groups=1, num_nodes=1, num_gpus=2048)
+# The published DeepSeek loops on one expert with 2**16 slots of 2,048 GPUs: a 30-byte request whose solve is
+# 2**17 sequential steps (about 5 s here, estimated about as long), cancellable between steps; the servers that
+# take it raise the per-job limit to LONG_LIMIT_S.
+LONG = pb.Topology(num_layers=1, num_experts=1, num_replicas=2**16, num_groups=1, num_nodes=1, num_gpus=2048)
 LONG_LIMIT_S = 60.0
-LONG_REQUEST = pb.RebalanceRequest(loads=encode(np.ones((1, 1), np.float32)), topology=LONG)
+LONG_REQUEST = pb.RebalanceRequest(
+    loads=encode(np.ones((1, 1), np.float32)), topology=LONG, options=pb.SolveOptions(policy=pb.POLICY_DEEPSEEK)
+)
 
 
 def dropped(server: ServerThread) -> float:
@@ -214,7 +217,7 @@ def test_small_layers_are_charged_their_repartition_and_count_vector_candidates(
 
 
 def test_topology_whose_solve_can_never_be_admitted_is_invalid(tmp_path):
-    huge = pb.Topology(num_layers=1, num_experts=1, num_replicas=2**19, num_groups=1, num_nodes=1, num_gpus=2048)
+    huge = pb.Topology(num_layers=1, num_experts=1, num_replicas=2**22, num_groups=1, num_nodes=1, num_gpus=2048)
     with ServerThread(str(tmp_path)) as server:
         for request in (
             pb.RebalanceRequest(loads=encode(np.ones((1, 1), np.float32)), topology=huge),

@@ -1,7 +1,8 @@
 """What a solve and a deployment cost before they exist, and the limits derived from those estimates.
 
 The solver's memory and time grow with the problem's shape in ways a request's byte size does not show:
-a 30-byte topology with 2**19 slots on 2,048 GPUs is 2**19 greedy steps over 2,048 packs (~5 s here), and
+a 30-byte request for the published DeepSeek loops on one expert with 2**16 slots of 2,048 GPUs is 2**17
+sequential steps (~5 s here), and
 layers x candidates x the replication table (replication.table_cost) is memory too. So every job is costed from
 (L, E, R, G, nodes, C, T, prev) before it is queued, and the same model sets the validation limits: a
 topology is refused when even its cheapest solve (one candidate) or its largest possible placement
@@ -65,6 +66,11 @@ FRESH_PACK_OPS = 64
 # estimated 116; 8 x 64 -> 128 on 16 GPUs 84 ms, estimated 147.
 ELASTIC_ELEMENTS_PER_SLOT = 320
 ID_BYTES = 8
+# Sequential steps each slot of the published DeepSeek loops is costed at: a packing step and a replication
+# step, each a handful of small tensor ops (~40 us a slot here). Costed as 2 steps, shapes from 16 x 64 -> 96
+# to one expert on 2**16 slots estimated at 0.28-0.32x their time on the development CPU; as 8, 1.1-1.3x
+# (DeepSeek-V3 hierarchical on 32 GPUs: 3x).
+DEEPSEEK_STEPS_PER_SLOT = 8
 # Host bytes of one greedy step's bookkeeping (a small tensor per placed item, kept until the pack ends).
 STEP_OBJECT_BYTES = 512
 # Bytes a deployment costs besides its tensors: dataclasses, metric series, the store's row and caches.
@@ -84,7 +90,7 @@ class DeviceSpeed:
 
 # cpu: fitted on the 2-core development machine when the CPU loops ran in torch, rounded up; LPT and
 # refinement now run compiled (Numba), the rest partly in NumPy, so CPU estimates err high (DeepSeek-V3
-# prefill: 155 ms for ~15 ms; one expert on 2**19 slots of 2,048 GPUs: far above its ~5 s). cuda:
+# prefill: 155 ms for ~15 ms; one expert on 2**19 slots of 2,048 GPUs: ~30 s for ~0.8 s). cuda:
 # per-step launch cost and element throughput assumed from the GPU solver figures (sub-millisecond
 # DeepSeek-V3 solves), not fitted.
 SPEEDS = {"cpu": DeviceSpeed(10e-6, 0.5e-9), "cuda": DeviceSpeed(20e-6, 2.5e-11)}
@@ -183,8 +189,8 @@ def solve_cost(shape: Shape, device_type: str) -> SolveCost:
     base = 8 * s.num_layers * (s.num_experts * (3 + s.history_intervals) + 6 * s.num_replicas)
     log2phy = ID_BYTES * s.num_layers * s.num_experts * (s.num_replicas - s.num_experts + 1)
     if s.policy == "deepseek" and not s.elastic:  # the published loops: one step per slot and per extra copy
-        steps = 2 * s.num_replicas
-        memory, elements = 48 * s.num_layers * s.num_replicas, steps * s.num_layers * s.num_gpus
+        steps = DEEPSEEK_STEPS_PER_SLOT * s.num_replicas
+        memory, elements = 48 * s.num_layers * s.num_replicas, 2 * s.num_replicas * s.num_layers * s.num_gpus
     else:
         scenarios = min(MAX_SCENARIOS, 2 * (s.history_intervals - 1)) if s.history_intervals > 1 else 0
         scenarios = 0 if s.has_prev else scenarios
