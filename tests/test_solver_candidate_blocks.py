@@ -37,7 +37,7 @@ def test_a_layer_plans_the_same_alone_and_in_a_batch_whatever_the_block(monkeypa
             policy="global",
             num_candidates=6,
             device="cpu",
-            layer_seeds=batch.request.options.layer_seeds[layer : layer + 1],
+            layer_seeds=batch.request.options.layer_seeds(weight)[layer : layer + 1],
         )
         assert torch.equal(alone.phy2log[0], batch.phy2log[layer])
     assert (logcnt_from_phy2log(batch.phy2log, 32) >= 1).all()

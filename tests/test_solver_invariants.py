@@ -302,6 +302,13 @@ BAD_INPUTS = [
     ("weight-negative", {"weight": torch.tensor([[1.0, -0.5] + [1.0] * 6] * 2)}, "weight"),
     ("weight-negative-int", {"weight": torch.tensor([[1, -1] + [1] * 6] * 2)}, "weight"),
     ("weight-bool", {"weight": torch.ones(2, 8, dtype=torch.bool)}, "weight"),
+    # Loads NumPy cannot view (bfloat16, autograd) take the torch check instead of the NumPy one.
+    (
+        "weight-nan-bf16",
+        {"weight": torch.tensor([[1.0, float("nan")] + [1.0] * 6] * 2, dtype=torch.bfloat16)},
+        "weight",
+    ),
+    ("weight-negative-grad", {"weight": torch.tensor([[1.0, -0.5] + [1.0] * 6] * 2, requires_grad=True)}, "weight"),
     ("weight-complex", {"weight": torch.ones(2, 8, dtype=torch.complex64)}, "weight"),
     ("weight-string", {"weight": "not a tensor"}, "weight"),
     ("replicas-below-experts", {"num_replicas": 4, "num_gpus": 4, "num_nodes": 2}, "num_replicas"),
@@ -353,6 +360,15 @@ def test_bad_input_raises_value_error_naming_the_argument(entry, changes: dict, 
     positional = [args.pop(k) for k in ("weight", "num_replicas", "num_groups", "num_nodes", "num_gpus")]
     with pytest.raises(ValueError, match=argument):
         entry(*positional, **args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int32])
+def test_loads_of_any_real_dtype_or_tracking_gradients_plan_as_float64(dtype: torch.dtype) -> None:
+    weight = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4], [20, 107, 104, 64, 19, 197, 187, 157]], dtype=dtype)
+    expected = solve(weight.to(torch.float64), 16, 4, 2, 8).phy2log
+    assert torch.equal(solve(weight, 16, 4, 2, 8).phy2log, expected)
+    if dtype.is_floating_point:
+        assert torch.equal(solve(weight.clone().requires_grad_(), 16, 4, 2, 8).phy2log, expected)
 
 
 def test_the_good_input_of_the_bad_input_table_is_accepted() -> None:

@@ -126,6 +126,13 @@ DEFAULT_LOCALITY_TOLERANCE: float = BY_NAME["locality_tolerance"].default
 _DEFAULT_COST = CostModel().validate()
 
 
+@functools.cache
+def wanted_cpu_threads() -> int:
+    """REBALANCER_CPU_THREADS (default 1; 0 or less leaves torch's setting alone), read once per process:
+    the environment lookup costs ~10 us on a cold cache, where a README-sized solve takes ~0.2 ms."""
+    return int(os.environ.get("REBALANCER_CPU_THREADS", "1"))
+
+
 class cpu_threads(contextlib.AbstractContextManager):  # noqa: N801 - used like a function
     """Run a CPU solve on REBALANCER_CPU_THREADS intra-op threads (default 1), restoring the setting after.
 
@@ -137,7 +144,7 @@ class cpu_threads(contextlib.AbstractContextManager):  # noqa: N801 - used like 
 
     def __init__(self, device: torch.device) -> None:
         self.restore = None
-        wanted = int(os.environ.get("REBALANCER_CPU_THREADS", "1"))
+        wanted = wanted_cpu_threads()
         if device.type == "cpu" and wanted > 0 and wanted != (current := torch.get_num_threads()):
             self.wanted, self.restore = wanted, current
 
@@ -179,6 +186,13 @@ def resolve_device(weight: torch.Tensor, device: str | torch.device | None) -> t
     return torch.device(device)
 
 
+def host_array(tensor: torch.Tensor) -> np.ndarray | None:
+    """A NumPy view of a CPU tensor, or None (another device, autograd, or a dtype NumPy lacks)."""
+    if tensor.device.type != "cpu" or tensor.requires_grad or tensor.dtype in (torch.bfloat16, torch.bool):
+        return None
+    return tensor.numpy()
+
+
 def validate(weight: object, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> torch.Tensor:
     """Check every argument of the published signature; returns the weight as a tensor.
 
@@ -201,8 +215,13 @@ def validate(weight: object, num_replicas: int, num_groups: int, num_nodes: int,
     if violations:
         raise ArgumentError(*violations[0])
     # One reduction and one host read for valid loads (min and max propagate NaN); which rule a bad
-    # weight breaks is worked out only then.
-    low, high = (float(value) for value in torch.stack(torch.aminmax(weight)).tolist())
+    # weight breaks is worked out only then. On the CPU in NumPy: each torch op costs 15-25 us on a cold
+    # cache, where a README-sized solve takes ~0.2 ms.
+    host = host_array(weight)
+    if host is not None:
+        low, high = float(host.min()), float(host.max())
+    else:
+        low, high = (float(value) for value in torch.stack(torch.aminmax(weight)).tolist())
     if low >= 0 and high < math.inf:
         return weight
     if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
@@ -346,14 +365,20 @@ def _checked_request(
         num_nodes=num_nodes,
         num_gpus=num_gpus,
         num_candidates=settings.num_candidates,
-        layer_seeds=_checked_layer_seeds(layer_seeds, settings.seed, num_layers, target),
+        seed=settings.seed,
+        given_layer_seeds=_checked_layer_seeds(layer_seeds, num_layers, target),
         prev_phy2log=prev_phy2log,
         history=history,
         max_moves_per_layer=settings.max_moves_per_layer,
         balance_tolerance=settings.balance_tolerance,
         locality_tolerance=settings.locality_tolerance,
     )
-    loads = weight.to(target, torch.float64)
+    host = host_array(weight) if target.type == "cpu" else None
+    loads = (
+        weight.detach().to(target, torch.float64)
+        if host is None
+        else torch.from_numpy(host.astype(np.float64, copy=False))
+    )
     return _Request(loads, settings, options, cost, gpu_ids, unavailable_gpus)
 
 
@@ -366,7 +391,7 @@ def _plan(request: _Request) -> tuple[torch.Tensor, list[str], dict]:
             options.prev_phy2log,
             options.num_replicas // options.num_gpus,
             request.gpu_ids.to(loads.device),
-            options.layer_seeds,
+            options.layer_seeds(loads),
             options.candidates(loads.device),
             options.balance_tolerance,
         )
@@ -427,13 +452,11 @@ def _checked_gpu_change(
 
 
 def _checked_layer_seeds(
-    layer_seeds: torch.Tensor | None, seed: int, num_layers: int, device: torch.device
-) -> torch.Tensor:
-    """Per-layer seeds [L] (default seed + layer index) on `device`."""
-    if layer_seeds is None and seed + num_layers <= torch.iinfo(torch.int64).max:
-        return torch.arange(seed, seed + num_layers, dtype=torch.int64, device=device)
-    if layer_seeds is None:  # int64 wraps past the top
-        return (seed + torch.arange(num_layers, dtype=torch.int64)).to(device)
+    layer_seeds: torch.Tensor | None, num_layers: int, device: torch.device
+) -> torch.Tensor | None:
+    """Given per-layer seeds [L] as int64 on `device`, or None (each layer then takes seed + its index)."""
+    if layer_seeds is None:
+        return None
     layer_seeds = torch.as_tensor(layer_seeds, dtype=torch.int64)
     if layer_seeds.shape != (num_layers,):
         raise ArgumentError("layer_seeds", f"must have shape [{num_layers}], got {tuple(layer_seeds.shape)}")

@@ -34,7 +34,8 @@ class SolveOptions:
     num_nodes: int
     num_gpus: int
     num_candidates: int | None
-    layer_seeds: torch.Tensor
+    seed: int
+    given_layer_seeds: torch.Tensor | None  # [L] on the solve device; None: seed + layer index
     prev_phy2log: torch.Tensor | None
     history: torch.Tensor | None
     max_moves_per_layer: int | None
@@ -47,6 +48,16 @@ class SolveOptions:
         if self.num_candidates is not None:
             return self.num_candidates
         return DEFAULT_CANDIDATES.get(device.type, DEFAULT_CANDIDATES["cuda"])
+
+    def layer_seeds(self, loads: torch.Tensor) -> torch.Tensor:
+        """Each layer's seed [L] on the loads' device, made only where a candidate path asks (the host-side
+        small plans take none, and a torch op costs them 15-25 us on a cold cache)."""
+        if self.given_layer_seeds is not None:
+            return self.given_layer_seeds
+        num_layers = loads.shape[0]
+        if self.seed + num_layers <= torch.iinfo(torch.int64).max:
+            return torch.arange(self.seed, self.seed + num_layers, dtype=torch.int64, device=loads.device)
+        return (self.seed + torch.arange(num_layers, dtype=torch.int64)).to(loads.device)  # int64 wraps past the top
 
     @property
     def hierarchy_applies(self) -> bool:
@@ -68,7 +79,12 @@ def _deepseek(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
 
 def _global(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
     phy2log, _ = plan(
-        loads, opts.num_replicas, opts.num_gpus, opts.layer_seeds, opts.candidates(loads.device), opts.scenario_loads
+        loads,
+        opts.num_replicas,
+        opts.num_gpus,
+        opts.layer_seeds(loads),
+        opts.candidates(loads.device),
+        opts.scenario_loads,
     )
     return phy2log, ["global"] * loads.shape[0], {}
 
@@ -94,7 +110,7 @@ def _plan_local(loads: torch.Tensor, opts: SolveOptions, ceiling: torch.Tensor |
         opts.num_groups,
         opts.num_nodes,
         opts.num_gpus,
-        opts.layer_seeds,
+        opts.layer_seeds(loads),
         opts.candidates(loads.device),
         ceiling,
         scenario_loads=opts.scenario_loads,
@@ -110,7 +126,9 @@ def _auto(loads: torch.Tensor, opts: SolveOptions) -> PolicyResult:
             loads, opts.num_replicas, opts.num_groups, opts.num_nodes, opts.num_gpus, opts.locality_tolerance
         )
         return phy2log, names, {}
-    flat, flat_peak = plan(loads, opts.num_replicas, opts.num_gpus, opts.layer_seeds, candidates, opts.scenario_loads)
+    flat, flat_peak = plan(
+        loads, opts.num_replicas, opts.num_gpus, opts.layer_seeds(loads), candidates, opts.scenario_loads
+    )
     if not opts.hierarchy_applies:
         return flat, ["global"] * loads.shape[0], {}
     ceiling = flat_peak * (1.0 + opts.locality_tolerance)
