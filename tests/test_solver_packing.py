@@ -127,5 +127,8 @@ def test_partner_order_follows_loads_then_pack_index_as_loads_change():
     for _ in range(200):
         pack = int(rng.integers(len(loads)))
         loads[pack] = np.float32(rng.integers(0, 4))
-        host_packing._reorder(order, loads, pack)
+        at = host_packing._reorder(order, loads, pack, order.tolist().index(pack))
         assert order.tolist() == sorted(range(len(loads)), key=lambda g: (float(loads[g]), g))
+        assert order[at] == pack
+        heaviest = int(np.argmax(loads))  # the lowest index among the heaviest, found from the order's end
+        assert order[host_packing._heaviest_at(order, loads)] == heaviest

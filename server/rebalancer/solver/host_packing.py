@@ -149,14 +149,15 @@ def _least_gap(loads, problem, heavy, partner, half_gap):
 @compiled()
 def _best_swap(loads, problem, heavy, partners, by_index, pack_loads, consts):
     """The improving swap of heavy pack H with one of `partners` (packs lightest first) that lowers
-    max(H - d, P + d) = (H + P) / 2 + |d - (H - P) / 2| the most: (found, heavy slot, partner, partner
-    slot). Ties go as in `packing._closest_swaps`: the lowest heavy slot, then the first partner (in
-    index order when `by_index`, else in the given order), then the lowest slot. A partner's middle
-    (H + P) / 2 is the least any of its swaps leaves and grows along the list, so the scan stops at
-    the first partner whose middle exceeds the best found (or reaches the improvement threshold)."""
+    max(H - d, P + d) = (H + P) / 2 + |d - (H - P) / 2| the most: (found, heavy slot, partner, its
+    position in the list, partner slot). Ties go as in `packing._closest_swaps`: the lowest heavy slot,
+    then the first partner (in index order when `by_index`, else in the given order), then the lowest
+    slot. A partner's middle (H + P) / 2 is the least any of its swaps leaves and grows along the list,
+    so the scan stops at the first partner whose middle exceeds the best found (or reaches the
+    improvement threshold)."""
     two, heavy_load = consts[0], pack_loads[heavy]
     best_value = heavy_load * consts[1]  # an improving swap leaves both packs under this
-    best_a, best_rank, best_partner, best_b = -1, 0, 0, 0
+    best_a, best_rank, best_partner, best_b, best_at = -1, 0, 0, 0, 0
     capacity = loads.shape[2]
     for rank in range(partners.shape[0]):
         partner = partners[rank]
@@ -175,16 +176,15 @@ def _best_swap(loads, problem, heavy, partners, by_index, pack_loads, consts):
                     miss == best_value and best_a >= 0 and (a, position, b) < (best_a, best_rank, best_b)
                 ):
                     best_value, best_a, best_rank, best_partner, best_b = miss, a, position, partner, b
-    return best_a >= 0, best_a, best_partner, best_b
+                    best_at = rank
+    return best_a >= 0, best_a, best_partner, best_at, best_b
 
 
 @compiled()
-def _reorder(order, pack_loads, pack):
-    """Move `pack` to its place in `order` [G] (packs by load, then index) after its load changed."""
+def _reorder(order, pack_loads, pack, at):
+    """Move `pack`, at position `at` of `order` [G] (packs by load, then index), to its place after its
+    load changed; returns its new position."""
     num_packs = order.shape[0]
-    at = 0
-    while order[at] != pack:
-        at += 1
     load = pack_loads[pack]
     while at > 0:  # lighter now: shift heavier ones up
         other = order[at - 1]
@@ -199,27 +199,44 @@ def _reorder(order, pack_loads, pack):
         order[at] = other
         at += 1
     order[at] = pack
+    return at
+
+
+@compiled(inline="always")
+def _heaviest_at(order, pack_loads):
+    """The position in `order` of the heaviest pack, the lowest index among equals (np.argmax's): the first
+    of the heaviest run at the end of the order, found from the end (one step unless loads tie)."""
+    at = order.shape[0] - 1
+    while at > 0 and pack_loads[order[at - 1]] == pack_loads[order[at]]:
+        at -= 1
+    return at
 
 
 @compiled()
-def _exchange(loads, items, pack_loads, order, problem, heavy, a, light, b):
-    """Swap slot a of pack `heavy` with slot b of pack `light`; re-sum both packs and keep `order`."""
+def _exchange(loads, items, pack_loads, order, problem, heavy_at, a, light_at, b):
+    """Swap slot a of the pack at position heavy_at of `order` with slot b of the one at light_at; re-sum
+    both packs and keep `order`, heavy first (positions known: no search)."""
+    heavy, light = order[heavy_at], order[light_at]
     loads[problem, heavy, a], loads[problem, light, b] = loads[problem, light, b], loads[problem, heavy, a]
     items[problem, heavy, a], items[problem, light, b] = items[problem, light, b], items[problem, heavy, a]
-    for pack in (heavy, light):
-        pack_loads[pack] = _pack_sum(loads, problem, pack)
-        _reorder(order, pack_loads, pack)
+    pack_loads[heavy] = _pack_sum(loads, problem, heavy)
+    moved_to = _reorder(order, pack_loads, heavy, heavy_at)
+    if moved_to <= light_at < heavy_at:  # the heavy pack moved down past it: it shifted up one
+        light_at += 1
+    pack_loads[light] = _pack_sum(loads, problem, light)
+    _reorder(order, pack_loads, light, light_at)
 
 
 @compiled()
 def _heaviest_round(loads, items, pack_loads, order, problem, num_partners, consts):
     """One round of the heaviest-pack phase: its best swap with any of its M lightest partners (every
     pack in index order when M = G), applied when it improves; returns whether it did."""
-    heavy = np.argmax(pack_loads)
+    heavy_at = _heaviest_at(order, pack_loads)
     every = num_partners >= pack_loads.shape[0]
-    found, a, light, b = _best_swap(loads, problem, heavy, order[:num_partners], every, pack_loads, consts)
+    partners = order[:num_partners]
+    found, a, _, light_at, b = _best_swap(loads, problem, order[heavy_at], partners, every, pack_loads, consts)
     if found:
-        _exchange(loads, items, pack_loads, order, problem, heavy, a, light, b)
+        _exchange(loads, items, pack_loads, order, problem, heavy_at, a, light_at, b)
     return found
 
 
@@ -241,7 +258,7 @@ def _refine_groups(loads, items, targets, group_size, max_rounds, num_partners, 
         for _ in range(max_rounds):
             reached = False
             for member in range(group_size):
-                if running[member] and pack_loads[member].max() <= targets[start + member]:
+                if running[member] and pack_loads[member, orders[member, -1]] <= targets[start + member]:
                     reached = True
             if reached:
                 break
