@@ -9,6 +9,7 @@ import torch
 from placement_checks import best_reference_balancedness, reference_policies
 from rebalancer.solver import joint, rebalance_experts, solve
 from rebalancer.solver.joint import copy_moves, fresh_packs, improve_replication, moved_counts, paired_moves
+from rebalancer.solver.maps import logcnt_from_phy2log
 from rebalancer.solver.packing import round_pack
 from rebalancer.solver.replication import replica_counts, slots_from_counts
 from rebalancer_testkit.workloads import KINDS, balancedness, lower_bound, make, max_gpu_load
@@ -209,3 +210,23 @@ def test_paired_move_scores_on_the_cpu_equal_the_torch_path(kind: str, monkeypat
     on_torch = paired_moves(loads, counts, x, y, valid, 24, with_experts=True)
     assert torch.equal(host[0], on_torch[0]) and torch.equal(host[1], on_torch[1])
     assert torch.equal(host_peaks, on_torch[0]) and no_placement is None
+
+
+@pytest.mark.parametrize("kind", ["zipf", "hot", "uniformish"])
+@pytest.mark.parametrize("gpus, slots", [(8, 4), (72, 4), (1, 6), (32, 1)])
+def test_in_place_move_scores_on_the_cpu_equal_the_tensor_path(kind: str, gpus: int, slots: int) -> None:
+    # The CPU scores in-place copy moves compiled (host_moves), a GPU in tensor ops: the same peaks bit for
+    # bit, ties (integral loads, equal top GPUs), invalid moves and GPUs without the donor included.
+    experts = gpus * slots * 3 // 4  # a quarter of the slots are spare copies
+    loads = make(kind, 4, experts, seed=gpus).double()
+    loads[0] = loads[0].round()
+    phy2log = torch.stack(
+        [torch.randperm(gpus * slots, generator=torch.Generator().manual_seed(r)) % experts for r in range(4)]
+    )
+    counts = logcnt_from_phy2log(phy2log, experts)
+    gpu_experts = phy2log.view(4, gpus, slots)
+    gpu_loads = (loads / counts).gather(1, phy2log).view(4, gpus, slots).sum(-1)
+    x, y, valid = copy_moves(loads, counts, 5)
+    host = joint.move_peaks(loads, counts, gpu_experts, gpu_loads, x, y, valid)
+    assert torch.equal(host, joint.tensor_move_peaks(loads, counts, gpu_experts, gpu_loads, x, y, valid))
+    assert torch.isinf(host[~valid]).all() and torch.isfinite(host).any()

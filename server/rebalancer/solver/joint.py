@@ -18,7 +18,7 @@ import dataclasses
 
 import torch
 
-from . import host_pairing
+from . import host_moves, host_pairing
 from .cancel import checkpoint
 from .maps import expert_histogram, logcnt_from_phy2log
 from .packing import grouped_limits, round_pack, swap_refine
@@ -86,8 +86,24 @@ def move_peaks(
 
     loads, counts [P, E], gpu_experts [P, G, S] (the expert in each slot), gpu_loads [P, G] (float64),
     moves x, y, valid [P, M]. Every copy of x gets lighter and every copy of y heavier; GPU h also swaps
-    one y copy for an x copy. +inf where the move is invalid or h hosts no copy of y.
+    one y copy for an x copy. +inf where the move is invalid or h hosts no copy of y. The CPU runs it
+    compiled (`host_moves`).
     """
+    if loads.device.type == "cpu":
+        return host_moves.move_peaks(loads, counts, gpu_experts, gpu_loads, x, y, valid)
+    return tensor_move_peaks(loads, counts, gpu_experts, gpu_loads, x, y, valid)
+
+
+def tensor_move_peaks(
+    loads: torch.Tensor,
+    counts: torch.Tensor,
+    gpu_experts: torch.Tensor,
+    gpu_loads: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    valid: torch.Tensor,
+) -> torch.Tensor:
+    """`move_peaks` as tensor ops, for any device (the GPU's path)."""
     num_gpus = gpu_experts.shape[1]
     load_x, load_y = loads.gather(1, x), loads.gather(1, y)
     count_x, count_y = counts.gather(1, x).to(loads.dtype), counts.gather(1, y).to(loads.dtype)
