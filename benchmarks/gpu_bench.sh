@@ -8,7 +8,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-.venv/bin/python}"
 [[ -x "$PY" ]] || PY=python3
-export PYTHONPATH="$ROOT/server:$ROOT/client:$ROOT/wire${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$ROOT/server:$ROOT/client:$ROOT/wire:$ROOT/testkit${PYTHONPATH:+:$PYTHONPATH}"
 unset REBALANCER_SOLVER_PATH TRITON_INTERPRET
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
