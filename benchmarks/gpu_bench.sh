@@ -16,7 +16,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
   || { echo "gpu_bench.sh: this torch has no CUDA; point PYTHON at an interpreter with CUDA torch" >&2; exit 1; }
 
 echo "== kernel tests on CUDA"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py
+# A failure here must not cost the figures (a lent GPU's time is short): the benchmark runs anyway and the
+# script's exit status reports it. (triton 3.6's interpreter fails the interpreted half; 3.9 passes.)
+tests=0
+"$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py || tests=$?
 
 echo "== solve benchmark"
 "$PY" benchmarks/gpu_bench.py "$@" | tee "${OUT:-$ROOT/benchmarks}/gpu_bench.md"
+exit "$tests"

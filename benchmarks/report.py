@@ -31,6 +31,7 @@ import solver_bench
 import torch
 
 HERE = Path(__file__).resolve().parent
+GPU_RESULTS = HERE / "GPU_RESULTS.md"  # kept by hand from the last lent GPU: `make bench` runs where there is none
 FAILED = "**Failed** (traceback below); the other sections are unaffected.\n\n```\n{}\n```"
 
 
@@ -103,7 +104,8 @@ def _child(title: str, quick: bool, sender: Connection) -> None:
 def run_bench(bench: Bench, quick: bool) -> dict:
     """One benchmark in a child process with its time limit; never raises."""
     if bench.needs_cuda and not torch.cuda.is_available():
-        return {"status": "skipped", "text": "no CUDA device on this machine", "seconds": 0.0}
+        last = "; the last GPU figures are in benchmarks/GPU_RESULTS.md" if GPU_RESULTS.exists() else ""
+        return {"status": "skipped", "text": f"no CUDA device on this machine{last}", "seconds": 0.0}
     context, started, outcome = multiprocessing.get_context("spawn"), time.perf_counter(), None
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=_child, args=(bench.title, quick, sender))
