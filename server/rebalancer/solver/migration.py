@@ -132,33 +132,52 @@ def hand_over_copies(
 def _hand_over(
     loads: torch.Tensor, phy2log: torch.Tensor, num_gpus: int, targets: torch.Tensor, rounds: int, width: int
 ) -> torch.Tensor:
-    """`hand_over_copies` on one block of layers."""
-    num_layers, num_slots = phy2log.shape
-    num_experts = loads.shape[1]
+    """`hand_over_copies` on one block of layers. A layer that applies no move keeps its placement, so every
+    later round would score the same moves and apply none: on the CPU such layers leave the rounds (on
+    DeepSeek-V3 drift windows most do after the first; ~1.4 handovers a layer), on a GPU all run masked."""
+    num_slots = phy2log.shape[1]
     slot_gpu = torch.arange(num_slots, device=phy2log.device) // (num_slots // num_gpus)
+    on_cpu = phy2log.device.type == "cpu"
+    phy2log = phy2log.clone()
+    active = torch.arange(phy2log.shape[0], device=phy2log.device)
     for _ in range(rounds):
         checkpoint()
-        counts = logcnt_from_phy2log(phy2log, num_experts)
-        per_copy = loads / counts
-        gpu_loads = per_copy.gather(1, phy2log).view(num_layers, num_gpus, -1).sum(-1)
-        peak = gpu_loads.max(-1).values
-        x, y, valid = copy_moves(loads, counts, width)  # [L, M]
-        # The donor's copy on its lightest GPU is the one handed over.
-        load_of_slot_gpu = gpu_loads.gather(1, slot_gpu.expand(num_layers, -1))  # [L, R]
-        is_donor_slot = phy2log.unsqueeze(1) == y.unsqueeze(2)  # [L, M, R]
-        slot = torch.where(is_donor_slot, load_of_slot_gpu.unsqueeze(1), float("inf")).argmin(-1)  # [L, M]
-        moves = x.shape[1]
-        trial_counts = moved_counts(counts, x, y, valid)
-        trial_phy = phy2log.unsqueeze(1).repeat(1, moves, 1)
-        trial_phy.scatter_(2, slot.unsqueeze(2), torch.where(valid, x, y).unsqueeze(2))
-        trial_loads = (loads.unsqueeze(1) / trial_counts).gather(2, trial_phy)
-        trial_peak = trial_loads.view(num_layers, moves, num_gpus, -1).sum(-1).max(-1).values
-        trial_peak = torch.where(valid, trial_peak, float("inf"))
-        best_peak, best = trial_peak.min(1)
-        apply = (best_peak < peak * (1.0 - 1e-9)) & (peak > targets)
-        chosen = trial_phy.gather(1, best.view(-1, 1, 1).expand(-1, 1, num_slots)).squeeze(1)
-        phy2log = torch.where(apply.unsqueeze(1), chosen, phy2log)
+        if not on_cpu:  # every layer, masked: the host never waits
+            phy2log, _ = _hand_over_round(loads, phy2log, targets, num_gpus, slot_gpu, width)
+            continue
+        placed, moved = _hand_over_round(loads[active], phy2log[active], targets[active], num_gpus, slot_gpu, width)
+        phy2log[active] = placed
+        active = active[moved]
+        if active.numel() == 0:
+            break
     return phy2log
+
+
+def _hand_over_round(
+    loads: torch.Tensor, phy2log: torch.Tensor, targets: torch.Tensor, num_gpus: int, slot_gpu: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One round of `_hand_over` on rows [A]: (their placements after it [A, R], which rows moved a copy [A])."""
+    num_layers, num_slots = phy2log.shape
+    counts = logcnt_from_phy2log(phy2log, loads.shape[1])
+    per_copy = loads / counts
+    gpu_loads = per_copy.gather(1, phy2log).view(num_layers, num_gpus, -1).sum(-1)
+    peak = gpu_loads.max(-1).values
+    x, y, valid = copy_moves(loads, counts, width)  # [L, M]
+    # The donor's copy on its lightest GPU is the one handed over.
+    load_of_slot_gpu = gpu_loads.gather(1, slot_gpu.expand(num_layers, -1))  # [L, R]
+    is_donor_slot = phy2log.unsqueeze(1) == y.unsqueeze(2)  # [L, M, R]
+    slot = torch.where(is_donor_slot, load_of_slot_gpu.unsqueeze(1), float("inf")).argmin(-1)  # [L, M]
+    moves = x.shape[1]
+    trial_counts = moved_counts(counts, x, y, valid)
+    trial_phy = phy2log.unsqueeze(1).repeat(1, moves, 1)
+    trial_phy.scatter_(2, slot.unsqueeze(2), torch.where(valid, x, y).unsqueeze(2))
+    trial_loads = (loads.unsqueeze(1) / trial_counts).gather(2, trial_phy)
+    trial_peak = trial_loads.view(num_layers, moves, num_gpus, -1).sum(-1).max(-1).values
+    trial_peak = torch.where(valid, trial_peak, float("inf"))
+    best_peak, best = trial_peak.min(1)
+    apply = (best_peak < peak * (1.0 - 1e-9)) & (peak > targets)
+    chosen = trial_phy.gather(1, best.view(-1, 1, 1).expand(-1, 1, num_slots)).squeeze(1)
+    return torch.where(apply.unsqueeze(1), chosen, phy2log), apply
 
 
 def incremental(
