@@ -61,3 +61,31 @@ def test_pulling_a_shuffled_plan_back_ships_fewer_copies_under_the_target(monkey
             targets[layer : layer + 1],
         )
         assert torch.equal(alone[0], result[layer])
+
+
+@pytest.mark.parametrize("integral", [False, True])
+@pytest.mark.parametrize("gpus, slots", [(8, 4), (4, 2), (11, 3)])
+def test_partner_scores_on_the_cpu_equal_the_tensor_path(integral: bool, gpus: int, slots: int) -> None:
+    # The CPU scores swap partners compiled (host_pullback), a GPU in tensor ops: the same scores and the
+    # same first best partner, ties (integral loads), crowded GPUs and nothing-to-save slots included.
+    from rebalancer.solver import host_pullback
+
+    generator = torch.Generator().manual_seed(gpus * slots)
+    rows, num_slots = 3, gpus * slots
+    experts = max(1, num_slots * 2 // 3)
+    phy = torch.randint(0, experts, (rows, num_slots), generator=generator)
+    old = torch.randint(0, experts, (rows, num_slots), generator=generator)
+    had = maps.expert_histogram(old, experts, gpus, compact=True) > 0
+    hosts = maps.expert_histogram(phy, experts, gpus, compact=True) > 0
+    loads = torch.rand(rows, experts, generator=generator, dtype=torch.float64)
+    loads = (loads * 4).ceil() if integral else loads
+    slot_load = loads.gather(1, phy)
+    gpu_load = slot_load.view(rows, gpus, slots).sum(-1)
+    slot_gpu = torch.arange(num_slots) // slots
+    kept = had.gather(2, phy.unsqueeze(1).expand(-1, gpus, -1)).gather(1, slot_gpu.expand(rows, 1, -1)).squeeze(1)
+    moved_in = kept.to(torch.int8).sort(dim=1, stable=True).indices[:, : max(1, int((~kept).sum(1).max()))]
+    targets = gpu_load.max(1).values * torch.tensor([0.95, 1.05, 1.3], dtype=torch.float64)
+    state = pullback.RoundState(phy, had, hosts, slot_load, gpu_load, kept, moved_in, targets, slots, pullback.LOAD_TIE)
+    on_tensors, on_host = pullback.best_partners(state), host_pullback.best_partners(state)
+    assert torch.equal(on_tensors[0], on_host[0]) and torch.equal(on_tensors[1], on_host[1])
+    assert torch.isfinite(on_host[0]).any()

@@ -9,13 +9,16 @@ expert on that GPU), so -2 or -1 where it helps, and the best one whose two GPUs
 target (fewest copies, then the lower of the two loads) is applied. Copy counts never change, so no
 other GPU's load does. On drifting windows the incremental plan only ships copies it needs (pulling
 its copies back up to its peak measured worse on the next window), so there only the layers taken
-fresh use this.
+fresh use this. The scoring runs compiled on the CPU (`host_pullback`), as tensor ops elsewhere.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from . import host_pullback
 from .blocks import in_row_blocks
 from .cancel import checkpoint
 from .maps import expert_histogram, logcnt_from_phy2log
@@ -70,14 +73,12 @@ def _pull_back_block(
     active = torch.arange(num_layers, device=device)
     for _ in range(num_slots):
         checkpoint()
-        phy, layer_had, cap = phy2log[active], had[active], targets[active].view(-1, 1, 1)
+        phy, layer_had = phy2log[active], had[active]
         rows = active.numel()
         slot_load = per_copy[active].gather(1, phy)
         gpu_load = slot_load.view(rows, num_gpus, slots_per_gpu).sum(-1)
         hosts = expert_histogram(phy, num_experts, num_gpus, compact=True) > 0
-        by_slot = phy.unsqueeze(1).expand(-1, num_gpus, -1)
-        had_slot = layer_had.gather(2, by_slot)  # [A, G, R]: GPU g held slot t's expert before
-        hosts_slot = hosts.gather(2, by_slot)
+        had_slot = layer_had.gather(2, phy.unsqueeze(1).expand(-1, num_gpus, -1))  # [A, G, R]: g held t's expert
         kept = had_slot.gather(1, slot_gpu.view(1, 1, -1).expand(rows, 1, -1)).squeeze(1)  # [A, R]
         shipped = (~kept).sum(1)
         width = int(shipped.max())
@@ -86,28 +87,12 @@ def _pull_back_block(
         # Shipped-in slots first in slot order (so a layer's choice does not depend on its batch), the
         # rest padded with kept slots, which no swap below can use.
         moved_in = kept.to(torch.int8).sort(dim=1, stable=True).indices[:, :width]  # [A, M]
-        usable = ~kept.gather(1, moved_in)
-        source_gpu = slot_gpu[moved_in]  # [A, M]
-        gather_gpu = source_gpu.unsqueeze(2).expand(-1, -1, num_slots)
-        gets_back = had_slot.gather(1, gather_gpu)  # [A, M, R]: g held t's expert before
-        crowded = hosts_slot.gather(1, gather_gpu)  # g hosts t's expert already
-        by_moved = phy.gather(1, moved_in).unsqueeze(1).expand(-1, num_gpus, -1)
-        partner_gpu = slot_gpu.view(1, -1, 1).expand(rows, -1, width)
-        returns = layer_had.gather(2, by_moved).gather(1, partner_gpu).transpose(1, 2)  # h held s's expert
-        partner_crowded = hosts.gather(2, by_moved).gather(1, partner_gpu).transpose(1, 2)
-        # Copies the swap saves, in {-1, ..., 2}: int8 (the [A, M, R] tensors here are the round's cost).
-        saved = gets_back.to(torch.int8) + returns.to(torch.int8) - kept.unsqueeze(1).to(torch.int8)
-        moved_load = slot_load.gather(1, moved_in).unsqueeze(2)
-        source_after = gpu_load.gather(1, source_gpu).unsqueeze(2) - moved_load + slot_load.unsqueeze(1)
-        partner_after = gpu_load.gather(1, slot_gpu.expand(rows, -1)).unsqueeze(1) - slot_load.unsqueeze(1) + moved_load
-        fits = (source_after <= cap) & (partner_after <= cap)
-        allowed = usable.unsqueeze(2) & ~crowded & ~partner_crowded & (source_gpu.unsqueeze(2) != slot_gpu) & fits
-        score = torch.where(
-            allowed & (saved > 0), saved - LOAD_TIE * torch.maximum(source_after, partner_after) / cap, -torch.inf
+        state = RoundState(
+            phy, layer_had, hosts, slot_load, gpu_load, kept, moved_in, targets[active], slots_per_gpu, LOAD_TIE
         )
+        per_slot, partner = (host_pullback.best_partners if device.type == "cpu" else best_partners)(state)
         # Swaps on disjoint GPU pairs do not interact: each round applies the best swap of each of the
         # `swaps` best shipped-in slots whose GPUs no better-ranked one of them touches.
-        per_slot, partner = score.max(2)  # [A, M]
         if width < swaps:  # a fixed K, so that a layer's choice does not depend on its batch
             pad = swaps - width
             per_slot = torch.cat([per_slot, per_slot.new_full((rows, pad), -torch.inf)], 1)
@@ -131,3 +116,51 @@ def _pull_back_block(
         phy2log[layer_id, second] = first_expert
         active = active[found]
     return phy2log
+
+
+class RoundState(NamedTuple):
+    """What a round scores swap partners from, for the active layers [A]: both scorers take it."""
+
+    phy: torch.Tensor  # [A, R] the placement now
+    had: torch.Tensor  # [A, G, E] bool: the old placement hosted e on g
+    hosts: torch.Tensor  # [A, G, E] bool: the placement now does
+    slot_load: torch.Tensor  # [A, R] float64
+    gpu_load: torch.Tensor  # [A, G] float64
+    kept: torch.Tensor  # [A, R] bool: the slot's copy was on its GPU before
+    moved_in: torch.Tensor  # [A, M] the shipped-in slots, padded with kept ones
+    targets: torch.Tensor  # [A] max GPU loads
+    slots_per_gpu: int
+    load_tie: float  # weight of the busier GPU's load beside the copies saved
+
+
+def best_partners(state: RoundState) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each shipped-in slot s [A, M] its best swap partner t: (score [A, M], t [A, M]), -inf and 0 where
+    none saves a copy within the target. As tensor ops (a GPU's path; the CPU's is
+    `host_pullback.best_partners`, the same scores)."""
+    phy, had, hosts, slot_load, gpu_load, kept, moved_in, targets, slots_per_gpu, load_tie = state
+    rows, num_slots = phy.shape
+    num_gpus, width = gpu_load.shape[1], moved_in.shape[1]
+    slot_gpu = torch.arange(num_slots, device=phy.device) // slots_per_gpu
+    cap = targets.view(-1, 1, 1)
+    by_slot = phy.unsqueeze(1).expand(-1, num_gpus, -1)
+    had_slot, hosts_slot = had.gather(2, by_slot), hosts.gather(2, by_slot)  # [A, G, R]
+    usable = ~kept.gather(1, moved_in)
+    source_gpu = slot_gpu[moved_in]  # [A, M]
+    gather_gpu = source_gpu.unsqueeze(2).expand(-1, -1, num_slots)
+    gets_back = had_slot.gather(1, gather_gpu)  # [A, M, R]: g held t's expert before
+    crowded = hosts_slot.gather(1, gather_gpu)  # g hosts t's expert already
+    by_moved = phy.gather(1, moved_in).unsqueeze(1).expand(-1, num_gpus, -1)
+    partner_gpu = slot_gpu.view(1, -1, 1).expand(rows, -1, width)
+    returns = had.gather(2, by_moved).gather(1, partner_gpu).transpose(1, 2)  # h held s's expert
+    partner_crowded = hosts.gather(2, by_moved).gather(1, partner_gpu).transpose(1, 2)
+    # Copies the swap saves, in {-1, ..., 2}: int8 (the [A, M, R] tensors here are the round's cost).
+    saved = gets_back.to(torch.int8) + returns.to(torch.int8) - kept.unsqueeze(1).to(torch.int8)
+    moved_load = slot_load.gather(1, moved_in).unsqueeze(2)
+    source_after = gpu_load.gather(1, source_gpu).unsqueeze(2) - moved_load + slot_load.unsqueeze(1)
+    partner_after = gpu_load.gather(1, slot_gpu.expand(rows, -1)).unsqueeze(1) - slot_load.unsqueeze(1) + moved_load
+    fits = (source_after <= cap) & (partner_after <= cap)
+    allowed = usable.unsqueeze(2) & ~crowded & ~partner_crowded & (source_gpu.unsqueeze(2) != slot_gpu) & fits
+    score = torch.where(
+        allowed & (saved > 0), saved - load_tie * torch.maximum(source_after, partner_after) / cap, -torch.inf
+    )
+    return score.max(2)  # the first best partner among equals
