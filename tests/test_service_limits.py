@@ -292,13 +292,12 @@ def test_small_request_is_not_held_up_by_a_long_solve_which_a_cancel_stops(tmp_p
         assert dropped(server) == 1
 
 
-def adversarial_request(layers: int = 58) -> pb.RebalanceRequest:
-    """DeepSeek-V3 prefill with its hottest experts all on the first GPUs of the placement in force: the
-    copy moves cannot balance any layer, so every one takes the fresh plan and its long pull-back (about 3 s
-    here against 0.1 s for a drifting window, where admission expects the latter)."""
-    experts, replicas = 256, 288
+def adversarial_request(layers: int = 10, experts: int = 256, replicas: int = 1024) -> pb.RebalanceRequest:
+    """A placement in force with the hottest experts all on the first GPUs (256 experts on 1,024 slots of 32
+    GPUs): the copy moves cannot balance any layer, so every one takes the fresh plan and its pull-back,
+    O(R^3) per layer (about 1.7 s here for 10 layers, 5.7x the 0.30 s admission expects of a migration)."""
     loads = np.tile(1000.0 / np.arange(1, experts + 1) ** 1.2, (layers, 1)).astype(np.float32)
-    prev = np.tile(np.concatenate([np.arange(experts), np.arange(replicas - experts)]), (layers, 1))
+    prev = np.tile(np.concatenate([np.arange(experts), np.arange(replicas - experts) % experts]), (layers, 1))
     topology = pb.Topology(
         num_layers=layers, num_experts=experts, num_replicas=replicas, num_groups=8, num_nodes=4, num_gpus=32
     )
