@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from placement_checks import best_reference_balancedness, reference_policies
-from rebalancer.solver import joint, rebalance_experts, solve
+from rebalancer.solver import host_moves, joint, rebalance_experts, solve
 from rebalancer.solver.joint import copy_moves, fresh_packs, improve_replication, moved_counts, paired_moves
 from rebalancer.solver.maps import logcnt_from_phy2log
 from rebalancer.solver.packing import round_pack
@@ -227,6 +227,6 @@ def test_in_place_move_scores_on_the_cpu_equal_the_tensor_path(kind: str, gpus: 
     gpu_experts = phy2log.view(4, gpus, slots)
     gpu_loads = (loads / counts).gather(1, phy2log).view(4, gpus, slots).sum(-1)
     x, y, valid = copy_moves(loads, counts, 5)
-    host = joint.move_peaks(loads, counts, gpu_experts, gpu_loads, x, y, valid)
-    assert torch.equal(host, joint.tensor_move_peaks(loads, counts, gpu_experts, gpu_loads, x, y, valid))
+    host = host_moves.move_peaks(loads, counts, gpu_experts, gpu_loads, x, y, valid)
+    assert torch.equal(host, joint.move_peaks(loads, counts, gpu_experts, gpu_loads, x, y, valid))
     assert torch.isinf(host[~valid]).all() and torch.isfinite(host).any()

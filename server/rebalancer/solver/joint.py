@@ -86,24 +86,9 @@ def move_peaks(
 
     loads, counts [P, E], gpu_experts [P, G, S] (the expert in each slot), gpu_loads [P, G] (float64),
     moves x, y, valid [P, M]. Every copy of x gets lighter and every copy of y heavier; GPU h also swaps
-    one y copy for an x copy. +inf where the move is invalid or h hosts no copy of y. The CPU runs it
-    compiled (`host_moves`).
+    one y copy for an x copy. +inf where the move is invalid or h hosts no copy of y. As tensor ops (a
+    GPU's path; the CPU's is `host_moves.move_peaks`, the same peaks).
     """
-    if loads.device.type == "cpu":
-        return host_moves.move_peaks(loads, counts, gpu_experts, gpu_loads, x, y, valid)
-    return tensor_move_peaks(loads, counts, gpu_experts, gpu_loads, x, y, valid)
-
-
-def tensor_move_peaks(
-    loads: torch.Tensor,
-    counts: torch.Tensor,
-    gpu_experts: torch.Tensor,
-    gpu_loads: torch.Tensor,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    valid: torch.Tensor,
-) -> torch.Tensor:
-    """`move_peaks` as tensor ops, for any device (the GPU's path)."""
     num_gpus = gpu_experts.shape[1]
     load_x, load_y = loads.gather(1, x), loads.gather(1, y)
     count_x, count_y = counts.gather(1, x).to(loads.dtype), counts.gather(1, y).to(loads.dtype)
@@ -339,7 +324,8 @@ def _improve_round(
         trials_found.append(fresh.gather(1, pick.view(num_rows, -1, 1, 1).expand(-1, -1, num_gpus, slots)))
         feasible_found.append(torch.isfinite(fresh_peaks))
 
-    in_place = move_peaks(loads, counts, gpu_experts, gpu_loads, x, y, valid).view(num_rows, -1)
+    score_moves = host_moves.move_peaks if loads.device.type == "cpu" else move_peaks
+    in_place = score_moves(loads, counts, gpu_experts, gpu_loads, x, y, valid).view(num_rows, -1)
     in_place_peaks, best = in_place.topk(min(trials, in_place.shape[1]), dim=1, largest=False)
     move, gpu = best // num_gpus, best % num_gpus
     feasible = torch.isfinite(in_place_peaks)
