@@ -27,7 +27,7 @@ def _divisors(n: int) -> list[int]:
 @st.composite
 def problems(draw: st.DrawFn) -> tuple[torch.Tensor, int, int, int, int]:
     num_layers = draw(st.integers(1, 4))
-    num_experts = draw(st.sampled_from([4, 8, 12, 16, 32]))
+    num_experts = draw(st.sampled_from([1, 2, 3, 4, 8, 12, 16, 32]))
     num_gpus = draw(st.sampled_from([1, 2, 4, 8]))
     extra = draw(st.integers(0, 2))
     num_replicas = math.ceil(num_experts / num_gpus) * num_gpus + extra * num_gpus
@@ -185,6 +185,31 @@ def test_all_zero_layers_get_a_valid_placement(policy: str) -> None:
     assert float(result.balancedness[0]) == 1.0 and float(result.balancedness[2]) == 1.0
     only_zero = solve(torch.zeros(2, 16), 24, 4, 2, 8, policy=policy)
     assert_valid_maps(*only_zero.triple(), 2, 16, 24, 8)
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+@pytest.mark.parametrize("num_gpus", [1, 2, 8])
+def test_one_expert_fills_every_slot(policy: str, num_gpus: int) -> None:
+    # Two slots per GPU with one expert once crashed the process: the exact pair search's compiled loop
+    # read past its arrays on a one-column table.
+    weight = torch.tensor([[0.0], [5.0], [1e-3]])
+    for slots_per_gpu in (1, 2, 3):
+        result = solve(weight, slots_per_gpu * num_gpus, 1, 1, num_gpus, policy=policy)
+        assert_valid_maps(*result.triple(), 3, 1, slots_per_gpu * num_gpus, num_gpus)
+        assert bool((result.balancedness == 1.0).all())
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+@pytest.mark.parametrize("scale", [2.0**200, 2.0**-200, 1e300, 1e-300])
+def test_loads_beyond_float32_plan_as_the_same_loads_in_range(policy: str, scale: float) -> None:
+    # float32 turns these into inf (the published algorithm then returned invalid maps) or zeros.
+    weight = make("zipf", 3, 16, seed=9).double()
+    want = solve(weight, 24, 4, 2, 8, policy=policy)
+    got = solve(weight * scale, 24, 4, 2, 8, policy=policy)
+    assert_valid_maps(*got.triple(), 3, 16, 24, 8)
+    if scale in (2.0**200, 2.0**-200):  # exact scaling: the very same placement
+        assert torch.equal(got.phy2log, want.phy2log)
+    assert torch.allclose(got.balancedness, want.balancedness, rtol=1e-6)
 
 
 @pytest.mark.parametrize("policy", ALL_POLICIES)

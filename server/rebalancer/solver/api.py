@@ -172,6 +172,23 @@ def scaled_to_unit_peak(loads: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(values / np.where(peak > 0, peak, 1.0))
 
 
+# Layers the published algorithm sees as given: peaks within 2**+-64 (float32 sums of up to 2**40
+# loads stay finite and normal).
+FLOAT32_SAFE_EXPONENT = 64
+
+
+def float32_safe(loads: torch.Tensor) -> torch.Tensor:
+    """loads [L, E] with each layer whose peak lies outside 2**+-64 scaled by a power of two to a peak
+    near 1: float32 would turn it into inf (invalid maps) or zeros (an unbalanced plan). A power of two
+    scales exactly, so the float32 values and their ties are those of loads given in range."""
+    peak = loads.amax(-1, keepdim=True)
+    exponent = torch.frexp(peak).exponent
+    outside = (peak > 0) & (exponent.abs() > FLOAT32_SAFE_EXPONENT)
+    if not bool(outside.any()):
+        return loads
+    return torch.ldexp(loads, torch.where(outside, -exponent, 0))
+
+
 def solver_path(device: torch.device) -> str:
     """Which implementation ran the hot loops: "triton" kernels or plain "torch" ops."""
     from .kernels import active_path
@@ -397,8 +414,8 @@ def _plan(request: _Request) -> tuple[torch.Tensor, list[str], dict]:
         )
         return phy2log, [f"elastic/{origin}" for origin in origins], {}
     # Planning is scale-free; per-layer scaling to a max of 1 keeps float32 sums of huge loads finite.
-    # The published algorithm is left to see the loads exactly as given.
-    planning_loads = loads if policy == "deepseek" else scaled_to_unit_peak(loads)
+    # The published algorithm sees the loads as given, unless float32 cannot hold them.
+    planning_loads = float32_safe(loads) if policy == "deepseek" else scaled_to_unit_peak(loads)
     phy2log, policy_per_layer, stats = run_policy(policy, planning_loads, options)
     if options.prev_phy2log is not None and policy == "deepseek":
         # The published plan orders slots its own way; keeping old slots makes the same placement

@@ -50,8 +50,9 @@ def few_count_vectors(num_experts: int, num_replicas: int, limit: int) -> bool:
 
 
 def applies(num_experts: int, num_replicas: int, num_gpus: int) -> bool:
-    """Whether `pair_optimum` solves this shape: two slots per GPU and a small enough table."""
-    if num_replicas != 2 * num_gpus:
+    """Whether `pair_optimum` solves this shape: two slots per GPU, two experts or more (one expert has
+    a single count vector, which the search does not handle) and a small enough table."""
+    if num_replicas != 2 * num_gpus or num_experts < 2:
         return False
     return few_count_vectors(num_experts, num_replicas, MAX_TABLE // num_replicas)
 
