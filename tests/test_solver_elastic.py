@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from placement_checks import assert_valid_maps
 from rebalancer.solver import apply_transfers, maps, solve
 from rebalancer.solver.elastic import elastic_moves
 from rebalancer.solver.transfers import SRC_GPU
-from rebalancer_testkit.workloads import make
+from rebalancer_testkit.workloads import KINDS, make
+from rebalancer_wire.options import ArgumentError
 
 # DeepSeek-V3 layout on few layers: 256 experts in 8 groups, 288 slots, 4 nodes x 8 GPUs (9 slots each).
 LAYERS, EXPERTS, REPLICAS, GROUPS, NODES, GPUS = 4, 256, 288, 8, 4, 32
@@ -58,6 +61,48 @@ def test_losing_one_of_eight_gpus_ships_at_most_twice_its_copies_near_a_fresh_pl
     assert bool((result.balancedness >= fresh.balancedness - 0.01 - 1e-9).all())
     replayed = apply_transfers(prev, result.transfers, slots, gpus - 1, result.gpu_ids)
     assert torch.equal(replayed, result.phy2log)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    kind=st.sampled_from(KINDS),
+    layout=st.sampled_from([(1, 2), (1, 4), (2, 2), (2, 4), (4, 2)]),  # (nodes, GPUs per node)
+    slots_per_gpu=st.integers(1, 5),
+)
+def test_any_change_of_the_gpu_set_gives_valid_maps_that_the_transfers_reach(
+    data: st.DataObject, kind: str, layout: tuple, slots_per_gpu: int
+) -> None:
+    # A random placement in force on a small layout, then some GPUs fail or the node count changes.
+    nodes, per_node = layout
+    gpus = nodes * per_node
+    replicas = gpus * slots_per_gpu
+    experts = data.draw(st.integers(1, replicas), label="experts")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    g = torch.Generator().manual_seed(seed)
+    spare = torch.randint(experts, (2, replicas - experts), generator=g)
+    prev = torch.cat([torch.arange(experts).repeat(2, 1), spare], 1)
+    prev = prev.gather(1, torch.rand(2, replicas, generator=g).argsort(1))
+    weight = make(kind, 2, experts, seed=seed)
+    if data.draw(st.booleans(), label="failed GPUs"):
+        elastic = {"unavailable_gpus": data.draw(st.lists(st.integers(0, gpus - 1), min_size=1, unique=True))}
+    else:
+        elastic = {"new_num_gpus": per_node * data.draw(st.integers(1, nodes + 2), label="nodes")}
+    try:
+        result = solve(weight, replicas, 1, nodes, gpus, prev_phy2log=prev, **elastic)
+    except ArgumentError as exc:  # no GPU left, or too few slots for every expert: refused by name
+        assert exc.argument in elastic, exc
+        event(f"refused: {exc.argument}")
+        return
+    event("planned")
+    new_gpus = result.gpu_ids.numel()
+    assert_valid_maps(*result.triple(), 2, experts, slots_per_gpu * new_gpus, new_gpus)
+    replayed = apply_transfers(prev, result.transfers, slots_per_gpu, new_gpus, result.gpu_ids)
+    assert torch.equal(replayed, result.phy2log)
+    if "unavailable_gpus" in elastic:
+        assert not bool(torch.isin(result.transfers[:, SRC_GPU], torch.tensor(elastic["unavailable_gpus"])).any())
+    moved, _ = elastic_moves(prev, result.phy2log, experts, slots_per_gpu, result.gpu_ids)
+    assert torch.equal(result.moved_copies, moved)
 
 
 def test_scaling_32_to_40_gpus_keeps_most_copies_in_place(in_force) -> None:

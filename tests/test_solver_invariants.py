@@ -42,6 +42,10 @@ def problems(draw: st.DrawFn) -> tuple[torch.Tensor, int, int, int, int]:
         weight = torch.tensor(values, dtype=torch.float32).view(num_layers, num_experts)
     else:
         weight = make(source, num_layers, num_experts, seed=draw(st.integers(0, 2**16)))
+    # Loads at any float64 magnitude: planning is scale-free, and float32 cannot hold the extremes.
+    magnitude = draw(st.sampled_from([1.0, 1.0, 1.0, 2.0**-1000, 1e300]))
+    if magnitude != 1.0:
+        weight = weight.double() * magnitude
     return weight, num_replicas, num_groups, num_nodes, num_gpus
 
 
