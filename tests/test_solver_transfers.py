@@ -115,6 +115,24 @@ def test_cost_model_counts_bytes_links_and_the_busiest_gpu() -> None:
     assert same_node_share(prev, plan, 6, 4, 2) == (1.0, pytest.approx(2 / 3))
 
 
+@pytest.mark.parametrize("policy", ("auto", "deepseek"))
+def test_nodes_count_for_transfers_when_the_plan_ignores_them(policy: str) -> None:
+    # One expert group on 2 nodes (Qwen, Kimi): the plan is global, but copies still cross real nodes.
+    # The nodes were dropped with the hierarchy: every copy was costed and sourced as intra-node.
+    layers, experts, replicas, nodes, gpus = 6, 64, 80, 2, 8
+    series = drift_series(layers, experts, 2, seed=41)
+    prev = solve(series[0], replicas, 1, nodes, gpus, policy=policy).phy2log
+    result = solve(series[1], replicas, 1, nodes, gpus, policy=policy, prev_phy2log=prev, balance_tolerance=0.0)
+    _check_plan(prev, result, experts, gpus, gpus // nodes)
+    stats = transfer_stats(result.transfers, layers, gpus, gpus // nodes, CostModel())
+    assert result.intra_node_share == pytest.approx(stats["intra_node_share"])
+    assert 0.0 < result.intra_node_share < 1.0
+    assert result.estimated_transfer_seconds == pytest.approx(stats["estimated_transfer_seconds"])
+    # Scaling is by whole nodes of 4 GPUs, not by the 8 GPUs of a single planning "node".
+    scaled = solve(series[1], replicas, 1, nodes, gpus, policy=policy, prev_phy2log=prev, new_num_gpus=12)
+    assert scaled.gpu_ids.tolist() == list(range(12))
+
+
 def test_sources_of_a_replicated_expert_share_the_sending() -> None:
     # Expert 0 has 4 copies on node 0 (GPUs 0-3); GPUs 4-7 on node 0 too each need one: 4 distinct sources.
     prev = torch.tensor([[0, 1, 0, 2, 0, 3, 0, 4, 5, 6, 7, 8, 9, 10, 11, 12]])

@@ -337,6 +337,9 @@ class _Request:
     cost: CostModel
     gpu_ids: torch.Tensor | None
     unavailable_gpus: Sequence[int] | None
+    # The deployment's nodes, where copies travel and which whole nodes scale, even when the plan itself
+    # ignores them (`options.num_nodes` is 1 when the groups do not split over the nodes).
+    num_nodes: int
 
     @property
     def device(self) -> torch.device:
@@ -364,7 +367,7 @@ def _checked_request(
 ) -> _Request:
     """Every argument of `solve` checked (ArgumentError names the first bad one) -> a `_Request`."""
     weight = validate(weight, num_replicas, num_groups, num_nodes, num_gpus)
-    num_groups, num_nodes = planning_layout(num_groups, num_nodes)
+    num_groups, planned_nodes = planning_layout(num_groups, num_nodes)
     settings = check_options(**option_values)
     cost = _DEFAULT_COST if cost_model is None else cost_model.validate()
     num_layers, num_experts = weight.shape
@@ -379,7 +382,7 @@ def _checked_request(
     options = SolveOptions(
         num_replicas=num_replicas,
         num_groups=num_groups,
-        num_nodes=num_nodes,
+        num_nodes=planned_nodes,
         num_gpus=num_gpus,
         num_candidates=settings.num_candidates,
         seed=settings.seed,
@@ -396,7 +399,7 @@ def _checked_request(
         if host is None
         else torch.from_numpy(host.astype(np.float64, copy=False))
     )
-    return _Request(loads, settings, options, cost, gpu_ids, unavailable_gpus)
+    return _Request(loads, settings, options, cost, gpu_ids, unavailable_gpus, num_nodes)
 
 
 def _plan(request: _Request) -> tuple[torch.Tensor, list[str], dict]:
@@ -433,7 +436,7 @@ def _rearranged(request: _Request, phy2log: torch.Tensor) -> Rearrangement:
         options.prev_phy2log,
         phy2log,
         options.num_gpus,
-        options.num_nodes,
+        request.num_nodes,
         request.cost,
         gpu_ids=request.gpu_ids,
         unavailable_gpus=request.unavailable_gpus,
