@@ -26,6 +26,11 @@ and the copies shipped; every step is batched over layers.
 On DeepSeek-V3 prefill (58 layers, 256 experts, 288 slots on 32 GPUs, zipf loads) losing one GPU ships
 about 38 copies per layer (the lost GPU held 9) at the 0.01 tolerance: the 31 GPUs must end within
 about 1 % of their target, so nearly every GPU has to receive a copy; benchmarks/migration_bench.py.
+Better plans exist (seed 21, GPU 5 lost): a per-layer MILP in HiGHS, each expert's copy count within one
+of this plan's or of its surviving copies, ships 21 copies on layer 1 where this ships 31 (bound 13) and
+bounds layer 0 at 18 or more within that menu (this: 36), at 2 minutes a layer. Simulated annealing over
+copy changes and swaps, started from this plan, gained little (45.3 -> 38.3 copies a layer on layers 0-3
+at 10**6 steps, ~0.1 s a layer; nothing on layer 1 after 10**7 steps), so neither is used.
 """
 
 from __future__ import annotations
