@@ -15,6 +15,7 @@ from client_helpers import assert_valid_maps
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from rebalancer.solver import POLICIES, rebalance_experts
+from rebalancer.solver.migration import keep_old_slots
 from released_engines import load_vllm
 
 _spec = importlib.util.spec_from_file_location(
@@ -78,3 +79,15 @@ def test_groups_that_do_not_split_over_nodes_plan_globally_like_the_published_fu
         rebalance_experts(weight, 12, groups, nodes, gpus)  # and the default policy plans it too
     with pytest.raises(AssertionError, match="num_groups"):  # hierarchical path: 5 groups cannot split 12 experts
         rebalance_experts(weight, 12, 5, 1, 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(gpus=st.integers(1, 5), slots_per_gpu=st.integers(1, 5), experts=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_old_slots_are_kept_exactly_as_vllms_preserve_intragpu_slots_keeps_them(gpus, slots_per_gpu, experts, seed):
+    # vLLM 0.33's default policy keeps old slots the same way (duplicates included): the maps it would
+    # install from our placement are the ones we plan transfers for.
+    policy = load_vllm().policy.DefaultEplbPolicy
+    g = torch.Generator().manual_seed(seed)
+    prev, new = (torch.randint(experts, (3, gpus * slots_per_gpu), generator=g) for _ in range(2))
+    theirs = policy.preserve_intragpu_slots(new.numpy(), gpus, prev.numpy())
+    assert np.array_equal(keep_old_slots(prev, new, gpus).numpy(), theirs)

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from placement_checks import assert_groups_on_one_node, assert_valid_maps
 from rebalancer.solver import DEFAULT_BALANCE_TOLERANCE, maps, rebalance_experts, solve
+from rebalancer.solver.migration import keep_old_slots
 from rebalancer_testkit.workloads import balancedness, drift_series, make
 
 SOLVER_POLICIES = ("auto", "global", "hierarchical")
@@ -309,3 +310,34 @@ def test_copy_handovers_in_blocks_of_layers_plan_as_all_at_once(monkeypatch):
     blocked = solve(series[1], *args, device="cpu", prev_phy2log=prev)
     assert torch.equal(whole.phy2log, blocked.phy2log)
     assert int(whole.moved_copies.sum()) > 0  # the step had work to do
+
+
+def test_copies_a_gpu_keeps_stay_in_their_slots_even_when_it_holds_an_expert_twice() -> None:
+    # GPU 0 held expert 0 in slots 0 and 2 and keeps both copies: only slot 1 changes (expert 7 arrives).
+    # Matching only an expert's first copy moved the second copy into slot 1 and expert 7 into slot 2:
+    # a local shuffle in the transfer plan, overwriting a slot that was that shuffle's source.
+    prev = torch.tensor([[0, 5, 0, 1, 2, 3]])
+    assert keep_old_slots(prev, torch.tensor([[0, 0, 7, 1, 2, 3]]), 2).tolist() == [[0, 7, 0, 1, 2, 3]]
+    prev = torch.tensor([[0, 4, 0, 1, 2, 3]])
+    result = solve(torch.tensor([[9.0, 1, 1, 1, 5]]), 6, 1, 1, 2, policy="deepseek", prev_phy2log=prev)
+    # Whatever the policy plans, a slot whose expert stays on its GPU is not written.
+    for gpu in range(2):
+        old, new = prev[0, 3 * gpu : 3 * gpu + 3].tolist(), result.phy2log[0, 3 * gpu : 3 * gpu + 3].tolist()
+        writes = sum(a != b for a, b in zip(old, new, strict=True))
+        arrivals = sum(max(new.count(e) - old.count(e), 0) for e in set(new))
+        assert writes == arrivals, (old, new)
+
+
+@settings(max_examples=60, deadline=None)
+@given(gpus=st.integers(1, 4), slots_per_gpu=st.integers(1, 5), experts=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_keeping_old_slots_writes_only_the_arrivals(gpus: int, slots_per_gpu: int, experts: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    prev, new = (torch.randint(experts, (2, gpus * slots_per_gpu), generator=g) for _ in range(2))
+    kept = keep_old_slots(prev, new, gpus)
+    for layer in range(2):
+        for gpu in range(gpus):
+            span = slice(gpu * slots_per_gpu, (gpu + 1) * slots_per_gpu)
+            old, planned, placed = prev[layer, span].tolist(), new[layer, span].tolist(), kept[layer, span].tolist()
+            assert sorted(placed) == sorted(planned)  # the same copies on the GPU
+            writes = sum(a != b for a, b in zip(old, placed, strict=True))
+            assert writes == sum(max(planned.count(e) - old.count(e), 0) for e in set(planned))

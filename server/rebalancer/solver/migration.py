@@ -92,6 +92,12 @@ def align_slots(
     return keep_old_slots(prev_phy2log, relabelled.view(num_layers, num_slots), num_gpus)
 
 
+def _occurrence(slots: torch.Tensor) -> torch.Tensor:
+    """[..., K] expert ids -> [..., K]: how many earlier entries of the row hold the same expert."""
+    same = slots.unsqueeze(-1) == slots.unsqueeze(-2)  # [..., K, K]
+    return torch.tril(same, diagonal=-1).sum(-1)
+
+
 def keep_old_slots(prev_phy2log: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """Reorder the slots within each GPU of `phy2log` [L, R] so that every expert the GPU already hosted
     stays in its old slot and new arrivals fill the freed ones: the same placement, and a transfer plan
@@ -100,10 +106,10 @@ def keep_old_slots(prev_phy2log: torch.Tensor, phy2log: torch.Tensor, num_gpus: 
     slots_per_gpu = num_slots // num_gpus
     relabelled = phy2log.view(num_layers, num_gpus, slots_per_gpu)
     old = prev_phy2log.view(num_layers, num_gpus, slots_per_gpu)
-    # match[i, j]: new item i is old slot j's expert; each old slot and each new item used at most once.
+    # match[i, j]: new item i is the k-th copy on its GPU of the expert whose k-th copy old slot j held, so
+    # a GPU keeping two copies of an expert keeps both slots (each side's (expert, k) pairs are distinct).
     match = relabelled.unsqueeze(-1) == old.unsqueeze(-2)  # [L, G, K_new, K_old]
-    match &= match.cumsum(-2) == 1
-    match &= match.cumsum(-1) == 1
+    match &= _occurrence(relabelled).unsqueeze(-1) == _occurrence(old).unsqueeze(-2)
     matched = match.any(-1)  # [L, G, K_new]
     positions = torch.arange(slots_per_gpu, device=phy2log.device)
     claimed = match.any(-2)  # old slots kept by their expert
