@@ -15,6 +15,7 @@ from rebalancer.solver.transfers import (
     LAYER,
     SRC_GPU,
     choose_sources,
+    old_content,
     plan_transfers,
     same_node_share,
     torch_choose_sources,
@@ -237,3 +238,28 @@ def test_compiled_source_choice_equals_the_tensor_one() -> None:
         dst = torch.randint(0, gpus + 4, (transfers,), generator=generator)
         expected = torch_choose_sources(candidates, dst, per_node)
         assert torch.equal(choose_sources(candidates, dst, per_node), expected)
+
+
+def _slot_writes_and_arrivals(before: torch.Tensor, after: torch.Tensor, slots_per_gpu: int) -> tuple[int, int]:
+    """Slots whose expert changes, and copies GPUs gain (per GPU: new count - old count, where positive)."""
+    writes = int(((before != after) & (after >= 0)).sum())
+    num_gpus = after.shape[1] // slots_per_gpu
+    size = int(max(before.max(), after.max())) + 2
+    old = maps.expert_histogram(torch.where(before < 0, size - 1, before), size, num_gpus)[..., : size - 1]
+    new = maps.expert_histogram(after, size, num_gpus)[..., : size - 1]
+    return writes, int((new - old).clamp_min(0).sum())
+
+
+@pytest.mark.parametrize("policy", ("auto", "global", "hierarchical", "deepseek"))
+@pytest.mark.parametrize("change", [{}, {"unavailable_gpus": [5]}, {"new_num_gpus": 32}])
+def test_a_plan_writes_only_the_slots_that_receive_a_copy(policy: str, change: dict) -> None:
+    # Wide EP in small (4 slots per GPU): the refinements reorder slots within GPUs, so plans against a
+    # placement in force shuffled copies locally (EP72: 2,299 local rows beside 2,041 arrivals, twice the
+    # estimated time) and overwrote slots those shuffles read from.
+    layers, experts, replicas, groups, nodes, gpus = 4, 64, 96, 4, 3, 24
+    series = drift_series(layers, experts, 2, seed=43)
+    prev = solve(series[0], replicas, groups, nodes, gpus, policy=policy).phy2log
+    result = solve(series[1], replicas, groups, nodes, gpus, policy=policy, prev_phy2log=prev, **change)
+    before = old_content(prev, replicas // gpus, result.gpu_ids)
+    writes, arrivals = _slot_writes_and_arrivals(before, result.phy2log, replicas // gpus)
+    assert writes == arrivals == result.transfers.shape[0]

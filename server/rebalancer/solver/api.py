@@ -27,7 +27,7 @@ from .locality import group_locality
 from .migration import keep_old_slots
 from .policies import SolveOptions, run_policy
 from .rearrangement import Rearrangement, rearrange
-from .transfers import CostModel
+from .transfers import CostModel, old_content
 
 
 @dataclass
@@ -415,14 +415,17 @@ def _plan(request: _Request) -> tuple[torch.Tensor, list[str], dict]:
             options.candidates(loads.device),
             options.balance_tolerance,
         )
+        in_place = old_content(options.prev_phy2log, options.num_replicas // options.num_gpus, request.gpu_ids)
+        phy2log = keep_old_slots(in_place.to(phy2log.device), phy2log, request.gpu_ids.numel())
         return phy2log, [f"elastic/{origin}" for origin in origins], {}
     # Planning is scale-free; per-layer scaling to a max of 1 keeps float32 sums of huge loads finite.
     # The published algorithm sees the loads as given, unless float32 cannot hold them.
     planning_loads = float32_safe(loads) if policy == "deepseek" else scaled_to_unit_peak(loads)
     phy2log, policy_per_layer, stats = run_policy(policy, planning_loads, options)
-    if options.prev_phy2log is not None and policy == "deepseek":
-        # The published plan orders slots its own way; keeping old slots makes the same placement
-        # ship no local shuffles (its replica ranks no longer match the slots, so they go).
+    if options.prev_phy2log is not None:
+        # Plans order each GPU's slots their own way (the published one by replica rank, the refinements
+        # as they swap); keeping old slots makes the same placement ship no local shuffles, which would
+        # also overwrite slots other shuffles read. The published replica ranks then no longer match.
         phy2log = keep_old_slots(options.prev_phy2log, phy2log, options.num_gpus)
         stats.pop("phy_rank", None)
     return phy2log, policy_per_layer, stats
