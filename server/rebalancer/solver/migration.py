@@ -92,30 +92,39 @@ def align_slots(
     return keep_old_slots(prev_phy2log, relabelled.view(num_layers, num_slots), num_gpus)
 
 
-def _occurrence(slots: torch.Tensor) -> torch.Tensor:
-    """[..., K] expert ids -> [..., K]: how many earlier entries of the row hold the same expert."""
-    same = slots.unsqueeze(-1) == slots.unsqueeze(-2)  # [..., K, K]
-    return torch.tril(same, diagonal=-1).sum(-1)
+def _copy_keys(slots: torch.Tensor) -> torch.Tensor:
+    """[..., K] expert ids -> [..., K] keys expert * K + k for the k-th copy of its expert in the row
+    (slot order): distinct within a row, equal across rows for the same copy of the same expert."""
+    num_slots = slots.shape[-1]
+    experts, order = slots.sort(dim=-1, stable=True)
+    positions = torch.arange(num_slots, device=slots.device).expand_as(slots)
+    run_starts = torch.ones_like(slots, dtype=torch.bool)
+    run_starts[..., 1:] = experts[..., 1:] != experts[..., :-1]
+    first = torch.where(run_starts, positions, 0).cummax(-1).values
+    copy_index = torch.empty_like(slots).scatter_(-1, order, positions - first)
+    return slots * num_slots + copy_index
 
 
 def keep_old_slots(prev_phy2log: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """Reorder the slots within each GPU of `phy2log` [L, R] so that every expert the GPU already hosted
-    stays in its old slot and new arrivals fill the freed ones: the same placement, and a transfer plan
-    without local shuffles."""
+    stays in its old slot and new arrivals fill the freed ones, in slot order: the same placement, and a
+    transfer plan without local shuffles. An expert's k-th copy on a GPU keeps the slot of its k-th old
+    copy there (vLLM's `preserve_intragpu_slots` rule). Sorts per GPU: memory linear in the slots."""
     num_layers, num_slots = phy2log.shape
     slots_per_gpu = num_slots // num_gpus
     relabelled = phy2log.view(num_layers, num_gpus, slots_per_gpu)
-    old = prev_phy2log.view(num_layers, num_gpus, slots_per_gpu)
-    # match[i, j]: new item i is the k-th copy on its GPU of the expert whose k-th copy old slot j held, so
-    # a GPU keeping two copies of an expert keeps both slots (each side's (expert, k) pairs are distinct).
-    match = relabelled.unsqueeze(-1) == old.unsqueeze(-2)  # [L, G, K_new, K_old]
-    match &= _occurrence(relabelled).unsqueeze(-1) == _occurrence(old).unsqueeze(-2)
-    matched = match.any(-1)  # [L, G, K_new]
+    old_keys = _copy_keys(prev_phy2log.view(num_layers, num_gpus, slots_per_gpu))
+    new_keys = _copy_keys(relabelled)
+    sorted_old, old_slots = old_keys.sort(-1)
+    at = torch.searchsorted(sorted_old, new_keys).clamp_max(slots_per_gpu - 1)
+    matched = sorted_old.gather(-1, at) == new_keys  # [L, G, K_new]: this copy was on the GPU before
+    kept_slot = old_slots.gather(-1, at)
+    claimed = torch.zeros(num_layers, num_gpus, slots_per_gpu + 1, dtype=torch.bool, device=phy2log.device)
+    claimed.scatter_(-1, torch.where(matched, kept_slot, slots_per_gpu), True)
     positions = torch.arange(slots_per_gpu, device=phy2log.device)
-    claimed = match.any(-2)  # old slots kept by their expert
-    free_slots = torch.where(claimed, slots_per_gpu, positions).sort(-1).values  # free slots first, ascending
+    free_slots = torch.where(claimed[..., :-1], slots_per_gpu, positions).sort(-1).values  # free first, ascending
     arrival_rank = ((~matched).cumsum(-1) - 1).clamp_min(0)
-    final_slot = torch.where(matched, match.to(torch.int8).argmax(-1), free_slots.gather(2, arrival_rank))
+    final_slot = torch.where(matched, kept_slot, free_slots.gather(2, arrival_rank))
     aligned = torch.empty_like(relabelled).scatter_(2, final_slot, relabelled)
     return aligned.view(num_layers, num_slots)
 
