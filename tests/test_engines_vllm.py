@@ -162,7 +162,8 @@ def test_without_the_library_the_fallback_is_vllms_own_policy(vllm, monkeypatch)
 
 
 def test_groups_that_do_not_split_over_nodes_plan_globally_as_vllm_does(vllm, server):
-    assert planning_layout(3, 2, 8) == (1, 1) and planning_layout(4, 2, 8) == (4, 2)
+    # A global plan, on the real nodes (copies are fetched and costed by node).
+    assert planning_layout(3, 2, 8) == (1, 2) and planning_layout(4, 2, 8) == (4, 2)
     assert planning_layout(4, 4, 6) == (1, 1)  # ranks that do not split over the nodes
     configure(f"127.0.0.1:{server.server.port}", None)
     new = ServiceEplbPolicy.rebalance_experts(window(4), REPLICAS, 3, NODES, RANKS)  # 16 experts, 3 groups

@@ -160,11 +160,12 @@ def _narrow(loads: np.ndarray) -> np.ndarray:
 
 
 def planning_layout(num_groups: int, num_nodes: int, num_ranks: int) -> tuple[int, int]:
-    """(groups, nodes) as the published algorithm reads them: hierarchical only when groups split over
-    nodes and nodes split the ranks, else one global plan that ignores both."""
-    if num_nodes < 1 or num_groups < 1 or num_groups % num_nodes or num_ranks % num_nodes:
+    """(groups, nodes) of the service's topology: the groups only when they split over the nodes (else one
+    global plan, as the published algorithm reads them), the nodes whenever they split the ranks (the
+    transfer plan fetches within a node and costs the links by them, even for a global plan)."""
+    if num_nodes < 1 or num_groups < 1 or num_ranks % num_nodes:
         return 1, 1
-    return num_groups, num_nodes
+    return (num_groups if num_groups % num_nodes == 0 else 1), num_nodes
 
 
 def _is_leader(config: ServiceConfig) -> bool:
