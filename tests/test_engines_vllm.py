@@ -299,3 +299,14 @@ def test_the_local_plan_follows_the_policy_chosen_for_the_service(vllm):
     expected = solve(window(5).double(), REPLICAS, GROUPS, NODES, RANKS, policy="deepseek", **options).phy2log
     assert torch.equal(new, expected)
     assert not torch.equal(new, solve(window(5).double(), REPLICAS, GROUPS, NODES, RANKS, **options).phy2log)
+
+
+def test_preserve_intragpu_slots_is_vllms_helper_as_the_plugin_class_offers_it(vllm):
+    # vLLM's own tests call it on the policy class; the plugin takes that class's place.
+    rng = np.random.default_rng(5)
+    for ranks, slots, experts in ((2, 4, 8), (2, 5, 7), (3, 4, 4), (4, 3, 2), (1, 6, 3)):
+        old, new = (rng.integers(0, experts, (3, ranks * slots)) for _ in range(2))
+        want = vllm.policy.DefaultEplbPolicy.preserve_intragpu_slots(new, ranks, old)
+        assert np.array_equal(ServiceEplbPolicy.preserve_intragpu_slots(new, ranks, old), want)
+    odd = rng.integers(0, 4, (1, 7))
+    assert np.array_equal(ServiceEplbPolicy.preserve_intragpu_slots(odd, 2, odd[:, ::-1]), odd)

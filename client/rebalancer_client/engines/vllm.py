@@ -307,6 +307,23 @@ class ServiceEplbPolicy:
         return shared
 
     @classmethod
+    def preserve_intragpu_slots(cls, phy2log: np.ndarray, num_ranks: int, old_phy2log: np.ndarray) -> np.ndarray:
+        """vLLM's `DefaultEplbPolicy.preserve_intragpu_slots`, so the plugin stands in for that class's
+        whole interface: each copy a rank keeps stays in its old slot, arrivals fill the freed ones in
+        order (what the service's plans already do). phy2log unchanged when the ranks do not split it."""
+        phy2log = np.asarray(phy2log)
+        if num_ranks <= 0 or phy2log.shape[1] % num_ranks:
+            return phy2log
+        try:
+            import torch
+            from rebalancer.solver.migration import keep_old_slots
+        except ImportError:  # the client alone: the replaced vLLM policy's own, else as planned
+            fallback = getattr(cls.fallback_policy, "preserve_intragpu_slots", None)
+            return phy2log if fallback is None else fallback(phy2log, num_ranks, old_phy2log)
+        kept = keep_old_slots(torch.as_tensor(np.asarray(old_phy2log)), torch.as_tensor(phy2log), num_ranks)
+        return kept.numpy()
+
+    @classmethod
     def _plan(cls, call: PlanCall, *, commit: bool | None) -> np.ndarray:
         """The service's plan, else a local one: [L, R] int64. `commit` None: decided by rank."""
         try:
