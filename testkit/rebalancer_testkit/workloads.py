@@ -142,4 +142,4 @@ def balancedness(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> 
 def max_over_lower_bound(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """Max GPU load / lower bound per layer [L] (1.0 = provably optimal; all-zero layers count 1.0)."""
     peak, bound = max_gpu_load(weight, phy2log, num_gpus), lower_bound(weight, phy2log.shape[1], num_gpus)
-    return torch.where(bound > 0, peak / bound.clamp_min(1e-300), torch.ones_like(peak))
+    return maps.ratio(peak, bound, 1.0)

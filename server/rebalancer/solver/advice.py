@@ -19,6 +19,7 @@ import torch
 
 from .api import solve
 from .joint import best_lower_bound
+from .maps import ratio
 
 # Counts tried past the smallest feasible one when the caller names none.
 DEFAULT_EXTRA_SLOTS_PER_GPU = 4
@@ -101,8 +102,8 @@ def advise_slots(
         balance = result.balancedness.to(torch.float64)
         per_layer.append(balance)
         # An all-zero layer is perfectly balanced and at its bound.
-        over_bound.append(torch.where(bound > 0, mean / balance.clamp_min(1e-300) / bound.clamp_min(1e-300), 1.0))
-        ceiling.append(torch.where(bound > 0, mean / bound.clamp_min(1e-300), 1.0))
+        over_bound.append(ratio(mean / balance, bound, 1.0))  # mean / balancedness: the max GPU load
+        ceiling.append(ratio(mean, bound, 1.0))
     per_layer_balance = torch.stack(per_layer)  # [K, L]
     return SlotAdvice(
         slots_per_gpu=counts,

@@ -172,18 +172,20 @@ def scaled_to_unit_peak(loads: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(values / np.where(peak > 0, peak, 1.0))
 
 
-# Layers the published algorithm sees as given: peaks within 2**+-64 (float32 sums of up to 2**40
-# loads stay finite and normal).
+# Plans and per-layer figures are scale-free, so layers with peaks beyond these powers of two are scaled
+# (exactly, by a power of two): below 2**960 float64 sums of up to 2**60 loads stay finite; the published
+# algorithm's float32 sums of up to 2**40 loads need peaks within 2**+-64.
+FLOAT64_SAFE_EXPONENT = 960
 FLOAT32_SAFE_EXPONENT = 64
 
 
-def float32_safe(loads: torch.Tensor) -> torch.Tensor:
-    """loads [L, E] with each layer whose peak lies outside 2**+-64 scaled by a power of two to a peak
-    near 1: float32 would turn it into inf (invalid maps) or zeros (an unbalanced plan). A power of two
-    scales exactly, so the float32 values and their ties are those of loads given in range."""
+def within_exponent(loads: torch.Tensor, limit: int) -> torch.Tensor:
+    """loads [L, E] with each layer whose peak lies outside 2**+-limit scaled by a power of two to a peak
+    near 1 (float sums would overflow to inf, or float32 values underflow to zeros). A power of two
+    scales exactly, so the values and their ties are those of the same loads given in range."""
     peak = loads.amax(-1, keepdim=True)
     exponent = torch.frexp(peak).exponent
-    outside = (peak > 0) & (exponent.abs() > FLOAT32_SAFE_EXPONENT)
+    outside = (peak > 0) & (exponent.abs() > limit)
     if not bool(outside.any()):
         return loads
     return torch.ldexp(loads, torch.where(outside, -exponent, 0))
@@ -399,6 +401,10 @@ def _checked_request(
         if host is None
         else torch.from_numpy(host.astype(np.float64, copy=False))
     )
+    # The figures' float64 sums overflow only near float64's top: one host read (NumPy's max on the CPU).
+    high = float(host.max()) if host is not None else float(loads.amax())
+    if high > 2.0**FLOAT64_SAFE_EXPONENT:
+        loads = within_exponent(loads, FLOAT64_SAFE_EXPONENT)
     return _Request(loads, settings, options, cost, gpu_ids, unavailable_gpus, num_nodes)
 
 
@@ -420,7 +426,9 @@ def _plan(request: _Request) -> tuple[torch.Tensor, list[str], dict]:
         return phy2log, [f"elastic/{origin}" for origin in origins], {}
     # Planning is scale-free; per-layer scaling to a max of 1 keeps float32 sums of huge loads finite.
     # The published algorithm sees the loads as given, unless float32 cannot hold them.
-    planning_loads = float32_safe(loads) if policy == "deepseek" else scaled_to_unit_peak(loads)
+    planning_loads = (
+        within_exponent(loads, FLOAT32_SAFE_EXPONENT) if policy == "deepseek" else scaled_to_unit_peak(loads)
+    )
     phy2log, policy_per_layer, stats = run_policy(policy, planning_loads, options)
     if options.prev_phy2log is not None:
         # Plans order each GPU's slots their own way (the published one by replica rank, the refinements

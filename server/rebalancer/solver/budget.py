@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .maps import gpu_loads, logcnt_from_phy2log
+from .maps import gpu_loads, logcnt_from_phy2log, ratio
 from .transfers import LAYER, CostModel, busiest_seconds, link_usage
 
 
@@ -40,7 +40,7 @@ def layers_within_budget(
     mean = loads.sum(-1) / num_gpus
     peak_old = gpu_loads(loads, prev_phy2log, logcnt_from_phy2log(prev_phy2log, num_experts), num_gpus).amax(-1)
     peak_new = gpu_loads(loads, phy2log, logcnt_from_phy2log(phy2log, num_experts), num_gpus).amax(-1)
-    gain = (peak_old - peak_new) / mean.clamp_min(1e-300)
+    gain = ratio(peak_old - peak_new, mean, 0.0)
     changed = torch.zeros(num_layers, dtype=torch.bool, device=loads.device)
     changed[transfers[:, LAYER]] = True
     useful = changed & ((gain > 0) | (copies == 0))

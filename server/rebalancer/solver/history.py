@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .maps import ratio
+
 # Smoothing of shares so that experts with no tokens in a window get a finite log-ratio.
 SHARE_FLOOR = 1e-6
 
@@ -23,13 +25,13 @@ def scenarios(loads: torch.Tensor, history: torch.Tensor, max_scenarios: int = 8
     num_windows = history.shape[0]
     if num_windows < 2:
         return loads.unsqueeze(1)
-    shares = history / history.sum(-1, keepdim=True).clamp_min(1e-300)
+    shares = ratio(history, history.sum(-1, keepdim=True), 0.0)
     log_shares = (shares + SHARE_FLOOR).log()
     changes = (log_shares[1:] - log_shares[:-1]).flip(0)[: max(1, max_scenarios // 2)]  # [S/2, L, E]
     changes = torch.cat([changes, -changes], 0).permute(1, 0, 2)  # [L, S, E]
     scaled = loads.unsqueeze(1) * changes.exp()
     total = loads.sum(-1, keepdim=True).unsqueeze(1)
-    return scaled * (total / scaled.sum(-1, keepdim=True).clamp_min(1e-300))
+    return scaled * ratio(total, scaled.sum(-1, keepdim=True), 0.0)
 
 
 def scenario_imbalance(phy2log: torch.Tensor, scenario_loads: torch.Tensor, num_gpus: int) -> torch.Tensor:
@@ -44,5 +46,4 @@ def scenario_imbalance(phy2log: torch.Tensor, scenario_loads: torch.Tensor, num_
     per_copy = scenario_loads.unsqueeze(1) / counts.unsqueeze(2)  # [P, C, S, E]
     slot = per_copy.gather(3, phy2log.unsqueeze(2).expand(-1, -1, scenario_loads.shape[1], -1))  # [P, C, S, R]
     gpu = slot.view(num_rows, num_candidates, -1, num_gpus, num_slots // num_gpus).sum(-1)
-    ratio = gpu.max(-1).values / gpu.mean(-1).clamp_min(1e-300)
-    return ratio.mean(-1)
+    return ratio(gpu.max(-1).values, gpu.mean(-1), 1.0).mean(-1)

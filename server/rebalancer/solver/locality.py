@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .maps import ratio
+
 
 def group_locality(
     loads: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_groups: int, num_nodes: int
@@ -31,5 +33,5 @@ def group_locality(
     span = (hosted.view(num_layers, num_groups, num_nodes) > 0).sum(-1).double().mean(-1)
     total = loads.double().sum(-1)
     off_node = served.sum(-1) - served.max(-1).values
-    share = torch.where(total > 0, off_node.sum(-1) / total.clamp_min(1e-300), torch.zeros_like(total))
+    share = ratio(off_node.sum(-1), total, 0.0)
     return {"group_node_span": span, "off_node_share": share}

@@ -71,11 +71,17 @@ def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor,
     return loads.view(loads.shape[0], num_gpus, -1).sum(-1)
 
 
+def ratio(numerator: torch.Tensor, denominator: torch.Tensor, where_zero: float | torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, `where_zero` where the denominator is 0. Exact at any magnitude: a clamp
+    of the denominator (to 1e-300, say) would turn loads of 1e-301 into wrong figures."""
+    positive = denominator > 0
+    return torch.where(positive, numerator / torch.where(positive, denominator, 1.0), where_zero)
+
+
 def balancedness(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """Mean GPU load / max GPU load per layer [L]; 1.0 for an all-zero layer."""
     loads = gpu_loads(weight, phy2log, logcnt, num_gpus)
-    peak = loads.max(-1).values
-    return torch.where(peak > 0, loads.mean(-1) / peak.clamp_min(1e-300), torch.ones_like(peak))
+    return ratio(loads.mean(-1), loads.max(-1).values, 1.0)
 
 
 def imbalance_ratio(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int) -> torch.Tensor:
