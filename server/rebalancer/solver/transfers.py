@@ -23,8 +23,6 @@ from .maps import expert_histogram
 
 LAYER, EXPERT, DST_GPU, DST_SLOT, SRC_GPU = range(5)
 FROM_HOST = -1
-# Rounds of source choice: each round's transfers see the bytes the earlier rounds assigned.
-SOURCE_ROUNDS = 16
 INTRA, INTER = 0, 1
 
 
@@ -72,11 +70,10 @@ def plan_transfers(
     hosts = expert_histogram(prev_phy2log, num_experts, old_num_gpus, compact=True) > 0  # [L, G_old, E]
     if usable_sources is None:
         usable_sources = torch.ones(old_num_gpus, dtype=torch.bool, device=device)
-    candidates = hosts[layer, :, expert] & usable_sources.to(device).view(1, -1)  # [T, G_old]
-    src = choose_sources(candidates, dst, gpus_per_node)
-    # The destination already holds the expert in another slot: copy it locally.
+    # The destination already holds the expert in another slot: copy it locally (no source to choose).
     is_local = (dst < old_num_gpus) & hosts[layer, dst.clamp_max(old_num_gpus - 1), expert]
-    src = torch.where(is_local, dst, src)
+    candidates = hosts[layer, :, expert] & usable_sources.to(device).view(1, -1) & ~is_local.view(-1, 1)
+    src = torch.where(is_local, dst, choose_sources(candidates, dst, gpus_per_node))  # [T]
     return torch.stack([layer, expert, dst, slot, src], 1)
 
 
@@ -84,40 +81,9 @@ def choose_sources(candidates: torch.Tensor, dst: torch.Tensor, gpus_per_node: i
     """Pick one source per transfer among `candidates` [T, G] bool: same node as `dst` [T] first, then the
     GPU that has sent least over that link class; FROM_HOST where no candidate exists. -> [T] int64.
 
-    Transfers with the fewest choices go first, in SOURCE_ROUNDS rounds; within a round ties are broken
-    by a per-transfer offset so that equal candidates share the work.
-    """
-    if candidates.device.type == "cpu":
-        return host_transfers.choose_sources(candidates, dst, gpus_per_node, SOURCE_ROUNDS, INTRA, INTER, FROM_HOST)
-    return torch_choose_sources(candidates, dst, gpus_per_node)
-
-
-def torch_choose_sources(candidates: torch.Tensor, dst: torch.Tensor, gpus_per_node: int) -> torch.Tensor:
-    """`choose_sources` in tensor operations (on a GPU; the CPU runs the compiled loop, same answer)."""
-    num_transfers, num_gpus = candidates.shape
-    device = candidates.device
-    gpu = torch.arange(num_gpus, device=device)
-    same_node = (gpu // gpus_per_node).view(1, -1) == (dst // gpus_per_node).view(-1, 1)
-    near = candidates & same_node
-    has_near = near.any(1)
-    preferred = torch.where(has_near.unsqueeze(1), near, candidates)
-    link = torch.where(has_near, INTRA, INTER)
-    choices = preferred.sum(1)
-    src = torch.full((num_transfers,), FROM_HOST, dtype=torch.int64, device=device)
-    sent = torch.zeros(2, num_gpus, dtype=torch.float64, device=device)
-    order = (choices * num_transfers + torch.arange(num_transfers, device=device)).argsort()
-    order = order[choices[order] > 0]
-    # A fraction in [0, 1) per (transfer, GPU): spreads simultaneous picks among equally loaded GPUs.
-    offset = ((torch.arange(num_transfers, device=device).view(-1, 1) * 7 + gpu * 13) % num_gpus) / num_gpus
-    for chunk in order.tensor_split(min(SOURCE_ROUNDS, max(order.numel(), 1))):
-        if chunk.numel() == 0:
-            continue
-        score = sent[link[chunk]] + offset[chunk]
-        score = torch.where(preferred[chunk], score, float("inf"))
-        pick = score.argmin(1)
-        src[chunk] = pick
-        sent.index_put_((link[chunk], pick), torch.ones_like(pick, dtype=sent.dtype), accumulate=True)
-    return src
+    Transfers with the fewest choices go first, one at a time, each seeing every earlier pick
+    (host_transfers, compiled, whatever the solve device)."""
+    return host_transfers.choose_sources(candidates, dst, gpus_per_node, INTRA, INTER, FROM_HOST)
 
 
 def link_usage(transfers: torch.Tensor, num_layers: int, num_gpus: int, gpus_per_node: int) -> torch.Tensor:
