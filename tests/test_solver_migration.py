@@ -78,7 +78,7 @@ def test_migration_stays_within_the_balance_tolerance_of_a_fresh_plan(policy: st
     assert torch.allclose(moved.balancedness_before.cpu(), before, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("policy", SOLVER_POLICIES)
+@pytest.mark.parametrize("policy", (*SOLVER_POLICIES, "deepseek"))  # the published plan too: over the cap it keeps
 @pytest.mark.parametrize("budget", [0, 1, 3, 8, 12, 20, 40])
 def test_max_moves_per_layer_is_respected(policy: str, budget: int) -> None:
     layers, experts, replicas, groups, nodes, gpus = SMALL
