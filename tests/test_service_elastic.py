@@ -22,6 +22,7 @@ from service_harness import (
     REPLICAS,
     TOPOLOGY,
     ServerThread,
+    field_violations,
     maps_of,
     report,
     skewed_loads,
@@ -100,6 +101,29 @@ def test_losing_a_gpu_commits_a_plan_on_the_healthy_ones(tmp_path):
         assert_reached_by_its_transfers(first, placement)
         assert current(server, "degraded").topology == placement.topology
         assert server.metric("rebalancer_state_bytes") > 0
+
+
+@pytest.mark.parametrize(
+    "cap",
+    [{"max_moves_per_layer": 3}, {"max_transfer_seconds": 1e-9}, {"max_incoming_copies_per_gpu": 0}],
+)
+@pytest.mark.parametrize("change", [{"unavailable_gpus": [2]}, {"new_num_gpus": 8}])
+def test_a_change_of_the_gpu_set_refuses_move_and_transfer_caps_and_commits_nothing(tmp_path, cap, change):
+    # Every expert must be hosted on the new GPU set, so a cap would be exceeded: the transfer caps were
+    # accepted and ignored (11 copies shipped under a cap of 0), the move cap raised inside the solver.
+    with ServerThread(str(tmp_path)) as server:
+        first = registered(server, "capped")
+        options = pb.SolveOptions(**cap, **{k: v for k, v in change.items() if k == "new_num_gpus"})
+        request = pb.RebalanceRequest(
+            deployment_id="capped", options=options, unavailable_gpus=change.get("unavailable_gpus", [])
+        )
+        with pytest.raises(grpc.RpcError) as error:
+            server.stub.Rebalance(request)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        field = "unavailable_gpus" if "unavailable_gpus" in change else "options.new_num_gpus"
+        assert list(field_violations(error.value)) == [field], error.value.details()
+        assert next(iter(cap)) in error.value.details()
+        assert current(server, "capped") == first
 
 
 def test_a_gpu_loss_is_costed_as_the_elastic_plan_it_runs(tmp_path):

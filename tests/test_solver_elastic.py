@@ -145,6 +145,7 @@ def test_scaling_in_by_a_node_plans_on_the_remaining_gpus() -> None:
         ({"new_num_gpus": 0}, "new_num_gpus"),
         ({"new_num_gpus": 40, "unavailable_gpus": [1]}, "unavailable_gpus"),
         ({"new_num_gpus": 40, "max_transfer_seconds": 1.0}, "new_num_gpus"),
+        ({"unavailable_gpus": [1], "max_moves_per_layer": 5}, "unavailable_gpus"),  # was exceeded silently
     ],
 )
 def test_bad_elastic_input_raises_naming_the_argument(in_force, kwargs: dict, name: str) -> None:

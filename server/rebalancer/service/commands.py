@@ -22,6 +22,7 @@ from .errors import InvalidArgument, NotFound
 from .model import Topology
 from .validation import (
     check_cost_model,
+    check_gpu_change_alone,
     check_loads,
     check_options,
     check_phy2log,
@@ -135,6 +136,7 @@ class RequestChecker:
             if request.HasField("prev_phy2log"):
                 prev = check_phy2log(request.prev_phy2log, expected, self.max_elements)
             unavailable = check_unavailable_gpus(request.unavailable_gpus, expected)
+        check_gpu_change_alone(settings, unavailable)
         return PlanCommand(
             request.deployment_id, topology, loads, prev, settings, request.base_version, cost_model, unavailable, known
         )
@@ -155,6 +157,7 @@ class RequestChecker:
         if request.HasField("prev_phy2log"):
             prev = check_phy2log(request.prev_phy2log, topology, self.max_elements)
         unavailable = check_unavailable_gpus(request.unavailable_gpus, topology)
+        check_gpu_change_alone(settings, unavailable)
         return PlanCommand("", topology, loads, prev, settings, 0, cost_model, unavailable)
 
     def advise(self, request: pb.AdviseSlotsRequest, known: Topology | None) -> AdviseCommand:

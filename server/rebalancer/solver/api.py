@@ -487,6 +487,8 @@ def _checked_gpu_change(
         raise ArgumentError(name, f"leaves {slots} slots for {num_experts} experts")
     if settings.max_transfer_seconds is not None or settings.max_incoming_copies_per_gpu is not None:
         raise ArgumentError(name, "cannot be combined with a transfer budget: every expert must be hosted")
+    if settings.max_moves_per_layer is not None:  # it would be exceeded, not honoured
+        raise ArgumentError(name, "cannot be combined with max_moves_per_layer: every expert must be hosted")
     return gpu_ids
 
 
