@@ -4,6 +4,9 @@ move budget, and with a load history stays valid and deterministic."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -341,3 +344,20 @@ def test_keeping_old_slots_writes_only_the_arrivals(gpus: int, slots_per_gpu: in
             assert sorted(placed) == sorted(planned)  # the same copies on the GPU
             writes = sum(a != b for a, b in zip(old, placed, strict=True))
             assert writes == sum(max(planned.count(e) - old.count(e), 0) for e in set(planned))
+
+
+def test_keeping_old_slots_takes_memory_linear_in_the_slots_per_gpu() -> None:
+    # 2 GPUs x 8,192 slots: comparing every slot with every other took [L, G, K, K] tables (with an int64
+    # cumsum, ~1 GiB here; ~16 GiB at 32,768 slots, which admission costs at 8 MiB). In a fresh process,
+    # so its peak resident memory is this call's own.
+    script = (
+        "import resource, torch\n"
+        "from rebalancer.solver.migration import keep_old_slots\n"
+        "old, new = torch.randint(4, (1, 16384)), torch.randint(4, (1, 16384))\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "kept = keep_old_slots(old, new, 2)\n"
+        "assert kept.shape == new.shape\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    grown_mib = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout)
+    assert grown_mib < 64, f"{grown_mib} MiB"
