@@ -19,6 +19,7 @@ from rebalancer_wire.topology import Topology
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 
 from rebalancer.solver import CostModel
+from rebalancer.solver.elastic import refused_caps_reason
 
 from .errors import InvalidArgument
 
@@ -182,19 +183,14 @@ def check_unavailable_gpus(values, topology: Topology, field: str = "unavailable
     return tuple(ids)
 
 
-# Caps a plan on a changed GPU set cannot honour: every expert must find a home on the GPUs left.
-CAPS_OF_A_PLACEMENT_IN_FORCE = ("max_moves_per_layer", "max_transfer_seconds", "max_incoming_copies_per_gpu")
-
-
 def check_gpu_change_alone(settings: SolveSettings, unavailable: tuple[int, ...]) -> None:
-    """A change of the GPU set (failed GPUs or a new count) takes no move or transfer cap: the plan must
-    host every expert, so a cap would be exceeded, not honoured (the library refuses the same)."""
+    """A change of the GPU set (failed GPUs or a new count) takes no move or transfer cap (the library's
+    rule, `elastic.REFUSED_CAPS`): checked here, where the transfer caps stay with the request."""
     if not unavailable and settings.new_num_gpus is None:
         return
-    field = "unavailable_gpus" if unavailable else "options.new_num_gpus"
-    caps = [name for name in CAPS_OF_A_PLACEMENT_IN_FORCE if getattr(settings, name) is not None]
-    if caps:
-        raise InvalidArgument([(field, f"cannot be combined with {', '.join(caps)}: every expert must be hosted")])
+    reason = refused_caps_reason(settings)
+    if reason:
+        raise InvalidArgument([("unavailable_gpus" if unavailable else "options.new_num_gpus", reason)])
 
 
 def solver_error_field(error: ArgumentError) -> str:

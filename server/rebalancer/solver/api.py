@@ -22,7 +22,7 @@ from rebalancer_wire.options import check as check_options
 from rebalancer_wire.topology import planning_layout, topology_violations
 
 from . import maps
-from .elastic import elastic_gpu_ids, elastic_moves, plan_elastic
+from .elastic import elastic_gpu_ids, elastic_moves, plan_elastic, refused_caps_reason
 from .locality import group_locality
 from .migration import keep_old_slots
 from .policies import SolveOptions, run_policy
@@ -485,10 +485,9 @@ def _checked_gpu_change(
     slots = (num_replicas // num_gpus) * gpu_ids.numel()
     if slots < num_experts:
         raise ArgumentError(name, f"leaves {slots} slots for {num_experts} experts")
-    if settings.max_transfer_seconds is not None or settings.max_incoming_copies_per_gpu is not None:
-        raise ArgumentError(name, "cannot be combined with a transfer budget: every expert must be hosted")
-    if settings.max_moves_per_layer is not None:  # it would be exceeded, not honoured
-        raise ArgumentError(name, "cannot be combined with max_moves_per_layer: every expert must be hosted")
+    reason = refused_caps_reason(settings)
+    if reason:
+        raise ArgumentError(name, reason)
     return gpu_ids
 
 

@@ -65,6 +65,17 @@ REPAIR_ROWS = 128
 SHED_ROWS = 512
 
 
+# Caps a plan on a changed GPU set cannot honour (every expert must find a home on the GPUs there are, so a
+# cap would be exceeded, not met): refused with either change, by the library and the service alike.
+REFUSED_CAPS = ("max_moves_per_layer", "max_transfer_seconds", "max_incoming_copies_per_gpu")
+
+
+def refused_caps_reason(settings: object) -> str | None:
+    """Why `settings` (solve settings) cannot go with a change of the GPU set, or None when they can."""
+    caps = [name for name in REFUSED_CAPS if getattr(settings, name) is not None]
+    return f"cannot be combined with {', '.join(caps)}: every expert must be hosted" if caps else None
+
+
 def elastic_gpu_ids(
     num_gpus: int,
     num_nodes: int,
