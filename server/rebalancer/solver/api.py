@@ -436,14 +436,6 @@ def _plan(request: _Request) -> tuple[torch.Tensor, list[str], dict]:
         # also overwrite slots other shuffles read. The published replica ranks then no longer match.
         phy2log = keep_old_slots(options.prev_phy2log, phy2log, options.num_gpus)
         stats.pop("phy_rank", None)
-        if policy == "deepseek" and options.max_moves_per_layer is not None:
-            # The published plan ignores the placement in force; the cap still holds: a layer it would
-            # move more copies than allowed keeps its placement.
-            moved = maps.moved_copies(options.prev_phy2log, phy2log, loads.shape[1], options.num_gpus)
-            over = moved > options.max_moves_per_layer
-            phy2log = torch.where(over.unsqueeze(1), options.prev_phy2log, phy2log)
-            kept = over.tolist()
-            policy_per_layer = [f"{name}/kept" if k else name for name, k in zip(policy_per_layer, kept, strict=True)]
     return phy2log, policy_per_layer, stats
 
 

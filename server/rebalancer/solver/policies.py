@@ -16,7 +16,7 @@ from . import small
 from .deepseek import rebalance_deepseek
 from .hierarchical import plan_hierarchical
 from .history import scenarios
-from .maps import gpu_loads, logcnt_from_phy2log
+from .maps import gpu_loads, logcnt_from_phy2log, moved_copies
 from .migration import migrate
 from .planner import plan
 
@@ -151,7 +151,16 @@ def run_policy(name: str, loads: torch.Tensor, opts: SolveOptions) -> PolicyResu
     if opts.history is not None and opts.scenario_loads is None and opts.prev_phy2log is None:
         opts.scenario_loads = scenarios(loads, opts.history)
     phy2log, names, stats = POLICIES[name](loads, opts)
-    if opts.prev_phy2log is None or name == "deepseek":
+    if opts.prev_phy2log is None:
+        return phy2log, names, stats
+    if name == "deepseek":
+        if opts.max_moves_per_layer is not None:
+            # The published plan ignores the placement in force, but the cap holds: a layer it would move
+            # more copies than allowed keeps its placement.
+            moved = moved_copies(opts.prev_phy2log, phy2log, loads.shape[1], opts.num_gpus)
+            over = moved > opts.max_moves_per_layer
+            phy2log = torch.where(over.unsqueeze(1), opts.prev_phy2log, phy2log)
+            names = [f"{policy}/kept" if kept else policy for policy, kept in zip(names, over.tolist(), strict=True)]
         return phy2log, names, stats
     peak = gpu_loads(loads, phy2log, logcnt_from_phy2log(phy2log, loads.shape[1]), opts.num_gpus).max(-1).values
     local_layers = torch.tensor([policy == "hierarchical" for policy in names], device=loads.device)
