@@ -22,9 +22,10 @@ from rebalancer_wire.options import check as check_options
 from rebalancer_wire.topology import planning_layout, topology_violations
 
 from . import maps
+from .arrivals import near_sources
 from .elastic import elastic_gpu_ids, elastic_moves, plan_elastic, refused_caps_reason
 from .locality import group_locality
-from .migration import keep_old_slots
+from .migration import groups_on_one_node, keep_old_slots
 from .policies import SolveOptions, run_policy
 from .rearrangement import Rearrangement, rearrange
 from .transfers import CostModel, old_content
@@ -423,7 +424,7 @@ def _plan(request: _Request) -> tuple[torch.Tensor, list[str], dict]:
         )
         in_place = old_content(options.prev_phy2log, options.num_replicas // options.num_gpus, request.gpu_ids)
         phy2log = keep_old_slots(in_place.to(phy2log.device), phy2log, request.gpu_ids.numel())
-        return phy2log, [f"elastic/{origin}" for origin in origins], {}
+        return _near_sources(request, phy2log), [f"elastic/{origin}" for origin in origins], {}
     # Planning is scale-free; per-layer scaling to a max of 1 keeps float32 sums of huge loads finite.
     # The published algorithm sees the loads as given, unless float32 cannot hold them.
     planning_loads = (
@@ -436,7 +437,31 @@ def _plan(request: _Request) -> tuple[torch.Tensor, list[str], dict]:
         # also overwrite slots other shuffles read. The published replica ranks then no longer match.
         phy2log = keep_old_slots(options.prev_phy2log, phy2log, options.num_gpus)
         stats.pop("phy_rank", None)
+        if policy != "deepseek":  # the published algorithm's placement stays as it is
+            phy2log = _near_sources(request, phy2log)
     return phy2log, policy_per_layer, stats
+
+
+def _near_sources(request: _Request, phy2log: torch.Tensor) -> torch.Tensor:
+    """`phy2log` with arrivals traded between nodes for same-node sources (arrivals.py), except on the
+    layers a plan keeps each group on one node (trades ignore groups); failed GPUs send nothing."""
+    options = request.options
+    active, usable = None, None
+    if options.num_nodes > 1 and request.gpu_ids is None:
+        active = ~groups_on_one_node(phy2log, request.loads.shape[1], options.num_groups, options.num_nodes)
+    if request.unavailable_gpus:
+        usable = torch.ones(options.num_gpus, dtype=torch.bool)
+        usable[list(request.unavailable_gpus)] = False
+    return near_sources(
+        request.loads,
+        options.prev_phy2log,
+        phy2log,
+        options.num_replicas // options.num_gpus,
+        options.num_gpus // request.num_nodes,
+        gpu_ids=request.gpu_ids,
+        usable_sources=usable,
+        active=active,
+    )
 
 
 def _rearranged(request: _Request, phy2log: torch.Tensor) -> Rearrangement:
