@@ -12,6 +12,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from unittest import mock
 
 import peers
 import torch
@@ -28,6 +29,9 @@ BAR = {"moves_ratio": 0.25, "aim": 0.1, "balancedness_slack": 0.005}
 # Elastic EP: a GPU lost and a scale-out; the loss again under a tighter tolerance, beside SGLang's fresh plan.
 ELASTIC_SHAPE, LOST_GPU, SCALE_TO, LOST_TIGHT = "dsv3_prefill", 5, 40, {"balance_tolerance": 0.002}
 COST = CostModel()  # DeepSeek-V3 FP8 experts, NVLink 450 GB/s and a 400 Gb/s NIC per GPU
+# Trading arrivals between nodes (arrivals.py) measured in place: the same window and placement in force,
+# planned with the trade step and with it patched out.
+TRADED, UNTRADED_STEP = "auto_prev", "rebalancer.solver.api._near_sources"
 # Raw per-run sums of the rearrangement figures; shares are pooled from them.
 TRANSFER_SUMS = ("transfer_seconds", "network_copies", "intra_copies", "possible_copies", "possible_intra_copies")
 
@@ -73,6 +77,23 @@ def rearrangement(prev_phy2log, phy2log, shape: workloads.Shape) -> dict[str, fl
     return dict(zip(TRANSFER_SUMS, (*sums, copies * possible * share), strict=True))
 
 
+def untraded(series, window: int, shape: workloads.Shape, prev_phy2log) -> torch.Tensor:
+    """The `auto_prev` plan of `series[window]` from `prev_phy2log` with the arrival trades patched out."""
+    with mock.patch(UNTRADED_STEP, new=lambda _, phy2log: phy2log):
+        return solve(series[window], *shape.args(), device="cpu", prev_phy2log=prev_phy2log).phy2log.cpu()
+
+
+def trade_effect(series, window: int, shape: workloads.Shape, prev, traded) -> dict[str, float]:
+    """The untraded plan's transfer sums beside the traded one's, and the next-window balancedness difference."""
+    plain = untraded(series, window, shape, prev)
+    nxt = series[window + 1]
+    gain = float(
+        (workloads.balancedness(nxt, traded, shape.gpus) - workloads.balancedness(nxt, plain, shape.gpus)).mean()
+    )
+    sums = rearrangement(prev, plain, shape)
+    return {"untraded_seconds": sums["transfer_seconds"], "untraded_intra": sums["intra_copies"], "next_gain": gain}
+
+
 def relative(figures: dict[str, dict]) -> dict[str, dict]:
     """Add to every variant's figures its ratios and balancedness delta to each baseline and its pooled shares."""
     for entry in figures.values():
@@ -90,6 +111,7 @@ def run_series(shape: workloads.Shape, windows: int, seed: int) -> dict:
     series = workloads.drift_series(shape.layers, shape.experts, windows, seed=seed)
     placements = {v.label: v.plan(series, 0, shape, None) for v in VARIANTS}
     tracks = {v.label: {"moves": [], "next": [], "seconds": [], "transfers": []} for v in VARIANTS}
+    trades = []
     for window in range(1, windows - 1):
         for variant in VARIANTS:
             started, prev, track = time.perf_counter(), placements[variant.label], tracks[variant.label]
@@ -98,6 +120,8 @@ def run_series(shape: workloads.Shape, windows: int, seed: int) -> dict:
             track["moves"].append(int(maps.moved_copies(prev, phy2log, shape.experts, shape.gpus).sum()))
             track["next"].append(float(workloads.balancedness(series[window + 1], phy2log, shape.gpus).mean()))
             track["transfers"].append(rearrangement(prev, phy2log, shape))
+            if variant.label == TRADED:
+                trades.append(trade_effect(series, window, shape, prev, phy2log) | track["transfers"][-1])
     figures = {}
     for label, track in tracks.items():
         moves, next_balance = sum(track["moves"]), track["next"]
@@ -105,7 +129,7 @@ def run_series(shape: workloads.Shape, windows: int, seed: int) -> dict:
         figures[label] |= {"next_balancedness": next_balance, "mean_next_balancedness": statistics.fmean(next_balance)}
         figures[label] |= {"total_moves": moves, "mean_solve_ms": 1e3 * statistics.fmean(track["seconds"])}
         figures[label]["moved_share"] = moves / ((windows - 2) * shape.layers * shape.replicas)
-    return {"shape": shape.name, "seed": seed, "windows": windows, "variants": relative(figures)}
+    return {"shape": shape.name, "seed": seed, "windows": windows, "variants": relative(figures), "trades": trades}
 
 
 def paired_difference(runs: Sequence[dict], with_history: str, without: str) -> dict:
@@ -130,7 +154,24 @@ def summarise(runs: Sequence[dict]) -> dict:
             totals[label][key] = statistics.fmean(f[key] for f in figures)
     history = {f"{a} - {b}": paired_difference(runs, a, b) for a, b in HISTORY_PAIRS}
     summary = {"windows": runs[0]["windows"], "seeds": sorted({r["seed"] for r in runs}), "runs": runs, "bar": BAR}
-    return summary | {"totals": relative(totals), "history_effect": history}
+    return summary | {"totals": relative(totals), "history_effect": history, "trades": pooled_trades(runs)}
+
+
+def pooled_trades(runs: Sequence[dict]) -> dict:
+    """Traded vs untraded plans from the same placements in force: estimated seconds, intra-node share, and
+    the next-window balancedness difference per window (mean, standard error)."""
+    steps = [step for r in runs for step in r["trades"]]
+    gains = [step["next_gain"] for step in steps]
+    copies = sum(step["network_copies"] for step in steps)
+    figures = {"windows": len(steps), "next_gain": statistics.fmean(gains)}
+    figures["next_gain_stderr"] = statistics.stdev(gains) / math.sqrt(len(gains)) if len(gains) > 1 else math.nan
+    for name, key, intra in (
+        ("traded", "transfer_seconds", "intra_copies"),
+        ("untraded", "untraded_seconds", "untraded_intra"),
+    ):
+        figures[f"{name}_seconds"] = sum(step[key] for step in steps)
+        figures[f"{name}_intra_share"] = sum(step[intra] for step in steps) / max(copies, 1.0)
+    return figures | {"seconds_ratio": figures["traded_seconds"] / max(figures["untraded_seconds"], 1e-300)}
 
 
 def run_elastic(seed: int) -> dict:
@@ -209,6 +250,14 @@ ELASTIC = (
 )
 
 
+TRADES = (
+    "windows | est. transfer s traded | untraded | ratio | intra-node share traded | untraded |"
+    " next-window bal. traded - untraded",
+    "{windows} | {traded_seconds:.3f} | {untraded_seconds:.3f} | {seconds_ratio:.3f} | {traded_intra_share:.3f} |"
+    " {untraded_intra_share:.3f} | {next_gain:+.5f} +- {next_gain_stderr:.5f}",
+)
+
+
 def markdown(result: dict) -> str:
     bar, elastic = result["bar"], result.get("elastic")
     per_run = [r | fig | {"label": label} for r in result["runs"] for label, fig in r["variants"].items()]
@@ -228,6 +277,9 @@ def markdown(result: dict) -> str:
         "**Does history help?** Paired per-window differences of next-window balancedness.",
         filled(*HISTORY, history),
         "Windows of one series are correlated, so the standard error understates the noise; read the per-run signs.",
+        f"**Trading arrivals between nodes** (`{TRADED}`, each window planned from the same placement in force"
+        " with and without the trade step): the same moved copies and no higher per-layer peaks, by construction.",
+        filled(*TRADES, [result["trades"]]),
     ]
     if elastic:
         out.append(f"**Elastic EP** on {elastic[0]['shape']} (zipf loads, GPU {elastic[0]['lost_gpu']} lost)")
