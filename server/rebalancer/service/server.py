@@ -21,7 +21,7 @@ from rebalancer_wire.options import SolveSettings
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from rebalancer_wire.v1 import rebalancer_pb2_grpc
 
-from ..solver import host_arrivals, host_packing, host_transfers
+from ..solver import host_arrivals, host_packing, host_swaps, host_transfers
 from .admission import JobLimits
 from .autorebalance import AutoRebalancer
 from .batcher import Batcher, SolveJob
@@ -161,10 +161,11 @@ class RebalancerServer:
 
     async def _warm_up(self) -> None:
         """Small solves on the device, so the first real request pays no start-up cost, and the compiled loops
-        (seconds the first time, until Numba's disk cache has them): the transfer steps run on the host for
-        every device, the packing loops on the CPU only, in every dtype."""
+        (seconds the first time, until Numba's disk cache has them): the migration and transfer steps run on
+        the host for every device, the packing loops on the CPU only, in every dtype."""
         await asyncio.to_thread(host_transfers.warm_up)
         await asyncio.to_thread(host_arrivals.warm_up)
+        await asyncio.to_thread(host_swaps.warm_up)
         if self.device.type == "cpu":
             await asyncio.to_thread(host_packing.warm_up)
         # Eight slots per GPU, then two (the exact search, and the climb beyond its table: compiled here).

@@ -2,7 +2,8 @@
 
 Two plans per layer compete:
 * incremental: the old placement, copies unchanged, improved by single swaps between its heaviest GPU
-  and a lighter one (each swap ships two copies) only until it is as balanced as the fresh plan allows;
+  and another one (the swap that reaches the target shipping fewest copies, swaps.py) only until it is
+  as balanced as the fresh plan allows;
 * fresh: the best new plan with its GPUs relabelled to match the old ones (a greedy maximum-overlap
   matching), every expert that stays on a GPU kept in its old slot, and copies it ships without need
   swapped back (`pullback.py`) while its GPUs stay under the incremental plan's target.
@@ -20,9 +21,8 @@ from .blocks import in_row_blocks
 from .cancel import checkpoint
 from .joint import SearchEffort, copy_moves, improve_replication, moved_counts
 from .maps import expert_histogram, logcnt_from_phy2log
-from .packing import swap_refine
 from .pullback import pull_back
-from .refinement import RefineLimits
+from .swaps import cheapest_swaps
 
 ORIGINS = ("fresh", "incremental", "kept")
 # Rounds of single-copy handovers tried before swaps (each ships one copy).
@@ -205,18 +205,14 @@ def incremental(
     reassign_copies: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The old placement improved in place: first copies handed from spare experts to hot ones (one
-    copy shipped each), then single heaviest-GPU swaps (two copies each), then, with `reassign_copies`,
+    copy shipped each), then single heaviest-GPU swaps (swaps.py: two copies each at most, the cheapest
+    that reaches the target), then, with `reassign_copies`,
     copies moved between experts where the swaps stall, until each layer's max GPU load is at or below
     `targets` [L]. Returns (phy2log [L, R], max GPU load [L])."""
     num_layers, num_slots = prev_phy2log.shape
     phy2log = hand_over_copies(loads, prev_phy2log, num_gpus, targets, copy_rounds)
     counts = logcnt_from_phy2log(phy2log, loads.shape[1])
-    slot_loads = (loads / counts).gather(1, phy2log).to(torch.float32).view(num_layers, num_gpus, -1)
-    slot_items = phy2log.view(num_layers, num_gpus, -1)
-    # Only the heaviest-pack phase: one swap (two copies shipped) per round, stopping at the target.
-    limits = RefineLimits(num_partners=8, pair_rounds=0, heaviest_rounds=max_swaps)
-    _, slot_items = swap_refine(slot_loads, slot_items, targets.to(torch.float32), limits)
-    phy2log = slot_items.reshape(num_layers, num_slots)
+    phy2log = cheapest_swaps(loads / counts, prev_phy2log, phy2log, num_gpus, targets, max_swaps)
     peak = (loads / counts).gather(1, phy2log).view(num_layers, num_gpus, -1).sum(-1).max(-1).values
     # Swaps alone stall where the copy counts are wrong for the new loads: the layers still above their
     # target move copies between experts in place (one copy each), stopping as soon as they meet it.

@@ -1,0 +1,45 @@
+"""Swaps that bring a layer's GPUs under a target shipping as few copies as they can (the incremental plan).
+
+Swapping by load alone (the heaviest GPU levelled against one of its lightest partners) ships two copies
+a swap and often swaps where a smaller step would reach the target: on drifting windows ~39 copies per
+DeepSeek-V3 layer for ~14 GPUs over the target. Choosing, among the swaps that reach the target, the one
+that ships fewest (a copy going back to a GPU that held it ships none) ships ~19 % fewer copies to the
+same target. See host_swaps.py for the rule; the loop is compiled and runs on the host.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import host_swaps
+
+# Partner GPUs a round looks at, the lightest first: all of them up to 64 GPUs; work per round
+# O(slots per GPU x 64 x slots per GPU).
+MAX_PARTNERS = 64
+
+
+def cheapest_swaps(
+    copy_loads: torch.Tensor,
+    prev_phy2log: torch.Tensor,
+    phy2log: torch.Tensor,
+    num_gpus: int,
+    targets: torch.Tensor,
+    max_swaps: int,
+) -> torch.Tensor:
+    """copy_loads [L, E] float64 (one copy's load), prev_phy2log [L, R] (the placement in force; -1 where a
+    slot was empty), phy2log
+    [L, R], targets [L] -> phy2log [L, R] after at most `max_swaps` swaps per layer (host_swaps.py), on
+    phy2log's device."""
+    rows = np.ascontiguousarray(phy2log.cpu().numpy(), dtype=np.int64).copy()
+    prev_rows = np.ascontiguousarray(prev_phy2log.cpu().numpy(), dtype=np.int64)
+    host_swaps.cheapest_swaps(
+        rows,
+        prev_rows,
+        np.ascontiguousarray(copy_loads.cpu().numpy(), dtype=np.float64),
+        phy2log.shape[1] // num_gpus,
+        np.ascontiguousarray(targets.cpu().numpy(), dtype=np.float64),
+        max_swaps,
+        MAX_PARTNERS,
+    )
+    return torch.from_numpy(rows).to(phy2log.device)
