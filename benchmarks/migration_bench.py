@@ -46,10 +46,12 @@ class Variant:
     use_prev: bool = False
     use_history: bool = False
     balance_tolerance: float = DEFAULT_BALANCE_TOLERANCE
+    seed: int = 0
 
     def plan(self, series, window: int, shape: workloads.Shape, prev_phy2log):
         """Plan on `series[window]`; history is the last HISTORY_WINDOWS windows up to it."""
         options: dict = {"policy": self.policy, "device": "cpu", "balance_tolerance": self.balance_tolerance}
+        options["seed"] = self.seed
         options["prev_phy2log"] = prev_phy2log if self.use_prev else None
         options["history"] = series[max(0, window - HISTORY_WINDOWS + 1) : window + 1] if self.use_history else None
         return solve(series[window], *shape.args(self.flat), **options).phy2log.cpu()
@@ -64,6 +66,12 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("auto_prev_hist", use_prev=True, use_history=True),
     Variant("auto_hist", use_history=True),
 )
+
+
+# The solver's seed moves next-window balancedness by about as much as the variants differ: `auto_prev`
+# again under other seeds, beside the (seedless) baselines, gives the spread.
+SPREAD_SEEDS = (1, 2, 3, 4)
+SPREAD_VARIANTS = (*VARIANTS[:2], *(Variant(f"auto_prev_seed{seed}", use_prev=True, seed=seed) for seed in SPREAD_SEEDS))
 
 
 def rearrangement(prev_phy2log, phy2log, shape: workloads.Shape) -> dict[str, float]:
@@ -106,22 +114,25 @@ def relative(figures: dict[str, dict]) -> dict[str, dict]:
     return figures
 
 
-def run_series(shape: workloads.Shape, windows: int, seed: int) -> dict:
-    """Every variant on one series: replans on windows 1 .. T-2, each scored on the next, moves vs its own plan."""
+def run_series(
+    shape: workloads.Shape, windows: int, seed: int, variants: Sequence[Variant] = VARIANTS, trades: bool = True
+) -> dict:
+    """`variants` on one series: replans on windows 1 .. T-2, each scored on the next, moves vs its own plan;
+    with `trades`, the trade step measured in place on `TRADED`."""
     series = workloads.drift_series(shape.layers, shape.experts, windows, seed=seed)
-    placements = {v.label: v.plan(series, 0, shape, None) for v in VARIANTS}
-    tracks = {v.label: {"moves": [], "next": [], "seconds": [], "transfers": []} for v in VARIANTS}
-    trades = []
+    placements = {v.label: v.plan(series, 0, shape, None) for v in variants}
+    tracks = {v.label: {"moves": [], "next": [], "seconds": [], "transfers": []} for v in variants}
+    trade_steps = []
     for window in range(1, windows - 1):
-        for variant in VARIANTS:
+        for variant in variants:
             started, prev, track = time.perf_counter(), placements[variant.label], tracks[variant.label]
             placements[variant.label] = phy2log = variant.plan(series, window, shape, prev)
             track["seconds"].append(time.perf_counter() - started)
             track["moves"].append(int(maps.moved_copies(prev, phy2log, shape.experts, shape.gpus).sum()))
             track["next"].append(float(workloads.balancedness(series[window + 1], phy2log, shape.gpus).mean()))
             track["transfers"].append(rearrangement(prev, phy2log, shape))
-            if variant.label == TRADED:
-                trades.append(trade_effect(series, window, shape, prev, phy2log) | track["transfers"][-1])
+            if trades and variant.label == TRADED:
+                trade_steps.append(trade_effect(series, window, shape, prev, phy2log) | track["transfers"][-1])
     figures = {}
     for label, track in tracks.items():
         moves, next_balance = sum(track["moves"]), track["next"]
@@ -129,7 +140,7 @@ def run_series(shape: workloads.Shape, windows: int, seed: int) -> dict:
         figures[label] |= {"next_balancedness": next_balance, "mean_next_balancedness": statistics.fmean(next_balance)}
         figures[label] |= {"total_moves": moves, "mean_solve_ms": 1e3 * statistics.fmean(track["seconds"])}
         figures[label]["moved_share"] = moves / ((windows - 2) * shape.layers * shape.replicas)
-    return {"shape": shape.name, "seed": seed, "windows": windows, "variants": relative(figures), "trades": trades}
+    return {"shape": shape.name, "seed": seed, "windows": windows, "variants": relative(figures), "trades": trade_steps}
 
 
 def paired_difference(runs: Sequence[dict], with_history: str, without: str) -> dict:
@@ -144,17 +155,36 @@ def paired_difference(runs: Sequence[dict], with_history: str, without: str) -> 
     return figures | {"runs_positive": sum(d > 0 for d in means)}
 
 
-def summarise(runs: Sequence[dict]) -> dict:
-    """Totals pooled over `runs` per variant, ratios and deltas to the baselines, and the history pairs."""
+def pooled(runs: Sequence[dict], variants: Sequence[Variant]) -> dict:
+    """Totals pooled over `runs` per variant, with ratios and deltas to the baselines present."""
     totals = {}
-    for label in (v.label for v in VARIANTS):
+    for label in (v.label for v in variants):
         figures = [r["variants"][label] for r in runs]
         totals[label] = {key: sum(f[key] for f in figures) for key in ("total_moves", *TRANSFER_SUMS)}
         for key in ("mean_next_balancedness", "mean_solve_ms"):
             totals[label][key] = statistics.fmean(f[key] for f in figures)
+    return relative(totals)
+
+
+def summarise(runs: Sequence[dict], spread_runs: Sequence[dict] = ()) -> dict:
+    """Totals pooled over `runs`, the history pairs, the trades, and `auto_prev`'s spread over solver seeds."""
+    totals = pooled(runs, VARIANTS)
     history = {f"{a} - {b}": paired_difference(runs, a, b) for a, b in HISTORY_PAIRS}
     summary = {"windows": runs[0]["windows"], "seeds": sorted({r["seed"] for r in runs}), "runs": runs, "bar": BAR}
-    return summary | {"totals": relative(totals), "history_effect": history, "trades": pooled_trades(runs)}
+    summary |= {"totals": totals, "history_effect": history, "trades": pooled_trades(runs)}
+    return summary | {"seed_spread": seed_spread(totals, pooled(spread_runs, SPREAD_VARIANTS)) if spread_runs else None}
+
+
+def seed_spread(totals: dict, spread: dict) -> dict:
+    """`auto_prev` under solver seed 0 (the main run) and SPREAD_SEEDS: moves ratio and next-window delta
+    vs `deepseek_global` per seed, and their mean and standard deviation."""
+    per_seed = [{"seed": 0} | totals[TRADED]]
+    per_seed += [{"seed": seed} | spread[f"auto_prev_seed{seed}"] for seed in SPREAD_SEEDS]
+    figures = {"per_seed": per_seed}
+    for key in ("moves_ratio_vs_deepseek_global", "balancedness_delta_vs_deepseek_global"):
+        values = [entry[key] for entry in per_seed]
+        figures |= {f"{key}_mean": statistics.fmean(values), f"{key}_sd": statistics.stdev(values)}
+    return figures
 
 
 def pooled_trades(runs: Sequence[dict]) -> dict:
@@ -215,8 +245,18 @@ def sglang_elastic(weight, prev, shape: workloads.Shape, gpu_ids: list[int]) -> 
 def run(quick: bool = False) -> dict:
     """All shapes x seeds (quick: one shape, one seed, 5 windows), pooled totals, history pairs, elastic EP."""
     names, windows, seeds = (("qwen3_235b",), 5, (21,)) if quick else (MIGRATION_SHAPES, 8, (21, 22))
-    result = summarise([run_series(workloads.SHAPES[name], windows, seed) for name in names for seed in seeds])
-    return result | {"elastic": [run_elastic(seed) for seed in seeds]}
+    warm_up()
+    series = [(workloads.SHAPES[name], windows, seed) for name in names for seed in seeds]
+    runs = [run_series(*args) for args in series]
+    spread = [] if quick else [run_series(*args, variants=SPREAD_VARIANTS, trades=False) for args in series]
+    return summarise(runs, spread) | {"elastic": [run_elastic(seed) for seed in seeds]}
+
+
+def warm_up() -> None:
+    """One replan from a placement in force, so that no timed solve loads the compiled loops first."""
+    shape = workloads.SHAPES["tiny_ep16"]
+    loads = shape.loads("zipf", 0)
+    solve(loads, *shape.args(), device="cpu", prev_phy2log=solve(loads.flip(1), *shape.args(), device="cpu").phy2log)
 
 
 PER_RUN = (
@@ -258,6 +298,14 @@ TRADES = (
 )
 
 
+SPREAD = (
+    "solver seed | moved copies x deepseek_global | next-window delta vs deepseek_global |"
+    " est. transfer x deepseek_global",
+    "{seed} | {moves_ratio_vs_deepseek_global:.4f} | {balancedness_delta_vs_deepseek_global:+.5f} |"
+    " {transfer_ratio_vs_deepseek_global:.4f}",
+)
+
+
 def markdown(result: dict) -> str:
     bar, elastic = result["bar"], result.get("elastic")
     per_run = [r | fig | {"label": label} for r in result["runs"] for label, fig in r["variants"].items()]
@@ -281,6 +329,15 @@ def markdown(result: dict) -> str:
         " with and without the trade step): the same moved copies and no higher per-layer peaks, by construction.",
         filled(*TRADES, [result["trades"]]),
     ]
+    spread = result.get("seed_spread")
+    if spread:
+        moves, delta = "moves_ratio_vs_deepseek_global", "balancedness_delta_vs_deepseek_global"
+        out.append(
+            f"**Solver seeds** (`{TRADED}` on the same series under {len(spread['per_seed'])} seeds): moved copies"
+            f" {spread[moves + '_mean']:.4f}x +- {spread[moves + '_sd']:.4f} (sd), next-window delta"
+            f" {spread[delta + '_mean']:+.5f} +- {spread[delta + '_sd']:.5f} (sd) vs the reference."
+        )
+        out.append(filled(*SPREAD, spread["per_seed"]))
     if elastic:
         out.append(f"**Elastic EP** on {elastic[0]['shape']} (zipf loads, GPU {elastic[0]['lost_gpu']} lost)")
         out.append(filled(ELASTIC[0].format(**elastic[0]), ELASTIC[1], elastic))

@@ -99,14 +99,18 @@ def test_released_planners_import_from_the_wheels_and_match_the_published_algori
 
 @BENCH_TIMEOUT
 def test_migration_bench_runs_on_tiny_shape() -> None:
-    result = migration_bench.summarise([migration_bench.run_series(workloads.SHAPES["tiny"], 4, 1)])
-    assert {"runs", "totals", "history_effect", "bar"} <= set(result)
+    tiny = workloads.SHAPES["tiny"]
+    spread = migration_bench.run_series(tiny, 4, 1, variants=migration_bench.SPREAD_VARIANTS, trades=False)
+    result = migration_bench.summarise([migration_bench.run_series(tiny, 4, 1)], [spread])
+    assert {"runs", "totals", "history_effect", "bar", "trades", "seed_spread"} <= set(result)
+    assert result["trades"]["windows"] == 2 and len(result["seed_spread"]["per_seed"]) == 5
     labels = {variant.label for variant in migration_bench.VARIANTS}
     assert set(result["totals"]) == labels
     for totals in result["totals"].values():
         expected = {"total_moves", "moves_ratio_vs_deepseek_global", "balancedness_delta_vs_deepseek_global"}
         assert expected | {"transfer_ratio_vs_deepseek_global", "intra_node_share"} <= set(totals)
-    assert "Does history help?" in migration_bench.markdown(result)
+    text = migration_bench.markdown(result)
+    assert "Does history help?" in text and "Trading arrivals" in text and "Solver seeds" in text
 
 
 def test_optimality_instances_are_small_hard_and_fixed() -> None:
