@@ -71,7 +71,10 @@ VARIANTS: tuple[Variant, ...] = (
 # The solver's seed moves next-window balancedness by about as much as the variants differ: `auto_prev`
 # again under other seeds, beside the (seedless) baselines, gives the spread.
 SPREAD_SEEDS = (1, 2, 3, 4)
-SPREAD_VARIANTS = (*VARIANTS[:2], *(Variant(f"auto_prev_seed{seed}", use_prev=True, seed=seed) for seed in SPREAD_SEEDS))
+SPREAD_VARIANTS = (
+    *VARIANTS[:2],
+    *(Variant(f"auto_prev_seed{seed}", use_prev=True, seed=seed) for seed in SPREAD_SEEDS),
+)
 
 
 def rearrangement(prev_phy2log, phy2log, shape: workloads.Shape) -> dict[str, float]:

@@ -158,7 +158,15 @@ def headline(sections: dict) -> list[str]:
         t = migration["totals"][label]
         lines.append(
             f"- Migration `{label}`: {t['moves_ratio_vs_deepseek_global']:.3f}x the reference's moved copies,"
-            f" next-window balancedness {t['balancedness_delta_vs_deepseek_global']:+.4f} vs the reference."
+            f" next-window balancedness {t['balancedness_delta_vs_deepseek_global']:+.4f} vs the reference,"
+            f" estimated transfer time {t['transfer_ratio_vs_deepseek_global']:.3f}x."
+        )
+    spread = migration.get("seed_spread") if migration else None
+    if spread:
+        delta = "balancedness_delta_vs_deepseek_global"
+        lines.append(
+            f"- Migration `auto_prev` over {len(spread['per_seed'])} solver seeds: next-window balancedness"
+            f" {spread[delta + '_mean']:+.5f} +- {spread[delta + '_sd']:.5f} (sd) vs the reference."
         )
     return lines
 
