@@ -68,9 +68,10 @@ VARIANTS: tuple[Variant, ...] = (
 )
 
 
-# The solver's seed moves next-window balancedness by about as much as the variants differ: `auto_prev`
-# again under other seeds, beside the (seedless) baselines, gives the spread.
-SPREAD_SEEDS = (1, 2, 3, 4)
+# The solver's seed and the series move next-window balancedness by about as much as the variants differ:
+# `auto_prev` under five solver seeds on more series, beside the (seedless) baselines, gives the spread.
+SPREAD_SEEDS = (0, 1, 2, 3, 4)
+SPREAD_SERIES = (21, 22, 23, 24, 25, 26)
 SPREAD_VARIANTS = (
     *VARIANTS[:2],
     *(Variant(f"auto_prev_seed{seed}", use_prev=True, seed=seed) for seed in SPREAD_SEEDS),
@@ -175,15 +176,15 @@ def summarise(runs: Sequence[dict], spread_runs: Sequence[dict] = ()) -> dict:
     history = {f"{a} - {b}": paired_difference(runs, a, b) for a, b in HISTORY_PAIRS}
     summary = {"windows": runs[0]["windows"], "seeds": sorted({r["seed"] for r in runs}), "runs": runs, "bar": BAR}
     summary |= {"totals": totals, "history_effect": history, "trades": pooled_trades(runs)}
-    return summary | {"seed_spread": seed_spread(totals, pooled(spread_runs, SPREAD_VARIANTS)) if spread_runs else None}
+    return summary | {"seed_spread": seed_spread(spread_runs) if spread_runs else None}
 
 
-def seed_spread(totals: dict, spread: dict) -> dict:
-    """`auto_prev` under solver seed 0 (the main run) and SPREAD_SEEDS: moves ratio and next-window delta
+def seed_spread(spread_runs: Sequence[dict]) -> dict:
+    """`auto_prev` under each of SPREAD_SEEDS pooled over `spread_runs`: moves ratio and next-window delta
     vs `deepseek_global` per seed, and their mean and standard deviation."""
-    per_seed = [{"seed": 0} | totals[TRADED]]
-    per_seed += [{"seed": seed} | spread[f"auto_prev_seed{seed}"] for seed in SPREAD_SEEDS]
-    figures = {"per_seed": per_seed}
+    spread = pooled(spread_runs, SPREAD_VARIANTS)
+    per_seed = [{"seed": seed} | spread[f"auto_prev_seed{seed}"] for seed in SPREAD_SEEDS]
+    figures = {"per_seed": per_seed, "series": sorted({r["seed"] for r in spread_runs})}
     for key in ("moves_ratio_vs_deepseek_global", "balancedness_delta_vs_deepseek_global"):
         values = [entry[key] for entry in per_seed]
         figures |= {f"{key}_mean": statistics.fmean(values), f"{key}_sd": statistics.stdev(values)}
@@ -251,7 +252,8 @@ def run(quick: bool = False) -> dict:
     warm_up()
     series = [(workloads.SHAPES[name], windows, seed) for name in names for seed in seeds]
     runs = [run_series(*args) for args in series]
-    spread = [] if quick else [run_series(*args, variants=SPREAD_VARIANTS, trades=False) for args in series]
+    wide = [(workloads.SHAPES[name], windows, seed) for name in names for seed in SPREAD_SERIES]
+    spread = [] if quick else [run_series(*args, variants=SPREAD_VARIANTS, trades=False) for args in wide]
     return summarise(runs, spread) | {"elastic": [run_elastic(seed) for seed in seeds]}
 
 
@@ -336,7 +338,8 @@ def markdown(result: dict) -> str:
     if spread:
         moves, delta = "moves_ratio_vs_deepseek_global", "balancedness_delta_vs_deepseek_global"
         out.append(
-            f"**Solver seeds** (`{TRADED}` on the same series under {len(spread['per_seed'])} seeds): moved copies"
+            f"**Solver seeds** (`{TRADED}` under {len(spread['per_seed'])} solver seeds on the same shapes, series"
+            f" {spread['series']}): moved copies"
             f" {spread[moves + '_mean']:.4f}x +- {spread[moves + '_sd']:.4f} (sd), next-window delta"
             f" {spread[delta + '_mean']:+.5f} +- {spread[delta + '_sd']:.5f} (sd) vs the reference."
         )

@@ -165,7 +165,8 @@ def headline(sections: dict) -> list[str]:
     if spread:
         delta = "balancedness_delta_vs_deepseek_global"
         lines.append(
-            f"- Migration `auto_prev` over {len(spread['per_seed'])} solver seeds: next-window balancedness"
+            f"- Migration `auto_prev` over {len(spread['per_seed'])} solver seeds x {len(spread['series'])} series per"
+            f" shape: moved copies {spread['moves_ratio_vs_deepseek_global_mean']:.3f}x, next-window balancedness"
             f" {spread[delta + '_mean']:+.5f} +- {spread[delta + '_sd']:.5f} (sd) vs the reference."
         )
     return lines

@@ -103,7 +103,9 @@ def test_migration_bench_runs_on_tiny_shape() -> None:
     spread = migration_bench.run_series(tiny, 4, 1, variants=migration_bench.SPREAD_VARIANTS, trades=False)
     result = migration_bench.summarise([migration_bench.run_series(tiny, 4, 1)], [spread])
     assert {"runs", "totals", "history_effect", "bar", "trades", "seed_spread"} <= set(result)
-    assert result["trades"]["windows"] == 2 and len(result["seed_spread"]["per_seed"]) == 5
+    assert result["trades"]["windows"] == 2 and len(result["seed_spread"]["per_seed"]) == len(
+        migration_bench.SPREAD_SEEDS
+    )
     labels = {variant.label for variant in migration_bench.VARIANTS}
     assert set(result["totals"]) == labels
     for totals in result["totals"].values():
