@@ -16,8 +16,6 @@ import numpy as np
 
 from .jit import compiled
 
-UNREACHED, REACHED = 1, 0
-
 
 @compiled()
 def _shipped(now, before):
@@ -33,6 +31,34 @@ def _swap_cost(holds, held, gpu_h, gpu_p, expert_a, expert_b):
         now, before = holds[gpu, expert], held[gpu, expert]
         cost += _shipped(now + step, before) - _shipped(now, before)
     return cost
+
+
+@compiled()
+def _best_swap(row, load, holds, held, copy_load, slots_per_gpu, heavy, partners, target, reaching):
+    """The heaviest GPU's best swap -> (its slot, the partner's slot), (-1, -1) if none: with `reaching`,
+    among the swaps that leave both GPUs at or under the target, fewest copies shipped, then the lower
+    load (a partner without room for one is skipped whole); else the one levelling the pair best."""
+    need = load[heavy] - target  # what a reaching swap must move off the heavy GPU, at least
+    best_cost, best_level, best_s, best_t = 1 << 30, np.inf, -1, -1
+    for s in range(heavy * slots_per_gpu, (heavy + 1) * slots_per_gpu):
+        expert_a = row[s]
+        for partner in partners:
+            if partner == heavy or holds[partner, expert_a] > 0:
+                continue
+            if reaching and target - load[partner] < need:
+                continue
+            for t in range(partner * slots_per_gpu, (partner + 1) * slots_per_gpu):
+                expert_b = row[t]
+                moved = copy_load[expert_a] - copy_load[expert_b]
+                if moved <= 0.0 or holds[heavy, expert_b] > 0:
+                    continue
+                level = max(load[heavy] - moved, load[partner] + moved)
+                if level >= load[heavy] or (reaching and level > target):
+                    continue
+                cost = _swap_cost(holds, held, heavy, partner, expert_a, expert_b) if reaching else 0
+                if cost < best_cost or (cost == best_cost and level < best_level):
+                    best_cost, best_level, best_s, best_t = cost, level, s, t
+    return best_s, best_t
 
 
 @compiled()
@@ -53,28 +79,10 @@ def _layer(row, prev_row, copy_load, slots_per_gpu, target, max_swaps, max_partn
         if load[heavy] <= target:
             break
         partners = np.argsort(load, kind="mergesort")[:max_partners]
-        best_reach, best_cost, best_level, best_s, best_t = UNREACHED + 1, 0, np.inf, -1, -1
-        for s in range(heavy * slots_per_gpu, (heavy + 1) * slots_per_gpu):
-            expert_a = row[s]
-            for partner in partners:
-                if partner == heavy or holds[partner, expert_a] > 0:
-                    continue
-                for t in range(partner * slots_per_gpu, (partner + 1) * slots_per_gpu):
-                    expert_b = row[t]
-                    moved = copy_load[expert_a] - copy_load[expert_b]
-                    if moved <= 0.0 or holds[heavy, expert_b] > 0:
-                        continue
-                    heavy_after, partner_after = load[heavy] - moved, load[partner] + moved
-                    level = max(heavy_after, partner_after)
-                    if level >= load[heavy]:
-                        continue
-                    reach = REACHED if level <= target else UNREACHED
-                    cost = _swap_cost(holds, held, heavy, partner, expert_a, expert_b) if reach == REACHED else 0
-                    better = reach < best_reach or (
-                        reach == best_reach and (cost < best_cost or (cost == best_cost and level < best_level))
-                    )
-                    if better:
-                        best_reach, best_cost, best_level, best_s, best_t = reach, cost, level, s, t
+        args = (row, load, holds, held, copy_load, slots_per_gpu, heavy, partners, target)
+        best_s, best_t = _best_swap(*args, True)
+        if best_s < 0:
+            best_s, best_t = _best_swap(*args, False)
         if best_s < 0:
             break
         expert_a, expert_b, partner = row[best_s], row[best_t], best_t // slots_per_gpu
