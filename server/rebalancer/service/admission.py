@@ -16,7 +16,8 @@ The model follows the solver's own tensors (see planner.py, packing.py, joint.py
 * small layers: every count vector one more candidate (when at most planner.MAX_TABLE_CANDIDATES), and
   with 3+ slots per GPU the three-GPU repartition, ROUNDS x its neighbourhood per row.
 * `auto` runs the global plan and the hierarchical one (L x nodes rows of R / nodes slots) in turn.
-* a placement in force adds the migration step: [L, 25, R] trial maps and [L, G, K, K] slot matching.
+* a placement in force adds the migration step: [L, 25, R] trial maps, [L, G, K, K] slot matching and
+  the cheapest swaps, each round K x K pairs per partner GPU (swaps.swap_partners).
 * failed GPUs add the elastic repair (elastic.py): L x 5 weightings of re-hosting and shedding, up to
   8 x G rounds each, on top of a flat plan and the migration.
 Time is sequential steps x a per-step cost (each step is a handful of small tensor ops) plus touched
@@ -40,6 +41,7 @@ from ..solver.planner import MAX_TABLE_CANDIDATES
 from ..solver.policies import DEFAULT_CANDIDATES
 from ..solver.replication import table_cost
 from ..solver.shedding import FREED_SLOTS
+from ..solver.swaps import swap_partners
 from .errors import ResourceExhausted
 from .model import Topology
 
@@ -177,7 +179,7 @@ def _migration(layers: int, experts: int, replicas: int, gpus: int) -> tuple[int
     elements = (
         8 * variants * replicas
         + layers * gpus**3
-        + 2 * REFINE_ROUNDS_TYPICAL * layers * MAX_PARTNERS * slots_per_gpu**2
+        + 2 * REFINE_ROUNDS_TYPICAL * layers * swap_partners(gpus, slots_per_gpu) * slots_per_gpu**2
     )
     return memory, steps, elements
 

@@ -14,9 +14,16 @@ import torch
 
 from . import host_swaps
 
-# Partner GPUs a round looks at, the lightest first: all of them up to 64 GPUs; work per round
-# O(slots per GPU x 64 x slots per GPU).
-MAX_PARTNERS = 64
+# Partner GPUs a round looks at, the lightest first: as many as keep a round within MAX_PAIRS scored
+# pairs (partners x slots per GPU squared), between 8 and 64. DeepSeek-V3 on 32 GPUs (9 slots): 50, so
+# all 31; Kimi-K2 (13 slots): 24; 23 or more slots per GPU: 8, as many as the load-only swaps had.
+MAX_PAIRS = 4096
+MIN_PARTNERS, MAX_PARTNERS = 8, 64
+
+
+def swap_partners(num_gpus: int, slots_per_gpu: int) -> int:
+    """Partner GPUs one round of `cheapest_swaps` scores on this shape (the admission model uses it too)."""
+    return max(1, min(num_gpus - 1, MAX_PARTNERS, max(MIN_PARTNERS, MAX_PAIRS // slots_per_gpu**2)))
 
 
 def cheapest_swaps(
@@ -40,6 +47,6 @@ def cheapest_swaps(
         phy2log.shape[1] // num_gpus,
         np.ascontiguousarray(targets.cpu().numpy(), dtype=np.float64),
         max_swaps,
-        MAX_PARTNERS,
+        swap_partners(num_gpus, phy2log.shape[1] // num_gpus),
     )
     return torch.from_numpy(rows).to(phy2log.device)
