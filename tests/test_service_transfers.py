@@ -4,11 +4,14 @@ with nothing committed."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import grpc
 import numpy as np
 import pytest
 import torch
-from rebalancer.solver import CostModel, apply_transfers
+from rebalancer.solver import CostModel, apply_transfers, solve
+from rebalancer_testkit.workloads import drift_series
 from rebalancer_wire.codec import decode, encode
 from rebalancer_wire.v1 import rebalancer_pb2 as pb
 from service_harness import (
@@ -107,3 +110,28 @@ def test_bad_transfer_and_elastic_input_is_invalid_argument_naming_the_field(ser
         server.stub.Rebalance(inline(skewed_loads(40), prev, **fields))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in field_violations(error.value)
+
+
+def test_the_service_returns_the_plan_with_its_nic_receivers_balanced_as_the_library_does(server):
+    # 16 GPUs on 4 nodes: the rearrangement's receive balancing changes this plan (checked below), so the
+    # placement the service returns must be the balanced one, maps and transfers alike.
+    layers, experts, replicas, nodes, gpus = 16, 64, 128, 4, 16
+    series = drift_series(layers, experts, 2, seed=1)
+    prev = solve(series[0], replicas, 1, nodes, gpus, device="cpu").phy2log
+    expected = solve(series[1], replicas, 1, nodes, gpus, device="cpu", prev_phy2log=prev)
+    with mock.patch(
+        "rebalancer.solver.rearrangement.balanced_receivers", new=lambda _l, _p, phy2log, *_, **__: phy2log
+    ):
+        unbalanced = solve(series[1], replicas, 1, nodes, gpus, device="cpu", prev_phy2log=prev)
+    assert not torch.equal(expected.phy2log, unbalanced.phy2log)
+    topology = pb.Topology(
+        num_layers=layers, num_experts=experts, num_replicas=replicas, num_groups=1, num_nodes=nodes, num_gpus=gpus
+    )
+    request = pb.RebalanceRequest(loads=encode(series[1].numpy()), topology=topology)
+    request.prev_phy2log.CopyFrom(encode(prev.numpy()))
+    placement = server.stub.Rebalance(request).placement
+    phy2log, _, logcnt = maps_of(placement)
+    assert np.array_equal(phy2log, expected.phy2log.numpy())
+    assert np.array_equal(logcnt, expected.logcnt.numpy())
+    assert np.array_equal(decode(placement.transfers), expected.transfers.numpy())
+    assert placement.stats.estimated_transfer_seconds == pytest.approx(expected.estimated_transfer_seconds)

@@ -1,5 +1,6 @@
-"""Arrivals traded between nodes for same-node sources: the peak, the copy counts, the moved copies and each
-GPU's arrivals stay as they were, kept copies keep their slots, and more copies travel within a node."""
+"""Arrivals traded between nodes for same-node sources, and for fewer copies on the busiest NIC receiver: the
+peak, the copy counts, the moved copies and each GPU's arrivals stay as they were, kept copies keep their
+slots, and more copies travel within a node or off the busiest receiver."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from unittest import mock
 import pytest
 import torch
 from rebalancer.solver import apply_transfers, maps, solve
-from rebalancer.solver.arrivals import near_sources
+from rebalancer.solver.arrivals import balanced_receivers, near_sources
 from rebalancer.solver.migration import groups_on_one_node, keep_old_slots
-from rebalancer.solver.transfers import DST_GPU, SRC_GPU, plan_transfers
+from rebalancer.solver.transfers import DST_GPU, SRC_GPU, link_usage, plan_transfers
 from rebalancer_testkit.workloads import drift_series
 
 # 8 layers, 64 experts in 8 groups, 96 slots, 4 nodes x 2 GPUs (12 slots per GPU).
@@ -169,3 +170,65 @@ def test_the_published_plan_and_layers_kept_on_their_node_are_not_traded(policy:
         _, flat = _drift_plans("global", trade=True, groups=1)
         _, flat_plain = _drift_plans("global", trade=False, groups=1)
         assert not torch.equal(flat, flat_plain)
+
+
+# Drifting windows on 4 nodes x 4 GPUs (8 slots each): the incremental plans leave GPUs under the peak,
+# which receive balancing needs (a fresh plan sits at its peak almost everywhere).
+WIDE = {"layers": 16, "experts": 64, "slots": 128, "nodes": 4, "gpus": 16}
+WIDE_PER_GPU, WIDE_PER_NODE = 8, 4
+UNBALANCED = "rebalancer.solver.rearrangement.balanced_receivers"
+
+
+def _nic_receives(prev: torch.Tensor, phy2log: torch.Tensor) -> torch.Tensor:
+    """Copies each GPU receives over the NIC in the whole plan [G] (the WIDE layout)."""
+    plan = plan_transfers(prev, phy2log, WIDE["experts"], WIDE_PER_GPU, WIDE_PER_NODE)
+    return link_usage(plan, WIDE["layers"], WIDE["gpus"], WIDE_PER_NODE).sum(0)[:, 3]
+
+
+def _wide_replan(seed: int, balance: bool):
+    """(loads, the placement in force, the solve result for the next window) on the WIDE layout."""
+    layers, experts, slots, nodes, gpus = WIDE.values()
+    series = drift_series(layers, experts, 2, seed=seed)
+    prev = solve(series[0], slots, 1, nodes, gpus, device="cpu").phy2log
+    unbalanced = mock.patch(UNBALANCED, new=lambda _loads, _prev, phy2log, *_, **__: phy2log)
+    with contextlib.nullcontext() if balance else unbalanced:
+        result = solve(series[1], slots, 1, nodes, gpus, device="cpu", prev_phy2log=prev)
+    return series[1].double(), prev, result
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_receive_balancing_lowers_the_busiest_nic_receiver_and_keeps_the_rest(seed: int) -> None:
+    experts, gpus = WIDE["experts"], WIDE["gpus"]
+    loads, prev, plain = _wide_replan(seed, balance=False)
+    traded = plain.phy2log
+    balanced = balanced_receivers(loads, prev, traded, WIDE_PER_GPU, WIDE_PER_NODE)
+    assert _nic_receives(prev, balanced).max() < _nic_receives(prev, traded).max()
+    assert bool((_peak(loads, balanced, gpus) <= _peak(loads, traded, gpus) * (1 + 1e-9)).all())
+    assert torch.equal(maps.logcnt_from_phy2log(balanced, experts), maps.logcnt_from_phy2log(traded, experts))
+    assert torch.equal(maps.moved_copies(prev, balanced, experts, gpus), maps.moved_copies(prev, traded, experts, gpus))
+    assert torch.equal(_arrivals_per_gpu(prev, balanced, experts, gpus), _arrivals_per_gpu(prev, traded, experts, gpus))
+    stays = traded == prev
+    assert torch.equal(balanced[stays], traded[stays])
+    intra = functools.partial(
+        _intra_copies, prev, num_experts=experts, slots_per_gpu=WIDE_PER_GPU, per_node=WIDE_PER_NODE
+    )
+    assert intra(balanced) >= intra(traded)
+    plan = plan_transfers(prev, balanced, experts, WIDE_PER_GPU, WIDE_PER_NODE)
+    assert torch.equal(apply_transfers(prev, plan, WIDE_PER_GPU, gpus), balanced)
+
+
+def test_receive_balancing_leaves_inactive_layers_alone() -> None:
+    loads, prev, plain = _wide_replan(1, balance=False)
+    active = torch.tensor([False, True] * (WIDE["layers"] // 2))
+    balanced = balanced_receivers(loads, prev, plain.phy2log, WIDE_PER_GPU, WIDE_PER_NODE, active=active)
+    assert torch.equal(balanced[~active], plain.phy2log[~active])
+    assert not torch.equal(balanced[active], plain.phy2log[active])
+
+
+def test_solve_balances_the_nic_receivers_of_its_rearrangement() -> None:
+    _, prev, balanced = _wide_replan(1, balance=True)
+    _, _, plain = _wide_replan(1, balance=False)
+    assert balanced.estimated_transfer_seconds < plain.estimated_transfer_seconds
+    assert torch.equal(balanced.moved_copies, plain.moved_copies)
+    assert bool((balanced.balancedness >= plain.balancedness - 1e-9).all())
+    assert torch.equal(apply_transfers(prev, balanced.transfers, WIDE_PER_GPU, WIDE["gpus"]), balanced.phy2log)

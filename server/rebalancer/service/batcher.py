@@ -521,6 +521,7 @@ class Batcher:
                 job.cost_model,
                 job.unavailable_gpus,
                 result.gpu_ids,
+                planned_from_it=job.prev_phy2log is not None,
             )
         except ArgumentError as error:
             raise InvalidArgument([(solver_error_field(error), str(error))]) from None
@@ -530,9 +531,10 @@ class Batcher:
         outcome.intra_node_share = arranged.intra_node_share
         outcome.estimated_transfer_seconds = arranged.estimated_transfer_seconds
         outcome.deferred_layers = arranged.kept_layers
-        if arranged.kept_layers:
+        if arranged.phy2log is not None:  # a budget held layers back, or the NIC receivers were balanced
             outcome.phy2log, outcome.log2phy, outcome.logcnt = arranged.phy2log, arranged.log2phy, arranged.logcnt
             outcome.balancedness, outcome.moved_copies = arranged.balancedness, arranged.moved_copies
+        if arranged.kept_layers:
             outcome.policies = dict(Counter(outcome.policies) + Counter(kept=arranged.kept_layers))
         self.metrics.transfer_seconds.observe(arranged.estimated_transfer_seconds)
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from rebalancer_wire.topology import Topology
+from rebalancer_wire.topology import Topology, planning_layout
 
 from rebalancer.solver import CostModel, maps
+from rebalancer.solver.arrivals import tradeable_layers
 from rebalancer.solver.rearrangement import rearrange
 
 
@@ -39,8 +40,8 @@ def layout_after(topology: Topology, gpu_ids: np.ndarray | None) -> Topology:
 
 @dataclass
 class JobRearrangement:
-    """One request's transfer plan and its cost; when its budget held layers back, also its placement
-    after the budget (maps and per-layer figures [L] as numpy), else those are None."""
+    """One request's transfer plan and its cost; when its budget held layers back or its NIC receivers were
+    balanced, also its placement after that (maps and per-layer figures [L] as numpy), else those are None."""
 
     transfers: np.ndarray  # [T, 5] int32, layers counted from the request's first
     gpu_ids: np.ndarray | None  # [G_new] when the GPU set changed
@@ -64,12 +65,19 @@ def rearrange_job(
     cost: CostModel | None,
     unavailable_gpus: tuple[int, ...],
     gpu_ids: torch.Tensor | None,
+    planned_from_it: bool = True,
 ) -> JobRearrangement:
     """loads [L, E] float64, in_force [L, R] and phy2log [L, R'] int64 on the solver's device; `gpu_ids`
-    [G_new] from the solve (None or the identity when the GPU set is unchanged)."""
+    [G_new] from the solve (None or the identity when the GPU set is unchanged). `planned_from_it`: the
+    solve was given `in_force` (as `solve` balances the NIC receivers of such a plan, so does this; a plan
+    only compared with a deployment's placement is left as planned)."""
     changed_set = gpu_ids is not None and (
         gpu_ids.numel() != topology.num_gpus or bool((gpu_ids.cpu() != torch.arange(topology.num_gpus)).any())
     )
+    balance_layers = None
+    if planned_from_it and not changed_set:
+        groups, nodes = planning_layout(topology.num_groups, topology.num_nodes)
+        balance_layers = tradeable_layers(phy2log, topology.num_experts, settings.policy, groups, nodes, False)
     arranged = rearrange(
         loads,
         in_force,
@@ -81,6 +89,7 @@ def rearrange_job(
         unavailable_gpus=list(unavailable_gpus) or None,
         max_transfer_seconds=settings.max_transfer_seconds,
         max_incoming_copies_per_gpu=settings.max_incoming_copies_per_gpu,
+        balance_layers=balance_layers,
     )
     summary = arranged.summary
     outcome = JobRearrangement(
@@ -91,7 +100,7 @@ def rearrange_job(
         estimated_transfer_seconds=summary["estimated_transfer_seconds"],
         kept_layers=arranged.deferred_layers,
     )
-    if arranged.deferred_layers:
+    if arranged.deferred_layers or not torch.equal(arranged.phy2log, phy2log):
         final = arranged.phy2log
         logcnt = maps.logcnt_from_phy2log(final, topology.num_experts)
         outcome.phy2log = final.cpu().numpy()

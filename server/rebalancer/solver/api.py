@@ -22,10 +22,10 @@ from rebalancer_wire.options import check as check_options
 from rebalancer_wire.topology import planning_layout, topology_violations
 
 from . import maps
-from .arrivals import near_sources
+from .arrivals import near_sources, tradeable_layers
 from .elastic import elastic_gpu_ids, elastic_moves, plan_elastic, refused_caps_reason
 from .locality import group_locality
-from .migration import groups_on_one_node, keep_old_slots
+from .migration import keep_old_slots
 from .policies import SolveOptions, run_policy
 from .rearrangement import Rearrangement, rearrange
 from .transfers import CostModel, old_content
@@ -437,21 +437,39 @@ def _plan(request: _Request) -> tuple[torch.Tensor, list[str], dict]:
         # also overwrite slots other shuffles read. The published replica ranks then no longer match.
         phy2log = keep_old_slots(options.prev_phy2log, phy2log, options.num_gpus)
         stats.pop("phy_rank", None)
-        if policy != "deepseek":  # the published algorithm's placement stays as it is
-            phy2log = _near_sources(request, phy2log)
+        phy2log = _near_sources(request, phy2log)
     return phy2log, policy_per_layer, stats
 
 
-def _near_sources(request: _Request, phy2log: torch.Tensor) -> torch.Tensor:
-    """`phy2log` with arrivals traded between nodes for same-node sources (arrivals.py), except on the
-    layers a plan keeps each group on one node (trades ignore groups); failed GPUs send nothing."""
+def _tradeable(request: _Request, phy2log: torch.Tensor) -> torch.Tensor:
+    """The layers of `phy2log` whose arrivals may trade (arrivals.tradeable_layers) [L] bool."""
     options = request.options
-    active, usable = None, None
-    if options.num_nodes > 1 and request.gpu_ids is None:
-        active = ~groups_on_one_node(phy2log, request.loads.shape[1], options.num_groups, options.num_nodes)
-    if request.unavailable_gpus:
-        usable = torch.ones(options.num_gpus, dtype=torch.bool)
-        usable[list(request.unavailable_gpus)] = False
+    return tradeable_layers(
+        phy2log,
+        request.loads.shape[1],
+        request.settings.policy,
+        options.num_groups,
+        options.num_nodes,
+        request.gpu_ids is not None,
+    )
+
+
+def _usable_sources(request: _Request) -> torch.Tensor | None:
+    """Which GPUs of the placement in force can send [G] bool; None: all (no failed GPUs)."""
+    if not request.unavailable_gpus:
+        return None
+    usable = torch.ones(request.options.num_gpus, dtype=torch.bool)
+    usable[list(request.unavailable_gpus)] = False
+    return usable
+
+
+def _near_sources(request: _Request, phy2log: torch.Tensor) -> torch.Tensor:
+    """`phy2log` with arrivals traded between nodes for same-node sources (arrivals.py) on the layers that
+    may trade; failed GPUs send nothing."""
+    active = _tradeable(request, phy2log)
+    if not bool(active.any()):
+        return phy2log
+    options = request.options
     return near_sources(
         request.loads,
         options.prev_phy2log,
@@ -459,7 +477,7 @@ def _near_sources(request: _Request, phy2log: torch.Tensor) -> torch.Tensor:
         options.num_replicas // options.num_gpus,
         options.num_gpus // request.num_nodes,
         gpu_ids=request.gpu_ids,
-        usable_sources=usable,
+        usable_sources=_usable_sources(request),
         active=active,
     )
 
@@ -478,6 +496,7 @@ def _rearranged(request: _Request, phy2log: torch.Tensor) -> Rearrangement:
         unavailable_gpus=request.unavailable_gpus,
         max_transfer_seconds=settings.max_transfer_seconds,
         max_incoming_copies_per_gpu=settings.max_incoming_copies_per_gpu,
+        balance_layers=None if request.gpu_ids is not None else _tradeable(request, phy2log),
     )
 
 

@@ -99,6 +99,89 @@ def _exchange(new, before, on_node, node_of_gpu, copy_load, active, slots_per_gp
     return swaps
 
 
+@compiled()
+def _held(row, first, slots_per_gpu, expert):
+    """Whether the GPU whose slots start at `first` holds `expert` in `row`."""
+    for slot in range(first, first + slots_per_gpu):  # noqa: SIM110 (Numba compiles loops, not generators)
+        if row[slot] == expert:
+            return True
+    return False
+
+
+@compiled()
+def _balance(new, before, on_node, node_of_gpu, copy_load, active, slots_per_gpu, max_steps):
+    """Each step, the GPU that receives most copies over the NIC (no source on its node), summed over the
+    layers, trades one such arrival with an arrival of another GPU whose count stays below it: the pair's
+    larger count falls, no copy loses a same-node source, both loads stay under the layer's peak, and
+    neither GPU held or holds the other's expert. Stops when the busiest GPU has no such trade."""
+    num_layers, num_slots = new.shape
+    num_gpus = num_slots // slots_per_gpu
+    load = np.zeros((num_layers, num_gpus))
+    peak = np.zeros(num_layers)
+    arrival = np.zeros((num_layers, num_slots), dtype=np.bool_)
+    inter = np.zeros(num_gpus, dtype=np.int64)
+    for layer in range(num_layers):
+        for slot in range(num_slots):
+            gpu = slot // slots_per_gpu
+            expert = new[layer, slot]
+            load[layer, gpu] += copy_load[layer, expert]
+            if not _held(before[layer], gpu * slots_per_gpu, slots_per_gpu, expert):
+                arrival[layer, slot] = True
+                if not on_node[layer, node_of_gpu[gpu], expert]:
+                    inter[gpu] += 1
+        peak[layer] = load[layer].max() * (1.0 + 1e-12)
+    steps = 0
+    for _ in range(max_steps):
+        x = np.argmax(inter)
+        node_x = node_of_gpu[x]
+        best_max, best_layer, best_a, best_b = inter[x], -1, -1, -1
+        for layer in range(num_layers):
+            if not active[layer]:
+                continue
+            row, old = new[layer], before[layer]
+            for a in range(x * slots_per_gpu, (x + 1) * slots_per_gpu):
+                expert_a = row[a]
+                if not arrival[layer, a] or on_node[layer, node_x, expert_a]:
+                    continue
+                for b in range(num_slots):
+                    y = b // slots_per_gpu
+                    if y == x or not arrival[layer, b] or inter[y] + 1 >= best_max:
+                        continue
+                    expert_b = row[b]
+                    node_y = node_of_gpu[y]
+                    b_inter_x = int(not on_node[layer, node_x, expert_b])
+                    a_inter_y = int(not on_node[layer, node_y, expert_a])
+                    b_inter_y = int(not on_node[layer, node_y, expert_b])
+                    # x's count falls only if b finds a source on x's node; then the pair loses no
+                    # same-node source (y gains at most the one x sheds).
+                    pair_max = max(inter[x] - 1 + b_inter_x, inter[y] - b_inter_y + a_inter_y)
+                    if pair_max >= best_max:
+                        continue
+                    delta = copy_load[layer, expert_b] - copy_load[layer, expert_a]
+                    if load[layer, x] + delta > peak[layer] or load[layer, y] - delta > peak[layer]:
+                        continue
+                    first_x, first_y = x * slots_per_gpu, y * slots_per_gpu
+                    if _held(row, first_y, slots_per_gpu, expert_a) or _held(old, first_y, slots_per_gpu, expert_a):
+                        continue
+                    if _held(row, first_x, slots_per_gpu, expert_b) or _held(old, first_x, slots_per_gpu, expert_b):
+                        continue
+                    best_max, best_layer, best_a, best_b = pair_max, layer, a, b
+        if best_layer < 0:
+            break
+        row = new[best_layer]
+        expert_a, expert_b = row[best_a], row[best_b]
+        y = best_b // slots_per_gpu
+        node_y = node_of_gpu[y]
+        inter[x] += int(not on_node[best_layer, node_x, expert_b]) - 1
+        inter[y] += int(not on_node[best_layer, node_y, expert_a]) - int(not on_node[best_layer, node_y, expert_b])
+        delta = copy_load[best_layer, expert_b] - copy_load[best_layer, expert_a]
+        load[best_layer, x] += delta
+        load[best_layer, y] -= delta
+        row[best_a], row[best_b] = expert_b, expert_a
+        steps += 1
+    return steps
+
+
 def exchange(
     new: np.ndarray,
     before: np.ndarray,
@@ -117,9 +200,25 @@ def exchange(
     return int(_exchange(new, before, on_node, node_of_gpu, copy_load, active, slots_per_gpu, max_partners, max_passes))
 
 
+def balance(
+    new: np.ndarray,
+    before: np.ndarray,
+    on_node: np.ndarray,
+    node_of_gpu: np.ndarray,
+    copy_load: np.ndarray,
+    active: np.ndarray,
+    slots_per_gpu: int,
+    max_steps: int,
+) -> int:
+    """Trade arrivals in `new` [L, R] in place so that the busiest NIC receiver over all layers receives
+    fewer (`_balance`; the arguments as for `exchange`), at most `max_steps` trades -> trades made."""
+    return int(_balance(new, before, on_node, node_of_gpu, copy_load, active, slots_per_gpu, max_steps))
+
+
 def warm_up() -> None:
     """Compile (or load from the disk cache) the loop, so that no request pays the first compilation."""
     new = np.array([[0, 1, 1, 0]], dtype=np.int64)
     before = np.array([[1, 2, 0, 3]], dtype=np.int64)
     on_node = np.ones((1, 2, 4), dtype=np.bool_)
     exchange(new, before, on_node, np.array([0, 1]), np.ones((1, 4)), np.ones(1, dtype=np.bool_), 2, 8, 1)
+    balance(new, before, on_node, np.array([0, 1]), np.ones((1, 4)), np.ones(1, dtype=np.bool_), 2, 4)

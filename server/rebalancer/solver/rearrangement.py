@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .arrivals import balanced_receivers
 from .budget import layers_within_budget
 from .transfers import SRC_GPU, CostModel, plan_transfers, transfer_stats
 
@@ -49,10 +50,13 @@ def rearrange(
     unavailable_gpus: Sequence[int] | None = None,
     max_transfer_seconds: float | None = None,
     max_incoming_copies_per_gpu: int | None = None,
+    balance_layers: torch.Tensor | None = None,
 ) -> Rearrangement:
     """The transfers from `prev_phy2log` [L, R] to `phy2log` [L, R'] and their cost; with a budget, the
-    layers that do not fit keep the placement in force. Used by `solve`, and by the service on each
-    request's share of a batched solve (budgets are per request)."""
+    layers that do not fit keep the placement in force. `balance_layers` [L] bool: the layers whose
+    arrivals may trade so that the busiest NIC receiver of the whole plan receives fewer
+    (arrivals.balanced_receivers; None: no trades). Used by `solve`, and by the service on each request's
+    share of a batched solve (budgets and this balancing are per request)."""
     num_layers, num_experts = loads.shape
     device = phy2log.device
     slots_per_gpu = prev_phy2log.shape[1] // num_gpus
@@ -63,6 +67,17 @@ def rearrange(
     usable = torch.ones(num_gpus, dtype=torch.bool, device=device)
     if unavailable_gpus:
         usable[list(unavailable_gpus)] = False
+    if balance_layers is not None and bool(balance_layers.any()):
+        phy2log = balanced_receivers(
+            loads,
+            prev_phy2log,
+            phy2log,
+            slots_per_gpu,
+            gpus_per_node,
+            gpu_ids=gpu_ids,
+            usable_sources=usable,
+            active=balance_layers,
+        )
     transfers = plan_transfers(
         prev_phy2log, phy2log, num_experts, slots_per_gpu, gpus_per_node, gpu_ids=gpu_ids, usable_sources=usable
     )
