@@ -29,9 +29,13 @@ BAR = {"moves_ratio": 0.25, "aim": 0.1, "balancedness_slack": 0.005}
 # Elastic EP: a GPU lost and a scale-out; the loss again under a tighter tolerance, beside SGLang's fresh plan.
 ELASTIC_SHAPE, LOST_GPU, SCALE_TO, LOST_TIGHT = "dsv3_prefill", 5, 40, {"balance_tolerance": 0.002}
 COST = CostModel()  # DeepSeek-V3 FP8 experts, NVLink 450 GB/s and a 400 Gb/s NIC per GPU
-# Trading arrivals between nodes (arrivals.py) measured in place: the same window and placement in force,
-# planned with the trade step and with it patched out.
-TRADED, UNTRADED_STEP = "auto_prev", "rebalancer.solver.api._near_sources"
+# Trading arrivals (arrivals.py: for same-node sources, and the rearrangement's receive balancing) measured
+# in place: the same window and placement in force, planned with both steps and with both patched out.
+TRADED = "auto_prev"
+SAME_NODE_TRADES, RECEIVE_BALANCING = (
+    "rebalancer.solver.api._near_sources",
+    "rebalancer.solver.rearrangement.balanced_receivers",
+)
 # Raw per-run sums of the rearrangement figures; shares are pooled from them.
 TRANSFER_SUMS = ("transfer_seconds", "network_copies", "intra_copies", "possible_copies", "possible_intra_copies")
 
@@ -90,8 +94,12 @@ def rearrangement(prev_phy2log, phy2log, shape: workloads.Shape) -> dict[str, fl
 
 
 def untraded(series, window: int, shape: workloads.Shape, prev_phy2log) -> torch.Tensor:
-    """The `auto_prev` plan of `series[window]` from `prev_phy2log` with the arrival trades patched out."""
-    with mock.patch(UNTRADED_STEP, new=lambda _, phy2log: phy2log):
+    """The `auto_prev` plan of `series[window]` from `prev_phy2log` with both arrival trades patched out (for
+    same-node sources, and the rearrangement's receive balancing)."""
+    with (
+        mock.patch(SAME_NODE_TRADES, new=lambda _, phy2log: phy2log),
+        mock.patch(RECEIVE_BALANCING, new=lambda _loads, _prev, phy2log, *_, **__: phy2log),
+    ):
         return solve(series[window], *shape.args(), device="cpu", prev_phy2log=prev_phy2log).phy2log.cpu()
 
 
@@ -330,8 +338,9 @@ def markdown(result: dict) -> str:
         "**Does history help?** Paired per-window differences of next-window balancedness.",
         filled(*HISTORY, history),
         "Windows of one series are correlated, so the standard error understates the noise; read the per-run signs.",
-        f"**Trading arrivals between nodes** (`{TRADED}`, each window planned from the same placement in force"
-        " with and without the trade step): the same moved copies and no higher per-layer peaks, by construction.",
+        f"**Trading arrivals** (`{TRADED}`, each window planned from the same placement in force with and without"
+        " the trades for same-node sources and the receive balancing): the same moved copies and no higher"
+        " per-layer peaks, by construction.",
         filled(*TRADES, [result["trades"]]),
     ]
     spread = result.get("seed_spread")

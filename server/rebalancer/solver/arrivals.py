@@ -5,7 +5,9 @@ the old placement in mind, about a third of the copies a rebalance ships find a 
 node, and the rest cross the NICs, ~9x slower than NVLink: the inter-node class sets the rearrangement
 time. Trading arrivals between GPUs of different nodes (host_arrivals.py) where each finds a same-node
 source keeps every layer's peak load, its moved copies and each GPU's number of arrivals, so the balance,
-`max_moves_per_layer` and the per-GPU incoming budget all hold as before.
+`max_moves_per_layer` and the per-GPU incoming budget all hold as before. A second pass, per request
+(`balanced_receivers`), trades arrivals off the GPU that receives most copies over its NIC in the whole
+plan, since the busiest GPU sets the estimated time.
 """
 
 from __future__ import annotations
