@@ -27,7 +27,7 @@ from .elastic import elastic_gpu_ids, elastic_moves, plan_elastic, refused_caps_
 from .locality import group_locality
 from .migration import keep_old_slots
 from .policies import SolveOptions, run_policy
-from .rearrangement import Rearrangement, rearrange
+from .rearrangement import Rearrangement, rearrange, usable_gpus
 from .transfers import CostModel, old_content
 
 
@@ -454,15 +454,6 @@ def _tradeable(request: _Request, phy2log: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _usable_sources(request: _Request) -> torch.Tensor | None:
-    """Which GPUs of the placement in force can send [G] bool; None: all (no failed GPUs)."""
-    if not request.unavailable_gpus:
-        return None
-    usable = torch.ones(request.options.num_gpus, dtype=torch.bool)
-    usable[list(request.unavailable_gpus)] = False
-    return usable
-
-
 def _near_sources(request: _Request, phy2log: torch.Tensor) -> torch.Tensor:
     """`phy2log` with arrivals traded between nodes for same-node sources (arrivals.py) on the layers that
     may trade; failed GPUs send nothing."""
@@ -477,7 +468,7 @@ def _near_sources(request: _Request, phy2log: torch.Tensor) -> torch.Tensor:
         options.num_replicas // options.num_gpus,
         options.num_gpus // request.num_nodes,
         gpu_ids=request.gpu_ids,
-        usable_sources=_usable_sources(request),
+        usable_sources=usable_gpus(options.num_gpus, request.unavailable_gpus, torch.device("cpu")),
         active=active,
     )
 

@@ -12,23 +12,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from .host_swaps import layer_state
 from .jit import compiled
 
 
 @compiled()
 def _layer(new, before, on_node, node_of_gpu, copy_load, slots_per_gpu, max_partners, max_passes):
-    num_slots, num_experts = new.shape[0], copy_load.shape[0]
-    num_gpus = num_slots // slots_per_gpu
-    load = np.zeros(num_gpus, dtype=np.float64)
+    num_slots = new.shape[0]
     # An expert a GPU holds now (copies) or held before cannot arrive there again.
-    holds = np.zeros((num_gpus, num_experts), dtype=np.int64)
-    held_before = np.zeros((num_gpus, num_experts), dtype=np.bool_)
-    for slot in range(num_slots):
-        gpu = slot // slots_per_gpu
-        load[gpu] += copy_load[new[slot]]
-        holds[gpu, new[slot]] += 1
-        if before[slot] >= 0:
-            held_before[gpu, before[slot]] = True
+    load, holds, held_before = layer_state(new, before, copy_load, slots_per_gpu)
     # Float sums in another order may differ in the last bits: the cap keeps the peak as it is.
     peak = load.max() * (1.0 + 1e-12)
     arrivals = np.empty(num_slots, dtype=np.int64)

@@ -62,7 +62,9 @@ def _best_swap(row, load, holds, held, copy_load, slots_per_gpu, heavy, partners
 
 
 @compiled()
-def _layer(row, prev_row, copy_load, slots_per_gpu, target, max_swaps, max_partners):
+def layer_state(row, prev_row, copy_load, slots_per_gpu):
+    """One layer's GPU loads [G] and copies of each expert per GPU now and before, [G, E] each (the state
+    the swaps and the arrival trades keep); prev_row -1 marks a slot of a new GPU, empty before."""
     num_slots, num_experts = row.shape[0], copy_load.shape[0]
     num_gpus = num_slots // slots_per_gpu
     load = np.zeros(num_gpus, dtype=np.float64)
@@ -72,8 +74,14 @@ def _layer(row, prev_row, copy_load, slots_per_gpu, target, max_swaps, max_partn
         gpu = slot // slots_per_gpu
         load[gpu] += copy_load[row[slot]]
         holds[gpu, row[slot]] += 1
-        if prev_row[slot] >= 0:  # -1: a slot of a new GPU, empty before
+        if prev_row[slot] >= 0:
             held[gpu, prev_row[slot]] += 1
+    return load, holds, held
+
+
+@compiled()
+def _layer(row, prev_row, copy_load, slots_per_gpu, target, max_swaps, max_partners):
+    load, holds, held = layer_state(row, prev_row, copy_load, slots_per_gpu)
     for _ in range(max_swaps):
         heavy = np.argmax(load)
         if load[heavy] <= target:

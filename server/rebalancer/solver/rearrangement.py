@@ -38,6 +38,14 @@ class Rearrangement:
         result.stats.update(self.summary)
 
 
+def usable_gpus(num_gpus: int, unavailable_gpus: Sequence[int] | None, device: torch.device) -> torch.Tensor:
+    """Which GPUs of the placement in force can still send copies: [G] bool, False on the failed ones."""
+    usable = torch.ones(num_gpus, dtype=torch.bool, device=device)
+    if unavailable_gpus:
+        usable[list(unavailable_gpus)] = False
+    return usable
+
+
 def rearrange(
     loads: torch.Tensor,
     prev_phy2log: torch.Tensor,
@@ -64,9 +72,7 @@ def rearrange(
     if gpu_ids is None:
         gpu_ids = torch.arange(phy2log.shape[1] // slots_per_gpu, device=device)
     gpu_ids = gpu_ids.to(device)
-    usable = torch.ones(num_gpus, dtype=torch.bool, device=device)
-    if unavailable_gpus:
-        usable[list(unavailable_gpus)] = False
+    usable = usable_gpus(num_gpus, unavailable_gpus, device)
     if balance_layers is not None and bool(balance_layers.any()):
         phy2log = balanced_receivers(
             loads,
