@@ -11,7 +11,9 @@ sorted copies with only its two experts re-inserted, unless its lightest + heavi
 the best move's peak; a start reaching a vector an earlier climb passed through takes its result (2 x 16
 -> 32 slots: 0.02-0.18 ms against ~0.8 ms as NumPy batches); the torch search (joint.py), built for
 the GPU, issues ~200 small tensor ops per round (measured ~1.3 ms a round there) and adds noisy LPT
-candidates that the pairing makes moot.
+candidates that the pairing makes moot. The climb's local optima are often not the optimum (2.3 % above
+it on average on 10-16 experts), so a bounded branch and bound (pair_branch.py) then looks for a lower
+peak from the winner's counts, and the better plan is placed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from . import exact
 from .jit import compiled
+from .pair_branch import NODE_BUDGET, lower_counts
 
 # Rows of at most this many slots take this path (a property of the shape: batches never change it).
 # Measured against the torch search (4 candidates) on 2 x 16 -> 32 slots: 2-6x faster, max GPU load
@@ -72,18 +75,21 @@ def host_plan(loads: np.ndarray, num_replicas: int, num_gpus: int) -> tuple[np.n
     phy2log = np.empty((rows.shape[0], num_replicas), dtype=np.int64)
     peak = np.empty(rows.shape[0], dtype=np.float64)
     exponents = np.array(START_EXPONENTS, dtype=np.float64)
-    _plan_rows(rows, exponents, np.array([MIN_GAIN, PEAK_TIE]), limits, phy2log, peak)
+    _plan_rows(rows, exponents, np.array([MIN_GAIN, PEAK_TIE]), limits, NODE_BUDGET, phy2log, peak)
     return phy2log, peak
 
 
 @compiled()
-def _plan_rows(loads, exponents, gains, limits, phy2log, peak):
-    """`host_plan` row by row: the greedy starts, their climbs, the winner and its pairing."""
+def _plan_rows(loads, exponents, gains, limits, budget, phy2log, peak):
+    """`host_plan` row by row: the greedy starts, their climbs, the winner, the branch and bound from it
+    (pair_branch.py, `budget` steps) and the pairing of the better of the two."""
     num_rows, num_experts = loads.shape
     num_starts, num_replicas = exponents.shape[0], limits[3]
     counts = np.empty((num_starts, num_experts), dtype=np.int64)
     scores, copies = np.empty(num_starts), np.empty(num_replicas)
     identity = np.arange(num_experts)
+    ranked_counts, lowered = np.empty(num_experts, dtype=np.int64), np.empty(num_experts, dtype=np.int64)
+    placed = np.empty(num_replicas, dtype=np.int64)
     for row in range(num_rows):
         for start in range(num_starts):
             greedy_start(loads[row], exponents[start], num_replicas, counts[start])
@@ -93,6 +99,15 @@ def _plan_rows(loads, exponents, gains, limits, phy2log, peak):
             if scores[start] < scores[best]:
                 best = start
         peak[row] = exact.place_pairs(loads[row], identity, counts[best], num_replicas // 2, phy2log[row])
+        order = np.argsort(-loads[row], kind="mergesort")  # heaviest first, index order among equals
+        ranked = loads[row][order]
+        ranked_counts[:] = counts[best][order]
+        if lower_counts(ranked, num_replicas, ranked_counts, peak[row], budget) < peak[row]:
+            lowered[order] = ranked_counts
+            # Placed by float32 copy loads, like the climb's plan: kept only if its exact peak is lower.
+            lowered_peak = exact.place_pairs(loads[row], identity, lowered, num_replicas // 2, placed)
+            if lowered_peak < peak[row]:
+                peak[row], phy2log[row] = lowered_peak, placed
 
 
 @compiled()

@@ -2,7 +2,7 @@
 then joint replication moves on the rows still above their lower bound, and on small layers with three
 or more slots per GPU three-GPU repartitions (repartition.py). With two slots per GPU the packing step
 is the optimal pairing, and small such rows are solved exactly (exact.py) or, on the CPU where their
-count table is too large, by a climb over copy counts (pair_search.py).
+count table is too large, by a climb over copy counts and a bounded branch and bound (pair_search.py).
 
 Every row of `loads` is an independent problem (a layer, or a layer's node in the hierarchical policy);
 all rows and all C candidates run together as B = rows x C batched problems.
