@@ -154,6 +154,12 @@ def headline(sections: dict) -> list[str]:
             f"- MILP gap of `auto` on {d['count']} proven optima: mean {d['mean']:.3f} %, p50 {d['p50']:.3f} %,"
             f" p90 {d['p90']:.3f} %, worst {d['worst']:.3f} % (optimal on {d['exact']})."
         )
+        two = optimality["summary"].get("auto_two_slot_enumerated", {})
+        if two.get("count"):
+            lines.append(
+                f"- Of those, {two['count']} two-slot layers beyond the count table (proven by enumeration):"
+                f" mean {two['mean']:.3f} %, worst {two['worst']:.3f} % (optimal on {two['exact']})."
+            )
     for label in ("auto_prev", "auto_prev_hist") if migration else ():
         t = migration["totals"][label]
         lines.append(

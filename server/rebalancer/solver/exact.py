@@ -90,11 +90,18 @@ def pair_optimum(loads: torch.Tensor, num_replicas: int, num_gpus: int) -> tuple
 
 
 def host_optimum(
-    loads: np.ndarray, num_replicas: int, num_gpus: int, ceiling: np.ndarray | None = None
+    loads: np.ndarray,
+    num_replicas: int,
+    num_gpus: int,
+    ceiling: np.ndarray | None = None,
+    max_ties: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`pair_optimum` on the CPU: loads [P, E] float64 -> (phy2log [P, R] int64, max GPU load [P] float64).
     With `ceiling` [P], a row whose optimum exceeds its ceiling gets peak +inf (phy2log zeros): a caller
-    that only wants plans within a bound lets the search cut by it from the start.
+    that only wants plans within a bound lets the search cut by it from the start. `max_ties` bounds the
+    vectors a row keeps for the tie rule (default: all C(R - 1, E - 1), as every vector may tie): with
+    fewer, the optimum is the same and only a tie beyond that many may pick another winner; it lets a
+    benchmark prove optima of shapes whose count table is far too large to keep (16 experts on 32 slots).
 
     Per row, experts sorted heaviest first, a few greedy count vectors give a score V (an upper bound on
     the optimum), and a depth-first search over the counts, heaviest expert first and each count in
@@ -111,6 +118,7 @@ def host_optimum(
     peak = np.empty(num_rows, dtype=np.float64)
     rows = np.ascontiguousarray(loads, dtype=np.float64)
     capacity = num_count_vectors(num_experts, num_replicas)  # every vector may tie (all-zero rows)
+    capacity = capacity if max_ties is None else max(1, min(capacity, max_ties))
     ceilings = np.full(num_rows, np.inf) if ceiling is None else np.ascontiguousarray(ceiling, dtype=np.float64)
     _row_optima(rows, ceilings, _HOST_EXPONENTS, _HOST_SCALARS, capacity, phy2log, peak)
     return phy2log, peak
@@ -260,9 +268,12 @@ def _branch(ranked32, ceiling, scalars, kept, scores, heaviest, values, runs, co
                 vector32[0, :] = vector[0, :]
                 score, heaviest_copy = _vector_score(ranked32, vector, vector32, 0, values, runs, copies)
                 if score <= best * scalars[2]:
-                    kept[found, :], scores[found], heaviest[found] = vector[0, :], score, heaviest_copy
-                    found += 1
                     best = min(best, score)
+                    if found == kept.shape[0]:  # full: keep only the ties of the best so far
+                        found = _ties_only(kept, scores, heaviest, found, best * scalars[2])
+                    if found < kept.shape[0]:
+                        kept[found, :], scores[found], heaviest[found] = vector[0, :], score, heaviest_copy
+                        found += 1
             else:
                 used[depth + 1], above[depth + 1] = used[depth] + count, exceeding
                 high[depth + 1], low[depth + 1] = top, bottom
@@ -277,6 +288,17 @@ def _branch(ranked32, ceiling, scalars, kept, scores, heaviest, values, runs, co
         else:
             vector[0, depth] += 1
     return found
+
+
+@compiled()
+def _ties_only(kept, scores, heaviest, found, limit):
+    """Drop the kept vectors scoring above `limit`, the rest in visit order -> how many remain."""
+    remaining = 0
+    for n in range(found):
+        if scores[n] <= limit:
+            kept[remaining, :], scores[remaining], heaviest[remaining] = kept[n, :], scores[n], heaviest[n]
+            remaining += 1
+    return remaining
 
 
 @compiled()

@@ -5,7 +5,7 @@ load kinds, three seeds) its max GPU load was 2.3 % above the exact optimum on a
 above it (equal-ish loads, where the optimum splits experts the climb cannot reach one copy at a time).
 This search starts from the climb's plan and looks for a strictly lower peak T, depth first over the
 experts heaviest first, each count in increasing order (most copies first did worse on those layers:
-1.3 % against 0.45 % at 300 steps).
+1.3 % against 0.45 % at 300 steps after four starts).
 
 A count vector pairs within T (heaviest copy with lightest, exact.py) exactly when every copy s > T / 2
 ("big", two cannot share a GPU) finds its own partner <= T - s: for each big size s, the copies >= s
@@ -15,10 +15,12 @@ copies they could: the r slots left, less one for each undecided expert not spli
 (lightest first: each split takes ceil(w / (T - s)) slots). The cut never removes a vector within T,
 so without a node budget the search is exact (tests check it against exact.py's enumeration). With the
 budget it is anytime: every node is one loop step, so a row's result depends on its loads only.
-Measured on those 105 layers, after the climb: 300 steps bring the mean gap to 0.45 % (worst 5.6 %),
-for ~0.05 ms a layer; 2,000 steps to 0.17 % (worst 2.3 %), but then the README-sized two-slot shape
-(2 x 16 -> 32 slots) takes 1.6x vLLM's planner time instead of 0.9x; unbounded it proves every
-optimum, in 5 ms a layer on average.
+Measured on those 105 layers, after the climb from two starts: 900 steps (~0.04 ms a layer) bring the
+mean gap to 0.28 % (worst 3.5 %; 0.35 % / 3.4 % on 140 held-out layers), and on the optimality
+benchmark's 27 two-slot layers to 0.19 % (worst 1.7 %); more steps gain little until thousands, and the
+README-sized two-slot shape (2 x 16 -> 32 slots) already spends about vLLM's planner time. Unbounded it
+proves every optimum, in ~0.9 ms a layer on average. Each step costs O(decided experts): the matching
+margins of a decided prefix are kept per depth and updated by one expert.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import numpy as np
 
 from .jit import compiled
 
-# Loop steps a row may take: the climb's plan is kept where the search finds nothing better within them.
-NODE_BUDGET = 300
+# Loop steps a row may take: the climb's plan is kept where the search finds nothing better within them
+# (600 steps: worst gap 2.3 % on the benchmark's two-slot layers; 900: 1.7 %; 1,500: the same).
+NODE_BUDGET = 900
 # A plan must lower the peak by this relative amount to replace the best so far (float noise never counts).
 MIN_GAIN = 1e-7
 # Counts start at the least that keeps a copy within the limit, less this relative slack on the division.
@@ -55,15 +58,20 @@ def lower_counts(ranked, num_replicas, counts, peak, budget):
     sizes = np.empty(num_experts)  # per-copy load of each decided expert
     used = np.zeros(num_experts + 1, dtype=np.int64)
     order = np.empty(num_experts, dtype=np.int64)
+    # margin[d, j]: for big copy j, the decided small copies within its reach less the decided copies at
+    # least as big, over experts 0..d-1 (row d + 1 derives from row d: one expert more).
+    margin = np.zeros((num_experts + 1, num_experts), dtype=np.int64)
     vector[0], depth, steps = least[0], 0, 0
     while depth >= 0 and steps < budget:
         steps += 1
         if depth == num_experts - 1:  # the last expert takes every slot left: one count only
             vector[depth] = num_replicas - used[depth]
-            score = pairing_peak(ranked, vector, order)
+            sizes[depth] = ranked[depth] / vector[depth]
+            score = sizes_peak(sizes, vector, order)
             if score <= limit:
                 best, limit = score, score * (1.0 - MIN_GAIN)
                 counts[:] = vector
+                _recount(vector, sizes, depth, limit, margin)
             depth -= 1
             if depth >= 0:
                 vector[depth] += 1
@@ -75,9 +83,8 @@ def lower_counts(ranked, num_replicas, counts, peak, budget):
                 vector[depth] += 1
             continue
         sizes[depth] = ranked[depth] / count
-        if sizes[depth] <= limit and _matchable(
-            ranked, vector, sizes, depth, num_replicas - used[depth] - count, limit
-        ):
+        spare = num_replicas - used[depth] - count
+        if sizes[depth] <= limit and _matchable(ranked, vector, sizes, depth, spare, limit, margin):
             used[depth + 1] = used[depth] + count
             depth += 1
             vector[depth] = least[depth]
@@ -87,66 +94,90 @@ def lower_counts(ranked, num_replicas, counts, peak, budget):
 
 
 @compiled()
-def _matchable(ranked, vector, sizes, depth, spare, limit):
+def _matchable(ranked, vector, sizes, depth, spare, limit, margin):
     """Hall's condition at `limit` for the big copies of experts 0..depth, the small copies <= T - s
-    being the decided ones plus the most the later experts can give on `spare` slots."""
-    half = limit * 0.5
+    being the decided ones plus the most the later experts can give on `spare` slots. Fills row
+    depth + 1 of `margin` from row depth and expert `depth`."""
+    half, size, count = limit * 0.5, sizes[depth], vector[depth]
+    for big in range(depth):
+        change = 0
+        if sizes[big] > half:
+            if size > half and size >= sizes[big]:
+                change = -count
+            elif size <= limit - sizes[big]:
+                change = count
+        margin[depth + 1, big] = margin[depth, big] + change
+    margin[depth + 1, depth] = _margin(vector, sizes, depth, depth, half, limit)
     for big in range(depth + 1):
-        size = sizes[big]
-        if size <= half:
-            continue
-        reach = limit - size  # a partner of this copy weighs at most this
-        demand, supply = 0, 0
-        for expert in range(depth + 1):
-            if sizes[expert] > half and sizes[expert] >= size:
-                demand += vector[expert]
-            elif sizes[expert] <= reach:
-                supply += vector[expert]
-        if demand > supply and demand > supply + _most_small_copies(ranked, depth + 1, spare, reach):
+        deficit = -margin[depth + 1, big] if sizes[big] > half else 0
+        if deficit > 0 and not _coverable(ranked, depth + 1, spare, limit - sizes[big], deficit):
             return False
     return True
 
 
 @compiled()
-def _most_small_copies(ranked, first, spare, reach):
-    """The most copies of size <= reach experts first.. (ranked heaviest first) can hold on `spare`
-    slots, each keeping at least one: split the lightest first, each to ceil(w / reach) copies, every
-    slot left to a split one. At least the true most (experts that need more than one copy are
-    charged one)."""
-    num_experts = ranked.shape[0]
-    undecided = num_experts - first
-    if undecided <= 0:
+def _margin(vector, sizes, big, depth, half, limit):
+    """Small copies within reach of big copy `big` less the copies at least as big, over experts
+    0..depth (0 for a copy that is not big)."""
+    if not sizes[big] > half:
         return 0
-    if not reach > 0.0:
-        return spare
-    inverse, taken, need = 1.0 / reach, 0, 0
-    for expert in range(num_experts - 1, first - 1, -1):
-        split = max(int(np.ceil(ranked[expert] * inverse)), 1)
-        if need + split + (undecided - taken - 1) > spare:
-            break
-        need, taken = need + split, taken + 1
-    return spare - (undecided - taken) if taken else 0
+    value = 0
+    for expert in range(depth + 1):
+        if sizes[expert] > half and sizes[expert] >= sizes[big]:
+            value -= vector[expert]
+        elif sizes[expert] <= limit - sizes[big]:
+            value += vector[expert]
+    return value
 
 
 @compiled()
-def pairing_peak(ranked, vector, order):
-    """Max pair load of counts vector [E] on ranked [E], heaviest copy with lightest, in float64: the
-    experts sorted by per-copy load (order [E] is scratch), then their runs of copies paired from both
-    ends."""
-    num_experts = ranked.shape[0]
+def _recount(vector, sizes, depth, limit, margin):
+    """The margins of the path's experts 0..depth-1 under a new (lower) limit: a copy that was small may
+    now be big, and every reach shrinks (rare: once per better plan found)."""
+    half = limit * 0.5
+    for level in range(depth):
+        for big in range(level + 1):
+            margin[level + 1, big] = _margin(vector, sizes, big, level, half, limit)
+
+
+@compiled()
+def _coverable(ranked, first, spare, reach, deficit):
+    """Whether experts first.. (ranked heaviest first) can hold `deficit` more copies of size <= reach
+    than they hold slots elsewhere, on `spare` slots, each expert keeping at least one: the most such
+    copies split the lightest first, each to ceil(w / reach) copies, every slot left to a split one, so
+    k split experts give spare - (undecided - k), and the k lightest fit whenever any k do. An optimistic
+    answer (experts that need more than one copy are charged one), so a False cuts safely."""
+    undecided = ranked.shape[0] - first
+    if undecided <= 0:
+        return deficit <= 0
+    if not reach > 0.0:
+        return deficit <= spare
+    wanted = max(1, undecided + deficit - spare)  # split experts needed
+    if wanted > undecided:
+        return False
+    inverse, need = 1.0 / reach, 0
+    for lightest in range(wanted):
+        need += max(int(np.ceil(ranked[ranked.shape[0] - 1 - lightest] * inverse)), 1)
+    return need + (undecided - wanted) <= spare
+
+
+@compiled()
+def sizes_peak(sizes, vector, order):
+    """Max pair load of experts with per-copy loads sizes [E] and counts vector [E], heaviest copy with
+    lightest: the experts sorted by per-copy load (order [E] is scratch), then their runs of copies
+    paired from both ends."""
+    num_experts = sizes.shape[0]
     for position in range(num_experts):  # insertion sort of the experts by per-copy load, ascending
-        expert, at = position, position
-        value = ranked[expert] / vector[expert]
-        while at > 0 and ranked[order[at - 1]] / vector[order[at - 1]] > value:
+        at = position
+        while at > 0 and sizes[order[at - 1]] > sizes[position]:
             order[at] = order[at - 1]
             at -= 1
-        order[at] = expert
+        order[at] = position
     low, high = 0, num_experts - 1
     left_low, left_high = vector[order[low]], vector[order[high]]
     peak = 0.0
     while low < high:
-        pair = ranked[order[low]] / vector[order[low]] + ranked[order[high]] / vector[order[high]]
-        peak = max(peak, pair)
+        peak = max(peak, sizes[order[low]] + sizes[order[high]])
         taken = min(left_low, left_high)
         left_low, left_high = left_low - taken, left_high - taken
         if left_low == 0:
@@ -156,5 +187,5 @@ def pairing_peak(ranked, vector, order):
             high -= 1
             left_high = left_low if low == high else vector[order[high]]
     if low == high and left_low >= 2:  # copies of one expert pair with each other
-        peak = max(peak, 2.0 * ranked[order[low]] / vector[order[low]])
+        peak = max(peak, 2.0 * sizes[order[low]])
     return peak
